@@ -1,0 +1,226 @@
+//! Configuration: one TOML file, every field optional with a documented default.
+//!
+//! Precedence, lowest first: built-in defaults, the file, environment variables, command-line
+//! flags (the last two are applied by `main.rs`). Unknown fields are rejected so that a typo is an
+//! error rather than a silently ignored setting. `deploy/hoard.toml` documents every field.
+
+use std::fmt;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::str::FromStr;
+
+use serde::Deserialize;
+
+/// The whole configuration.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct Config {
+    /// Address of the gRPC port. Default `127.0.0.1:9092`.
+    pub listen: SocketAddr,
+    /// Where sled and blob files live. Default `./hoard-data`.
+    pub data_dir: PathBuf,
+    pub storage: StorageConfig,
+    pub limits: LimitsConfig,
+}
+
+/// How blobs are laid out on disk.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct StorageConfig {
+    /// Blobs up to this size are stored inside sled; larger ones are files. Default 64 KiB:
+    /// sled handles small values well but amplifies large ones.
+    pub inline_threshold: ByteSize,
+    /// Memory sled may use for its page cache. Default 256 MiB.
+    pub sled_cache_capacity: ByteSize,
+}
+
+/// Limits announced to clients and enforced on them.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct LimitsConfig {
+    /// Largest total blob size of one BatchUpdateBlobs / BatchReadBlobs, announced in
+    /// Capabilities. Default 3 MiB: comfortably below the 4 MiB gRPC message limit that clients use.
+    pub max_batch_total_size: ByteSize,
+    /// Largest gRPC message the server decodes or encodes. Default 16 MiB, above the batch limit
+    /// so an oversized batch gets our clear INVALID_ARGUMENT rather than a transport error.
+    pub max_message_size: ByteSize,
+    /// Size of the chunks a ByteStream Read sends. Default 256 KiB.
+    pub read_chunk_size: ByteSize,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
+            data_dir: PathBuf::from("./hoard-data"),
+            storage: StorageConfig::default(),
+            limits: LimitsConfig::default(),
+        }
+    }
+}
+
+impl Default for StorageConfig {
+    fn default() -> Self {
+        StorageConfig {
+            inline_threshold: ByteSize(64 << 10),
+            sled_cache_capacity: ByteSize(256 << 20),
+        }
+    }
+}
+
+impl Default for LimitsConfig {
+    fn default() -> Self {
+        LimitsConfig {
+            max_batch_total_size: ByteSize(3 << 20),
+            max_message_size: ByteSize(16 << 20),
+            read_chunk_size: ByteSize(256 << 10),
+        }
+    }
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, String> {
+        let text = std::fs::read_to_string(path)
+            .map_err(|e| format!("cannot read config file {}: {e}", path.display()))?;
+        Self::parse(&text).map_err(|e| format!("config file {}: {e}", path.display()))
+    }
+
+    /// Parses config text and checks that its values make sense together.
+    pub fn parse(text: &str) -> Result<Self, String> {
+        let config: Config = toml::from_str(text).map_err(|e| {
+            // toml's own rendering spans several lines; a one-line message suits logs and CLIs.
+            let line = e
+                .span()
+                .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            match line {
+                Some(n) => format!("line {n}: {}", e.message().trim()),
+                None => e.message().trim().to_string(),
+            }
+        })?;
+        config.check()?;
+        Ok(config)
+    }
+
+    /// Rejects combinations that would break clients.
+    pub fn check(&self) -> Result<(), String> {
+        let l = &self.limits;
+        if l.max_batch_total_size.0 == 0 {
+            return Err("limits.max_batch_total_size must be above 0".into());
+        }
+        if l.max_message_size.0 <= l.max_batch_total_size.0 {
+            return Err(format!(
+                "limits.max_message_size ({}) must be larger than limits.max_batch_total_size ({})",
+                l.max_message_size, l.max_batch_total_size
+            ));
+        }
+        if l.read_chunk_size.0 == 0 || l.read_chunk_size.0 > 2 << 20 {
+            return Err("limits.read_chunk_size must be between 1 byte and 2 MiB".into());
+        }
+        Ok(())
+    }
+}
+
+/// A byte count written as an integer or a human size: `"64KiB"`, `"3MiB"`, `"200GB"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ByteSize(pub u64);
+
+impl FromStr for ByteSize {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a size such as \"64KiB\" or \"3MiB\""))?;
+        let mult: u64 = match unit.trim() {
+            "" | "B" => 1,
+            "KB" => 1_000,
+            "MB" => 1_000_000,
+            "GB" => 1_000_000_000,
+            "TB" => 1_000_000_000_000,
+            "KiB" => 1 << 10,
+            "MiB" => 1 << 20,
+            "GiB" => 1 << 30,
+            "TiB" => 1 << 40,
+            u => {
+                return Err(format!(
+                    "{s:?} has unknown unit {u:?}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
+                ))
+            }
+        };
+        n.checked_mul(mult)
+            .map(ByteSize)
+            .ok_or_else(|| format!("{s:?} is too large"))
+    }
+}
+
+impl fmt::Display for ByteSize {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let n = self.0;
+        for (unit, size) in [("GiB", 1u64 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)] {
+            if n >= size && n.is_multiple_of(size) {
+                return write!(f, "{}{unit}", n / size);
+            }
+        }
+        write!(f, "{n}B")
+    }
+}
+
+impl<'de> Deserialize<'de> for ByteSize {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        #[derive(Deserialize)]
+        #[serde(untagged)]
+        enum Raw {
+            Int(u64),
+            Text(String),
+        }
+        match Raw::deserialize(d)? {
+            Raw::Int(n) => Ok(ByteSize(n)),
+            Raw::Text(s) => s.parse().map_err(serde::de::Error::custom),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn sizes_parse() {
+        assert_eq!("64KiB".parse::<ByteSize>().unwrap(), ByteSize(65536));
+        assert_eq!("3MiB".parse::<ByteSize>().unwrap(), ByteSize(3 << 20));
+        assert_eq!("10".parse::<ByteSize>().unwrap(), ByteSize(10));
+        assert_eq!("2 GB".parse::<ByteSize>().unwrap(), ByteSize(2_000_000_000));
+        assert!("3 parsecs".parse::<ByteSize>().is_err());
+        assert!("".parse::<ByteSize>().is_err());
+        assert!("99999999999TiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn empty_file_gives_defaults() {
+        assert_eq!(Config::parse("").unwrap(), Config::default());
+    }
+
+    #[test]
+    fn unknown_fields_and_bad_limits_are_rejected() {
+        assert!(Config::parse("lisen = \"127.0.0.1:1\"").is_err());
+        assert!(Config::parse("[limits]\nmax_batch_total_size = \"32MiB\"").is_err());
+    }
+
+    #[test]
+    fn every_example_config_in_deploy_parses() {
+        let dir = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&dir).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "toml") {
+                Config::load(&path).unwrap();
+                seen += 1;
+            }
+        }
+        assert!(seen > 0, "no example config in {}", dir.display());
+    }
+}

@@ -1,0 +1,225 @@
+//! Content digests: parsing and validating what clients send, and hashing what they upload.
+//!
+//! hoard supports SHA-256 only (the REAPI default). A digest is a hash plus a size; both must match
+//! the bytes for a blob to be accepted.
+
+use std::fmt;
+
+use sha2::{Digest as _, Sha256};
+
+use crate::error::{Error, Result};
+use crate::proto::reapi;
+
+/// Length of a SHA-256 hash in bytes.
+pub const HASH_LEN: usize = 32;
+
+/// A validated SHA-256 digest: the raw hash and the blob size.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct Digest {
+    pub hash: [u8; HASH_LEN],
+    pub size: u64,
+}
+
+impl Digest {
+    /// The digest of `data`.
+    pub fn of(data: &[u8]) -> Self {
+        Digest {
+            hash: Sha256::digest(data).into(),
+            size: data.len() as u64,
+        }
+    }
+
+    /// The empty blob, which every CAS holds without being told.
+    pub fn empty() -> Self {
+        Digest::of(b"")
+    }
+
+    pub fn is_empty_blob(&self) -> bool {
+        self.size == 0 && *self == Digest::empty()
+    }
+
+    /// Parses a lower-case hex hash and a size, as found in resource names and proto digests.
+    pub fn parse(hash_hex: &str, size: i64) -> Result<Self> {
+        if hash_hex.len() != HASH_LEN * 2 {
+            return Err(Error::InvalidArgument(format!(
+                "digest hash {hash_hex:?} is {} characters long; a SHA-256 hash is 64 lower-case hex characters",
+                hash_hex.len()
+            )));
+        }
+        if !hash_hex
+            .bytes()
+            .all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))
+        {
+            return Err(Error::InvalidArgument(format!(
+                "digest hash {hash_hex:?} is not lower-case hex"
+            )));
+        }
+        if size < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "digest {hash_hex}/{size} has a negative size"
+            )));
+        }
+        let mut hash = [0u8; HASH_LEN];
+        hex::decode_to_slice(hash_hex, &mut hash).map_err(|e| {
+            Error::InvalidArgument(format!("digest hash {hash_hex:?} is not valid hex: {e}"))
+        })?;
+        Ok(Digest {
+            hash,
+            size: size as u64,
+        })
+    }
+
+    /// Validates a digest from a request; `what` names the field for the error message.
+    pub fn from_proto(d: Option<&reapi::Digest>, what: &str) -> Result<Self> {
+        let d = d.ok_or_else(|| Error::InvalidArgument(format!("{what} is missing")))?;
+        Digest::parse(&d.hash, d.size_bytes)
+            .map_err(|e| Error::InvalidArgument(format!("{what}: {e}")))
+    }
+
+    pub fn to_proto(self) -> reapi::Digest {
+        reapi::Digest {
+            hash: self.hex(),
+            size_bytes: self.size as i64,
+        }
+    }
+
+    pub fn hex(&self) -> String {
+        hex::encode(self.hash)
+    }
+}
+
+impl fmt::Display for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{}/{}", self.hex(), self.size)
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        fmt::Display::fmt(self, f)
+    }
+}
+
+/// Checks that a request's `digest_function` is one we serve. UNKNOWN (0) means "the default",
+/// which for 64-hex-character hashes is SHA-256.
+pub fn check_function(digest_function: i32) -> Result<()> {
+    use reapi::digest_function::Value;
+    match Value::try_from(digest_function) {
+        Ok(Value::Unknown) | Ok(Value::Sha256) => Ok(()),
+        Ok(other) => Err(Error::InvalidArgument(format!(
+            "digest function {} is not supported; this server supports SHA256",
+            other.as_str_name()
+        ))),
+        Err(_) => Err(Error::InvalidArgument(format!(
+            "digest function {digest_function} is unknown; this server supports SHA256"
+        ))),
+    }
+}
+
+/// Hashes a blob as it streams in and checks it against the digest the client promised.
+/// Every CAS write passes through one of these exactly once before the blob becomes visible.
+pub struct Verifier {
+    expected: Digest,
+    hasher: Sha256,
+    seen: u64,
+}
+
+impl Verifier {
+    pub fn new(expected: Digest) -> Self {
+        Verifier {
+            expected,
+            hasher: Sha256::new(),
+            seen: 0,
+        }
+    }
+
+    /// Feeds the next bytes; fails as soon as more bytes arrive than the digest's size.
+    pub fn update(&mut self, data: &[u8]) -> Result<()> {
+        self.seen += data.len() as u64;
+        if self.seen > self.expected.size {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} received {} bytes, more than its declared size",
+                self.expected, self.seen
+            )));
+        }
+        self.hasher.update(data);
+        Ok(())
+    }
+
+    /// Bytes fed so far.
+    pub fn seen(&self) -> u64 {
+        self.seen
+    }
+
+    /// Succeeds only if exactly the declared bytes arrived and they hash to the declared hash.
+    pub fn finish(self) -> Result<()> {
+        if self.seen != self.expected.size {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} received {} bytes, but its digest says {}",
+                self.expected, self.seen, self.expected.size
+            )));
+        }
+        let actual: [u8; HASH_LEN] = self.hasher.finalize().into();
+        if actual != self.expected.hash {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} does not match its digest: the data hashes to {}",
+                self.expected,
+                hex::encode(actual)
+            )));
+        }
+        Ok(())
+    }
+}
+
+/// Verifies a whole in-memory blob against its digest.
+pub fn verify(expected: Digest, data: &[u8]) -> Result<()> {
+    let mut v = Verifier::new(expected);
+    v.update(data)?;
+    v.finish()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn empty_blob_digest_is_the_well_known_one() {
+        assert_eq!(
+            Digest::empty().hex(),
+            "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+        );
+        assert!(Digest::empty().is_empty_blob());
+    }
+
+    #[test]
+    fn parse_rejects_bad_input() {
+        let good = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
+        assert!(Digest::parse(good, 0).is_ok());
+        assert!(Digest::parse(&good.to_uppercase(), 0).is_err());
+        assert!(Digest::parse(&good[1..], 0).is_err());
+        assert!(Digest::parse(good, -1).is_err());
+        assert!(Digest::parse(&format!("{}g", &good[1..]), 0).is_err());
+    }
+
+    #[test]
+    fn verifier_catches_wrong_size_and_hash() {
+        let d = Digest::of(b"hello");
+        assert!(verify(d, b"hello").is_ok());
+        assert!(verify(d, b"hellO").is_err());
+        assert!(verify(d, b"hell").is_err());
+        assert!(verify(d, b"hello!").is_err());
+    }
+
+    proptest::proptest! {
+        #[test]
+        fn parse_never_panics(s in ".{0,80}", n in proptest::num::i64::ANY) {
+            let _ = Digest::parse(&s, n);
+        }
+
+        #[test]
+        fn hex_round_trips(data in proptest::collection::vec(proptest::num::u8::ANY, 0..64)) {
+            let d = Digest::of(&data);
+            proptest::prop_assert_eq!(Digest::parse(&d.hex(), d.size as i64).unwrap(), d);
+        }
+    }
+}

@@ -1,0 +1,121 @@
+//! The crate's one error type, and the only place that knows how errors become gRPC statuses.
+//!
+//! Stores and services return [`Error`]; its variant says what went wrong and its message names the
+//! offending digest, resource name or field, so a client can act on it without reading our logs.
+
+use crate::proto::google::rpc;
+
+/// What went wrong, in the terms a client can act on.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The thing asked for is not stored (or no longer complete).
+    #[error("{0}")]
+    NotFound(String),
+    /// The request itself is wrong: bad digest, resource name, size, field.
+    #[error("{0}")]
+    InvalidArgument(String),
+    /// An offset or range lies outside the resource.
+    #[error("{0}")]
+    OutOfRange(String),
+    /// The request is well formed but the state does not allow it.
+    #[error("{0}")]
+    FailedPrecondition(String),
+    /// A concurrent operation conflicts with this one; retrying later may succeed.
+    #[error("{0}")]
+    Aborted(String),
+    /// A limit (space, size) is reached.
+    #[error("{0}")]
+    ResourceExhausted(String),
+    /// The server cannot serve right now (shutting down, storage offline).
+    #[error("{0}")]
+    Unavailable(String),
+    /// The client's request stream failed (cancelled, undecodable, too large): passed on as is.
+    #[error("{}", .0.message())]
+    Stream(tonic::Status),
+    /// Something failed on our side; `context` says what we were doing.
+    #[error("{context}: {source}")]
+    Internal {
+        context: String,
+        source: Box<dyn std::error::Error + Send + Sync>,
+    },
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// Wraps a lower-level failure with what we were doing when it happened.
+    pub fn internal(
+        context: impl Into<String>,
+        source: impl Into<Box<dyn std::error::Error + Send + Sync>>,
+    ) -> Self {
+        Error::Internal {
+            context: context.into(),
+            source: source.into(),
+        }
+    }
+
+    pub fn code(&self) -> tonic::Code {
+        match self {
+            Error::NotFound(_) => tonic::Code::NotFound,
+            Error::InvalidArgument(_) => tonic::Code::InvalidArgument,
+            Error::OutOfRange(_) => tonic::Code::OutOfRange,
+            Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
+            Error::Aborted(_) => tonic::Code::Aborted,
+            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::Unavailable(_) => tonic::Code::Unavailable,
+            Error::Stream(status) => status.code(),
+            Error::Internal { .. } => tonic::Code::Internal,
+        }
+    }
+
+    /// The per-item status used inside batch responses.
+    pub fn to_rpc_status(&self) -> rpc::Status {
+        if let Error::Internal { .. } = self {
+            tracing::error!(error = %self, "internal error");
+        }
+        rpc::Status {
+            code: self.code() as i32,
+            message: self.to_string(),
+            details: Vec::new(),
+        }
+    }
+}
+
+/// The "everything went well" status for batch items.
+pub fn ok_rpc_status() -> rpc::Status {
+    rpc::Status {
+        code: tonic::Code::Ok as i32,
+        message: String::new(),
+        details: Vec::new(),
+    }
+}
+
+impl From<Error> for tonic::Status {
+    fn from(e: Error) -> Self {
+        if let Error::Internal { .. } = e {
+            tracing::error!(error = %e, "internal error");
+        }
+        tonic::Status::new(e.code(), e.to_string())
+    }
+}
+
+impl From<tonic::Status> for Error {
+    fn from(status: tonic::Status) -> Self {
+        Error::Stream(status)
+    }
+}
+
+impl From<std::io::Error> for Error {
+    fn from(e: std::io::Error) -> Self {
+        if e.kind() == std::io::ErrorKind::StorageFull {
+            return Error::ResourceExhausted(format!("storage is full: {e}"));
+        }
+        Error::internal("I/O error", e)
+    }
+}
+
+impl From<sled::Error> for Error {
+    fn from(e: sled::Error) -> Self {
+        Error::internal("sled", e)
+    }
+}

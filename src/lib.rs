@@ -1,0 +1,19 @@
+//! hoard: a remote build cache that speaks Bazel's Remote Execution API v2 over gRPC.
+//!
+//! Layout (see ARCHITECTURE.md for the full map and its invariants):
+//! - [`server`] wires services to a store and runs them until shutdown.
+//! - [`service`] holds one thin module per gRPC service: parse, validate, call the store.
+//! - [`store`] is the storage interface and its implementations (sled + files by default).
+//! - [`digest`], [`resource_name`] and [`namespace`] parse and validate what clients send.
+//! - [`config`] is the TOML configuration; [`error`] the one error type and its gRPC mapping.
+//! - [`proto`] is the code generated from `proto/`.
+
+pub mod config;
+pub mod digest;
+pub mod error;
+pub mod namespace;
+pub mod proto;
+pub mod resource_name;
+pub mod server;
+pub mod service;
+pub mod store;

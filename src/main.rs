@@ -1,0 +1,106 @@
+//! The `hoard` command line.
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+use hoard::config::Config;
+
+#[derive(Parser)]
+#[command(
+    name = "hoard",
+    version,
+    about = "A remote build cache for Bazel and other REAPI clients"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the cache server until SIGINT or SIGTERM.
+    Serve {
+        /// TOML config file; every field is optional (see deploy/hoard.toml).
+        #[arg(long, env = "HOARD_CONFIG")]
+        config: Option<PathBuf>,
+        /// Address of the gRPC port [default: 127.0.0.1:9092].
+        #[arg(long, env = "HOARD_LISTEN")]
+        listen: Option<SocketAddr>,
+        /// Directory for the database and blob files [default: ./hoard-data].
+        #[arg(long, env = "HOARD_DATA_DIR")]
+        data_dir: Option<PathBuf>,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    tracing_subscriber::fmt()
+        .with_env_filter(
+            tracing_subscriber::EnvFilter::try_from_default_env()
+                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
+        )
+        .with_writer(std::io::stderr)
+        .init();
+    let result = match cli.command {
+        Command::Serve {
+            config,
+            listen,
+            data_dir,
+        } => serve(config, listen, data_dir),
+    };
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("hoard: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(
+    config_path: Option<PathBuf>,
+    listen: Option<SocketAddr>,
+    data_dir: Option<PathBuf>,
+) -> Result<(), String> {
+    let mut config = match &config_path {
+        Some(path) => Config::load(path)?,
+        None => Config::default(),
+    };
+    if let Some(listen) = listen {
+        config.listen = listen;
+    }
+    if let Some(dir) = data_dir {
+        config.data_dir = dir;
+    }
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))?;
+    runtime.block_on(async {
+        // Handlers go in before anything else, so an early SIGTERM still shuts down cleanly.
+        let shutdown = shutdown_signal()?;
+        let listener = tokio::net::TcpListener::bind(config.listen)
+            .await
+            .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;
+        hoard::server::run(listener, &config, shutdown)
+            .await
+            .map_err(|e| e.to_string())
+    })
+}
+
+/// A future that completes on the first SIGINT or SIGTERM. The handlers are registered now.
+fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())
+        .map_err(|e| format!("cannot install the SIGTERM handler: {e}"))?;
+    let mut int = signal(SignalKind::interrupt())
+        .map_err(|e| format!("cannot install the SIGINT handler: {e}"))?;
+    Ok(async move {
+        tokio::select! {
+            _ = term.recv() => {},
+            _ = int.recv() => {},
+        }
+    })
+}

@@ -1,0 +1,116 @@
+//! Wires the store and the services into one gRPC server.
+//!
+//! `main` and the tests start hoard the same way: bind a listener, then call [`run`] with a
+//! shutdown future. On shutdown, health goes NOT_SERVING first, in-flight calls finish, and the
+//! store is flushed before `run` returns.
+
+use std::future::Future;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tonic::transport::server::TcpIncoming;
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
+use crate::proto::health::health_server::HealthServer;
+use crate::proto::reapi::{
+    action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
+    content_addressable_storage_server::ContentAddressableStorageServer,
+};
+use crate::service::action_cache::ActionCacheService;
+use crate::service::bytestream::ByteStreamService;
+use crate::service::capabilities::CapabilitiesService;
+use crate::service::cas::CasService;
+use crate::service::health::{HealthReporter, State};
+use crate::service::Limits;
+use crate::store::sled::SledStore;
+use crate::store::Store;
+
+/// How long in-flight calls may run on after shutdown begins.
+pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
+
+/// Opens the store named by `config` and serves on `listener` until `shutdown` completes.
+pub async fn run(
+    listener: TcpListener,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let store = SledStore::open(
+        &config.data_dir,
+        config.storage.inline_threshold.0,
+        config.storage.sled_cache_capacity.0,
+    )?;
+    serve(listener, Arc::new(store), config, shutdown).await
+}
+
+/// Serves `store` on `listener` until `shutdown` completes, then flushes the store.
+pub async fn serve(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let limits = Limits::from(&config.limits);
+    let max_message = config.limits.max_message_size.0 as usize;
+    let health = HealthReporter::new();
+
+    macro_rules! sized {
+        ($server:expr) => {
+            $server
+                .max_decoding_message_size(max_message)
+                .max_encoding_message_size(max_message)
+        };
+    }
+    let router = tonic::transport::Server::builder()
+        .add_service(sized!(CapabilitiesServer::new(CapabilitiesService::new(
+            limits.clone()
+        ))))
+        .add_service(sized!(ContentAddressableStorageServer::new(
+            CasService::new(store.clone(), limits.clone())
+        )))
+        .add_service(sized!(ActionCacheServer::new(ActionCacheService::new(
+            store.clone(),
+            limits.clone()
+        ))))
+        .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
+            store.clone(),
+            limits.clone()
+        ))))
+        .add_service(HealthServer::new(health.service()));
+
+    let addr = listener
+        .local_addr()
+        .map_err(|e| Error::internal("reading the bound address", e))?;
+    // Small replies must not wait for a delayed ACK.
+    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    health.set(State::Serving);
+    tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
+    let (began_tx, began_rx) = tokio::sync::oneshot::channel();
+    let draining = health.clone();
+    let server = router.serve_with_incoming_shutdown(incoming, async move {
+        shutdown.await;
+        tracing::info!("shutting down: health is NOT_SERVING, finishing in-flight calls");
+        draining.set(State::Draining);
+        let _ = began_tx.send(());
+    });
+    // In-flight calls get a grace period; a stuck client must not keep us from flushing.
+    let grace_expired = async {
+        if began_rx.await.is_ok() {
+            tokio::time::sleep(SHUTDOWN_GRACE).await;
+        } else {
+            std::future::pending::<()>().await;
+        }
+    };
+    let result = tokio::select! {
+        r = server => r.map_err(|e| Error::internal("gRPC server", e)),
+        _ = grace_expired => {
+            tracing::warn!(?SHUTDOWN_GRACE, "calls still running after the grace period; dropping them");
+            Ok(())
+        }
+    };
+    store.flush().await?;
+    tracing::info!("store flushed");
+    result
+}

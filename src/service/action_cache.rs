@@ -1,0 +1,173 @@
+//! `ActionCache`: action results per instance name.
+//!
+//! Results are served only while every blob they reference is still in the CAS; otherwise Bazel
+//! would fail mid-build with "lost inputs". Small outputs are inlined on request.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use tonic::{Request, Response, Status};
+
+use super::Limits;
+use crate::digest::{self, Digest};
+use crate::error::{Error, Result};
+use crate::namespace;
+use crate::proto::reapi::{
+    action_cache_server::ActionCache, ActionResult, GetActionResultRequest, Tree,
+    UpdateActionResultRequest,
+};
+use crate::store::Store;
+
+pub struct ActionCacheService {
+    store: Arc<dyn Store>,
+    limits: Limits,
+}
+
+impl ActionCacheService {
+    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+        ActionCacheService { store, limits }
+    }
+
+    /// Every CAS blob the result needs, including the files inside output directory trees.
+    async fn referenced_blobs(&self, result: &ActionResult) -> Result<Vec<Digest>> {
+        let (mut blobs, trees) = direct_digests(result)?;
+        for t in trees {
+            blobs.push(t);
+            let Some(bytes) = self.store.get(&t).await? else {
+                continue; // reported missing by the caller
+            };
+            let tree = Tree::decode(bytes.as_ref())
+                .map_err(|e| Error::internal(format!("output directory tree {t}"), e))?;
+            for dir in tree.root.iter().chain(tree.children.iter()) {
+                for f in &dir.files {
+                    blobs.push(Digest::from_proto(f.digest.as_ref(), "tree file digest")?);
+                }
+            }
+        }
+        Ok(blobs)
+    }
+
+    /// Fills `stdout_raw`, `stderr_raw` and output file `contents` as asked, within the batch
+    /// size budget (the spec lets a server inline less than asked, never more than fits).
+    async fn inline(
+        &self,
+        result: &mut ActionResult,
+        request: &GetActionResultRequest,
+    ) -> Result<()> {
+        let mut budget = self.limits.max_batch_total_size;
+        let mut take = |d: &Option<crate::proto::reapi::Digest>| -> Option<Digest> {
+            let d = Digest::from_proto(d.as_ref(), "digest").ok()?;
+            if d.size > budget {
+                return None;
+            }
+            budget -= d.size;
+            Some(d)
+        };
+        if request.inline_stdout && result.stdout_raw.is_empty() {
+            if let Some(d) = take(&result.stdout_digest) {
+                result.stdout_raw = self.store.get(&d).await?.unwrap_or_default();
+            }
+        }
+        if request.inline_stderr && result.stderr_raw.is_empty() {
+            if let Some(d) = take(&result.stderr_digest) {
+                result.stderr_raw = self.store.get(&d).await?.unwrap_or_default();
+            }
+        }
+        for f in result.output_files.iter_mut() {
+            if request.inline_output_files.contains(&f.path) && f.contents.is_empty() {
+                if let Some(d) = take(&f.digest) {
+                    f.contents = self.store.get(&d).await?.unwrap_or_default();
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+#[tonic::async_trait]
+impl ActionCache for ActionCacheService {
+    async fn get_action_result(
+        &self,
+        request: Request<GetActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let r = request.into_inner();
+        namespace::validate(&r.instance_name)?;
+        digest::check_function(r.digest_function)?;
+        let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        let not_found = || {
+            Error::NotFound(format!(
+                "no action result for action {action} in instance {:?}",
+                r.instance_name
+            ))
+        };
+        let bytes = self
+            .store
+            .get_action_result(&r.instance_name, &action)
+            .await?
+            .ok_or_else(not_found)?;
+        let mut result = ActionResult::decode(bytes.as_ref())
+            .map_err(|e| Error::internal(format!("stored action result of {action}"), e))?;
+        let needed = self.referenced_blobs(&result).await?;
+        let missing = self.store.find_missing(&needed).await?;
+        if let Some(m) = missing.first() {
+            tracing::debug!(%action, missing = %m, "action result is incomplete");
+            return Err(Error::NotFound(format!(
+                "action result for {action} in instance {:?} references blob {m}, which is no \
+                 longer in the CAS",
+                r.instance_name
+            ))
+            .into());
+        }
+        self.inline(&mut result, &r).await?;
+        Ok(Response::new(result))
+    }
+
+    async fn update_action_result(
+        &self,
+        request: Request<UpdateActionResultRequest>,
+    ) -> Result<Response<ActionResult>, Status> {
+        let r = request.into_inner();
+        namespace::validate(&r.instance_name)?;
+        digest::check_function(r.digest_function)?;
+        let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        let result = r
+            .action_result
+            .ok_or_else(|| Error::InvalidArgument("action_result is missing".into()))?;
+        // Reject digests that could never be satisfied, so a bad entry never reaches a build.
+        direct_digests(&result)?;
+        // Our ActionResult models every upstream field, so re-encoding keeps all the client sent.
+        let encoded = Bytes::from(result.encode_to_vec());
+        self.store
+            .put_action_result(&r.instance_name, &action, encoded)
+            .await?;
+        Ok(Response::new(result))
+    }
+}
+
+/// The blobs an action result names directly: (stdout, stderr and output files; output directory
+/// trees). Fails on a malformed digest, naming the field.
+fn direct_digests(result: &ActionResult) -> Result<(Vec<Digest>, Vec<Digest>)> {
+    let mut blobs = Vec::with_capacity(result.output_files.len() + 2);
+    for (d, what) in [
+        (&result.stdout_digest, "stdout_digest"),
+        (&result.stderr_digest, "stderr_digest"),
+    ] {
+        if d.is_some() {
+            blobs.push(Digest::from_proto(d.as_ref(), what)?);
+        }
+    }
+    for f in &result.output_files {
+        let what = format!("output file {:?} digest", f.path);
+        blobs.push(Digest::from_proto(f.digest.as_ref(), &what)?);
+    }
+    let trees = result
+        .output_directories
+        .iter()
+        .map(|d| {
+            let what = format!("output directory {:?} tree_digest", d.path);
+            Digest::from_proto(d.tree_digest.as_ref(), &what)
+        })
+        .collect::<Result<_>>()?;
+    Ok((blobs, trees))
+}

@@ -1,0 +1,65 @@
+//! `Capabilities.GetCapabilities`: what clients learn before anything else. Bazel reads the digest
+//! functions, the batch size limit and whether it may upload action results.
+
+use tonic::{Request, Response, Status};
+
+use super::Limits;
+use crate::namespace;
+use crate::proto::build::bazel::semver::SemVer;
+use crate::proto::reapi::{
+    self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
+    ActionCacheUpdateCapabilities, CacheCapabilities, GetCapabilitiesRequest, PriorityCapabilities,
+    ServerCapabilities,
+};
+
+pub struct CapabilitiesService {
+    limits: Limits,
+}
+
+impl CapabilitiesService {
+    pub fn new(limits: Limits) -> Self {
+        CapabilitiesService { limits }
+    }
+
+    fn capabilities(&self) -> ServerCapabilities {
+        let version = |minor| SemVer {
+            major: 2,
+            minor,
+            patch: 0,
+            prerelease: String::new(),
+        };
+        ServerCapabilities {
+            cache_capabilities: Some(CacheCapabilities {
+                digest_functions: vec![digest_function::Value::Sha256 as i32],
+                action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
+                    update_enabled: true,
+                }),
+                cache_priority_capabilities: Some(PriorityCapabilities {
+                    priorities: vec![reapi::priority_capabilities::PriorityRange {
+                        min_priority: 0,
+                        max_priority: 0,
+                    }],
+                }),
+                max_batch_total_size_bytes: self.limits.max_batch_total_size as i64,
+                symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
+                    as i32,
+                ..Default::default()
+            }),
+            execution_capabilities: None,
+            deprecated_api_version: None,
+            low_api_version: Some(version(0)),
+            high_api_version: Some(version(3)),
+        }
+    }
+}
+
+#[tonic::async_trait]
+impl Capabilities for CapabilitiesService {
+    async fn get_capabilities(
+        &self,
+        request: Request<GetCapabilitiesRequest>,
+    ) -> Result<Response<ServerCapabilities>, Status> {
+        namespace::validate(&request.get_ref().instance_name)?;
+        Ok(Response::new(self.capabilities()))
+    }
+}

@@ -1,0 +1,52 @@
+//! gRPC services. Each is thin: parse and validate the request, call the [`crate::store::Store`],
+//! shape the response. None of them touches sled or files.
+
+pub mod action_cache;
+pub mod bytestream;
+pub mod capabilities;
+pub mod cas;
+pub mod health;
+
+use crate::config::LimitsConfig;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::proto::reapi;
+
+/// Settings every service needs, derived once from the config.
+#[derive(Clone, Debug)]
+pub struct Limits {
+    /// Largest total blob size of one batch call, as announced in Capabilities.
+    pub max_batch_total_size: u64,
+    /// Chunk size of ByteStream reads.
+    pub read_chunk_size: usize,
+}
+
+impl From<&LimitsConfig> for Limits {
+    fn from(c: &LimitsConfig) -> Self {
+        Limits {
+            max_batch_total_size: c.max_batch_total_size.0,
+            read_chunk_size: c.read_chunk_size.0 as usize,
+        }
+    }
+}
+
+/// Parses a list of request digests; the error names the field and position of the bad one.
+pub(crate) fn parse_digests(digests: &[reapi::Digest], field: &str) -> Result<Vec<Digest>> {
+    digests
+        .iter()
+        .enumerate()
+        .map(|(i, d)| Digest::from_proto(Some(d), &format!("{field}[{i}]")))
+        .collect()
+}
+
+/// Total size of the blobs named by `digests`, checked against the batch limit.
+pub(crate) fn check_batch_size(total: u64, limits: &Limits, what: &str) -> Result<()> {
+    if total > limits.max_batch_total_size {
+        return Err(Error::InvalidArgument(format!(
+            "{what} totals {total} bytes, above the {} bytes this server allows per batch \
+             (max_batch_total_size_bytes in GetCapabilities); use ByteStream for large blobs",
+            limits.max_batch_total_size
+        )));
+    }
+    Ok(())
+}

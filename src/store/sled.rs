@@ -1,0 +1,525 @@
+//! The embedded default store: sled for the index, small blobs and the action cache; files for
+//! large blobs (see [`super::files`]).
+//!
+//! sled layout, tree `cas`:
+//! - `hash` (32 bytes) → index entry: 1 byte location (0 inline, 1 file) + size (u64 big-endian)
+//! - `hash ‖ 'd'` (33 bytes) → the bytes of an inline blob
+//!
+//! Index and data of an inline blob are written in one sled batch, so the index never names data
+//! that is not there. A file blob is renamed into place before its index entry is written.
+//!
+//! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → encoded ActionResult. Instance names cannot
+//! contain NUL ([`crate::namespace`]), so the key is unambiguous and one instance is one prefix.
+
+use std::collections::HashSet;
+use std::io::{Read, Seek, SeekFrom};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+use super::files::BlobFiles;
+use super::{BlobStream, Store, Upload};
+use crate::digest::{verify, Digest, Verifier, HASH_LEN};
+use crate::error::{Error, Result};
+
+const INLINE: u8 = 0;
+const FILE: u8 = 1;
+
+/// The sled-backed store. Cheap to clone.
+#[derive(Clone)]
+pub struct SledStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    db: sled::Db,
+    cas: sled::Tree,
+    ac: sled::Tree,
+    files: BlobFiles,
+    /// Blobs up to this size live inside sled.
+    inline_threshold: u64,
+    /// Upload ids with a live writer, so two streams never append to one upload file.
+    active_uploads: Mutex<HashSet<String>>,
+}
+
+/// Where the index says a blob is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Location {
+    Inline,
+    File,
+}
+
+fn encode_entry(location: Location, size: u64) -> [u8; 9] {
+    let mut v = [0u8; 9];
+    v[0] = match location {
+        Location::Inline => INLINE,
+        Location::File => FILE,
+    };
+    v[1..].copy_from_slice(&size.to_be_bytes());
+    v
+}
+
+fn decode_entry(v: &[u8]) -> Option<(Location, u64)> {
+    let location = match *v.first()? {
+        INLINE => Location::Inline,
+        FILE => Location::File,
+        _ => return None,
+    };
+    let size = u64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
+    Some((location, size))
+}
+
+fn data_key(digest: &Digest) -> [u8; HASH_LEN + 1] {
+    let mut k = [b'd'; HASH_LEN + 1];
+    k[..HASH_LEN].copy_from_slice(&digest.hash);
+    k
+}
+
+fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
+    let mut k = Vec::with_capacity(instance.len() + 1 + HASH_LEN + 8);
+    k.extend_from_slice(instance.as_bytes());
+    k.push(0);
+    k.extend_from_slice(&action.hash);
+    k.extend_from_slice(&action.size.to_be_bytes());
+    k
+}
+
+/// Runs blocking file work off the async threads.
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal("blocking task failed", e))?
+        .map_err(Error::from)
+}
+
+impl SledStore {
+    /// Opens (or creates) a store in `data_dir`.
+    pub fn open(data_dir: &Path, inline_threshold: u64, cache_capacity: u64) -> Result<Self> {
+        std::fs::create_dir_all(data_dir).map_err(|e| {
+            Error::internal(format!("cannot create data dir {}", data_dir.display()), e)
+        })?;
+        let files = BlobFiles::open(data_dir).map_err(|e| {
+            Error::internal(
+                format!("cannot create blob dirs in {}", data_dir.display()),
+                e,
+            )
+        })?;
+        let db = sled::Config::new()
+            .path(data_dir.join("sled"))
+            .cache_capacity(cache_capacity)
+            .open()
+            .map_err(|e| {
+                Error::internal(format!("cannot open sled in {}", data_dir.display()), e)
+            })?;
+        let cas = db.open_tree("cas")?;
+        let ac = db.open_tree("ac")?;
+        Ok(SledStore {
+            inner: Arc::new(Inner {
+                db,
+                cas,
+                ac,
+                files,
+                inline_threshold,
+                active_uploads: Mutex::new(HashSet::new()),
+            }),
+        })
+    }
+}
+
+impl Inner {
+    /// The index entry for `digest`, if a blob with that hash *and size* is stored.
+    fn lookup(&self, digest: &Digest) -> Result<Option<Location>> {
+        let Some(v) = self.cas.get(digest.hash)? else {
+            return Ok(None);
+        };
+        match decode_entry(&v) {
+            Some((location, size)) if size == digest.size => Ok(Some(location)),
+            Some(_) => Ok(None),
+            None => Err(Error::internal(
+                format!("index entry of {digest}"),
+                "corrupt index entry",
+            )),
+        }
+    }
+
+    fn put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let mut batch = sled::Batch::default();
+        batch.insert(&data_key(digest)[..], data);
+        batch.insert(&digest.hash, &encode_entry(Location::Inline, digest.size));
+        self.cas.apply_batch(batch)?;
+        Ok(())
+    }
+
+    fn index_file(&self, digest: &Digest) -> Result<()> {
+        self.cas
+            .insert(digest.hash, &encode_entry(Location::File, digest.size))?;
+        Ok(())
+    }
+
+    /// Drops an index entry whose file has gone, so the client re-uploads instead of failing.
+    fn forget(&self, digest: &Digest) {
+        tracing::warn!(%digest, "blob file is missing; dropping it from the index");
+        if let Err(e) = self.cas.remove(digest.hash) {
+            tracing::error!(%digest, error = %e, "cannot drop index entry");
+        }
+    }
+
+    async fn publish_file(self: &Arc<Self>, written: PathBuf, digest: Digest) -> Result<()> {
+        let files = self.files.clone();
+        blocking(move || files.publish(&written, &digest)).await?;
+        self.index_file(&digest)
+    }
+}
+
+#[async_trait]
+impl Store for SledStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let mut missing = Vec::new();
+        for d in digests {
+            if !d.is_empty_blob() && self.inner.lookup(d)?.is_none() {
+                missing.push(*d);
+            }
+        }
+        Ok(missing)
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Bytes::new()));
+        }
+        match self.inner.lookup(digest)? {
+            None => Ok(None),
+            Some(Location::Inline) => Ok(self
+                .inner
+                .cas
+                .get(data_key(digest))?
+                .map(|v| Bytes::copy_from_slice(&v))),
+            Some(Location::File) => {
+                let path = self.inner.files.blob_path(digest);
+                match tokio::fs::read(&path).await {
+                    Ok(data) => Ok(Some(Bytes::from(data))),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        self.inner.forget(digest);
+                        Ok(None)
+                    }
+                    Err(e) => Err(Error::internal(format!("reading blob {digest}"), e)),
+                }
+            }
+        }
+    }
+
+    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        verify(*digest, &data)?;
+        if digest.is_empty_blob() || self.inner.lookup(digest)?.is_some() {
+            return Ok(());
+        }
+        if digest.size <= self.inner.inline_threshold {
+            return self.inner.put_inline(digest, &data);
+        }
+        let tmp = self.inner.files.temp_path();
+        let path = tmp.clone();
+        let written = blocking(move || std::fs::write(&path, &data)).await;
+        if let Err(e) = written {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        self.inner.publish_file(tmp, *digest).await
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+        chunk_size: usize,
+    ) -> Result<Option<BlobStream>> {
+        let end = match limit {
+            Some(l) => digest.size.min(offset.saturating_add(l)),
+            None => digest.size,
+        };
+        if digest.is_empty_blob() {
+            return Ok(Some(futures::stream::empty().boxed()));
+        }
+        match self.inner.lookup(digest)? {
+            None => Ok(None),
+            Some(Location::Inline) => {
+                let Some(data) = self.inner.cas.get(data_key(digest))? else {
+                    return Ok(None);
+                };
+                let data = Bytes::copy_from_slice(&data[offset as usize..end as usize]);
+                let chunks: Vec<Result<Bytes>> = (0..data.len())
+                    .step_by(chunk_size.max(1))
+                    .map(|at| Ok(data.slice(at..data.len().min(at + chunk_size))))
+                    .collect();
+                Ok(Some(futures::stream::iter(chunks).boxed()))
+            }
+            Some(Location::File) => {
+                let path = self.inner.files.blob_path(digest);
+                let mut file = match tokio::fs::File::open(&path).await {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        self.inner.forget(digest);
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(Error::internal(format!("opening blob {digest}"), e)),
+                };
+                if offset > 0 {
+                    tokio::io::AsyncSeekExt::seek(&mut file, SeekFrom::Start(offset)).await?;
+                }
+                Ok(Some(file_stream(file, end - offset, chunk_size, *digest)))
+            }
+        }
+    }
+
+    async fn begin_upload(
+        &self,
+        upload_id: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Box<dyn Upload>> {
+        if digest.size <= self.inner.inline_threshold {
+            // Small uploads are buffered in memory: cheap to resend, so not resumable.
+            if offset != 0 {
+                return Err(Error::InvalidArgument(format!(
+                    "write_offset {offset} for upload {upload_id} of {digest}: no bytes of it are \
+                     stored, so the write must start at offset 0"
+                )));
+            }
+            return Ok(Box::new(MemoryUpload {
+                store: self.inner.clone(),
+                digest: *digest,
+                verifier: Verifier::new(*digest),
+                buf: BytesMut::with_capacity(digest.size as usize),
+            }));
+        }
+        let guard = UploadGuard::claim(&self.inner, upload_id)?;
+        let path = self.inner.files.upload_path(upload_id, digest);
+        let expected = *digest;
+        let (file, verifier) = blocking(move || open_upload_file(&path, expected, offset))
+            .await?
+            .map_err(|have| {
+                Error::InvalidArgument(format!(
+                    "write_offset {offset} for upload {upload_id} of {digest} does not match the \
+                     {have} bytes stored so far; resume at offset {have} or restart at 0"
+                ))
+            })?;
+        Ok(Box::new(FileUpload {
+            store: self.inner.clone(),
+            digest: *digest,
+            path: self.inner.files.upload_path(upload_id, digest),
+            file: tokio::fs::File::from_std(file),
+            verifier,
+            _guard: guard,
+        }))
+    }
+
+    async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>> {
+        if digest.size <= self.inner.inline_threshold {
+            return Ok(None);
+        }
+        let path = self.inner.files.upload_path(upload_id, digest);
+        match tokio::fs::metadata(&path).await {
+            Ok(m) => Ok(Some(m.len())),
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(None),
+            Err(e) => Err(Error::internal(format!("upload {upload_id}"), e)),
+        }
+    }
+
+    async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>> {
+        Ok(self
+            .inner
+            .ac
+            .get(ac_key(instance, action))?
+            .map(|v| Bytes::copy_from_slice(&v)))
+    }
+
+    async fn put_action_result(
+        &self,
+        instance: &str,
+        action: &Digest,
+        result: Bytes,
+    ) -> Result<()> {
+        self.inner
+            .ac
+            .insert(ac_key(instance, action), &result[..])?;
+        Ok(())
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+}
+
+/// Opens an upload file at `offset`: 0 truncates, anything else must equal the bytes already in
+/// the file, whose hash state is rebuilt by reading them back. `Err(have)` reports a mismatch.
+fn open_upload_file(
+    path: &Path,
+    digest: Digest,
+    offset: u64,
+) -> std::io::Result<Result<(std::fs::File, Verifier), u64>> {
+    let mut verifier = Verifier::new(digest);
+    if offset == 0 {
+        let file = std::fs::File::create(path)?;
+        return Ok(Ok((file, verifier)));
+    }
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .append(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(0)),
+        Err(e) => return Err(e),
+    };
+    let have = file.metadata()?.len();
+    if have != offset {
+        return Ok(Err(have));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    file.seek(SeekFrom::Start(0))?;
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
+        }
+        if verifier.update(&buf[..n]).is_err() {
+            // More bytes on disk than the blob has: the file is useless; start over.
+            return Ok(Err(0));
+        }
+    }
+    Ok(Ok((file, verifier)))
+}
+
+/// Streams `remaining` bytes of an open blob file in chunks.
+fn file_stream(
+    file: tokio::fs::File,
+    remaining: u64,
+    chunk_size: usize,
+    digest: Digest,
+) -> BlobStream {
+    futures::stream::try_unfold((file, remaining), move |(mut file, remaining)| async move {
+        if remaining == 0 {
+            return Ok(None);
+        }
+        let want = remaining.min(chunk_size as u64) as usize;
+        let mut buf = BytesMut::with_capacity(want);
+        while buf.len() < want {
+            let n = (&mut file)
+                .take((want - buf.len()) as u64)
+                .read_buf(&mut buf)
+                .await?;
+            if n == 0 {
+                return Err(Error::internal(
+                    format!("reading blob {digest}"),
+                    "blob file is shorter than its digest says",
+                ));
+            }
+        }
+        Ok(Some((buf.freeze(), (file, remaining - want as u64))))
+    })
+    .boxed()
+}
+
+/// Marks an upload id as being written, for as long as the guard lives.
+struct UploadGuard {
+    store: Arc<Inner>,
+    id: String,
+}
+
+impl UploadGuard {
+    fn claim(store: &Arc<Inner>, id: &str) -> Result<Self> {
+        let mut active = store
+            .active_uploads
+            .lock()
+            .map_err(|_| Error::internal("upload registry", "lock poisoned"))?;
+        if !active.insert(id.to_string()) {
+            return Err(Error::Aborted(format!(
+                "upload {id} is already being written by another stream; retry later"
+            )));
+        }
+        Ok(UploadGuard {
+            store: store.clone(),
+            id: id.to_string(),
+        })
+    }
+}
+
+impl Drop for UploadGuard {
+    fn drop(&mut self) {
+        if let Ok(mut active) = self.store.active_uploads.lock() {
+            active.remove(&self.id);
+        }
+    }
+}
+
+/// A small upload collected in memory and written to sled in one batch.
+struct MemoryUpload {
+    store: Arc<Inner>,
+    digest: Digest,
+    verifier: Verifier,
+    buf: BytesMut,
+}
+
+#[async_trait]
+impl Upload for MemoryUpload {
+    fn committed(&self) -> u64 {
+        self.verifier.seen()
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<()> {
+        self.verifier.update(&data)?;
+        self.buf.extend_from_slice(&data);
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        self.verifier.finish()?;
+        if self.digest.is_empty_blob() || self.store.lookup(&self.digest)?.is_some() {
+            return Ok(());
+        }
+        self.store.put_inline(&self.digest, &self.buf)
+    }
+}
+
+/// A large upload appended to a file under `uploads/` as it arrives, so it survives a disconnect
+/// or restart and can be resumed.
+struct FileUpload {
+    store: Arc<Inner>,
+    digest: Digest,
+    path: PathBuf,
+    file: tokio::fs::File,
+    verifier: Verifier,
+    _guard: UploadGuard,
+}
+
+#[async_trait]
+impl Upload for FileUpload {
+    fn committed(&self) -> u64 {
+        self.verifier.seen()
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<()> {
+        self.verifier.update(&data)?;
+        self.file.write_all(&data).await?;
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        self.file.flush().await?;
+        let this = *self;
+        if let Err(e) = this.verifier.finish() {
+            // The bytes are wrong: resuming cannot fix them.
+            let _ = tokio::fs::remove_file(&this.path).await;
+            return Err(e);
+        }
+        drop(this.file);
+        this.store.publish_file(this.path, this.digest).await
+    }
+}

@@ -1,0 +1,311 @@
+use std::time::Duration;
+
+use hoard::proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
+
+use crate::common::{
+    blob, digest_of, download, read_name, upload, write_name, write_requests, TestServer,
+};
+
+#[tokio::test]
+async fn small_and_large_blobs_round_trip() {
+    let server = TestServer::start().await;
+    for (len, instance) in [
+        (0usize, ""),
+        (10, "ci/main"),
+        (70_000, ""),
+        (3_000_123, "a/b/c"),
+    ] {
+        let data = blob(len, len as u64);
+        let d = upload(&server, instance, &data).await;
+        let got = download(&server, &read_name(instance, &d), 0, 0)
+            .await
+            .expect("read back");
+        assert_eq!(got.len(), data.len());
+        assert!(got == data, "content of {len}-byte blob differs");
+    }
+}
+
+#[tokio::test]
+async fn reads_honour_offset_and_limit_and_reject_bad_ranges() {
+    let server = TestServer::start().await;
+    for len in [1000usize, 600_000] {
+        let data = blob(len, 7);
+        let d = upload(&server, "", &data).await;
+        let name = read_name("", &d);
+        let part = download(&server, &name, 100, 250).await.unwrap();
+        assert_eq!(part, &data[100..350]);
+        let tail = download(&server, &name, len as i64 - 10, 0).await.unwrap();
+        assert_eq!(tail, &data[len - 10..]);
+        let at_end = download(&server, &name, len as i64, 0).await.unwrap();
+        assert!(at_end.is_empty());
+        let over = download(&server, &name, 5, len as i64 * 2).await.unwrap();
+        assert_eq!(over, &data[5..]);
+
+        let err = download(&server, &name, -1, 0).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        let err = download(&server, &name, len as i64 + 1, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::OutOfRange);
+        assert!(err.message().contains("read_offset"));
+        let err = download(&server, &name, 0, -3).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    }
+}
+
+#[tokio::test]
+async fn missing_blobs_and_malformed_names_get_clear_errors() {
+    let server = TestServer::start().await;
+    let d = digest_of(b"never uploaded");
+    let err = download(&server, &read_name("", &d), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains(&d.hash));
+
+    for name in [
+        "blobs/abc/12".to_string(),
+        format!("blobs/{}", d.hash),
+        format!("blobs/{}/notanumber", d.hash),
+        format!("../blobs/{}/{}", d.hash, d.size_bytes),
+        format!("uploads/x/blobs/{}/{}", d.hash, d.size_bytes),
+        format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes),
+    ] {
+        let err = download(&server, &name, 0, 0).await.unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}");
+        assert!(err.message().contains("resource name"), "{}", err.message());
+    }
+
+    let data = b"hello".to_vec();
+    let d = digest_of(&data);
+    for name in [
+        format!("blobs/{}/{}", d.hash, d.size_bytes),
+        format!("uploads/bad.id/blobs/{}/{}", d.hash, d.size_bytes),
+    ] {
+        let err = server
+            .bytestream()
+            .write(futures::stream::iter(write_requests(&name, &data, 0, 100)))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}");
+    }
+}
+
+#[tokio::test]
+async fn wrong_content_never_becomes_visible() {
+    let server = TestServer::start().await;
+    for len in [100usize, 200_000] {
+        let data = blob(len, 1);
+        let d = digest_of(&data);
+        let name = write_name("", "u1", &d);
+        let mut corrupted = data.clone();
+        corrupted[len / 2] ^= 1;
+        let err = server
+            .bytestream()
+            .write(futures::stream::iter(write_requests(
+                &name,
+                &corrupted,
+                0,
+                32 << 10,
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+        assert!(
+            err.message().contains("does not match"),
+            "{}",
+            err.message()
+        );
+
+        // Too many bytes for the declared size.
+        let mut longer = data.clone();
+        longer.push(0);
+        let err = server
+            .bytestream()
+            .write(futures::stream::iter(write_requests(
+                &write_name("", "u2", &d),
+                &longer,
+                0,
+                32 << 10,
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+        // Too few.
+        let err = server
+            .bytestream()
+            .write(futures::stream::iter(write_requests(
+                &write_name("", "u3", &d),
+                &data[..len - 1],
+                0,
+                32 << 10,
+            )))
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+        let err = download(&server, &read_name("", &d), 0, 0)
+            .await
+            .unwrap_err();
+        assert_eq!(err.code(), tonic::Code::NotFound, "nothing was stored");
+    }
+}
+
+#[tokio::test]
+async fn gaps_in_write_offsets_are_rejected() {
+    let server = TestServer::start().await;
+    let data = blob(200_000, 3);
+    let d = digest_of(&data);
+    let name = write_name("", "gap", &d);
+    let mut reqs = write_requests(&name, &data, 0, 50_000);
+    reqs[2].write_offset += 1;
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(reqs))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("write_offset"), "{}", err.message());
+
+    // A first message that starts mid-blob with nothing stored says where to start.
+    let reqs = write_requests(&write_name("", "fresh", &d), &data, 1000, 50_000);
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(reqs))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("offset 0"), "{}", err.message());
+}
+
+#[tokio::test]
+async fn interrupted_uploads_resume_at_the_committed_size() {
+    let server = TestServer::start().await;
+    let data = blob(1_000_000, 9);
+    let d = digest_of(&data);
+    let name = write_name("ci/main", "resume-me", &d);
+    let reqs = write_requests(&name, &data, 0, 100_000);
+
+    // Send four chunks, then the client goes away without finishing.
+    let (tx, rx) = mpsc::channel::<WriteRequest>(8);
+    let mut client = server.bytestream();
+    let call = tokio::spawn(async move { client.write(ReceiverStream::new(rx)).await });
+    for r in &reqs[..4] {
+        tx.send(r.clone()).await.unwrap();
+    }
+    // Wait until the server has persisted them, then disconnect.
+    let mut committed = 0;
+    for _ in 0..100 {
+        let status = server
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.clone(),
+            })
+            .await;
+        if let Ok(s) = status {
+            committed = s.into_inner().committed_size;
+            if committed == 400_000 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(committed, 400_000);
+    call.abort();
+    let _ = call.await;
+
+    // Wrong offsets are refused with the expected one in the message...
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(write_requests(
+            &name, &data, 300_000, 100_000,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("400000"), "{}", err.message());
+
+    // ...and the right one finishes the upload.
+    let resp = server
+        .bytestream()
+        .write(futures::stream::iter(write_requests(
+            &name, &data, 400_000, 100_000,
+        )))
+        .await
+        .expect("resumed write")
+        .into_inner();
+    assert_eq!(resp.committed_size, data.len() as i64);
+    let status = server
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(status.complete);
+    assert_eq!(status.committed_size, data.len() as i64);
+    let got = download(&server, &read_name("", &d), 0, 0).await.unwrap();
+    assert!(got == data);
+}
+
+#[tokio::test]
+async fn query_write_status_of_unknown_upload_is_not_found() {
+    let server = TestServer::start().await;
+    let d = digest_of(&blob(500_000, 4));
+    let err = server
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: write_name("", "nobody", &d),
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn writing_a_stored_blob_is_acknowledged_at_once() {
+    let server = TestServer::start().await;
+    let data = blob(400_000, 5);
+    let d = upload(&server, "", &data).await;
+    // Only the first chunk is sent and the stream stays open: the server answers anyway.
+    let (tx, rx) = mpsc::channel::<WriteRequest>(1);
+    let first = write_requests(&write_name("", "again", &d), &data, 0, 1000).remove(0);
+    tx.send(first).await.unwrap();
+    let resp = tokio::time::timeout(
+        Duration::from_secs(10),
+        server.bytestream().write(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("answered without the rest of the stream")
+    .expect("write")
+    .into_inner();
+    assert_eq!(resp.committed_size, data.len() as i64);
+    drop(tx);
+}
+
+#[tokio::test]
+async fn concurrent_writers_of_one_blob_all_succeed() {
+    let server = TestServer::start().await;
+    for len in [30_000usize, 2_000_000] {
+        let data = blob(len, 6);
+        let d = digest_of(&data);
+        let mut tasks = Vec::new();
+        for i in 0..16 {
+            let mut client = server.bytestream();
+            let reqs = write_requests(&write_name("", &format!("w{i}"), &d), &data, 0, 64 << 10);
+            tasks.push(tokio::spawn(async move {
+                client.write(futures::stream::iter(reqs)).await
+            }));
+        }
+        for t in tasks {
+            let resp = t.await.unwrap().expect("concurrent write").into_inner();
+            assert_eq!(resp.committed_size, len as i64);
+        }
+        let got = download(&server, &read_name("", &d), 0, 0).await.unwrap();
+        assert!(got == data, "stored blob of {len} bytes is intact");
+    }
+}

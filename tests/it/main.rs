@@ -1,0 +1,10 @@
+//! Integration tests: every test talks gRPC to a real hoard server on 127.0.0.1.
+//! One test binary with modules keeps link time low.
+
+mod action_cache;
+mod bytestream;
+mod capabilities;
+mod cas;
+mod common;
+mod health;
+mod lifecycle;
