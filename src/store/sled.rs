@@ -114,8 +114,15 @@ impl SledStore {
             .path(data_dir.join("sled"))
             .cache_capacity(cache_capacity)
             .open()
-            .map_err(|e| {
-                Error::internal(format!("cannot open sled in {}", data_dir.display()), e)
+            .map_err(|e| match e {
+                // sled reports the lock as a plain message wrapping EWOULDBLOCK.
+                sled::Error::Io(io) if io.to_string().contains("could not acquire lock") => {
+                    Error::Unavailable(format!(
+                        "data dir {} is in use by another hoard process",
+                        data_dir.display()
+                    ))
+                }
+                e => Error::internal(format!("cannot open sled in {}", data_dir.display()), e),
             })?;
         let cas = db.open_tree("cas")?;
         let ac = db.open_tree("ac")?;

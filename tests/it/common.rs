@@ -14,6 +14,7 @@ use tokio::task::JoinHandle;
 use tonic::transport::Channel;
 
 pub struct TestServer {
+    data_dir: std::path::PathBuf,
     /// Keeps the temporary dir alive for as long as the test needs it.
     _tmp: Option<tempfile::TempDir>,
     shutdown: Option<oneshot::Sender<()>>,
@@ -47,6 +48,7 @@ impl TestServer {
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
         let (tx, rx) = oneshot::channel::<()>();
+        let data_dir = config.data_dir.clone();
         let handle = tokio::spawn(async move {
             hoard::server::run(listener, &config, async {
                 let _ = rx.await;
@@ -59,6 +61,7 @@ impl TestServer {
             .await
             .expect("connect to test server");
         TestServer {
+            data_dir,
             _tmp: None,
             shutdown: Some(tx),
             handle: Some(handle),
@@ -76,6 +79,10 @@ impl TestServer {
             h.await.expect("server task").expect("server result");
         }
         self._tmp.take()
+    }
+
+    pub fn data_dir(&self) -> &std::path::Path {
+        &self.data_dir
     }
 
     pub fn cas(&self) -> ContentAddressableStorageClient<Channel> {

@@ -157,3 +157,12 @@ fn sigterm_shuts_down_cleanly() {
     assert!(status.success(), "exit status {status}; log: {rest:?}");
     assert!(rest.iter().any(|l| l.contains("store flushed")), "{rest:?}");
 }
+
+#[tokio::test]
+async fn a_data_dir_in_use_is_a_one_line_error() {
+    let server = TestServer::start().await;
+    let dir = server.data_dir().to_str().unwrap().to_string();
+    let err = serve_fails(&["--listen", "127.0.0.1:0", "--data-dir", &dir]);
+    assert!(err.contains("in use by another hoard"), "{err}");
+    server.stop().await;
+}
