@@ -8,6 +8,7 @@ use std::fmt;
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::str::FromStr;
+use std::time::Duration;
 
 use serde::Deserialize;
 
@@ -32,6 +33,9 @@ pub struct StorageConfig {
     pub inline_threshold: ByteSize,
     /// Memory sled may use for its page cache. Default 256 MiB.
     pub sled_cache_capacity: ByteSize,
+    /// Partial uploads untouched for this long are deleted. Default 24h: long enough for a
+    /// client to come back and resume, short enough that abandoned bytes do not pile up.
+    pub abandoned_upload_age: HumanDuration,
 }
 
 /// Limits announced to clients and enforced on them.
@@ -46,6 +50,9 @@ pub struct LimitsConfig {
     pub max_message_size: ByteSize,
     /// Size of the chunks a ByteStream Read sends. Default 256 KiB.
     pub read_chunk_size: ByteSize,
+    /// Largest blob accepted, announced in Capabilities as `max_cas_blob_size_bytes`.
+    /// Default 0: no limit.
+    pub max_blob_size: ByteSize,
 }
 
 impl Default for Config {
@@ -64,6 +71,7 @@ impl Default for StorageConfig {
         StorageConfig {
             inline_threshold: ByteSize(64 << 10),
             sled_cache_capacity: ByteSize(256 << 20),
+            abandoned_upload_age: HumanDuration(Duration::from_secs(24 * 3600)),
         }
     }
 }
@@ -74,6 +82,7 @@ impl Default for LimitsConfig {
             max_batch_total_size: ByteSize(3 << 20),
             max_message_size: ByteSize(16 << 20),
             read_chunk_size: ByteSize(256 << 10),
+            max_blob_size: ByteSize(0),
         }
     }
 }
@@ -116,6 +125,9 @@ impl Config {
         }
         if l.read_chunk_size.0 == 0 || l.read_chunk_size.0 > 2 << 20 {
             return Err("limits.read_chunk_size must be between 1 byte and 2 MiB".into());
+        }
+        if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
+            return Err("storage.abandoned_upload_age must be at least 1m".into());
         }
         Ok(())
     }
@@ -184,6 +196,46 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
+/// A duration written as `"30s"`, `"15m"`, `"24h"`, `"14d"` or `"500ms"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub struct HumanDuration(pub Duration);
+
+impl FromStr for HumanDuration {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        let t = s.trim();
+        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
+        let (num, unit) = t.split_at(split);
+        let n: u64 = num
+            .parse()
+            .map_err(|_| format!("{s:?} is not a duration such as \"30s\" or \"24h\""))?;
+        let millis: u64 = match unit.trim() {
+            "ms" => 1,
+            "s" => 1_000,
+            "m" => 60_000,
+            "h" => 3_600_000,
+            "d" => 86_400_000,
+            u => {
+                return Err(format!(
+                    "{s:?} has unknown unit {u:?}; use ms, s, m, h or d"
+                ))
+            }
+        };
+        n.checked_mul(millis)
+            .map(|ms| HumanDuration(Duration::from_millis(ms)))
+            .ok_or_else(|| format!("{s:?} is too long"))
+    }
+}
+
+impl<'de> Deserialize<'de> for HumanDuration {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        String::deserialize(d)?
+            .parse()
+            .map_err(serde::de::Error::custom)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -197,6 +249,17 @@ mod tests {
         assert!("3 parsecs".parse::<ByteSize>().is_err());
         assert!("".parse::<ByteSize>().is_err());
         assert!("99999999999TiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn durations_parse() {
+        let d = |s: &str| s.parse::<HumanDuration>().map(|d| d.0);
+        assert_eq!(d("30s").unwrap(), Duration::from_secs(30));
+        assert_eq!(d("24h").unwrap(), Duration::from_secs(86_400));
+        assert_eq!(d("14d").unwrap(), Duration::from_secs(14 * 86_400));
+        assert_eq!(d("250ms").unwrap(), Duration::from_millis(250));
+        assert!(d("3 fortnights").is_err());
+        assert!(d("h").is_err());
     }
 
     #[test]

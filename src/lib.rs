@@ -5,9 +5,11 @@
 //! - [`service`] holds one thin module per gRPC service: parse, validate, call the store.
 //! - [`store`] is the storage interface and its implementations (sled + files by default).
 //! - [`digest`], [`resource_name`] and [`namespace`] parse and validate what clients send.
+//! - [`compression`] adapts zstd ByteStream transfers to the store's uncompressed blobs.
 //! - [`config`] is the TOML configuration; [`error`] the one error type and its gRPC mapping.
 //! - [`proto`] is the code generated from `proto/`.
 
+pub mod compression;
 pub mod config;
 pub mod digest;
 pub mod error;

@@ -86,6 +86,10 @@ pub async fn serve(
     // Small replies must not wait for a delayed ACK.
     let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
     health.set(State::Serving);
+    let sweeper = tokio::spawn(sweep_abandoned_uploads(
+        store.clone(),
+        config.storage.abandoned_upload_age.0,
+    ));
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     let draining = health.clone();
@@ -110,7 +114,22 @@ pub async fn serve(
             Ok(())
         }
     };
+    sweeper.abort();
     store.flush().await?;
     tracing::info!("store flushed");
     result
+}
+
+/// Periodically deletes partial uploads older than `max_age`.
+async fn sweep_abandoned_uploads(store: Arc<dyn Store>, max_age: Duration) {
+    let period = (max_age / 4).min(Duration::from_secs(600));
+    let mut ticks = tokio::time::interval(period);
+    loop {
+        ticks.tick().await;
+        match store.remove_abandoned_uploads(max_age).await {
+            Ok(0) => {}
+            Ok(n) => tracing::info!(removed = n, ?max_age, "removed abandoned partial uploads"),
+            Err(e) => tracing::warn!(error = %e, "sweeping abandoned uploads failed"),
+        }
+    }
 }

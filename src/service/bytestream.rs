@@ -1,8 +1,10 @@
 //! `google.bytestream.ByteStream`: streamed reads and writes of blobs of any size, the way Bazel
 //! moves most CAS content.
 //!
-//! Writes are verified before the blob becomes visible. Large uploads are persisted as they
-//! arrive, so `QueryWriteStatus` can report progress and a new `Write` can resume at that offset.
+//! Writes are verified before the blob becomes visible. Large uncompressed uploads are persisted
+//! as they arrive, so `QueryWriteStatus` can report progress and a new `Write` can resume at that
+//! offset. `compressed-blobs/zstd/...` names are decompressed on write and compressed on read
+//! ([`crate::compression`]); compressed uploads always start at offset 0.
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -11,18 +13,22 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Limits;
+use crate::compression::{self, ZstdUpload};
 use crate::error::{Error, Result};
 use crate::proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
 };
 use crate::resource_name::{Compression, ResourceName};
-use crate::store::Store;
+use crate::store::{Store, Upload};
 
 pub struct ByteStreamService {
     store: Arc<dyn Store>,
     limits: Limits,
 }
+
+/// `committed_size` for a compressed upload of a blob that was already stored, per REAPI.
+const COMPRESSED_ALREADY_STORED: i64 = -1;
 
 impl ByteStreamService {
     pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
@@ -39,14 +45,17 @@ impl ByteStreamService {
         })?;
         let resource = first.resource_name.clone();
         let name = ResourceName::parse_write(&resource)?;
-        require_identity(&name, &resource)?;
+        let compressed = check_compression(&name, &resource)?;
         let digest = name.digest;
-        let done = WriteResponse {
-            committed_size: digest.size as i64,
-        };
+        self.limits.check_blob_size(&digest)?;
         // The spec lets us acknowledge a blob we already hold without receiving it.
         if self.is_stored(&name).await? {
-            return Ok(done);
+            let committed_size = if compressed {
+                COMPRESSED_ALREADY_STORED
+            } else {
+                digest.size as i64
+            };
+            return Ok(WriteResponse { committed_size });
         }
         if first.write_offset < 0 {
             return Err(Error::InvalidArgument(format!(
@@ -54,11 +63,23 @@ impl ByteStreamService {
                 first.write_offset
             )));
         }
+        if compressed && first.write_offset != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "write_offset {} for {resource:?}: compressed uploads cannot be resumed; \
+                 restart at offset 0",
+                first.write_offset
+            )));
+        }
         let upload_id = name.upload_id.as_deref().unwrap_or_default();
-        let mut upload = self
+        let upload = self
             .store
             .begin_upload(upload_id, &digest, first.write_offset as u64)
             .await?;
+        let mut upload: Box<dyn Upload> = if compressed {
+            Box::new(ZstdUpload::new(upload)?)
+        } else {
+            upload
+        };
         let mut msg = first;
         loop {
             if !msg.resource_name.is_empty() && msg.resource_name != resource {
@@ -76,8 +97,15 @@ impl ByteStreamService {
             }
             upload.append(msg.data).await?;
             if msg.finish_write {
+                // Uncompressed: the blob size. Compressed: the compressed bytes received,
+                // which is what the write offsets counted.
+                let committed_size = if compressed {
+                    upload.committed() as i64
+                } else {
+                    digest.size as i64
+                };
                 upload.commit().await?;
-                return Ok(done);
+                return Ok(WriteResponse { committed_size });
             }
             msg = match stream.message().await? {
                 Some(m) => m,
@@ -93,16 +121,16 @@ impl ByteStreamService {
     }
 }
 
-/// Compressed transfers are not served yet; say so instead of storing compressed bytes.
-fn require_identity(name: &ResourceName, resource: &str) -> Result<()> {
-    if name.compression != Compression::Identity {
-        return Err(Error::InvalidArgument(format!(
-            "resource name {resource:?} asks for {:?} compression, which this server does not \
-             support; use blobs/ instead of compressed-blobs/",
-            name.compression
-        )));
+/// Whether the transfer is zstd-compressed; refuses compressors we do not serve.
+fn check_compression(name: &ResourceName, resource: &str) -> Result<bool> {
+    match name.compression {
+        Compression::Identity => Ok(false),
+        Compression::Zstd => Ok(true),
+        other => Err(Error::InvalidArgument(format!(
+            "resource name {resource:?} asks for {other:?} compression, which this server does \
+             not support; it supports zstd (see GetCapabilities)"
+        ))),
     }
-    Ok(())
 }
 
 type ReadStream = Pin<Box<dyn Stream<Item = Result<ReadResponse, Status>> + Send>>;
@@ -117,7 +145,7 @@ impl ByteStream for ByteStreamService {
     ) -> Result<Response<Self::ReadStream>, Status> {
         let r = request.into_inner();
         let name = ResourceName::parse_read(&r.resource_name)?;
-        require_identity(&name, &r.resource_name)?;
+        let compressed = check_compression(&name, &r.resource_name)?;
         let digest = name.digest;
         if r.read_offset < 0 || r.read_offset as u64 > digest.size {
             return Err(Error::OutOfRange(format!(
@@ -131,8 +159,15 @@ impl ByteStream for ByteStreamService {
                 Error::InvalidArgument(format!("read_limit {} is negative", r.read_limit)).into(),
             );
         }
+        if compressed && r.read_limit != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "read_limit {} given for compressed read {:?}; compressed reads take no limit",
+                r.read_limit, r.resource_name
+            ))
+            .into());
+        }
         let limit = (r.read_limit > 0).then_some(r.read_limit as u64);
-        let chunks = self
+        let mut chunks = self
             .store
             .read(
                 &digest,
@@ -142,6 +177,9 @@ impl ByteStream for ByteStreamService {
             )
             .await?
             .ok_or_else(|| Error::NotFound(format!("blob {digest} is not in the CAS")))?;
+        if compressed {
+            chunks = compression::compress(chunks)?;
+        }
         let responses = chunks.map(|chunk| match chunk {
             Ok(data) => Ok(ReadResponse { data }),
             Err(e) => Err(Status::from(e)),
@@ -164,21 +202,30 @@ impl ByteStream for ByteStreamService {
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
         let resource = request.into_inner().resource_name;
         let name = ResourceName::parse_write(&resource)?;
-        require_identity(&name, &resource)?;
+        let compressed = check_compression(&name, &resource)?;
         if self.is_stored(&name).await? {
             return Ok(Response::new(QueryWriteStatusResponse {
-                committed_size: name.digest.size as i64,
+                committed_size: if compressed {
+                    COMPRESSED_ALREADY_STORED
+                } else {
+                    name.digest.size as i64
+                },
                 complete: true,
             }));
         }
         let upload_id = name.upload_id.as_deref().unwrap_or_default();
-        match self.store.upload_progress(upload_id, &name.digest).await? {
+        let progress = if compressed {
+            None // compressed uploads are not resumable
+        } else {
+            self.store.upload_progress(upload_id, &name.digest).await?
+        };
+        match progress {
             Some(committed) => Ok(Response::new(QueryWriteStatusResponse {
                 committed_size: committed as i64,
                 complete: false,
             })),
             None => Err(Error::NotFound(format!(
-                "no upload in progress for {resource:?}; start a Write at offset 0"
+                "no resumable upload in progress for {resource:?}; start a Write at offset 0"
             ))
             .into()),
         }

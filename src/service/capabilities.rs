@@ -43,6 +43,9 @@ impl CapabilitiesService {
                 max_batch_total_size_bytes: self.limits.max_batch_total_size as i64,
                 symlink_absolute_path_strategy: symlink_absolute_path_strategy::Value::Allowed
                     as i32,
+                // ByteStream only; batch calls carry uncompressed data.
+                supported_compressors: vec![reapi::compressor::Value::Zstd as i32],
+                max_cas_blob_size_bytes: self.limits.max_blob_size.unwrap_or(0) as i64,
                 ..Default::default()
             }),
             execution_capabilities: None,

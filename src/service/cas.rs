@@ -36,6 +36,7 @@ impl CasService {
 
     async fn update_one(&self, r: reapi::batch_update_blobs_request::Request) -> Result<Digest> {
         let digest = Digest::from_proto(r.digest.as_ref(), "digest")?;
+        self.limits.check_blob_size(&digest)?;
         if r.compressor != compressor::Value::Identity as i32 {
             return Err(Error::InvalidArgument(format!(
                 "blob {digest}: compressor {} is not supported by this server; send it uncompressed",

@@ -19,6 +19,21 @@ pub struct Limits {
     pub max_batch_total_size: u64,
     /// Chunk size of ByteStream reads.
     pub read_chunk_size: usize,
+    /// Largest blob accepted; `None` for no limit.
+    pub max_blob_size: Option<u64>,
+}
+
+impl Limits {
+    /// Refuses blobs above the configured maximum before any of their bytes are stored.
+    pub fn check_blob_size(&self, digest: &Digest) -> Result<()> {
+        match self.max_blob_size {
+            Some(max) if digest.size > max => Err(Error::InvalidArgument(format!(
+                "blob {digest} is larger than the {max} bytes this server accepts \
+                 (max_cas_blob_size_bytes in GetCapabilities)"
+            ))),
+            _ => Ok(()),
+        }
+    }
 }
 
 impl From<&LimitsConfig> for Limits {
@@ -26,6 +41,7 @@ impl From<&LimitsConfig> for Limits {
         Limits {
             max_batch_total_size: c.max_batch_total_size.0,
             read_chunk_size: c.read_chunk_size.0 as usize,
+            max_blob_size: (c.max_blob_size.0 > 0).then_some(c.max_blob_size.0),
         }
     }
 }

@@ -42,6 +42,11 @@ impl BlobFiles {
             .join(format!("{upload_id}-{}-{}", digest.hex(), digest.size))
     }
 
+    /// The directory of uploads in progress.
+    pub fn uploads_dir(&self) -> &Path {
+        &self.uploads
+    }
+
     /// A fresh temporary path for a blob written in one piece.
     pub fn temp_path(&self) -> PathBuf {
         self.uploads.join(format!("tmp-{}", uuid::Uuid::new_v4()))

@@ -9,6 +9,7 @@ pub mod files;
 pub mod sled;
 
 use std::pin::Pin;
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -60,6 +61,9 @@ pub trait Store: Send + Sync + 'static {
     /// Stores an encoded `ActionResult` for an action in an instance, replacing any earlier one.
     async fn put_action_result(&self, instance: &str, action: &Digest, result: Bytes)
         -> Result<()>;
+
+    /// Deletes partial uploads nobody has written to for `max_age`; returns how many.
+    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize>;
 
     /// Makes everything written so far durable (called on shutdown).
     async fn flush(&self) -> Result<()>;

@@ -12,14 +12,16 @@
 //! contain NUL ([`crate::namespace`]), so the key is unambiguous and one instance is one prefix.
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom};
+use std::io::{Read, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
-use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 
 use super::files::BlobFiles;
 use super::{BlobStream, Store, Upload};
@@ -27,6 +29,10 @@ use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
 
 const INLINE: u8 = 0;
+/// Chunks an upload may queue ahead of its writer thread (bounds memory per upload).
+const WRITE_QUEUE_CHUNKS: usize = 16;
+/// Chunks a read may prepare ahead of the client (bounds memory per download).
+const READ_AHEAD_CHUNKS: usize = 4;
 const FILE: u8 = 1;
 
 /// The sled-backed store. Cheap to clone.
@@ -169,12 +175,30 @@ impl Inner {
         Ok(())
     }
 
-    /// Drops an index entry whose file has gone, so the client re-uploads instead of failing.
-    fn forget(&self, digest: &Digest) {
-        tracing::warn!(%digest, "blob file is missing; dropping it from the index");
-        if let Err(e) = self.cas.remove(digest.hash) {
+    /// Drops a blob that is gone or damaged on disk, so clients see it as missing and upload it
+    /// again instead of being served bad bytes.
+    fn drop_damaged(&self, digest: &Digest, why: &str) {
+        tracing::error!(%digest, why, "stored blob is damaged; removing it");
+        let mut batch = sled::Batch::default();
+        batch.remove(&digest.hash[..]);
+        batch.remove(&data_key(digest)[..]);
+        if let Err(e) = self.cas.apply_batch(batch) {
             tracing::error!(%digest, error = %e, "cannot drop index entry");
         }
+        let _ = std::fs::remove_file(self.files.blob_path(digest));
+    }
+
+    /// An inline blob's bytes, verified against its digest.
+    fn inline_data(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        let Some(v) = self.cas.get(data_key(digest))? else {
+            self.drop_damaged(digest, "inline data is missing");
+            return Ok(None);
+        };
+        if verify(*digest, &v).is_err() {
+            self.drop_damaged(digest, "inline data does not match its digest");
+            return Ok(None);
+        }
+        Ok(Some(Bytes::copy_from_slice(&v)))
     }
 
     async fn publish_file(self: &Arc<Self>, written: PathBuf, digest: Digest) -> Result<()> {
@@ -202,21 +226,23 @@ impl Store for SledStore {
         }
         match self.inner.lookup(digest)? {
             None => Ok(None),
-            Some(Location::Inline) => Ok(self
-                .inner
-                .cas
-                .get(data_key(digest))?
-                .map(|v| Bytes::copy_from_slice(&v))),
+            Some(Location::Inline) => self.inner.inline_data(digest),
             Some(Location::File) => {
                 let path = self.inner.files.blob_path(digest);
-                match tokio::fs::read(&path).await {
-                    Ok(data) => Ok(Some(Bytes::from(data))),
+                let data = match tokio::fs::read(&path).await {
+                    Ok(data) => Bytes::from(data),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        self.inner.forget(digest);
-                        Ok(None)
+                        self.inner.drop_damaged(digest, "blob file is missing");
+                        return Ok(None);
                     }
-                    Err(e) => Err(Error::internal(format!("reading blob {digest}"), e)),
+                    Err(e) => return Err(Error::internal(format!("reading blob {digest}"), e)),
+                };
+                if verify(*digest, &data).is_err() {
+                    self.inner
+                        .drop_damaged(digest, "blob file does not match its digest");
+                    return Ok(None);
                 }
+                Ok(Some(data))
             }
         }
     }
@@ -256,10 +282,10 @@ impl Store for SledStore {
         match self.inner.lookup(digest)? {
             None => Ok(None),
             Some(Location::Inline) => {
-                let Some(data) = self.inner.cas.get(data_key(digest))? else {
+                let Some(data) = self.inner.inline_data(digest)? else {
                     return Ok(None);
                 };
-                let data = Bytes::copy_from_slice(&data[offset as usize..end as usize]);
+                let data = data.slice(offset as usize..end as usize);
                 let chunks: Vec<Result<Bytes>> = (0..data.len())
                     .step_by(chunk_size.max(1))
                     .map(|at| Ok(data.slice(at..data.len().min(at + chunk_size))))
@@ -268,18 +294,21 @@ impl Store for SledStore {
             }
             Some(Location::File) => {
                 let path = self.inner.files.blob_path(digest);
-                let mut file = match tokio::fs::File::open(&path).await {
+                let file = match std::fs::File::open(&path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        self.inner.forget(digest);
+                        self.inner.drop_damaged(digest, "blob file is missing");
                         return Ok(None);
                     }
                     Err(e) => return Err(Error::internal(format!("opening blob {digest}"), e)),
                 };
-                if offset > 0 {
-                    tokio::io::AsyncSeekExt::seek(&mut file, SeekFrom::Start(offset)).await?;
-                }
-                Ok(Some(file_stream(file, end - offset, chunk_size, *digest)))
+                let (tx, rx) = mpsc::channel(READ_AHEAD_CHUNKS);
+                let store = self.inner.clone();
+                let digest = *digest;
+                tokio::task::spawn_blocking(move || {
+                    stream_file(&store, file, digest, offset, end, chunk_size, &tx)
+                });
+                Ok(Some(ReceiverStream::new(rx).boxed()))
             }
         }
     }
@@ -316,13 +345,17 @@ impl Store for SledStore {
                      {have} bytes stored so far; resume at offset {have} or restart at 0"
                 ))
             })?;
+        // A blocking writer hashes and writes while the request handler decodes the next
+        // message, so hashing and disk writes overlap with network reads.
+        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
+        let writer = tokio::task::spawn_blocking(move || write_upload(guard, file, verifier, rx));
         Ok(Box::new(FileUpload {
             store: self.inner.clone(),
             digest: *digest,
             path: self.inner.files.upload_path(upload_id, digest),
-            file: tokio::fs::File::from_std(file),
-            verifier,
-            _guard: guard,
+            received: offset,
+            tx: Some(tx),
+            writer,
         }))
     }
 
@@ -356,6 +389,37 @@ impl Store for SledStore {
             .ac
             .insert(ac_key(instance, action), &result[..])?;
         Ok(())
+    }
+
+    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
+        let inner = self.inner.clone();
+        blocking(move || {
+            let cutoff = SystemTime::now()
+                .checked_sub(max_age)
+                .unwrap_or(SystemTime::UNIX_EPOCH);
+            let mut removed = 0;
+            for entry in std::fs::read_dir(inner.files.uploads_dir())? {
+                let entry = entry?;
+                let name = entry.file_name().to_string_lossy().into_owned();
+                // `{upload id}-{hash}-{size}`; the id itself may contain '-'.
+                let upload_id = name.rsplitn(3, '-').nth(2).unwrap_or("");
+                if inner
+                    .active_uploads
+                    .lock()
+                    .map(|a| a.contains(upload_id))
+                    .unwrap_or(true)
+                {
+                    continue;
+                }
+                let modified = entry.metadata()?.modified()?;
+                if modified < cutoff {
+                    std::fs::remove_file(entry.path())?;
+                    removed += 1;
+                }
+            }
+            Ok(removed)
+        })
+        .await
     }
 
     async fn flush(&self) -> Result<()> {
@@ -404,34 +468,88 @@ fn open_upload_file(
     Ok(Ok((file, verifier)))
 }
 
-/// Streams `remaining` bytes of an open blob file in chunks.
-fn file_stream(
-    file: tokio::fs::File,
-    remaining: u64,
-    chunk_size: usize,
+/// Sends `offset..end` of a blob file as chunks. A whole-blob read is hashed on the way and its
+/// last chunk is held back until the hash matches, so a damaged blob is never served complete:
+/// the stream ends in NOT_FOUND instead and the blob is removed. Ranged reads check the file
+/// length only. Runs on a blocking thread; stops when the receiver goes away.
+fn stream_file(
+    store: &Inner,
+    mut file: std::fs::File,
     digest: Digest,
-) -> BlobStream {
-    futures::stream::try_unfold((file, remaining), move |(mut file, remaining)| async move {
-        if remaining == 0 {
-            return Ok(None);
+    offset: u64,
+    end: u64,
+    chunk_size: usize,
+    tx: &mpsc::Sender<Result<Bytes>>,
+) {
+    let damaged = |why: &str| {
+        store.drop_damaged(&digest, why);
+        let _ = tx.blocking_send(Err(Error::NotFound(format!(
+            "blob {digest} was damaged on disk and has been removed; upload it again"
+        ))));
+    };
+    let len = match file.metadata() {
+        Ok(m) => m.len(),
+        Err(e) => {
+            let _ = tx.blocking_send(Err(Error::internal(format!("reading blob {digest}"), e)));
+            return;
         }
-        let want = remaining.min(chunk_size as u64) as usize;
-        let mut buf = BytesMut::with_capacity(want);
-        while buf.len() < want {
-            let n = (&mut file)
-                .take((want - buf.len()) as u64)
-                .read_buf(&mut buf)
-                .await?;
-            if n == 0 {
-                return Err(Error::internal(
-                    format!("reading blob {digest}"),
-                    "blob file is shorter than its digest says",
-                ));
+    };
+    if len != digest.size {
+        return damaged("blob file has the wrong length");
+    }
+    let mut verifier = (offset == 0 && end == digest.size).then(|| Verifier::new(digest));
+    if offset > 0 {
+        if let Err(e) = file.seek(SeekFrom::Start(offset)) {
+            let _ = tx.blocking_send(Err(Error::internal(format!("reading blob {digest}"), e)));
+            return;
+        }
+    }
+    let mut held: Option<Bytes> = None;
+    let mut at = offset;
+    while at < end {
+        let want = (end - at).min(chunk_size as u64) as usize;
+        let mut buf = vec![0u8; want];
+        if let Err(e) = file.read_exact(&mut buf) {
+            return damaged(&format!("blob file could not be read: {e}"));
+        }
+        at += want as u64;
+        if let Some(v) = verifier.as_mut() {
+            if v.update(&buf).is_err() {
+                return damaged("blob file is longer than its digest says");
             }
         }
-        Ok(Some((buf.freeze(), (file, remaining - want as u64))))
-    })
-    .boxed()
+        if let Some(prev) = held.replace(Bytes::from(buf)) {
+            if tx.blocking_send(Ok(prev)).is_err() {
+                return; // the client went away
+            }
+        }
+    }
+    if let Some(v) = verifier {
+        if v.finish().is_err() {
+            return damaged("blob file does not match its digest");
+        }
+    }
+    if let Some(last) = held {
+        let _ = tx.blocking_send(Ok(last));
+    }
+}
+
+/// The blocking side of a [`FileUpload`]: appends chunks to the upload file and hashes them until
+/// the handler drops the sender, then returns the hash state. Whatever was received is on disk
+/// when it returns, so an interrupted upload can be resumed. Holds the upload's guard until then.
+fn write_upload(
+    _guard: UploadGuard,
+    file: std::fs::File,
+    mut verifier: Verifier,
+    mut rx: mpsc::Receiver<Bytes>,
+) -> Result<Verifier> {
+    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    while let Some(chunk) = rx.blocking_recv() {
+        verifier.update(&chunk)?;
+        out.write_all(&chunk)?;
+    }
+    out.flush()?;
+    Ok(verifier)
 }
 
 /// Marks an upload id as being written, for as long as the guard lives.
@@ -501,32 +619,58 @@ struct FileUpload {
     store: Arc<Inner>,
     digest: Digest,
     path: PathBuf,
-    file: tokio::fs::File,
-    verifier: Verifier,
-    _guard: UploadGuard,
+    /// Bytes received, counted here so excess bytes are refused before they are queued.
+    received: u64,
+    tx: Option<mpsc::Sender<Bytes>>,
+    writer: tokio::task::JoinHandle<Result<Verifier>>,
+}
+
+impl FileUpload {
+    /// Closes the queue and waits for the writer; its error explains a failed send.
+    async fn finish_writer(&mut self) -> Result<Verifier> {
+        self.tx = None;
+        (&mut self.writer)
+            .await
+            .map_err(|e| Error::internal("upload writer", e))?
+    }
 }
 
 #[async_trait]
 impl Upload for FileUpload {
     fn committed(&self) -> u64 {
-        self.verifier.seen()
+        self.received
     }
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
-        self.verifier.update(&data)?;
-        self.file.write_all(&data).await?;
+        let total = self.received + data.len() as u64;
+        if total > self.digest.size {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} received {total} bytes, more than its declared size",
+                self.digest
+            )));
+        }
+        let sent = match &self.tx {
+            Some(tx) => tx.send(data).await.is_ok(),
+            None => false,
+        };
+        if !sent {
+            // The writer stopped early; its result says why.
+            self.finish_writer().await?;
+            return Err(Error::internal("upload writer", "stopped unexpectedly"));
+        }
+        self.received = total;
         Ok(())
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        self.file.flush().await?;
-        let this = *self;
-        if let Err(e) = this.verifier.finish() {
+        let verifier = self.finish_writer().await?;
+        if let Err(e) = verifier.finish() {
             // The bytes are wrong: resuming cannot fix them.
-            let _ = tokio::fs::remove_file(&this.path).await;
+            let _ = tokio::fs::remove_file(&self.path).await;
             return Err(e);
         }
-        drop(this.file);
-        this.store.publish_file(this.path, this.digest).await
+        self.store
+            .publish_file(self.path.clone(), self.digest)
+            .await
     }
 }

@@ -71,7 +71,8 @@ async fn missing_blobs_and_malformed_names_get_clear_errors() {
         format!("blobs/{}/notanumber", d.hash),
         format!("../blobs/{}/{}", d.hash, d.size_bytes),
         format!("uploads/x/blobs/{}/{}", d.hash, d.size_bytes),
-        format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes),
+        format!("compressed-blobs/lz4/{}/{}", d.hash, d.size_bytes),
+        format!("compressed-blobs/deflate/{}/{}", d.hash, d.size_bytes),
     ] {
         let err = download(&server, &name, 0, 0).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}");
@@ -181,6 +182,43 @@ async fn gaps_in_write_offsets_are_rejected() {
     assert!(err.message().contains("offset 0"), "{}", err.message());
 }
 
+/// Asks QueryWriteStatus until it reports `want` (the server persists in the background).
+async fn wait_for_committed(server: &TestServer, name: &str, want: i64) -> i64 {
+    let mut committed = -1;
+    for _ in 0..200 {
+        if let Ok(s) = server
+            .bytestream()
+            .query_write_status(QueryWriteStatusRequest {
+                resource_name: name.to_string(),
+            })
+            .await
+        {
+            committed = s.into_inner().committed_size;
+            if committed == want {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    committed
+}
+
+/// Writes from `offset`, retrying while the server still winds down the interrupted stream
+/// (ABORTED), as a real client would.
+async fn resume(server: &TestServer, name: &str, data: &[u8], offset: usize) -> i64 {
+    for _ in 0..100 {
+        let reqs = write_requests(name, data, offset, 100_000);
+        match server.bytestream().write(futures::stream::iter(reqs)).await {
+            Ok(r) => return r.into_inner().committed_size,
+            Err(e) if e.code() == tonic::Code::Aborted => {
+                tokio::time::sleep(Duration::from_millis(20)).await
+            }
+            Err(e) => panic!("resume at {offset} failed: {e}"),
+        }
+    }
+    panic!("upload stayed busy");
+}
+
 #[tokio::test]
 async fn interrupted_uploads_resume_at_the_committed_size() {
     let server = TestServer::start().await;
@@ -189,33 +227,15 @@ async fn interrupted_uploads_resume_at_the_committed_size() {
     let name = write_name("ci/main", "resume-me", &d);
     let reqs = write_requests(&name, &data, 0, 100_000);
 
-    // Send four chunks, then the client goes away without finishing.
-    let (tx, rx) = mpsc::channel::<WriteRequest>(8);
-    let mut client = server.bytestream();
-    let call = tokio::spawn(async move { client.write(ReceiverStream::new(rx)).await });
-    for r in &reqs[..4] {
-        tx.send(r.clone()).await.unwrap();
-    }
-    // Wait until the server has persisted them, then disconnect.
-    let mut committed = 0;
-    for _ in 0..100 {
-        let status = server
-            .bytestream()
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.clone(),
-            })
-            .await;
-        if let Ok(s) = status {
-            committed = s.into_inner().committed_size;
-            if committed == 400_000 {
-                break;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    assert_eq!(committed, 400_000);
-    call.abort();
-    let _ = call.await;
+    // The client sends four chunks, then its stream ends without finish_write.
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(reqs[..4].to_vec()))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(err.message().contains("finish_write"), "{}", err.message());
+    assert_eq!(wait_for_committed(&server, &name, 400_000).await, 400_000);
 
     // Wrong offsets are refused with the expected one in the message...
     let err = server
@@ -229,15 +249,10 @@ async fn interrupted_uploads_resume_at_the_committed_size() {
     assert!(err.message().contains("400000"), "{}", err.message());
 
     // ...and the right one finishes the upload.
-    let resp = server
-        .bytestream()
-        .write(futures::stream::iter(write_requests(
-            &name, &data, 400_000, 100_000,
-        )))
-        .await
-        .expect("resumed write")
-        .into_inner();
-    assert_eq!(resp.committed_size, data.len() as i64);
+    assert_eq!(
+        resume(&server, &name, &data, 400_000).await,
+        data.len() as i64
+    );
     let status = server
         .bytestream()
         .query_write_status(QueryWriteStatusRequest {
@@ -248,6 +263,42 @@ async fn interrupted_uploads_resume_at_the_committed_size() {
         .into_inner();
     assert!(status.complete);
     assert_eq!(status.committed_size, data.len() as i64);
+    let got = download(&server, &read_name("", &d), 0, 0).await.unwrap();
+    assert!(got == data);
+}
+
+#[tokio::test]
+async fn a_dropped_connection_keeps_what_arrived_for_resuming() {
+    let server = TestServer::start().await;
+    let data = blob(2_000_000, 10);
+    let d = digest_of(&data);
+    let name = write_name("", "dropped", &d);
+    let reqs = write_requests(&name, &data, 0, 100_000);
+
+    let (tx, rx) = mpsc::channel::<WriteRequest>(4);
+    let mut client = server.bytestream();
+    let call = tokio::spawn(async move { client.write(ReceiverStream::new(rx)).await });
+    for r in &reqs[..8] {
+        tx.send(r.clone()).await.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    call.abort(); // the client vanishes mid-stream
+    let _ = call.await;
+
+    // Whatever the server got is kept; the client resumes from there.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let committed = server
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .expect("the partial upload is known")
+        .into_inner();
+    assert!(!committed.complete);
+    let at = committed.committed_size as usize;
+    assert!(at > 0 && at <= 800_000, "committed {at}");
+    assert_eq!(resume(&server, &name, &data, at).await, data.len() as i64);
     let got = download(&server, &read_name("", &d), 0, 0).await.unwrap();
     assert!(got == data);
 }

@@ -6,5 +6,7 @@ mod bytestream;
 mod capabilities;
 mod cas;
 mod common;
+mod compression;
 mod health;
+mod integrity;
 mod lifecycle;

@@ -1,0 +1,176 @@
+use hoard::proto::bytestream::WriteRequest;
+use hoard::proto::reapi::{compressor, GetCapabilitiesRequest};
+
+use crate::common::{blob, digest_of, download, read_name, upload, TestServer};
+
+fn zstd_write_name(upload: &str, d: &hoard::proto::reapi::Digest) -> String {
+    format!(
+        "uploads/{upload}/compressed-blobs/zstd/{}/{}",
+        d.hash, d.size_bytes
+    )
+}
+
+fn zstd_read_name(d: &hoard::proto::reapi::Digest) -> String {
+    format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes)
+}
+
+/// WriteRequests for a compressed upload: offsets count compressed bytes.
+fn compressed_requests(name: &str, compressed: &[u8], chunk: usize) -> Vec<WriteRequest> {
+    let mut reqs = Vec::new();
+    for (i, part) in compressed.chunks(chunk).enumerate() {
+        reqs.push(WriteRequest {
+            resource_name: if i == 0 { name.into() } else { String::new() },
+            write_offset: (i * chunk) as i64,
+            finish_write: (i + 1) * chunk >= compressed.len(),
+            data: part.to_vec().into(),
+        });
+    }
+    reqs
+}
+
+/// Data that compresses well, so the compressed and plain sizes differ.
+fn compressible(len: usize) -> Vec<u8> {
+    let words = b"hoard caches build outputs; ";
+    words.iter().cycle().take(len).copied().collect()
+}
+
+#[tokio::test]
+async fn zstd_is_announced() {
+    let server = TestServer::start().await;
+    let caps = server
+        .capabilities()
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner()
+        .cache_capabilities
+        .unwrap();
+    assert_eq!(
+        caps.supported_compressors,
+        vec![compressor::Value::Zstd as i32]
+    );
+}
+
+#[tokio::test]
+async fn compressed_writes_and_reads_round_trip_both_ways() {
+    let server = TestServer::start().await;
+    for len in [1000usize, 3_000_000] {
+        // Compressed upload, read back plain and compressed.
+        let data = compressible(len);
+        let d = digest_of(&data);
+        let packed = zstd::bulk::compress(&data, 3).unwrap();
+        let resp = server
+            .bytestream()
+            .write(futures::stream::iter(compressed_requests(
+                &zstd_write_name("z1", &d),
+                &packed,
+                64 << 10,
+            )))
+            .await
+            .expect("compressed write")
+            .into_inner();
+        assert_eq!(resp.committed_size, packed.len() as i64);
+        assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == data);
+        let z = download(&server, &zstd_read_name(&d), 0, 0).await.unwrap();
+        assert!(z.len() < data.len(), "served compressed");
+        assert!(zstd::decode_all(&z[..]).unwrap() == data);
+
+        // A read offset counts uncompressed bytes.
+        let z = download(&server, &zstd_read_name(&d), 100, 0)
+            .await
+            .unwrap();
+        assert!(zstd::decode_all(&z[..]).unwrap() == data[100..]);
+
+        // Uploading it again, compressed, is acknowledged with -1.
+        let again = server
+            .bytestream()
+            .write(futures::stream::iter(compressed_requests(
+                &zstd_write_name("z2", &d),
+                &packed,
+                64 << 10,
+            )))
+            .await
+            .unwrap()
+            .into_inner();
+        assert_eq!(again.committed_size, -1);
+    }
+
+    // Plain upload, compressed read.
+    let data = blob(200_000, 3);
+    let d = upload(&server, "", &data).await;
+    let z = download(&server, &zstd_read_name(&d), 0, 0).await.unwrap();
+    assert!(zstd::decode_all(&z[..]).unwrap() == data);
+
+    let err = download(&server, &zstd_read_name(&d), 0, 10)
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::InvalidArgument,
+        "no read_limit on compressed reads"
+    );
+}
+
+#[tokio::test]
+async fn a_zstd_bomb_is_refused_and_nothing_is_stored() {
+    let server = TestServer::start().await;
+    // 200 MiB of zeros claims to be a 1 MiB blob: decompression must stop at the declared size.
+    let claimed = digest_of(&vec![0u8; 1 << 20]);
+    let bomb = zstd::bulk::compress(&vec![0u8; 200 << 20], 19).unwrap();
+    assert!(bomb.len() < 100 << 10);
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(compressed_requests(
+            &zstd_write_name("bomb", &claimed),
+            &bomb,
+            16 << 10,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("more than its declared size"),
+        "{}",
+        err.message()
+    );
+    let err = download(&server, &read_name("", &claimed), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn corrupt_or_truncated_zstd_is_invalid_argument() {
+    let server = TestServer::start().await;
+    let data = compressible(100_000);
+    let d = digest_of(&data);
+    let packed = zstd::bulk::compress(&data, 3).unwrap();
+
+    let garbage = blob(5000, 1);
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(compressed_requests(
+            &zstd_write_name("g", &d),
+            &garbage,
+            1000,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+
+    let truncated = &packed[..packed.len() - 10];
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(compressed_requests(
+            &zstd_write_name("t", &d),
+            truncated,
+            1000,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    let err = download(&server, &read_name("", &d), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}

@@ -1,0 +1,229 @@
+//! Limits and damage: oversized blobs, bit rot on disk, abandoned uploads, restarts mid-upload.
+
+use std::time::{Duration, SystemTime};
+
+use hoard::config::{ByteSize, Config};
+use hoard::proto::bytestream::QueryWriteStatusRequest;
+use hoard::proto::reapi::{
+    batch_update_blobs_request, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
+    FindMissingBlobsRequest, GetCapabilitiesRequest,
+};
+use hoard::store::Store;
+
+use crate::common::{
+    batch_put, blob, digest_of, download, read_name, upload, write_name, write_requests, TestServer,
+};
+
+#[tokio::test]
+async fn blobs_above_the_max_size_are_refused() {
+    let server = TestServer::start_with(|c| c.limits.max_blob_size = ByteSize(100_000)).await;
+    let caps = server
+        .capabilities()
+        .get_capabilities(GetCapabilitiesRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        caps.cache_capabilities.unwrap().max_cas_blob_size_bytes,
+        100_000
+    );
+
+    let big = blob(100_001, 1);
+    let d = digest_of(&big);
+    let err = server
+        .bytestream()
+        .write(futures::stream::iter(write_requests(
+            &write_name("", "big", &d),
+            &big,
+            0,
+            50_000,
+        )))
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::InvalidArgument);
+    assert!(
+        err.message().contains("max_cas_blob_size_bytes"),
+        "{}",
+        err.message()
+    );
+
+    let resp = server
+        .cas()
+        .batch_update_blobs(BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(d.clone()),
+                data: big.clone().into(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.responses[0].status.as_ref().unwrap().code,
+        tonic::Code::InvalidArgument as i32
+    );
+    upload(&server, "", &blob(100_000, 2)).await; // at the limit is fine
+}
+
+/// The file a large blob is stored in.
+fn blob_file(server: &TestServer, d: &hoard::proto::reapi::Digest) -> std::path::PathBuf {
+    server
+        .data_dir()
+        .join("cas")
+        .join(&d.hash[..2])
+        .join(&d.hash)
+}
+
+async fn is_missing(server: &TestServer, d: &hoard::proto::reapi::Digest) -> bool {
+    !server
+        .cas()
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: vec![d.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner()
+        .missing_blob_digests
+        .is_empty()
+}
+
+#[tokio::test]
+async fn a_blob_damaged_on_disk_is_never_served_and_is_removed() {
+    let server = TestServer::start().await;
+
+    // Bit rot in a large blob, read through ByteStream.
+    let data = blob(3_000_000, 3);
+    let d = upload(&server, "", &data).await;
+    let path = blob_file(&server, &d);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1_234_567] ^= 0x40;
+    std::fs::write(&path, &bytes).unwrap();
+    let err = download(&server, &read_name("", &d), 0, 0)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+    assert!(err.message().contains("damaged"), "{}", err.message());
+    assert!(
+        is_missing(&server, &d).await,
+        "the damaged blob was dropped"
+    );
+    assert!(!path.exists());
+    // The client can upload it again.
+    upload(&server, "", &data).await;
+    assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == data);
+
+    // A truncated file, read through BatchReadBlobs.
+    let data = blob(500_000, 4);
+    batch_put(&server, "", &[&data]).await;
+    let d = digest_of(&data);
+    let path = blob_file(&server, &d);
+    std::fs::write(&path, &data[..1000]).unwrap();
+    let resp = server
+        .cas()
+        .batch_read_blobs(BatchReadBlobsRequest {
+            digests: vec![d.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        resp.responses[0].status.as_ref().unwrap().code,
+        tonic::Code::NotFound as i32
+    );
+    assert!(resp.responses[0].data.is_empty());
+    assert!(is_missing(&server, &d).await);
+
+    // A ranged read of a truncated file is refused too.
+    let data = blob(400_000, 5);
+    let d = upload(&server, "", &data).await;
+    std::fs::write(blob_file(&server, &d), &data[..399_999]).unwrap();
+    let err = download(&server, &read_name("", &d), 10, 100)
+        .await
+        .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::NotFound);
+}
+
+#[tokio::test]
+async fn an_upload_resumes_after_a_server_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let config = Config {
+        data_dir: tmp.path().join("data"),
+        ..Config::default()
+    };
+    let data = blob(1_500_000, 6);
+    let d = digest_of(&data);
+    let name = write_name("ci/main", "across-restart", &d);
+
+    let server = TestServer::start_config(config.clone()).await;
+    let reqs = write_requests(&name, &data, 0, 100_000);
+    let _ = server
+        .bytestream()
+        .write(futures::stream::iter(reqs[..6].to_vec()))
+        .await
+        .unwrap_err(); // ended without finish_write
+    server.stop().await;
+
+    let server = TestServer::start_config(config).await;
+    let status = server
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .expect("upload known after restart")
+        .into_inner();
+    assert_eq!(status.committed_size, 600_000);
+    assert!(!status.complete);
+    let resp = server
+        .bytestream()
+        .write(futures::stream::iter(write_requests(
+            &name, &data, 600_000, 100_000,
+        )))
+        .await
+        .expect("resumed after restart")
+        .into_inner();
+    assert_eq!(resp.committed_size, data.len() as i64);
+    assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == data);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn abandoned_partial_uploads_are_removed_after_their_age() {
+    let server = TestServer::start().await;
+    let data = blob(300_000, 7);
+    let d = digest_of(&data);
+    for id in ["old", "fresh"] {
+        let reqs = write_requests(&write_name("", id, &d), &data, 0, 100_000);
+        let _ = server
+            .bytestream()
+            .write(futures::stream::iter(reqs[..1].to_vec()))
+            .await;
+    }
+    let dir = server.data_dir().to_path_buf();
+    let _keep = server.stop().await; // the temp dir lives until the end of the test
+
+    let uploads = dir.join("uploads");
+    let old = uploads.join(format!("old-{}-{}", d.hash, d.size_bytes));
+    let fresh = uploads.join(format!("fresh-{}-{}", d.hash, d.size_bytes));
+    assert!(old.exists() && fresh.exists());
+    let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
+    std::fs::File::options()
+        .write(true)
+        .open(&old)
+        .unwrap()
+        .set_modified(two_days_ago)
+        .unwrap();
+
+    let store = hoard::store::sled::SledStore::open(&dir, 64 << 10, 16 << 20).unwrap();
+    let removed = store
+        .remove_abandoned_uploads(Duration::from_secs(86_400))
+        .await
+        .unwrap();
+    assert_eq!(removed, 1);
+    assert!(!old.exists());
+    assert!(fresh.exists());
+}
