@@ -8,7 +8,9 @@
 //! - [`compression`] adapts zstd ByteStream transfers to the store's uncompressed blobs.
 //! - [`config`] is the TOML configuration; [`error`] the one error type and its gRPC mapping.
 //! - [`proto`] is the code generated from `proto/`.
+//! - [`bench`] is `hoard bench`, a load generator for any REAPI endpoint.
 
+pub mod bench;
 pub mod compression;
 pub mod config;
 pub mod digest;

@@ -32,6 +32,8 @@ enum Command {
         #[arg(long, env = "HOARD_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
+    /// Load-test a REAPI endpoint (hoard or another server); see README "Load generator".
+    Bench(hoard::bench::BenchArgs),
 }
 
 fn main() -> ExitCode {
@@ -50,6 +52,7 @@ fn main() -> ExitCode {
             listen,
             data_dir,
         } => serve(config, listen, data_dir),
+        Command::Bench(args) => hoard::bench::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

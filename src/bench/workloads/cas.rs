@@ -1,0 +1,151 @@
+//! `batch-update`, `batch-read` and `find-missing`: the CAS's batch calls with small blobs.
+
+use std::collections::HashSet;
+
+use bytes::Bytes;
+
+use super::{batch_read_verified, batch_update, find_missing_verified, key, Env, Worker, Workload};
+use crate::bench::data::{mix, Family, MIN_DISTINCT_SIZE};
+use crate::proto::reapi::Digest;
+
+/// Refuses batches the server says it would refuse.
+fn check_batch(env: &Env, blobs: usize, blob_size: u64) -> Result<(), String> {
+    check_size(blob_size)?;
+    let total = blobs as u64 * blob_size;
+    if env.max_batch != 0 && total > env.max_batch {
+        return Err(format!(
+            "a batch of {blobs} x {blob_size} bytes ({total} bytes) exceeds the server's \
+             max_batch_total_size_bytes ({})",
+            env.max_batch
+        ));
+    }
+    Ok(())
+}
+
+/// Refuses blob sizes too small for distinct blobs.
+pub fn check_size(blob_size: u64) -> Result<(), String> {
+    if blob_size < MIN_DISTINCT_SIZE {
+        return Err(format!(
+            "blob size {blob_size}: use at least {MIN_DISTINCT_SIZE} bytes so that blobs differ"
+        ));
+    }
+    Ok(())
+}
+
+/// Each step stores `blobs` new blobs in one BatchUpdateBlobs.
+pub struct BatchUpdate {
+    family: Family,
+    blobs: usize,
+}
+
+impl BatchUpdate {
+    pub fn setup(env: &Env, blobs: usize, blob_size: u64) -> Result<Self, String> {
+        check_batch(env, blobs, blob_size)?;
+        Ok(BatchUpdate {
+            family: Family::new(env.seed, blob_size),
+            blobs,
+        })
+    }
+}
+
+impl Workload for BatchUpdate {
+    async fn step(&self, w: &mut Worker, i: u64) {
+        let first = i * self.blobs as u64;
+        let blobs = (first..first + self.blobs as u64)
+            .map(|m| (self.family.digest(m), self.family.bytes(m)))
+            .collect();
+        let fut = batch_update(w.conn.cas.clone(), w.instance.clone(), blobs);
+        w.op("BatchUpdateBlobs", fut).await;
+    }
+}
+
+/// Stores `blobs` blobs in set-up; each step reads them all in one BatchReadBlobs and compares
+/// every byte.
+pub struct BatchRead {
+    expected: Vec<(Digest, Bytes)>,
+}
+
+impl BatchRead {
+    pub async fn setup(
+        env: &Env,
+        w: &mut Worker,
+        blobs: usize,
+        blob_size: u64,
+    ) -> Result<Self, String> {
+        check_batch(env, blobs, blob_size)?;
+        let family = Family::new(env.seed, blob_size);
+        let expected: Vec<(Digest, Bytes)> = (0..blobs as u64)
+            .map(|m| (family.digest(m), family.bytes(m)))
+            .collect();
+        w.upload_all(env, expected.clone()).await;
+        w.check("uploading the blobs to read")?;
+        Ok(BatchRead { expected })
+    }
+}
+
+impl Workload for BatchRead {
+    async fn step(&self, w: &mut Worker, _i: u64) {
+        let fut = batch_read_verified(w.conn.cas.clone(), w.instance.clone(), &self.expected);
+        w.op("BatchReadBlobs", fut).await;
+    }
+}
+
+/// Stores the present share of `digests` in set-up; each step asks FindMissingBlobs about all
+/// of them (present and absent interleaved) and checks the answer is exactly the absent ones.
+pub struct FindMissing {
+    digests: Vec<Digest>,
+    absent: HashSet<(String, i64)>,
+}
+
+impl FindMissing {
+    pub async fn setup(
+        env: &Env,
+        w: &mut Worker,
+        digests: usize,
+        present_fraction: f64,
+        blob_size: u64,
+    ) -> Result<Self, String> {
+        check_size(blob_size)?;
+        let present_count = (digests as f64 * present_fraction).round() as usize;
+        let present = Family::new(env.seed, blob_size);
+        // Same size, another seed: blobs nobody uploads.
+        let absent = Family::new(mix(env.seed ^ 0x00AB_5E17), blob_size);
+        let blobs = (0..present_count as u64)
+            .map(|m| (present.digest(m), present.bytes(m)))
+            .collect();
+        w.upload_all(env, blobs).await;
+        w.check("uploading the present blobs")?;
+        // Spread the present ones evenly among the absent ones.
+        let mut list = Vec::with_capacity(digests);
+        let mut absent_set = HashSet::new();
+        let (mut p, mut a) = (0u64, 0u64);
+        for k in 0..digests {
+            let want_present = (k + 1) * present_count / digests.max(1);
+            if (p as usize) < want_present {
+                list.push(present.digest(p));
+                p += 1;
+            } else {
+                let d = absent.digest(a);
+                absent_set.insert(key(&d));
+                list.push(d);
+                a += 1;
+            }
+        }
+        Ok(FindMissing {
+            digests: list,
+            absent: absent_set,
+        })
+    }
+}
+
+impl Workload for FindMissing {
+    async fn step(&self, w: &mut Worker, _i: u64) {
+        let fut = find_missing_verified(
+            w.conn.cas.clone(),
+            w.instance.clone(),
+            self.digests.clone(),
+            &self.absent,
+        );
+        w.op("FindMissingBlobs", fut).await;
+    }
+}
