@@ -69,6 +69,7 @@ pub struct BenchArgs {
 pub enum WorkloadArgs {
     /// ByteStream Write of new large blobs, generated while they are sent.
     WriteLarge {
+        /// Size of each blob.
         #[arg(long, default_value = "1GiB")]
         size: ByteSize,
         /// Bytes per WriteRequest.
@@ -77,6 +78,7 @@ pub enum WorkloadArgs {
     },
     /// ByteStream Read of one large blob (uploaded once, untimed), re-hashing every byte.
     ReadLarge {
+        /// Size of the blob.
         #[arg(long, default_value = "1GiB")]
         size: ByteSize,
         /// Bytes per WriteRequest of the untimed upload.
@@ -85,20 +87,25 @@ pub enum WorkloadArgs {
     },
     /// BatchUpdateBlobs of new small blobs.
     BatchUpdate {
+        /// Blobs per batch.
         #[arg(long, default_value_t = 100)]
         blobs: usize,
+        /// Size of each blob.
         #[arg(long, default_value = "10KiB")]
         blob_size: ByteSize,
     },
     /// BatchReadBlobs of small blobs (uploaded once, untimed), comparing every byte.
     BatchRead {
+        /// Blobs per batch.
         #[arg(long, default_value_t = 100)]
         blobs: usize,
+        /// Size of each blob.
         #[arg(long, default_value = "10KiB")]
         blob_size: ByteSize,
     },
     /// FindMissingBlobs of present and absent digests; the answer must be the absent ones.
     FindMissing {
+        /// Digests per call.
         #[arg(long, default_value_t = 1000)]
         digests: usize,
         /// Share of the digests that are stored (in set-up).
@@ -113,6 +120,7 @@ pub enum WorkloadArgs {
         /// Output files per result (stored in set-up).
         #[arg(long, default_value_t = 3)]
         outputs: usize,
+        /// Size of each output file.
         #[arg(long, default_value = "1KiB")]
         output_size: ByteSize,
     },
@@ -128,6 +136,7 @@ pub enum WorkloadArgs {
         /// Small outputs per action (BatchUpdateBlobs).
         #[arg(long, default_value_t = 3)]
         outputs: usize,
+        /// Size of each small output.
         #[arg(long, default_value = "16KiB")]
         output_size: ByteSize,
         /// One more output per action sent with ByteStream; 0 for none.
