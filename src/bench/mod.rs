@@ -7,10 +7,12 @@
 //! - [`stats`]: latencies, bytes and errors, and their summary;
 //! - [`report`]: the human-readable and JSON output;
 //! - [`data`]: deterministic pseudo-random blob contents;
-//! - [`procfs`]: CPU time and memory of a local process from /proc.
+//! - [`procfs`]: CPU time and memory of a local process from /proc;
+//! - [`ceilings`]: the `ceilings` subcommand, which measures this machine's own limits instead.
 //!
-//! It only ever connects to the `--target` it is given.
+//! It only ever connects to the `--target` it is given (`ceilings`: only to itself on 127.0.0.1).
 
+pub mod ceilings;
 pub mod data;
 pub mod procfs;
 pub mod report;
@@ -18,6 +20,7 @@ pub mod runner;
 pub mod stats;
 pub mod workloads;
 
+use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
 use clap::{Args, Subcommand};
@@ -146,6 +149,16 @@ pub enum WorkloadArgs {
         #[arg(long, default_value_t = 20)]
         find_missing: usize,
     },
+    /// No server: measure this machine's ceilings (single-core SHA-256, disk write with and
+    /// without fdatasync, page-cache read, loopback TCP, memcpy) to compare a cache's figures to.
+    Ceilings {
+        /// Directory to write the temporary file in (put it on the disk of hoard's data dir).
+        #[arg(long, default_value = ".")]
+        dir: PathBuf,
+        /// Bytes each measurement moves.
+        #[arg(long, default_value = "1GiB")]
+        size: ByteSize,
+    },
 }
 
 impl WorkloadArgs {
@@ -158,6 +171,7 @@ impl WorkloadArgs {
             WorkloadArgs::FindMissing { .. } => "find-missing",
             WorkloadArgs::Ac { .. } => "ac",
             WorkloadArgs::Mix { .. } => "mix",
+            WorkloadArgs::Ceilings { .. } => "ceilings",
         }
     }
 
@@ -194,12 +208,16 @@ impl WorkloadArgs {
                 "hit-ratio={hit_ratio} pool={pool} outputs={outputs} output-size={output_size} \
                  large-output-size={large_output_size} find-missing={find_missing}"
             ),
+            WorkloadArgs::Ceilings { dir, size } => format!("size={size} dir={}", dir.display()),
         }
     }
 }
 
 /// Runs `hoard bench`. Fails when set-up fails or any timed operation failed (after reporting).
 pub fn main(args: BenchArgs) -> Result<(), String> {
+    if let WorkloadArgs::Ceilings { dir, size } = &args.workload {
+        return ceilings::main(dir, size.0, args.json);
+    }
     let options = RunOptions::from_args(&args)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -280,6 +298,7 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
             let wl = Mix::setup(&env, &mut w, params).await?;
             runner.timed(wl, setup_start).await
         }
+        WorkloadArgs::Ceilings { .. } => return Err("ceilings runs without a target".into()),
     };
     Ok(report::Report::new(
         name,
@@ -385,5 +404,12 @@ mod tests {
         let cli = Cli::try_parse_from(["bench", "find-missing", "--digests", "10"]).unwrap();
         assert!(cli.bench.target.is_none());
         assert!(Cli::try_parse_from(["bench", "mix", "--hit-ratio", "2"]).is_err());
+        let cli =
+            Cli::try_parse_from(["bench", "ceilings", "--dir", "/tmp", "--size", "2MiB"]).unwrap();
+        assert!(cli.bench.target.is_none());
+        assert!(matches!(
+            &cli.bench.workload,
+            WorkloadArgs::Ceilings { dir, size: ByteSize(s) } if dir == &PathBuf::from("/tmp") && *s == 2 << 20
+        ));
     }
 }
