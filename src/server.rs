@@ -28,6 +28,11 @@ use crate::service::Limits;
 use crate::store::sled::SledStore;
 use crate::store::Store;
 
+/// HTTP/2 flow-control window of each stream.
+const STREAM_WINDOW: u32 = 4 << 20;
+/// HTTP/2 flow-control window of each connection (shared by its streams).
+const CONNECTION_WINDOW: u32 = 16 << 20;
+
 /// How long in-flight calls may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -64,6 +69,10 @@ pub async fn serve(
         };
     }
     let router = tonic::transport::Server::builder()
+        // Large windows let a client stream big blobs without waiting for WINDOW_UPDATEs on
+        // every few dozen KiB; they also bound what one stream or connection can buffer here.
+        .initial_stream_window_size(STREAM_WINDOW)
+        .initial_connection_window_size(CONNECTION_WINDOW)
         .add_service(sized!(CapabilitiesServer::new(CapabilitiesService::new(
             limits.clone()
         ))))

@@ -2,7 +2,8 @@
 //! large blobs (see [`super::files`]).
 //!
 //! sled layout, tree `cas`:
-//! - `hash` (32 bytes) → index entry: 1 byte location (0 inline, 1 file) + size (u64 big-endian)
+//! - `hash` (32 bytes) → index entry: 1 byte location (0 inline, 1 file) + size (u64 big-endian),
+//!   and for files the XXH3-64 of the content (u64 big-endian), checked on whole reads
 //! - `hash ‖ 'd'` (33 bytes) → the bytes of an inline blob
 //!
 //! Index and data of an inline blob are written in one sled batch, so the index never names data
@@ -12,7 +13,7 @@
 //! contain NUL ([`crate::namespace`]), so the key is unambiguous and one instance is one prefix.
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom, Write};
+use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
@@ -22,15 +23,17 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
+use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
-use super::files::BlobFiles;
+use super::files::{BlobFiles, BlobWriter};
 use super::{BlobStream, Store, Upload};
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
 
 const INLINE: u8 = 0;
-/// Chunks an upload may queue ahead of its writer thread (bounds memory per upload).
-const WRITE_QUEUE_CHUNKS: usize = 16;
+/// Bytes an upload may queue ahead of its writer thread: enough to keep receiving while the
+/// writer waits for one staged write to reach the disk, and a bound on memory per upload.
+const WRITE_QUEUE_BYTES: usize = 32 << 20;
 /// Chunks a read may prepare ahead of the client (bounds memory per download).
 const READ_AHEAD_CHUNKS: usize = 4;
 const FILE: u8 = 1;
@@ -56,26 +59,36 @@ struct Inner {
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Location {
     Inline,
-    File,
+    /// A file, with the XXH3-64 of its content: re-checking SHA-256 on every read would cost
+    /// about as much CPU as the rest of the read, while XXH3 catches bit rot and truncation at a
+    /// small fraction of that.
+    File {
+        xxh3: u64,
+    },
 }
 
-fn encode_entry(location: Location, size: u64) -> [u8; 9] {
-    let mut v = [0u8; 9];
-    v[0] = match location {
-        Location::Inline => INLINE,
-        Location::File => FILE,
-    };
-    v[1..].copy_from_slice(&size.to_be_bytes());
+fn encode_entry(location: Location, size: u64) -> Vec<u8> {
+    let mut v = Vec::with_capacity(17);
+    match location {
+        Location::Inline => v.push(INLINE),
+        Location::File { .. } => v.push(FILE),
+    }
+    v.extend_from_slice(&size.to_be_bytes());
+    if let Location::File { xxh3 } = location {
+        v.extend_from_slice(&xxh3.to_be_bytes());
+    }
     v
 }
 
 fn decode_entry(v: &[u8]) -> Option<(Location, u64)> {
+    let size = u64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
     let location = match *v.first()? {
         INLINE => Location::Inline,
-        FILE => Location::File,
+        FILE => Location::File {
+            xxh3: u64::from_be_bytes(v.get(9..17)?.try_into().ok()?),
+        },
         _ => return None,
     };
-    let size = u64::from_be_bytes(v.get(1..9)?.try_into().ok()?);
     Some((location, size))
 }
 
@@ -164,14 +177,16 @@ impl Inner {
     fn put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         let mut batch = sled::Batch::default();
         batch.insert(&data_key(digest)[..], data);
-        batch.insert(&digest.hash, &encode_entry(Location::Inline, digest.size));
+        batch.insert(&digest.hash, encode_entry(Location::Inline, digest.size));
         self.cas.apply_batch(batch)?;
         Ok(())
     }
 
-    fn index_file(&self, digest: &Digest) -> Result<()> {
-        self.cas
-            .insert(digest.hash, &encode_entry(Location::File, digest.size))?;
+    fn index_file(&self, digest: &Digest, xxh3: u64) -> Result<()> {
+        self.cas.insert(
+            digest.hash,
+            encode_entry(Location::File { xxh3 }, digest.size),
+        )?;
         Ok(())
     }
 
@@ -201,10 +216,15 @@ impl Inner {
         Ok(Some(Bytes::copy_from_slice(&v)))
     }
 
-    async fn publish_file(self: &Arc<Self>, written: PathBuf, digest: Digest) -> Result<()> {
+    async fn publish_file(
+        self: &Arc<Self>,
+        written: PathBuf,
+        digest: Digest,
+        xxh3: u64,
+    ) -> Result<()> {
         let files = self.files.clone();
         blocking(move || files.publish(&written, &digest)).await?;
-        self.index_file(&digest)
+        self.index_file(&digest, xxh3)
     }
 }
 
@@ -227,7 +247,7 @@ impl Store for SledStore {
         match self.inner.lookup(digest)? {
             None => Ok(None),
             Some(Location::Inline) => self.inner.inline_data(digest),
-            Some(Location::File) => {
+            Some(Location::File { xxh3 }) => {
                 let path = self.inner.files.blob_path(digest);
                 let data = match tokio::fs::read(&path).await {
                     Ok(data) => Bytes::from(data),
@@ -237,9 +257,9 @@ impl Store for SledStore {
                     }
                     Err(e) => return Err(Error::internal(format!("reading blob {digest}"), e)),
                 };
-                if verify(*digest, &data).is_err() {
+                if data.len() as u64 != digest.size || xxh3_64(&data) != xxh3 {
                     self.inner
-                        .drop_damaged(digest, "blob file does not match its digest");
+                        .drop_damaged(digest, "blob file does not match its checksum");
                     return Ok(None);
                 }
                 Ok(Some(data))
@@ -257,12 +277,20 @@ impl Store for SledStore {
         }
         let tmp = self.inner.files.temp_path();
         let path = tmp.clone();
-        let written = blocking(move || std::fs::write(&path, &data)).await;
-        if let Err(e) = written {
-            let _ = std::fs::remove_file(&tmp);
-            return Err(e);
+        let written = blocking(move || {
+            let mut w = BlobWriter::open(&path, 0)?;
+            w.write(&data)?;
+            w.flush()?;
+            Ok(xxh3_64(&data))
+        })
+        .await;
+        match written {
+            Ok(xxh3) => self.inner.publish_file(tmp, *digest, xxh3).await,
+            Err(e) => {
+                let _ = std::fs::remove_file(&tmp);
+                Err(e)
+            }
         }
-        self.inner.publish_file(tmp, *digest).await
     }
 
     async fn read(
@@ -292,7 +320,7 @@ impl Store for SledStore {
                     .collect();
                 Ok(Some(futures::stream::iter(chunks).boxed()))
             }
-            Some(Location::File) => {
+            Some(Location::File { xxh3 }) => {
                 let path = self.inner.files.blob_path(digest);
                 let file = match std::fs::File::open(&path) {
                     Ok(f) => f,
@@ -305,8 +333,9 @@ impl Store for SledStore {
                 let (tx, rx) = mpsc::channel(READ_AHEAD_CHUNKS);
                 let store = self.inner.clone();
                 let digest = *digest;
+                let range = offset..end;
                 tokio::task::spawn_blocking(move || {
-                    stream_file(&store, file, digest, offset, end, chunk_size, &tx)
+                    stream_file(&store, file, digest, xxh3, range, chunk_size, &tx)
                 });
                 Ok(Some(ReceiverStream::new(rx).boxed()))
             }
@@ -337,7 +366,7 @@ impl Store for SledStore {
         let guard = UploadGuard::claim(&self.inner, upload_id)?;
         let path = self.inner.files.upload_path(upload_id, digest);
         let expected = *digest;
-        let (file, verifier) = blocking(move || open_upload_file(&path, expected, offset))
+        let (file, hashes) = blocking(move || open_upload_file(&path, expected, offset))
             .await?
             .map_err(|have| {
                 Error::InvalidArgument(format!(
@@ -345,15 +374,19 @@ impl Store for SledStore {
                      {have} bytes stored so far; resume at offset {have} or restart at 0"
                 ))
             })?;
-        // A blocking writer hashes and writes while the request handler decodes the next
-        // message, so hashing and disk writes overlap with network reads.
-        let (tx, rx) = mpsc::channel::<Bytes>(WRITE_QUEUE_CHUNKS);
-        let writer = tokio::task::spawn_blocking(move || write_upload(guard, file, verifier, rx));
+        // The handler hashes; a blocking writer writes. Disk writes overlap with receiving and
+        // hashing the next bytes, up to WRITE_QUEUE_BYTES ahead.
+        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
+        let queue = Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES));
+        let released = queue.clone();
+        let writer = tokio::task::spawn_blocking(move || write_upload(guard, file, rx, &released));
         Ok(Box::new(FileUpload {
             store: self.inner.clone(),
             digest: *digest,
             path: self.inner.files.upload_path(upload_id, digest),
             received: offset,
+            hashes,
+            queue,
             tx: Some(tx),
             writer,
         }))
@@ -428,44 +461,59 @@ impl Store for SledStore {
     }
 }
 
+/// The hashes an upload keeps while its bytes arrive: SHA-256 to verify the digest, XXH3 to
+/// record for cheap integrity checks on later reads.
+struct UploadHashes {
+    sha256: Verifier,
+    xxh3: Xxh3,
+}
+
+impl UploadHashes {
+    fn new(digest: Digest) -> Self {
+        UploadHashes {
+            sha256: Verifier::new(digest),
+            xxh3: Xxh3::new(),
+        }
+    }
+
+    fn update(&mut self, data: &[u8]) -> Result<()> {
+        self.sha256.update(data)?;
+        self.xxh3.update(data);
+        Ok(())
+    }
+}
+
 /// Opens an upload file at `offset`: 0 truncates, anything else must equal the bytes already in
 /// the file, whose hash state is rebuilt by reading them back. `Err(have)` reports a mismatch.
 fn open_upload_file(
     path: &Path,
     digest: Digest,
     offset: u64,
-) -> std::io::Result<Result<(std::fs::File, Verifier), u64>> {
-    let mut verifier = Verifier::new(digest);
-    if offset == 0 {
-        let file = std::fs::File::create(path)?;
-        return Ok(Ok((file, verifier)));
-    }
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .append(true)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(0)),
-        Err(e) => return Err(e),
-    };
-    let have = file.metadata()?.len();
-    if have != offset {
-        return Ok(Err(have));
-    }
-    let mut buf = vec![0u8; 1 << 20];
-    file.seek(SeekFrom::Start(0))?;
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
+) -> std::io::Result<Result<(BlobWriter, UploadHashes), u64>> {
+    let mut hashes = UploadHashes::new(digest);
+    if offset > 0 {
+        let mut file = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(0)),
+            Err(e) => return Err(e),
+        };
+        let have = file.metadata()?.len();
+        if have != offset {
+            return Ok(Err(have));
         }
-        if verifier.update(&buf[..n]).is_err() {
-            // More bytes on disk than the blob has: the file is useless; start over.
-            return Ok(Err(0));
+        let mut buf = vec![0u8; 1 << 20];
+        loop {
+            let n = file.read(&mut buf)?;
+            if n == 0 {
+                break;
+            }
+            if hashes.update(&buf[..n]).is_err() {
+                // More bytes on disk than the blob has: the file is useless; start over.
+                return Ok(Err(0));
+            }
         }
     }
-    Ok(Ok((file, verifier)))
+    Ok(Ok((BlobWriter::open(path, offset)?, hashes)))
 }
 
 /// Sends `offset..end` of a blob file as chunks. A whole-blob read is hashed on the way and its
@@ -476,11 +524,12 @@ fn stream_file(
     store: &Inner,
     mut file: std::fs::File,
     digest: Digest,
-    offset: u64,
-    end: u64,
+    xxh3: u64,
+    range: std::ops::Range<u64>,
     chunk_size: usize,
     tx: &mpsc::Sender<Result<Bytes>>,
 ) {
+    let std::ops::Range { start: offset, end } = range;
     let damaged = |why: &str| {
         store.drop_damaged(&digest, why);
         let _ = tx.blocking_send(Err(Error::NotFound(format!(
@@ -497,7 +546,7 @@ fn stream_file(
     if len != digest.size {
         return damaged("blob file has the wrong length");
     }
-    let mut verifier = (offset == 0 && end == digest.size).then(|| Verifier::new(digest));
+    let mut checksum = (offset == 0 && end == digest.size).then(Xxh3::new);
     if offset > 0 {
         if let Err(e) = file.seek(SeekFrom::Start(offset)) {
             let _ = tx.blocking_send(Err(Error::internal(format!("reading blob {digest}"), e)));
@@ -508,15 +557,16 @@ fn stream_file(
     let mut at = offset;
     while at < end {
         let want = (end - at).min(chunk_size as u64) as usize;
-        let mut buf = vec![0u8; want];
-        if let Err(e) = file.read_exact(&mut buf) {
-            return damaged(&format!("blob file could not be read: {e}"));
+        // read_to_end fills spare capacity without zeroing it first.
+        let mut buf = Vec::with_capacity(want);
+        match (&mut file).take(want as u64).read_to_end(&mut buf) {
+            Ok(n) if n == want => {}
+            Ok(_) => return damaged("blob file ended early"),
+            Err(e) => return damaged(&format!("blob file could not be read: {e}")),
         }
         at += want as u64;
-        if let Some(v) = verifier.as_mut() {
-            if v.update(&buf).is_err() {
-                return damaged("blob file is longer than its digest says");
-            }
+        if let Some(c) = checksum.as_mut() {
+            c.update(&buf);
         }
         if let Some(prev) = held.replace(Bytes::from(buf)) {
             if tx.blocking_send(Ok(prev)).is_err() {
@@ -524,9 +574,9 @@ fn stream_file(
             }
         }
     }
-    if let Some(v) = verifier {
-        if v.finish().is_err() {
-            return damaged("blob file does not match its digest");
+    if let Some(c) = checksum {
+        if c.digest() != xxh3 {
+            return damaged("blob file does not match its checksum");
         }
     }
     if let Some(last) = held {
@@ -534,22 +584,27 @@ fn stream_file(
     }
 }
 
-/// The blocking side of a [`FileUpload`]: appends chunks to the upload file and hashes them until
-/// the handler drops the sender, then returns the hash state. Whatever was received is on disk
-/// when it returns, so an interrupted upload can be resumed. Holds the upload's guard until then.
+/// The blocking side of a [`FileUpload`]: appends queued chunks to the upload file until the
+/// handler drops the sender, releasing each chunk's queue budget once written. Whatever was
+/// received is in the file when it returns, so an interrupted upload can be resumed. Holds the
+/// upload's guard until then, so a resuming stream cannot start while this one still writes.
 fn write_upload(
     _guard: UploadGuard,
-    file: std::fs::File,
-    mut verifier: Verifier,
-    mut rx: mpsc::Receiver<Bytes>,
-) -> Result<Verifier> {
-    let mut out = std::io::BufWriter::with_capacity(1 << 20, file);
+    mut file: BlobWriter,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    queue: &tokio::sync::Semaphore,
+) -> Result<()> {
     while let Some(chunk) = rx.blocking_recv() {
-        verifier.update(&chunk)?;
-        out.write_all(&chunk)?;
+        file.write(&chunk)?;
+        queue.add_permits(queue_cost(&chunk));
     }
-    out.flush()?;
-    Ok(verifier)
+    file.flush()?;
+    Ok(())
+}
+
+/// Queue budget a chunk takes (at least 1, at most the whole budget).
+fn queue_cost(chunk: &[u8]) -> usize {
+    chunk.len().clamp(1, WRITE_QUEUE_BYTES)
 }
 
 /// Marks an upload id as being written, for as long as the guard lives.
@@ -621,13 +676,16 @@ struct FileUpload {
     path: PathBuf,
     /// Bytes received, counted here so excess bytes are refused before they are queued.
     received: u64,
-    tx: Option<mpsc::Sender<Bytes>>,
-    writer: tokio::task::JoinHandle<Result<Verifier>>,
+    hashes: UploadHashes,
+    /// Bytes the writer may still fall behind by.
+    queue: Arc<tokio::sync::Semaphore>,
+    tx: Option<mpsc::UnboundedSender<Bytes>>,
+    writer: tokio::task::JoinHandle<Result<()>>,
 }
 
 impl FileUpload {
-    /// Closes the queue and waits for the writer; its error explains a failed send.
-    async fn finish_writer(&mut self) -> Result<Verifier> {
+    /// Closes the queue and waits until the writer has written everything.
+    async fn finish_writer(&mut self) -> Result<()> {
         self.tx = None;
         (&mut self.writer)
             .await
@@ -642,35 +700,34 @@ impl Upload for FileUpload {
     }
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
-        let total = self.received + data.len() as u64;
-        if total > self.digest.size {
-            return Err(Error::InvalidArgument(format!(
-                "blob {} received {total} bytes, more than its declared size",
-                self.digest
-            )));
-        }
-        let sent = match &self.tx {
-            Some(tx) => tx.send(data).await.is_ok(),
-            None => false,
-        };
+        self.hashes.update(&data)?; // refuses bytes beyond the declared size
+        let permits = self
+            .queue
+            .acquire_many(queue_cost(&data) as u32)
+            .await
+            .map_err(|e| Error::internal("upload queue", e))?;
+        permits.forget(); // given back by the writer once the bytes are written
+        let len = data.len() as u64;
+        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(data).is_ok());
         if !sent {
             // The writer stopped early; its result says why.
             self.finish_writer().await?;
             return Err(Error::internal("upload writer", "stopped unexpectedly"));
         }
-        self.received = total;
+        self.received += len;
         Ok(())
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        let verifier = self.finish_writer().await?;
-        if let Err(e) = verifier.finish() {
+        self.finish_writer().await?;
+        let this = *self;
+        if let Err(e) = this.hashes.sha256.finish() {
             // The bytes are wrong: resuming cannot fix them.
-            let _ = tokio::fs::remove_file(&self.path).await;
+            let _ = tokio::fs::remove_file(&this.path).await;
             return Err(e);
         }
-        self.store
-            .publish_file(self.path.clone(), self.digest)
+        this.store
+            .publish_file(this.path, this.digest, this.hashes.xxh3.digest())
             .await
     }
 }
