@@ -107,8 +107,18 @@ impl ContentAddressableStorage for CasService {
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.blob_digests, "blob_digests")?;
         let missing = self.store.find_missing(&digests).await?;
+        // The store answers in request order, so the client's own digest messages can be
+        // handed back for the missing ones instead of formatting new ones.
+        let mut missing = missing.into_iter().peekable();
+        let missing_blob_digests = r
+            .blob_digests
+            .into_iter()
+            .zip(digests)
+            .filter(|(_, d)| missing.next_if_eq(d).is_some())
+            .map(|(proto, _)| proto)
+            .collect();
         Ok(Response::new(FindMissingBlobsResponse {
-            missing_blob_digests: missing.into_iter().map(Digest::to_proto).collect(),
+            missing_blob_digests,
         }))
     }
 

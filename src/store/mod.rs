@@ -6,6 +6,7 @@
 //! `ActionResult` as given.
 
 pub mod files;
+pub mod index;
 pub mod sled;
 
 use std::pin::Pin;

@@ -26,6 +26,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::files::{BlobFiles, BlobWriter};
+use super::index::Index;
 use super::{BlobStream, Store, Upload};
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
@@ -49,6 +50,8 @@ struct Inner {
     cas: sled::Tree,
     ac: sled::Tree,
     files: BlobFiles,
+    /// In-memory copy of which blobs exist, for FindMissingBlobs.
+    index: Index,
     /// Blobs up to this size live inside sled.
     inline_threshold: u64,
     /// Upload ids with a live writer, so two streams never append to one upload file.
@@ -145,12 +148,14 @@ impl SledStore {
             })?;
         let cas = db.open_tree("cas")?;
         let ac = db.open_tree("ac")?;
+        let index = load_index(&cas)?;
         Ok(SledStore {
             inner: Arc::new(Inner {
                 db,
                 cas,
                 ac,
                 files,
+                index,
                 inline_threshold,
                 active_uploads: Mutex::new(HashSet::new()),
             }),
@@ -179,6 +184,7 @@ impl Inner {
         batch.insert(&data_key(digest)[..], data);
         batch.insert(&digest.hash, encode_entry(Location::Inline, digest.size));
         self.cas.apply_batch(batch)?;
+        self.index.insert(digest);
         Ok(())
     }
 
@@ -187,6 +193,7 @@ impl Inner {
             digest.hash,
             encode_entry(Location::File { xxh3 }, digest.size),
         )?;
+        self.index.insert(digest);
         Ok(())
     }
 
@@ -194,6 +201,7 @@ impl Inner {
     /// again instead of being served bad bytes.
     fn drop_damaged(&self, digest: &Digest, why: &str) {
         tracing::error!(%digest, why, "stored blob is damaged; removing it");
+        self.index.remove(digest);
         let mut batch = sled::Batch::default();
         batch.remove(&digest.hash[..]);
         batch.remove(&data_key(digest)[..]);
@@ -231,13 +239,11 @@ impl Inner {
 #[async_trait]
 impl Store for SledStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let mut missing = Vec::new();
-        for d in digests {
-            if !d.is_empty_blob() && self.inner.lookup(d)?.is_none() {
-                missing.push(*d);
-            }
-        }
-        Ok(missing)
+        Ok(digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && !self.inner.index.contains(d))
+            .copied()
+            .collect())
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
@@ -481,6 +487,22 @@ impl UploadHashes {
         self.xxh3.update(data);
         Ok(())
     }
+}
+
+/// Rebuilds the in-memory index from sled's index entries (32-byte keys; inline data keys are 33
+/// bytes). Reads keys and small values only, never blob contents.
+fn load_index(cas: &sled::Tree) -> Result<Index> {
+    let index = Index::new();
+    for entry in cas.iter() {
+        let (key, value) = entry?;
+        let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
+            continue;
+        };
+        if let Some((_, size)) = decode_entry(&value) {
+            index.insert(&Digest { hash, size });
+        }
+    }
+    Ok(index)
 }
 
 /// Opens an upload file at `offset`: 0 truncates, anything else must equal the bytes already in
