@@ -32,4 +32,6 @@ run --duration 10s --concurrency 1 ac
 run --duration 10s --concurrency 16 ac
 run --duration 10s --concurrency 1 batch-update --blobs 100 --blob-size 10KiB
 run --duration 10s --concurrency 1 batch-read --blobs 100 --blob-size 10KiB
+run --duration 10s --concurrency 16 batch-update --blobs 100 --blob-size 10KiB
+run --duration 10s --concurrency 16 batch-read --blobs 100 --blob-size 10KiB
 run --duration 10s --concurrency 8 --connections 2 mix
