@@ -38,10 +38,19 @@ pub struct ZstdUpload {
 }
 
 impl ZstdUpload {
-    pub fn new(inner: Box<dyn Upload>) -> Result<Self> {
+    /// `size` is the blob's declared (uncompressed) size. The decoder's window is capped at what
+    /// that size can need, but never below 2^23 (8 MiB): encoders streaming without a known
+    /// content size use their level's default window (up to 2^23 through level 19) whatever the
+    /// blob's size. So a frame header cannot demand a 128 MiB window for a small blob.
+    pub fn new(inner: Box<dyn Upload>, size: u64) -> Result<Self> {
+        let mut decoder = Decoder::new().map_err(|e| Error::internal("zstd decoder", e))?;
+        let window_log = (64 - size.max(1).leading_zeros()).clamp(23, 27);
+        decoder
+            .set_parameter(zstd::stream::raw::DParameter::WindowLogMax(window_log))
+            .map_err(|e| Error::internal("zstd decoder", e))?;
         Ok(ZstdUpload {
             inner,
-            decoder: Decoder::new().map_err(|e| Error::internal("zstd decoder", e))?,
+            decoder,
             out: vec![0u8; OUT_BUF],
             received: 0,
             frame_done: false,
@@ -59,15 +68,19 @@ impl Upload for ZstdUpload {
         self.received += data.len() as u64;
         let mut input = InBuffer::around(&data);
         loop {
+            let before = input.pos();
             let mut output = OutBuffer::around(&mut self.out[..]);
             let hint = self
                 .decoder
                 .run(&mut input, &mut output)
                 .map_err(bad_zstd)?;
             let produced = output.pos();
+            // A frame ends when the decoder says so; only real progress (input consumed or
+            // output produced) can start a new one. A run that merely drains an exactly full
+            // buffer makes no progress and must not clear the flag.
             if hint == 0 {
                 self.frame_done = true;
-            } else if produced > 0 || input.pos() > 0 {
+            } else if produced > 0 || input.pos() > before {
                 self.frame_done = false;
             }
             if produced > 0 {

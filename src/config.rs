@@ -127,6 +127,13 @@ impl Config {
         if l.read_chunk_size.0 == 0 || l.read_chunk_size.0 > 2 << 20 {
             return Err("limits.read_chunk_size must be between 1 byte and 2 MiB".into());
         }
+        if self.storage.inline_threshold > l.max_batch_total_size {
+            return Err(format!(
+                "storage.inline_threshold ({}) must not exceed limits.max_batch_total_size ({}): \
+                 small uploads are buffered in memory whole",
+                self.storage.inline_threshold, l.max_batch_total_size
+            ));
+        }
         if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
         }

@@ -30,22 +30,31 @@ impl ActionCacheService {
     }
 
     /// Every CAS blob the result needs, including the files inside output directory trees.
-    async fn referenced_blobs(&self, result: &ActionResult) -> Result<Vec<Digest>> {
+    /// `Err(why)` if the result cannot be served at all (a tree that is too large, not a Tree,
+    /// or names malformed digests): the client should treat it as a miss and run the action.
+    async fn referenced_blobs(&self, result: &ActionResult) -> Result<Result<Vec<Digest>, String>> {
         let (mut blobs, trees) = direct_digests(result)?;
         for t in trees {
             blobs.push(t);
+            if t.size > self.limits.max_message_size {
+                return Ok(Err(format!("its output tree {t} is larger than a message")));
+            }
             let Some(bytes) = self.store.get(&t).await? else {
                 continue; // reported missing by the caller
             };
-            let tree = Tree::decode(bytes.as_ref())
-                .map_err(|e| Error::internal(format!("output directory tree {t}"), e))?;
+            let Ok(tree) = Tree::decode(bytes.as_ref()) else {
+                return Ok(Err(format!("its output tree {t} is not a Tree")));
+            };
             for dir in tree.root.iter().chain(tree.children.iter()) {
                 for f in &dir.files {
-                    blobs.push(Digest::from_proto(f.digest.as_ref(), "tree file digest")?);
+                    match Digest::from_proto(f.digest.as_ref(), "tree file digest") {
+                        Ok(d) => blobs.push(d),
+                        Err(e) => return Ok(Err(format!("its output tree {t}: {e}"))),
+                    }
                 }
             }
         }
-        Ok(blobs)
+        Ok(Ok(blobs))
     }
 
     /// Fills `stdout_raw`, `stderr_raw` and output file `contents` as asked, within the batch
@@ -55,7 +64,11 @@ impl ActionCacheService {
         result: &mut ActionResult,
         request: &GetActionResultRequest,
     ) -> Result<()> {
-        let mut budget = self.limits.max_batch_total_size;
+        // The whole reply must fit clients' message limit, not just the inlined bytes.
+        let mut budget = self
+            .limits
+            .max_batch_total_size
+            .saturating_sub(result.encoded_len() as u64);
         let mut take = |d: &Option<crate::proto::reapi::Digest>| -> Option<Digest> {
             let d = Digest::from_proto(d.as_ref(), "digest").ok()?;
             if d.size > budget {
@@ -108,7 +121,16 @@ impl ActionCache for ActionCacheService {
             .ok_or_else(not_found)?;
         let mut result = ActionResult::decode(bytes.as_ref())
             .map_err(|e| Error::internal(format!("stored action result of {action}"), e))?;
-        let needed = self.referenced_blobs(&result).await?;
+        let needed = match self.referenced_blobs(&result).await? {
+            Ok(needed) => needed,
+            Err(why) => {
+                tracing::warn!(%action, why, "stored action result cannot be served");
+                return Err(Error::NotFound(format!(
+                    "action result for {action} cannot be served: {why}"
+                ))
+                .into());
+            }
+        };
         let missing = self.store.find_missing(&needed).await?;
         if let Some(m) = missing.first() {
             tracing::debug!(%action, missing = %m, "action result is incomplete");

@@ -76,7 +76,7 @@ impl ByteStreamService {
             .begin_upload(upload_id, &digest, first.write_offset as u64)
             .await?;
         let mut upload: Box<dyn Upload> = if compressed {
-            Box::new(ZstdUpload::new(upload)?)
+            Box::new(ZstdUpload::new(upload, digest.size)?)
         } else {
             upload
         };

@@ -7,6 +7,8 @@ use std::sync::Arc;
 
 use futures::Stream;
 use prost::Message;
+use tokio::sync::mpsc;
+use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{check_batch_size, parse_digests, Limits};
@@ -45,52 +47,6 @@ impl CasService {
         }
         self.store.put(&digest, r.data).await?;
         Ok(digest)
-    }
-
-    /// Collects one page of the tree under `root`, breadth first, skipping the first `skip`
-    /// directories. Returns the page and whether more directories follow.
-    async fn tree_page(
-        &self,
-        root: Digest,
-        skip: usize,
-        page_size: usize,
-    ) -> Result<(Vec<reapi::Directory>, bool)> {
-        let mut queue = VecDeque::from([root]);
-        let mut seen = HashSet::from([root]);
-        let mut index = 0usize;
-        let mut page = Vec::new();
-        let mut page_bytes = 0u64;
-        while let Some(d) = queue.pop_front() {
-            let Some(bytes) = self.store.get(&d).await? else {
-                if d == root {
-                    return Err(Error::NotFound(format!(
-                        "root directory {d} is not in the CAS"
-                    )));
-                }
-                // The spec asks for the part of the tree that is present.
-                continue;
-            };
-            let dir = reapi::Directory::decode(bytes.as_ref()).map_err(|e| {
-                Error::InvalidArgument(format!("blob {d} in the tree is not a Directory: {e}"))
-            })?;
-            for child in &dir.directories {
-                let c = Digest::from_proto(child.digest.as_ref(), "directory node digest")?;
-                if seen.insert(c) {
-                    queue.push_back(c);
-                }
-            }
-            if index >= skip {
-                if page.len() >= page_size
-                    || page_bytes + d.size > self.limits.max_batch_total_size && !page.is_empty()
-                {
-                    return Ok((page, true));
-                }
-                page_bytes += d.size;
-                page.push(dir);
-            }
-            index += 1;
-        }
-        Ok((page, false))
     }
 }
 
@@ -158,7 +114,8 @@ impl ContentAddressableStorage for CasService {
         namespace::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.digests, "digests")?;
-        let total = digests.iter().map(|d| d.size).sum();
+        // Sizes come from the client: add without overflowing.
+        let total = digests.iter().fold(0u64, |t, d| t.saturating_add(d.size));
         check_batch_size(total, &self.limits, "BatchReadBlobs request")?;
         let mut responses = Vec::with_capacity(digests.len());
         for d in digests {
@@ -218,7 +175,7 @@ impl ContentAddressableStorage for CasService {
             0 => DEFAULT_TREE_PAGE,
             n => n as usize,
         };
-        let mut skip: usize = if r.page_token.is_empty() {
+        let skip: usize = if r.page_token.is_empty() {
             0
         } else {
             r.page_token.parse().map_err(|_| {
@@ -228,24 +185,116 @@ impl ContentAddressableStorage for CasService {
                 ))
             })?
         };
-        // Pages are computed up front, so the stream holds no reference to the service.
-        let mut pages = Vec::new();
-        loop {
-            let (directories, more) = self.tree_page(root, skip, page_size).await?;
-            skip += directories.len();
-            let next_page_token = if more {
-                skip.to_string()
-            } else {
-                String::new()
-            };
-            pages.push(Ok(GetTreeResponse {
-                directories,
-                next_page_token,
-            }));
-            if !more {
-                break;
+        // The root is fetched here so that a missing root is the call's own NOT_FOUND.
+        let walk = TreeWalk {
+            store: self.store.clone(),
+            max_directory: self.limits.max_message_size,
+            page_size,
+            page_bytes: self.limits.max_batch_total_size,
+        };
+        let root_dir = walk
+            .directory(root)
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("root directory {root} is not in the CAS")))?;
+        let (tx, rx) = mpsc::channel(2);
+        tokio::spawn(async move {
+            if let Err(e) = walk.run(root, root_dir, skip, &tx).await {
+                let _ = tx.send(Err(e.into())).await;
             }
+        });
+        Ok(Response::new(Box::pin(ReceiverStream::new(rx))))
+    }
+}
+
+/// One GetTree call: walks the tree breadth first, once, and streams it page by page through a
+/// bounded channel, so neither time nor memory grows with more than the page in hand. A page
+/// token is the number of directories before the page; resuming from one walks past them again.
+struct TreeWalk {
+    store: Arc<dyn Store>,
+    /// Larger directory blobs are refused instead of read whole.
+    max_directory: u64,
+    /// Directories per page.
+    page_size: usize,
+    /// Encoded bytes per page, to stay under clients' message limits.
+    page_bytes: u64,
+}
+
+impl TreeWalk {
+    /// A directory blob, decoded; `None` if it is not stored.
+    async fn directory(&self, d: Digest) -> Result<Option<reapi::Directory>> {
+        if d.size > self.max_directory {
+            return Err(Error::InvalidArgument(format!(
+                "directory {d} is larger than the {} bytes a message may carry",
+                self.max_directory
+            )));
         }
-        Ok(Response::new(Box::pin(futures::stream::iter(pages))))
+        let Some(bytes) = self.store.get(&d).await? else {
+            return Ok(None);
+        };
+        reapi::Directory::decode(bytes.as_ref())
+            .map(Some)
+            .map_err(|e| {
+                Error::InvalidArgument(format!("blob {d} in the tree is not a Directory: {e}"))
+            })
+    }
+
+    async fn run(
+        &self,
+        root: Digest,
+        root_dir: reapi::Directory,
+        skip: usize,
+        tx: &mpsc::Sender<Result<GetTreeResponse, Status>>,
+    ) -> Result<()> {
+        let mut queue = VecDeque::from([(root, Some(root_dir))]);
+        let mut seen = HashSet::from([root]);
+        let mut index = 0usize;
+        let mut page = Vec::new();
+        let mut bytes = 0u64;
+        while let Some((d, known)) = queue.pop_front() {
+            let dir = match known {
+                Some(dir) => dir,
+                // The spec asks for the part of the tree that is present.
+                None => match self.directory(d).await? {
+                    Some(dir) => dir,
+                    None => continue,
+                },
+            };
+            for child in &dir.directories {
+                let c = Digest::from_proto(child.digest.as_ref(), "directory node digest")?;
+                if seen.insert(c) {
+                    queue.push_back((c, None));
+                }
+            }
+            index += 1;
+            if index <= skip {
+                continue;
+            }
+            if !page.is_empty()
+                && (page.len() >= self.page_size || bytes + d.size > self.page_bytes)
+            {
+                let directories = std::mem::take(&mut page);
+                let next_page_token = (index - 1).to_string();
+                if tx
+                    .send(Ok(GetTreeResponse {
+                        directories,
+                        next_page_token,
+                    }))
+                    .await
+                    .is_err()
+                {
+                    return Ok(()); // the client went away
+                }
+                bytes = 0;
+            }
+            bytes += d.size;
+            page.push(dir);
+        }
+        let _ = tx
+            .send(Ok(GetTreeResponse {
+                directories: page,
+                next_page_token: String::new(),
+            }))
+            .await;
+        Ok(())
     }
 }

@@ -21,6 +21,8 @@ pub struct Limits {
     pub read_chunk_size: usize,
     /// Largest blob accepted; `None` for no limit.
     pub max_blob_size: Option<u64>,
+    /// Largest gRPC message; also the largest blob read whole to decode it (trees, directories).
+    pub max_message_size: u64,
 }
 
 impl Limits {
@@ -42,6 +44,7 @@ impl From<&LimitsConfig> for Limits {
             max_batch_total_size: c.max_batch_total_size.0,
             read_chunk_size: c.read_chunk_size.0 as usize,
             max_blob_size: (c.max_blob_size.0 > 0).then_some(c.max_blob_size.0),
+            max_message_size: c.max_message_size.0,
         }
     }
 }

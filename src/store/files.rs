@@ -91,14 +91,25 @@ pub struct BlobWriter {
 }
 
 impl BlobWriter {
-    /// Opens `path` for appending at `offset`, which must be the file's current length (0
-    /// truncates).
-    pub fn open(path: &Path, offset: u64) -> io::Result<Self> {
-        let buffered = fs::OpenOptions::new()
+    /// Creates (or truncates) `path` for a new blob.
+    pub fn create(path: &Path) -> io::Result<Self> {
+        let file = fs::OpenOptions::new()
             .write(true)
             .create(true)
-            .truncate(offset == 0)
+            .truncate(true)
             .open(path)?;
+        Ok(Self::new(file, path, 0))
+    }
+
+    /// Continues `file` (open for writing at `path`, `offset` bytes long) at its end.
+    pub fn append(file: fs::File, path: &Path, offset: u64) -> io::Result<Self> {
+        Ok(Self::new(file, path, offset))
+    }
+
+    fn new(buffered: fs::File, path: &Path, pos: u64) -> Self {
+        // Opened by path after `buffered`, so both name the same file unless it was replaced
+        // in between; a stale direct descriptor is only an optimisation lost, as the guard in
+        // the store keeps others away from an upload's file while it is written.
         let direct = {
             use std::os::unix::fs::OpenOptionsExt;
             fs::OpenOptions::new()
@@ -109,14 +120,14 @@ impl BlobWriter {
         };
         let storage = vec![0u8; STAGING + DIRECT_ALIGN];
         let start = storage.as_ptr().align_offset(DIRECT_ALIGN);
-        Ok(BlobWriter {
+        BlobWriter {
             buffered,
             direct,
             storage,
             start,
             staged: 0,
-            pos: offset,
-        })
+            pos,
+        }
     }
 
     /// How many bytes to stage before writing: a full window when the file offset is aligned,

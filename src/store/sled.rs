@@ -39,6 +39,8 @@ const INLINE: u8 = 0;
 /// Bytes an upload may queue ahead of its writer thread: enough to keep receiving while the
 /// writer waits for one staged write to reach the disk, and a bound on memory per upload.
 const WRITE_QUEUE_BYTES: usize = 32 << 20;
+/// Bytes all uploads together may queue ahead of their writers: a server-wide memory bound.
+const WRITE_QUEUE_BYTES_TOTAL: usize = 256 << 20;
 /// Chunks a read may prepare ahead of the client (bounds memory per download).
 const READ_AHEAD_CHUNKS: usize = 4;
 const FILE: u8 = 1;
@@ -61,6 +63,8 @@ struct Inner {
     inline_threshold: u64,
     /// Upload ids with a live writer, so two streams never append to one upload file.
     active_uploads: Mutex<HashSet<String>>,
+    /// Shared by all uploads' queues (see `WRITE_QUEUE_BYTES_TOTAL`).
+    write_budget: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where the index says a blob is.
@@ -156,6 +160,7 @@ impl SledStore {
                 index,
                 inline_threshold,
                 active_uploads: Mutex::new(HashSet::new()),
+                write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES_TOTAL)),
             }),
         })
     }
@@ -293,7 +298,7 @@ impl Store for SledStore {
         let tmp = self.inner.files.temp_path();
         let path = tmp.clone();
         let written = blocking(move || {
-            let mut w = BlobWriter::open(&path, 0)?;
+            let mut w = BlobWriter::create(&path)?;
             w.write(&data)?;
             w.flush()?;
             Ok(xxh3_64(&data))
@@ -378,7 +383,9 @@ impl Store for SledStore {
                 buf: BytesMut::with_capacity(digest.size as usize),
             }));
         }
-        let guard = UploadGuard::claim(&self.inner, upload_id)?;
+        // Shared by the handler and the writer thread: the id stays claimed until the upload is
+        // published (or abandoned) and its writer has stopped touching the file.
+        let guard = Arc::new(UploadGuard::claim(&self.inner, upload_id)?);
         let path = self.inner.files.upload_path(upload_id, digest);
         let expected = *digest;
         let (file, hashes) = blocking(move || open_upload_file(&path, expected, offset))
@@ -390,11 +397,17 @@ impl Store for SledStore {
                 ))
             })?;
         // The handler hashes; a blocking writer writes. Disk writes overlap with receiving and
-        // hashing the next bytes, up to WRITE_QUEUE_BYTES ahead.
+        // hashing the next bytes, up to WRITE_QUEUE_BYTES ahead (and all uploads together up to
+        // WRITE_QUEUE_BYTES_TOTAL).
         let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
         let queue = Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES));
-        let released = queue.clone();
-        let writer = tokio::task::spawn_blocking(move || write_upload(guard, file, rx, &released));
+        let budgets = Budgets {
+            upload: queue.clone(),
+            total: self.inner.write_budget.clone(),
+        };
+        let writer_guard = guard.clone();
+        let writer =
+            tokio::task::spawn_blocking(move || write_upload(writer_guard, file, rx, budgets));
         Ok(Box::new(FileUpload {
             store: self.inner.clone(),
             digest: *digest,
@@ -404,6 +417,7 @@ impl Store for SledStore {
             queue,
             tx: Some(tx),
             writer,
+            _guard: guard,
         }))
     }
 
@@ -450,19 +464,21 @@ impl Store for SledStore {
                 let entry = entry?;
                 let name = entry.file_name().to_string_lossy().into_owned();
                 // `{upload id}-{hash}-{size}`; the id itself may contain '-'.
-                let upload_id = name.rsplitn(3, '-').nth(2).unwrap_or("");
-                if inner
-                    .active_uploads
-                    .lock()
-                    .map(|a| a.contains(upload_id))
-                    .unwrap_or(true)
-                {
-                    continue;
-                }
-                let modified = entry.metadata()?.modified()?;
-                if modified < cutoff {
-                    std::fs::remove_file(entry.path())?;
-                    removed += 1;
+                let upload_id = name.rsplitn(3, '-').nth(2).unwrap_or(&name);
+                // Claim the id while deciding, so no stream can resume it meanwhile.
+                let Ok(_claimed) = UploadGuard::claim(&inner, upload_id) else {
+                    continue; // being written right now
+                };
+                let stale = match entry.metadata().and_then(|m| m.modified()) {
+                    Ok(modified) => modified < cutoff,
+                    Err(_) => false, // renamed away by a finishing upload meanwhile
+                };
+                if stale {
+                    match std::fs::remove_file(entry.path()) {
+                        Ok(()) => removed += 1,
+                        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                        Err(e) => return Err(e),
+                    }
                 }
             }
             Ok(removed)
@@ -522,29 +538,36 @@ fn open_upload_file(
     offset: u64,
 ) -> std::io::Result<Result<(BlobWriter, UploadHashes), u64>> {
     let mut hashes = UploadHashes::new(digest);
-    if offset > 0 {
-        let mut file = match std::fs::File::open(path) {
-            Ok(f) => f,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(0)),
-            Err(e) => return Err(e),
-        };
-        let have = file.metadata()?.len();
-        if have != offset {
-            return Ok(Err(have));
+    if offset == 0 {
+        return Ok(Ok((BlobWriter::create(path)?, hashes)));
+    }
+    let mut file = match std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open(path)
+    {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(0)),
+        Err(e) => return Err(e),
+    };
+    let have = file.metadata()?.len();
+    if have != offset {
+        return Ok(Err(have));
+    }
+    let mut buf = vec![0u8; 1 << 20];
+    loop {
+        let n = file.read(&mut buf)?;
+        if n == 0 {
+            break;
         }
-        let mut buf = vec![0u8; 1 << 20];
-        loop {
-            let n = file.read(&mut buf)?;
-            if n == 0 {
-                break;
-            }
-            if hashes.update(&buf[..n]).is_err() {
-                // More bytes on disk than the blob has: the file is useless; start over.
-                return Ok(Err(0));
-            }
+        if hashes.update(&buf[..n]).is_err() {
+            // More bytes on disk than the blob has: the file is useless; start over.
+            return Ok(Err(0));
         }
     }
-    Ok(Ok((BlobWriter::open(path, offset)?, hashes)))
+    // Appends through the descriptor just hashed, so a file swept or renamed meanwhile cannot
+    // be silently recreated with a hole where its prefix was.
+    Ok(Ok((BlobWriter::append(file, path, offset)?, hashes)))
 }
 
 /// Sends `offset..end` of a blob file as chunks. A whole-blob read is hashed on the way and its
@@ -615,25 +638,48 @@ fn stream_file(
     }
 }
 
-/// The blocking side of a [`FileUpload`]: appends queued chunks to the upload file until the
-/// handler drops the sender, releasing each chunk's queue budget once written. Whatever was
-/// received is in the file when it returns, so an interrupted upload can be resumed. Holds the
-/// upload's guard until then, so a resuming stream cannot start while this one still writes.
-fn write_upload(
-    _guard: UploadGuard,
-    mut file: BlobWriter,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    queue: &tokio::sync::Semaphore,
-) -> Result<()> {
-    while let Some(chunk) = rx.blocking_recv() {
-        file.write(&chunk)?;
-        queue.add_permits(queue_cost(&chunk));
-    }
-    file.flush()?;
-    Ok(())
+/// The queue budgets one upload's chunks take until written: its own, and the server-wide one.
+struct Budgets {
+    upload: Arc<tokio::sync::Semaphore>,
+    total: Arc<tokio::sync::Semaphore>,
 }
 
-/// Queue budget a chunk takes (at least 1, at most the whole budget).
+impl Budgets {
+    fn release(&self, chunk: &[u8]) {
+        self.upload.add_permits(queue_cost(chunk));
+        self.total.add_permits(queue_cost(chunk));
+    }
+}
+
+/// The blocking side of a [`FileUpload`]: appends queued chunks to the upload file until the
+/// handler drops the sender, releasing each chunk's budget once written. Whatever was received
+/// is in the file when it returns, so an interrupted upload can be resumed. On any exit it
+/// closes the upload's budget (so a handler waiting for room wakes up and learns why) and
+/// returns the server-wide budget of chunks it will never write.
+fn write_upload(
+    _guard: Arc<UploadGuard>,
+    mut file: BlobWriter,
+    mut rx: mpsc::UnboundedReceiver<Bytes>,
+    budgets: Budgets,
+) -> Result<()> {
+    let mut written = || -> Result<()> {
+        while let Some(chunk) = rx.blocking_recv() {
+            file.write(&chunk)?;
+            budgets.release(&chunk);
+        }
+        file.flush()?;
+        Ok(())
+    };
+    let result = written();
+    budgets.upload.close();
+    rx.close();
+    while let Ok(chunk) = rx.try_recv() {
+        budgets.release(&chunk);
+    }
+    result
+}
+
+/// Queue budget a chunk takes (at least 1, at most an upload's whole budget).
 fn queue_cost(chunk: &[u8]) -> usize {
     chunk.len().clamp(1, WRITE_QUEUE_BYTES)
 }
@@ -708,10 +754,12 @@ struct FileUpload {
     /// Bytes received, counted here so excess bytes are refused before they are queued.
     received: u64,
     hashes: UploadHashes,
-    /// Bytes the writer may still fall behind by.
+    /// Bytes this upload's writer may still fall behind by.
     queue: Arc<tokio::sync::Semaphore>,
     tx: Option<mpsc::UnboundedSender<Bytes>>,
     writer: tokio::task::JoinHandle<Result<()>>,
+    /// Held until the blob is published, so no other stream can touch the file before that.
+    _guard: Arc<UploadGuard>,
 }
 
 impl FileUpload {
@@ -721,6 +769,14 @@ impl FileUpload {
         (&mut self.writer)
             .await
             .map_err(|e| Error::internal("upload writer", e))?
+    }
+
+    /// The writer stopped before the upload ended: its result says why.
+    async fn writer_stopped(&mut self) -> Error {
+        match self.finish_writer().await {
+            Err(e) => e,
+            Ok(()) => Error::internal("upload writer", "stopped unexpectedly"),
+        }
     }
 }
 
@@ -732,18 +788,22 @@ impl Upload for FileUpload {
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
         self.hashes.update(&data)?; // refuses bytes beyond the declared size
-        let permits = self
-            .queue
-            .acquire_many(queue_cost(&data) as u32)
+        let cost = queue_cost(&data) as u32;
+        // Given back by the writer once the bytes are written; closed if the writer stops.
+        let room = self.queue.acquire_many(cost).await.map(|p| p.forget());
+        if room.is_err() {
+            return Err(self.writer_stopped().await);
+        }
+        self.store
+            .write_budget
+            .acquire_many(cost)
             .await
-            .map_err(|e| Error::internal("upload queue", e))?;
-        permits.forget(); // given back by the writer once the bytes are written
+            .map_err(|e| Error::internal("upload budget", e))?
+            .forget();
         let len = data.len() as u64;
-        let sent = self.tx.as_ref().is_some_and(|tx| tx.send(data).is_ok());
-        if !sent {
-            // The writer stopped early; its result says why.
-            self.finish_writer().await?;
-            return Err(Error::internal("upload writer", "stopped unexpectedly"));
+        if let Some(Err(unsent)) = self.tx.as_ref().map(|tx| tx.send(data)) {
+            self.store.write_budget.add_permits(queue_cost(&unsent.0));
+            return Err(self.writer_stopped().await);
         }
         self.received += len;
         Ok(())
@@ -757,8 +817,9 @@ impl Upload for FileUpload {
             let _ = tokio::fs::remove_file(&this.path).await;
             return Err(e);
         }
+        // `this._guard` lives until the file is renamed into place and indexed.
         this.store
-            .publish_file(this.path, this.digest, this.hashes.xxh3.digest())
+            .publish_file(this.path.clone(), this.digest, this.hashes.xxh3.digest())
             .await
     }
 }

@@ -170,7 +170,16 @@ async fn results_with_missing_outputs_are_not_served() {
     let mut missing_in_tree = complete.clone();
     missing_in_tree.output_directories[0].tree_digest = Some(digest_of(&tree));
 
-    for (i, r) in [missing_file, missing_in_tree].iter().enumerate() {
+    // A tree digest naming a blob that is not a Tree.
+    let not_a_tree = b"\xff\xff\xff not a protobuf".to_vec();
+    batch_put(&server, "", &[&not_a_tree]).await;
+    let mut garbage_tree = complete.clone();
+    garbage_tree.output_directories[0].tree_digest = Some(digest_of(&not_a_tree));
+
+    for (i, r) in [missing_file, missing_in_tree, garbage_tree]
+        .iter()
+        .enumerate()
+    {
         let action = digest_of(format!("action {i}").as_bytes());
         update(&server, "", &action, r).await;
         let err = server
@@ -180,7 +189,7 @@ async fn results_with_missing_outputs_are_not_served() {
             .expect_err("incomplete result");
         assert_eq!(err.code(), tonic::Code::NotFound, "case {i}");
         assert!(
-            err.message().contains("no longer in the CAS"),
+            err.message().contains("no longer in the CAS") || err.message().contains("not a Tree"),
             "{}",
             err.message()
         );

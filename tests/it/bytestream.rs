@@ -237,14 +237,24 @@ async fn interrupted_uploads_resume_at_the_committed_size() {
     assert!(err.message().contains("finish_write"), "{}", err.message());
     assert_eq!(wait_for_committed(&server, &name, 400_000).await, 400_000);
 
-    // Wrong offsets are refused with the expected one in the message...
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(write_requests(
-            &name, &data, 300_000, 100_000,
-        )))
-        .await
-        .unwrap_err();
+    // Wrong offsets are refused with the expected one in the message (once the interrupted
+    // stream has wound down: until then the upload is busy, ABORTED)...
+    let mut err = None;
+    for _ in 0..100 {
+        let e = server
+            .bytestream()
+            .write(futures::stream::iter(write_requests(
+                &name, &data, 300_000, 100_000,
+            )))
+            .await
+            .unwrap_err();
+        if e.code() != tonic::Code::Aborted {
+            err = Some(e);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let err = err.expect("upload stayed busy");
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("400000"), "{}", err.message());
 

@@ -112,6 +112,31 @@ async fn compressed_writes_and_reads_round_trip_both_ways() {
 }
 
 #[tokio::test]
+async fn compressed_uploads_whose_size_fills_the_decoder_buffer_exactly() {
+    // Sizes that are multiples of the decoder's 128 KiB output buffer once failed.
+    let server = TestServer::start().await;
+    for (len, seed) in [(128usize << 10, 1u64), (1 << 20, 2), (3 << 17, 3)] {
+        for data in [blob(len, seed), compressible(len)] {
+            let d = digest_of(&data);
+            let packed = zstd::bulk::compress(&data, 3).unwrap();
+            for (i, chunk) in [packed.len(), 16 << 10].into_iter().enumerate() {
+                let name = zstd_write_name(&format!("exact-{len}-{seed}-{i}"), &d);
+                let resp = server
+                    .bytestream()
+                    .write(futures::stream::iter(compressed_requests(
+                        &name, &packed, chunk,
+                    )))
+                    .await;
+                // The first upload stores it; the second is acknowledged as already stored.
+                let committed = resp.expect("compressed upload").into_inner().committed_size;
+                assert!(committed == packed.len() as i64 || committed == -1);
+            }
+            assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == data);
+        }
+    }
+}
+
+#[tokio::test]
 async fn a_zstd_bomb_is_refused_and_nothing_is_stored() {
     let server = TestServer::start().await;
     // 200 MiB of zeros claims to be a 1 MiB blob: decompression must stop at the declared size.
