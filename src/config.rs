@@ -20,6 +20,9 @@ pub struct Config {
     pub listen: SocketAddr,
     /// Where sled and blob files live. Default `./hoard-data`.
     pub data_dir: PathBuf,
+    /// On shutdown, how long to keep serving after health turns NOT_SERVING, so load balancers
+    /// stop routing here before new calls are refused. Default 0s (no balancer in front).
+    pub drain_delay: HumanDuration,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
 }
@@ -54,6 +57,9 @@ pub struct LimitsConfig {
     /// Largest blob accepted, announced in Capabilities as `max_cas_blob_size_bytes`.
     /// Default 0: no limit.
     pub max_blob_size: ByteSize,
+    /// A ByteStream Write that receives nothing for this long is ended with ABORTED (its bytes
+    /// stay resumable). Default 60s.
+    pub write_idle_timeout: HumanDuration,
 }
 
 impl Default for Config {
@@ -61,6 +67,7 @@ impl Default for Config {
         Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
             data_dir: PathBuf::from("./hoard-data"),
+            drain_delay: HumanDuration(Duration::ZERO),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
         }
@@ -84,6 +91,7 @@ impl Default for LimitsConfig {
             max_message_size: ByteSize(16 << 20),
             read_chunk_size: ByteSize(1 << 20),
             max_blob_size: ByteSize(0),
+            write_idle_timeout: HumanDuration(Duration::from_secs(60)),
         }
     }
 }
@@ -133,6 +141,9 @@ impl Config {
                  small uploads are buffered in memory whole",
                 self.storage.inline_threshold, l.max_batch_total_size
             ));
+        }
+        if l.write_idle_timeout.0 < Duration::from_secs(1) {
+            return Err("limits.write_idle_timeout must be at least 1s".into());
         }
         if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
             return Err("storage.abandoned_upload_age must be at least 1m".into());

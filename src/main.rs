@@ -85,6 +85,8 @@ fn serve(
     }
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        // Every large-blob transfer holds a blocking thread: leave room for all of them.
+        .max_blocking_threads(hoard::store::sled::MAX_TRANSFERS + 512)
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     runtime.block_on(async {
@@ -111,5 +113,14 @@ fn shutdown_signal() -> Result<impl std::future::Future<Output = ()>, String> {
             _ = term.recv() => {},
             _ = int.recv() => {},
         }
+        // A second signal means "now": skip the drain and the grace period.
+        tokio::spawn(async move {
+            tokio::select! {
+                _ = term.recv() => {},
+                _ = int.recv() => {},
+            }
+            eprintln!("hoard: second signal, exiting without waiting for calls to finish");
+            std::process::exit(130);
+        });
     })
 }

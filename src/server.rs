@@ -73,6 +73,10 @@ pub async fn serve(
         // every few dozen KiB; they also bound what one stream or connection can buffer here.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        // Notice clients that vanished without closing (crashed CI runners, dropped NAT state),
+        // so their streams and what those hold are released.
+        .http2_keepalive_interval(Some(Duration::from_secs(30)))
+        .http2_keepalive_timeout(Some(Duration::from_secs(20)))
         .add_service(sized!(CapabilitiesServer::new(CapabilitiesService::new(
             limits.clone()
         ))))
@@ -93,7 +97,9 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::internal("reading the bound address", e))?;
     // Small replies must not wait for a delayed ACK.
-    let incoming = TcpIncoming::from(listener).with_nodelay(Some(true));
+    let incoming = TcpIncoming::from(listener)
+        .with_nodelay(Some(true))
+        .with_keepalive(Some(Duration::from_secs(60)));
     health.set(State::Serving);
     let sweeper = tokio::spawn(sweep_abandoned_uploads(
         store.clone(),
@@ -102,10 +108,16 @@ pub async fn serve(
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     let draining = health.clone();
+    let drain_delay = config.drain_delay.0;
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         tracing::info!("shutting down: health is NOT_SERVING, finishing in-flight calls");
         draining.set(State::Draining);
+        if !drain_delay.is_zero() {
+            // Keep serving while balancers notice NOT_SERVING and stop routing to us.
+            tracing::info!(?drain_delay, "waiting before refusing new calls");
+            tokio::time::sleep(drain_delay).await;
+        }
         let _ = began_tx.send(());
     });
     // In-flight calls get a grace period; a stuck client must not keep us from flushing.

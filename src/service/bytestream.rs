@@ -107,7 +107,19 @@ impl ByteStreamService {
                 upload.commit().await?;
                 return Ok(WriteResponse { committed_size });
             }
-            msg = match stream.message().await? {
+            // A client that stops sending without closing its stream would otherwise hold the
+            // upload (and a writer thread) until its connection dies.
+            let idle = self.limits.write_idle_timeout;
+            let next = tokio::time::timeout(idle, stream.message())
+                .await
+                .map_err(|_| {
+                    Error::Aborted(format!(
+                        "no data for {resource:?} in {idle:?} after {} bytes; ask \
+                         QueryWriteStatus and resume",
+                        upload.committed()
+                    ))
+                })?;
+            msg = match next? {
                 Some(m) => m,
                 None => {
                     return Err(Error::InvalidArgument(format!(

@@ -23,6 +23,8 @@ pub struct Limits {
     pub max_blob_size: Option<u64>,
     /// Largest gRPC message; also the largest blob read whole to decode it (trees, directories).
     pub max_message_size: u64,
+    /// Longest wait for the next message of a ByteStream Write.
+    pub write_idle_timeout: std::time::Duration,
 }
 
 impl Limits {
@@ -45,6 +47,7 @@ impl From<&LimitsConfig> for Limits {
             read_chunk_size: c.read_chunk_size.0 as usize,
             max_blob_size: (c.max_blob_size.0 > 0).then_some(c.max_blob_size.0),
             max_message_size: c.max_message_size.0,
+            write_idle_timeout: c.write_idle_timeout.0,
         }
     }
 }

@@ -58,7 +58,11 @@ impl BlobFiles {
         fs::File::open(written)?.sync_all()?;
         let dest = self.blob_path(digest);
         let dir = dest.parent().unwrap_or(&self.cas);
-        fs::create_dir_all(dir)?;
+        if !dir.exists() {
+            fs::create_dir_all(dir)?;
+            // A new shard directory must itself survive a crash.
+            fs::File::open(&self.cas)?.sync_all()?;
+        }
         fs::rename(written, &dest)?;
         fs::File::open(dir)?.sync_all()
     }

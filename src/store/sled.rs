@@ -39,6 +39,10 @@ const INLINE: u8 = 0;
 /// Bytes an upload may queue ahead of its writer thread: enough to keep receiving while the
 /// writer waits for one staged write to reach the disk, and a bound on memory per upload.
 const WRITE_QUEUE_BYTES: usize = 32 << 20;
+/// Large-blob transfers (file uploads and reads) in progress at once. Each holds a blocking
+/// thread while it lasts; past this, new ones get RESOURCE_EXHAUSTED instead of starving the
+/// thread pool (the runtime is built with room for them).
+pub const MAX_TRANSFERS: usize = 1024;
 /// Bytes all uploads together may queue ahead of their writers: a server-wide memory bound.
 const WRITE_QUEUE_BYTES_TOTAL: usize = 256 << 20;
 /// Chunks a read may prepare ahead of the client (bounds memory per download).
@@ -65,6 +69,8 @@ struct Inner {
     active_uploads: Mutex<HashSet<String>>,
     /// Shared by all uploads' queues (see `WRITE_QUEUE_BYTES_TOTAL`).
     write_budget: Arc<tokio::sync::Semaphore>,
+    /// Permits for large-blob transfers (see `MAX_TRANSFERS`).
+    transfers: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where the index says a blob is.
@@ -161,6 +167,7 @@ impl SledStore {
                 inline_threshold,
                 active_uploads: Mutex::new(HashSet::new()),
                 write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES_TOTAL)),
+                transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
             }),
         })
     }
@@ -204,6 +211,15 @@ impl Inner {
         )?;
         self.index.insert(digest);
         Ok(())
+    }
+
+    /// Admits one more large-blob transfer, or says the server is at its limit.
+    fn transfer_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.transfers.clone().try_acquire_owned().map_err(|_| {
+            Error::ResourceExhausted(format!(
+                "{MAX_TRANSFERS} large-blob transfers are already in progress; retry shortly"
+            ))
+        })
     }
 
     /// Drops a blob that is gone or damaged on disk, so clients see it as missing and upload it
@@ -354,7 +370,9 @@ impl Store for SledStore {
                 let store = self.inner.clone();
                 let digest = *digest;
                 let range = offset..end;
+                let permit = self.inner.transfer_permit()?;
                 tokio::task::spawn_blocking(move || {
+                    let _permit = permit;
                     stream_file(&store, file, digest, xxh3, range, chunk_size, &tx)
                 });
                 Ok(Some(ReceiverStream::new(rx).boxed()))
@@ -406,8 +424,11 @@ impl Store for SledStore {
             total: self.inner.write_budget.clone(),
         };
         let writer_guard = guard.clone();
-        let writer =
-            tokio::task::spawn_blocking(move || write_upload(writer_guard, file, rx, budgets));
+        let permit = self.inner.transfer_permit()?;
+        let writer = tokio::task::spawn_blocking(move || {
+            let _permit = permit;
+            write_upload(writer_guard, file, rx, budgets)
+        });
         Ok(Box::new(FileUpload {
             store: self.inner.clone(),
             digest: *digest,

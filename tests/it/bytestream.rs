@@ -314,6 +314,36 @@ async fn a_dropped_connection_keeps_what_arrived_for_resuming() {
 }
 
 #[tokio::test]
+async fn a_stalled_write_is_ended_and_stays_resumable() {
+    let server = TestServer::start_with(|c| {
+        c.limits.write_idle_timeout = hoard::config::HumanDuration(Duration::from_secs(1));
+    })
+    .await;
+    let data = blob(500_000, 11);
+    let d = digest_of(&data);
+    let name = write_name("", "stalled", &d);
+    let reqs = write_requests(&name, &data, 0, 100_000);
+    // One chunk, then silence with the stream left open.
+    let (tx, rx) = mpsc::channel::<WriteRequest>(1);
+    tx.send(reqs[0].clone()).await.unwrap();
+    let err = tokio::time::timeout(
+        Duration::from_secs(10),
+        server.bytestream().write(ReceiverStream::new(rx)),
+    )
+    .await
+    .expect("the server ends a stalled write")
+    .unwrap_err();
+    assert_eq!(err.code(), tonic::Code::Aborted);
+    assert!(err.message().contains("no data"), "{}", err.message());
+    drop(tx);
+    assert_eq!(wait_for_committed(&server, &name, 100_000).await, 100_000);
+    assert_eq!(
+        resume(&server, &name, &data, 100_000).await,
+        data.len() as i64
+    );
+}
+
+#[tokio::test]
 async fn query_write_status_of_unknown_upload_is_not_found() {
     let server = TestServer::start().await;
     let d = digest_of(&blob(500_000, 4));

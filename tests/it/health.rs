@@ -57,3 +57,28 @@ async fn watch_sees_not_serving_when_shutdown_starts() {
     drop(unknown);
     stopping.await.unwrap();
 }
+
+#[tokio::test]
+async fn during_the_drain_delay_health_is_not_serving_but_calls_still_work() {
+    let server = TestServer::start_with(|c| {
+        c.drain_delay = hoard::config::HumanDuration(std::time::Duration::from_secs(2));
+    })
+    .await;
+    let mut health = server.health();
+    let mut cas = server.cas();
+    let stopping = tokio::spawn(server.stop());
+    // Wait for NOT_SERVING, then check that a new call is still answered.
+    let mut status = ServingStatus::Serving as i32;
+    for _ in 0..100 {
+        status = health.check(req("")).await.unwrap().into_inner().status;
+        if status == ServingStatus::NotServing as i32 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
+    }
+    assert_eq!(status, ServingStatus::NotServing as i32);
+    cas.find_missing_blobs(hoard::proto::reapi::FindMissingBlobsRequest::default())
+        .await
+        .expect("calls are still served while draining");
+    stopping.await.unwrap();
+}
