@@ -160,13 +160,11 @@ impl FromStr for ByteSize {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
+        let (num, unit) = split_number_unit(s);
         let n: u64 = num
             .parse()
             .map_err(|_| format!("{s:?} is not a size such as \"64KiB\" or \"3MiB\""))?;
-        let mult: u64 = match unit.trim() {
+        let mult: u64 = match unit {
             "" | "B" => 1,
             "KB" => 1_000,
             "MB" => 1_000_000,
@@ -223,28 +221,39 @@ impl FromStr for HumanDuration {
     type Err = String;
 
     fn from_str(s: &str) -> Result<Self, String> {
-        let t = s.trim();
-        let split = t.find(|c: char| !c.is_ascii_digit()).unwrap_or(t.len());
-        let (num, unit) = t.split_at(split);
-        let n: u64 = num
+        let (num, unit) = split_number_unit(s);
+        let n: f64 = num
             .parse()
             .map_err(|_| format!("{s:?} is not a duration such as \"30s\" or \"24h\""))?;
-        let millis: u64 = match unit.trim() {
-            "ms" => 1,
-            "s" => 1_000,
-            "m" => 60_000,
-            "h" => 3_600_000,
-            "d" => 86_400_000,
+        let secs_per_unit = match unit {
+            "ns" => 1e-9,
+            "us" | "µs" => 1e-6,
+            "ms" => 1e-3,
+            "s" => 1.0,
+            "m" | "min" => 60.0,
+            "h" => 3600.0,
+            "d" => 86_400.0,
+            "" => return Err(format!("{s:?} needs a unit: ms, s, m, h or d")),
             u => {
                 return Err(format!(
-                    "{s:?} has unknown unit {u:?}; use ms, s, m, h or d"
+                    "{s:?} has unknown unit {u:?}; use ns, us, ms, s, m, h or d"
                 ))
             }
         };
-        n.checked_mul(millis)
-            .map(|ms| HumanDuration(Duration::from_millis(ms)))
-            .ok_or_else(|| format!("{s:?} is too long"))
+        Duration::try_from_secs_f64(n * secs_per_unit)
+            .map(HumanDuration)
+            .map_err(|_| format!("{s:?} is out of range"))
     }
+}
+
+/// Splits `" 1.5 GiB "` into `("1.5", "GiB")`: the leading number and the trimmed unit.
+fn split_number_unit(s: &str) -> (&str, &str) {
+    let t = s.trim();
+    let at = t
+        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
+        .unwrap_or(t.len());
+    let (num, unit) = t.split_at(at);
+    (num, unit.trim())
 }
 
 impl<'de> Deserialize<'de> for HumanDuration {

@@ -311,29 +311,7 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
 
 /// Parses durations such as `10s`, `500ms`, `1.5s`, `2m`, `1h`, `250us`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    let t = s.trim();
-    let split = t
-        .find(|c: char| !(c.is_ascii_digit() || c == '.'))
-        .unwrap_or(t.len());
-    let (num, unit) = t.split_at(split);
-    let n: f64 = num
-        .parse()
-        .map_err(|_| format!("{s:?} is not a duration such as \"10s\" or \"500ms\""))?;
-    let secs_per_unit = match unit.trim() {
-        "ns" => 1e-9,
-        "us" | "µs" => 1e-6,
-        "ms" => 1e-3,
-        "s" => 1.0,
-        "m" | "min" => 60.0,
-        "h" => 3600.0,
-        "" => return Err(format!("{s:?} needs a unit: ms, s, m or h")),
-        u => {
-            return Err(format!(
-                "{s:?} has unknown unit {u:?}; use ns, us, ms, s, m or h"
-            ))
-        }
-    };
-    Duration::try_from_secs_f64(n * secs_per_unit).map_err(|_| format!("{s:?} is out of range"))
+    s.parse::<crate::config::HumanDuration>().map(|d| d.0)
 }
 
 /// Parses a number in [0, 1].
