@@ -7,6 +7,7 @@ mod capabilities;
 mod cas;
 mod common;
 mod compression;
+mod crash;
 mod health;
 mod integrity;
 mod lifecycle;

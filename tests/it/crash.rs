@@ -1,0 +1,241 @@
+//! Crash safety: SIGKILL a real server process during a write storm, restart it, and check that
+//! it opens and serves only complete, correct blobs and consistent action results.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
+use hoard::proto::reapi::{
+    self, action_cache_client::ActionCacheClient, batch_update_blobs_request,
+    content_addressable_storage_client::ContentAddressableStorageClient, ActionResult,
+    BatchUpdateBlobsRequest, FindMissingBlobsRequest, GetActionResultRequest, OutputFile,
+    UpdateActionResultRequest,
+};
+use tonic::transport::Channel;
+
+use crate::common::{blob, digest_of, read_name, write_name, write_requests};
+
+/// A `hoard serve` child process on 127.0.0.1 with the given data dir.
+struct Process {
+    child: Child,
+    channel: Channel,
+}
+
+impl Process {
+    async fn start(data_dir: &std::path::Path) -> Self {
+        let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
+            .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(data_dir)
+            .env("RUST_LOG", "info")
+            .stdin(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn hoard");
+        let stderr = child.stderr.take().expect("stderr");
+        // The log line "hoard is serving ... listen=127.0.0.1:PORT" names the bound port.
+        let addr = tokio::task::spawn_blocking(move || {
+            let mut lines = BufReader::new(stderr).lines();
+            let deadline = Instant::now() + Duration::from_secs(60);
+            while Instant::now() < deadline {
+                let line = lines.next()?.ok()?;
+                if let Some(at) = line.find("listen=") {
+                    let addr: String = line[at + 7..]
+                        .chars()
+                        .take_while(|c| !c.is_whitespace())
+                        .collect();
+                    // Keep draining stderr so the child never blocks on a full pipe.
+                    std::thread::spawn(move || for _ in lines {});
+                    return Some(addr);
+                }
+            }
+            None
+        })
+        .await
+        .unwrap()
+        .expect("server did not report its address");
+        let channel = Channel::from_shared(format!("http://{addr}"))
+            .unwrap()
+            .connect()
+            .await
+            .expect("connect");
+        Process { child, channel }
+    }
+
+    fn kill9(mut self) {
+        let _ = Command::new("kill")
+            .args(["-KILL", &self.child.id().to_string()])
+            .status();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the storm tried to store: every digest it attempted, and actions it updated.
+#[derive(Default)]
+struct Attempts {
+    blobs: Vec<(reapi::Digest, u64)>, // digest, seed to regenerate its bytes
+    actions: Vec<reapi::Digest>,
+}
+
+/// Writes blobs (ByteStream and batches, small and large) and action results until killed.
+async fn storm(channel: Channel, attempts: Arc<Mutex<Attempts>>, task: u64) {
+    let mut bs = ByteStreamClient::new(channel.clone());
+    let mut cas = ContentAddressableStorageClient::new(channel.clone());
+    let mut ac = ActionCacheClient::new(channel);
+    for i in 0u64.. {
+        let seed = task * 1_000_000 + i + rand_seed();
+        let size = [1_000usize, 70_000, 900_000, 2_500_000][(seed % 4) as usize];
+        let data = blob(size, seed);
+        let d = digest_of(&data);
+        attempts.lock().unwrap().blobs.push((d.clone(), seed));
+        let ok = if seed % 3 == 0 && size <= 900_000 {
+            cas.batch_update_blobs(BatchUpdateBlobsRequest {
+                requests: vec![batch_update_blobs_request::Request {
+                    digest: Some(d.clone()),
+                    data: data.into(),
+                    compressor: 0,
+                }],
+                ..Default::default()
+            })
+            .await
+            .is_ok()
+        } else {
+            let reqs = write_requests(&write_name("", &format!("s{seed}"), &d), &data, 0, 64 << 10);
+            bs.write(futures::stream::iter(reqs)).await.is_ok()
+        };
+        if !ok {
+            return; // the server is gone
+        }
+        let action = digest_of(format!("action {seed}").as_bytes());
+        attempts.lock().unwrap().actions.push(action.clone());
+        let result = ActionResult {
+            output_files: vec![OutputFile {
+                path: "out".into(),
+                digest: Some(d),
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        let updated = ac
+            .update_action_result(UpdateActionResultRequest {
+                action_digest: Some(action),
+                action_result: Some(result),
+                ..Default::default()
+            })
+            .await;
+        if updated.is_err() {
+            return;
+        }
+    }
+}
+
+/// Varies the blobs between test runs and cycles (they must not collide with earlier ones).
+fn rand_seed() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_nanos() as u64 % 1_000_000_000)
+        .unwrap_or(0)
+        * 1_000_000_000
+}
+
+#[tokio::test]
+async fn sigkill_during_writes_never_leaves_a_wrong_blob_or_result() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data_dir = tmp.path().join("data");
+    let attempts = Arc::new(Mutex::new(Attempts::default()));
+    for cycle in 0..5u64 {
+        let server = Process::start(&data_dir).await;
+        let tasks: Vec<_> = (0..4)
+            .map(|t| {
+                tokio::spawn(storm(
+                    server.channel.clone(),
+                    attempts.clone(),
+                    cycle * 10 + t,
+                ))
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(300 + 200 * cycle)).await;
+        server.kill9();
+        for t in tasks {
+            let _ = t.await;
+        }
+    }
+
+    // After the last crash: the store opens, and everything it says it has is right.
+    let server = Process::start(&data_dir).await;
+    let (blobs, actions) = {
+        let a = attempts.lock().unwrap();
+        (a.blobs.clone(), a.actions.clone())
+    };
+    assert!(
+        blobs.len() > 20,
+        "the storm stored too little to test: {}",
+        blobs.len()
+    );
+    let mut cas = ContentAddressableStorageClient::new(server.channel.clone());
+    let missing = cas
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: blobs.iter().map(|(d, _)| d.clone()).collect(),
+            ..Default::default()
+        })
+        .await
+        .expect("find missing after crashes")
+        .into_inner()
+        .missing_blob_digests;
+    let mut present = 0;
+    let mut bs = ByteStreamClient::new(server.channel.clone());
+    for (d, seed) in &blobs {
+        if missing.contains(d) {
+            continue;
+        }
+        present += 1;
+        let mut stream = bs
+            .read(hoard::proto::bytestream::ReadRequest {
+                resource_name: read_name("", d),
+                read_offset: 0,
+                read_limit: 0,
+            })
+            .await
+            .unwrap_or_else(|e| panic!("blob {d:?} is reported present but unreadable: {e}"))
+            .into_inner();
+        let mut got = Vec::new();
+        while let Some(m) = stream
+            .message()
+            .await
+            .unwrap_or_else(|e| panic!("blob {d:?} is reported present but unreadable: {e}"))
+        {
+            got.extend_from_slice(&m.data);
+        }
+        assert!(
+            got == blob(d.size_bytes as usize, *seed),
+            "blob {d:?} has wrong bytes"
+        );
+    }
+    assert!(present > 0, "no blob survived the crashes");
+    let mut ac = ActionCacheClient::new(server.channel.clone());
+    let mut served = 0;
+    for a in &actions {
+        match ac
+            .get_action_result(GetActionResultRequest {
+                action_digest: Some(a.clone()),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(r) => {
+                served += 1;
+                // A served result's outputs are stored (the completeness check).
+                let out = r.into_inner().output_files[0].digest.clone().unwrap();
+                assert!(!missing.contains(&out), "result {a:?} names a missing blob");
+            }
+            Err(e) => assert_eq!(e.code(), tonic::Code::NotFound, "{e}"),
+        }
+    }
+    eprintln!(
+        "crash harness: {} blobs attempted, {present} present and verified; {} results, {served} served",
+        blobs.len(),
+        actions.len()
+    );
+    server.kill9();
+}
