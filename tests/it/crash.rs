@@ -89,7 +89,7 @@ async fn storm(channel: Channel, attempts: Arc<Mutex<Attempts>>, task: u64) {
         let data = blob(size, seed);
         let d = digest_of(&data);
         attempts.lock().unwrap().blobs.push((d.clone(), seed));
-        let ok = if seed % 3 == 0 && size <= 900_000 {
+        let ok = if seed.is_multiple_of(3) && size <= 900_000 {
             cas.batch_update_blobs(BatchUpdateBlobsRequest {
                 requests: vec![batch_update_blobs_request::Request {
                     digest: Some(d.clone()),
