@@ -238,3 +238,100 @@ async fn abandoned_partial_uploads_are_removed_after_their_age() {
     assert!(!old.exists());
     assert!(fresh.exists());
 }
+
+/// A small tmpfs, unmounted on drop. `None` where mounting is not allowed (not root).
+struct SmallDisk {
+    path: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    fn mount(size: &str) -> Option<Self> {
+        let tmp = tempfile::tempdir().ok()?;
+        let path = tmp.path().join("disk");
+        std::fs::create_dir(&path).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { path, _tmp: tmp })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Needs root (to mount a tmpfs). Where that is not possible it says SKIPPED and returns,
+/// unless HOARD_REQUIRE_DISK_FULL_TEST is set (CI sets it), in which case it fails.
+#[tokio::test]
+async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
+    let Some(disk) = SmallDisk::mount("48m") else {
+        assert!(
+            std::env::var_os("HOARD_REQUIRE_DISK_FULL_TEST").is_none(),
+            "cannot mount a tmpfs, and HOARD_REQUIRE_DISK_FULL_TEST is set"
+        );
+        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        return;
+    };
+    // Space held back so that freeing it later proves writes recover.
+    let filler = disk.path.join("filler");
+    std::fs::write(&filler, vec![0u8; 12 << 20]).unwrap();
+    let server = TestServer::start_config(Config {
+        data_dir: disk.path.join("data"),
+        ..Config::default()
+    })
+    .await;
+    let small = blob(10_000, 1);
+    let large = blob(2_000_000, 2);
+    let small_d = upload(&server, "", &small).await;
+    let large_d = upload(&server, "", &large).await;
+
+    // Fill the disk with large uploads until one is refused.
+    let mut refused = None;
+    for i in 0..40u64 {
+        let data = blob(4 << 20, 100 + i);
+        let d = digest_of(&data);
+        let reqs = write_requests(
+            &write_name("", &format!("fill{i}"), &d),
+            &data,
+            0,
+            256 << 10,
+        );
+        if let Err(e) = server.bytestream().write(futures::stream::iter(reqs)).await {
+            refused = Some(e);
+            break;
+        }
+    }
+    let err = refused.expect("the disk never filled up");
+    eprintln!("full disk: {}", err.message());
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    assert!(err.message().contains("full"), "{}", err.message());
+
+    // What was stored before is still served, and the server still answers.
+    assert!(
+        download(&server, &read_name("", &small_d), 0, 0)
+            .await
+            .unwrap()
+            == small
+    );
+    assert!(
+        download(&server, &read_name("", &large_d), 0, 0)
+            .await
+            .unwrap()
+            == large
+    );
+
+    // Once space is free again, uploads succeed again.
+    std::fs::remove_file(&filler).unwrap();
+    let after = blob(3_000_000, 999);
+    let d = upload(&server, "", &after).await;
+    assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == after);
+    server.stop().await;
+}
