@@ -305,7 +305,7 @@ impl Store for SledStore {
 
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
         verify(*digest, &data)?;
-        if digest.is_empty_blob() || self.inner.lookup(digest)?.is_some() {
+        if digest.is_empty_blob() || self.inner.index.contains(digest) {
             return Ok(());
         }
         if digest.size <= self.inner.inline_threshold {
@@ -759,7 +759,7 @@ impl Upload for MemoryUpload {
 
     async fn commit(self: Box<Self>) -> Result<()> {
         self.verifier.finish()?;
-        if self.digest.is_empty_blob() || self.store.lookup(&self.digest)?.is_some() {
+        if self.digest.is_empty_blob() || self.store.index.contains(&self.digest) {
             return Ok(());
         }
         self.store.put_inline(&self.digest, &self.buf)
