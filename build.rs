@@ -9,6 +9,8 @@ const PROTOS: &[&str] = &[
     "google/bytestream/bytestream.proto",
     "google/rpc/status.proto",
     "grpc/health/v1/health.proto",
+    "hoard/admin/v1/admin.proto",
+    "hoard/watch/v1/watch.proto",
 ];
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {

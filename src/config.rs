@@ -25,6 +25,7 @@ pub struct Config {
     pub drain_delay: HumanDuration,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
+    pub namespaces: NamespacesConfig,
 }
 
 /// How blobs are laid out on disk.
@@ -39,6 +40,89 @@ pub struct StorageConfig {
     /// Partial uploads untouched for this long are deleted. Default 24h: long enough for a
     /// client to come back and resume, short enough that abandoned bytes do not pile up.
     pub abandoned_upload_age: HumanDuration,
+    /// Bound on stored bytes (blobs, files rounded up to 4 KiB blocks, plus action results).
+    /// Default 0: 90% of what the data dir's filesystem can hold at start-up (free space plus
+    /// what hoard already stores), so an unconfigured server never fills its disk.
+    pub max_size: ByteSize,
+    /// Eviction starts when stored bytes pass this percentage of `max_size`... Default 95.
+    pub high_watermark: u8,
+    /// ...and stops when they are back under this one. Default 90.
+    pub low_watermark: u8,
+    /// A blob used (written, read, found by FindMissingBlobs, or referenced by a served action
+    /// result) within this period is never evicted. Default 3h, Bazel's
+    /// `--experimental_remote_cache_ttl`: a build that skipped downloading an output can still
+    /// fetch it that long afterwards. If the cache cannot keep the promise, writes are refused.
+    pub min_retention: HumanDuration,
+}
+
+/// Policy per instance name (namespace). The first rule whose pattern matches wins; names no
+/// rule matches get `default`.
+#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespacesConfig {
+    pub default: NamespacePolicy,
+    #[serde(rename = "rule")]
+    pub rules: Vec<NamespaceRule>,
+}
+
+/// Settings of the namespaces one rule covers.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct NamespacePolicy {
+    /// Action results unused for this long are dropped. Default 30d; "0s" keeps them until
+    /// their outputs are evicted.
+    pub ac_ttl: HumanDuration,
+}
+
+impl Default for NamespacePolicy {
+    fn default() -> Self {
+        NamespacePolicy {
+            ac_ttl: HumanDuration(Duration::from_secs(30 * 86_400)),
+        }
+    }
+}
+
+/// A `[[namespaces.rule]]`: a pattern over instance names and its policy.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct NamespaceRule {
+    /// An instance name, where `*` matches any run of characters (including `/`):
+    /// `"ci/branches/*"`, `"dev-*"`, `""` (the empty instance name).
+    pub pattern: String,
+    /// Defaults to `namespaces.default.ac_ttl`.
+    pub ac_ttl: Option<HumanDuration>,
+}
+
+impl NamespacesConfig {
+    /// The AC TTL of an instance name (zero: no TTL).
+    pub fn ac_ttl(&self, instance: &str) -> Duration {
+        self.rules
+            .iter()
+            .find(|r| glob_match(&r.pattern, instance))
+            .and_then(|r| r.ac_ttl)
+            .unwrap_or(self.default.ac_ttl)
+            .0
+    }
+}
+
+/// Whether `name` matches `pattern`, where `*` matches any run of characters.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no '*': exact match
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
+        }
+    }
+    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// Limits announced to clients and enforced on them.
@@ -70,6 +154,7 @@ impl Default for Config {
             drain_delay: HumanDuration(Duration::ZERO),
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
+            namespaces: NamespacesConfig::default(),
         }
     }
 }
@@ -80,6 +165,10 @@ impl Default for StorageConfig {
             inline_threshold: ByteSize(64 << 10),
             sled_cache_capacity: ByteSize(256 << 20),
             abandoned_upload_age: HumanDuration(Duration::from_secs(24 * 3600)),
+            max_size: ByteSize(0),
+            high_watermark: 95,
+            low_watermark: 90,
+            min_retention: HumanDuration(Duration::from_secs(3 * 3600)),
         }
     }
 }
@@ -147,6 +236,14 @@ impl Config {
         }
         if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
+        }
+        let st = &self.storage;
+        if !(st.low_watermark < st.high_watermark && st.high_watermark <= 100) {
+            return Err(format!(
+                "storage.low_watermark ({}) must be below storage.high_watermark ({}), which \
+                 must be at most 100 (percentages of storage.max_size)",
+                st.low_watermark, st.high_watermark
+            ));
         }
         Ok(())
     }
@@ -288,6 +385,35 @@ mod tests {
         assert_eq!(d("250ms").unwrap(), Duration::from_millis(250));
         assert!(d("3 fortnights").is_err());
         assert!(d("h").is_err());
+    }
+
+    #[test]
+    fn globs_match() {
+        assert!(glob_match("ci/branches/*", "ci/branches/feature/x"));
+        assert!(glob_match("ci/branches/*", "ci/branches/"));
+        assert!(!glob_match("ci/branches/*", "ci/main"));
+        assert!(glob_match("ci/main", "ci/main"));
+        assert!(!glob_match("ci/main", "ci/main2"));
+        assert!(glob_match("*-tmp", "a-tmp"));
+        assert!(glob_match("a*b*c", "abxbc"));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "x"));
+    }
+
+    #[test]
+    fn ac_ttl_follows_the_first_matching_rule() {
+        let c = Config::parse(
+            "[namespaces.default]\nac_ttl = \"1d\"\n\
+             [[namespaces.rule]]\npattern = \"ci/branches/*\"\nac_ttl = \"2h\"\n\
+             [[namespaces.rule]]\npattern = \"ci/*\"\n",
+        )
+        .unwrap();
+        let n = &c.namespaces;
+        assert_eq!(n.ac_ttl("ci/branches/x"), Duration::from_secs(7200));
+        assert_eq!(n.ac_ttl("ci/main"), Duration::from_secs(86_400));
+        assert_eq!(n.ac_ttl("dev"), Duration::from_secs(86_400));
     }
 
     #[test]

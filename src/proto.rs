@@ -37,7 +37,23 @@ pub mod grpc {
     }
 }
 
+/// hoard's own services: administration (stats, gc, verify, invalidation) and the watch stream.
+pub mod hoard {
+    pub mod admin {
+        pub mod v1 {
+            tonic::include_proto!("hoard.admin.v1");
+        }
+    }
+    pub mod watch {
+        pub mod v1 {
+            tonic::include_proto!("hoard.watch.v1");
+        }
+    }
+}
+
 /// REAPI v2, the package nearly every module uses.
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;
 pub use grpc::health::v1 as health;
+pub use hoard::admin::v1 as admin;
+pub use hoard::watch::v1 as watch;

@@ -42,11 +42,7 @@ pub async fn run(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let store = SledStore::open(
-        &config.data_dir,
-        config.storage.inline_threshold.0,
-        config.storage.sled_cache_capacity.0,
-    )?;
+    let store = SledStore::from_config(config)?;
     serve(listener, Arc::new(store), config, shutdown).await
 }
 

@@ -68,6 +68,83 @@ pub trait Store: Send + Sync + 'static {
 
     /// Makes everything written so far durable (called on shutdown).
     async fn flush(&self) -> Result<()>;
+
+    /// Sizes, counts and hit rates, for `hoard stats`.
+    async fn stats(&self) -> Result<StoreStats>;
+
+    /// Evicts least-recently-used blobs (never one used within the retention period) until the
+    /// stored bytes are at most `target` (the low watermark if `None`), and drops expired action
+    /// results.
+    async fn gc(&self, target: Option<u64>) -> Result<GcReport>;
+
+    /// Re-hashes every stored blob, removes the ones that do not match their digest, and
+    /// removes data no index entry names (left by a crash).
+    async fn verify(&self) -> Result<VerifyReport>;
+}
+
+/// What `hoard stats` reports. Sizes in bytes, ages in seconds.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct StoreStats {
+    /// Blobs stored (the empty blob is not counted).
+    pub blobs: u64,
+    /// Their total size.
+    pub blob_bytes: u64,
+    /// Action results stored, over all instance names.
+    pub action_results: u64,
+    /// Their total encoded size.
+    pub action_result_bytes: u64,
+    /// The bytes `max_size` bounds: blobs (files rounded up to whole 4 KiB blocks) plus
+    /// action results.
+    pub used_bytes: u64,
+    /// The configured bound on `used_bytes`.
+    pub max_size: u64,
+    /// What the data dir really takes on disk (sled's files plus blob files).
+    pub disk_bytes: u64,
+    /// Blobs used more recently than this are never evicted.
+    pub min_retention_secs: u64,
+    /// Blobs evicted since the server started, and their bytes.
+    pub evicted_blobs: u64,
+    pub evicted_bytes: u64,
+    /// How long before its eviction the most recently used evicted blob was last used: if this
+    /// nears `min_retention_secs`, the cache is too small for its traffic.
+    pub youngest_evicted_age_secs: Option<u64>,
+    /// Action results dropped because their TTL since last use passed.
+    pub expired_action_results: u64,
+    /// Blob existence checks (FindMissingBlobs digests, reads) and how many found the blob.
+    pub cas_lookups: u64,
+    pub cas_hits: u64,
+    /// Action result lookups and how many found one.
+    pub ac_lookups: u64,
+    pub ac_hits: u64,
+    /// Writes refused because the cache was full.
+    pub refused_writes: u64,
+    /// Why writes are being refused right now, if they are.
+    pub write_refusal: Option<String>,
+}
+
+/// What one `gc` pass did.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct GcReport {
+    pub evicted_blobs: u64,
+    pub evicted_bytes: u64,
+    pub expired_action_results: u64,
+    /// `used_bytes` after the pass.
+    pub used_bytes: u64,
+    /// Whether `used_bytes` reached the target; if not, every remaining blob is within
+    /// `min_retention`.
+    pub reached_target: bool,
+}
+
+/// What one `verify` pass found.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct VerifyReport {
+    pub checked_blobs: u64,
+    pub checked_bytes: u64,
+    /// Blobs whose bytes did not match their digest (or were missing); all were removed.
+    pub corrupt: Vec<String>,
+    /// Pieces of data no index entry named (files and inline data left by a crash), removed.
+    pub orphans_removed: u64,
+    pub orphan_bytes_removed: u64,
 }
 
 /// An upload in progress: bytes are appended in order, then the whole blob is verified and made
