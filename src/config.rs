@@ -26,6 +26,28 @@ pub struct Config {
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub namespaces: NamespacesConfig,
+    pub watch: WatchConfig,
+}
+
+/// The watch stream's event log.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct WatchConfig {
+    /// Events kept for watchers that reconnect with `start_after`; older ones are deleted, and
+    /// a watcher asking for them is told to resync. Default 100000.
+    pub retained_events: u64,
+    /// A watcher this many events behind the newest is cut off (it may resume from its last
+    /// sequence), so a stalled reader never holds anything back. Default 10000.
+    pub max_lag: u64,
+}
+
+impl Default for WatchConfig {
+    fn default() -> Self {
+        WatchConfig {
+            retained_events: 100_000,
+            max_lag: 10_000,
+        }
+    }
 }
 
 /// How blobs are laid out on disk.
@@ -155,6 +177,7 @@ impl Default for Config {
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             namespaces: NamespacesConfig::default(),
+            watch: WatchConfig::default(),
         }
     }
 }
@@ -236,6 +259,9 @@ impl Config {
         }
         if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
+        }
+        if self.watch.retained_events == 0 || self.watch.max_lag == 0 {
+            return Err("watch.retained_events and watch.max_lag must be above 0".into());
         }
         let st = &self.storage;
         if !(st.low_watermark < st.high_watermark && st.high_watermark <= 100) {

@@ -127,6 +127,18 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl SledStore {
+    /// A sled tree of hoard's own metadata (the watch event log, namespace epochs), kept in the
+    /// same database so it is flushed and locked together with the store.
+    pub fn tree(&self, name: &str) -> Result<sled::Tree> {
+        Ok(self.inner.db.open_tree(name)?)
+    }
+
+    /// Makes every write so far durable (fsync). Group-commits: concurrent callers share one.
+    pub async fn sync(&self) -> Result<()> {
+        self.inner.db.flush_async().await?;
+        Ok(())
+    }
+
     /// Opens the store `config` describes (data dir and `[storage]` settings).
     pub fn from_config(config: &crate::config::Config) -> Result<Self> {
         Self::open(
