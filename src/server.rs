@@ -87,6 +87,9 @@ pub async fn serve(
             store.clone(),
             limits.clone()
         ))))
+        .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
+            crate::service::admin::AdminService::new(store.clone())
+        )))
         .add_service(HealthServer::new(health.service()));
 
     let addr = listener

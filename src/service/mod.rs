@@ -2,6 +2,7 @@
 //! shape the response. None of them touches sled or files.
 
 pub mod action_cache;
+pub mod admin;
 pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
