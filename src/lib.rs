@@ -9,8 +9,10 @@
 //! - [`config`] is the TOML configuration; [`error`] the one error type and its gRPC mapping.
 //! - [`proto`] is the code generated from `proto/`.
 //! - [`bench`] is `hoard bench`, a load generator for any REAPI endpoint.
+//! - [`cli`] holds the operator subcommands (`hoard stats`, `gc`, `verify`) `main.rs` calls.
 
 pub mod bench;
+pub mod cli;
 pub mod compression;
 pub mod config;
 pub mod digest;

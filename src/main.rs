@@ -39,6 +39,9 @@ enum Command {
     },
     /// Load-test a REAPI endpoint (hoard or another server); see README "Load generator".
     Bench(hoard::bench::BenchArgs),
+    /// `hoard stats`, `hoard gc`, `hoard verify` (see README "Operations: stats, gc, verify").
+    #[command(flatten)]
+    Admin(hoard::cli::admin::AdminCommand),
 }
 
 fn main() -> ExitCode {
@@ -58,6 +61,8 @@ fn main() -> ExitCode {
             data_dir,
         } => serve(config, listen, data_dir),
         Command::Bench(args) => hoard::bench::main(args),
+        // These print their own errors: their exit status says more than success or failure.
+        Command::Admin(command) => return hoard::cli::admin::main(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
