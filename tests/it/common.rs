@@ -1,6 +1,7 @@
 //! A real server on 127.0.0.1:0 with a temporary data dir, and helpers to talk to it.
 
 use hoard::config::Config;
+use hoard::proto::admin::admin_client::AdminClient;
 use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
 use hoard::proto::bytestream::{ReadRequest, WriteRequest};
 use hoard::proto::health::health_client::HealthClient;
@@ -20,6 +21,7 @@ pub struct TestServer {
     shutdown: Option<oneshot::Sender<()>>,
     handle: Option<JoinHandle<hoard::error::Result<()>>>,
     channel: Channel,
+    addr: std::net::SocketAddr,
 }
 
 impl TestServer {
@@ -66,6 +68,7 @@ impl TestServer {
             shutdown: Some(tx),
             handle: Some(handle),
             channel,
+            addr,
         }
     }
 
@@ -105,6 +108,15 @@ impl TestServer {
 
     pub fn health(&self) -> HealthClient<Channel> {
         HealthClient::new(self.channel.clone())
+    }
+
+    pub fn admin(&self) -> AdminClient<Channel> {
+        AdminClient::new(self.channel.clone())
+    }
+
+    /// The server's address as `http://127.0.0.1:PORT`, for clients in other processes.
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
     }
 }
 

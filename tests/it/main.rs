@@ -2,6 +2,7 @@
 //! One test binary with modules keeps link time low.
 
 mod action_cache;
+mod admin;
 mod bytestream;
 mod capabilities;
 mod cas;
