@@ -115,6 +115,11 @@ const HEX_VALUES: [u8; 256] = {
 };
 
 /// Decodes exactly 64 lower-case hex characters. Hot: FindMissingBlobs parses thousands per call.
+/// Parses a 64-character lowercase hex SHA-256 (as in blob file names).
+pub fn parse_hex_hash(text: &str) -> Option<[u8; HASH_LEN]> {
+    decode_hex(text.as_bytes())
+}
+
 fn decode_hex(text: &[u8]) -> Option<[u8; HASH_LEN]> {
     if text.len() != HASH_LEN * 2 {
         return None;

@@ -26,6 +26,10 @@ pub enum Error {
     /// A limit (space, size) is reached.
     #[error("{0}")]
     ResourceExhausted(String),
+    /// The disk under the data dir is full (as opposed to the configured `max_size`): the
+    /// store reacts by evicting, clients see RESOURCE_EXHAUSTED.
+    #[error("{0}")]
+    StorageFull(String),
     /// The server cannot serve right now (shutting down, storage offline).
     #[error("{0}")]
     Unavailable(String),
@@ -61,7 +65,7 @@ impl Error {
             Error::OutOfRange(_) => tonic::Code::OutOfRange,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
-            Error::ResourceExhausted(_) => tonic::Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::StorageFull(_) => tonic::Code::ResourceExhausted,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Stream(status) => status.code(),
             Error::Internal { .. } => tonic::Code::Internal,
@@ -108,7 +112,10 @@ impl From<tonic::Status> for Error {
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
         if e.kind() == std::io::ErrorKind::StorageFull {
-            return Error::ResourceExhausted(format!("storage is full: {e}"));
+            return Error::StorageFull(format!(
+                "storage is full: {e}; hoard is evicting least recently used blobs to make room, \
+                 retry shortly"
+            ));
         }
         Error::internal("I/O error", e)
     }
@@ -116,6 +123,9 @@ impl From<std::io::Error> for Error {
 
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
-        Error::internal("sled", e)
+        match e {
+            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => io.into(),
+            e => Error::internal("sled", e),
+        }
     }
 }

@@ -3,6 +3,10 @@
 //! One state covers the whole server: SERVING once the store is open, NOT_SERVING as soon as
 //! shutdown begins, so balancers drain us before calls are refused. Watch streams end after
 //! reporting NOT_SERVING on shutdown; otherwise they would hold the graceful shutdown open.
+//!
+//! [`WRITES`] is the exception: it is NOT_SERVING while the store refuses writes (disk full, or
+//! cache full of blobs within their retention) although reads are still served. Deployments with
+//! several replicas can use it as the readiness check; "" stays the liveness check.
 
 use std::collections::HashMap;
 use std::pin::Pin;
@@ -20,11 +24,15 @@ use crate::proto::health::{
 /// The services whose health can be asked for by name ("" is the server as a whole).
 pub const SERVICES: &[&str] = &[
     "",
+    WRITES,
     "build.bazel.remote.execution.v2.Capabilities",
     "build.bazel.remote.execution.v2.ContentAddressableStorage",
     "build.bazel.remote.execution.v2.ActionCache",
     "google.bytestream.ByteStream",
 ];
+
+/// The health name that reports whether writes are accepted.
+pub const WRITES: &str = "hoard.Writes";
 
 /// The server's life cycle as health reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -38,22 +46,45 @@ pub enum State {
 /// Sets the server's state; cheap to clone.
 #[derive(Clone)]
 pub struct HealthReporter {
-    serving: std::sync::Arc<watch::Sender<State>>,
+    serving: std::sync::Arc<watch::Sender<Condition>>,
+}
+
+/// What health reports are derived from.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Condition {
+    state: State,
+    /// Whether the store accepts writes.
+    writable: bool,
 }
 
 impl HealthReporter {
     pub fn new() -> Self {
         HealthReporter {
-            serving: std::sync::Arc::new(watch::channel(State::Starting).0),
+            serving: std::sync::Arc::new(
+                watch::channel(Condition {
+                    state: State::Starting,
+                    writable: true,
+                })
+                .0,
+            ),
         }
     }
 
     pub fn set(&self, state: State) {
+        self.update(|s| s.state = state);
+    }
+
+    /// Records whether the store accepts writes (reported under [`WRITES`]).
+    pub fn set_writable(&self, writable: bool) {
+        self.update(|s| s.writable = writable);
+    }
+
+    fn update(&self, change: impl FnOnce(&mut Condition)) {
         // Only changes are sent to watchers, as the health protocol asks.
         self.serving.send_if_modified(|current| {
-            let changed = *current != state;
-            *current = state;
-            changed
+            let before = *current;
+            change(current);
+            *current != before
         });
     }
 
@@ -71,13 +102,13 @@ impl Default for HealthReporter {
 }
 
 pub struct HealthService {
-    serving: watch::Receiver<State>,
+    serving: watch::Receiver<Condition>,
 }
 
-fn response(state: State) -> HealthCheckResponse {
-    let status = match state {
-        State::Serving => ServingStatus::Serving,
-        State::Starting | State::Draining => ServingStatus::NotServing,
+fn response(service: &str, status: Condition) -> HealthCheckResponse {
+    let status = match status.state {
+        State::Serving if service != WRITES || status.writable => ServingStatus::Serving,
+        State::Serving | State::Starting | State::Draining => ServingStatus::NotServing,
     };
     HealthCheckResponse {
         status: status as i32,
@@ -99,7 +130,7 @@ impl Health for HealthService {
                 SERVICES[1..].join(", ")
             )));
         }
-        Ok(Response::new(response(*self.serving.borrow())))
+        Ok(Response::new(response(&service, *self.serving.borrow())))
     }
 
     async fn list(
@@ -109,7 +140,7 @@ impl Health for HealthService {
         let serving = *self.serving.borrow();
         let statuses: HashMap<String, HealthCheckResponse> = SERVICES
             .iter()
-            .map(|s| (s.to_string(), response(serving)))
+            .map(|s| (s.to_string(), response(s, serving)))
             .collect();
         Ok(Response::new(HealthListResponse { statuses }))
     }
@@ -128,19 +159,26 @@ impl Health for HealthService {
             };
             let mut states = self.serving.clone();
             let until_draining = async move {
-                let _ = states.wait_for(|s| *s == State::Draining).await;
+                let _ = states.wait_for(|s| s.state == State::Draining).await;
             };
             let stream = futures::stream::once(async move { Ok(unknown) })
                 .chain(futures::stream::pending())
                 .take_until(until_draining);
             return Ok(Response::new(Box::pin(stream)));
         }
-        // Report each state; stop after reporting Draining.
-        let stream = WatchStream::new(self.serving.clone()).scan(false, |ended, state| {
-            let item = (!*ended).then(|| Ok(response(state)));
-            *ended = state == State::Draining;
-            futures::future::ready(item)
-        });
+        // Report each change of this service's status; stop after reporting Draining.
+        let mut last = None;
+        let stream = WatchStream::new(self.serving.clone())
+            .scan(false, move |ended, status| {
+                let item = (!*ended).then(|| response(&service, status));
+                *ended = status.state == State::Draining;
+                futures::future::ready(item)
+            })
+            .filter_map(move |r| {
+                let changed = last != Some(r.status);
+                last = Some(r.status);
+                futures::future::ready(changed.then_some(Ok(r)))
+            });
         Ok(Response::new(Box::pin(stream)))
     }
 }

@@ -1,13 +1,18 @@
-//! An in-memory set of the blobs the store holds, for existence checks.
+//! An in-memory index of the blobs the store holds: size and last use, for existence checks and
+//! eviction.
 //!
 //! FindMissingBlobs asks about thousands of digests per call and is the hottest call of a warm
 //! build; answering it from sled costs a B-tree walk per digest. This index answers from memory
-//! (about 60 bytes per blob) and is rebuilt from sled's persistent index at start-up. sled stays
-//! the source of truth: every change to sled's index goes through the store, which updates this
-//! set in the same call.
+//! (about 60–100 bytes per blob) and is rebuilt from sled's persistent index at start-up. sled
+//! stays the source of truth for what exists: every change to sled's index goes through the
+//! store, which updates this index in the same call.
+//!
+//! Last use is recorded here only, as seconds in an atomic, so a read never becomes a disk
+//! write; the store persists recently changed times in batches.
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
+use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::RwLock;
 
 use crate::digest::{Digest, HASH_LEN};
@@ -15,12 +20,25 @@ use crate::digest::{Digest, HASH_LEN};
 /// Shards, so concurrent writers rarely wait on one lock.
 const SHARDS: usize = 64;
 
-/// One shard: blob hash → size.
-type Shard = RwLock<HashMap<[u8; HASH_LEN], u64, BuildHasherDefault<HashPrefix>>>;
+/// What the index knows of one blob.
+struct Entry {
+    size: u64,
+    /// Last use, in seconds since the Unix epoch (see [`crate::store::sled`]'s clock).
+    used: AtomicU32,
+}
 
-/// Blob hash → size, sharded by the hash's first byte.
+type Shard = RwLock<HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>>;
+
+/// Blob hash → size and last use, sharded by the hash's first byte.
 pub struct Index {
     shards: Vec<Shard>,
+}
+
+/// A blob as eviction sees it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Candidate {
+    pub used: u32,
+    pub digest: Digest,
 }
 
 impl Index {
@@ -36,36 +54,117 @@ impl Index {
         &self.shards[hash[0] as usize % SHARDS]
     }
 
+    fn read(
+        shard: &Shard,
+    ) -> std::sync::RwLockReadGuard<
+        '_,
+        HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>,
+    > {
+        shard.read().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(
+        shard: &Shard,
+    ) -> std::sync::RwLockWriteGuard<
+        '_,
+        HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>,
+    > {
+        shard.write().unwrap_or_else(|p| p.into_inner())
+    }
+
     /// Whether a blob with this hash and size is stored.
     pub fn contains(&self, digest: &Digest) -> bool {
-        match self.shard(&digest.hash).read() {
-            Ok(map) => map.get(&digest.hash) == Some(&digest.size),
-            Err(poisoned) => poisoned.into_inner().get(&digest.hash) == Some(&digest.size),
+        Self::read(self.shard(&digest.hash))
+            .get(&digest.hash)
+            .is_some_and(|e| e.size == digest.size)
+    }
+
+    /// Like [`Index::contains`], and records a use at `now` if the blob is there. Only a
+    /// changed second is stored, so hot blobs do not bounce a cache line between cores.
+    pub fn touch(&self, digest: &Digest, now: u32) -> bool {
+        let map = Self::read(self.shard(&digest.hash));
+        match map.get(&digest.hash) {
+            Some(e) if e.size == digest.size => {
+                if e.used.load(Ordering::Relaxed) < now {
+                    e.used.store(now, Ordering::Relaxed);
+                }
+                true
+            }
+            _ => false,
         }
     }
 
-    pub fn insert(&self, digest: &Digest) {
-        let mut map = match self.shard(&digest.hash).write() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.insert(digest.hash, digest.size);
+    /// Adds a blob last used at `used`; returns false if it was already there.
+    pub fn insert(&self, digest: &Digest, used: u32) -> bool {
+        let mut map = Self::write(self.shard(&digest.hash));
+        let fresh = map.get(&digest.hash).is_none_or(|e| e.size != digest.size);
+        map.insert(
+            digest.hash,
+            Entry {
+                size: digest.size,
+                used: AtomicU32::new(used),
+            },
+        );
+        fresh
     }
 
-    pub fn remove(&self, digest: &Digest) {
-        let mut map = match self.shard(&digest.hash).write() {
-            Ok(m) => m,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        map.remove(&digest.hash);
+    /// Sets a blob's last use (as loaded from disk) if it is indexed.
+    pub fn set_used(&self, hash: &[u8; HASH_LEN], used: u32) -> bool {
+        match Self::read(self.shard(hash)).get(hash) {
+            Some(e) => {
+                e.used.store(used, Ordering::Relaxed);
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Removes a blob; returns its size if it was there.
+    pub fn remove(&self, digest: &Digest) -> Option<u64> {
+        let mut map = Self::write(self.shard(&digest.hash));
+        match map.get(&digest.hash) {
+            Some(e) if e.size == digest.size => map.remove(&digest.hash).map(|e| e.size),
+            _ => None,
+        }
+    }
+
+    /// Removes a blob only if it was last used before `cutoff`, checked under the shard's lock
+    /// so a use racing with eviction either keeps the blob or comes after its removal.
+    pub fn remove_if_unused_since(&self, digest: &Digest, cutoff: u32) -> bool {
+        let mut map = Self::write(self.shard(&digest.hash));
+        match map.get(&digest.hash) {
+            Some(e) if e.size == digest.size && e.used.load(Ordering::Relaxed) < cutoff => {
+                map.remove(&digest.hash);
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// Whether any blob with this hash is indexed, whatever its size.
+    pub fn has_hash(&self, hash: &[u8; HASH_LEN]) -> bool {
+        Self::read(self.shard(hash)).contains_key(hash)
+    }
+
+    /// Calls `f` with every blob, one shard at a time (a shard's lock is held while `f` runs on
+    /// its blobs, so keep `f` cheap).
+    pub fn for_each(&self, mut f: impl FnMut(Candidate)) {
+        for shard in &self.shards {
+            for (hash, e) in Self::read(shard).iter() {
+                f(Candidate {
+                    used: e.used.load(Ordering::Relaxed),
+                    digest: Digest {
+                        hash: *hash,
+                        size: e.size,
+                    },
+                });
+            }
+        }
     }
 
     /// Number of blobs indexed.
     pub fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.read().map(|m| m.len()).unwrap_or(0))
-            .sum()
+        self.shards.iter().map(|s| Self::read(s).len()).sum()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -111,15 +210,39 @@ mod tests {
         let index = Index::new();
         let a = Digest::of(b"a");
         assert!(!index.contains(&a));
-        index.insert(&a);
+        assert!(index.insert(&a, 1));
+        assert!(!index.insert(&a, 1));
         assert!(index.contains(&a));
         assert!(!index.contains(&Digest { size: 2, ..a }));
         for i in 0..1000u32 {
-            index.insert(&Digest::of(&i.to_le_bytes()));
+            index.insert(&Digest::of(&i.to_le_bytes()), 1);
         }
         assert_eq!(index.len(), 1001);
-        index.remove(&a);
+        assert_eq!(index.remove(&Digest { size: 2, ..a }), None);
+        assert_eq!(index.remove(&a), Some(1));
         assert!(!index.contains(&a));
         assert!(index.contains(&Digest::of(&7u32.to_le_bytes())));
+    }
+
+    #[test]
+    fn eviction_spares_blobs_used_since_the_cutoff() {
+        let index = Index::new();
+        let (old, new) = (Digest::of(b"old"), Digest::of(b"new"));
+        index.insert(&old, 100);
+        index.insert(&new, 100);
+        assert!(index.touch(&new, 200));
+        assert!(!index.touch(&Digest { size: 9, ..new }, 300));
+        assert!(!index.remove_if_unused_since(&new, 150));
+        assert!(index.remove_if_unused_since(&old, 150));
+        assert!(!index.contains(&old) && index.contains(&new));
+        let mut seen = Vec::new();
+        index.for_each(|c| seen.push(c));
+        assert_eq!(
+            seen,
+            vec![Candidate {
+                used: 200,
+                digest: new
+            }]
+        );
     }
 }

@@ -80,6 +80,15 @@ pub trait Store: Send + Sync + 'static {
     /// Re-hashes every stored blob, removes the ones that do not match their digest, and
     /// removes data no index entry names (left by a crash).
     async fn verify(&self) -> Result<VerifyReport>;
+
+    /// Background upkeep for as long as the server runs: the cleanup pass after a crash,
+    /// eviction between the watermarks, persisting last-use times, expiring action results.
+    /// Never returns; the server aborts it on shutdown (before [`Store::flush`]).
+    async fn maintain(&self);
+
+    /// Why writes are refused right now (disk full, or cache full of blobs within their
+    /// retention), if they are. Cheap: readiness probes ask it.
+    fn write_refusal(&self) -> Option<String>;
 }
 
 /// What `hoard stats` reports. Sizes in bytes, ages in seconds.
@@ -120,6 +129,8 @@ pub struct StoreStats {
     pub refused_writes: u64,
     /// Why writes are being refused right now, if they are.
     pub write_refusal: Option<String>,
+    /// Whether the cleanup pass that follows an unclean shutdown has yet to finish.
+    pub cleanup_pending: bool,
 }
 
 /// What one `gc` pass did.

@@ -13,13 +13,23 @@
 //! before its index entry, so the index never names data that is not there. (A crash in between
 //! can leave unreferenced data behind, never a visible partial blob.)
 //!
-//! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → encoded ActionResult. Instance names cannot
-//! contain NUL ([`crate::namespace`]), so the key is unambiguous and one instance is one prefix.
+//! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → last use (u32 seconds, big-endian) ‖ encoded
+//! ActionResult. Instance names cannot contain NUL ([`crate::namespace`]), so the key is
+//! unambiguous and one instance is one prefix.
+//!
+//! tree `atime`: `hash` → last use of a blob (u32 seconds, big-endian), written in batches from
+//! the in-memory index (see [`lifecycle`]), so recording a use never costs a disk write.
+//!
+//! Size bounds, eviction, expiry, the cleanup pass after a crash and `verify` live in
+//! [`lifecycle`].
+
+mod lifecycle;
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
@@ -32,6 +42,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use super::files::{BlobFiles, BlobWriter};
 use super::index::Index;
 use super::{BlobStream, GcReport, Store, StoreStats, Upload, VerifyReport};
+use crate::config::{Config, NamespacesConfig};
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
 
@@ -48,6 +59,43 @@ const WRITE_QUEUE_BYTES_TOTAL: usize = 256 << 20;
 /// Chunks a read may prepare ahead of the client (bounds memory per download).
 const READ_AHEAD_CHUNKS: usize = 4;
 const FILE: u8 = 1;
+/// Stripes of the lock that orders publishing a blob against evicting or dropping it.
+const STRIPES: usize = 256;
+
+/// How a store is set up; [`SledStore::from_config`] fills it from `[storage]` and
+/// `[namespaces]`.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Blobs up to this size live inside sled.
+    pub inline_threshold: u64,
+    /// sled's page cache.
+    pub cache_capacity: u64,
+    /// Bound on stored bytes; 0 means 90% of what the file system can hold.
+    pub max_size: u64,
+    /// Eviction runs from this percentage of `max_size`...
+    pub high_watermark: u8,
+    /// ...down to this one.
+    pub low_watermark: u8,
+    /// Blobs used within this period are never evicted.
+    pub min_retention: Duration,
+    /// AC TTLs per instance name.
+    pub namespaces: NamespacesConfig,
+}
+
+impl Options {
+    pub fn from_config(config: &Config) -> Self {
+        let s = &config.storage;
+        Options {
+            inline_threshold: s.inline_threshold.0,
+            cache_capacity: s.sled_cache_capacity.0,
+            max_size: s.max_size.0,
+            high_watermark: s.high_watermark,
+            low_watermark: s.low_watermark,
+            min_retention: s.min_retention.0,
+            namespaces: config.namespaces.clone(),
+        }
+    }
+}
 
 /// The sled-backed store. Cheap to clone.
 #[derive(Clone)]
@@ -60,9 +108,22 @@ struct Inner {
     cas: sled::Tree,
     blobs: sled::Tree,
     ac: sled::Tree,
+    atime: sled::Tree,
     files: BlobFiles,
-    /// In-memory copy of which blobs exist, for FindMissingBlobs.
+    data_dir: PathBuf,
+    /// In-memory copy of which blobs exist and when each was last used.
     index: Index,
+    /// Size bounds, retention and the counters `stats` reports.
+    life: lifecycle::Lifecycle,
+    /// Orders publishing a blob against evicting or dropping the same hash, so an eviction
+    /// never deletes a copy that was just re-uploaded.
+    stripes: Vec<Mutex<()>>,
+    /// Held (shared) by inline writes from taking a data id until their index entry exists, so
+    /// the cleanup pass can tell orphaned inline data from data about to be indexed.
+    inline_gate: RwLock<()>,
+    /// Held by eviction, cleanup and verify passes, and by `flush` before it marks a clean
+    /// shutdown, so the mark never covers a pass cut off half-way.
+    upkeep: Mutex<()>,
     /// Blobs up to this size live inside sled.
     inline_threshold: u64,
     /// Upload ids with a live writer, so two streams never append to one upload file.
@@ -127,6 +188,29 @@ async fn blocking<T: Send + 'static>(
 }
 
 impl SledStore {
+    /// Opens (or creates) a store in `data_dir` with default lifecycle settings.
+    pub fn open(data_dir: &Path, inline_threshold: u64, cache_capacity: u64) -> Result<Self> {
+        let defaults = Options::from_config(&Config::default());
+        Self::open_with(
+            data_dir,
+            Options {
+                inline_threshold,
+                cache_capacity,
+                ..defaults
+            },
+        )
+    }
+
+    /// Pretends `by` more time has passed, for tests of expiry and retention.
+    pub fn advance_clock(&self, by: Duration) {
+        self.inner.life.advance_clock(by);
+    }
+
+    /// The store's current time in seconds (with any [`SledStore::advance_clock`] offset).
+    pub fn now(&self) -> u32 {
+        self.inner.life.now()
+    }
+
     /// A sled tree of hoard's own metadata (the watch event log, namespace epochs), kept in the
     /// same database so it is flushed and locked together with the store.
     pub fn tree(&self, name: &str) -> Result<sled::Tree> {
@@ -139,17 +223,13 @@ impl SledStore {
         Ok(())
     }
 
-    /// Opens the store `config` describes (data dir and `[storage]` settings).
-    pub fn from_config(config: &crate::config::Config) -> Result<Self> {
-        Self::open(
-            &config.data_dir,
-            config.storage.inline_threshold.0,
-            config.storage.sled_cache_capacity.0,
-        )
+    /// Opens the store `config` describes (data dir, `[storage]` and `[namespaces]`).
+    pub fn from_config(config: &Config) -> Result<Self> {
+        Self::open_with(&config.data_dir, Options::from_config(config))
     }
 
     /// Opens (or creates) a store in `data_dir`.
-    pub fn open(data_dir: &Path, inline_threshold: u64, cache_capacity: u64) -> Result<Self> {
+    pub fn open_with(data_dir: &Path, options: Options) -> Result<Self> {
         std::fs::create_dir_all(data_dir).map_err(|e| {
             Error::internal(format!("cannot create data dir {}", data_dir.display()), e)
         })?;
@@ -161,7 +241,7 @@ impl SledStore {
         })?;
         let db = sled::Config::new()
             .path(data_dir.join("sled"))
-            .cache_capacity(cache_capacity)
+            .cache_capacity(options.cache_capacity)
             .open()
             .map_err(|e| match e {
                 // sled reports the lock as a plain message wrapping EWOULDBLOCK.
@@ -176,16 +256,27 @@ impl SledStore {
         let cas = db.open_tree("cas")?;
         let blobs = db.open_tree("blobs")?;
         let ac = db.open_tree("ac")?;
-        let index = load_index(&cas)?;
+        let atime = db.open_tree("atime")?;
+        let clean = lifecycle::take_clean_shutdown_mark(data_dir)?;
+        let life = lifecycle::Lifecycle::new(&options, !clean);
+        let index = load_index(&cas, &atime, &life, options.inline_threshold)?;
+        life.count_action_results(&ac)?;
+        life.settle_max_size(data_dir);
         Ok(SledStore {
             inner: Arc::new(Inner {
                 db,
                 cas,
                 blobs,
                 ac,
+                atime,
                 files,
+                data_dir: data_dir.to_path_buf(),
                 index,
-                inline_threshold,
+                life,
+                stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
+                inline_gate: RwLock::new(()),
+                upkeep: Mutex::new(()),
+                inline_threshold: options.inline_threshold,
                 active_uploads: Mutex::new(HashSet::new()),
                 write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES_TOTAL)),
                 transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
@@ -210,10 +301,26 @@ impl Inner {
         }
     }
 
+    /// The lock stripe of a hash (see `Inner::stripes`).
+    fn stripe(&self, digest: &Digest) -> std::sync::MutexGuard<'_, ()> {
+        self.stripes[digest.hash[1] as usize % STRIPES]
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+    }
+
     fn put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let result = self.try_put_inline(digest, data);
+        self.life.note_write(&result);
+        result
+    }
+
+    fn try_put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        self.life.admit(self.charge(digest.size))?;
+        let _gate = self.inline_gate.read().unwrap_or_else(|p| p.into_inner());
         let id = self.db.generate_id()?;
         self.blobs.insert(id.to_be_bytes(), data)?;
         let entry = encode_entry(Location::Inline { id }, digest.size);
+        let _stripe = self.stripe(digest);
         let swapped = self
             .cas
             .compare_and_swap(digest.hash, None as Option<&[u8]>, Some(entry))?;
@@ -221,17 +328,20 @@ impl Inner {
             // A concurrent writer stored the same blob first; keep theirs.
             self.blobs.remove(id.to_be_bytes())?;
         }
-        self.index.insert(digest);
+        self.added(digest);
         Ok(())
     }
 
-    fn index_file(&self, digest: &Digest, xxh3: u64) -> Result<()> {
-        self.cas.insert(
-            digest.hash,
-            encode_entry(Location::File { xxh3 }, digest.size),
-        )?;
-        self.index.insert(digest);
-        Ok(())
+    /// Counts a blob that just became visible (and is used now).
+    fn added(&self, digest: &Digest) {
+        if self.index.insert(digest, self.life.now()) {
+            self.life.blob_added(digest.size, self.charge(digest.size));
+        }
+    }
+
+    /// Bytes a blob counts against `max_size` (see [`lifecycle::charge`]).
+    fn charge(&self, size: u64) -> u64 {
+        lifecycle::charge(size, self.inline_threshold)
     }
 
     /// Admits one more large-blob transfer, or says the server is at its limit.
@@ -247,7 +357,12 @@ impl Inner {
     /// again instead of being served bad bytes.
     fn drop_damaged(&self, digest: &Digest, why: &str) {
         tracing::error!(%digest, why, "stored blob is damaged; removing it");
-        self.index.remove(digest);
+        let _stripe = self.stripe(digest);
+        if self.index.remove(digest).is_some() {
+            self.life
+                .blob_removed(digest.size, self.charge(digest.size));
+        }
+        let _ = self.atime.remove(digest.hash);
         match self.cas.remove(digest.hash) {
             Ok(Some(entry)) => {
                 if let Some((Location::Inline { id }, _)) = decode_entry(&entry) {
@@ -275,32 +390,53 @@ impl Inner {
         Ok(Some(Bytes::copy_from_slice(&v)))
     }
 
+    /// Renames a verified file into place and indexes it, under the hash's stripe lock.
     async fn publish_file(
         self: &Arc<Self>,
         written: PathBuf,
         digest: Digest,
         xxh3: u64,
     ) -> Result<()> {
-        let files = self.files.clone();
-        blocking(move || files.publish(&written, &digest)).await?;
-        self.index_file(&digest, xxh3)
+        let inner = self.clone();
+        let result = tokio::task::spawn_blocking(move || -> Result<()> {
+            let _stripe = inner.stripe(&digest);
+            inner.files.publish(&written, &digest)?;
+            inner.cas.insert(
+                digest.hash,
+                encode_entry(Location::File { xxh3 }, digest.size),
+            )?;
+            inner.added(&digest);
+            Ok(())
+        })
+        .await
+        .map_err(|e| Error::internal("publishing a blob", e))
+        .and_then(|r| r);
+        self.life.note_write(&result);
+        result
     }
 }
 
 #[async_trait]
 impl Store for SledStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        Ok(digests
+        let now = self.inner.life.now();
+        let missing: Vec<Digest> = digests
             .iter()
-            .filter(|d| !d.is_empty_blob() && !self.inner.index.contains(d))
+            .filter(|d| !d.is_empty_blob() && !self.inner.index.touch(d, now))
             .copied()
-            .collect())
+            .collect();
+        self.inner
+            .life
+            .count_cas_lookups(digests.len() as u64, (digests.len() - missing.len()) as u64);
+        Ok(missing)
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
         if digest.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
+        let found = self.inner.index.touch(digest, self.inner.life.now());
+        self.inner.life.count_cas_lookups(1, found as u64);
         match self.inner.lookup(digest)? {
             None => Ok(None),
             Some(Location::Inline { id }) => self.inner.inline_data(digest, id),
@@ -326,12 +462,13 @@ impl Store for SledStore {
 
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
         verify(*digest, &data)?;
-        if digest.is_empty_blob() || self.inner.index.contains(digest) {
+        if digest.is_empty_blob() || self.inner.index.touch(digest, self.inner.life.now()) {
             return Ok(());
         }
         if digest.size <= self.inner.inline_threshold {
             return self.inner.put_inline(digest, &data);
         }
+        let _reserved = self.inner.reserve(self.inner.charge(digest.size))?;
         let tmp = self.inner.files.temp_path();
         let path = tmp.clone();
         let written = blocking(move || {
@@ -345,7 +482,9 @@ impl Store for SledStore {
             Ok(xxh3) => self.inner.publish_file(tmp, *digest, xxh3).await,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
-                Err(e)
+                let result = Err(e);
+                self.inner.life.note_write(&result);
+                result
             }
         }
     }
@@ -364,6 +503,8 @@ impl Store for SledStore {
         if digest.is_empty_blob() {
             return Ok(Some(futures::stream::empty().boxed()));
         }
+        let found = self.inner.index.touch(digest, self.inner.life.now());
+        self.inner.life.count_cas_lookups(1, found as u64);
         match self.inner.lookup(digest)? {
             None => Ok(None),
             Some(Location::Inline { id }) => {
@@ -422,6 +563,9 @@ impl Store for SledStore {
                 buf: BytesMut::with_capacity(digest.size as usize),
             }));
         }
+        // Room for the whole blob is set aside now, so concurrent uploads cannot together
+        // overshoot max_size.
+        let reservation = self.inner.reserve(self.inner.charge(digest.size))?;
         // Shared by the handler and the writer thread: the id stays claimed until the upload is
         // published (or abandoned) and its writer has stopped touching the file.
         let guard = Arc::new(UploadGuard::claim(&self.inner, upload_id)?);
@@ -460,6 +604,7 @@ impl Store for SledStore {
             tx: Some(tx),
             writer,
             _guard: guard,
+            _reservation: reservation,
         }))
     }
 
@@ -476,11 +621,7 @@ impl Store for SledStore {
     }
 
     async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>> {
-        Ok(self
-            .inner
-            .ac
-            .get(ac_key(instance, action))?
-            .map(|v| Bytes::copy_from_slice(&v)))
+        self.inner.get_action_result(instance, action)
     }
 
     async fn put_action_result(
@@ -489,10 +630,9 @@ impl Store for SledStore {
         action: &Digest,
         result: Bytes,
     ) -> Result<()> {
-        self.inner
-            .ac
-            .insert(ac_key(instance, action), &result[..])?;
-        Ok(())
+        let r = self.inner.put_action_result(instance, action, &result);
+        self.inner.life.note_write(&r);
+        r
     }
 
     async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
@@ -529,24 +669,50 @@ impl Store for SledStore {
     }
 
     async fn flush(&self) -> Result<()> {
-        self.inner.db.flush_async().await?;
-        Ok(())
+        let inner = self.inner.clone();
+        run_blocking(move || {
+            let _no_pass_running = inner.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+            inner.persist_use()?;
+            inner.db.flush()?;
+            if !inner.life.cleanup_pending() {
+                lifecycle::mark_clean_shutdown(&inner.data_dir)?;
+            }
+            Ok(())
+        })
+        .await
     }
 
     async fn stats(&self) -> Result<StoreStats> {
-        Ok(StoreStats {
-            blobs: self.inner.index.len() as u64,
-            ..Default::default()
-        })
+        let inner = self.inner.clone();
+        run_blocking(move || Ok(inner.stats())).await
     }
 
-    async fn gc(&self, _target: Option<u64>) -> Result<GcReport> {
-        Err(Error::Unavailable("gc is being built".into()))
+    async fn gc(&self, target: Option<u64>) -> Result<GcReport> {
+        let inner = self.inner.clone();
+        run_blocking(move || inner.gc(target)).await
     }
 
     async fn verify(&self) -> Result<VerifyReport> {
-        Err(Error::Unavailable("verify is being built".into()))
+        let inner = self.inner.clone();
+        run_blocking(move || inner.verify()).await
     }
+
+    async fn maintain(&self) {
+        lifecycle::maintain(self.inner.clone()).await
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        self.inner.life.write_refusal()
+    }
+}
+
+/// Runs store work that returns our own errors off the async threads.
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::internal("blocking task failed", e))?
 }
 
 /// The hashes an upload keeps while its bytes arrive: SHA-256 to verify the digest, XXH3 to
@@ -571,18 +737,36 @@ impl UploadHashes {
     }
 }
 
-/// Rebuilds the in-memory index from sled's index entries. Reads keys and small values only,
-/// never blob contents.
-fn load_index(cas: &sled::Tree) -> Result<Index> {
+/// Rebuilds the in-memory index from sled's index entries and last-use times. Reads keys and
+/// small values only, never blob contents or blob files. Blobs without a recorded last use
+/// (written shortly before a crash) count as used now, so they are not evicted first.
+fn load_index(
+    cas: &sled::Tree,
+    atime: &sled::Tree,
+    life: &lifecycle::Lifecycle,
+    inline_threshold: u64,
+) -> Result<Index> {
     let index = Index::new();
+    let now = life.now();
     for entry in cas.iter() {
         let (key, value) = entry?;
         let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
             continue;
         };
         if let Some((_, size)) = decode_entry(&value) {
-            index.insert(&Digest { hash, size });
+            index.insert(&Digest { hash, size }, now);
+            life.blob_added(size, lifecycle::charge(size, inline_threshold));
         }
+    }
+    for entry in atime.iter() {
+        let (key, value) = entry?;
+        let (Ok(hash), Ok(used)) = (
+            <[u8; HASH_LEN]>::try_from(&key[..]),
+            <[u8; 4]>::try_from(&value[..]),
+        ) else {
+            continue;
+        };
+        index.set_used(&hash, u32::from_be_bytes(used));
     }
     Ok(index)
 }
@@ -817,6 +1001,8 @@ struct FileUpload {
     writer: tokio::task::JoinHandle<Result<()>>,
     /// Held until the blob is published, so no other stream can touch the file before that.
     _guard: Arc<UploadGuard>,
+    /// The blob's room under max_size, held until it is published or the upload is dropped.
+    _reservation: lifecycle::Reservation,
 }
 
 impl FileUpload {
@@ -844,6 +1030,34 @@ impl Upload for FileUpload {
     }
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
+        let result = self.try_append(data).await;
+        if result.is_err() {
+            self.store.life.note_write(&result);
+        }
+        result
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        if let Err(e) = self.finish_writer().await {
+            let result = Err(e);
+            self.store.life.note_write(&result);
+            return result;
+        }
+        let this = *self;
+        if let Err(e) = this.hashes.sha256.finish() {
+            // The bytes are wrong: resuming cannot fix them.
+            let _ = tokio::fs::remove_file(&this.path).await;
+            return Err(e);
+        }
+        // `this._guard` lives until the file is renamed into place and indexed.
+        this.store
+            .publish_file(this.path.clone(), this.digest, this.hashes.xxh3.digest())
+            .await
+    }
+}
+
+impl FileUpload {
+    async fn try_append(&mut self, data: Bytes) -> Result<()> {
         self.hashes.update(&data)?; // refuses bytes beyond the declared size
         let cost = queue_cost(&data) as u32;
         // Given back by the writer once the bytes are written; closed if the writer stops.
@@ -864,19 +1078,5 @@ impl Upload for FileUpload {
         }
         self.received += len;
         Ok(())
-    }
-
-    async fn commit(mut self: Box<Self>) -> Result<()> {
-        self.finish_writer().await?;
-        let this = *self;
-        if let Err(e) = this.hashes.sha256.finish() {
-            // The bytes are wrong: resuming cannot fix them.
-            let _ = tokio::fs::remove_file(&this.path).await;
-            return Err(e);
-        }
-        // `this._guard` lives until the file is renamed into place and indexed.
-        this.store
-            .publish_file(this.path.clone(), this.digest, this.hashes.xxh3.digest())
-            .await
     }
 }
