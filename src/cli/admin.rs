@@ -328,6 +328,14 @@ fn render_stats(s: &StoreStats) -> String {
         None => format!("accepted ({} refused since start)", count(s.refused_writes)),
     };
     line("writes", writes);
+    if s.cleanup_pending {
+        line(
+            "crash clean-up",
+            "pending: the last shutdown was unclean; a running server removes what the crash \
+             left behind in the background"
+                .into(),
+        );
+    }
     lines.join("\n")
 }
 
@@ -539,6 +547,7 @@ mod tests {
             min_retention_secs: 3 * 3600,
             youngest_evicted_age_secs: Some(4 * 3600),
             write_refusal: Some("every blob is within min_retention".into()),
+            cleanup_pending: true,
             ..Default::default()
         });
         assert!(stats.contains("1,200 (3.0 GiB)"), "{stats}");
@@ -546,6 +555,7 @@ mod tests {
         assert!(stats.contains("75.0% hits"), "{stats}");
         assert!(stats.contains("close to min retention"), "{stats}");
         assert!(stats.contains("REFUSED: every blob"), "{stats}");
+        assert!(stats.contains("crash clean-up  pending"), "{stats}");
 
         let gc = render_gc(&GcReport::default(), Some(0));
         assert!(gc.contains("did not reach the target (0 B)"), "{gc}");

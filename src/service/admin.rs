@@ -93,6 +93,7 @@ impl From<StoreStats> for StatsResponse {
             ac_hits: s.ac_hits,
             refused_writes: s.refused_writes,
             write_refusal: s.write_refusal,
+            cleanup_pending: s.cleanup_pending,
         }
     }
 }
@@ -122,6 +123,7 @@ impl From<StatsResponse> for StoreStats {
             ac_hits: s.ac_hits,
             refused_writes: s.refused_writes,
             write_refusal: s.write_refusal,
+            cleanup_pending: s.cleanup_pending,
             ..Default::default()
         }
     }
