@@ -10,6 +10,7 @@
 //! - [`proto`] is the code generated from `proto/`.
 //! - [`bench`] is `hoard bench`, a load generator for any REAPI endpoint.
 //! - [`cli`] holds the operator subcommands (`hoard stats`, `gc`, `verify`) `main.rs` calls.
+//! - [`watch`] is the persisted event log behind the watch stream.
 
 pub mod bench;
 pub mod cli;
@@ -23,3 +24,4 @@ pub mod resource_name;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod watch;

@@ -19,14 +19,17 @@ use crate::proto::reapi::{
     action_cache_server::ActionCacheServer, capabilities_server::CapabilitiesServer,
     content_addressable_storage_server::ContentAddressableStorageServer,
 };
+use crate::proto::watch::watch_server::WatchServer;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::bytestream::ByteStreamService;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::health::{HealthReporter, State};
+use crate::service::watch::WatchService;
 use crate::service::Limits;
 use crate::store::sled::SledStore;
 use crate::store::Store;
+use crate::watch::EventLog;
 
 /// HTTP/2 flow-control window of each stream.
 const STREAM_WINDOW: u32 = 4 << 20;
@@ -43,13 +46,30 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let store = SledStore::from_config(config)?;
-    serve(listener, Arc::new(store), config, shutdown).await
+    // The watch event log lives in the store's database, so one flush covers both.
+    let events = Arc::new(EventLog::open(|name| store.tree(name), &config.watch)?);
+    serve_with_events(listener, Arc::new(store), events, config, shutdown).await
 }
 
-/// Serves `store` on `listener` until `shutdown` completes, then flushes the store.
+/// Serves `store` on `listener` until `shutdown` completes, then flushes the store. Watch
+/// events are kept in a temporary log that does not outlive the call (for stores built by hand,
+/// as in tests); [`run`] persists them.
 pub async fn serve(
     listener: TcpListener,
     store: Arc<dyn Store>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let events = Arc::new(EventLog::temporary(&config.watch)?);
+    serve_with_events(listener, store, events, config, shutdown).await
+}
+
+/// Serves `store` and the watch stream of `events` on `listener` until `shutdown` completes,
+/// then flushes the store.
+pub async fn serve_with_events(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    events: Arc<EventLog>,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
@@ -79,10 +99,9 @@ pub async fn serve(
         .add_service(sized!(ContentAddressableStorageServer::new(
             CasService::new(store.clone(), limits.clone())
         )))
-        .add_service(sized!(ActionCacheServer::new(ActionCacheService::new(
-            store.clone(),
-            limits.clone()
-        ))))
+        .add_service(sized!(ActionCacheServer::new(
+            ActionCacheService::new(store.clone(), limits.clone()).with_events(events.clone())
+        )))
         .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
             store.clone(),
             limits.clone()
@@ -90,6 +109,7 @@ pub async fn serve(
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
             crate::service::admin::AdminService::new(store.clone())
         )))
+        .add_service(WatchServer::new(WatchService::new(events.clone())))
         .add_service(HealthServer::new(health.service()));
 
     let addr = listener
@@ -107,11 +127,14 @@ pub async fn serve(
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     let draining = health.clone();
+    let closing = events.clone();
     let drain_delay = config.drain_delay.0;
     let server = router.serve_with_incoming_shutdown(incoming, async move {
         shutdown.await;
         tracing::info!("shutting down: health is NOT_SERVING, finishing in-flight calls");
         draining.set(State::Draining);
+        // Watch streams never end on their own; they would hold the drain open.
+        closing.close();
         if !drain_delay.is_zero() {
             // Keep serving while balancers notice NOT_SERVING and stop routing to us.
             tracing::info!(?drain_delay, "waiting before refusing new calls");

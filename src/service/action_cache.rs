@@ -18,15 +18,28 @@ use crate::proto::reapi::{
     UpdateActionResultRequest,
 };
 use crate::store::Store;
+use crate::watch::{Event, EventLog};
 
 pub struct ActionCacheService {
     store: Arc<dyn Store>,
     limits: Limits,
+    /// Where stored results are announced (ACTION_RESULT_STORED), if watching is wired up.
+    events: Option<Arc<EventLog>>,
 }
 
 impl ActionCacheService {
     pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
-        ActionCacheService { store, limits }
+        ActionCacheService {
+            store,
+            limits,
+            events: None,
+        }
+    }
+
+    /// Publishes an ACTION_RESULT_STORED event for every result stored.
+    pub fn with_events(mut self, events: Arc<EventLog>) -> Self {
+        self.events = Some(events);
+        self
     }
 
     /// Every CAS blob the result needs, including the files inside output directory trees.
@@ -163,6 +176,10 @@ impl ActionCache for ActionCacheService {
         self.store
             .put_action_result(&r.instance_name, &action, encoded)
             .await?;
+        if let Some(events) = &self.events {
+            // Not waiting for the event's fsync: watchers get it after the next group commit.
+            events.publish(Event::action_result_stored(&r.instance_name, action))?;
+        }
         Ok(Response::new(result))
     }
 }

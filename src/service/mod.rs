@@ -7,6 +7,7 @@ pub mod bytestream;
 pub mod capabilities;
 pub mod cas;
 pub mod health;
+pub mod watch;
 
 use crate::config::LimitsConfig;
 use crate::digest::Digest;
