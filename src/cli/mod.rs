@@ -2,3 +2,4 @@
 //! dispatches to them.
 
 pub mod admin;
+pub mod watch;
