@@ -17,14 +17,14 @@ use tonic::transport::Channel;
 
 use crate::common::{blob, digest_of, read_name, write_name, write_requests};
 
-/// A `hoard serve` child process on 127.0.0.1 with the given data dir.
-struct Process {
+/// A `hoard serve` child process on 127.0.0.1 with the given data dir (also used by watch.rs).
+pub(crate) struct Process {
     child: Child,
-    channel: Channel,
+    pub(crate) channel: Channel,
 }
 
 impl Process {
-    async fn start(data_dir: &std::path::Path) -> Self {
+    pub(crate) async fn start(data_dir: &std::path::Path) -> Self {
         let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -63,7 +63,7 @@ impl Process {
         Process { child, channel }
     }
 
-    fn kill9(mut self) {
+    pub(crate) fn kill9(mut self) {
         let _ = Command::new("kill")
             .args(["-KILL", &self.child.id().to_string()])
             .status();

@@ -12,3 +12,4 @@ mod crash;
 mod health;
 mod integrity;
 mod lifecycle;
+mod watch;
