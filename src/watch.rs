@@ -998,7 +998,11 @@ mod tests {
         assert_eq!(err.error.code(), tonic::Code::ResourceExhausted);
         let resume = err.resume_after.unwrap();
         assert_eq!(got, (1..=got.len() as u64).collect::<Vec<_>>());
-        assert_eq!(resume, got.len() as u64, "resume right after the last event sent");
+        assert_eq!(
+            resume,
+            got.len() as u64,
+            "resume right after the last event sent"
+        );
         assert!(resume < 300);
     }
 
