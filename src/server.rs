@@ -124,6 +124,11 @@ pub async fn serve_with_events(
         store.clone(),
         config.storage.abandoned_upload_age.0,
     ));
+    let upkeep = tokio::spawn({
+        let store = store.clone();
+        async move { store.maintain().await }
+    });
+    let readiness = tokio::spawn(report_writability(store.clone(), health.clone()));
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     let draining = health.clone();
@@ -158,9 +163,20 @@ pub async fn serve_with_events(
         }
     };
     sweeper.abort();
+    upkeep.abort();
+    readiness.abort();
     store.flush().await?;
     tracing::info!("store flushed");
     result
+}
+
+/// Keeps the `hoard.Writes` health status in step with the store.
+async fn report_writability(store: Arc<dyn Store>, health: HealthReporter) {
+    let mut ticks = tokio::time::interval(Duration::from_secs(1));
+    loop {
+        ticks.tick().await;
+        health.set_writable(store.write_refusal().is_none());
+    }
 }
 
 /// Periodically deletes partial uploads older than `max_age`.

@@ -239,6 +239,7 @@ impl SledStore {
                 e,
             )
         })?;
+        let fresh = !data_dir.join("sled").exists();
         let db = sled::Config::new()
             .path(data_dir.join("sled"))
             .cache_capacity(options.cache_capacity)
@@ -257,7 +258,8 @@ impl SledStore {
         let blobs = db.open_tree("blobs")?;
         let ac = db.open_tree("ac")?;
         let atime = db.open_tree("atime")?;
-        let clean = lifecycle::take_clean_shutdown_mark(data_dir)?;
+        // A brand-new data dir has nothing to clean up either.
+        let clean = lifecycle::take_clean_shutdown_mark(data_dir)? || fresh;
         let life = lifecycle::Lifecycle::new(&options, !clean);
         let index = load_index(&cas, &atime, &life, options.inline_threshold)?;
         life.count_action_results(&ac)?;

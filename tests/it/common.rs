@@ -45,6 +45,22 @@ impl TestServer {
 
     /// A server on `config.data_dir` (which the caller keeps alive).
     pub async fn start_config(config: Config) -> Self {
+        Self::start_inner(config, None).await
+    }
+
+    /// A server over a store the test opened itself (to move its clock, say); `config` gives
+    /// the limits and the data dir it reports.
+    pub async fn start_store(
+        store: std::sync::Arc<dyn hoard::store::Store>,
+        config: Config,
+    ) -> Self {
+        Self::start_inner(config, Some(store)).await
+    }
+
+    async fn start_inner(
+        config: Config,
+        store: Option<std::sync::Arc<dyn hoard::store::Store>>,
+    ) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -52,10 +68,13 @@ impl TestServer {
         let (tx, rx) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
         let handle = tokio::spawn(async move {
-            hoard::server::run(listener, &config, async {
+            let shutdown = async {
                 let _ = rx.await;
-            })
-            .await
+            };
+            match store {
+                Some(store) => hoard::server::serve(listener, store, &config, shutdown).await,
+                None => hoard::server::run(listener, &config, shutdown).await,
+            }
         });
         let channel = Channel::from_shared(format!("http://{addr}"))
             .expect("uri")

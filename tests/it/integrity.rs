@@ -283,36 +283,51 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
     // Space held back so that freeing it later proves writes recover.
     let filler = disk.path.join("filler");
     std::fs::write(&filler, vec![0u8; 12 << 20]).unwrap();
-    let server = TestServer::start_config(Config {
+    // max_size well above the disk, so the disk fills first. The test holds the store to move
+    // its clock past the retention period later.
+    let config = Config {
         data_dir: disk.path.join("data"),
+        storage: hoard::config::StorageConfig {
+            max_size: hoard::config::ByteSize(1 << 30),
+            ..Default::default()
+        },
         ..Config::default()
-    })
-    .await;
+    };
+    let store = hoard::store::sled::SledStore::from_config(&config).unwrap();
+    let server = TestServer::start_store(std::sync::Arc::new(store.clone()), config).await;
     let small = blob(10_000, 1);
     let large = blob(2_000_000, 2);
     let small_d = upload(&server, "", &small).await;
     let large_d = upload(&server, "", &large).await;
 
-    // Fill the disk with large uploads until one is refused.
-    let mut refused = None;
-    for i in 0..40u64 {
-        let data = blob(4 << 20, 100 + i);
-        let d = digest_of(&data);
-        let reqs = write_requests(
-            &write_name("", &format!("fill{i}"), &d),
-            &data,
-            0,
-            256 << 10,
-        );
-        if let Err(e) = server.bytestream().write(futures::stream::iter(reqs)).await {
-            refused = Some(e);
-            break;
+    // Fills the disk with large uploads until one is refused.
+    let fill = |round: u64| {
+        let server = &server;
+        async move {
+            for i in 0..40u64 {
+                let data = blob(4 << 20, round * 1000 + i);
+                let d = digest_of(&data);
+                let reqs = write_requests(
+                    &write_name("", &format!("fill{round}-{i}"), &d),
+                    &data,
+                    0,
+                    256 << 10,
+                );
+                if let Err(e) = server.bytestream().write(futures::stream::iter(reqs)).await {
+                    return e;
+                }
+            }
+            panic!("the disk never filled up");
         }
-    }
-    let err = refused.expect("the disk never filled up");
+    };
+    let err = fill(1).await;
     eprintln!("full disk: {}", err.message());
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
-    assert!(err.message().contains("full"), "{}", err.message());
+    assert!(
+        err.message().contains("storage is full"),
+        "{}",
+        err.message()
+    );
 
     // What was stored before is still served, and the server still answers.
     assert!(
@@ -327,11 +342,64 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
             .unwrap()
             == large
     );
+    // Readiness for writes reports the full disk (nothing is old enough to evict yet).
+    assert!(
+        wait_for_writes_health(&server, 2).await,
+        "hoard.Writes stayed SERVING"
+    );
 
-    // Once space is free again, uploads succeed again.
+    // Once space is free again, uploads succeed again, and readiness recovers.
     std::fs::remove_file(&filler).unwrap();
     let after = blob(3_000_000, 999);
     let d = upload(&server, "", &after).await;
     assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == after);
+    assert!(
+        wait_for_writes_health(&server, 1).await,
+        "hoard.Writes stayed NOT_SERVING"
+    );
+
+    // Full again; this time blobs past their retention exist, and eviction makes the room.
+    let err = fill(2).await;
+    assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    store.advance_clock(std::time::Duration::from_secs(4 * 3600));
+    let again = blob(3_000_000, 998);
+    let mut stored = false;
+    for _ in 0..50 {
+        let d = digest_of(&again);
+        let reqs = write_requests(&write_name("", "again", &d), &again, 0, 256 << 10);
+        if server
+            .bytestream()
+            .write(futures::stream::iter(reqs))
+            .await
+            .is_ok()
+        {
+            stored = true;
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert!(stored, "eviction did not make room on the full disk");
+    let stats = hoard::store::Store::stats(&store).await.unwrap();
+    assert!(stats.evicted_blobs > 0, "{stats:?}");
     server.stop().await;
+}
+
+/// Waits up to 5 s for the `hoard.Writes` health status to become `want` (1 SERVING, 2 NOT).
+async fn wait_for_writes_health(server: &TestServer, want: i32) -> bool {
+    for _ in 0..50 {
+        let status = server
+            .health()
+            .check(hoard::proto::health::HealthCheckRequest {
+                service: "hoard.Writes".into(),
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .status;
+        if status == want {
+            return true;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    false
 }

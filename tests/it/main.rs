@@ -9,6 +9,7 @@ mod cas;
 mod common;
 mod compression;
 mod crash;
+mod eviction;
 mod health;
 mod integrity;
 mod lifecycle;
