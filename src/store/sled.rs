@@ -258,6 +258,7 @@ impl SledStore {
         let blobs = db.open_tree("blobs")?;
         let ac = db.open_tree("ac")?;
         let atime = db.open_tree("atime")?;
+        upgrade_format(&db, &ac)?;
         // A brand-new data dir has nothing to clean up either.
         let clean = lifecycle::take_clean_shutdown_mark(data_dir)? || fresh;
         let life = lifecycle::Lifecycle::new(&options, !clean);
@@ -737,6 +738,38 @@ impl UploadHashes {
         self.xxh3.update(data);
         Ok(())
     }
+}
+
+/// Version of the layout described at the top of this file, kept under `format` in the
+/// default tree. 1: action results without a last-use prefix (before eviction existed).
+const FORMAT: u32 = 2;
+
+/// Brings a data dir written by an older hoard up to [`FORMAT`]. Action results of format 1
+/// lack the last-use prefix; read as format 2 they would be served with their first bytes cut
+/// off, so they are dropped (a cache may forget, never serve wrong data).
+fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
+    let stored = db
+        .get("format")?
+        .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
+        .map(u32::from_be_bytes);
+    match stored {
+        Some(FORMAT) => return Ok(()),
+        Some(v) if v > FORMAT => {
+            return Err(Error::FailedPrecondition(format!(
+                "the data dir was written by a newer hoard (format {v}, this one reads {FORMAT})"
+            )))
+        }
+        Some(_) | None if !ac.is_empty() => {
+            tracing::warn!(
+                results = ac.len(),
+                "dropping action results stored by an older hoard (format 1)"
+            );
+            ac.clear()?;
+        }
+        _ => {}
+    }
+    db.insert("format", &FORMAT.to_be_bytes())?;
+    Ok(())
 }
 
 /// Rebuilds the in-memory index from sled's index entries and last-use times. Reads keys and

@@ -848,3 +848,47 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[tokio::test]
+    async fn action_results_of_the_old_format_are_dropped_not_misread() {
+        let tmp = tempfile::tempdir().unwrap();
+        let action = Digest::of(b"action");
+        {
+            let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+            // As format 1 wrote it: the encoded result without the last-use prefix.
+            store
+                .inner
+                .ac
+                .insert(ac_key("", &action), &b"\x0a\x02hi"[..])
+                .unwrap();
+            store.inner.db.remove("format").unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+        assert_eq!(store.get_action_result("", &action).await.unwrap(), None);
+        store
+            .put_action_result("", &action, Bytes::from_static(b"new"))
+            .await
+            .unwrap();
+        store.flush().await.unwrap();
+        drop(store);
+        // Format 2 data is kept across restarts.
+        let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+        assert_eq!(
+            store.get_action_result("", &action).await.unwrap(),
+            Some(Bytes::from_static(b"new"))
+        );
+        assert_eq!(store.stats().await.unwrap().action_results, 1);
+    }
+
+    #[test]
+    fn charges_whole_blocks_for_files_and_overhead_for_inline_blobs() {
+        assert_eq!(charge(10, 64 << 10), 10 + INLINE_OVERHEAD);
+        assert_eq!(charge(65 << 10, 64 << 10), 68 << 10);
+        assert_eq!(charge(128 << 10, 64 << 10), 128 << 10);
+    }
+}
