@@ -89,6 +89,34 @@ pub trait Store: Send + Sync + 'static {
     /// Why writes are refused right now (disk full, or cache full of blobs within their
     /// retention), if they are. Cheap: readiness probes ask it.
     fn write_refusal(&self) -> Option<String>;
+
+    /// The namespaces (instance names) with action results or invalidations, with their epochs
+    /// and last use. For pattern invalidation, pruning and `stats`.
+    async fn namespaces(&self) -> Result<Vec<NamespaceInfo>>;
+
+    /// Removes the listed action results of `instance`; returns how many there were.
+    async fn invalidate_actions(&self, instance: &str, actions: &[Digest]) -> Result<u64>;
+
+    /// Makes every action result stored in `instance` so far invisible at once, by bumping the
+    /// namespace's epoch (O(1); the space is reclaimed by a later sweep). Records `reason`.
+    /// Returns the new epoch.
+    async fn invalidate_namespace(&self, instance: &str, reason: &str) -> Result<u64>;
+
+    /// Deletes a namespace: its action results and its record. Returns how many results went.
+    async fn drop_namespace(&self, instance: &str) -> Result<u64>;
+}
+
+/// What the store knows of one namespace.
+#[derive(Clone, Debug, Default, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct NamespaceInfo {
+    pub name: String,
+    /// Action results stored before the namespace's current epoch are invisible.
+    pub epoch: u64,
+    /// Last read or write of an action result in it (Unix seconds).
+    pub last_used: u64,
+    /// When it was last invalidated as a whole (Unix seconds), and why.
+    pub invalidated_at: Option<u64>,
+    pub reason: Option<String>,
 }
 
 /// What `hoard stats` reports. Sizes in bytes, ages in seconds.

@@ -13,8 +13,9 @@
 //! before its index entry, so the index never names data that is not there. (A crash in between
 //! can leave unreferenced data behind, never a visible partial blob.)
 //!
-//! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → last use (u32 seconds, big-endian) ‖ encoded
-//! ActionResult. Instance names cannot contain NUL ([`crate::namespace`]), so the key is
+//! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → last use (u32 seconds, big-endian) ‖ epoch of
+//! its namespace when stored (u64 BE) ‖ encoded ActionResult. A result whose epoch is older than
+//! its namespace's (see [`namespaces`], tree `namespaces`) has been invalidated. Instance names cannot contain NUL ([`crate::namespace`]), so the key is
 //! unambiguous and one instance is one prefix.
 //!
 //! tree `atime`: `hash` → last use of a blob (u32 seconds, big-endian), written in batches from
@@ -24,6 +25,7 @@
 //! [`lifecycle`].
 
 mod lifecycle;
+mod namespaces;
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
@@ -41,7 +43,7 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
 use super::files::{BlobFiles, BlobWriter};
 use super::index::Index;
-use super::{BlobStream, GcReport, Store, StoreStats, Upload, VerifyReport};
+use super::{BlobStream, GcReport, NamespaceInfo, Store, StoreStats, Upload, VerifyReport};
 use crate::config::{Config, NamespacesConfig};
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
@@ -115,6 +117,8 @@ struct Inner {
     index: Index,
     /// Size bounds, retention and the counters `stats` reports.
     life: lifecycle::Lifecycle,
+    /// Epochs and last use of namespaces.
+    namespaces: namespaces::Namespaces,
     /// Orders publishing a blob against evicting or dropping the same hash, so an eviction
     /// never deletes a copy that was just re-uploaded.
     stripes: Vec<Mutex<()>>,
@@ -259,6 +263,7 @@ impl SledStore {
         let ac = db.open_tree("ac")?;
         let atime = db.open_tree("atime")?;
         upgrade_format(&db, &ac)?;
+        let namespaces = namespaces::Namespaces::load(db.open_tree("namespaces")?)?;
         // A brand-new data dir has nothing to clean up either.
         let clean = lifecycle::take_clean_shutdown_mark(data_dir)? || fresh;
         let life = lifecycle::Lifecycle::new(&options, !clean);
@@ -276,6 +281,7 @@ impl SledStore {
                 data_dir: data_dir.to_path_buf(),
                 index,
                 life,
+                namespaces,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
                 inline_gate: RwLock::new(()),
                 upkeep: Mutex::new(()),
@@ -707,6 +713,27 @@ impl Store for SledStore {
     fn write_refusal(&self) -> Option<String> {
         self.inner.life.write_refusal()
     }
+
+    async fn namespaces(&self) -> Result<Vec<NamespaceInfo>> {
+        Ok(self.inner.namespaces.list())
+    }
+
+    async fn invalidate_actions(&self, instance: &str, actions: &[Digest]) -> Result<u64> {
+        let (inner, instance, actions) =
+            (self.inner.clone(), instance.to_string(), actions.to_vec());
+        run_blocking(move || inner.invalidate_actions(&instance, &actions)).await
+    }
+
+    async fn invalidate_namespace(&self, instance: &str, reason: &str) -> Result<u64> {
+        let (inner, instance, reason) =
+            (self.inner.clone(), instance.to_string(), reason.to_string());
+        run_blocking(move || inner.invalidate_namespace(&instance, &reason)).await
+    }
+
+    async fn drop_namespace(&self, instance: &str) -> Result<u64> {
+        let (inner, instance) = (self.inner.clone(), instance.to_string());
+        run_blocking(move || inner.drop_namespace(&instance)).await
+    }
 }
 
 /// Runs store work that returns our own errors off the async threads.
@@ -741,11 +768,12 @@ impl UploadHashes {
 }
 
 /// Version of the layout described at the top of this file, kept under `format` in the
-/// default tree. 1: action results without a last-use prefix (before eviction existed).
-const FORMAT: u32 = 2;
+/// default tree. 1: action results without a last-use prefix (before eviction existed); 2:
+/// without an epoch (before invalidation existed).
+const FORMAT: u32 = 3;
 
-/// Brings a data dir written by an older hoard up to [`FORMAT`]. Action results of format 1
-/// lack the last-use prefix; read as format 2 they would be served with their first bytes cut
+/// Brings a data dir written by an older hoard up to [`FORMAT`]. Action results of older formats
+/// lack part of today's header; read as today's they would be served with their first bytes cut
 /// off, so they are dropped (a cache may forget, never serve wrong data).
 fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
     let stored = db
@@ -762,7 +790,7 @@ fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
         Some(_) | None if !ac.is_empty() => {
             tracing::warn!(
                 results = ac.len(),
-                "dropping action results stored by an older hoard (format 1)"
+                "dropping action results stored by an older hoard"
             );
             ac.clear()?;
         }

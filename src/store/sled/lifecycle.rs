@@ -375,12 +375,16 @@ impl Inner {
         let Some(value) = self.ac.get(&key)? else {
             return Ok(None);
         };
-        let Some(used) = value.get(..4).and_then(|b| <[u8; 4]>::try_from(b).ok()) else {
+        let Some((used, epoch)) = ac_header(&value) else {
             self.remove_action_result(&key, &value)?;
             return Ok(None);
         };
-        let used = u32::from_be_bytes(used);
         let now = life.now();
+        if epoch < self.namespaces.epoch_and_touch(instance, now)? {
+            // Invalidated with its whole namespace; the space is reclaimed right here.
+            self.remove_action_result(&key, &value)?;
+            return Ok(None);
+        }
         let ttl = life.namespaces.ac_ttl(instance).as_secs();
         let idle = now.saturating_sub(used) as u64;
         if ttl > 0 && idle > ttl {
@@ -404,7 +408,7 @@ impl Inner {
                 .compare_and_swap(&key, Some(&value), Some(renewed))?;
         }
         life.ac_hits.fetch_add(1, Relaxed);
-        Ok(Some(Bytes::copy_from_slice(&value[4..])))
+        Ok(Some(Bytes::copy_from_slice(&value[AC_HEADER..])))
     }
 
     /// Removes one action result if it still has `value`; true if it did.
@@ -427,15 +431,56 @@ impl Inner {
         result: &[u8],
     ) -> Result<()> {
         let key = ac_key(instance, action);
-        let charge = (key.len() + 4 + result.len()) as u64;
+        let charge = (key.len() + AC_HEADER + result.len()) as u64;
         self.life.admit(charge)?;
-        let mut value = Vec::with_capacity(4 + result.len());
-        value.extend_from_slice(&self.life.now().to_be_bytes());
+        let now = self.life.now();
+        let epoch = self.namespaces.epoch_and_touch(instance, now)?;
+        let mut value = Vec::with_capacity(AC_HEADER + result.len());
+        value.extend_from_slice(&now.to_be_bytes());
+        value.extend_from_slice(&epoch.to_be_bytes());
         value.extend_from_slice(result);
         let old = self.ac.insert(&key, value)?;
         self.life
             .ac_changed(Some(charge), old.map(|o| (key.len() + o.len()) as u64));
         Ok(())
+    }
+
+    /// Removes the listed action results of `instance`; returns how many there were.
+    pub(super) fn invalidate_actions(&self, instance: &str, actions: &[Digest]) -> Result<u64> {
+        let mut removed = 0;
+        for action in actions {
+            let key = ac_key(instance, action);
+            if let Some(old) = self.ac.remove(&key)? {
+                self.life
+                    .ac_changed(None, Some((key.len() + old.len()) as u64));
+                removed += 1;
+            }
+        }
+        self.db.flush()?;
+        Ok(removed)
+    }
+
+    /// Bumps the epoch of `instance` and makes it durable before returning.
+    pub(super) fn invalidate_namespace(&self, instance: &str, reason: &str) -> Result<u64> {
+        let epoch = self.namespaces.bump(instance, self.life.now(), reason)?;
+        self.db.flush()?;
+        Ok(epoch)
+    }
+
+    /// Deletes every action result of `instance` and its record.
+    pub(super) fn drop_namespace(&self, instance: &str) -> Result<u64> {
+        let mut prefix = instance.as_bytes().to_vec();
+        prefix.push(0);
+        let mut removed = 0;
+        for entry in self.ac.scan_prefix(&prefix) {
+            let (key, value) = entry?;
+            if self.remove_action_result(&key, &value)? {
+                removed += 1;
+            }
+        }
+        self.namespaces.remove(instance)?;
+        self.db.flush()?;
+        Ok(removed)
     }
 
     /// Writes the last-use times that changed since the previous call to tree `atime`.
@@ -453,6 +498,7 @@ impl Inner {
         if n > 0 {
             self.atime.apply_batch(batch)?;
         }
+        self.namespaces.persist()?;
         self.life.unpersisted_since.store(started, Relaxed);
         Ok(())
     }
@@ -558,12 +604,11 @@ impl Inner {
             };
             let instance = String::from_utf8_lossy(&key[..sep]);
             let ttl = self.life.namespaces.ac_ttl(&instance).as_secs();
-            let used = value
-                .get(..4)
-                .and_then(|b| <[u8; 4]>::try_from(b).ok())
-                .map(u32::from_be_bytes);
-            let stale = match used {
-                Some(used) => ttl > 0 && now.saturating_sub(used) as u64 > ttl,
+            let stale = match ac_header(&value) {
+                Some((used, epoch)) => {
+                    (ttl > 0 && now.saturating_sub(used) as u64 > ttl)
+                        || epoch < self.namespaces.epoch(&instance)
+                }
                 None => true,
             };
             if stale && self.remove_action_result(&key, &value)? {
@@ -777,6 +822,16 @@ impl Inner {
         }
         Ok(())
     }
+}
+
+/// Bytes before the encoded ActionResult in an `ac` value: last use (u32), epoch (u64).
+pub(super) const AC_HEADER: usize = 12;
+
+/// Last use and epoch of an `ac` value.
+fn ac_header(value: &[u8]) -> Option<(u32, u64)> {
+    let used = u32::from_be_bytes(value.get(..4)?.try_into().ok()?);
+    let epoch = u64::from_be_bytes(value.get(4..AC_HEADER)?.try_into().ok()?);
+    Some((used, epoch))
 }
 
 /// Whether a blob file holds exactly the bytes of `digest` (full SHA-256).
