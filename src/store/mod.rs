@@ -104,6 +104,14 @@ pub trait Store: Send + Sync + 'static {
 
     /// Deletes a namespace: its action results and its record. Returns how many results went.
     async fn drop_namespace(&self, instance: &str) -> Result<u64>;
+
+    /// The store's clock in Unix seconds: the one `NamespaceInfo::last_used` is measured by, so
+    /// "idle for N" is judged on the same clock (tests move a store's clock forward).
+    fn clock(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
 }
 
 /// What the store knows of one namespace.

@@ -714,6 +714,10 @@ impl Store for SledStore {
         self.inner.life.write_refusal()
     }
 
+    fn clock(&self) -> u64 {
+        self.inner.life.now() as u64
+    }
+
     async fn namespaces(&self) -> Result<Vec<NamespaceInfo>> {
         Ok(self.inner.namespaces.list())
     }
