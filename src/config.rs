@@ -87,19 +87,27 @@ pub struct NamespacesConfig {
     pub rules: Vec<NamespaceRule>,
 }
 
-/// Settings of the namespaces one rule covers.
+/// Settings of the namespaces no rule matches.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct NamespacePolicy {
     /// Action results unused for this long are dropped. Default 30d; "0s" keeps them until
     /// their outputs are evicted.
     pub ac_ttl: HumanDuration,
+    /// Namespaces whose action results are also served, in this order, after the instance's
+    /// own. Default none.
+    pub read: Vec<String>,
+    /// Where UpdateActionResult stores: `"self"` (the instance itself, the default), `"none"`
+    /// (read-only: updates get PERMISSION_DENIED and Capabilities says so), or a namespace name.
+    pub write: String,
 }
 
 impl Default for NamespacePolicy {
     fn default() -> Self {
         NamespacePolicy {
             ac_ttl: HumanDuration(Duration::from_secs(30 * 86_400)),
+            read: Vec::new(),
+            write: "self".into(),
         }
     }
 }
@@ -113,17 +121,61 @@ pub struct NamespaceRule {
     pub pattern: String,
     /// Defaults to `namespaces.default.ac_ttl`.
     pub ac_ttl: Option<HumanDuration>,
+    /// Defaults to `namespaces.default.read`.
+    pub read: Option<Vec<String>>,
+    /// Defaults to `namespaces.default.write`.
+    pub write: Option<String>,
 }
 
 impl NamespacesConfig {
+    /// The first rule matching an instance name.
+    pub fn rule(&self, instance: &str) -> Option<&NamespaceRule> {
+        self.rules.iter().find(|r| glob_match(&r.pattern, instance))
+    }
+
     /// The AC TTL of an instance name (zero: no TTL).
     pub fn ac_ttl(&self, instance: &str) -> Duration {
-        self.rules
-            .iter()
-            .find(|r| glob_match(&r.pattern, instance))
+        self.rule(instance)
             .and_then(|r| r.ac_ttl)
             .unwrap_or(self.default.ac_ttl)
             .0
+    }
+
+    /// Checks the names rules refer to.
+    fn check(&self) -> Result<(), String> {
+        let policies = std::iter::once((
+            "namespaces.default".to_string(),
+            Some(&self.default.read),
+            Some(&self.default.write),
+        ))
+        .chain(self.rules.iter().map(|r| {
+            (
+                format!("namespaces.rule {:?}", r.pattern),
+                r.read.as_ref(),
+                r.write.as_ref(),
+            )
+        }));
+        for (what, read, write) in policies {
+            for name in read.into_iter().flatten() {
+                crate::namespace::validate(name)
+                    .map_err(|e| format!("{what}: read entry {name:?}: {e}"))?;
+            }
+            if let Some(w) = write {
+                if w != "self" && w != "none" {
+                    crate::namespace::validate(w)
+                        .map_err(|e| format!("{what}: write {w:?}: {e}"))?;
+                }
+            }
+        }
+        for r in &self.rules {
+            if r.pattern.len() > crate::namespace::MAX_INSTANCE_NAME_LEN {
+                return Err(format!(
+                    "namespaces.rule pattern {:?} is too long",
+                    r.pattern
+                ));
+            }
+        }
+        Ok(())
     }
 }
 
@@ -263,6 +315,7 @@ impl Config {
         if self.watch.retained_events == 0 || self.watch.max_lag == 0 {
             return Err("watch.retained_events and watch.max_lag must be above 0".into());
         }
+        self.namespaces.check()?;
         let st = &self.storage;
         if !(st.low_watermark < st.high_watermark && st.high_watermark <= 100) {
             return Err(format!(

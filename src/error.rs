@@ -20,6 +20,9 @@ pub enum Error {
     /// The request is well formed but the state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller may not do this here (e.g. update a read-only namespace).
+    #[error("{0}")]
+    PermissionDenied(String),
     /// A concurrent operation conflicts with this one; retrying later may succeed.
     #[error("{0}")]
     Aborted(String),
@@ -65,6 +68,7 @@ impl Error {
             Error::OutOfRange(_) => tonic::Code::OutOfRange,
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
+            Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
             Error::ResourceExhausted(_) | Error::StorageFull(_) => tonic::Code::ResourceExhausted,
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Stream(status) => status.code(),

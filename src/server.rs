@@ -74,6 +74,7 @@ pub async fn serve_with_events(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let limits = Limits::from(&config.limits);
+    let policy = Arc::new(crate::namespace::Policy::new(&config.namespaces));
     let max_message = config.limits.max_message_size.0 as usize;
     let health = HealthReporter::new();
 
@@ -93,14 +94,16 @@ pub async fn serve_with_events(
         // so their streams and what those hold are released.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
-        .add_service(sized!(CapabilitiesServer::new(CapabilitiesService::new(
-            limits.clone()
-        ))))
+        .add_service(sized!(CapabilitiesServer::new(
+            CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
+        )))
         .add_service(sized!(ContentAddressableStorageServer::new(
             CasService::new(store.clone(), limits.clone())
         )))
         .add_service(sized!(ActionCacheServer::new(
-            ActionCacheService::new(store.clone(), limits.clone()).with_events(events.clone())
+            ActionCacheService::new(store.clone(), limits.clone())
+                .with_events(events.clone())
+                .with_policy(policy.clone())
         )))
         .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
             store.clone(),

@@ -1,7 +1,9 @@
 //! `ActionCache`: action results per instance name.
 //!
 //! Results are served only while every blob they reference is still in the CAS; otherwise Bazel
-//! would fail mid-build with "lost inputs". Small outputs are inlined on request.
+//! would fail mid-build with "lost inputs". Small outputs are inlined on request. The namespace
+//! policy decides which namespaces a lookup tries (the instance, then e.g. `ci/main`) and where an
+//! update is stored.
 
 use std::sync::Arc;
 
@@ -12,7 +14,7 @@ use tonic::{Request, Response, Status};
 use super::Limits;
 use crate::digest::{self, Digest};
 use crate::error::{Error, Result};
-use crate::namespace;
+use crate::namespace::{self, Policy};
 use crate::proto::reapi::{
     action_cache_server::ActionCache, ActionResult, GetActionResultRequest, Tree,
     UpdateActionResultRequest,
@@ -25,6 +27,8 @@ pub struct ActionCacheService {
     limits: Limits,
     /// Where stored results are announced (ACTION_RESULT_STORED), if watching is wired up.
     events: Option<Arc<EventLog>>,
+    /// Read chains and write targets of instance names.
+    policy: Arc<Policy>,
 }
 
 impl ActionCacheService {
@@ -33,13 +37,49 @@ impl ActionCacheService {
             store,
             limits,
             events: None,
+            policy: Arc::new(Policy::default()),
         }
+    }
+
+    /// Serves lookups through read chains and stores updates where the policy says.
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     /// Publishes an ACTION_RESULT_STORED event for every result stored.
     pub fn with_events(mut self, events: Arc<EventLog>) -> Self {
         self.events = Some(events);
         self
+    }
+
+    /// The result stored for `action` in namespace `ns` if it can be served: `Err(None)` if there
+    /// is none, `Err(Some(why))` if there is one that cannot be served (outputs evicted, ...).
+    async fn servable(
+        &self,
+        ns: &str,
+        action: &Digest,
+    ) -> Result<Result<ActionResult, Option<String>>> {
+        let Some(bytes) = self.store.get_action_result(ns, action).await? else {
+            return Ok(Err(None));
+        };
+        let result = ActionResult::decode(bytes.as_ref())
+            .map_err(|e| Error::internal(format!("stored action result of {action}"), e))?;
+        let needed = match self.referenced_blobs(&result).await? {
+            Ok(needed) => needed,
+            Err(why) => {
+                tracing::warn!(%action, ns, why, "stored action result cannot be served");
+                return Ok(Err(Some(why)));
+            }
+        };
+        let missing = self.store.find_missing(&needed).await?;
+        if let Some(m) = missing.first() {
+            tracing::debug!(%action, ns, missing = %m, "action result is incomplete");
+            return Ok(Err(Some(format!(
+                "it references blob {m}, which is no longer in the CAS"
+            ))));
+        }
+        Ok(Ok(result))
     }
 
     /// Every CAS blob the result needs, including the files inside output directory trees.
@@ -121,41 +161,30 @@ impl ActionCache for ActionCacheService {
         namespace::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
-        let not_found = || {
-            Error::NotFound(format!(
-                "no action result for action {action} in instance {:?}",
-                r.instance_name
-            ))
-        };
-        let bytes = self
-            .store
-            .get_action_result(&r.instance_name, &action)
-            .await?
-            .ok_or_else(not_found)?;
-        let mut result = ActionResult::decode(bytes.as_ref())
-            .map_err(|e| Error::internal(format!("stored action result of {action}"), e))?;
-        let needed = match self.referenced_blobs(&result).await? {
-            Ok(needed) => needed,
-            Err(why) => {
-                tracing::warn!(%action, why, "stored action result cannot be served");
-                return Err(Error::NotFound(format!(
-                    "action result for {action} cannot be served: {why}"
-                ))
-                .into());
+        // The first namespace in the chain with a servable result wins; an incomplete one (its
+        // outputs evicted) does not hide a complete one further down the chain.
+        let chain = self.policy.read_chain(&r.instance_name);
+        let mut why_not = Vec::new();
+        for ns in &chain {
+            match self.servable(ns, &action).await? {
+                Ok(mut result) => {
+                    self.inline(&mut result, &r).await?;
+                    return Ok(Response::new(result));
+                }
+                Err(Some(why)) => why_not.push(format!("in {ns:?}: {why}")),
+                Err(None) => {}
             }
-        };
-        let missing = self.store.find_missing(&needed).await?;
-        if let Some(m) = missing.first() {
-            tracing::debug!(%action, missing = %m, "action result is incomplete");
-            return Err(Error::NotFound(format!(
-                "action result for {action} in instance {:?} references blob {m}, which is no \
-                 longer in the CAS",
-                r.instance_name
-            ))
-            .into());
         }
-        self.inline(&mut result, &r).await?;
-        Ok(Response::new(result))
+        let looked = chain
+            .iter()
+            .map(|n| format!("{n:?}"))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let mut message = format!("no action result for action {action} in instance {looked}");
+        if !why_not.is_empty() {
+            message = format!("{message} that can be served ({})", why_not.join("; "));
+        }
+        Err(Error::NotFound(message).into())
     }
 
     async fn update_action_result(
@@ -166,6 +195,14 @@ impl ActionCache for ActionCacheService {
         namespace::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        let Some(target) = self.policy.write_target(&r.instance_name) else {
+            return Err(Error::PermissionDenied(format!(
+                "instance {:?} is read-only (namespaces config: write = \"none\"); its action \
+                 results cannot be updated",
+                r.instance_name
+            ))
+            .into());
+        };
         let result = r
             .action_result
             .ok_or_else(|| Error::InvalidArgument("action_result is missing".into()))?;
@@ -174,11 +211,11 @@ impl ActionCache for ActionCacheService {
         // Our ActionResult models every upstream field, so re-encoding keeps all the client sent.
         let encoded = Bytes::from(result.encode_to_vec());
         self.store
-            .put_action_result(&r.instance_name, &action, encoded)
+            .put_action_result(target, &action, encoded)
             .await?;
         if let Some(events) = &self.events {
             // Not waiting for the event's fsync: watchers get it after the next group commit.
-            events.publish(Event::action_result_stored(&r.instance_name, action))?;
+            events.publish(Event::action_result_stored(target, action))?;
         }
         Ok(Response::new(result))
     }

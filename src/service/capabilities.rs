@@ -1,10 +1,12 @@
 //! `Capabilities.GetCapabilities`: what clients learn before anything else. Bazel reads the digest
 //! functions, the batch size limit and whether it may upload action results.
 
+use std::sync::Arc;
+
 use tonic::{Request, Response, Status};
 
 use super::Limits;
-use crate::namespace;
+use crate::namespace::{self, Policy};
 use crate::proto::build::bazel::semver::SemVer;
 use crate::proto::reapi::{
     self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
@@ -14,14 +16,24 @@ use crate::proto::reapi::{
 
 pub struct CapabilitiesService {
     limits: Limits,
+    /// Says per instance whether action results may be updated.
+    policy: Arc<Policy>,
 }
 
 impl CapabilitiesService {
     pub fn new(limits: Limits) -> Self {
-        CapabilitiesService { limits }
+        CapabilitiesService {
+            limits,
+            policy: Arc::new(Policy::default()),
+        }
     }
 
-    fn capabilities(&self) -> ServerCapabilities {
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
+    }
+
+    fn capabilities(&self, instance: &str) -> ServerCapabilities {
         let version = |minor| SemVer {
             major: 2,
             minor,
@@ -31,8 +43,9 @@ impl CapabilitiesService {
         ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: vec![digest_function::Value::Sha256 as i32],
+                // Honest per instance: Bazel then skips uploads a read-only namespace would refuse.
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                    update_enabled: true,
+                    update_enabled: self.policy.write_target(instance).is_some(),
                 }),
                 cache_priority_capabilities: Some(PriorityCapabilities {
                     priorities: vec![reapi::priority_capabilities::PriorityRange {
@@ -62,7 +75,8 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
-        namespace::validate(&request.get_ref().instance_name)?;
-        Ok(Response::new(self.capabilities()))
+        let instance = &request.get_ref().instance_name;
+        namespace::validate(instance)?;
+        Ok(Response::new(self.capabilities(instance)))
     }
 }

@@ -259,6 +259,8 @@ async fn action_results_expire_after_their_namespace_ttl_since_last_use() {
         c.namespaces.rules.push(NamespaceRule {
             pattern: "ci/branches/*".into(),
             ac_ttl: Some(HumanDuration(HOUR)),
+            read: None,
+            write: None,
         });
     })
     .await;

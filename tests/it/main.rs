@@ -13,4 +13,5 @@ mod eviction;
 mod health;
 mod integrity;
 mod lifecycle;
+mod namespaces;
 mod watch;
