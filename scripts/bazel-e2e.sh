@@ -15,6 +15,19 @@
 #   3. after editing tools/magic.cc: exactly the spawns downstream of that
 #      file run again, every other spawn is a remote cache hit.
 #
+# Then the branch-cache scenario of README "Branch caches in CI" (the server's
+# config lets ci/branches/* read ci/main and write only themselves), with a
+# `hoard watch` running throughout:
+#
+#   4. main build (--remote_instance_name=ci/main): its own namespace is cold;
+#   5. first build of a branch (ci/branches/feature-x): every spawn is a hit
+#      from main;
+#   6. the branch edits tools/magic.cc: exactly the downstream spawns run, and
+#      their results land in the branch (watch events) ...
+#   7. ... and not in main: main building the same edit misses them;
+#   8. after `hoard invalidate --namespace ci/main`: the branch re-runs every
+#      action it got from main; the watcher saw the invalidation.
+#
 # Hits are read from Bazel's --execution_log_json_file ("remoteCacheHit").
 #
 # Needs: bazel (Debian's bazel-bootstrap 4.2.3 is enough; installed with apt if
@@ -71,7 +84,15 @@ WS="$TMP/ws"
 OUTPUT_ROOT="$TMP/bazel-root"
 DATA_DIR="$TMP/hoard-data"
 SERVER_LOG="$TMP/hoard.log"
+CONFIG="$TMP/hoard.toml"
+WATCH_PID=""
 mkdir -p "$WS" "$OUTPUT_ROOT" "$DATA_DIR"
+cat >"$CONFIG" <<'EOF'
+# Branch caches: a branch reads itself, then main; it writes only itself.
+[[namespaces.rule]]
+pattern = "ci/branches/*"
+read = ["ci/main"]
+EOF
 
 # The system rc (Debian: /etc/bazel/bazelrc sets --install_base) is needed;
 # user and workspace rc files are not.
@@ -83,6 +104,10 @@ cleanup() {
   trap - EXIT INT TERM
   if [ "$BAZEL_STARTED" = 1 ] && [ -d "$WS" ]; then
     (cd "$WS" && "${BAZEL[@]}" shutdown >/dev/null 2>&1) || true
+  fi
+  if [ -n "$WATCH_PID" ]; then
+    kill "$WATCH_PID" 2>/dev/null || true
+    wait "$WATCH_PID" 2>/dev/null || true
   fi
   if [ -n "$SERVER_PID" ] && kill -0 "$SERVER_PID" 2>/dev/null; then
     kill "$SERVER_PID" 2>/dev/null || true
@@ -135,7 +160,7 @@ start_server() {
   local attempt port
   for attempt in 1 2 3 4 5; do
     port=$(free_port) || port=$((20000 + RANDOM % 40000))
-    "$HOARD" serve --listen "127.0.0.1:$port" --data-dir "$DATA_DIR" >>"$SERVER_LOG" 2>&1 &
+    "$HOARD" serve --config "$CONFIG" --listen "127.0.0.1:$port" --data-dir "$DATA_DIR" >>"$SERVER_LOG" 2>&1 &
     SERVER_PID=$!
     # Up to 30s for the server to accept connections.
     for _ in $(seq 300); do
@@ -443,13 +468,16 @@ BAZEL_FLAGS=(
   --test_output=errors
 )
 
+# Per-build flags (the branch scenario sets --remote_instance_name).
+EXTRA_FLAGS=()
+
 # run_build N: bazel test //... with an execution log; aborts the run if the
 # build fails, else leaves a spawn table in $TMP/spawnsN.tsv.
 run_build() {
   local n=$1 start=$SECONDS
   info "build $n: bazel test //... (remote cache grpc://127.0.0.1:$PORT)"
   BAZEL_STARTED=1
-  (cd "$WS" && "${BAZEL[@]}" test "${BAZEL_FLAGS[@]}" \
+  (cd "$WS" && "${BAZEL[@]}" test "${BAZEL_FLAGS[@]}" "${EXTRA_FLAGS[@]}" \
     --execution_log_json_file="$TMP/exec$n.json" //...) >"$TMP/build$n.log" 2>&1
   BUILD_RC=$?
   info "build $n finished in $((SECONDS - start))s (exit $BUILD_RC); $(grep -E '^INFO: [0-9]+ processes' "$TMP/build$n.log" | tail -n1)"
@@ -627,5 +655,126 @@ else
 fi
 expect_output "build 3: bazel-bin/app/magic_app prints" "magic=1337" "$BIN/app/magic_app"
 expect_output "build 3: bazel-bin/app/hello prints" "HELLO BAZEL!" "$BIN/app/hello"
+
+# --- branch caches -----------------------------------------------------------
+URL="http://127.0.0.1:$PORT"
+MAIN=ci/main
+BRANCH=ci/branches/feature-x
+"$HOARD" watch --server "$URL" --from-now \
+  --kinds action-result-stored,action-invalidated,namespace-invalidated,namespace-dropped \
+  >"$TMP/watch.jsonl" 2>"$TMP/watch.err" &
+WATCH_PID=$!
+sleep 1
+kill -0 "$WATCH_PID" 2>/dev/null || { cat "$TMP/watch.err"; fatal "hoard watch exited at once"; }
+
+clean_build() { # N INSTANCE
+  (cd "$WS" && "${BAZEL[@]}" clean --color=no) >"$TMP/clean$1.log" 2>&1 \
+    || { cat "$TMP/clean$1.log"; fatal "bazel clean before build $1 failed"; }
+  EXTRA_FLAGS=(--remote_instance_name="$2")
+  run_build "$1"
+  check_common "$1"
+}
+
+# Build 4: main's namespace starts empty (the earlier builds used the default
+# instance): everything runs and is stored in ci/main.
+clean_build 4 "$MAIN"
+TOTAL4=$(spawn_count 4)
+HITS4=$(hit_count 4)
+if [ "$HITS4" -eq 0 ] && [ "$TOTAL4" -ge 10 ]; then
+  pass "build 4 ($MAIN): all $TOTAL4 spawns executed; an instance's action cache is its own"
+else
+  fail "build 4 ($MAIN): $HITS4 of $TOTAL4 spawns were hits in a fresh namespace"
+fi
+
+# Build 5: the branch's first build gets every result from main.
+clean_build 5 "$BRANCH"
+TOTAL5=$(spawn_count 5)
+HITS5=$(hit_count 5)
+if [ "$HITS5" -eq "$TOTAL5" ] && [ "$TOTAL5" -eq "$TOTAL4" ]; then
+  pass "build 5 ($BRANCH): all $TOTAL5 spawns were hits from $MAIN"
+else
+  fail "build 5 ($BRANCH): $HITS5 of $TOTAL5 spawns were hits, expected all $TOTAL4 from $MAIN"
+fi
+
+# Build 6: the branch changes tools/magic.cc; its new results go to the branch.
+sed -i 's/kMagic = 1337;/kMagic = 7;/' "$WS/tools/magic.cc"
+grep -q 'kMagic = 7;' "$WS/tools/magic.cc" || fatal "could not edit tools/magic.cc"
+EVENTS_BEFORE6=$(wc -l <"$TMP/watch.jsonl")
+clean_build 6 "$BRANCH"
+sleep 1 # the watcher gets events after their group commit
+EVENTS_AFTER6=$(wc -l <"$TMP/watch.jsonl")
+TOTAL6=$(spawn_count 6)
+HITS6=$(hit_count 6)
+UNEXPECTED=$(RE="$DIRTY" awk -F'\t' '$1 == 0 && $3 !~ ENVIRON["RE"] { print "    " $2 "  " $3 }' "$TMP/spawns6.tsv")
+MISSED=$(RE="$DIRTY" awk -F'\t' '$1 == 1 && $3 ~ ENVIRON["RE"] { print "    " $2 "  " $3 }' "$TMP/spawns6.tsv")
+if [ -z "$UNEXPECTED" ] && [ -z "$MISSED" ] && [ "$HITS6" -lt "$TOTAL6" ]; then
+  pass "build 6 ($BRANCH): exactly the $((TOTAL6 - HITS6)) spawns downstream of the edit ran; $HITS6 hits from $MAIN"
+else
+  [ -n "$UNEXPECTED" ] && printf 'executed although independent of tools/magic.cc:\n%s\n' "$UNEXPECTED"
+  [ -n "$MISSED" ] && printf 'cache hit although downstream of tools/magic.cc:\n%s\n' "$MISSED"
+  fail "build 6 ($BRANCH): executed spawns are not exactly those downstream of the edit"
+fi
+expect_output "build 6: bazel-bin/app/magic_app prints" "magic=7" "$BIN/app/magic_app"
+STORED6=$(sed -n "$((EVENTS_BEFORE6 + 1)),${EVENTS_AFTER6}p" "$TMP/watch.jsonl" \
+  | python3 -c '
+import json, sys
+ns = [json.loads(l)["namespace"] for l in sys.stdin if "ACTION_RESULT_STORED" in l]
+print(len(ns), " ".join(sorted(set(ns))))')
+if [ "${STORED6%% *}" -ge 1 ] && [ "${STORED6#* }" = "$BRANCH" ]; then
+  pass "build 6: the watcher saw ${STORED6%% *} results stored, all in $BRANCH"
+else
+  fail "build 6: stored-result events during the branch build: '$STORED6' (expected only $BRANCH)"
+fi
+
+# Build 7: main builds the same edit: the branch's results are not in main.
+clean_build 7 "$MAIN"
+expect_miss 7 "compile of tools/magic.cc (stored only in the branch)" '(^|,)(host:)?tools/_objs/magic/magic\.(pic\.)?o'
+expect_miss 7 "link of //app:magic_app (stored only in the branch)" '(^|,)app/magic_app(,|$)'
+expect_hit 7 "compile of greet/greet.cc (main's own)" '(^|,)(host:)?greet/_objs/greet/greet\.(pic\.)?o'
+
+# Build 8: back to main's source; a toolchain bump invalidates main; the
+# branch's next build re-runs everything it would have taken from main.
+sed -i 's/kMagic = 7;/kMagic = 1337;/' "$WS/tools/magic.cc"
+if "$HOARD" invalidate --server "$URL" --namespace "$MAIN" --reason "toolchain bump (e2e)" \
+  >"$TMP/invalidate.out" 2>&1; then
+  pass "hoard invalidate --namespace $MAIN: $(head -n1 "$TMP/invalidate.out")"
+else
+  cat "$TMP/invalidate.out"
+  fail "hoard invalidate --namespace $MAIN failed"
+fi
+clean_build 8 "$BRANCH"
+TOTAL8=$(spawn_count 8)
+HITS8=$(hit_count 8)
+if [ "$HITS8" -eq 0 ] && [ "$TOTAL8" -eq "$TOTAL4" ]; then
+  pass "build 8 ($BRANCH): all $TOTAL8 spawns re-ran after $MAIN was invalidated"
+else
+  fail "build 8 ($BRANCH): $HITS8 of $TOTAL8 spawns were still hits after $MAIN was invalidated"
+  awk -F'\t' '$1 == 1 { print "    hit: " $2 "  " $3 }' "$TMP/spawns8.tsv"
+fi
+expect_output "build 8: bazel-bin/app/magic_app prints" "magic=1337" "$BIN/app/magic_app"
+
+# The watcher saw every event once, in order, including the invalidation.
+sleep 1
+if python3 - "$TMP/watch.jsonl" "$MAIN" >"$TMP/watch.check" 2>&1 <<'PY'
+import json, sys
+events = [json.loads(l) for l in open(sys.argv[1]) if l.strip()]
+seqs = [e["sequence"] for e in events]
+assert seqs == sorted(set(seqs)), "sequences not strictly increasing: %s" % seqs
+inv = [e for e in events if e["kind"] == "NAMESPACE_INVALIDATED"]
+assert len(inv) == 1 and inv[0]["namespace"] == sys.argv[2], inv
+assert inv[0]["reason"] == "toolchain bump (e2e)", inv
+stored = {}
+for e in events:
+    if e["kind"] == "ACTION_RESULT_STORED":
+        stored[e["namespace"]] = stored.get(e["namespace"], 0) + 1
+print("%d events, strictly increasing; stored results per namespace: %s; invalidation of %s "
+      "with its reason" % (len(events), stored, sys.argv[2]))
+PY
+then
+  pass "watch stream: $(cat "$TMP/watch.check")"
+else
+  cat "$TMP/watch.check" "$TMP/watch.err"
+  fail "watch stream: events missing, repeated or out of order"
+fi
 
 finish
