@@ -110,7 +110,7 @@ pub async fn serve_with_events(
             limits.clone()
         ))))
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
-            crate::service::admin::AdminService::new(store.clone())
+            crate::service::admin::AdminService::new(store.clone(), events.clone())
         )))
         .add_service(WatchServer::new(WatchService::new(events.clone())))
         .add_service(HealthServer::new(health.service()));

@@ -1,31 +1,61 @@
-//! `hoard.admin.v1.Admin`: stats, gc and verify of a running server, for `hoard stats|gc|verify
-//! --server`. Each call is one store call; the conversions here are also what the CLI uses to
-//! turn a reply back into the store's report, so both modes print the same thing.
+//! `hoard.admin.v1.Admin`: operating a running server. Stats, gc and verify for `hoard
+//! stats|gc|verify --server`, each one store call; the conversions here are also what the CLI uses
+//! to turn a reply back into the store's report, so both modes print the same thing.
+//!
+//! Invalidation (`hoard invalidate`, `hoard namespaces`, `hoard prune-namespaces`): validate,
+//! change the store, then announce each change on the watch log. The store change comes first
+//! and is durable when the store returns, so a watcher never hears of an invalidation a crash
+//! could undo; the reply waits until the events are durable too, so the sequences it names are
+//! never reused.
 
+use std::collections::HashSet;
+use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use crate::error::Error;
+use crate::config::glob_match;
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::namespace;
 use crate::proto::admin::{
-    admin_server::Admin, GcRequest, GcResponse, StatsRequest, StatsResponse, VerifyRequest,
+    self, admin_server::Admin, GcRequest, GcResponse, InvalidateRequest, InvalidateResponse,
+    InvalidatedNamespace, ListNamespacesRequest, ListNamespacesResponse, PruneNamespacesRequest,
+    PruneNamespacesResponse, PrunedNamespace, StatsRequest, StatsResponse, VerifyRequest,
     VerifyResponse,
 };
-use crate::store::{GcReport, Store, StoreStats, VerifyReport};
+use crate::store::{GcReport, NamespaceInfo, Store, StoreStats, VerifyReport};
+use crate::watch::{Event, EventLog};
+
+/// Longest reason accepted, in bytes: it is stored with the namespace and sent with each event.
+pub const MAX_REASON_LEN: usize = 1024;
+/// Longest namespace pattern accepted, in bytes (a pattern is no longer than the names it
+/// matches).
+pub const MAX_PATTERN_LEN: usize = namespace::MAX_INSTANCE_NAME_LEN;
+/// Most actions one Invalidate call may list. Each becomes a watch event, and the log keeps only
+/// `watch.retained_events`: one call must not push every other invalidation out of it.
+pub const MAX_ACTIONS: usize = 10_000;
 
 pub struct AdminService {
     store: Arc<dyn Store>,
+    /// Where invalidations are announced.
+    events: Arc<EventLog>,
     /// Held by a running gc or verify: both walk the whole store, and a second pass at the same
     /// time would only double the I/O.
     maintenance: Mutex<()>,
+    /// Held while an invalidation changes the store and publishes its events, so events are in
+    /// the order of the changes (two bumps of one namespace never announce epoch 3 before 2).
+    invalidations: Mutex<()>,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<dyn Store>) -> Self {
+    pub fn new(store: Arc<dyn Store>, events: Arc<EventLog>) -> Self {
         AdminService {
             store,
+            events,
             maintenance: Mutex::new(()),
+            invalidations: Mutex::new(()),
         }
     }
 
@@ -36,6 +66,172 @@ impl AdminService {
                  try again when it has finished"
             ))
         })
+    }
+
+    /// Known namespaces whose names match `pattern` (all of them for "").
+    async fn matching(&self, pattern: &str) -> Result<Vec<NamespaceInfo>> {
+        let mut all = self.store.namespaces().await?;
+        if !pattern.is_empty() {
+            all.retain(|ns| glob_match(pattern, &ns.name));
+        }
+        Ok(all)
+    }
+
+    /// Publishes an event for a change the store has already made durable.
+    fn announce(&self, event: Event, change: &str) -> Result<u64> {
+        self.events.publish(event).map_err(|e| {
+            Error::internal(
+                format!("{change}, but its watch event could not be recorded"),
+                e,
+            )
+        })
+    }
+
+    /// Waits until the events up to `last` can be sent to watchers, so the sequences in the reply
+    /// survive a crash. Only a shutdown stops this; the store's final flush then persists them.
+    async fn settle(&self, last: Option<u64>) {
+        if let Some(last) = last {
+            if let Err(e) = self.events.wait_durable(last).await {
+                tracing::warn!(error = %e, last, "invalidation events recorded, not yet fsynced");
+            }
+        }
+    }
+
+    /// Invalidates `actions` of `name`: one store call, then one event per action.
+    async fn invalidate_actions(
+        &self,
+        name: &str,
+        actions: &[Digest],
+        reason: &str,
+        peer: &str,
+    ) -> Result<InvalidatedNamespace> {
+        let removed = self.store.invalidate_actions(name, actions).await?;
+        tracing::info!(
+            namespace = name,
+            actions = actions.len(),
+            removed,
+            reason,
+            peer,
+            "action results invalidated"
+        );
+        let change = format!(
+            "{} actions of namespace {name:?} were invalidated",
+            actions.len()
+        );
+        let event_sequences = actions
+            .iter()
+            .map(|a| self.announce(Event::action_invalidated(name, *a, reason), &change))
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(InvalidatedNamespace {
+            name: name.to_string(),
+            epoch: 0,
+            removed,
+            event_sequences,
+        })
+    }
+
+    /// Bumps the epoch of `name`, then announces it.
+    async fn invalidate_namespace(
+        &self,
+        name: &str,
+        reason: &str,
+        peer: &str,
+    ) -> Result<InvalidatedNamespace> {
+        let epoch = self.store.invalidate_namespace(name, reason).await?;
+        tracing::info!(
+            namespace = name,
+            epoch,
+            reason,
+            peer,
+            "namespace invalidated"
+        );
+        let change = format!("namespace {name:?} was invalidated (epoch {epoch})");
+        let seq = self.announce(Event::namespace_invalidated(name, epoch, reason), &change)?;
+        Ok(InvalidatedNamespace {
+            name: name.to_string(),
+            epoch,
+            removed: 0,
+            event_sequences: vec![seq],
+        })
+    }
+}
+
+/// What an Invalidate call is about.
+enum Scope {
+    Namespace(String),
+    Pattern(String),
+}
+
+impl Scope {
+    fn of(r: &InvalidateRequest) -> Result<Scope> {
+        match (&r.namespace, r.namespace_pattern.is_empty()) {
+            (Some(_), false) => Err(Error::InvalidArgument(
+                "namespace and namespace_pattern are both set; set exactly one".into(),
+            )),
+            (None, true) => Err(Error::InvalidArgument(
+                "neither namespace nor namespace_pattern is set; set exactly one \
+                 (namespace_pattern \"*\" matches every namespace)"
+                    .into(),
+            )),
+            (Some(name), true) => {
+                namespace::validate(name)
+                    .map_err(|e| Error::InvalidArgument(format!("namespace: {e}")))?;
+                Ok(Scope::Namespace(name.clone()))
+            }
+            (None, false) => {
+                check_pattern(&r.namespace_pattern, "namespace_pattern")?;
+                Ok(Scope::Pattern(r.namespace_pattern.clone()))
+            }
+        }
+    }
+}
+
+/// A pattern from a request (the empty pattern is the caller's business: "all" or "unset").
+fn check_pattern(pattern: &str, field: &str) -> Result<()> {
+    if pattern.len() > MAX_PATTERN_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "{field} is {} bytes long; at most {MAX_PATTERN_LEN} are allowed",
+            pattern.len()
+        )));
+    }
+    if pattern.contains('\0') {
+        return Err(Error::InvalidArgument(format!(
+            "{field} {pattern:?} contains a NUL character, which no instance name has"
+        )));
+    }
+    Ok(())
+}
+
+/// Reasons are required: the record of why results vanished is the point of recording them.
+fn check_reason(reason: &str) -> Result<()> {
+    if reason.trim().is_empty() {
+        return Err(Error::InvalidArgument(
+            "reason is empty; say why (it is recorded, logged and sent to watchers)".into(),
+        ));
+    }
+    if reason.len() > MAX_REASON_LEN {
+        return Err(Error::InvalidArgument(format!(
+            "reason is {} bytes long; at most {MAX_REASON_LEN} are allowed",
+            reason.len()
+        )));
+    }
+    Ok(())
+}
+
+/// The caller's address for the log, as far as the transport knows it.
+fn peer<T>(request: &Request<T>) -> String {
+    request
+        .remote_addr()
+        .map_or_else(|| "unknown".to_string(), |a: SocketAddr| a.to_string())
+}
+
+/// `1209600` as `14d`, for the default prune reason: the largest unit that divides it exactly.
+fn idle_text(secs: u64) -> String {
+    match secs {
+        s if s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
+        s if s.is_multiple_of(3600) => format!("{}h", s / 3600),
+        s if s.is_multiple_of(60) => format!("{}m", s / 60),
+        s => format!("{s}s"),
     }
 }
 
@@ -69,6 +265,194 @@ impl Admin for AdminService {
             "verify finished"
         );
         Ok(Response::new(report.into()))
+    }
+
+    async fn invalidate(
+        &self,
+        request: Request<InvalidateRequest>,
+    ) -> Result<Response<InvalidateResponse>, Status> {
+        let peer = peer(&request);
+        let r = request.into_inner();
+        check_reason(&r.reason)?;
+        let scope = Scope::of(&r)?;
+        let mut actions = crate::service::parse_digests(&r.action_digests, "action_digests")?;
+        if !actions.is_empty() && matches!(scope, Scope::Pattern(_)) {
+            return Err(Error::InvalidArgument(
+                "action_digests can only be given with namespace, not with namespace_pattern"
+                    .into(),
+            )
+            .into());
+        }
+        if actions.len() > MAX_ACTIONS {
+            return Err(Error::InvalidArgument(format!(
+                "action_digests lists {} actions; at most {MAX_ACTIONS} per call are allowed",
+                actions.len()
+            ))
+            .into());
+        }
+        let mut seen = HashSet::with_capacity(actions.len());
+        actions.retain(|a| seen.insert(*a));
+        let reason = r.reason.as_str();
+
+        let _serial = self.invalidations.lock().await;
+        let mut done = Vec::new();
+        match &scope {
+            Scope::Namespace(name) if !actions.is_empty() => {
+                done.push(
+                    self.invalidate_actions(name, &actions, reason, &peer)
+                        .await?,
+                );
+            }
+            Scope::Namespace(name) => {
+                done.push(self.invalidate_namespace(name, reason, &peer).await?);
+            }
+            Scope::Pattern(pattern) => {
+                let names: Vec<String> = self
+                    .matching(pattern)
+                    .await?
+                    .into_iter()
+                    .map(|ns| ns.name)
+                    .collect();
+                tracing::info!(
+                    pattern = pattern.as_str(),
+                    matched = names.len(),
+                    reason,
+                    peer,
+                    "invalidating the namespaces matching a pattern"
+                );
+                for name in &names {
+                    match self.invalidate_namespace(name, reason, &peer).await {
+                        Ok(one) => done.push(one),
+                        // The ones before stay invalidated (and announced): say which.
+                        Err(e) => {
+                            let before: Vec<&str> = done.iter().map(|d| d.name.as_str()).collect();
+                            return Err(Error::internal(
+                                format!(
+                                    "invalidating {name:?} (after invalidating {before:?} of the \
+                                     {} namespaces matching {pattern:?})",
+                                    names.len()
+                                ),
+                                e,
+                            )
+                            .into());
+                        }
+                    }
+                }
+            }
+        }
+        let last = done
+            .iter()
+            .flat_map(|d| d.event_sequences.last())
+            .max()
+            .copied();
+        self.settle(last).await;
+        Ok(Response::new(InvalidateResponse { namespaces: done }))
+    }
+
+    async fn list_namespaces(
+        &self,
+        request: Request<ListNamespacesRequest>,
+    ) -> Result<Response<ListNamespacesResponse>, Status> {
+        let pattern = request.into_inner().namespace_pattern;
+        check_pattern(&pattern, "namespace_pattern")?;
+        let namespaces = self.matching(&pattern).await?;
+        Ok(Response::new(ListNamespacesResponse {
+            namespaces: namespaces.into_iter().map(Into::into).collect(),
+            now_unix_secs: self.store.clock(),
+        }))
+    }
+
+    async fn prune_namespaces(
+        &self,
+        request: Request<PruneNamespacesRequest>,
+    ) -> Result<Response<PruneNamespacesResponse>, Status> {
+        let peer = peer(&request);
+        let r = request.into_inner();
+        if r.idle_seconds == 0 {
+            return Err(Error::InvalidArgument(
+                "idle_seconds is 0; give how long a namespace must have gone unused to be \
+                 dropped (e.g. 1209600 for 14 days)"
+                    .into(),
+            )
+            .into());
+        }
+        check_pattern(&r.namespace_pattern, "namespace_pattern")?;
+        let reason = if r.reason.is_empty() {
+            format!("idle for {}", idle_text(r.idle_seconds))
+        } else {
+            check_reason(&r.reason)?;
+            r.reason
+        };
+
+        let _serial = self.invalidations.lock().await;
+        let now = self.store.clock();
+        // A namespace used between this listing and its drop is dropped all the same; its
+        // results are then computed again, which a cache may always ask of its clients.
+        let idle: Vec<NamespaceInfo> = self
+            .matching(&r.namespace_pattern)
+            .await?
+            .into_iter()
+            .filter(|ns| now.saturating_sub(ns.last_used) >= r.idle_seconds)
+            .collect();
+        tracing::info!(
+            idle_seconds = r.idle_seconds,
+            pattern = r.namespace_pattern.as_str(),
+            matched = idle.len(),
+            dry_run = r.dry_run,
+            reason = reason.as_str(),
+            peer,
+            "pruning idle namespaces"
+        );
+        let mut pruned = Vec::with_capacity(idle.len());
+        for ns in idle {
+            let mut one = PrunedNamespace {
+                name: ns.name,
+                last_used_unix_secs: ns.last_used,
+                removed: 0,
+                event_sequence: 0,
+            };
+            if !r.dry_run {
+                let name = one.name.as_str();
+                one.removed = self.store.drop_namespace(name).await?;
+                tracing::info!(
+                    namespace = name,
+                    removed = one.removed,
+                    reason = reason.as_str(),
+                    peer,
+                    "namespace dropped"
+                );
+                let change = format!("namespace {name:?} was dropped");
+                one.event_sequence =
+                    self.announce(Event::namespace_dropped(name, &reason), &change)?;
+            }
+            pruned.push(one);
+        }
+        self.settle(
+            pruned
+                .iter()
+                .map(|p| p.event_sequence)
+                .max()
+                .filter(|&s| s > 0),
+        )
+        .await;
+        Ok(Response::new(PruneNamespacesResponse {
+            namespaces: pruned,
+            dry_run: r.dry_run,
+            reason,
+            now_unix_secs: now,
+        }))
+    }
+}
+
+impl From<NamespaceInfo> for admin::NamespaceInfo {
+    fn from(ns: NamespaceInfo) -> Self {
+        admin::NamespaceInfo {
+            name: ns.name,
+            epoch: ns.epoch,
+            last_used_unix_secs: ns.last_used,
+            invalidated_at_unix_secs: ns.invalidated_at,
+            reason: ns.reason,
+        }
     }
 }
 
