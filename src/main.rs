@@ -44,6 +44,10 @@ enum Command {
     /// `hoard stats`, `hoard gc`, `hoard verify` (see README "Operations: stats, gc, verify").
     #[command(flatten)]
     Admin(hoard::cli::admin::AdminCommand),
+    /// `hoard invalidate`, `hoard namespaces`, `hoard prune-namespaces` (see README
+    /// "Invalidation").
+    #[command(flatten)]
+    Namespaces(hoard::cli::invalidate::NamespaceCommand),
 }
 
 fn main() -> ExitCode {
@@ -67,6 +71,7 @@ fn main() -> ExitCode {
         Command::Watch(args) => return hoard::cli::watch::main(args),
         // These print their own errors: their exit status says more than success or failure.
         Command::Admin(command) => return hoard::cli::admin::main(command),
+        Command::Namespaces(command) => return hoard::cli::invalidate::main(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -387,7 +387,7 @@ fn render_verify(r: &VerifyReport) -> String {
 }
 
 /// `1234567` as `1,234,567`.
-fn count(n: u64) -> String {
+pub(crate) fn count(n: u64) -> String {
     let digits = n.to_string();
     let mut out = String::with_capacity(digits.len() + digits.len() / 3);
     for (i, c) in digits.chars().enumerate() {
@@ -434,7 +434,7 @@ fn lookups(hits: u64, total: u64) -> String {
 }
 
 /// Seconds as their two largest units: `45s`, `3h`, `1h 30m`, `2d 4h`.
-fn duration(secs: u64) -> String {
+pub(crate) fn duration(secs: u64) -> String {
     let parts = [
         (secs / 86_400, "d"),
         (secs / 3600 % 24, "h"),
@@ -456,7 +456,7 @@ fn duration(secs: u64) -> String {
 }
 
 /// An error and its sources on one line ("transport error: tcp connect error: refused").
-fn error_chain(e: &dyn std::error::Error) -> String {
+pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
     let mut text = e.to_string();
     let mut source = e.source();
     while let Some(s) = source {

@@ -2,4 +2,5 @@
 //! dispatches to them.
 
 pub mod admin;
+pub mod invalidate;
 pub mod watch;
