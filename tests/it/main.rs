@@ -12,6 +12,7 @@ mod crash;
 mod eviction;
 mod health;
 mod integrity;
+mod invalidate;
 mod lifecycle;
 mod namespaces;
 mod watch;
