@@ -228,6 +228,20 @@ fn shown(name: &str) -> &str {
     }
 }
 
+/// A reason with its control characters escaped, so a multi-line reason keeps one line per
+/// namespace.
+fn one_line(text: &str) -> String {
+    text.chars()
+        .map(|c| {
+            if c.is_control() {
+                c.escape_default().to_string()
+            } else {
+                c.to_string()
+            }
+        })
+        .collect()
+}
+
 /// "event 7" or "events 7-9": sequences of one call are consecutive.
 fn events(sequences: &[u64]) -> String {
     match sequences {
@@ -292,7 +306,7 @@ fn render_list(reply: &ListNamespacesResponse, pattern: Option<&str>) -> String 
             if let Some(at) = ns.invalidated_at_unix_secs {
                 line += &format!("  invalidated {}", ago(at));
                 if let Some(reason) = &ns.reason {
-                    line += &format!(": {reason}");
+                    line += &format!(": {}", one_line(reason));
                 }
             }
             line
@@ -449,6 +463,7 @@ mod tests {
             list,
             "ci/main  epoch 2  last used 2d ago  invalidated 2d 1h ago: toolchain bump"
         );
+        assert_eq!(one_line("gcc 14\nsee #12\t"), "gcc 14\\nsee #12\\t");
 
         let prune = PruneNamespacesResponse {
             namespaces: vec![PrunedNamespace {

@@ -598,6 +598,14 @@ mod tests {
         serde_json::from_value(value).unwrap()
     }
 
+    #[test]
+    fn default_prune_reasons_read_like_the_flag() {
+        assert_eq!(idle_text(14 * 86_400), "14d");
+        assert_eq!(idle_text(36 * 3600), "36h");
+        assert_eq!(idle_text(90 * 60), "90m");
+        assert_eq!(idle_text(61), "61s");
+    }
+
     /// `--server` and `--data-dir` print the same report only if every field crosses the proto;
     /// a field the store gained but admin.proto lacks fails here.
     #[test]
