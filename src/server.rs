@@ -168,6 +168,8 @@ pub async fn serve_with_events(
     sweeper.abort();
     upkeep.abort();
     readiness.abort();
+    // The log's syncer holds the database: wait for it to end, so a restart can reopen it.
+    events.shutdown().await;
     store.flush().await?;
     tracing::info!("store flushed");
     result

@@ -170,7 +170,8 @@ fn prune(advances: &mut VecDeque<(Instant, u64)>, cutoff: Instant) {
 /// The event log; share it as `Arc<EventLog>`. Dropping it stops the syncer and ends watchers.
 pub struct EventLog {
     shared: Arc<Shared>,
-    syncer: JoinHandle<()>,
+    /// Taken by [`EventLog::shutdown`], which waits for the task to end.
+    syncer: Mutex<Option<JoinHandle<()>>>,
 }
 
 /// Where a watcher begins.
@@ -315,7 +316,10 @@ impl EventLog {
         });
         // A weak reference: dropping the log releases its trees (and the database) at once.
         let syncer = tokio::spawn(sync_loop(Arc::downgrade(&shared), shared.wake.clone()));
-        Ok(EventLog { shared, syncer })
+        Ok(EventLog {
+            shared,
+            syncer: Mutex::new(Some(syncer)),
+        })
     }
 
     /// A log in a temporary database, deleted when the log is dropped: for servers whose store
@@ -386,6 +390,22 @@ impl EventLog {
     /// not hold the graceful shutdown open.
     pub fn close(&self) {
         self.shared.head.send_modify(|h| h.closed = true);
+        // The syncer finishes a sync in progress, then sees `closed` and ends.
+        self.shared.wake.notify_one();
+    }
+
+    /// Closes the log and waits until its syncer has ended, so that the database is no longer
+    /// held by it (a restart in the same process can open it again at once).
+    pub async fn shutdown(&self) {
+        self.close();
+        let syncer = self
+            .syncer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take();
+        if let Some(syncer) = syncer {
+            let _ = syncer.await;
+        }
     }
 
     /// Starts a watcher. Fails at once with OUT_OF_RANGE if events after the start point are no
@@ -452,7 +472,14 @@ impl EventLog {
 
 impl Drop for EventLog {
     fn drop(&mut self) {
-        self.syncer.abort();
+        if let Some(syncer) = self
+            .syncer
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner)
+            .take()
+        {
+            syncer.abort();
+        }
         self.close();
     }
 }
@@ -819,6 +846,11 @@ mod tests {
                     .unwrap();
             }
             log.wait_durable(25).await.unwrap();
+            log.shutdown().await;
+            assert_eq!(
+                log.wait_durable(26).await.unwrap_err().code(),
+                tonic::Code::Unavailable
+            );
         }
         let db = sled::open(dir.path()).unwrap();
         let log = open(&db, &config(10, 100));
