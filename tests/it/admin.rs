@@ -296,9 +296,9 @@ async fn cli_stats_from_a_server_and_from_a_stopped_data_dir() {
 
 #[tokio::test]
 async fn cli_gc_and_verify_report_and_exit_by_outcome() {
-    let retention = "1s";
+    // Long enough that a loaded machine cannot outrun it before the first gc.
     let server = TestServer::start_with(|c| {
-        c.storage.min_retention = retention.parse().unwrap();
+        c.storage.min_retention = "1h".parse().unwrap();
     })
     .await;
     let damaged = digest_of(&blob(LARGE, 21));
@@ -335,7 +335,8 @@ async fn cli_gc_and_verify_report_and_exit_by_outcome() {
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains("corrupt: none"), "{}", stdout(&out));
 
-    // With the server's config file (its data_dir and min_retention), past the retention period.
+    // With a config file (the server's data_dir, a 1s min_retention), past the retention period.
+    let retention = "1s";
     let config = dir.parent().unwrap().join("hoard.toml");
     std::fs::write(
         &config,
