@@ -37,16 +37,18 @@ pub const MAX_PATTERN_LEN: usize = namespace::MAX_INSTANCE_NAME_LEN;
 /// `watch.retained_events`: one call must not push every other invalidation out of it.
 pub const MAX_ACTIONS: usize = 10_000;
 
+/// Cheap to clone: invalidations run in a task of their own (see `Admin::invalidate`).
+#[derive(Clone)]
 pub struct AdminService {
     store: Arc<dyn Store>,
     /// Where invalidations are announced.
     events: Arc<EventLog>,
     /// Held by a running gc or verify: both walk the whole store, and a second pass at the same
     /// time would only double the I/O.
-    maintenance: Mutex<()>,
+    maintenance: Arc<Mutex<()>>,
     /// Held while an invalidation changes the store and publishes its events, so events are in
     /// the order of the changes (two bumps of one namespace never announce epoch 3 before 2).
-    invalidations: Mutex<()>,
+    invalidations: Arc<Mutex<()>>,
 }
 
 impl AdminService {
@@ -54,8 +56,8 @@ impl AdminService {
         AdminService {
             store,
             events,
-            maintenance: Mutex::new(()),
-            invalidations: Mutex::new(()),
+            maintenance: Arc::new(Mutex::new(())),
+            invalidations: Arc::new(Mutex::new(())),
         }
     }
 
@@ -273,6 +275,47 @@ impl Admin for AdminService {
     ) -> Result<Response<InvalidateResponse>, Status> {
         let peer = peer(&request);
         let r = request.into_inner();
+        // In a task of its own: a client that goes away mid-call (Ctrl-C, a deadline) drops
+        // this handler, and must not leave a store change made but never announced.
+        let this = self.clone();
+        tokio::spawn(async move { this.invalidate_now(r, peer).await })
+            .await
+            .map_err(|e| Status::from(Error::internal("invalidation task", e)))?
+    }
+
+    async fn list_namespaces(
+        &self,
+        request: Request<ListNamespacesRequest>,
+    ) -> Result<Response<ListNamespacesResponse>, Status> {
+        let pattern = request.into_inner().namespace_pattern;
+        check_pattern(&pattern, "namespace_pattern")?;
+        let namespaces = self.matching(&pattern).await?;
+        Ok(Response::new(ListNamespacesResponse {
+            namespaces: namespaces.into_iter().map(Into::into).collect(),
+            now_unix_secs: self.store.clock(),
+        }))
+    }
+
+    async fn prune_namespaces(
+        &self,
+        request: Request<PruneNamespacesRequest>,
+    ) -> Result<Response<PruneNamespacesResponse>, Status> {
+        let peer = peer(&request);
+        let r = request.into_inner();
+        // In a task of its own, for the same reason as `invalidate`.
+        let this = self.clone();
+        tokio::spawn(async move { this.prune_now(r, peer).await })
+            .await
+            .map_err(|e| Status::from(Error::internal("pruning task", e)))?
+    }
+}
+
+impl AdminService {
+    async fn invalidate_now(
+        &self,
+        r: InvalidateRequest,
+        peer: String,
+    ) -> Result<Response<InvalidateResponse>, Status> {
         check_reason(&r.reason)?;
         let scope = Scope::of(&r)?;
         let mut actions = crate::service::parse_digests(&r.action_digests, "action_digests")?;
@@ -349,25 +392,11 @@ impl Admin for AdminService {
         Ok(Response::new(InvalidateResponse { namespaces: done }))
     }
 
-    async fn list_namespaces(
+    async fn prune_now(
         &self,
-        request: Request<ListNamespacesRequest>,
-    ) -> Result<Response<ListNamespacesResponse>, Status> {
-        let pattern = request.into_inner().namespace_pattern;
-        check_pattern(&pattern, "namespace_pattern")?;
-        let namespaces = self.matching(&pattern).await?;
-        Ok(Response::new(ListNamespacesResponse {
-            namespaces: namespaces.into_iter().map(Into::into).collect(),
-            now_unix_secs: self.store.clock(),
-        }))
-    }
-
-    async fn prune_namespaces(
-        &self,
-        request: Request<PruneNamespacesRequest>,
+        r: PruneNamespacesRequest,
+        peer: String,
     ) -> Result<Response<PruneNamespacesResponse>, Status> {
-        let peer = peer(&request);
-        let r = request.into_inner();
         if r.idle_seconds == 0 {
             return Err(Error::InvalidArgument(
                 "idle_seconds is 0; give how long a namespace must have gone unused to be \

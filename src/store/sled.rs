@@ -267,6 +267,13 @@ impl SledStore {
         // A brand-new data dir has nothing to clean up either.
         let clean = lifecycle::take_clean_shutdown_mark(data_dir)? || fresh;
         let life = lifecycle::Lifecycle::new(&options, !clean);
+        if !clean {
+            let persisted_at = atime
+                .get(lifecycle::PERSISTED_AT)?
+                .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
+                .map(u32::from_be_bytes);
+            life.set_used_floor(persisted_at);
+        }
         let index = load_index(&cas, &atime, &life, options.inline_threshold)?;
         life.count_action_results(&ac)?;
         life.settle_max_size(data_dir);
@@ -679,6 +686,8 @@ impl Store for SledStore {
 
     async fn flush(&self) -> Result<()> {
         let inner = self.inner.clone();
+        // A cleanup or verify pass still running stops at its next blob (and runs again later).
+        self.inner.life.stop();
         run_blocking(move || {
             let _no_pass_running = inner.upkeep.lock().unwrap_or_else(|p| p.into_inner());
             inner.persist_use()?;

@@ -45,6 +45,9 @@ const EXPIRE_AC_EVERY: Duration = Duration::from_secs(600);
 /// How often the maintenance loop looks at usage when nobody wakes it.
 const TICK: Duration = Duration::from_secs(1);
 
+/// Key in tree `atime` (not 32 bytes long, so never a blob's) of the time of the last persist.
+pub(super) const PERSISTED_AT: &[u8] = b"persisted-at";
+
 /// Bytes a blob of `size` counts against `max_size`.
 pub(super) fn charge(size: u64, inline_threshold: u64) -> u64 {
     if size <= inline_threshold {
@@ -57,7 +60,11 @@ pub(super) fn charge(size: u64, inline_threshold: u64) -> u64 {
 /// Whether the last shutdown was clean; removes the mark, so a crash from now on is noticed.
 pub(super) fn take_clean_shutdown_mark(data_dir: &Path) -> Result<bool> {
     match std::fs::remove_file(data_dir.join(CLEAN_MARK)) {
-        Ok(()) => Ok(true),
+        // The removal must survive a power loss, or a crash from now on would look clean.
+        Ok(()) => std::fs::File::open(data_dir)
+            .and_then(|d| d.sync_all())
+            .map(|()| true)
+            .map_err(|e| Error::internal(format!("syncing {}", data_dir.display()), e)),
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => Ok(false),
         Err(e) => Err(Error::internal(
             format!("removing {}", data_dir.join(CLEAN_MARK).display()),
@@ -118,6 +125,12 @@ pub(super) struct Lifecycle {
     cleanup_pending: AtomicBool,
     /// Temp files older than this are left from before the start and can go.
     opened_at: std::time::SystemTime,
+    /// After an unclean start: every blob counts as used at this second (the last persist of
+    /// last-use times before the crash, plus its period), since later uses were lost. 0 if the
+    /// start was clean.
+    used_floor: AtomicU32,
+    /// Set by the final flush: long passes stop early instead of holding up the shutdown.
+    stopping: AtomicBool,
 }
 
 impl Lifecycle {
@@ -156,6 +169,8 @@ impl Lifecycle {
             unpersisted_since: AtomicU32::new(0),
             cleanup_pending: AtomicBool::new(unclean),
             opened_at: SystemTime::now(),
+            used_floor: AtomicU32::new(0),
+            stopping: AtomicBool::new(false),
         };
         life.unpersisted_since.store(life.now(), Relaxed);
         life
@@ -259,7 +274,18 @@ impl Lifecycle {
         self.wake.notify_one();
         let used = self.used.load(Relaxed) + self.reserved.load(Relaxed);
         let max = self.max_size();
-        if self.retention_blocked.load(Relaxed) {
+        let floor = self.used_floor.load(Relaxed);
+        let cutoff = self.now().saturating_sub(self.min_retention);
+        if floor >= cutoff && floor > 0 {
+            Error::ResourceExhausted(format!(
+                "cache is full: {used} of max_size {max} bytes are used, and after an unclean \
+                 shutdown nothing is evicted for storage.min_retention ({}s, {}s from now) \
+                 because last uses of the final minute before the crash were lost; raise \
+                 storage.max_size or wait",
+                self.min_retention,
+                floor - cutoff
+            ))
+        } else if self.retention_blocked.load(Relaxed) {
             Error::ResourceExhausted(format!(
                 "cache is full: {used} of max_size {max} bytes are used and every stored blob \
                  was used within storage.min_retention ({}s), which hoard promises not to \
@@ -308,6 +334,30 @@ impl Lifecycle {
 
     pub(super) fn cleanup_pending(&self) -> bool {
         self.cleanup_pending.load(Relaxed)
+    }
+
+    /// After an unclean start, last uses after `persisted_at` (the last persist before the
+    /// crash) are lost: until `min_retention` has passed since then, no blob is evicted.
+    pub(super) fn set_used_floor(&self, persisted_at: Option<u32>) {
+        let floor = match persisted_at {
+            Some(t) => t.saturating_add(PERSIST_USE_EVERY.as_secs() as u32 + 1),
+            None => self.now(),
+        };
+        self.used_floor.store(floor, Relaxed);
+    }
+
+    /// Asks long passes (cleanup, verify) to stop at the next blob.
+    pub(super) fn stop(&self) {
+        self.stopping.store(true, Relaxed);
+    }
+
+    fn check_stopping(&self) -> Result<()> {
+        if self.stopping.load(Relaxed) {
+            return Err(Error::Unavailable(
+                "the store is shutting down; the pass will run again".into(),
+            ));
+        }
+        Ok(())
     }
 
     pub(super) fn count_cas_lookups(&self, asked: u64, found: u64) {
@@ -486,7 +536,9 @@ impl Inner {
     /// Writes the last-use times that changed since the previous call to tree `atime`.
     pub(super) fn persist_use(&self) -> Result<()> {
         let since = self.life.unpersisted_since.load(Relaxed);
-        let started = self.life.now();
+        // A use recorded while this scan runs may carry a second from before it started (a
+        // batch computes `now` once): keep a little overlap rather than lose it.
+        let started = self.life.now().saturating_sub(2);
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
         self.index.for_each(|c| {
@@ -495,9 +547,10 @@ impl Inner {
                 n += 1;
             }
         });
-        if n > 0 {
-            self.atime.apply_batch(batch)?;
-        }
+        // When last uses were last persisted: after a crash, later ones are known to be lost.
+        batch.insert(PERSISTED_AT, &self.life.now().to_be_bytes()[..]);
+        self.atime.apply_batch(batch)?;
+        let _ = n;
         self.namespaces.persist()?;
         self.life.unpersisted_since.store(started, Relaxed);
         Ok(())
@@ -515,6 +568,10 @@ impl Inner {
         }
         let now = life.now();
         let cutoff = now.saturating_sub(life.min_retention);
+        if life.used_floor.load(Relaxed) >= cutoff {
+            // Too soon after a crash: any blob may have been used in the lost final minute.
+            return Ok(out);
+        }
         // Pass 1: bytes per minute of last use, among blobs old enough to go.
         let mut by_minute: BTreeMap<u32, u64> = BTreeMap::new();
         self.index.for_each(|c| {
@@ -631,11 +688,19 @@ impl Inner {
             if !name.to_string_lossy().starts_with("tmp-") {
                 continue;
             }
-            let meta = entry.metadata()?;
+            // The abandoned-upload sweep may remove the same files meanwhile.
+            let Ok(meta) = entry.metadata() else {
+                continue;
+            };
             if meta.modified().is_ok_and(|m| m < self.life.opened_at) {
-                std::fs::remove_file(entry.path())?;
-                pieces += 1;
-                bytes += meta.len();
+                match std::fs::remove_file(entry.path()) {
+                    Ok(()) => {
+                        pieces += 1;
+                        bytes += meta.len();
+                    }
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+                    Err(e) => return Err(e.into()),
+                }
             }
         }
         // Blob files: kept only if the index entry of their hash says "file".
@@ -644,6 +709,7 @@ impl Inner {
             if !shard.file_type()?.is_dir() {
                 continue;
             }
+            self.life.check_stopping()?;
             for entry in std::fs::read_dir(shard.path())? {
                 let entry = entry?;
                 let name = entry.file_name();
@@ -706,10 +772,12 @@ impl Inner {
 
     /// Re-hashes every blob with SHA-256, drops the damaged ones, then removes orphans.
     pub(super) fn verify(&self) -> Result<VerifyReport> {
+        // No `upkeep` lock while hashing (hours on a big store): eviction and shutdown go on;
+        // `drop_damaged` takes the hash's stripe lock.
         let mut report = VerifyReport::default();
-        let pass = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
         let mut buf = vec![0u8; 1 << 20];
         for entry in self.cas.iter() {
+            self.life.check_stopping()?;
             let (key, value) = entry?;
             let (Ok(hash), Some((location, size))) =
                 (<[u8; HASH_LEN]>::try_from(&key[..]), decode_entry(&value))
@@ -733,7 +801,6 @@ impl Inner {
                 report.corrupt.push(digest.to_string());
             }
         }
-        drop(pass);
         let (pieces, bytes) = self.remove_orphans()?;
         report.orphans_removed = pieces;
         report.orphan_bytes_removed = bytes;
@@ -860,15 +927,20 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         let store = inner.clone();
         let started = Instant::now();
         match run_blocking(move || store.remove_orphans()).await {
-            Ok((pieces, bytes)) => tracing::info!(
-                pieces,
-                bytes,
-                took_ms = started.elapsed().as_millis() as u64,
-                "cleanup after an unclean shutdown: removed unreferenced data"
+            Ok((pieces, bytes)) => {
+                inner.life.cleanup_pending.store(false, Relaxed);
+                tracing::info!(
+                    pieces,
+                    bytes,
+                    took_ms = started.elapsed().as_millis() as u64,
+                    "cleanup after an unclean shutdown: removed unreferenced data"
+                )
+            }
+            Err(e) => tracing::error!(
+                error = %e,
+                "cleanup after an unclean shutdown failed; it runs again at the next start"
             ),
-            Err(e) => tracing::error!(error = %e, "cleanup after an unclean shutdown failed"),
         }
-        inner.life.cleanup_pending.store(false, Relaxed);
     }
     let mut last_persist = Instant::now();
     let mut last_expiry = Instant::now();
@@ -907,6 +979,7 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::Store;
 
     #[tokio::test]
     async fn action_results_of_the_old_format_are_dropped_not_misread() {
@@ -938,6 +1011,35 @@ mod tests {
             Some(Bytes::from_static(b"new"))
         );
         assert_eq!(store.stats().await.unwrap().action_results, 1);
+    }
+
+    #[tokio::test]
+    async fn after_a_crash_nothing_is_evicted_until_lost_uses_are_past_retention() {
+        let tmp = tempfile::tempdir().unwrap();
+        let blob = Bytes::from(vec![7u8; 100_000]);
+        let digest = Digest::of(&blob);
+        {
+            let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+            store.put(&digest, blob.clone()).await.unwrap();
+            store.inner.persist_use().unwrap();
+            // A use after the last persist, then a crash (no flush, so no clean mark).
+            store.advance_clock(Duration::from_secs(30));
+            assert!(store.find_missing(&[digest]).await.unwrap().is_empty());
+            store.inner.db.flush().unwrap();
+        }
+        let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+        assert!(store.stats().await.unwrap().cleanup_pending);
+        // 3h retention: two hours on, the lost use might have been 2h ago: the blob stays.
+        store.advance_clock(Duration::from_secs(2 * 3600));
+        let report = store.gc(Some(0)).await.unwrap();
+        assert_eq!(report.evicted_blobs, 0, "{report:?}");
+        let err = store.put(&Digest::of(b"x"), Bytes::from_static(b"x")).await;
+        assert!(err.is_ok(), "writes below max_size are unaffected: {err:?}");
+        // Past retention from the last persist (plus its period), it may go.
+        store.advance_clock(Duration::from_secs(3600 + 120));
+        let report = store.gc(Some(0)).await.unwrap();
+        assert!(report.evicted_blobs >= 1, "{report:?}");
+        assert_eq!(store.find_missing(&[digest]).await.unwrap(), vec![digest]);
     }
 
     #[test]
