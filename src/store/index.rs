@@ -25,6 +25,8 @@ struct Entry {
     size: u64,
     /// Last use, in seconds since the Unix epoch (see [`crate::store::sled`]'s clock).
     used: AtomicU32,
+    /// The last use that is on disk; the store persists `used` when it is newer.
+    persisted: AtomicU32,
 }
 
 type Shard = RwLock<HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>>;
@@ -94,7 +96,8 @@ impl Index {
         }
     }
 
-    /// Adds a blob last used at `used`; returns false if it was already there.
+    /// Adds a blob last used at `used` (which is on disk already); returns false if it was
+    /// already there.
     pub fn insert(&self, digest: &Digest, used: u32) -> bool {
         let mut map = Self::write(self.shard(&digest.hash));
         let fresh = map.get(&digest.hash).is_none_or(|e| e.size != digest.size);
@@ -103,19 +106,35 @@ impl Index {
             Entry {
                 size: digest.size,
                 used: AtomicU32::new(used),
+                persisted: AtomicU32::new(used),
             },
         );
         fresh
     }
 
-    /// Sets a blob's last use (as loaded from disk) if it is indexed.
+    /// Raises a blob's last use to `used` (as loaded from disk) if it is indexed.
     pub fn set_used(&self, hash: &[u8; HASH_LEN], used: u32) -> bool {
         match Self::read(self.shard(hash)).get(hash) {
             Some(e) => {
-                e.used.store(used, Ordering::Relaxed);
+                e.used.fetch_max(used, Ordering::Relaxed);
+                e.persisted.fetch_max(used, Ordering::Relaxed);
                 true
             }
             None => false,
+        }
+    }
+
+    /// Calls `f` with every blob used since its last use was persisted, and marks that use
+    /// persisted (the caller writes it). One shard's lock is held at a time.
+    pub fn take_unpersisted(&self, mut f: impl FnMut(&[u8; HASH_LEN], u32)) {
+        for shard in &self.shards {
+            for (hash, e) in Self::read(shard).iter() {
+                let used = e.used.load(Ordering::Relaxed);
+                if used > e.persisted.load(Ordering::Relaxed) {
+                    e.persisted.store(used, Ordering::Relaxed);
+                    f(hash, used);
+                }
+            }
         }
     }
 

@@ -149,16 +149,26 @@ enum Location {
     File { xxh3: u64 },
 }
 
-fn encode_entry(location: Location, size: u64) -> Vec<u8> {
+/// An index entry; `written_at` (store seconds) is the blob's first use, so a new blob needs no
+/// separate last-use write.
+fn encode_entry(location: Location, size: u64, written_at: u32) -> Vec<u8> {
     let (tag, extra) = match location {
         Location::Inline { id } => (INLINE, id),
         Location::File { xxh3 } => (FILE, xxh3),
     };
-    let mut v = Vec::with_capacity(17);
+    let mut v = Vec::with_capacity(21);
     v.push(tag);
     v.extend_from_slice(&size.to_be_bytes());
     v.extend_from_slice(&extra.to_be_bytes());
+    v.extend_from_slice(&written_at.to_be_bytes());
     v
+}
+
+/// When an index entry was written (0 for entries from before it was recorded).
+fn entry_written_at(v: &[u8]) -> u32 {
+    v.get(17..21)
+        .and_then(|b| <[u8; 4]>::try_from(b).ok())
+        .map_or(0, u32::from_be_bytes)
 }
 
 fn decode_entry(v: &[u8]) -> Option<(Location, u64)> {
@@ -335,7 +345,7 @@ impl Inner {
         let _gate = self.inline_gate.read().unwrap_or_else(|p| p.into_inner());
         let id = self.db.generate_id()?;
         self.blobs.insert(id.to_be_bytes(), data)?;
-        let entry = encode_entry(Location::Inline { id }, digest.size);
+        let entry = encode_entry(Location::Inline { id }, digest.size, self.life.now());
         let _stripe = self.stripe(digest);
         let swapped = self
             .cas
@@ -419,7 +429,7 @@ impl Inner {
             inner.files.publish(&written, &digest)?;
             inner.cas.insert(
                 digest.hash,
-                encode_entry(Location::File { xxh3 }, digest.size),
+                encode_entry(Location::File { xxh3 }, digest.size, inner.life.now()),
             )?;
             inner.added(&digest);
             Ok(())
@@ -830,7 +840,11 @@ fn load_index(
             continue;
         };
         if let Some((_, size)) = decode_entry(&value) {
-            index.insert(&Digest { hash, size }, now);
+            let written_at = match entry_written_at(&value) {
+                0 => now,
+                t => t,
+            };
+            index.insert(&Digest { hash, size }, written_at);
             life.blob_added(size, lifecycle::charge(size, inline_threshold));
         }
     }

@@ -119,8 +119,6 @@ pub(super) struct Lifecycle {
     disk_full: AtomicBool,
     /// Wakes the maintenance loop early (usage past the high watermark, disk full).
     wake: tokio::sync::Notify,
-    /// Blobs used at or after this second have last-use times not yet written to sled.
-    unpersisted_since: AtomicU32,
     /// The start was unclean and the cleanup pass has not finished yet.
     cleanup_pending: AtomicBool,
     /// Temp files older than this are left from before the start and can go.
@@ -166,13 +164,11 @@ impl Lifecycle {
             retention_blocked: AtomicBool::new(false),
             disk_full: AtomicBool::new(false),
             wake: tokio::sync::Notify::new(),
-            unpersisted_since: AtomicU32::new(0),
             cleanup_pending: AtomicBool::new(unclean),
             opened_at: SystemTime::now(),
             used_floor: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
         };
-        life.unpersisted_since.store(life.now(), Relaxed);
         life
     }
 
@@ -533,26 +529,26 @@ impl Inner {
         Ok(removed)
     }
 
-    /// Writes the last-use times that changed since the previous call to tree `atime`.
+    /// Writes the last-use times that changed since they were last written to tree `atime`, in
+    /// batches of bounded size (a fill of a million blobs must not become one huge batch).
     pub(super) fn persist_use(&self) -> Result<()> {
-        let since = self.life.unpersisted_since.load(Relaxed);
-        // A use recorded while this scan runs may carry a second from before it started (a
-        // batch computes `now` once): keep a little overlap rather than lose it.
-        let started = self.life.now().saturating_sub(2);
+        const BATCH: usize = 16 << 10;
         let mut batch = sled::Batch::default();
         let mut n = 0usize;
-        self.index.for_each(|c| {
-            if c.used >= since {
-                batch.insert(&c.digest.hash[..], &c.used.to_be_bytes()[..]);
-                n += 1;
+        let mut result = Ok(());
+        self.index.take_unpersisted(|hash, used| {
+            batch.insert(&hash[..], &used.to_be_bytes()[..]);
+            n += 1;
+            if n == BATCH && result.is_ok() {
+                result = self.atime.apply_batch(std::mem::take(&mut batch));
+                n = 0;
             }
         });
+        result?;
         // When last uses were last persisted: after a crash, later ones are known to be lost.
         batch.insert(PERSISTED_AT, &self.life.now().to_be_bytes()[..]);
         self.atime.apply_batch(batch)?;
-        let _ = n;
         self.namespaces.persist()?;
-        self.life.unpersisted_since.store(started, Relaxed);
         Ok(())
     }
 
