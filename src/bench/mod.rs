@@ -27,7 +27,9 @@ use clap::{Args, Subcommand};
 
 use crate::config::ByteSize;
 use runner::{RunOptions, Runner};
-use workloads::{ActionCache, BatchRead, BatchUpdate, FindMissing, Mix, ReadLarge, WriteLarge};
+use workloads::{
+    ActionCache, BatchRead, BatchUpdate, Fill, FindMissing, Mix, ReadLarge, WriteLarge,
+};
 
 /// Arguments of `hoard bench`; the options before the workload apply to every workload.
 #[derive(Args, Debug)]
@@ -97,6 +99,20 @@ pub enum WorkloadArgs {
         #[arg(long, default_value = "10KiB")]
         blob_size: ByteSize,
     },
+    /// Fill a server: each step stores `--blobs` new small blobs of a Bazel-like size mix
+    /// (100 B to 16 KiB, half under 1 KiB), numbered so `--count C` stores the same C x blobs
+    /// for one seed; in batches within the server's limit.
+    Fill {
+        /// Small blobs per step.
+        #[arg(long, default_value_t = 1000)]
+        blobs: usize,
+        /// Every this many steps, also store one large (file-backed) blob; 0 for none.
+        #[arg(long, default_value_t = 0)]
+        large_every: u64,
+        /// Largest large blob (sizes are log-uniform from 64 KiB + 1 up to this).
+        #[arg(long, default_value = "1MiB")]
+        large_max: ByteSize,
+    },
     /// BatchReadBlobs of small blobs (uploaded once, untimed), comparing every byte.
     BatchRead {
         /// Blobs per batch.
@@ -117,6 +133,10 @@ pub enum WorkloadArgs {
         /// Size of the stored blobs.
         #[arg(long, default_value = "1KiB")]
         blob_size: ByteSize,
+        /// Upload nothing: the present digests are drawn at random from the first N small
+        /// blobs a `fill` run with the same --seed stored (64 different lists, taken in turn).
+        #[arg(long)]
+        from_fill: Option<u64>,
     },
     /// UpdateActionResult then GetActionResult of a new action, comparing the result read back.
     Ac {
@@ -168,6 +188,7 @@ impl WorkloadArgs {
             WorkloadArgs::ReadLarge { .. } => "read-large",
             WorkloadArgs::BatchUpdate { .. } => "batch-update",
             WorkloadArgs::BatchRead { .. } => "batch-read",
+            WorkloadArgs::Fill { .. } => "fill",
             WorkloadArgs::FindMissing { .. } => "find-missing",
             WorkloadArgs::Ac { .. } => "ac",
             WorkloadArgs::Mix { .. } => "mix",
@@ -186,13 +207,25 @@ impl WorkloadArgs {
             | WorkloadArgs::BatchRead { blobs, blob_size } => {
                 format!("blobs={blobs} blob-size={blob_size}")
             }
+            WorkloadArgs::Fill {
+                blobs,
+                large_every,
+                large_max,
+            } => format!("blobs={blobs} large-every={large_every} large-max={large_max}"),
             WorkloadArgs::FindMissing {
                 digests,
                 present_fraction,
                 blob_size,
-            } => format!(
-                "digests={digests} present-fraction={present_fraction} blob-size={blob_size}"
-            ),
+                from_fill,
+            } => {
+                let mut p = format!(
+                    "digests={digests} present-fraction={present_fraction} blob-size={blob_size}"
+                );
+                if let Some(n) = from_fill {
+                    p.push_str(&format!(" from-fill={n}"));
+                }
+                p
+            }
             WorkloadArgs::Ac {
                 outputs,
                 output_size,
@@ -263,13 +296,29 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
             let wl = BatchRead::setup(&env, &mut w, blobs, blob_size.0).await?;
             runner.timed(wl, setup_start).await
         }
+        WorkloadArgs::Fill {
+            blobs,
+            large_every,
+            large_max,
+        } => {
+            let wl = Fill::setup(&env, blobs, large_every, large_max.0)?;
+            runner.timed(wl, setup_start).await
+        }
         WorkloadArgs::FindMissing {
             digests,
             present_fraction,
             blob_size,
+            from_fill,
         } => {
-            let wl =
-                FindMissing::setup(&env, &mut w, digests, present_fraction, blob_size.0).await?;
+            let wl = FindMissing::setup(
+                &env,
+                &mut w,
+                digests,
+                present_fraction,
+                blob_size.0,
+                from_fill,
+            )
+            .await?;
             runner.timed(wl, setup_start).await
         }
         WorkloadArgs::Ac {
@@ -381,6 +430,38 @@ mod tests {
         ));
         let cli = Cli::try_parse_from(["bench", "find-missing", "--digests", "10"]).unwrap();
         assert!(cli.bench.target.is_none());
+        assert!(matches!(
+            cli.bench.workload,
+            WorkloadArgs::FindMissing {
+                digests: 10,
+                from_fill: None,
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from([
+            "bench",
+            "--count",
+            "1000",
+            "fill",
+            "--blobs",
+            "500",
+            "--large-every",
+            "2",
+        ])
+        .unwrap();
+        assert_eq!(cli.bench.count, Some(1000));
+        assert!(matches!(
+            cli.bench.workload,
+            WorkloadArgs::Fill { blobs: 500, large_every: 2, large_max: ByteSize(m) } if m == 1 << 20
+        ));
+        let cli = Cli::try_parse_from(["bench", "find-missing", "--from-fill", "1000000"]).unwrap();
+        assert!(matches!(
+            cli.bench.workload,
+            WorkloadArgs::FindMissing {
+                from_fill: Some(1_000_000),
+                ..
+            }
+        ));
         assert!(Cli::try_parse_from(["bench", "mix", "--hit-ratio", "2"]).is_err());
         let cli =
             Cli::try_parse_from(["bench", "ceilings", "--dir", "/tmp", "--size", "2MiB"]).unwrap();

@@ -4,6 +4,7 @@ use std::collections::HashSet;
 
 use bytes::Bytes;
 
+use super::fill::FillBlobs;
 use super::{batch_read_verified, batch_update, find_missing_verified, key, Env, Worker, Workload};
 use crate::bench::data::{mix, Family, MIN_DISTINCT_SIZE};
 use crate::proto::reapi::Digest;
@@ -90,61 +91,88 @@ impl Workload for BatchRead {
     }
 }
 
-/// Stores the present share of `digests` in set-up; each step asks FindMissingBlobs about all
-/// of them (present and absent interleaved) and checks the answer is exactly the absent ones.
+/// Stores the present share of `digests` in set-up (or, with `from_fill`, takes it from blobs a
+/// `fill` run with the same seed stored); each step asks FindMissingBlobs about all of them
+/// (present and absent interleaved) and checks the answer is exactly the absent ones.
 pub struct FindMissing {
-    digests: Vec<Digest>,
-    absent: HashSet<(String, i64)>,
+    /// Digest lists the steps take in turn.
+    lists: Vec<DigestList>,
 }
 
+/// The digests of one FindMissingBlobs call and the ones among them that are absent.
+type DigestList = (Vec<Digest>, HashSet<(String, i64)>);
+
+/// Digest lists `find-missing --from-fill` prepares, so steps ask about different blobs.
+pub const FROM_FILL_LISTS: usize = 64;
+
 impl FindMissing {
+    /// `from_fill`: draw the present digests at random from the first `N` small blobs of
+    /// `fill --seed` (same seed as this run), uploading nothing.
     pub async fn setup(
         env: &Env,
         w: &mut Worker,
         digests: usize,
         present_fraction: f64,
         blob_size: u64,
+        from_fill: Option<u64>,
     ) -> Result<Self, String> {
         check_size(blob_size)?;
         let present_count = (digests as f64 * present_fraction).round() as usize;
-        let present = Family::new(env.seed, blob_size);
         // Same size, another seed: blobs nobody uploads.
         let absent = Family::new(mix(env.seed ^ 0x00AB_5E17), blob_size);
-        let blobs = (0..present_count as u64)
-            .map(|m| (present.digest(m), present.bytes(m)))
-            .collect();
-        w.upload_all(env, blobs).await;
-        w.check("uploading the present blobs")?;
-        // Spread the present ones evenly among the absent ones.
-        let mut list = Vec::with_capacity(digests);
-        let mut absent_set = HashSet::new();
-        let (mut p, mut a) = (0u64, 0u64);
-        for k in 0..digests {
-            let want_present = (k + 1) * present_count / digests.max(1);
-            if (p as usize) < want_present {
-                list.push(present.digest(p));
-                p += 1;
-            } else {
-                let d = absent.digest(a);
-                absent_set.insert(key(&d));
-                list.push(d);
-                a += 1;
+        let (lists, present): (usize, Box<dyn Fn(u64) -> Digest>) = match from_fill {
+            Some(0) => return Err("--from-fill must be at least 1".into()),
+            Some(n) => {
+                let fill = FillBlobs::new(env.seed, 0);
+                let salt = mix(env.seed ^ 0x0F11_F1DE);
+                // Member k of the present sequence is a random one of the first n blobs.
+                let pick = move |k: u64| fill.small(mix(salt ^ mix(k + 1)) % n).0;
+                (FROM_FILL_LISTS, Box::new(pick))
             }
-        }
-        Ok(FindMissing {
-            digests: list,
-            absent: absent_set,
-        })
+            None => {
+                let family = Family::new(env.seed, blob_size);
+                let blobs = (0..present_count as u64)
+                    .map(|m| (family.digest(m), family.bytes(m)))
+                    .collect();
+                w.upload_all(env, blobs).await;
+                w.check("uploading the present blobs")?;
+                (1, Box::new(move |k: u64| family.digest(k)))
+            }
+        };
+        let (mut p, mut a) = (0u64, 0u64);
+        let lists = (0..lists)
+            .map(|_| {
+                // Spread the present ones evenly among the absent ones.
+                let mut list = Vec::with_capacity(digests);
+                let mut absent_set = HashSet::new();
+                let first_present = p;
+                for k in 0..digests {
+                    let want_present = (k + 1) * present_count / digests.max(1);
+                    if ((p - first_present) as usize) < want_present {
+                        list.push(present(p));
+                        p += 1;
+                    } else {
+                        let d = absent.digest(a);
+                        absent_set.insert(key(&d));
+                        list.push(d);
+                        a += 1;
+                    }
+                }
+                (list, absent_set)
+            })
+            .collect();
+        Ok(FindMissing { lists })
     }
 }
 
 impl Workload for FindMissing {
-    async fn step(&self, w: &mut Worker, _i: u64) {
+    async fn step(&self, w: &mut Worker, i: u64) {
+        let (digests, absent) = &self.lists[i as usize % self.lists.len()];
         let fut = find_missing_verified(
             w.conn.cas.clone(),
             w.instance.clone(),
-            self.digests.clone(),
-            &self.absent,
+            digests.clone(),
+            absent,
         );
         w.op("FindMissingBlobs", fut).await;
     }

@@ -8,11 +8,13 @@
 
 mod ac;
 mod cas;
+mod fill;
 mod large;
 mod mix;
 
 pub use ac::ActionCache;
 pub use cas::{BatchRead, BatchUpdate, FindMissing};
+pub use fill::{Fill, FillBlobs};
 pub use large::{ReadLarge, WriteLarge};
 pub use mix::{Mix, MixParams};
 
