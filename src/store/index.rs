@@ -124,13 +124,14 @@ impl Index {
         }
     }
 
-    /// Calls `f` with every blob used since its last use was persisted, and marks that use
-    /// persisted (the caller writes it). One shard's lock is held at a time.
-    pub fn take_unpersisted(&self, mut f: impl FnMut(&[u8; HASH_LEN], u32)) {
+    /// Calls `f` with every blob used at least `step` seconds after its last persisted use, and
+    /// marks that use persisted (the caller writes it). One shard's lock is held at a time.
+    pub fn take_unpersisted(&self, step: u32, mut f: impl FnMut(&[u8; HASH_LEN], u32)) {
+        let step = step.max(1);
         for shard in &self.shards {
             for (hash, e) in Self::read(shard).iter() {
                 let used = e.used.load(Ordering::Relaxed);
-                if used > e.persisted.load(Ordering::Relaxed) {
+                if used >= e.persisted.load(Ordering::Relaxed).saturating_add(step) {
                     e.persisted.store(used, Ordering::Relaxed);
                     f(hash, used);
                 }

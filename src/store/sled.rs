@@ -700,7 +700,7 @@ impl Store for SledStore {
         self.inner.life.stop();
         run_blocking(move || {
             let _no_pass_running = inner.upkeep.lock().unwrap_or_else(|p| p.into_inner());
-            inner.persist_use()?;
+            inner.persist_use(true)?;
             inner.db.flush()?;
             if !inner.life.cleanup_pending() {
                 lifecycle::mark_clean_shutdown(&inner.data_dir)?;
