@@ -136,7 +136,7 @@ pub(super) struct Lifecycle {
 
 impl Lifecycle {
     pub(super) fn new(options: &Options, unclean: bool) -> Self {
-        let life = Lifecycle {
+        Lifecycle {
             inline_threshold: options.inline_threshold,
             configured_max: options.max_size,
             max_size: AtomicU64::new(if options.max_size == 0 {
@@ -171,8 +171,7 @@ impl Lifecycle {
             opened_at: SystemTime::now(),
             used_floor: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
-        };
-        life
+        }
     }
 
     /// The store's clock: Unix seconds (plus the test offset).
