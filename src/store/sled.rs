@@ -381,9 +381,17 @@ impl Inner {
 
     /// Drops a blob that is gone or damaged on disk, so clients see it as missing and upload it
     /// again instead of being served bad bytes.
-    fn drop_damaged(&self, digest: &Digest, why: &str) {
-        tracing::error!(%digest, why, "stored blob is damaged; removing it");
+    ///
+    /// `judged` is the entry that was found damaged: if the blob was evicted and stored again
+    /// meanwhile (another entry now), the fresh copy is left alone.
+    fn drop_damaged(&self, digest: &Digest, judged: Location, why: &str) {
         let _stripe = self.stripe(digest);
+        match self.lookup(digest) {
+            Ok(Some(current)) if current == judged => {}
+            Ok(_) => return, // gone already, or replaced by a fresh copy
+            Err(e) => tracing::error!(%digest, error = %e, "cannot read index entry"),
+        }
+        tracing::error!(%digest, why, "stored blob is damaged; removing it");
         if self.index.remove(digest).is_some() {
             self.life
                 .blob_removed(digest.size, self.charge(digest.size));
@@ -406,11 +414,15 @@ impl Inner {
     /// An inline blob's bytes, verified against its digest.
     fn inline_data(&self, digest: &Digest, id: u64) -> Result<Option<Bytes>> {
         let Some(v) = self.blobs.get(id.to_be_bytes())? else {
-            self.drop_damaged(digest, "inline data is missing");
+            self.drop_damaged(digest, Location::Inline { id }, "inline data is missing");
             return Ok(None);
         };
         if verify(*digest, &v).is_err() {
-            self.drop_damaged(digest, "inline data does not match its digest");
+            self.drop_damaged(
+                digest,
+                Location::Inline { id },
+                "inline data does not match its digest",
+            );
             return Ok(None);
         }
         Ok(Some(Bytes::copy_from_slice(&v)))
@@ -471,14 +483,21 @@ impl Store for SledStore {
                 let data = match tokio::fs::read(&path).await {
                     Ok(data) => Bytes::from(data),
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        self.inner.drop_damaged(digest, "blob file is missing");
+                        self.inner.drop_damaged(
+                            digest,
+                            Location::File { xxh3 },
+                            "blob file is missing",
+                        );
                         return Ok(None);
                     }
                     Err(e) => return Err(Error::internal(format!("reading blob {digest}"), e)),
                 };
                 if data.len() as u64 != digest.size || xxh3_64(&data) != xxh3 {
-                    self.inner
-                        .drop_damaged(digest, "blob file does not match its checksum");
+                    self.inner.drop_damaged(
+                        digest,
+                        Location::File { xxh3 },
+                        "blob file does not match its checksum",
+                    );
                     return Ok(None);
                 }
                 Ok(Some(data))
@@ -549,7 +568,11 @@ impl Store for SledStore {
                 let file = match std::fs::File::open(&path) {
                     Ok(f) => f,
                     Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                        self.inner.drop_damaged(digest, "blob file is missing");
+                        self.inner.drop_damaged(
+                            digest,
+                            Location::File { xxh3 },
+                            "blob file is missing",
+                        );
                         return Ok(None);
                     }
                     Err(e) => return Err(Error::internal(format!("opening blob {digest}"), e)),
@@ -916,7 +939,7 @@ fn stream_file(
 ) {
     let std::ops::Range { start: offset, end } = range;
     let damaged = |why: &str| {
-        store.drop_damaged(&digest, why);
+        store.drop_damaged(&digest, Location::File { xxh3 }, why);
         let _ = tx.blocking_send(Err(Error::NotFound(format!(
             "blob {digest} was damaged on disk and has been removed; upload it again"
         ))));

@@ -793,7 +793,11 @@ impl Inner {
             report.checked_blobs += 1;
             report.checked_bytes += size;
             if !sound {
-                self.drop_damaged(&digest, "verify: content does not match its digest");
+                self.drop_damaged(
+                    &digest,
+                    location,
+                    "verify: content does not match its digest",
+                );
                 report.corrupt.push(digest.to_string());
             }
         }
