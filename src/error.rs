@@ -115,11 +115,20 @@ impl From<tonic::Status> for Error {
 
 impl From<std::io::Error> for Error {
     fn from(e: std::io::Error) -> Self {
-        if e.kind() == std::io::ErrorKind::StorageFull {
-            return Error::StorageFull(format!(
-                "storage is full: {e}; hoard is evicting least recently used blobs to make room, \
-                 retry shortly"
-            ));
+        match e.kind() {
+            std::io::ErrorKind::StorageFull | std::io::ErrorKind::QuotaExceeded => {
+                return Error::StorageFull(format!(
+                    "storage is full: {e}; hoard is evicting least recently used blobs to make \
+                     room, retry shortly"
+                ));
+            }
+            // Writes cannot succeed until an operator acts (evicting would not help); reads go on.
+            std::io::ErrorKind::ReadOnlyFilesystem => {
+                return Error::ResourceExhausted(format!(
+                    "storage cannot take writes: {e} (the data dir's file system is read-only)"
+                ));
+            }
+            _ => {}
         }
         Error::internal("I/O error", e)
     }
