@@ -26,6 +26,7 @@
 
 mod lifecycle;
 mod namespaces;
+mod snapshot;
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
@@ -275,7 +276,8 @@ impl SledStore {
         upgrade_format(&db, &ac)?;
         let namespaces = namespaces::Namespaces::load(db.open_tree("namespaces")?)?;
         // A brand-new data dir has nothing to clean up either.
-        let clean = lifecycle::take_clean_shutdown_mark(data_dir)? || fresh;
+        let marked = lifecycle::take_clean_shutdown_mark(data_dir)?;
+        let clean = marked || fresh;
         let life = lifecycle::Lifecycle::new(&options, !clean);
         if !clean {
             let persisted_at = atime
@@ -284,7 +286,21 @@ impl SledStore {
                 .map(u32::from_be_bytes);
             life.set_used_floor(persisted_at);
         }
-        let index = load_index(&cas, &atime, &life, options.inline_threshold)?;
+        // After a clean shutdown the index comes from its snapshot (one file read); otherwise
+        // from sled's trees. The snapshot goes either way: it describes only that shutdown.
+        let threshold = options.inline_threshold;
+        let from_snapshot = if marked {
+            snapshot::read(data_dir, |size| {
+                life.blob_added(size, lifecycle::charge(size, threshold))
+            })
+        } else {
+            None
+        };
+        snapshot::remove(data_dir);
+        let index = match from_snapshot {
+            Some(index) => index,
+            None => load_index(&cas, &atime, &life, threshold)?,
+        };
         life.count_action_results(&ac)?;
         life.settle_max_size(data_dir);
         Ok(SledStore {
@@ -411,6 +427,21 @@ impl Inner {
         let _ = std::fs::remove_file(self.files.blob_path(digest));
     }
 
+    /// The in-memory index listed a blob that sled does not have (e.g. removed during a
+    /// shutdown after the index snapshot was taken): drop it, so FindMissingBlobs stops
+    /// promising it.
+    fn forget_if_unbacked(&self, digest: &Digest, indexed: bool) {
+        if !indexed {
+            return;
+        }
+        let _stripe = self.stripe(digest);
+        if matches!(self.lookup(digest), Ok(None)) && self.index.remove(digest).is_some() {
+            tracing::warn!(%digest, "index listed a blob that is not stored; forgetting it");
+            self.life
+                .blob_removed(digest.size, self.charge(digest.size));
+        }
+    }
+
     /// An inline blob's bytes, verified against its digest.
     fn inline_data(&self, digest: &Digest, id: u64) -> Result<Option<Bytes>> {
         let Some(v) = self.blobs.get(id.to_be_bytes())? else {
@@ -476,7 +507,10 @@ impl Store for SledStore {
         let found = self.inner.index.touch(digest, self.inner.life.now());
         self.inner.life.count_cas_lookups(1, found as u64);
         match self.inner.lookup(digest)? {
-            None => Ok(None),
+            None => {
+                self.inner.forget_if_unbacked(digest, found);
+                Ok(None)
+            }
             Some(Location::Inline { id }) => self.inner.inline_data(digest, id),
             Some(Location::File { xxh3 }) => {
                 let path = self.inner.files.blob_path(digest);
@@ -551,7 +585,10 @@ impl Store for SledStore {
         let found = self.inner.index.touch(digest, self.inner.life.now());
         self.inner.life.count_cas_lookups(1, found as u64);
         match self.inner.lookup(digest)? {
-            None => Ok(None),
+            None => {
+                self.inner.forget_if_unbacked(digest, found);
+                Ok(None)
+            }
             Some(Location::Inline { id }) => {
                 let Some(data) = self.inner.inline_data(digest, id)? else {
                     return Ok(None);
@@ -726,6 +763,11 @@ impl Store for SledStore {
             inner.persist_use(true)?;
             inner.db.flush()?;
             if !inner.life.cleanup_pending() {
+                // The snapshot first: the mark vouches for it.
+                if let Err(e) = snapshot::write(&inner.data_dir, &inner.index) {
+                    tracing::warn!(error = %e, "cannot write the index snapshot; the next start reads sled");
+                    snapshot::remove(&inner.data_dir);
+                }
                 lifecycle::mark_clean_shutdown(&inner.data_dir)?;
             }
             Ok(())

@@ -1042,6 +1042,44 @@ mod tests {
         assert_eq!(store.find_missing(&[digest]).await.unwrap(), vec![digest]);
     }
 
+    #[tokio::test]
+    async fn a_clean_restart_reads_the_index_snapshot_and_forgets_what_sled_lacks() {
+        let tmp = tempfile::tempdir().unwrap();
+        let (a, b) = (
+            Bytes::from(vec![1u8; 1000]),
+            Bytes::from(vec![2u8; 100_000]),
+        );
+        let (da, db) = (Digest::of(&a), Digest::of(&b));
+        {
+            let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+            store.put(&da, a).await.unwrap();
+            store.put(&db, b).await.unwrap();
+            store.flush().await.unwrap();
+        }
+        assert!(tmp.path().join("index.snapshot").exists());
+        // Behind the snapshot's back, sled loses blob a's index entry.
+        {
+            let db = sled::open(tmp.path().join("sled")).unwrap();
+            db.open_tree("cas").unwrap().remove(da.hash).unwrap();
+            db.flush().unwrap();
+        }
+        let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+        assert!(
+            !tmp.path().join("index.snapshot").exists(),
+            "a snapshot is read once"
+        );
+        let stats = store.stats().await.unwrap();
+        assert_eq!((stats.blobs, stats.blob_bytes), (2, 101_000), "{stats:?}");
+        // The snapshot says a is there; the first read finds it is not, and forgets it.
+        assert_eq!(store.get(&da).await.unwrap(), None);
+        assert_eq!(store.find_missing(&[da, db]).await.unwrap(), vec![da]);
+        assert_eq!(
+            store.get(&db).await.unwrap().map(|d| d.len()),
+            Some(100_000)
+        );
+        assert_eq!(store.stats().await.unwrap().blob_bytes, 100_000);
+    }
+
     #[test]
     fn charges_whole_blocks_for_files_and_overhead_for_inline_blobs() {
         assert_eq!(charge(10, 64 << 10), 10 + INLINE_OVERHEAD);
