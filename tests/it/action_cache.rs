@@ -4,7 +4,7 @@ use hoard::proto::reapi::{
 };
 use prost::Message;
 
-use crate::common::{batch_put, blob, digest_of, TestServer};
+use crate::common::{batch_put, blob, digest_of, update_result, TestServer};
 
 fn get(instance: &str, action: &reapi::Digest) -> GetActionResultRequest {
     GetActionResultRequest {
@@ -15,14 +15,7 @@ fn get(instance: &str, action: &reapi::Digest) -> GetActionResultRequest {
 }
 
 async fn update(server: &TestServer, instance: &str, action: &reapi::Digest, r: &ActionResult) {
-    server
-        .ac()
-        .update_action_result(UpdateActionResultRequest {
-            instance_name: instance.into(),
-            action_digest: Some(action.clone()),
-            action_result: Some(r.clone()),
-            ..Default::default()
-        })
+    update_result(server, instance, action, r)
         .await
         .expect("update action result");
 }

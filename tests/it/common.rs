@@ -263,3 +263,43 @@ pub async fn batch_put(server: &TestServer, instance: &str, blobs: &[&[u8]]) {
         assert_eq!(r.status.expect("status").code, 0, "blob {:?}", r.digest);
     }
 }
+
+/// UpdateActionResult of `result` for `action` in `instance`.
+pub async fn update_result(
+    server: &TestServer,
+    instance: &str,
+    action: &reapi::Digest,
+    result: &reapi::ActionResult,
+) -> Result<(), tonic::Status> {
+    server
+        .ac()
+        .update_action_result(reapi::UpdateActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(action.clone()),
+            action_result: Some(result.clone()),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+/// GetActionResult: the result on a hit, `None` on NOT_FOUND; any other status fails the test.
+pub async fn lookup_result(
+    server: &TestServer,
+    instance: &str,
+    action: &reapi::Digest,
+) -> Option<reapi::ActionResult> {
+    let got = server
+        .ac()
+        .get_action_result(reapi::GetActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await;
+    match got {
+        Ok(r) => Some(r.into_inner()),
+        Err(e) if e.code() == tonic::Code::NotFound => None,
+        Err(e) => panic!("GetActionResult in {instance:?}: {e}"),
+    }
+}

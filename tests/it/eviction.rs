@@ -6,14 +6,13 @@ use std::time::Duration;
 
 use hoard::config::{ByteSize, Config, HumanDuration, NamespaceRule};
 use hoard::proto::health::HealthCheckRequest;
-use hoard::proto::reapi::{
-    self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, OutputFile,
-    UpdateActionResultRequest,
-};
+use hoard::proto::reapi::{self, ActionResult, FindMissingBlobsRequest, OutputFile};
 use hoard::store::sled::{Options, SledStore};
 use hoard::store::Store;
 
-use crate::common::{blob, digest_of, write_name, write_requests, TestServer};
+use crate::common::{
+    blob, digest_of, lookup_result, update_result, write_name, write_requests, TestServer,
+};
 
 const HOUR: Duration = Duration::from_secs(3600);
 
@@ -224,32 +223,11 @@ fn result_with_output(out: &reapi::Digest) -> ActionResult {
 }
 
 async fn put_result(server: &TestServer, instance: &str, action: &reapi::Digest, r: &ActionResult) {
-    server
-        .ac()
-        .update_action_result(UpdateActionResultRequest {
-            instance_name: instance.into(),
-            action_digest: Some(action.clone()),
-            action_result: Some(r.clone()),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
+    update_result(server, instance, action, r).await.unwrap();
 }
 
 async fn hit(server: &TestServer, instance: &str, action: &reapi::Digest) -> bool {
-    match server
-        .ac()
-        .get_action_result(GetActionResultRequest {
-            instance_name: instance.into(),
-            action_digest: Some(action.clone()),
-            ..Default::default()
-        })
-        .await
-    {
-        Ok(_) => true,
-        Err(e) if e.code() == tonic::Code::NotFound => false,
-        Err(e) => panic!("GetActionResult: {e}"),
-    }
+    lookup_result(server, instance, action).await.is_some()
 }
 
 #[tokio::test]

@@ -12,12 +12,12 @@ use hoard::proto::admin::{
     InvalidateRequest, InvalidateResponse, ListNamespacesRequest, NamespaceInfo,
     PruneNamespacesRequest, PruneNamespacesResponse,
 };
-use hoard::proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
+use hoard::proto::reapi::{self, ActionResult};
 use hoard::proto::watch::{watch_client::WatchClient, Event, EventKind, WatchRequest};
 use hoard::store::sled::{Options, SledStore};
 use serde_json::Value;
 
-use crate::common::{digest_of, TestServer};
+use crate::common::{digest_of, lookup_result, update_result, TestServer};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -27,38 +27,23 @@ fn action(i: u64) -> reapi::Digest {
 
 /// Stores an action result (empty: it references no blobs, so it is served as stored).
 async fn put(server: &TestServer, namespace: &str, action: &reapi::Digest) {
-    server
-        .ac()
-        .update_action_result(UpdateActionResultRequest {
-            instance_name: namespace.into(),
-            action_digest: Some(action.clone()),
-            action_result: Some(ActionResult {
-                exit_code: 7,
-                ..Default::default()
-            }),
-            ..Default::default()
-        })
+    let result = ActionResult {
+        exit_code: 7,
+        ..Default::default()
+    };
+    update_result(server, namespace, action, &result)
         .await
         .expect("UpdateActionResult");
 }
 
 /// Whether GetActionResult finds a result (a miss is NOT_FOUND; anything else fails the test).
 async fn hit(server: &TestServer, namespace: &str, action: &reapi::Digest) -> bool {
-    let got = server
-        .ac()
-        .get_action_result(GetActionResultRequest {
-            instance_name: namespace.into(),
-            action_digest: Some(action.clone()),
-            ..Default::default()
-        })
-        .await;
-    match got {
-        Ok(r) => {
-            assert_eq!(r.into_inner().exit_code, 7);
+    match lookup_result(server, namespace, action).await {
+        Some(r) => {
+            assert_eq!(r.exit_code, 7);
             true
         }
-        Err(s) if s.code() == tonic::Code::NotFound => false,
-        Err(s) => panic!("GetActionResult in {namespace:?}: {s:?}"),
+        None => false,
     }
 }
 

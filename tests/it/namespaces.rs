@@ -4,10 +4,10 @@
 use hoard::config::{Config, NamespaceRule};
 use hoard::proto::reapi::{
     self, ActionResult, GetActionResultRequest, GetCapabilitiesRequest, OutputFile,
-    UpdateActionResultRequest,
 };
 
-use crate::common::{batch_put, blob, digest_of, TestServer};
+use crate::common::update_result as update;
+use crate::common::{batch_put, blob, digest_of, lookup_result, TestServer};
 
 fn rule(pattern: &str, read: &[&str], write: Option<&str>) -> NamespaceRule {
     NamespaceRule {
@@ -41,40 +41,12 @@ fn result(out: &reapi::Digest, exit_code: i32) -> ActionResult {
     }
 }
 
-async fn update(
-    server: &TestServer,
-    instance: &str,
-    action: &reapi::Digest,
-    r: &ActionResult,
-) -> Result<(), tonic::Status> {
-    server
-        .ac()
-        .update_action_result(UpdateActionResultRequest {
-            instance_name: instance.into(),
-            action_digest: Some(action.clone()),
-            action_result: Some(r.clone()),
-            ..Default::default()
-        })
-        .await
-        .map(|_| ())
-}
-
 /// The exit code of the result served for `action` in `instance` (a tag telling which copy was
 /// served), or None on NOT_FOUND.
 async fn lookup(server: &TestServer, instance: &str, action: &reapi::Digest) -> Option<i32> {
-    match server
-        .ac()
-        .get_action_result(GetActionResultRequest {
-            instance_name: instance.into(),
-            action_digest: Some(action.clone()),
-            ..Default::default()
-        })
+    lookup_result(server, instance, action)
         .await
-    {
-        Ok(r) => Some(r.into_inner().exit_code),
-        Err(e) if e.code() == tonic::Code::NotFound => None,
-        Err(e) => panic!("GetActionResult in {instance}: {e}"),
-    }
+        .map(|r| r.exit_code)
 }
 
 #[tokio::test]
