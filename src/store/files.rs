@@ -42,6 +42,11 @@ impl BlobFiles {
             .join(format!("{upload_id}-{}-{}", digest.hex(), digest.size))
     }
 
+    /// The directory of stored blob files (one subdirectory per hash prefix).
+    pub fn cas_dir(&self) -> &Path {
+        &self.cas
+    }
+
     /// The directory of uploads in progress.
     pub fn uploads_dir(&self) -> &Path {
         &self.uploads

@@ -196,10 +196,16 @@ fn ac_key(instance: &str, action: &Digest) -> Vec<u8> {
 async fn blocking<T: Send + 'static>(
     f: impl FnOnce() -> std::io::Result<T> + Send + 'static,
 ) -> Result<T> {
+    run_blocking(move || f().map_err(Error::from)).await
+}
+
+/// Runs store work that returns our own errors off the async threads.
+async fn run_blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T> + Send + 'static,
+) -> Result<T> {
     tokio::task::spawn_blocking(f)
         .await
         .map_err(|e| Error::internal("blocking task failed", e))?
-        .map_err(Error::from)
 }
 
 impl SledStore {
@@ -216,26 +222,16 @@ impl SledStore {
         )
     }
 
-    /// Pretends `by` more time has passed, for tests of expiry and retention.
+    /// Pretends `by` more time has passed, for tests of expiry and retention (`Store::clock`
+    /// shows it).
     pub fn advance_clock(&self, by: Duration) {
         self.inner.life.advance_clock(by);
-    }
-
-    /// The store's current time in seconds (with any [`SledStore::advance_clock`] offset).
-    pub fn now(&self) -> u32 {
-        self.inner.life.now()
     }
 
     /// A sled tree of hoard's own metadata (the watch event log, namespace epochs), kept in the
     /// same database so it is flushed and locked together with the store.
     pub fn tree(&self, name: &str) -> Result<sled::Tree> {
         Ok(self.inner.db.open_tree(name)?)
-    }
-
-    /// Makes every write so far durable (fsync). Group-commits: concurrent callers share one.
-    pub async fn sync(&self) -> Result<()> {
-        self.inner.db.flush_async().await?;
-        Ok(())
     }
 
     /// Opens the store `config` describes (data dir, `[storage]` and `[namespaces]`).
@@ -467,7 +463,7 @@ impl Inner {
         xxh3: u64,
     ) -> Result<()> {
         let inner = self.clone();
-        let result = tokio::task::spawn_blocking(move || -> Result<()> {
+        let result = run_blocking(move || {
             let _stripe = inner.stripe(&digest);
             inner.files.publish(&written, &digest)?;
             inner.cas.insert(
@@ -477,9 +473,7 @@ impl Inner {
             inner.added(&digest);
             Ok(())
         })
-        .await
-        .map_err(|e| Error::internal("publishing a blob", e))
-        .and_then(|r| r);
+        .await;
         self.life.note_write(&result);
         result
     }
@@ -822,15 +816,6 @@ impl Store for SledStore {
         let (inner, instance) = (self.inner.clone(), instance.to_string());
         run_blocking(move || inner.drop_namespace(&instance)).await
     }
-}
-
-/// Runs store work that returns our own errors off the async threads.
-async fn run_blocking<T: Send + 'static>(
-    f: impl FnOnce() -> Result<T> + Send + 'static,
-) -> Result<T> {
-    tokio::task::spawn_blocking(f)
-        .await
-        .map_err(|e| Error::internal("blocking task failed", e))?
 }
 
 /// The hashes an upload keeps while its bytes arrive: SHA-256 to verify the digest, XXH3 to

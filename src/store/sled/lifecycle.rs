@@ -700,7 +700,7 @@ impl Inner {
             }
         }
         // Blob files: kept only if the index entry of their hash says "file".
-        for shard in std::fs::read_dir(self.data_dir.join("cas"))? {
+        for shard in std::fs::read_dir(self.files.cas_dir())? {
             let shard = shard?;
             if !shard.file_type()?.is_dir() {
                 continue;
