@@ -95,6 +95,10 @@ impl Upload for ZstdUpload {
         }
     }
 
+    async fn stop(&mut self) {
+        self.inner.stop().await
+    }
+
     async fn commit(self: Box<Self>) -> Result<()> {
         if !self.frame_done {
             return Err(Error::InvalidArgument(

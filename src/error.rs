@@ -33,6 +33,10 @@ pub enum Error {
     /// store reacts by evicting, clients see RESOURCE_EXHAUSTED.
     #[error("{0}")]
     StorageFull(String),
+    /// The data dir cannot be written (a read-only file system): clients see
+    /// RESOURCE_EXHAUSTED, and the store refuses writes up front until it can write again.
+    #[error("{0}")]
+    StorageUnwritable(String),
     /// The server cannot serve right now (shutting down, storage offline).
     #[error("{0}")]
     Unavailable(String),
@@ -69,7 +73,9 @@ impl Error {
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
-            Error::ResourceExhausted(_) | Error::StorageFull(_) => tonic::Code::ResourceExhausted,
+            Error::ResourceExhausted(_) | Error::StorageFull(_) | Error::StorageUnwritable(_) => {
+                tonic::Code::ResourceExhausted
+            }
             Error::Unavailable(_) => tonic::Code::Unavailable,
             Error::Stream(status) => status.code(),
             Error::Internal { .. } => tonic::Code::Internal,
@@ -83,10 +89,44 @@ impl Error {
         }
         rpc::Status {
             code: self.code() as i32,
-            message: self.to_string(),
+            message: client_message(self),
             details: Vec::new(),
         }
     }
+}
+
+/// Longest piece of a request that an error message quotes back.
+const ECHO_MAX: usize = 200;
+/// Longest error message sent: it travels in `grpc-message` metadata, and clients with gRPC's
+/// default 8 KiB metadata limit would see RESOURCE_EXHAUSTED instead of the real error.
+const MESSAGE_MAX: usize = 2048;
+
+/// A client-supplied value (name, field) as an error message quotes it: debug-quoted, and
+/// cut to [`ECHO_MAX`] bytes with a "…" so a 100 KiB name cannot make the reply unreadable.
+pub fn echo(value: &str) -> String {
+    let quoted = format!("{value:?}");
+    if quoted.len() <= ECHO_MAX {
+        return quoted;
+    }
+    format!("{}… ({} bytes)", cut(&quoted, ECHO_MAX), value.len())
+}
+
+/// `s` cut to at most `max` bytes, on a character boundary.
+fn cut(s: &str, max: usize) -> &str {
+    let mut end = max.min(s.len());
+    while !s.is_char_boundary(end) {
+        end -= 1;
+    }
+    &s[..end]
+}
+
+/// The message a client sees, capped at [`MESSAGE_MAX`] bytes.
+fn client_message(e: &Error) -> String {
+    let message = e.to_string();
+    if message.len() <= MESSAGE_MAX {
+        return message;
+    }
+    format!("{}…", cut(&message, MESSAGE_MAX))
 }
 
 /// The "everything went well" status for batch items.
@@ -103,12 +143,19 @@ impl From<Error> for tonic::Status {
         if let Error::Internal { .. } = e {
             tracing::error!(error = %e, "internal error");
         }
-        tonic::Status::new(e.code(), e.to_string())
+        tonic::Status::new(e.code(), client_message(&e))
     }
 }
 
 impl From<tonic::Status> for Error {
     fn from(status: tonic::Status) -> Self {
+        // A streamed message above the size limit: RESOURCE_EXHAUSTED per gRPC's code table,
+        // not tonic's OUT_OF_RANGE (see `layers`).
+        if status.code() == tonic::Code::OutOfRange
+            && crate::layers::is_oversize_message(status.message())
+        {
+            return Error::ResourceExhausted(status.message().to_string());
+        }
         Error::Stream(status)
     }
 }
@@ -124,7 +171,7 @@ impl From<std::io::Error> for Error {
             }
             // Writes cannot succeed until an operator acts (evicting would not help); reads go on.
             std::io::ErrorKind::ReadOnlyFilesystem => {
-                return Error::ResourceExhausted(format!(
+                return Error::StorageUnwritable(format!(
                     "storage cannot take writes: {e} (the data dir's file system is read-only)"
                 ));
             }
@@ -137,7 +184,14 @@ impl From<std::io::Error> for Error {
 impl From<sled::Error> for Error {
     fn from(e: sled::Error) -> Self {
         match e {
-            sled::Error::Io(io) if io.kind() == std::io::ErrorKind::StorageFull => io.into(),
+            sled::Error::Io(io)
+                if matches!(
+                    io.kind(),
+                    std::io::ErrorKind::StorageFull | std::io::ErrorKind::ReadOnlyFilesystem
+                ) =>
+            {
+                io.into()
+            }
             e => Error::internal("sled", e),
         }
     }

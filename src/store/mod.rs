@@ -5,6 +5,7 @@
 //! blob. The action cache is keyed by (instance name, action digest) and holds the encoded
 //! `ActionResult` as given.
 
+pub mod chunk_sums;
 pub mod files;
 pub mod index;
 pub mod sled;
@@ -206,4 +207,8 @@ pub trait Upload: Send {
 
     /// Verifies the complete blob against its digest and makes it visible.
     async fn commit(self: Box<Self>) -> Result<()>;
+
+    /// The upload ends without a commit: returns once every byte received is persisted (or
+    /// known lost), so `upload_progress` asked right after reports the final figure.
+    async fn stop(&mut self) {}
 }

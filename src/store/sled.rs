@@ -24,9 +24,11 @@
 //! Size bounds, eviction, expiry, the cleanup pass after a crash and `verify` live in
 //! [`lifecycle`].
 
+mod group_commit;
 mod lifecycle;
 mod namespaces;
 mod snapshot;
+mod space;
 
 use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
@@ -42,6 +44,7 @@ use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 
+use super::chunk_sums::{self, ChunkSums, SUM_CHUNK};
 use super::files::{BlobFiles, BlobWriter};
 use super::index::Index;
 use super::{BlobStream, GcReport, NamespaceInfo, Store, StoreStats, Upload, VerifyReport};
@@ -59,8 +62,13 @@ const WRITE_QUEUE_BYTES: usize = 32 << 20;
 pub const MAX_TRANSFERS: usize = 1024;
 /// Bytes all uploads together may queue ahead of their writers: a server-wide memory bound.
 const WRITE_QUEUE_BYTES_TOTAL: usize = 256 << 20;
+/// Room under max_size a large upload reserves ahead of the bytes it has sent.
+const RESERVE_STEP: u64 = 64 << 20;
 /// Chunks a read may prepare ahead of the client (bounds memory per download).
-const READ_AHEAD_CHUNKS: usize = 4;
+const READ_AHEAD_CHUNKS: usize = 2;
+/// Bytes all downloads together may hold in chunks read but not yet handed to the gRPC layer:
+/// a server-wide memory bound that slow readers cannot push past.
+const READ_BUDGET_BYTES: usize = 256 << 20;
 const FILE: u8 = 1;
 /// Stripes of the lock that orders publishing a blob against evicting or dropping it.
 const STRIPES: usize = 256;
@@ -83,6 +91,9 @@ pub struct Options {
     pub min_retention: Duration,
     /// AC TTLs per instance name.
     pub namespaces: NamespacesConfig,
+    /// How long a download waits for its client to take the next chunk before it ends
+    /// (`limits.write_idle_timeout`).
+    pub stall: Duration,
 }
 
 impl Options {
@@ -96,6 +107,7 @@ impl Options {
             low_watermark: s.low_watermark,
             min_retention: s.min_retention.0,
             namespaces: config.namespaces.clone(),
+            stall: config.limits.write_idle_timeout.0,
         }
     }
 }
@@ -137,6 +149,13 @@ struct Inner {
     write_budget: Arc<tokio::sync::Semaphore>,
     /// Permits for large-blob transfers (see `MAX_TRANSFERS`).
     transfers: Arc<tokio::sync::Semaphore>,
+    /// Bytes of downloads read ahead of their clients (see `READ_BUDGET_BYTES`).
+    read_budget: Arc<tokio::sync::Semaphore>,
+    /// How long a download may wait for its client to take the next chunk.
+    stall: Duration,
+    /// Flushes sled before writes are acknowledged, one flush per round of waiting writes.
+    /// Last, so it is dropped (and its thread joined) after everything that writes.
+    commit: group_commit::GroupCommit,
 }
 
 /// Where the index says a blob is.
@@ -163,6 +182,30 @@ fn encode_entry(location: Location, size: u64, written_at: u32) -> Vec<u8> {
     v.extend_from_slice(&extra.to_be_bytes());
     v.extend_from_slice(&written_at.to_be_bytes());
     v
+}
+
+/// A file blob's index entry: the common part, then the checksum of every chunk (see
+/// [`chunk_sums`]; entries written before those existed end after `written_at`).
+fn encode_file_entry(xxh3: u64, size: u64, written_at: u32, sums: &[u64]) -> Vec<u8> {
+    let mut v = encode_entry(Location::File { xxh3 }, size, written_at);
+    v.reserve(sums.len() * 8);
+    for sum in sums {
+        v.extend_from_slice(&sum.to_be_bytes());
+    }
+    v
+}
+
+/// The chunk checksums of a file blob's entry, if it has them (and the right number of them).
+fn entry_sums(v: &[u8], size: u64) -> Option<Vec<u64>> {
+    let raw = v.get(21..)?;
+    if raw.is_empty() || raw.len() != chunk_sums::count(size) * 8 {
+        return None;
+    }
+    Some(
+        raw.chunks_exact(8)
+            .map(|b| u64::from_be_bytes(b.try_into().unwrap_or_default()))
+            .collect(),
+    )
 }
 
 /// When an index entry was written (0 for entries from before it was recorded).
@@ -274,7 +317,9 @@ impl SledStore {
         // A brand-new data dir has nothing to clean up either.
         let marked = lifecycle::take_clean_shutdown_mark(data_dir)?;
         let clean = marked || fresh;
-        let life = lifecycle::Lifecycle::new(&options, !clean);
+        let space = Arc::new(space::Space::open(data_dir));
+        let commit = group_commit::GroupCommit::start(db.clone(), space.clone())?;
+        let life = lifecycle::Lifecycle::new(&options, !clean, space);
         if !clean {
             let persisted_at = atime
                 .get(lifecycle::PERSISTED_AT)?
@@ -318,6 +363,9 @@ impl SledStore {
                 active_uploads: Mutex::new(HashSet::new()),
                 write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES_TOTAL)),
                 transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
+                read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET_BYTES)),
+                stall: options.stall,
+                commit,
             }),
         })
     }
@@ -339,6 +387,14 @@ impl Inner {
         }
     }
 
+    /// The chunk checksums recorded for a file blob, if its entry has them.
+    fn lookup_sums(&self, digest: &Digest) -> Result<Option<Vec<u64>>> {
+        Ok(self
+            .cas
+            .get(digest.hash)?
+            .and_then(|v| entry_sums(&v, digest.size)))
+    }
+
     /// The lock stripe of a hash (see `Inner::stripes`).
     fn stripe(&self, digest: &Digest) -> std::sync::MutexGuard<'_, ()> {
         self.stripes[digest.hash[1] as usize % STRIPES]
@@ -346,28 +402,63 @@ impl Inner {
             .unwrap_or_else(|p| p.into_inner())
     }
 
-    fn put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
-        let result = self.try_put_inline(digest, data);
+    /// Stores a small blob in sled; returns once it is durable.
+    async fn put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+        let result = self.try_put_inline(digest, data).await;
         self.life.note_write(&result);
         result
     }
 
-    fn try_put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+    async fn try_put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         self.life.admit(self.charge(digest.size))?;
-        let _gate = self.inline_gate.read().unwrap_or_else(|p| p.into_inner());
-        let id = self.db.generate_id()?;
-        self.blobs.insert(id.to_be_bytes(), data)?;
-        let entry = encode_entry(Location::Inline { id }, digest.size, self.life.now());
-        let _stripe = self.stripe(digest);
-        let swapped = self
-            .cas
-            .compare_and_swap(digest.hash, None as Option<&[u8]>, Some(entry))?;
-        if swapped.is_err() {
-            // A concurrent writer stored the same blob first; keep theirs.
-            self.blobs.remove(id.to_be_bytes())?;
+        let ours = {
+            let _gate = self.inline_gate.read().unwrap_or_else(|p| p.into_inner());
+            let id = self.db.generate_id()?;
+            self.blobs.insert(id.to_be_bytes(), data)?;
+            let entry = encode_entry(Location::Inline { id }, digest.size, self.life.now());
+            let _stripe = self.stripe(digest);
+            let swapped = self.cas.compare_and_swap(
+                digest.hash,
+                None as Option<&[u8]>,
+                Some(entry.clone()),
+            )?;
+            if swapped.is_err() {
+                // A concurrent writer stored the same blob first; keep theirs (and wait for
+                // it to be durable like our own).
+                self.blobs.remove(id.to_be_bytes())?;
+                None
+            } else {
+                Some((id, entry))
+            }
+        };
+        // Visible to FindMissingBlobs (the in-memory index) only once durable: "present" is a
+        // promise too, and clients skip their own upload on it.
+        if let Err(e) = self.commit.durable().await {
+            if let Some((id, entry)) = ours {
+                let _stripe = self.stripe(digest);
+                let _ = self
+                    .cas
+                    .compare_and_swap(digest.hash, Some(entry), None as Option<&[u8]>);
+                let _ = self.blobs.remove(id.to_be_bytes());
+            }
+            return Err(e);
+        }
+        if ours.is_none() {
+            self.still_stored(digest)?;
         }
         self.added(digest);
         Ok(())
+    }
+
+    /// After waiting for a concurrent writer's copy to be durable: that copy is still there
+    /// (its writer takes it back if its flush failed).
+    fn still_stored(&self, digest: &Digest) -> Result<()> {
+        match self.lookup(digest)? {
+            Some(_) => Ok(()),
+            None => Err(Error::Unavailable(format!(
+                "blob {digest} was being stored by another call that failed; retry"
+            ))),
+        }
     }
 
     /// Counts a blob that just became visible (and is used now).
@@ -455,21 +546,51 @@ impl Inner {
         Ok(Some(Bytes::copy_from_slice(&v)))
     }
 
-    /// Renames a verified file into place and indexes it, under the hash's stripe lock.
+    /// Renames a verified file into place and indexes it, under the hash's stripe lock, and
+    /// returns once the index entry is durable. If the blob is stored already, `written` is
+    /// deleted instead: replacing a durable copy would put it at risk if this write failed.
     async fn publish_file(
         self: &Arc<Self>,
         written: PathBuf,
         digest: Digest,
         xxh3: u64,
+        sums: Vec<u64>,
     ) -> Result<()> {
         let inner = self.clone();
         let result = run_blocking(move || {
-            let _stripe = inner.stripe(&digest);
-            inner.files.publish(&written, &digest)?;
-            inner.cas.insert(
-                digest.hash,
-                encode_entry(Location::File { xxh3 }, digest.size, inner.life.now()),
-            )?;
+            let entry = encode_file_entry(xxh3, digest.size, inner.life.now(), &sums);
+            let ours = {
+                let _stripe = inner.stripe(&digest);
+                if inner.lookup(&digest)?.is_some() {
+                    let _ = std::fs::remove_file(&written);
+                    false
+                } else {
+                    if let Err(e) = inner.files.publish(&written, &digest) {
+                        let _ = std::fs::remove_file(&written);
+                        return Err(e.into());
+                    }
+                    if let Err(e) = inner.cas.insert(digest.hash, entry.clone()) {
+                        let _ = std::fs::remove_file(inner.files.blob_path(&digest));
+                        return Err(e.into());
+                    }
+                    true
+                }
+            };
+            if let Err(e) = inner.commit.durable_blocking() {
+                if ours {
+                    // Never acknowledged: take it back, file and all, so nothing is left behind.
+                    let _stripe = inner.stripe(&digest);
+                    let _ =
+                        inner
+                            .cas
+                            .compare_and_swap(digest.hash, Some(entry), None as Option<&[u8]>);
+                    let _ = std::fs::remove_file(inner.files.blob_path(&digest));
+                }
+                return Err(e);
+            }
+            if !ours {
+                inner.still_stored(&digest)?;
+            }
             inner.added(&digest);
             Ok(())
         })
@@ -539,7 +660,7 @@ impl Store for SledStore {
             return Ok(());
         }
         if digest.size <= self.inner.inline_threshold {
-            return self.inner.put_inline(digest, &data);
+            return self.inner.put_inline(digest, &data).await;
         }
         let _reserved = self.inner.reserve(self.inner.charge(digest.size))?;
         let tmp = self.inner.files.temp_path();
@@ -548,11 +669,11 @@ impl Store for SledStore {
             let mut w = BlobWriter::create(&path)?;
             w.write(&data)?;
             w.flush()?;
-            Ok(xxh3_64(&data))
+            Ok((xxh3_64(&data), chunk_sums::of(&data)))
         })
         .await;
         match written {
-            Ok(xxh3) => self.inner.publish_file(tmp, *digest, xxh3).await,
+            Ok((xxh3, sums)) => self.inner.publish_file(tmp, *digest, xxh3, sums).await,
             Err(e) => {
                 let _ = std::fs::remove_file(&tmp);
                 let result = Err(e);
@@ -612,10 +733,21 @@ impl Store for SledStore {
                 let store = self.inner.clone();
                 let digest = *digest;
                 let range = offset..end;
+                let sums = self.inner.lookup_sums(&digest)?;
                 let permit = self.inner.transfer_permit()?;
+                let runtime = tokio::runtime::Handle::current();
+                let stall = self.inner.stall;
                 tokio::task::spawn_blocking(move || {
                     let _permit = permit;
-                    stream_file(&store, file, digest, xxh3, range, chunk_size, &tx)
+                    let read = FileRead {
+                        store: &store,
+                        digest,
+                        xxh3,
+                        tx,
+                        runtime,
+                        stall,
+                    };
+                    read.run(file, sums, range, chunk_size)
                 });
                 Ok(Some(ReceiverStream::new(rx).boxed()))
             }
@@ -643,9 +775,11 @@ impl Store for SledStore {
                 buf: BytesMut::with_capacity(digest.size as usize),
             }));
         }
-        // Room for the whole blob is set aside now, so concurrent uploads cannot together
-        // overshoot max_size.
-        let reservation = self.inner.reserve(self.inner.charge(digest.size))?;
+        // Room is set aside before bytes are accepted, so concurrent uploads cannot together
+        // overshoot max_size; a step at a time, so a stalled upload holds little.
+        let reservation = self
+            .inner
+            .reserve(self.inner.charge(digest.size.min(offset + RESERVE_STEP)))?;
         // Shared by the handler and the writer thread: the id stays claimed until the upload is
         // published (or abandoned) and its writer has stopped touching the file.
         let guard = Arc::new(UploadGuard::claim(&self.inner, upload_id)?);
@@ -682,9 +816,9 @@ impl Store for SledStore {
             hashes,
             queue,
             tx: Some(tx),
-            writer,
+            writer: Some(writer),
             _guard: guard,
-            _reservation: reservation,
+            reservation,
         }))
     }
 
@@ -710,7 +844,10 @@ impl Store for SledStore {
         action: &Digest,
         result: Bytes,
     ) -> Result<()> {
-        let r = self.inner.put_action_result(instance, action, &result);
+        let r = self
+            .inner
+            .put_action_result(instance, action, &result)
+            .await;
         self.inner.life.note_write(&r);
         r
     }
@@ -754,6 +891,19 @@ impl Store for SledStore {
         self.inner.life.stop();
         run_blocking(move || {
             let _no_pass_running = inner.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+            // Every acknowledged write is durable already (group commit). On a disk that cannot
+            // take writes, what is left (last uses, the snapshot, the clean mark) is skipped:
+            // the next start then counts as unclean, which keeps the retention promise.
+            if !inner.life.space.top_up() {
+                tracing::warn!(
+                    "the data dir cannot take writes: last uses are not saved, and the next \
+                     start runs the cleanup pass"
+                );
+                if let Err(e) = inner.db.flush() {
+                    tracing::warn!(error = %e, "final flush failed; acknowledged writes were already durable");
+                }
+                return Ok(());
+            }
             inner.persist_use(true)?;
             inner.db.flush()?;
             if !inner.life.cleanup_pending() {
@@ -823,6 +973,7 @@ impl Store for SledStore {
 struct UploadHashes {
     sha256: Verifier,
     xxh3: Xxh3,
+    sums: ChunkSums,
 }
 
 impl UploadHashes {
@@ -830,12 +981,14 @@ impl UploadHashes {
         UploadHashes {
             sha256: Verifier::new(digest),
             xxh3: Xxh3::new(),
+            sums: ChunkSums::new(),
         }
     }
 
     fn update(&mut self, data: &[u8]) -> Result<()> {
         self.sha256.update(data)?;
         self.xxh3.update(data);
+        self.sums.update(data);
         Ok(())
     }
 }
@@ -951,71 +1104,202 @@ fn open_upload_file(
     Ok(Ok((BlobWriter::append(file, path, offset)?, hashes)))
 }
 
-/// Sends `offset..end` of a blob file as chunks. A whole-blob read is hashed on the way and its
-/// last chunk is held back until the hash matches, so a damaged blob is never served complete:
-/// the stream ends in NOT_FOUND instead and the blob is removed. Ranged reads check the file
-/// length only. Runs on a blocking thread; stops when the receiver goes away.
-fn stream_file(
-    store: &Inner,
-    mut file: std::fs::File,
+/// One read of a blob file, run on a blocking thread, sending chunks to the client's stream.
+///
+/// Memory: each chunk read takes its size from the server-wide read budget
+/// (`READ_BUDGET_BYTES`) until the chunk has been handed to the gRPC layer, and a read whose
+/// client takes nothing for `stall` ends, so slow or stalled readers cannot add up to more
+/// than the budget plus what the HTTP/2 layer holds for them.
+struct FileRead<'a> {
+    store: &'a Inner,
     digest: Digest,
     xxh3: u64,
-    range: std::ops::Range<u64>,
-    chunk_size: usize,
-    tx: &mpsc::Sender<Result<Bytes>>,
-) {
-    let std::ops::Range { start: offset, end } = range;
-    let damaged = |why: &str| {
-        store.drop_damaged(&digest, Location::File { xxh3 }, why);
-        let _ = tx.blocking_send(Err(Error::NotFound(format!(
-            "blob {digest} was damaged on disk and has been removed; upload it again"
-        ))));
-    };
-    let len = match file.metadata() {
-        Ok(m) => m.len(),
-        Err(e) => {
-            let _ = tx.blocking_send(Err(Error::internal(format!("reading blob {digest}"), e)));
-            return;
-        }
-    };
-    if len != digest.size {
-        return damaged("blob file has the wrong length");
+    tx: mpsc::Sender<Result<Bytes>>,
+    runtime: tokio::runtime::Handle,
+    stall: Duration,
+}
+
+/// A chunk's bytes together with the share of the read budget they hold.
+struct Budgeted {
+    data: Vec<u8>,
+    _permit: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl AsRef<[u8]> for Budgeted {
+    fn as_ref(&self) -> &[u8] {
+        &self.data
     }
-    let mut checksum = (offset == 0 && end == digest.size).then(Xxh3::new);
-    if offset > 0 {
-        if let Err(e) = file.seek(SeekFrom::Start(offset)) {
-            let _ = tx.blocking_send(Err(Error::internal(format!("reading blob {digest}"), e)));
-            return;
-        }
+}
+
+/// How a read ended early.
+enum Stop {
+    /// The client went away or stalled; nothing more to say.
+    Gone,
+    /// The blob is damaged (why); it is removed and the client told.
+    Damaged(String),
+    /// Another failure, passed to the client.
+    Failed(Error),
+}
+
+impl FileRead<'_> {
+    /// Sends `range` of the blob and reports how the read ended.
+    fn run(
+        &self,
+        file: std::fs::File,
+        sums: Option<Vec<u64>>,
+        range: std::ops::Range<u64>,
+        chunk_size: usize,
+    ) {
+        let outcome = match file.metadata() {
+            Err(e) => Err(Stop::Failed(Error::internal(
+                format!("reading blob {}", self.digest),
+                e,
+            ))),
+            Ok(m) if m.len() != self.digest.size => {
+                Err(Stop::Damaged("blob file has the wrong length".into()))
+            }
+            Ok(_) => match sums {
+                Some(sums) => self.verified_chunks(file, &sums, range, chunk_size),
+                None => self.whole_checksum(file, range, chunk_size),
+            },
+        };
+        let error = match outcome {
+            Ok(()) | Err(Stop::Gone) => return,
+            Err(Stop::Failed(e)) => e,
+            Err(Stop::Damaged(why)) => {
+                self.store
+                    .drop_damaged(&self.digest, Location::File { xxh3: self.xxh3 }, &why);
+                Error::NotFound(format!(
+                    "blob {} was damaged on disk and has been removed; upload it again",
+                    self.digest
+                ))
+            }
+        };
+        let _ = self
+            .runtime
+            .block_on(tokio::time::timeout(self.stall, self.tx.send(Err(error))));
     }
-    let mut held: Option<Bytes> = None;
-    let mut at = offset;
-    while at < end {
-        let want = (end - at).min(chunk_size as u64) as usize;
-        // read_to_end fills spare capacity without zeroing it first.
-        let mut buf = Vec::with_capacity(want);
-        match (&mut file).take(want as u64).read_to_end(&mut buf) {
-            Ok(n) if n == want => {}
-            Ok(_) => return damaged("blob file ended early"),
-            Err(e) => return damaged(&format!("blob file could not be read: {e}")),
+
+    /// Reads the chunks that cover `range` whole, checks each against its recorded checksum
+    /// before any of its bytes are sent, and sends the part of each that lies in `range`.
+    fn verified_chunks(
+        &self,
+        mut file: std::fs::File,
+        sums: &[u64],
+        range: std::ops::Range<u64>,
+        chunk_size: usize,
+    ) -> Result<(), Stop> {
+        let mut index = (range.start / SUM_CHUNK) as usize;
+        let mut at = index as u64 * SUM_CHUNK;
+        if at > 0 {
+            file.seek(SeekFrom::Start(at)).map_err(|e| {
+                Stop::Failed(Error::internal(format!("reading blob {}", self.digest), e))
+            })?;
         }
-        at += want as u64;
-        if let Some(c) = checksum.as_mut() {
-            c.update(&buf);
+        while at < range.end {
+            let len = (self.digest.size - at).min(SUM_CHUNK);
+            let chunk = self.read_chunk(&mut file, len)?;
+            if !chunk_sums::matches(sums, index, &chunk) {
+                return Err(Stop::Damaged(format!(
+                    "chunk {index} of the blob file does not match its checksum"
+                )));
+            }
+            let from = (range.start.max(at) - at) as usize;
+            let to = (range.end.min(at + len) - at) as usize;
+            let mut piece = from;
+            while piece < to {
+                let end = to.min(piece + chunk_size.max(1));
+                self.send(chunk.slice(piece..end))?;
+                piece = end;
+            }
+            at += len;
+            index += 1;
         }
-        if let Some(prev) = held.replace(Bytes::from(buf)) {
-            if tx.blocking_send(Ok(prev)).is_err() {
-                return; // the client went away
+        Ok(())
+    }
+
+    /// For blobs stored before chunk checksums existed: a whole read is hashed on the way and
+    /// its last chunk held back until the hash matches; a ranged read checks the length only.
+    fn whole_checksum(
+        &self,
+        mut file: std::fs::File,
+        range: std::ops::Range<u64>,
+        chunk_size: usize,
+    ) -> Result<(), Stop> {
+        let mut checksum = (range.start == 0 && range.end == self.digest.size).then(Xxh3::new);
+        if range.start > 0 {
+            file.seek(SeekFrom::Start(range.start)).map_err(|e| {
+                Stop::Failed(Error::internal(format!("reading blob {}", self.digest), e))
+            })?;
+        }
+        let mut held: Option<Bytes> = None;
+        let mut at = range.start;
+        while at < range.end {
+            let want = (range.end - at).min(chunk_size as u64);
+            let chunk = self.read_chunk(&mut file, want)?;
+            at += want;
+            if let Some(c) = checksum.as_mut() {
+                c.update(&chunk);
+            }
+            if let Some(prev) = held.replace(chunk) {
+                self.send(prev)?;
             }
         }
-    }
-    if let Some(c) = checksum {
-        if c.digest() != xxh3 {
-            return damaged("blob file does not match its checksum");
+        if checksum.is_some_and(|c| c.digest() != self.xxh3) {
+            return Err(Stop::Damaged(
+                "blob file does not match its checksum".into(),
+            ));
+        }
+        match held {
+            Some(last) => self.send(last),
+            None => Ok(()),
         }
     }
-    if let Some(last) = held {
-        let _ = tx.blocking_send(Ok(last));
+
+    /// Reads the next `len` bytes, once the read budget has room for them.
+    fn read_chunk(&self, file: &mut std::fs::File, len: u64) -> Result<Bytes, Stop> {
+        let budget = self.store.read_budget.clone();
+        let permit = self
+            .runtime
+            .block_on(tokio::time::timeout(
+                self.stall,
+                budget.acquire_many_owned(len.clamp(1, READ_BUDGET_BYTES as u64) as u32),
+            ))
+            .map_err(|_| {
+                Stop::Failed(Error::ResourceExhausted(format!(
+                    "downloads in progress hold all {READ_BUDGET_BYTES} bytes of read memory and \
+                     none was freed for {:?}; retry shortly",
+                    self.stall
+                )))
+            })?
+            .map_err(|_| Stop::Gone)?;
+        // read_to_end fills spare capacity without zeroing it first.
+        let mut data = Vec::with_capacity(len as usize);
+        match file.take(len).read_to_end(&mut data) {
+            Ok(n) if n as u64 == len => {}
+            Ok(_) => return Err(Stop::Damaged("blob file ended early".into())),
+            Err(e) => return Err(Stop::Damaged(format!("blob file could not be read: {e}"))),
+        }
+        Ok(Bytes::from_owner(Budgeted {
+            data,
+            _permit: permit,
+        }))
+    }
+
+    /// Hands a chunk to the client's stream; a client that takes nothing for `stall` is
+    /// treated as gone, so it stops holding this thread and the transfer slot.
+    fn send(&self, chunk: Bytes) -> Result<(), Stop> {
+        match self
+            .runtime
+            .block_on(tokio::time::timeout(self.stall, self.tx.send(Ok(chunk))))
+        {
+            Ok(Ok(())) => Ok(()),
+            Ok(Err(_)) => Err(Stop::Gone),
+            Err(_) => {
+                tracing::debug!(digest = %self.digest, stall = ?self.stall, "ending a read whose client stopped reading");
+                Err(Stop::Gone)
+            }
+        }
     }
 }
 
@@ -1122,7 +1406,7 @@ impl Upload for MemoryUpload {
         if self.digest.is_empty_blob() || self.store.index.contains(&self.digest) {
             return Ok(());
         }
-        self.store.put_inline(&self.digest, &self.buf)
+        self.store.put_inline(&self.digest, &self.buf).await
     }
 }
 
@@ -1138,20 +1422,35 @@ struct FileUpload {
     /// Bytes this upload's writer may still fall behind by.
     queue: Arc<tokio::sync::Semaphore>,
     tx: Option<mpsc::UnboundedSender<Bytes>>,
-    writer: tokio::task::JoinHandle<Result<()>>,
+    /// `None` once waited for.
+    writer: Option<tokio::task::JoinHandle<Result<()>>>,
     /// Held until the blob is published, so no other stream can touch the file before that.
     _guard: Arc<UploadGuard>,
     /// The blob's room under max_size, held until it is published or the upload is dropped.
-    _reservation: lifecycle::Reservation,
+    /// The blob's room under max_size, grown as bytes arrive, held until it is published or
+    /// the upload is dropped.
+    reservation: lifecycle::Reservation,
 }
 
 impl FileUpload {
     /// Closes the queue and waits until the writer has written everything.
     async fn finish_writer(&mut self) -> Result<()> {
         self.tx = None;
-        (&mut self.writer)
-            .await
-            .map_err(|e| Error::internal("upload writer", e))?
+        match self.writer.take() {
+            Some(writer) => writer
+                .await
+                .map_err(|e| Error::internal("upload writer", e))?,
+            None => Ok(()),
+        }
+    }
+
+    /// After a failed write: a write the disk refused leaves nothing behind (the partial file
+    /// would only hold the space that is lacking); other failures keep it for a resume.
+    async fn failed(&mut self, error: &Error) {
+        if matches!(error, Error::StorageFull(_) | Error::StorageUnwritable(_)) {
+            let _ = self.finish_writer().await;
+            let _ = tokio::fs::remove_file(&self.path).await;
+        }
     }
 
     /// The writer stopped before the upload ended: its result says why.
@@ -1171,14 +1470,20 @@ impl Upload for FileUpload {
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
         let result = self.try_append(data).await;
-        if result.is_err() {
+        if let Err(e) = &result {
+            self.failed(e).await;
             self.store.life.note_write(&result);
         }
         result
     }
 
+    async fn stop(&mut self) {
+        let _ = self.finish_writer().await;
+    }
+
     async fn commit(mut self: Box<Self>) -> Result<()> {
         if let Err(e) = self.finish_writer().await {
+            self.failed(&e).await;
             let result = Err(e);
             self.store.life.note_write(&result);
             return result;
@@ -1190,8 +1495,14 @@ impl Upload for FileUpload {
             return Err(e);
         }
         // `this._guard` lives until the file is renamed into place and indexed.
+        let xxh3 = this.hashes.xxh3.digest();
         this.store
-            .publish_file(this.path.clone(), this.digest, this.hashes.xxh3.digest())
+            .publish_file(
+                this.path.clone(),
+                this.digest,
+                xxh3,
+                this.hashes.sums.finish(),
+            )
             .await
     }
 }
@@ -1199,6 +1510,11 @@ impl Upload for FileUpload {
 impl FileUpload {
     async fn try_append(&mut self, data: Bytes) -> Result<()> {
         self.hashes.update(&data)?; // refuses bytes beyond the declared size
+        let through = self.received + data.len() as u64;
+        if self.store.charge(through) > self.reservation.charge() {
+            let next = self.digest.size.min(through + RESERVE_STEP);
+            self.reservation.grow_to(self.store.charge(next))?;
+        }
         let cost = queue_cost(&data) as u32;
         // Given back by the writer once the bytes are written; closed if the writer stops.
         let room = self.queue.acquire_many(cost).await.map(|p| p.forget());

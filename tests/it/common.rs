@@ -303,3 +303,46 @@ pub async fn lookup_result(
         Err(e) => panic!("GetActionResult in {instance:?}: {e}"),
     }
 }
+
+/// A small tmpfs, unmounted on drop. `None` where mounting is not allowed (not root).
+pub struct SmallDisk {
+    pub path: std::path::PathBuf,
+    _tmp: tempfile::TempDir,
+}
+
+impl SmallDisk {
+    pub fn mount(size: &str) -> Option<Self> {
+        let tmp = tempfile::tempdir().ok()?;
+        let path = tmp.path().join("disk");
+        std::fs::create_dir(&path).ok()?;
+        let ok = std::process::Command::new("mount")
+            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
+            .arg(&path)
+            .stderr(std::process::Stdio::null())
+            .status()
+            .is_ok_and(|s| s.success());
+        ok.then_some(SmallDisk { path, _tmp: tmp })
+    }
+}
+
+impl Drop for SmallDisk {
+    fn drop(&mut self) {
+        let _ = std::process::Command::new("umount")
+            .arg(&self.path)
+            .status();
+    }
+}
+
+/// Writes `name` in `dir` until the disk is full, as another process filling the disk would;
+/// returns its path.
+pub fn fill_disk(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
+    use std::io::Write;
+    let path = dir.join(name);
+    let mut f = std::fs::File::create(&path).unwrap();
+    let chunk = vec![0xAAu8; 64 << 10];
+    while f.write_all(&chunk).is_ok() {}
+    // Whatever is smaller than a chunk.
+    while f.write_all(&[0u8; 512]).is_ok() {}
+    let _ = f.sync_all();
+    path
+}

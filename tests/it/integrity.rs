@@ -239,40 +239,11 @@ async fn abandoned_partial_uploads_are_removed_after_their_age() {
     assert!(fresh.exists());
 }
 
-/// A small tmpfs, unmounted on drop. `None` where mounting is not allowed (not root).
-struct SmallDisk {
-    path: std::path::PathBuf,
-    _tmp: tempfile::TempDir,
-}
-
-impl SmallDisk {
-    fn mount(size: &str) -> Option<Self> {
-        let tmp = tempfile::tempdir().ok()?;
-        let path = tmp.path().join("disk");
-        std::fs::create_dir(&path).ok()?;
-        let ok = std::process::Command::new("mount")
-            .args(["-t", "tmpfs", "-o", &format!("size={size}"), "tmpfs"])
-            .arg(&path)
-            .stderr(std::process::Stdio::null())
-            .status()
-            .is_ok_and(|s| s.success());
-        ok.then_some(SmallDisk { path, _tmp: tmp })
-    }
-}
-
-impl Drop for SmallDisk {
-    fn drop(&mut self) {
-        let _ = std::process::Command::new("umount")
-            .arg(&self.path)
-            .status();
-    }
-}
-
 /// Needs root (to mount a tmpfs). Where that is not possible it says SKIPPED and returns,
 /// unless HOARD_REQUIRE_DISK_FULL_TEST is set (CI sets it), in which case it fails.
 #[tokio::test]
 async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
-    let Some(disk) = SmallDisk::mount("48m") else {
+    let Some(disk) = crate::common::SmallDisk::mount("48m") else {
         assert!(
             std::env::var_os("HOARD_REQUIRE_DISK_FULL_TEST").is_none(),
             "cannot mount a tmpfs, and HOARD_REQUIRE_DISK_FULL_TEST is set"
@@ -328,6 +299,8 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
         "{}",
         err.message()
     );
+    // Another process takes what is left.
+    let rest = crate::common::fill_disk(&disk.path, "rest");
 
     // What was stored before is still served, and the server still answers.
     assert!(
@@ -350,6 +323,7 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
 
     // Once space is free again, uploads succeed again, and readiness recovers.
     std::fs::remove_file(&filler).unwrap();
+    std::fs::remove_file(&rest).unwrap();
     let after = blob(3_000_000, 999);
     let d = upload(&server, "", &after).await;
     assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == after);

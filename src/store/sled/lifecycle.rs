@@ -132,10 +132,12 @@ pub(super) struct Lifecycle {
     used_floor: AtomicU32,
     /// Set by the final flush: long passes stop early instead of holding up the shutdown.
     stopping: AtomicBool,
+    /// Whether the disk can take writes; every write is refused up front while it cannot.
+    pub(super) space: Arc<space::Space>,
 }
 
 impl Lifecycle {
-    pub(super) fn new(options: &Options, unclean: bool) -> Self {
+    pub(super) fn new(options: &Options, unclean: bool, space: Arc<space::Space>) -> Self {
         Lifecycle {
             inline_threshold: options.inline_threshold,
             configured_max: options.max_size,
@@ -171,6 +173,7 @@ impl Lifecycle {
             opened_at: SystemTime::now(),
             used_floor: AtomicU32::new(0),
             stopping: AtomicBool::new(false),
+            space,
         }
     }
 
@@ -234,7 +237,7 @@ impl Lifecycle {
         if self.configured_max != 0 {
             return;
         }
-        let Some(free) = free_space(data_dir) else {
+        let Some(free) = space::free_space(data_dir) else {
             tracing::warn!("cannot tell the data dir's free space; storage.max_size is unbounded");
             return;
         };
@@ -258,8 +261,10 @@ impl Lifecycle {
         (self.max_size() as u128 * self.low_pct as u128 / 100) as u64
     }
 
-    /// Refuses a write of `charge` bytes that would pass `max_size`.
+    /// Refuses a write of `charge` bytes that would pass `max_size`, or that the disk cannot
+    /// take right now.
     pub(super) fn admit(&self, charge: u64) -> Result<()> {
+        self.space.check()?;
         let total = self.used.load(Relaxed) + self.reserved.load(Relaxed);
         if total.saturating_add(charge) <= self.max_size() {
             return Ok(());
@@ -301,7 +306,9 @@ impl Lifecycle {
     /// Notices disk-full failures (to evict and report not-ready) and their end.
     pub(super) fn note_write<T>(&self, result: &Result<T>) {
         match result {
+            Err(Error::StorageUnwritable(_)) => self.space.mark(space::Unwritable::ReadOnly),
             Err(Error::StorageFull(_)) => {
+                self.space.mark(space::Unwritable::Full);
                 if !self.disk_full.swap(true, Relaxed) {
                     tracing::error!("the data dir's disk is full; evicting to make room");
                 }
@@ -317,8 +324,14 @@ impl Lifecycle {
     }
 
     pub(super) fn write_refusal(&self) -> Option<String> {
-        if self.disk_full.load(Relaxed) {
-            return Some("the data dir's disk is full; evicting to make room".into());
+        match self.space.reason() {
+            Some(space::Unwritable::Full) => {
+                return Some("the data dir's disk is full; evicting to make room".into())
+            }
+            Some(space::Unwritable::ReadOnly) => {
+                return Some("the data dir's file system is read-only".into())
+            }
+            None => {}
         }
         let total = self.used.load(Relaxed) + self.reserved.load(Relaxed);
         if self.retention_blocked.load(Relaxed) && total >= self.high() {
@@ -364,22 +377,28 @@ impl Lifecycle {
     }
 }
 
-/// Bytes available to unprivileged users on the file system of `dir`.
-fn free_space(dir: &Path) -> Option<u64> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statvfs.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st.f_bavail as u64 * st.f_frsize as u64)
-}
-
-/// Room for one upload under `max_size`, given back when dropped.
+/// Room for one upload under `max_size`, given back when dropped. Large uploads grow theirs
+/// as bytes arrive ([`Reservation::grow_to`]), so a client that declares a huge blob and then
+/// stalls holds at most one step beyond what it sent, not the whole declared size.
 pub(crate) struct Reservation {
     store: Arc<Inner>,
     charge: u64,
+}
+
+impl Reservation {
+    /// Room held now.
+    pub(crate) fn charge(&self) -> u64 {
+        self.charge
+    }
+
+    /// Holds `charge` bytes in all (no-op if it holds that much already), or refuses.
+    pub(crate) fn grow_to(&mut self, charge: u64) -> Result<()> {
+        if charge > self.charge {
+            self.store.take_room(charge - self.charge)?;
+            self.charge = charge;
+        }
+        Ok(())
+    }
 }
 
 impl Drop for Reservation {
@@ -397,19 +416,31 @@ struct Evicted {
 }
 
 impl Inner {
-    /// Sets aside room for a blob about to be written, or refuses it.
+    /// Sets aside room for a blob file about to be written, or refuses it.
     pub(super) fn reserve(self: &Arc<Self>, charge: u64) -> Result<Reservation> {
+        self.take_room(charge)?;
+        Ok(Reservation {
+            store: self.clone(),
+            charge,
+        })
+    }
+
+    /// Adds `charge` to the reserved bytes if it fits under `max_size` and on the disk.
+    fn take_room(&self, charge: u64) -> Result<()> {
         let life = &self.life;
+        if let Err(e) = life.space.check_room(charge) {
+            // Counts as the disk being full: eviction makes room, health reports it.
+            let refused = Err(e);
+            life.note_write(&refused);
+            return refused;
+        }
         let before = life.reserved.fetch_add(charge, Relaxed);
         let total = life.used.load(Relaxed) + before;
         if total.saturating_add(charge) > life.max_size() {
             life.reserved.fetch_sub(charge, Relaxed);
             return Err(life.refuse(charge));
         }
-        Ok(Reservation {
-            store: self.clone(),
-            charge,
-        })
+        Ok(())
     }
 
     pub(super) fn get_action_result(
@@ -472,7 +503,8 @@ impl Inner {
         Ok(removed)
     }
 
-    pub(super) fn put_action_result(
+    /// Stores an action result; returns once it is durable (taken back if it cannot be).
+    pub(super) async fn put_action_result(
         &self,
         instance: &str,
         action: &Digest,
@@ -487,9 +519,20 @@ impl Inner {
         value.extend_from_slice(&now.to_be_bytes());
         value.extend_from_slice(&epoch.to_be_bytes());
         value.extend_from_slice(result);
-        let old = self.ac.insert(&key, value)?;
-        self.life
-            .ac_changed(Some(charge), old.map(|o| (key.len() + o.len()) as u64));
+        let old = self.ac.insert(&key, value.clone())?;
+        let old_len = old.as_ref().map(|o| (key.len() + o.len()) as u64);
+        self.life.ac_changed(Some(charge), old_len);
+        if let Err(e) = self.commit.durable().await {
+            // Never acknowledged: put back what was there, unless a newer write replaced it.
+            if self
+                .ac
+                .compare_and_swap(&key, Some(value), old.clone())
+                .is_ok_and(|swapped| swapped.is_ok())
+            {
+                self.life.ac_changed(old_len, Some(charge));
+            }
+            return Err(e);
+        }
         Ok(())
     }
 
@@ -953,6 +996,8 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         let persist = last_persist.elapsed() >= PERSIST_USE_EVERY;
         let expire = last_expiry.elapsed() >= EXPIRE_AC_EVERY;
         let result = run_blocking(move || {
+            // Keeps sled's cushion, and lifts a write refusal within a tick of space coming back.
+            store.life.space.top_up();
             store.evict_if_needed()?;
             if persist {
                 store.persist_use(false)?;

@@ -1,0 +1,245 @@
+//! Whether the data dir's disk can take writes, and a cushion that keeps sled from running out.
+//!
+//! sled must never meet a full disk: when one of its log writes fails, it records the error
+//! and refuses every later write until the database is reopened, so one filler process could
+//! refuse writes for good. Two measures keep it away from that:
+//! - **A cushion.** Room is preallocated past the end of sled's log file (`fallocate` with
+//!   `KEEP_SIZE`), so sled's next writes land in blocks it already owns, whatever another
+//!   process does to the free space. It is topped up after every flush and every second.
+//! - **A gate.** When the cushion cannot be kept, free space falls under it, or a write failed
+//!   for lack of space (or on a read-only file system), the store is *unwritable*: every write
+//!   is refused up front, before any byte is stored, with a message that says why. The same
+//!   check that tops up the cushion lifts the refusal once space is back, within a second.
+
+use std::fs::File;
+use std::os::fd::AsRawFd;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Mutex;
+use std::time::Instant;
+
+use crate::error::{Error, Result};
+
+/// Largest cushion; smaller file systems get a 16th of their size.
+const MAX_CUSHION: u64 = 32 << 20;
+const MIN_CUSHION: u64 = 1 << 20;
+/// While writes are refused, a write re-probes the disk at most this often (milliseconds).
+const REPROBE_MS: u64 = 200;
+
+/// Why the store cannot take writes right now.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) enum Unwritable {
+    /// No space left on the data dir's file system.
+    Full,
+    /// The data dir (or part of it) is read-only.
+    ReadOnly,
+}
+
+pub(crate) struct Space {
+    data_dir: PathBuf,
+    /// sled's log file, kept open to preallocate past its end.
+    log: Option<File>,
+    /// Bytes kept preallocated past the end of the log.
+    cushion: u64,
+    /// Free space hoard never fills (twice the cushion): below it the disk counts as full, so
+    /// that sled, the event log and deletions always find room.
+    floor: u64,
+    /// When the disk was last probed (milliseconds since `opened`), so a write that arrives
+    /// while writes are refused can lift the refusal itself without probing on every call.
+    probed_ms: AtomicU64,
+    opened: Instant,
+    /// Set while writes are refused; the reason is in `why`.
+    unwritable: AtomicBool,
+    why: Mutex<Option<Unwritable>>,
+}
+
+impl Space {
+    pub(crate) fn open(data_dir: &Path) -> Self {
+        let log = std::fs::OpenOptions::new()
+            .write(true)
+            .open(data_dir.join("sled").join("db"))
+            .ok();
+        let cushion = fs_size(data_dir)
+            .map_or(MAX_CUSHION, |size| size / 16)
+            .clamp(MIN_CUSHION, MAX_CUSHION);
+        let space = Space {
+            data_dir: data_dir.to_path_buf(),
+            log,
+            cushion,
+            floor: 2 * cushion,
+            probed_ms: AtomicU64::new(0),
+            opened: Instant::now(),
+            unwritable: AtomicBool::new(false),
+            why: Mutex::new(None),
+        };
+        space.top_up();
+        space
+    }
+
+    /// Refuses a write up front while the store is unwritable.
+    pub(crate) fn check(&self) -> Result<()> {
+        if !self.unwritable.load(Relaxed) {
+            return Ok(());
+        }
+        let now = self.opened.elapsed().as_millis() as u64;
+        if now.saturating_sub(self.probed_ms.load(Relaxed)) >= REPROBE_MS && self.top_up() {
+            return Ok(());
+        }
+        Err(self.error())
+    }
+
+    /// Refuses a file write of `bytes` that the disk cannot hold (besides the cushion).
+    pub(crate) fn check_room(&self, bytes: u64) -> Result<()> {
+        self.check()?;
+        match free_space(&self.data_dir) {
+            Some(free) if free < bytes.saturating_add(self.floor) => {
+                Err(Error::StorageFull(format!(
+                    "storage is full: {bytes} bytes do not fit in the {free} bytes free on the \
+                     data dir's disk; retry shortly (hoard evicts least recently used blobs to \
+                     make room)"
+                )))
+            }
+            _ => Ok(()),
+        }
+    }
+
+    fn error(&self) -> Error {
+        match self.reason() {
+            Some(Unwritable::ReadOnly) => Error::StorageUnwritable(
+                "storage cannot take writes: the data dir's file system is read-only".into(),
+            ),
+            _ => Error::StorageFull(
+                "storage is full: the data dir's disk has no room left; writes resume by \
+                 themselves within seconds of space being freed (hoard evicts least recently \
+                 used blobs to make room); retry shortly"
+                    .into(),
+            ),
+        }
+    }
+
+    pub(crate) fn reason(&self) -> Option<Unwritable> {
+        if !self.unwritable.load(Relaxed) {
+            return None;
+        }
+        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// A write failed for lack of space or on a read-only file system: refuse writes until
+    /// [`Space::top_up`] finds the disk writable again.
+    pub(crate) fn mark(&self, why: Unwritable) {
+        let mut current = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        if current.as_ref() != Some(&why) {
+            tracing::error!(
+                ?why,
+                "the data dir cannot take writes; refusing them until it can"
+            );
+        }
+        *current = Some(why);
+        self.unwritable.store(true, Relaxed);
+    }
+
+    /// Keeps the cushion past the end of sled's log, checks free space, and lifts a refusal
+    /// once writes can succeed again. Blocking (a few system calls); returns whether the store
+    /// is writable.
+    pub(crate) fn top_up(&self) -> bool {
+        self.probed_ms
+            .store(self.opened.elapsed().as_millis() as u64, Relaxed);
+        let outcome = self.probe();
+        let mut current = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        match outcome {
+            Ok(()) => {
+                if current.take().is_some() {
+                    tracing::info!("the data dir takes writes again");
+                }
+                self.unwritable.store(false, Relaxed);
+                true
+            }
+            Err(why) => {
+                if current.as_ref() != Some(&why) {
+                    tracing::error!(?why, "the data dir cannot take writes; refusing them");
+                }
+                *current = Some(why);
+                self.unwritable.store(true, Relaxed);
+                false
+            }
+        }
+    }
+
+    fn probe(&self) -> std::result::Result<(), Unwritable> {
+        if let Some(free) = free_space(&self.data_dir) {
+            if free < self.floor {
+                return Err(Unwritable::Full);
+            }
+        }
+        if let Some(log) = &self.log {
+            preallocate(log, self.cushion).map_err(|e| classify(&e))?;
+        }
+        // After a refusal, prove the blob dirs take files again before lifting it.
+        if self.unwritable.load(Relaxed) {
+            for dir in ["uploads", "cas"] {
+                let probe = self.data_dir.join(dir).join(".write-probe");
+                let written = std::fs::write(&probe, b"probe");
+                let _ = std::fs::remove_file(&probe);
+                written.map_err(|e| classify(&e))?;
+            }
+        }
+        Ok(())
+    }
+}
+
+/// What a failed write says about the disk, if anything.
+pub(crate) fn classify(e: &std::io::Error) -> Unwritable {
+    match e.kind() {
+        std::io::ErrorKind::ReadOnlyFilesystem => Unwritable::ReadOnly,
+        _ => Unwritable::Full,
+    }
+}
+
+/// Makes sure `cushion` bytes past the end of `file` are allocated (at least half of it, to
+/// avoid a system call after every flush).
+fn preallocate(file: &File, cushion: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    let meta = file.metadata()?;
+    let allocated = meta.blocks() * 512;
+    if allocated >= meta.size() + cushion / 2 {
+        return Ok(());
+    }
+    // SAFETY: a valid descriptor; fallocate only reads its integer arguments.
+    let rc = unsafe {
+        libc::fallocate(
+            file.as_raw_fd(),
+            libc::FALLOC_FL_KEEP_SIZE,
+            meta.size() as libc::off_t,
+            cushion as libc::off_t,
+        )
+    };
+    if rc != 0 {
+        let e = std::io::Error::last_os_error();
+        // File systems without fallocate: nothing to keep, the free-space check still holds.
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return Ok(());
+        }
+        return Err(e);
+    }
+    Ok(())
+}
+
+fn statvfs(dir: &Path) -> Option<libc::statvfs> {
+    use std::os::unix::ffi::OsStrExt;
+    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
+    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
+    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statvfs.
+    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
+        return None;
+    }
+    Some(st)
+}
+
+/// Bytes available to unprivileged users on the file system of `dir`.
+pub(crate) fn free_space(dir: &Path) -> Option<u64> {
+    statvfs(dir).map(|st| st.f_bavail as u64 * st.f_frsize as u64)
+}
+
+fn fs_size(dir: &Path) -> Option<u64> {
+    statvfs(dir).map(|st| st.f_blocks as u64 * st.f_frsize as u64)
+}
