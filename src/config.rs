@@ -215,9 +215,21 @@ pub struct LimitsConfig {
     /// Largest blob accepted, announced in Capabilities as `max_cas_blob_size_bytes`.
     /// Default 0: no limit.
     pub max_blob_size: ByteSize,
-    /// A ByteStream Write that receives nothing for this long is ended with ABORTED (its bytes
-    /// stay resumable). Default 60s.
+    /// A ByteStream Write that receives nothing for this long (from its first message on) is
+    /// ended with ABORTED (its bytes stay resumable). Also the window over which
+    /// `min_transfer_rate` is judged, and how long a Read may wait for its client. Default 60s.
     pub write_idle_timeout: HumanDuration,
+    /// A transfer (ByteStream Write or Read) slower than this many bytes per second over a
+    /// whole `write_idle_timeout` window is ended with ABORTED, so a client trickling a byte at
+    /// a time cannot hold a transfer slot for ever. Default 1KiB (per second).
+    pub min_transfer_rate: ByteSize,
+    /// HTTP/2 streams (concurrent calls) one connection may have open; announced to clients
+    /// in SETTINGS_MAX_CONCURRENT_STREAMS. Default 256, above the 100 calls per connection
+    /// Bazel multiplexes.
+    pub max_concurrent_streams: u32,
+    /// A connection that has not sent the HTTP/2 preface this long after connecting is
+    /// closed. Default 10s.
+    pub handshake_timeout: HumanDuration,
 }
 
 impl Default for Config {
@@ -256,6 +268,9 @@ impl Default for LimitsConfig {
             read_chunk_size: ByteSize(1 << 20),
             max_blob_size: ByteSize(0),
             write_idle_timeout: HumanDuration(Duration::from_secs(60)),
+            min_transfer_rate: ByteSize(1 << 10),
+            max_concurrent_streams: 256,
+            handshake_timeout: HumanDuration(Duration::from_secs(10)),
         }
     }
 }
@@ -308,6 +323,12 @@ impl Config {
         }
         if l.write_idle_timeout.0 < Duration::from_secs(1) {
             return Err("limits.write_idle_timeout must be at least 1s".into());
+        }
+        if l.max_concurrent_streams == 0 {
+            return Err("limits.max_concurrent_streams must be above 0".into());
+        }
+        if l.handshake_timeout.0 < Duration::from_secs(1) {
+            return Err("limits.handshake_timeout must be at least 1s".into());
         }
         if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
             return Err("storage.abandoned_upload_age must be at least 1m".into());

@@ -45,13 +45,15 @@ impl Digest {
     pub fn parse(hash_hex: &str, size: i64) -> Result<Self> {
         if hash_hex.len() != HASH_LEN * 2 {
             return Err(Error::InvalidArgument(format!(
-                "digest hash {hash_hex:?} is {} characters long; a SHA-256 hash is 64 lower-case hex characters",
+                "digest hash {} is {} characters long; a SHA-256 hash is 64 lower-case hex characters",
+                crate::error::echo(hash_hex),
                 hash_hex.len()
             )));
         }
         let Some(hash) = decode_hex(hash_hex.as_bytes()) else {
             return Err(Error::InvalidArgument(format!(
-                "digest hash {hash_hex:?} is not lower-case hex"
+                "digest hash {} is not lower-case hex",
+                crate::error::echo(hash_hex)
             )));
         };
         if size < 0 {

@@ -11,13 +11,17 @@
 //! - [`bench`] is `hoard bench`, a load generator for any REAPI endpoint.
 //! - [`cli`] holds the operator subcommands (`hoard stats`, `gc`, `verify`) `main.rs` calls.
 //! - [`watch`] is the persisted event log behind the watch stream.
+//! - [`connections`] accepts sockets (descriptor back-off, handshake deadline); [`layers`] holds
+//!   the tower layers around every service.
 
 pub mod bench;
 pub mod cli;
 pub mod compression;
 pub mod config;
+pub mod connections;
 pub mod digest;
 pub mod error;
+pub mod layers;
 pub mod namespace;
 pub mod proto;
 pub mod resource_name;

@@ -97,6 +97,7 @@ fn serve(
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
+    hoard::connections::raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Every large-blob transfer holds a blocking thread: leave room for all of them.

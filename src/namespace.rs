@@ -8,7 +8,7 @@
 //! `[namespaces]` config.
 
 use crate::config::NamespacesConfig;
-use crate::error::{Error, Result};
+use crate::error::{echo, Error, Result};
 
 /// Read chains and write targets per instance name (the `[namespaces]` config).
 #[derive(Clone, Debug, Default)]
@@ -92,7 +92,9 @@ pub fn validate(name: &str) -> Result<()> {
         };
         if let Some(why) = bad {
             return Err(Error::InvalidArgument(format!(
-                "instance name {name:?} is invalid: it contains {why} ({segment:?})"
+                "instance name {} is invalid: it contains {why} ({})",
+                echo(name),
+                echo(segment)
             )));
         }
     }

@@ -8,7 +8,7 @@
 //! may not contain (see [`crate::namespace`]).
 
 use crate::digest::Digest;
-use crate::error::{Error, Result};
+use crate::error::{echo, Error, Result};
 use crate::namespace;
 
 /// How the bytes of a ByteStream transfer are encoded.
@@ -29,7 +29,9 @@ impl Compression {
             "brotli" => Compression::Brotli,
             _ => {
                 return Err(Error::InvalidArgument(format!(
-                    "resource name {whole:?} names an unknown compressor {s:?}"
+                    "resource name {} names an unknown compressor {}",
+                    echo(whole),
+                    echo(s)
                 )))
             }
         })
@@ -94,7 +96,10 @@ impl ResourceName {
             Some(id) => {
                 return Err(malformed(
                     name,
-                    &format!("upload id {id:?} must be 1 to 128 characters of [A-Za-z0-9_-]"),
+                    &format!(
+                        "upload id {} must be 1 to 128 characters of [A-Za-z0-9_-]",
+                        echo(id)
+                    ),
                 ))
             }
             None => return Err(malformed(name, "it ends after 'uploads'")),
@@ -121,13 +126,13 @@ impl ResourceName {
 }
 
 fn malformed(name: &str, why: &str) -> Error {
-    Error::InvalidArgument(format!("malformed resource name {name:?}: {why}"))
+    Error::InvalidArgument(format!("malformed resource name {}: {why}", echo(name)))
 }
 
 fn instance_of(segments: &[&str], name: &str) -> Result<String> {
     let instance = segments.join("/");
     namespace::validate(&instance)
-        .map_err(|e| Error::InvalidArgument(format!("resource name {name:?}: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("resource name {}: {e}", echo(name))))?;
     Ok(instance)
 }
 
@@ -156,7 +161,9 @@ fn parse_blob_part<'a>(
         if DIGEST_FUNCTION_SEGMENTS.contains(first) {
             if *first != "sha256" {
                 return Err(Error::InvalidArgument(format!(
-                    "resource name {name:?} uses digest function {first}; this server supports sha256"
+                    "resource name {} uses digest function {}; this server supports sha256",
+                    echo(name),
+                    echo(first)
                 )));
             }
             rest = &rest[1..];
@@ -170,9 +177,9 @@ fn parse_blob_part<'a>(
     };
     let size: i64 = size
         .parse()
-        .map_err(|_| malformed(name, &format!("size {size:?} is not a number")))?;
+        .map_err(|_| malformed(name, &format!("size {} is not a number", echo(size))))?;
     let digest = Digest::parse(hash, size)
-        .map_err(|e| Error::InvalidArgument(format!("resource name {name:?}: {e}")))?;
+        .map_err(|e| Error::InvalidArgument(format!("resource name {}: {e}", echo(name))))?;
     Ok((digest, compression, tail))
 }
 

@@ -9,7 +9,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use tokio::net::TcpListener;
-use tonic::transport::server::TcpIncoming;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
@@ -94,6 +93,12 @@ pub async fn serve_with_events(
         // so their streams and what those hold are released.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
         .http2_keepalive_timeout(Some(Duration::from_secs(20)))
+        // Bounds what one connection can open; refused streams get REFUSED_STREAM, which
+        // clients retry.
+        .max_concurrent_streams(config.limits.max_concurrent_streams)
+        .layer(tower::util::MapResponseLayer::new(
+            crate::layers::oversize_is_resource_exhausted,
+        ))
         .add_service(sized!(CapabilitiesServer::new(
             CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
         )))
@@ -118,10 +123,7 @@ pub async fn serve_with_events(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal("reading the bound address", e))?;
-    // Small replies must not wait for a delayed ACK.
-    let incoming = TcpIncoming::from(listener)
-        .with_nodelay(Some(true))
-        .with_keepalive(Some(Duration::from_secs(60)));
+    let incoming = crate::connections::incoming(listener, config.limits.handshake_timeout.0);
     health.set(State::Serving);
     let sweeper = tokio::spawn(sweep_abandoned_uploads(
         store.clone(),

@@ -210,6 +210,17 @@ impl ActionCache for ActionCacheService {
         direct_digests(&result)?;
         // Our ActionResult models every upstream field, so re-encoding keeps all the client sent.
         let encoded = Bytes::from(result.encode_to_vec());
+        // Never store an entry a client with the default 4 MiB receive limit could not fetch.
+        let limit = self.limits.max_batch_total_size;
+        if encoded.len() as u64 > limit {
+            return Err(Error::InvalidArgument(format!(
+                "action result for {action} is {} bytes encoded, above the {limit} bytes this \
+                 server stores per result (max_batch_total_size_bytes in GetCapabilities); put \
+                 large stdout, stderr and output contents in the CAS and reference them by digest",
+                encoded.len()
+            ))
+            .into());
+        }
         self.store
             .put_action_result(target, &action, encoded)
             .await?;

@@ -14,7 +14,7 @@ use tonic::{Request, Response, Status, Streaming};
 
 use super::Limits;
 use crate::compression::{self, ZstdUpload};
-use crate::error::{Error, Result};
+use crate::error::{echo, Error, Result};
 use crate::proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
@@ -40,7 +40,9 @@ impl ByteStreamService {
     }
 
     async fn write_stream(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse> {
-        let first = stream.message().await?.ok_or_else(|| {
+        // The idle limit covers the first message too: a stream that never sends one would
+        // otherwise stay open for as long as its connection lives.
+        let first = self.next_message(&mut stream, None).await?.ok_or_else(|| {
             Error::InvalidArgument("Write stream ended before its first message".into())
         })?;
         let resource = first.resource_name.clone();
@@ -59,15 +61,17 @@ impl ByteStreamService {
         }
         if first.write_offset < 0 {
             return Err(Error::InvalidArgument(format!(
-                "write_offset {} for {resource:?} is negative",
-                first.write_offset
+                "write_offset {} for {} is negative",
+                first.write_offset,
+                echo(&resource)
             )));
         }
         if compressed && first.write_offset != 0 {
             return Err(Error::InvalidArgument(format!(
-                "write_offset {} for {resource:?}: compressed uploads cannot be resumed; \
-                 restart at offset 0",
-                first.write_offset
+                "write_offset {} for {}: compressed uploads cannot be resumed; restart at \
+                 offset 0",
+                first.write_offset,
+                echo(&resource)
             )));
         }
         let upload_id = name.upload_id.as_deref().unwrap_or_default();
@@ -80,23 +84,11 @@ impl ByteStreamService {
         } else {
             upload
         };
-        let mut msg = first;
-        loop {
-            if !msg.resource_name.is_empty() && msg.resource_name != resource {
-                return Err(Error::InvalidArgument(format!(
-                    "resource name changed mid-stream from {resource:?} to {:?}",
-                    msg.resource_name
-                )));
-            }
-            if msg.write_offset != upload.committed() as i64 {
-                return Err(Error::InvalidArgument(format!(
-                    "write_offset {} for {resource:?} does not follow the {} bytes received",
-                    msg.write_offset,
-                    upload.committed()
-                )));
-            }
-            upload.append(msg.data).await?;
-            if msg.finish_write {
+        match self
+            .receive(&mut *upload, first, &resource, &mut stream)
+            .await
+        {
+            Ok(()) => {
                 // Uncompressed: the blob size. Compressed: the compressed bytes received,
                 // which is what the write offsets counted.
                 let committed_size = if compressed {
@@ -105,31 +97,130 @@ impl ByteStreamService {
                     digest.size as i64
                 };
                 upload.commit().await?;
-                return Ok(WriteResponse { committed_size });
+                Ok(WriteResponse { committed_size })
             }
-            // A client that stops sending without closing its stream would otherwise hold the
-            // upload (and a writer thread) until its connection dies.
-            let idle = self.limits.write_idle_timeout;
-            let next = tokio::time::timeout(idle, stream.message())
-                .await
-                .map_err(|_| {
-                    Error::Aborted(format!(
-                        "no data for {resource:?} in {idle:?} after {} bytes; ask \
-                         QueryWriteStatus and resume",
-                        upload.committed()
-                    ))
-                })?;
-            msg = match next? {
+            Err(e) => {
+                // Answer only once what was received is persisted, so a QueryWriteStatus
+                // sent on this error sees the offset to resume at.
+                upload.stop().await;
+                Err(e)
+            }
+        }
+    }
+
+    /// Feeds the stream's data into `upload` until a message with `finish_write`.
+    async fn receive(
+        &self,
+        upload: &mut dyn Upload,
+        first: WriteRequest,
+        resource: &str,
+        stream: &mut Streaming<WriteRequest>,
+    ) -> Result<()> {
+        let mut msg = first;
+        let mut pace = Pace::new(&self.limits, upload.committed());
+        loop {
+            if !msg.resource_name.is_empty() && msg.resource_name != resource {
+                return Err(Error::InvalidArgument(format!(
+                    "resource name changed mid-stream from {} to {}",
+                    echo(resource),
+                    echo(&msg.resource_name)
+                )));
+            }
+            if msg.write_offset != upload.committed() as i64 {
+                return Err(Error::InvalidArgument(format!(
+                    "write_offset {} for {} does not follow the {} bytes received",
+                    msg.write_offset,
+                    echo(resource),
+                    upload.committed()
+                )));
+            }
+            upload.append(msg.data).await?;
+            if msg.finish_write {
+                return Ok(());
+            }
+            pace.check(upload.committed(), resource)?;
+            msg = match self
+                .next_message(stream, Some((resource, upload.committed())))
+                .await?
+            {
                 Some(m) => m,
                 None => {
                     return Err(Error::InvalidArgument(format!(
-                        "Write stream for {resource:?} ended after {} bytes without \
-                         finish_write; ask QueryWriteStatus and resume",
+                        "Write stream for {} ended after {} bytes without finish_write; ask \
+                         QueryWriteStatus and resume",
+                        echo(resource),
                         upload.committed()
                     )))
                 }
             };
         }
+    }
+
+    /// The next message of a Write, or ABORTED if none comes within `write_idle_timeout`: a
+    /// client that stops sending without closing its stream would otherwise hold the upload
+    /// (and a writer thread) until its connection dies.
+    async fn next_message(
+        &self,
+        stream: &mut Streaming<WriteRequest>,
+        upload: Option<(&str, u64)>,
+    ) -> Result<Option<WriteRequest>> {
+        let idle = self.limits.write_idle_timeout;
+        match tokio::time::timeout(idle, stream.message()).await {
+            Ok(next) => Ok(next?),
+            Err(_) => Err(Error::Aborted(match upload {
+                Some((resource, received)) => format!(
+                    "no data for {} in {idle:?} after {received} bytes; ask QueryWriteStatus \
+                     and resume",
+                    echo(resource)
+                ),
+                None => format!("no first message of the Write stream in {idle:?}"),
+            })),
+        }
+    }
+}
+
+/// The minimum transfer rate (`limits.min_transfer_rate`), judged over windows of
+/// `limits.write_idle_timeout`: the idle timeout alone lets a client that sends one byte per
+/// interval hold an upload for ever.
+pub(crate) struct Pace {
+    window: std::time::Duration,
+    /// Bytes a window must move.
+    floor: u64,
+    started: std::time::Instant,
+    at_start: u64,
+}
+
+impl Pace {
+    pub(crate) fn new(limits: &Limits, moved: u64) -> Self {
+        let window = limits.write_idle_timeout;
+        Pace {
+            window,
+            floor: limits
+                .min_transfer_rate
+                .saturating_mul(window.as_secs().max(1)),
+            started: std::time::Instant::now(),
+            at_start: moved,
+        }
+    }
+
+    /// Ends a transfer that moved too little in the window that just closed.
+    pub(crate) fn check(&mut self, moved: u64, resource: &str) -> Result<()> {
+        if self.started.elapsed() < self.window {
+            return Ok(());
+        }
+        let in_window = moved - self.at_start;
+        if in_window < self.floor {
+            return Err(Error::Aborted(format!(
+                "transfer of {} is too slow: {in_window} bytes in the last {:?}, below \
+                 limits.min_transfer_rate ({} bytes per second); resume at offset {moved}",
+                echo(resource),
+                self.window,
+                self.floor / self.window.as_secs().max(1)
+            )));
+        }
+        self.started = std::time::Instant::now();
+        self.at_start = moved;
+        Ok(())
     }
 }
 
@@ -139,8 +230,9 @@ fn check_compression(name: &ResourceName, resource: &str) -> Result<bool> {
         Compression::Identity => Ok(false),
         Compression::Zstd => Ok(true),
         other => Err(Error::InvalidArgument(format!(
-            "resource name {resource:?} asks for {other:?} compression, which this server does \
-             not support; it supports zstd (see GetCapabilities)"
+            "resource name {} asks for {other:?} compression, which this server does not \
+             support; it supports zstd (see GetCapabilities)",
+            echo(resource)
         ))),
     }
 }
@@ -173,8 +265,9 @@ impl ByteStream for ByteStreamService {
         }
         if compressed && r.read_limit != 0 {
             return Err(Error::InvalidArgument(format!(
-                "read_limit {} given for compressed read {:?}; compressed reads take no limit",
-                r.read_limit, r.resource_name
+                "read_limit {} given for compressed read {}; compressed reads take no limit",
+                r.read_limit,
+                echo(&r.resource_name)
             ))
             .into());
         }
@@ -237,7 +330,8 @@ impl ByteStream for ByteStreamService {
                 complete: false,
             })),
             None => Err(Error::NotFound(format!(
-                "no resumable upload in progress for {resource:?}; start a Write at offset 0"
+                "no resumable upload in progress for {}; start a Write at offset 0",
+                echo(&resource)
             ))
             .into()),
         }

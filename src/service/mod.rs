@@ -25,8 +25,10 @@ pub struct Limits {
     pub max_blob_size: Option<u64>,
     /// Largest gRPC message; also the largest blob read whole to decode it (trees, directories).
     pub max_message_size: u64,
-    /// Longest wait for the next message of a ByteStream Write.
+    /// Longest wait for the next message of a ByteStream Write (or for a Read's client).
     pub write_idle_timeout: std::time::Duration,
+    /// Slowest transfer allowed, in bytes per second over a `write_idle_timeout` window.
+    pub min_transfer_rate: u64,
 }
 
 impl Limits {
@@ -50,6 +52,7 @@ impl From<&LimitsConfig> for Limits {
             max_blob_size: (c.max_blob_size.0 > 0).then_some(c.max_blob_size.0),
             max_message_size: c.max_message_size.0,
             write_idle_timeout: c.write_idle_timeout.0,
+            min_transfer_rate: c.min_transfer_rate.0,
         }
     }
 }
