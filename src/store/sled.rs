@@ -68,7 +68,7 @@ const RESERVE_STEP: u64 = 64 << 20;
 const READ_AHEAD_CHUNKS: usize = 2;
 /// Bytes all downloads together may hold in chunks read but not yet handed to the gRPC layer:
 /// a server-wide memory bound that slow readers cannot push past.
-const READ_BUDGET_BYTES: usize = 256 << 20;
+const READ_BUDGET_BYTES: usize = 128 << 20;
 const FILE: u8 = 1;
 /// Stripes of the lock that orders publishing a blob against evicting or dropping it.
 const STRIPES: usize = 256;
@@ -294,6 +294,7 @@ impl SledStore {
             )
         })?;
         let fresh = !data_dir.join("sled").exists();
+        space::before_open(data_dir);
         let db = sled::Config::new()
             .path(data_dir.join("sled"))
             .cache_capacity(options.cache_capacity)
@@ -343,7 +344,7 @@ impl SledStore {
             None => load_index(&cas, &atime, &life, threshold)?,
         };
         life.count_action_results(&ac)?;
-        life.settle_max_size(data_dir);
+        life.settle_max_size(data_dir, true);
         Ok(SledStore {
             inner: Arc::new(Inner {
                 db,
@@ -785,14 +786,15 @@ impl Store for SledStore {
         let guard = Arc::new(UploadGuard::claim(&self.inner, upload_id)?);
         let path = self.inner.files.upload_path(upload_id, digest);
         let expected = *digest;
-        let (file, hashes) = blocking(move || open_upload_file(&path, expected, offset))
-            .await?
-            .map_err(|have| {
-                Error::InvalidArgument(format!(
-                    "write_offset {offset} for upload {upload_id} of {digest} does not match the \
+        let opened = blocking(move || open_upload_file(&path, expected, offset)).await;
+        // A read-only or full disk shows here first: health and refusals must know of it.
+        self.inner.life.note_write(&opened);
+        let (file, hashes) = opened?.map_err(|have| {
+            Error::InvalidArgument(format!(
+                "write_offset {offset} for upload {upload_id} of {digest} does not match the \
                      {have} bytes stored so far; resume at offset {have} or restart at 0"
-                ))
-            })?;
+            ))
+        })?;
         // The handler hashes; a blocking writer writes. Disk writes overlap with receiving and
         // hashing the next bytes, up to WRITE_QUEUE_BYTES ahead (and all uploads together up to
         // WRITE_QUEUE_BYTES_TOTAL).
@@ -1106,10 +1108,11 @@ fn open_upload_file(
 
 /// One read of a blob file, run on a blocking thread, sending chunks to the client's stream.
 ///
-/// Memory: each chunk read takes its size from the server-wide read budget
-/// (`READ_BUDGET_BYTES`) until the chunk has been handed to the gRPC layer, and a read whose
-/// client takes nothing for `stall` ends, so slow or stalled readers cannot add up to more
-/// than the budget plus what the HTTP/2 layer holds for them.
+/// Memory: a chunk read ahead takes its size from the server-wide read budget
+/// (`READ_BUDGET_BYTES`) until the gRPC layer has encoded it; past the budget, a read holds one
+/// chunk at a time (see [`FileRead::read_chunk`]); a read whose client takes nothing for `stall`
+/// ends. So stalled readers cost the budget plus about a chunk each (plus what the HTTP/2 layer
+/// holds for them), not a queue each.
 struct FileRead<'a> {
     store: &'a Inner,
     digest: Digest,
@@ -1256,23 +1259,29 @@ impl FileRead<'_> {
         }
     }
 
-    /// Reads the next `len` bytes, once the read budget has room for them.
+    /// Reads the next `len` bytes. Read-ahead comes from the server-wide budget; when that is
+    /// spent (by slow readers), this read first waits until its client has taken every chunk
+    /// queued, so a stalled read then holds one chunk outside the budget and never starves
+    /// the others.
     fn read_chunk(&self, file: &mut std::fs::File, len: u64) -> Result<Bytes, Stop> {
-        let budget = self.store.read_budget.clone();
-        let permit = self
-            .runtime
-            .block_on(tokio::time::timeout(
-                self.stall,
-                budget.acquire_many_owned(len.clamp(1, READ_BUDGET_BYTES as u64) as u32),
-            ))
-            .map_err(|_| {
-                Stop::Failed(Error::ResourceExhausted(format!(
-                    "downloads in progress hold all {READ_BUDGET_BYTES} bytes of read memory and \
-                     none was freed for {:?}; retry shortly",
-                    self.stall
-                )))
-            })?
-            .map_err(|_| Stop::Gone)?;
+        let cost = len.clamp(1, READ_BUDGET_BYTES as u64) as u32;
+        let permit = match self.store.read_budget.clone().try_acquire_many_owned(cost) {
+            Ok(permit) => Some(permit),
+            Err(_) => {
+                let drained = self.tx.reserve_many(READ_AHEAD_CHUNKS);
+                match self
+                    .runtime
+                    .block_on(tokio::time::timeout(self.stall, drained))
+                {
+                    Ok(Ok(_slots)) => None,
+                    Ok(Err(_)) => return Err(Stop::Gone),
+                    Err(_) => {
+                        tracing::debug!(digest = %self.digest, "ending a read whose client stopped reading");
+                        return Err(Stop::Gone);
+                    }
+                }
+            }
+        };
         // read_to_end fills spare capacity without zeroing it first.
         let mut data = Vec::with_capacity(len as usize);
         match file.take(len).read_to_end(&mut data) {
@@ -1280,10 +1289,13 @@ impl FileRead<'_> {
             Ok(_) => return Err(Stop::Damaged("blob file ended early".into())),
             Err(e) => return Err(Stop::Damaged(format!("blob file could not be read: {e}"))),
         }
-        Ok(Bytes::from_owner(Budgeted {
-            data,
-            _permit: permit,
-        }))
+        Ok(match permit {
+            Some(permit) => Bytes::from_owner(Budgeted {
+                data,
+                _permit: permit,
+            }),
+            None => Bytes::from(data),
+        })
     }
 
     /// Hands a chunk to the client's stream; a client that takes nothing for `stall` is

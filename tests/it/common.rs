@@ -137,6 +137,11 @@ impl TestServer {
     pub fn url(&self) -> String {
         format!("http://{}", self.addr)
     }
+
+    /// The client channel the typed clients above share.
+    pub fn channel(&self) -> Channel {
+        self.channel.clone()
+    }
 }
 
 /// Deterministic, incompressible-looking test data.

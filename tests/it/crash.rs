@@ -26,14 +26,24 @@ pub(crate) struct Process {
 
 impl Process {
     pub(crate) async fn start(data_dir: &std::path::Path) -> Self {
-        let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
+        Self::start_command(Self::command(data_dir)).await
+    }
+
+    /// The command [`Process::start`] runs, for tests that add to it.
+    pub(crate) fn command(data_dir: &std::path::Path) -> Command {
+        let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
             .env("RUST_LOG", "info")
             .stdin(Stdio::null())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("spawn hoard");
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        command
+    }
+
+    pub(crate) async fn start_command(mut command: Command) -> Self {
+        let mut child = command.spawn().expect("spawn hoard");
         let stderr = child.stderr.take().expect("stderr");
         // The log line "hoard is serving ... listen=127.0.0.1:PORT" names the bound port.
         let addr = tokio::task::spawn_blocking(move || {
@@ -64,8 +74,12 @@ impl Process {
         Process { child, channel }
     }
 
-    /// SIGTERM, then waits for the graceful shutdown to finish.
-    fn terminate(mut self) {
+    pub(crate) fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM, then waits for the graceful shutdown to finish; it must exit 0.
+    pub(crate) fn terminate(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
@@ -81,11 +95,22 @@ impl Process {
     }
 }
 
-/// What the storm tried to store: every digest it attempted, and actions it updated.
+impl Drop for Process {
+    /// A test that fails must not leave its server running (holding ports, pipes, a tmpfs).
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// What the storm tried to store: every digest it attempted, and actions it updated; and what
+/// the server acknowledged, which must survive every crash.
 #[derive(Default)]
 struct Attempts {
     blobs: Vec<(reapi::Digest, u64)>, // digest, seed to regenerate its bytes
     actions: Vec<reapi::Digest>,
+    acked_blobs: std::collections::HashSet<String>,
+    acked_actions: Vec<reapi::Digest>,
 }
 
 /// Writes blobs (ByteStream and batches, small and large) and action results until killed.
@@ -117,6 +142,7 @@ async fn storm(channel: Channel, attempts: Arc<Mutex<Attempts>>, task: u64) {
         if !ok {
             return; // the server is gone
         }
+        attempts.lock().unwrap().acked_blobs.insert(d.hash.clone());
         let action = digest_of(format!("action {seed}").as_bytes());
         attempts.lock().unwrap().actions.push(action.clone());
         let result = ActionResult {
@@ -129,7 +155,7 @@ async fn storm(channel: Channel, attempts: Arc<Mutex<Attempts>>, task: u64) {
         };
         let updated = ac
             .update_action_result(UpdateActionResultRequest {
-                action_digest: Some(action),
+                action_digest: Some(action.clone()),
                 action_result: Some(result),
                 ..Default::default()
             })
@@ -137,6 +163,7 @@ async fn storm(channel: Channel, attempts: Arc<Mutex<Attempts>>, task: u64) {
         if updated.is_err() {
             return;
         }
+        attempts.lock().unwrap().acked_actions.push(action);
     }
 }
 
@@ -149,18 +176,24 @@ fn rand_seed() -> u64 {
         * 1_000_000_000
 }
 
-/// The invariants after a restart: every blob the server reports present reads back (the ones
-/// it was not yet checked for byte-exact, the ones it was at least as long as they are), no
-/// blob present at an earlier check went missing, and every action result served names stored
-/// blobs. `checked` carries what earlier checks found present. Returns (present, served).
+/// The invariants after a restart: every acknowledged blob and action result is there, every
+/// blob the server reports present reads back (the ones it was not yet checked for byte-exact,
+/// the ones it was at least as long as they are), no blob present at an earlier check went
+/// missing, and every action result served names stored blobs. `checked` carries what earlier
+/// checks found present. Returns (present, served).
 async fn check_invariants(
     server: &Process,
     attempts: &Mutex<Attempts>,
     checked: &mut std::collections::HashSet<String>,
 ) -> (usize, usize) {
-    let (blobs, actions) = {
+    let (blobs, actions, acked_blobs, acked_actions) = {
         let a = attempts.lock().unwrap();
-        (a.blobs.clone(), a.actions.clone())
+        (
+            a.blobs.clone(),
+            a.actions.clone(),
+            a.acked_blobs.clone(),
+            a.acked_actions.clone(),
+        )
     };
     let mut cas = ContentAddressableStorageClient::new(server.channel.clone());
     let missing = cas
@@ -176,6 +209,10 @@ async fn check_invariants(
     let mut bs = ByteStreamClient::new(server.channel.clone());
     for (d, seed) in &blobs {
         if missing.contains(d) {
+            assert!(
+                !acked_blobs.contains(&d.hash),
+                "blob {d:?} was acknowledged, now it is lost"
+            );
             assert!(
                 !checked.contains(&d.hash),
                 "blob {d:?} was present, now it is lost"
@@ -228,19 +265,28 @@ async fn check_invariants(
                 let out = r.into_inner().output_files[0].digest.clone().unwrap();
                 assert!(!missing.contains(&out), "result {a:?} names a missing blob");
             }
-            Err(e) => assert_eq!(e.code(), tonic::Code::NotFound, "{e}"),
+            Err(e) => {
+                assert_eq!(e.code(), tonic::Code::NotFound, "{e}");
+                assert!(
+                    !acked_actions.contains(a),
+                    "action result {a:?} was acknowledged, now it is lost"
+                );
+            }
         }
     }
     (present, served)
 }
 
+/// SIGKILLs of one run of the harness.
+const KILLS: u64 = 20;
+
 #[tokio::test]
-async fn sigkill_during_writes_never_leaves_a_wrong_blob_or_result() {
+async fn sigkill_during_writes_never_loses_an_acknowledged_write_or_leaves_a_wrong_one() {
     let tmp = tempfile::tempdir().unwrap();
     let data_dir = tmp.path().join("data");
     let attempts = Arc::new(Mutex::new(Attempts::default()));
     let mut checked = std::collections::HashSet::new();
-    for cycle in 0..8u64 {
+    for cycle in 0..KILLS {
         let server = Process::start(&data_dir).await;
         if cycle > 0 {
             // After every crash: the store opens and everything it says it has is right.
@@ -255,7 +301,7 @@ async fn sigkill_during_writes_never_leaves_a_wrong_blob_or_result() {
                 ))
             })
             .collect();
-        tokio::time::sleep(Duration::from_millis(300 + 100 * cycle)).await;
+        tokio::time::sleep(Duration::from_millis(300 + 100 * (cycle % 6))).await;
         server.kill9();
         for t in tasks {
             let _ = t.await;
@@ -270,6 +316,10 @@ async fn sigkill_during_writes_never_leaves_a_wrong_blob_or_result() {
     );
     let (present, served) = check_invariants(&server, &attempts, &mut checked).await;
     assert!(present > 0, "no blob survived the crashes");
+    let (acked, acked_results) = {
+        let a = attempts.lock().unwrap();
+        (a.acked_blobs.len(), a.acked_actions.len())
+    };
     // The start after a crash runs a cleanup pass in the background; once it is done, nothing
     // is left that no index entry names.
     let mut admin = AdminClient::new(server.channel.clone());
@@ -299,8 +349,9 @@ async fn sigkill_during_writes_never_leaves_a_wrong_blob_or_result() {
         .collect();
     assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
     eprintln!(
-        "crash harness: 8 SIGKILLs; {attempted} blobs attempted, {present} present and verified; \
-         {served} results served; verify after cleanup: {} blobs checked, 0 corrupt, 0 orphans",
+        "crash harness: {KILLS} SIGKILLs; {attempted} blobs attempted, {acked} acknowledged, \
+         {present} present and verified; {served} results served ({acked_results} \
+         acknowledged); verify after cleanup: {} blobs checked, 0 corrupt, 0 orphans",
         report.checked_blobs
     );
 }
@@ -342,8 +393,6 @@ async fn an_acknowledged_invalidation_survives_sigkill() {
     })
     .await
     .unwrap();
-    // The result reaches the disk through sled's periodic flush.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
     AdminClient::new(server.channel.clone())
         .invalidate(hoard::proto::admin::InvalidateRequest {
             namespace: Some("ci/main".into()),

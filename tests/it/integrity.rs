@@ -335,6 +335,7 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
     // Full again; this time blobs past their retention exist, and eviction makes the room.
     let err = fill(2).await;
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
+    let _rest = crate::common::fill_disk(&disk.path, "rest2");
     store.advance_clock(std::time::Duration::from_secs(4 * 3600));
     let again = blob(3_000_000, 998);
     let mut stored = false;

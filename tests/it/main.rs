@@ -10,6 +10,7 @@ mod common;
 mod compression;
 mod crash;
 mod eviction;
+mod faults;
 mod health;
 mod integrity;
 mod invalidate;

@@ -233,20 +233,28 @@ impl Lifecycle {
 
     /// Derives `max_size` from the file system if it was not configured: 90% of what the data
     /// dir's file system could hold for hoard (its free space plus what hoard already uses).
-    pub(super) fn settle_max_size(&self, data_dir: &Path) {
+    /// Re-derived every upkeep tick, so a start on a disk that was full at that moment does not
+    /// shrink the cache for good; `announce` logs the figure (at start).
+    pub(super) fn settle_max_size(&self, data_dir: &Path, announce: bool) {
         if self.configured_max != 0 {
             return;
         }
         let Some(free) = space::free_space(data_dir) else {
-            tracing::warn!("cannot tell the data dir's free space; storage.max_size is unbounded");
+            if announce {
+                tracing::warn!(
+                    "cannot tell the data dir's free space; storage.max_size is unbounded"
+                );
+            }
             return;
         };
         let max = (free.saturating_add(self.used.load(Relaxed))) / 10 * 9;
         self.max_size.store(max, Relaxed);
-        tracing::info!(
-            max_size = max,
-            "storage.max_size not set: using 90% of what the data dir's file system can hold"
-        );
+        if announce {
+            tracing::info!(
+                max_size = max,
+                "storage.max_size not set: using 90% of what the data dir's file system can hold"
+            );
+        }
     }
 
     pub(super) fn max_size(&self) -> u64 {
@@ -998,6 +1006,7 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         let result = run_blocking(move || {
             // Keeps sled's cushion, and lifts a write refusal within a tick of space coming back.
             store.life.space.top_up();
+            store.life.settle_max_size(&store.data_dir, false);
             store.evict_if_needed()?;
             if persist {
                 store.persist_use(false)?;

@@ -6,6 +6,10 @@
 //! - **A cushion.** Room is preallocated past the end of sled's log file (`fallocate` with
 //!   `KEEP_SIZE`), so sled's next writes land in blocks it already owns, whatever another
 //!   process does to the free space. It is topped up after every flush and every second.
+//! - **A reserve file** (`space-reserve`, as large as the cushion) in the data dir. sled
+//!   writes a snapshot file when it opens, so a data dir on a disk that another process filled
+//!   could not even be reopened; when the disk is that full at start, the reserve is deleted
+//!   first, and it is recreated once space is back.
 //! - **A gate.** When the cushion cannot be kept, free space falls under it, or a write failed
 //!   for lack of space (or on a read-only file system), the store is *unwritable*: every write
 //!   is refused up front, before any byte is stored, with a message that says why. The same
@@ -25,6 +29,28 @@ const MAX_CUSHION: u64 = 32 << 20;
 const MIN_CUSHION: u64 = 1 << 20;
 /// While writes are refused, a write re-probes the disk at most this often (milliseconds).
 const REPROBE_MS: u64 = 200;
+
+/// Name of the reserve file in the data dir.
+const RESERVE: &str = "space-reserve";
+
+/// The cushion for a data dir (also the size of the reserve file).
+fn cushion_for(data_dir: &Path) -> u64 {
+    fs_size(data_dir)
+        .map_or(MAX_CUSHION, |size| size / 16)
+        .clamp(MIN_CUSHION, MAX_CUSHION)
+}
+
+/// Before sled opens: on a disk too full for sled's start-up snapshot, gives up the reserve.
+pub(crate) fn before_open(data_dir: &Path) {
+    let cushion = cushion_for(data_dir);
+    if free_space(data_dir).is_some_and(|free| free < 2 * cushion)
+        && std::fs::remove_file(data_dir.join(RESERVE)).is_ok()
+    {
+        tracing::warn!(
+            "the data dir's disk is full: released the space reserve so the database can open"
+        );
+    }
+}
 
 /// Why the store cannot take writes right now.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -59,9 +85,7 @@ impl Space {
             .write(true)
             .open(data_dir.join("sled").join("db"))
             .ok();
-        let cushion = fs_size(data_dir)
-            .map_or(MAX_CUSHION, |size| size / 16)
-            .clamp(MIN_CUSHION, MAX_CUSHION);
+        let cushion = cushion_for(data_dir);
         let space = Space {
             data_dir: data_dir.to_path_buf(),
             log,
@@ -174,6 +198,7 @@ impl Space {
         if let Some(log) = &self.log {
             preallocate(log, self.cushion).map_err(|e| classify(&e))?;
         }
+        keep_reserve(&self.data_dir.join(RESERVE), self.cushion).map_err(|e| classify(&e))?;
         // After a refusal, prove the blob dirs take files again before lifting it.
         if self.unwritable.load(Relaxed) {
             for dir in ["uploads", "cas"] {
@@ -219,6 +244,29 @@ fn preallocate(file: &File, cushion: u64) -> std::io::Result<()> {
         if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
             return Ok(());
         }
+        return Err(e);
+    }
+    Ok(())
+}
+
+/// Makes sure the reserve file exists with `size` bytes allocated.
+fn keep_reserve(path: &Path, size: u64) -> std::io::Result<()> {
+    use std::os::unix::fs::MetadataExt;
+    if std::fs::metadata(path).is_ok_and(|m| m.blocks() * 512 >= size) {
+        return Ok(());
+    }
+    let file = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(false)
+        .open(path)?;
+    // SAFETY: a valid descriptor; fallocate only reads its integer arguments.
+    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
+        let e = std::io::Error::last_os_error();
+        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
+            return file.set_len(size);
+        }
+        let _ = std::fs::remove_file(path);
         return Err(e);
     }
     Ok(())
