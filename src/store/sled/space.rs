@@ -284,10 +284,12 @@ fn statvfs(dir: &Path) -> Option<libc::statvfs> {
 }
 
 /// Bytes available to unprivileged users on the file system of `dir`.
+#[allow(clippy::unnecessary_cast)] // the field types differ between platforms
 pub(crate) fn free_space(dir: &Path) -> Option<u64> {
     statvfs(dir).map(|st| st.f_bavail as u64 * st.f_frsize as u64)
 }
 
+#[allow(clippy::unnecessary_cast)] // the field types differ between platforms
 fn fs_size(dir: &Path) -> Option<u64> {
     statvfs(dir).map(|st| st.f_blocks as u64 * st.f_frsize as u64)
 }
