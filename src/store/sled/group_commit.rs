@@ -36,8 +36,12 @@ impl GroupCommit {
                     let mut round = vec![first];
                     round.extend(rx.try_iter());
                     let result = db.flush().map(drop);
-                    if result.is_ok() {
-                        space.top_up();
+                    match &result {
+                        Ok(()) => {
+                            space.top_up();
+                        }
+                        // sled refuses every write after this until it is reopened.
+                        Err(e) => space.mark_broken(e),
                     }
                     for waiter in round {
                         let _ = waiter.send(result.clone());

@@ -234,7 +234,7 @@ impl Lifecycle {
     /// Derives `max_size` from the file system if it was not configured: 90% of what the data
     /// dir's file system could hold for hoard (its free space plus what hoard already uses).
     /// Re-derived every upkeep tick, so a start on a disk that was full at that moment does not
-    /// shrink the cache for good; `announce` logs the figure (at start).
+    /// shrink the cache for good (ticks only raise it); `announce` sets and logs it (at start).
     pub(super) fn settle_max_size(&self, data_dir: &Path, announce: bool) {
         if self.configured_max != 0 {
             return;
@@ -248,7 +248,13 @@ impl Lifecycle {
             return;
         };
         let max = (free.saturating_add(self.used.load(Relaxed))) / 10 * 9;
-        self.max_size.store(max, Relaxed);
+        if announce {
+            self.max_size.store(max, Relaxed);
+        } else {
+            // Later ticks only raise it: a disk filled by others is handled as a full disk,
+            // and bytes of uploads in flight (on disk, not yet in `used`) must not shrink it.
+            self.max_size.fetch_max(max, Relaxed);
+        }
         if announce {
             tracing::info!(
                 max_size = max,
@@ -332,6 +338,11 @@ impl Lifecycle {
     }
 
     pub(super) fn write_refusal(&self) -> Option<String> {
+        if let Some(why) = self.space.broken() {
+            return Some(format!(
+                "the database failed to write ({why}); restart hoard to take writes again"
+            ));
+        }
         match self.space.reason() {
             Some(space::Unwritable::Full) => {
                 return Some("the data dir's disk is full; evicting to make room".into())
@@ -437,10 +448,10 @@ impl Inner {
     fn take_room(&self, charge: u64) -> Result<()> {
         let life = &self.life;
         if let Err(e) = life.space.check_room(charge) {
-            // Counts as the disk being full: eviction makes room, health reports it.
-            let refused = Err(e);
-            life.note_write(&refused);
-            return refused;
+            // Only this write is refused (smaller ones may still fit); eviction makes room.
+            life.disk_full.store(true, Relaxed);
+            life.wake.notify_one();
+            return Err(e);
         }
         let before = life.reserved.fetch_add(charge, Relaxed);
         let total = life.used.load(Relaxed) + before;
@@ -1005,9 +1016,13 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         let expire = last_expiry.elapsed() >= EXPIRE_AC_EVERY;
         let result = run_blocking(move || {
             // Keeps sled's cushion, and lifts a write refusal within a tick of space coming back.
-            store.life.space.top_up();
+            // While the disk cannot take writes, only eviction (which frees space) writes.
+            let writable = store.life.space.top_up();
             store.life.settle_max_size(&store.data_dir, false);
             store.evict_if_needed()?;
+            if !writable {
+                return Ok(());
+            }
             if persist {
                 store.persist_use(false)?;
             }

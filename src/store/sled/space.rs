@@ -2,7 +2,10 @@
 //!
 //! sled must never meet a full disk: when one of its log writes fails, it records the error
 //! and refuses every later write until the database is reopened, so one filler process could
-//! refuse writes for good. Two measures keep it away from that:
+//! refuse writes for good. These measures keep it away from that (the floor is the one that
+//! holds in every case: sled also writes large pages to files of their own under `blobs/`,
+//! which no cushion covers, and may shrink its log, which drops the cushion until the next
+//! top-up); if a flush fails anyway, writes are refused until a restart, saying so:
 //! - **A cushion.** Room is preallocated past the end of sled's log file (`fallocate` with
 //!   `KEEP_SIZE`), so sled's next writes land in blocks it already owns, whatever another
 //!   process does to the free space. It is topped up after every flush and every second.
@@ -10,7 +13,8 @@
 //!   writes a snapshot file when it opens, so a data dir on a disk that another process filled
 //!   could not even be reopened; when the disk is that full at start, the reserve is deleted
 //!   first, and it is recreated once space is back.
-//! - **A gate.** When the cushion cannot be kept, free space falls under it, or a write failed
+//! - **A gate.** When the cushion cannot be kept, free space falls under the floor (twice the
+//!   cushion), or a write failed
 //!   for lack of space (or on a read-only file system), the store is *unwritable*: every write
 //!   is refused up front, before any byte is stored, with a message that says why. The same
 //!   check that tops up the cushion lifts the refusal once space is back, within a second.
@@ -77,6 +81,9 @@ pub(crate) struct Space {
     /// Set while writes are refused; the reason is in `why`.
     unwritable: AtomicBool,
     why: Mutex<Option<Unwritable>>,
+    /// A flush of sled failed: sled then refuses every later write until it is reopened, so
+    /// writes are refused (and health says so) until hoard restarts. Never cleared.
+    broken: Mutex<Option<String>>,
 }
 
 impl Space {
@@ -84,6 +91,9 @@ impl Space {
         let log = std::fs::OpenOptions::new()
             .write(true)
             .open(data_dir.join("sled").join("db"))
+            .inspect_err(|e| {
+                tracing::warn!(error = %e, "cannot open sled's log to keep a cushion past its end")
+            })
             .ok();
         let cushion = cushion_for(data_dir);
         let space = Space {
@@ -95,6 +105,7 @@ impl Space {
             opened: Instant::now(),
             unwritable: AtomicBool::new(false),
             why: Mutex::new(None),
+            broken: Mutex::new(None),
         };
         space.top_up();
         space
@@ -105,11 +116,37 @@ impl Space {
         if !self.unwritable.load(Relaxed) {
             return Ok(());
         }
+        // One caller at a time re-probes, at most every REPROBE_MS.
         let now = self.opened.elapsed().as_millis() as u64;
-        if now.saturating_sub(self.probed_ms.load(Relaxed)) >= REPROBE_MS && self.top_up() {
+        let last = self.probed_ms.load(Relaxed);
+        if now.saturating_sub(last) >= REPROBE_MS
+            && self
+                .probed_ms
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+            && self.top_up()
+        {
             return Ok(());
         }
         Err(self.error())
+    }
+
+    /// A flush failed (see `broken`): refuse writes until restart.
+    pub(crate) fn mark_broken(&self, error: &sled::Error) {
+        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        if broken.is_none() {
+            tracing::error!(%error, "the database failed to write; refusing writes until hoard is restarted");
+            *broken = Some(error.to_string());
+        }
+        self.unwritable.store(true, Relaxed);
+    }
+
+    /// Why writes are refused until a restart, if they are.
+    pub(crate) fn broken(&self) -> Option<String> {
+        self.broken
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
     }
 
     /// Refuses a file write of `bytes` that the disk cannot hold (besides the cushion).
@@ -128,6 +165,12 @@ impl Space {
     }
 
     fn error(&self) -> Error {
+        if let Some(why) = self.broken() {
+            return Error::Unavailable(format!(
+                "storage cannot take writes until hoard is restarted: the database failed to \
+                 write ({why})"
+            ));
+        }
         match self.reason() {
             Some(Unwritable::ReadOnly) => Error::StorageUnwritable(
                 "storage cannot take writes: the data dir's file system is read-only".into(),
@@ -168,6 +211,9 @@ impl Space {
     pub(crate) fn top_up(&self) -> bool {
         self.probed_ms
             .store(self.opened.elapsed().as_millis() as u64, Relaxed);
+        if self.broken().is_some() {
+            return false;
+        }
         let outcome = self.probe();
         let mut current = self.why.lock().unwrap_or_else(|p| p.into_inner());
         match outcome {
@@ -178,7 +224,7 @@ impl Space {
                 self.unwritable.store(false, Relaxed);
                 true
             }
-            Err(why) => {
+            Err(Some(why)) => {
                 if current.as_ref() != Some(&why) {
                     tracing::error!(?why, "the data dir cannot take writes; refusing them");
                 }
@@ -186,21 +232,31 @@ impl Space {
                 self.unwritable.store(true, Relaxed);
                 false
             }
+            // Not a sign of the disk (out of descriptors, say): the state stays as it was.
+            Err(None) => current.is_none(),
         }
     }
 
-    fn probe(&self) -> std::result::Result<(), Unwritable> {
-        if let Some(free) = free_space(&self.data_dir) {
-            if free < self.floor {
-                return Err(Unwritable::Full);
-            }
-        }
+    /// Tops up the cushion and the reserve, then checks the free space left: below the floor
+    /// the disk is full (and while writes are refused, the floor plus one cushion must be free
+    /// before they resume, so the state does not flap at the edge). `Err(None)`: a failure that
+    /// says nothing about the disk.
+    fn probe(&self) -> std::result::Result<(), Option<Unwritable>> {
+        let refusing = self.unwritable.load(Relaxed);
         if let Some(log) = &self.log {
             preallocate(log, self.cushion).map_err(|e| classify(&e))?;
         }
         keep_reserve(&self.data_dir.join(RESERVE), self.cushion).map_err(|e| classify(&e))?;
+        let needed = if refusing {
+            self.floor + self.cushion
+        } else {
+            self.floor
+        };
+        if free_space(&self.data_dir).is_some_and(|free| free < needed) {
+            return Err(Some(Unwritable::Full));
+        }
         // After a refusal, prove the blob dirs take files again before lifting it.
-        if self.unwritable.load(Relaxed) {
+        if refusing {
             for dir in ["uploads", "cas"] {
                 let probe = self.data_dir.join(dir).join(".write-probe");
                 let written = std::fs::write(&probe, b"probe");
@@ -213,10 +269,11 @@ impl Space {
 }
 
 /// What a failed write says about the disk, if anything.
-pub(crate) fn classify(e: &std::io::Error) -> Unwritable {
-    match e.kind() {
-        std::io::ErrorKind::ReadOnlyFilesystem => Unwritable::ReadOnly,
-        _ => Unwritable::Full,
+pub(crate) fn classify(e: &std::io::Error) -> Option<Unwritable> {
+    match e.raw_os_error() {
+        Some(libc::ENOSPC | libc::EDQUOT) => Some(Unwritable::Full),
+        Some(libc::EROFS) => Some(Unwritable::ReadOnly),
+        _ => None,
     }
 }
 
