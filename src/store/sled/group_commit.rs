@@ -57,30 +57,33 @@ impl GroupCommit {
 
     /// Returns once everything written to sled before the call is on disk.
     pub(super) async fn durable(&self) -> Result<()> {
-        let (tx, rx) = oneshot::channel();
-        self.queue
-            .as_ref()
-            .and_then(|q| q.send(tx).ok())
-            .ok_or_else(|| Error::Unavailable("the store is closed".into()))?;
-        match rx.await {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(Error::Unavailable("the store is closed".into())),
-        }
+        outcome(self.enqueue()?.await)
     }
 
     /// The blocking form, for work already on a blocking thread.
     pub(super) fn durable_blocking(&self) -> Result<()> {
+        outcome(self.enqueue()?.blocking_recv())
+    }
+
+    /// Joins the next round.
+    fn enqueue(&self) -> Result<oneshot::Receiver<std::result::Result<(), sled::Error>>> {
         let (tx, rx) = oneshot::channel();
         self.queue
             .as_ref()
             .and_then(|q| q.send(tx).ok())
             .ok_or_else(|| Error::Unavailable("the store is closed".into()))?;
-        match rx.blocking_recv() {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(e)) => Err(e.into()),
-            Err(_) => Err(Error::Unavailable("the store is closed".into())),
-        }
+        Ok(rx)
+    }
+}
+
+/// What a round's answer means for the waiting write.
+fn outcome(
+    answer: std::result::Result<std::result::Result<(), sled::Error>, oneshot::error::RecvError>,
+) -> Result<()> {
+    match answer {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(e)) => Err(e.into()),
+        Err(_) => Err(Error::Unavailable("the store is closed".into())),
     }
 }
 
