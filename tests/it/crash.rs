@@ -78,12 +78,19 @@ impl Process {
         self.child.id()
     }
 
-    /// SIGTERM, then waits for the graceful shutdown to finish; it must exit 0.
-    pub(crate) fn terminate(mut self) {
+    /// SIGTERM, then waits for the graceful shutdown to finish; it must exit 0. Waits without
+    /// blocking the test's runtime: the client connection must keep running to see the server's
+    /// GOAWAY, or the server waits out its whole shutdown grace period for it.
+    pub(crate) async fn terminate(mut self) {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let status = self.child.wait().expect("wait for hoard");
+        let status = loop {
+            if let Some(status) = self.child.try_wait().expect("wait for hoard") {
+                break status;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        };
         assert!(status.success(), "hoard exited with {status} after SIGTERM");
     }
 
@@ -333,7 +340,7 @@ async fn sigkill_during_writes_never_loses_an_acknowledged_write_or_leaves_a_wro
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     assert!(cleaned, "the cleanup pass did not finish");
-    server.terminate();
+    server.terminate().await;
     let store = hoard::store::sled::SledStore::open(&data_dir, 64 << 10, 16 << 20).unwrap();
     let report = hoard::store::Store::verify(&store).await.unwrap();
     assert!(report.corrupt.is_empty(), "{report:?}");

@@ -226,12 +226,12 @@ async fn a_full_disk_never_loses_an_acknowledged_write_and_recovers_within_secon
     // Full again, then a graceful shutdown: it exits 0 and loses nothing acknowledged.
     let filler = fill_disk(&disk.path, "filler");
     write_while_full(&server.channel, 3_000, &mut acked).await;
-    server.terminate();
+    server.terminate().await;
     std::fs::remove_file(&filler).unwrap();
     let server = Process::start(&data_dir).await;
     assert_all_present(&server.channel, &acked).await;
     eprintln!("full disk: {} acknowledged blobs all survived", acked.len());
-    server.terminate();
+    server.terminate().await;
 }
 
 /// A Write that declares a huge blob and stalls holds room for what it sent plus a step, not
