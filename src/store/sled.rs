@@ -4,7 +4,8 @@
 //! sled layout:
 //! - tree `cas`: `hash` (32 bytes) → index entry: 1 byte location (0 inline, 1 file), size (u64
 //!   big-endian), then for inline blobs the id of their data, for files the XXH3-64 of the content
-//!   (checked on whole reads), both u64 big-endian.
+//!   (both u64 big-endian), the write time (u32), and for files an XXH3-64 per MiB
+//!   ([`chunk_sums`], checked on every read; entries from before have none).
 //! - tree `blobs`: data id (u64 big-endian) → the bytes of an inline blob. Ids only grow, so new
 //!   blobs are appended at the end of the tree: keyed by hash they landed in random B-tree leaves
 //!   that sled rewrote again and again (7× write amplification measured).
@@ -375,25 +376,23 @@ impl SledStore {
 impl Inner {
     /// The index entry for `digest`, if a blob with that hash *and size* is stored.
     fn lookup(&self, digest: &Digest) -> Result<Option<Location>> {
+        Ok(self.lookup_entry(digest)?.map(|(location, _)| location))
+    }
+
+    /// Like [`Inner::lookup`], with the raw entry (for what follows the common part: a file
+    /// blob's chunk checksums), so a read decodes one sled get.
+    fn lookup_entry(&self, digest: &Digest) -> Result<Option<(Location, sled::IVec)>> {
         let Some(v) = self.cas.get(digest.hash)? else {
             return Ok(None);
         };
         match decode_entry(&v) {
-            Some((location, size)) if size == digest.size => Ok(Some(location)),
+            Some((location, size)) if size == digest.size => Ok(Some((location, v))),
             Some(_) => Ok(None),
             None => Err(Error::internal(
                 format!("index entry of {digest}"),
                 "corrupt index entry",
             )),
         }
-    }
-
-    /// The chunk checksums recorded for a file blob, if its entry has them.
-    fn lookup_sums(&self, digest: &Digest) -> Result<Option<Vec<u64>>> {
-        Ok(self
-            .cas
-            .get(digest.hash)?
-            .and_then(|v| entry_sums(&v, digest.size)))
     }
 
     /// The lock stripe of a hash (see `Inner::stripes`).
@@ -700,12 +699,12 @@ impl Store for SledStore {
         }
         let found = self.inner.index.touch(digest, self.inner.life.now());
         self.inner.life.count_cas_lookups(1, found as u64);
-        match self.inner.lookup(digest)? {
+        match self.inner.lookup_entry(digest)? {
             None => {
                 self.inner.forget_if_unbacked(digest, found);
                 Ok(None)
             }
-            Some(Location::Inline { id }) => {
+            Some((Location::Inline { id }, _)) => {
                 let Some(data) = self.inner.inline_data(digest, id)? else {
                     return Ok(None);
                 };
@@ -716,7 +715,7 @@ impl Store for SledStore {
                     .collect();
                 Ok(Some(futures::stream::iter(chunks).boxed()))
             }
-            Some(Location::File { xxh3 }) => {
+            Some((Location::File { xxh3 }, entry)) => {
                 let path = self.inner.files.blob_path(digest);
                 let file = match std::fs::File::open(&path) {
                     Ok(f) => f,
@@ -734,7 +733,7 @@ impl Store for SledStore {
                 let store = self.inner.clone();
                 let digest = *digest;
                 let range = offset..end;
-                let sums = self.inner.lookup_sums(&digest)?;
+                let sums = entry_sums(&entry, digest.size);
                 let permit = self.inner.transfer_permit()?;
                 let runtime = tokio::runtime::Handle::current();
                 let stall = self.inner.stall;
@@ -1145,6 +1144,10 @@ enum Stop {
 }
 
 impl FileRead<'_> {
+    fn failed(&self, e: std::io::Error) -> Stop {
+        Stop::Failed(Error::internal(format!("reading blob {}", self.digest), e))
+    }
+
     /// Sends `range` of the blob and reports how the read ended.
     fn run(
         &self,
@@ -1154,10 +1157,7 @@ impl FileRead<'_> {
         chunk_size: usize,
     ) {
         let outcome = match file.metadata() {
-            Err(e) => Err(Stop::Failed(Error::internal(
-                format!("reading blob {}", self.digest),
-                e,
-            ))),
+            Err(e) => Err(self.failed(e)),
             Ok(m) if m.len() != self.digest.size => {
                 Err(Stop::Damaged("blob file has the wrong length".into()))
             }
@@ -1195,9 +1195,7 @@ impl FileRead<'_> {
         let mut index = (range.start / SUM_CHUNK) as usize;
         let mut at = index as u64 * SUM_CHUNK;
         if at > 0 {
-            file.seek(SeekFrom::Start(at)).map_err(|e| {
-                Stop::Failed(Error::internal(format!("reading blob {}", self.digest), e))
-            })?;
+            file.seek(SeekFrom::Start(at)).map_err(|e| self.failed(e))?;
         }
         while at < range.end {
             let len = (self.digest.size - at).min(SUM_CHUNK);
@@ -1231,9 +1229,8 @@ impl FileRead<'_> {
     ) -> Result<(), Stop> {
         let mut checksum = (range.start == 0 && range.end == self.digest.size).then(Xxh3::new);
         if range.start > 0 {
-            file.seek(SeekFrom::Start(range.start)).map_err(|e| {
-                Stop::Failed(Error::internal(format!("reading blob {}", self.digest), e))
-            })?;
+            file.seek(SeekFrom::Start(range.start))
+                .map_err(|e| self.failed(e))?;
         }
         let mut held: Option<Bytes> = None;
         let mut at = range.start;
