@@ -228,8 +228,17 @@ pub async fn download(
     offset: i64,
     limit: i64,
 ) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = server
-        .bytestream()
+    download_over(server.channel(), name, offset, limit).await
+}
+
+/// [`download`] over any channel (a server in another process, say).
+pub async fn download_over(
+    channel: Channel,
+    name: &str,
+    offset: i64,
+    limit: i64,
+) -> Result<Vec<u8>, tonic::Status> {
+    let mut stream = ByteStreamClient::new(channel)
         .read(ReadRequest {
             resource_name: name.to_string(),
             read_offset: offset,
@@ -328,6 +337,31 @@ impl SmallDisk {
             .is_ok_and(|s| s.success());
         ok.then_some(SmallDisk { path, _tmp: tmp })
     }
+}
+
+impl SmallDisk {
+    /// Mounts one, or says why the test cannot run and returns `None`; where
+    /// HOARD_REQUIRE_DISK_FULL_TEST is set (CI, as root), not being able to is a failure.
+    pub fn mount_or_skip(size: &str) -> Option<Self> {
+        let disk = Self::mount(size);
+        if disk.is_none() {
+            assert!(
+                std::env::var_os("HOARD_REQUIRE_DISK_FULL_TEST").is_none(),
+                "cannot mount a tmpfs, and HOARD_REQUIRE_DISK_FULL_TEST is set"
+            );
+            eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+        }
+        disk
+    }
+}
+
+/// Where a large blob's file lives in a server's data dir.
+pub fn blob_file(server: &TestServer, d: &reapi::Digest) -> std::path::PathBuf {
+    server
+        .data_dir()
+        .join("cas")
+        .join(&d.hash[..2])
+        .join(&d.hash)
 }
 
 impl Drop for SmallDisk {

@@ -16,23 +16,10 @@ use hoard::proto::reapi::{
 use tonic::transport::Channel;
 
 use crate::common::{
-    blob, digest_of, download, fill_disk, read_name, upload, write_name, write_requests, SmallDisk,
-    TestServer,
+    blob, blob_file, digest_of, download, download_over, fill_disk, read_name, upload, write_name,
+    write_requests, SmallDisk, TestServer,
 };
 use crate::crash::Process;
-
-/// Mounts a small tmpfs, or says why the test cannot run (CI, as root, must run it).
-fn small_disk(size: &str) -> Option<SmallDisk> {
-    let disk = SmallDisk::mount(size);
-    if disk.is_none() {
-        assert!(
-            std::env::var_os("HOARD_REQUIRE_DISK_FULL_TEST").is_none(),
-            "cannot mount a tmpfs, and HOARD_REQUIRE_DISK_FULL_TEST is set"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
-    }
-    disk
-}
 
 async fn batch_write(channel: &Channel, data: &[u8]) -> Result<(), tonic::Status> {
     let response = ContentAddressableStorageClient::new(channel.clone())
@@ -66,22 +53,6 @@ async fn stream_write(channel: &Channel, data: &[u8]) -> Result<(), tonic::Statu
         )))
         .await
         .map(drop)
-}
-
-async fn read_all(channel: &Channel, d: &reapi::Digest) -> Result<Vec<u8>, tonic::Status> {
-    let mut stream = ByteStreamClient::new(channel.clone())
-        .read(ReadRequest {
-            resource_name: read_name("", d),
-            read_offset: 0,
-            read_limit: 0,
-        })
-        .await?
-        .into_inner();
-    let mut out = Vec::new();
-    while let Some(m) = stream.message().await? {
-        out.extend_from_slice(&m.data);
-    }
-    Ok(out)
 }
 
 async fn writes_health(channel: &Channel) -> i32 {
@@ -134,7 +105,7 @@ async fn write_while_full(channel: &Channel, seed: u64, acked: &mut Vec<Vec<u8>>
 async fn assert_all_present(channel: &Channel, acked: &[Vec<u8>]) {
     for data in acked {
         let d = digest_of(data);
-        let got = read_all(channel, &d)
+        let got = download_over(channel.clone(), &read_name("", &d), 0, 0)
             .await
             .unwrap_or_else(|e| panic!("acknowledged blob {d:?} is lost: {e}"));
         assert!(got == *data, "acknowledged blob {d:?} has wrong bytes");
@@ -156,7 +127,7 @@ fn upload_leftovers(data_dir: &std::path::Path) -> Vec<String> {
 /// files behind, health and stats say so, and writes work again within 5 s of space coming back.
 #[tokio::test]
 async fn a_full_disk_never_loses_an_acknowledged_write_and_recovers_within_seconds() {
-    let Some(disk) = small_disk("64m") else {
+    let Some(disk) = SmallDisk::mount_or_skip("64m") else {
         return;
     };
     let data_dir = disk.path.join("data");
@@ -776,8 +747,7 @@ async fn a_ranged_read_across_a_damaged_chunk_fails_and_removes_the_blob() {
     let d = upload(&server, "", &data).await;
     let sound = blob(5 << 20, 12);
     let sound_d = upload(&server, "", &sound).await;
-    let hex = &d.hash;
-    let path = server.data_dir().join("cas").join(&hex[..2]).join(hex);
+    let path = blob_file(&server, &d);
     let mut bytes = std::fs::read(&path).unwrap();
     let at = (2 << 20) + 12_345;
     bytes[at] ^= 0x40;

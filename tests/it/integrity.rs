@@ -11,7 +11,8 @@ use hoard::proto::reapi::{
 use hoard::store::Store;
 
 use crate::common::{
-    batch_put, blob, digest_of, download, read_name, upload, write_name, write_requests, TestServer,
+    batch_put, blob, blob_file, digest_of, download, read_name, upload, write_name, write_requests,
+    TestServer,
 };
 
 #[tokio::test]
@@ -65,15 +66,6 @@ async fn blobs_above_the_max_size_are_refused() {
         tonic::Code::InvalidArgument as i32
     );
     upload(&server, "", &blob(100_000, 2)).await; // at the limit is fine
-}
-
-/// The file a large blob is stored in.
-fn blob_file(server: &TestServer, d: &hoard::proto::reapi::Digest) -> std::path::PathBuf {
-    server
-        .data_dir()
-        .join("cas")
-        .join(&d.hash[..2])
-        .join(&d.hash)
 }
 
 async fn is_missing(server: &TestServer, d: &hoard::proto::reapi::Digest) -> bool {
@@ -243,12 +235,7 @@ async fn abandoned_partial_uploads_are_removed_after_their_age() {
 /// unless HOARD_REQUIRE_DISK_FULL_TEST is set (CI sets it), in which case it fails.
 #[tokio::test]
 async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
-    let Some(disk) = crate::common::SmallDisk::mount("48m") else {
-        assert!(
-            std::env::var_os("HOARD_REQUIRE_DISK_FULL_TEST").is_none(),
-            "cannot mount a tmpfs, and HOARD_REQUIRE_DISK_FULL_TEST is set"
-        );
-        eprintln!("SKIPPED: cannot mount a tmpfs here (needs root)");
+    let Some(disk) = crate::common::SmallDisk::mount_or_skip("48m") else {
         return;
     };
     // Space held back so that freeing it later proves writes recover.
