@@ -23,6 +23,10 @@ pub struct Config {
     /// On shutdown, how long to keep serving after health turns NOT_SERVING, so load balancers
     /// stop routing here before new calls are refused. Default 0s (no balancer in front).
     pub drain_delay: HumanDuration,
+    /// Address of the plaintext operations port: `grpc.health.v1` (for Kubernetes gRPC
+    /// probes, which cannot speak TLS), `GET /healthz` and `GET /readyz`. It serves no cache
+    /// data. Default: off.
+    pub ops_listen: Option<SocketAddr>,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub namespaces: NamespacesConfig,
@@ -230,6 +234,17 @@ pub struct LimitsConfig {
     /// A connection that has not sent the HTTP/2 preface this long after connecting is
     /// closed. Default 10s.
     pub handshake_timeout: HumanDuration,
+    /// Calls the whole server works on at once, over every connection; beyond it a call is
+    /// answered RESOURCE_EXHAUSTED "server overloaded" at once (clients back off and retry)
+    /// instead of queueing without bound. Health checks are never refused. Default 256 per
+    /// core, at least 1024.
+    pub max_concurrent_requests: u32,
+}
+
+/// The default for `limits.max_concurrent_requests`: sized for the machine.
+fn default_max_concurrent_requests() -> u32 {
+    let cores = std::thread::available_parallelism().map_or(1, |n| n.get()) as u32;
+    cores.saturating_mul(256).max(1024)
 }
 
 impl Default for Config {
@@ -238,6 +253,7 @@ impl Default for Config {
             listen: SocketAddr::from(([127, 0, 0, 1], 9092)),
             data_dir: PathBuf::from("./hoard-data"),
             drain_delay: HumanDuration(Duration::ZERO),
+            ops_listen: None,
             storage: StorageConfig::default(),
             limits: LimitsConfig::default(),
             namespaces: NamespacesConfig::default(),
@@ -271,6 +287,7 @@ impl Default for LimitsConfig {
             min_transfer_rate: ByteSize(1 << 10),
             max_concurrent_streams: 256,
             handshake_timeout: HumanDuration(Duration::from_secs(10)),
+            max_concurrent_requests: default_max_concurrent_requests(),
         }
     }
 }
@@ -309,6 +326,15 @@ impl Config {
             return Err(format!(
                 "limits.max_message_size ({}) must be larger than limits.max_batch_total_size ({})",
                 l.max_message_size, l.max_batch_total_size
+            ));
+        }
+        if l.max_concurrent_requests == 0 {
+            return Err("limits.max_concurrent_requests must be above 0".into());
+        }
+        if self.ops_listen.is_some() && self.ops_listen == Some(self.listen) {
+            return Err(format!(
+                "ops_listen ({}) must differ from listen: the ops port serves no cache data",
+                self.listen
             ));
         }
         if l.read_chunk_size.0 == 0 || l.read_chunk_size.0 > 2 << 20 {

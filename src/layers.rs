@@ -1,6 +1,13 @@
-//! Tower layers around every gRPC service.
+//! Tower layers around every gRPC service. `server.rs` stacks them; later ones (authentication,
+//! metrics) go here too.
 
-use http::{HeaderValue, Response};
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use http::{HeaderValue, Request, Response};
+use tokio::sync::Semaphore;
 
 /// tonic answers a request message above `limits.max_message_size` with OUT_OF_RANGE, where
 /// gRPC's status-code table (and clients' retry logic) says RESOURCE_EXHAUSTED. The refusal
@@ -22,4 +29,82 @@ pub fn oversize_is_resource_exhausted<B>(mut response: Response<B>) -> Response<
 pub fn is_oversize_message(message: &str) -> bool {
     message.contains("decoded message length too large")
         || message.contains("decoded%20message%20length%20too%20large")
+}
+
+/// The global concurrency limit with load shedding (`limits.max_concurrent_requests`): a call
+/// takes a permit when it arrives and holds it until its reply starts (for a ByteStream Write,
+/// until the whole upload is received; a Read's or Watch's stream then runs on without one).
+/// With none left the call is answered RESOURCE_EXHAUSTED "server overloaded" at once, which
+/// clients treat as retryable, rather than queued: a queue would only turn overload into
+/// timeouts. Health checks bypass the limit, so probes keep answering under a flood.
+#[derive(Clone)]
+pub struct ShedLayer {
+    permits: Arc<Semaphore>,
+}
+
+impl ShedLayer {
+    pub fn new(max_concurrent: u32) -> Self {
+        ShedLayer {
+            permits: Arc::new(Semaphore::new(max_concurrent as usize)),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for ShedLayer {
+    type Service = Shed<S>;
+
+    fn layer(&self, inner: S) -> Shed<S> {
+        Shed {
+            inner,
+            permits: self.permits.clone(),
+        }
+    }
+}
+
+/// The service [`ShedLayer`] wraps around the router.
+#[derive(Clone)]
+pub struct Shed<S> {
+    inner: S,
+    permits: Arc<Semaphore>,
+}
+
+/// gRPC paths that are never shed.
+fn never_shed(path: &str) -> bool {
+    path.starts_with("/grpc.health.v1.Health/")
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for Shed<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        if never_shed(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        match self.permits.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let reply = self.inner.call(request);
+                Box::pin(async move {
+                    let response = reply.await;
+                    drop(permit);
+                    response
+                })
+            }
+            Err(_) => {
+                let status = tonic::Status::resource_exhausted("server overloaded");
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
 }

@@ -23,6 +23,7 @@ pub mod digest;
 pub mod error;
 pub mod layers;
 pub mod namespace;
+pub mod ops;
 pub mod proto;
 pub mod resource_name;
 pub mod server;

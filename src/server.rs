@@ -38,16 +38,62 @@ const CONNECTION_WINDOW: u32 = 16 << 20;
 /// How long in-flight calls may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
-/// Opens the store named by `config` and serves on `listener` until `shutdown` completes.
+/// Opens the store named by `config` and serves on `listener` until `shutdown` completes. If
+/// `config.ops_listen` is set, the ops port is bound first and answers while the store opens.
 pub async fn run(
     listener: TcpListener,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    let store = SledStore::from_config(config)?;
-    // The watch event log lives in the store's database, so one flush covers both.
-    let events = Arc::new(EventLog::open(|name| store.tree(name), &config.watch)?);
-    serve_with_events(listener, Arc::new(store), events, config, shutdown).await
+    let ops =
+        match config.ops_listen {
+            Some(addr) => Some(TcpListener::bind(addr).await.map_err(|e| {
+                Error::Unavailable(format!("cannot listen on ops_listen {addr}: {e}"))
+            })?),
+            None => None,
+        };
+    run_with_ops(listener, ops, config, shutdown).await
+}
+
+/// [`run`] with the ops port on a listener the caller bound (tests bind 127.0.0.1:0).
+pub async fn run_with_ops(
+    listener: TcpListener,
+    ops: Option<TcpListener>,
+    config: &Config,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
+    let health = HealthReporter::new();
+    // The ops port outlives the gRPC port: `/healthz` answers until the store is flushed.
+    let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
+    let ops_task = ops.map(|ops| {
+        tokio::spawn(crate::ops::serve(
+            ops,
+            health.clone(),
+            config.limits.handshake_timeout.0,
+            async move {
+                let _ = ops_stopped.await;
+            },
+        ))
+    });
+    let served = async {
+        let opening = config.clone();
+        let store = tokio::task::spawn_blocking(move || SledStore::from_config(&opening))
+            .await
+            .map_err(|e| Error::internal("opening the store", e))??;
+        // The watch event log lives in the store's database, so one flush covers both.
+        let events = Arc::new(EventLog::open(|name| store.tree(name), &config.watch)?);
+        serve_all(listener, Arc::new(store), events, config, health, shutdown).await
+    }
+    .await;
+    let _ = ops_stop.send(());
+    if let Some(task) = ops_task {
+        match task.await {
+            Ok(Err(e)) => tracing::warn!(error = %e, "ops port failed"),
+            Err(e) => tracing::warn!(error = %e, "ops port task failed"),
+            Ok(Ok(())) => {}
+        }
+    }
+    served
 }
 
 /// Serves `store` on `listener` until `shutdown` completes, then flushes the store. Watch
@@ -72,10 +118,29 @@ pub async fn serve_with_events(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    serve_all(
+        listener,
+        store,
+        events,
+        config,
+        HealthReporter::new(),
+        shutdown,
+    )
+    .await
+}
+
+/// The server itself, reporting its state through `health`.
+async fn serve_all(
+    listener: TcpListener,
+    store: Arc<dyn Store>,
+    events: Arc<EventLog>,
+    config: &Config,
+    health: HealthReporter,
+    shutdown: impl Future<Output = ()> + Send,
+) -> Result<()> {
     let limits = Limits::from(&config.limits);
     let policy = Arc::new(crate::namespace::Policy::new(&config.namespaces));
     let max_message = config.limits.max_message_size.0 as usize;
-    let health = HealthReporter::new();
 
     macro_rules! sized {
         ($server:expr) => {
@@ -96,9 +161,16 @@ pub async fn serve_with_events(
         // Bounds what one connection can open; refused streams get REFUSED_STREAM, which
         // clients retry.
         .max_concurrent_streams(config.limits.max_concurrent_streams)
-        .layer(tower::util::MapResponseLayer::new(
-            crate::layers::oversize_is_resource_exhausted,
-        ))
+        // The serving stack, outermost first.
+        .layer(
+            tower::ServiceBuilder::new()
+                .layer(tower::util::MapResponseLayer::new(
+                    crate::layers::oversize_is_resource_exhausted,
+                ))
+                .layer(crate::layers::ShedLayer::new(
+                    config.limits.max_concurrent_requests,
+                )),
+        )
         .add_service(sized!(CapabilitiesServer::new(
             CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
         )))

@@ -74,6 +74,11 @@ impl HealthReporter {
         self.update(|s| s.state = state);
     }
 
+    /// The server's state now (for `/readyz`).
+    pub fn state(&self) -> State {
+        self.serving.borrow().state
+    }
+
     /// Records whether the store accepts writes (reported under [`WRITES`]).
     pub fn set_writable(&self, writable: bool) {
         self.update(|s| s.writable = writable);

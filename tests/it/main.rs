@@ -16,4 +16,5 @@ mod integrity;
 mod invalidate;
 mod lifecycle;
 mod namespaces;
+mod ops;
 mod watch;
