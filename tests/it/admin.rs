@@ -4,18 +4,18 @@
 //! the numbers describe what was uploaded, gc frees space but never breaks min_retention, verify
 //! finds damage on disk, and the CLI reports the same through both paths with clear exit codes.
 
-use std::path::{Path, PathBuf};
-use std::process::{Command, Output};
+use std::path::Path;
 use std::time::Duration;
 
 use hoard::config::HumanDuration;
 use hoard::proto::admin::{GcRequest, GcResponse, StatsRequest, StatsResponse, VerifyRequest};
-use hoard::proto::reapi::{
-    self, ActionResult, FindMissingBlobsRequest, GetActionResultRequest, UpdateActionResultRequest,
-};
+use hoard::proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use hoard::store::{GcReport, StoreStats, VerifyReport};
 
-use crate::common::{batch_put, blob, digest_of, upload, TestServer};
+use crate::common::{
+    batch_put, blob, blob_path, digest_of, hoard, hoard_with, json, missing, one_line_failure,
+    stdout, upload, TestServer,
+};
 
 /// Above the 64 KiB inline threshold: stored as a file under data_dir/cas/.
 const LARGE: usize = 200_000;
@@ -41,27 +41,9 @@ async fn gc(server: &TestServer, target: Option<u64>) -> GcResponse {
         .into_inner()
 }
 
-async fn missing(server: &TestServer, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {
-    server
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: digests.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .expect("FindMissingBlobs")
-        .into_inner()
-        .missing_blob_digests
-}
-
-/// Where the store keeps a large blob.
-fn blob_file(data_dir: &Path, hash: &str) -> PathBuf {
-    data_dir.join("cas").join(&hash[..2]).join(hash)
-}
-
 /// Flips one byte in the middle of a stored blob file, keeping its length (bit rot).
 fn corrupt(data_dir: &Path, d: &reapi::Digest) {
-    let path = blob_file(data_dir, &d.hash);
+    let path = blob_path(data_dir, d);
     let mut bytes = std::fs::read(&path).expect("read the blob file");
     let middle = bytes.len() / 2;
     bytes[middle] ^= 0x5a;
@@ -152,7 +134,7 @@ async fn gc_evicts_blobs_past_min_retention_down_to_the_target() {
 
     let digests = [small, large.clone()];
     assert_eq!(missing(&server, &digests).await, digests);
-    assert!(!blob_file(server.data_dir(), &large.hash).exists());
+    assert!(!blob_path(server.data_dir(), &large).exists());
     let s = stats(&server).await;
     assert_eq!((s.blobs, s.blob_bytes), (0, 0), "{s:?}");
     assert_eq!(s.evicted_blobs, 2, "{s:?}");
@@ -187,7 +169,7 @@ async fn verify_removes_corrupt_blobs_and_orphaned_files() {
     corrupt(server.data_dir(), &large);
     // A complete blob file no index entry names, as a crash between rename and index can leave.
     let orphan = blob(100_000, 13);
-    let orphan_path = blob_file(server.data_dir(), &digest_of(&orphan).hash);
+    let orphan_path = blob_path(server.data_dir(), &digest_of(&orphan));
     std::fs::create_dir_all(orphan_path.parent().unwrap()).unwrap();
     std::fs::write(&orphan_path, &orphan).unwrap();
 
@@ -223,41 +205,6 @@ async fn verify_removes_corrupt_blobs_and_orphaned_files() {
     server.stop().await;
 }
 
-/// Runs `hoard ARGS` with `env` (HOARD_SERVER unset unless given) off the async runtime, so an
-/// in-process test server keeps serving meanwhile.
-async fn hoard(args: &[&str], env: &[(&str, &str)]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
-    command
-        .args(args)
-        .env_remove("HOARD_SERVER")
-        .env("RUST_LOG", "off");
-    for (k, v) in env {
-        command.env(k, v);
-    }
-    tokio::task::spawn_blocking(move || command.output().expect("run hoard"))
-        .await
-        .expect("join")
-}
-
-fn stdout(out: &Output) -> String {
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-/// The one-line error of a failed command; asserts exit status 2.
-fn failure(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert_eq!(stderr.lines().count(), 1, "one-line error, got: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
-fn json<T: serde::de::DeserializeOwned>(out: &Output) -> T {
-    let text = stdout(out);
-    assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
 #[tokio::test]
 async fn cli_stats_from_a_server_and_from_a_stopped_data_dir() {
     let server = TestServer::start().await;
@@ -265,12 +212,12 @@ async fn cli_stats_from_a_server_and_from_a_stopped_data_dir() {
     let url = server.url();
     let dir = server.data_dir().to_str().unwrap().to_string();
 
-    let out = hoard(&["stats", "--server", &url, "--json"], &[]).await;
+    let out = hoard(&["stats", "--server", &url, "--json"]).await;
     assert!(out.status.success(), "{out:?}");
     assert_eq!(json::<StoreStats>(&out).blobs, 2);
 
     // HOARD_SERVER is the default server; the human report names the count.
-    let out = hoard(&["stats"], &[("HOARD_SERVER", &url)]).await;
+    let out = hoard_with(&["stats"], &[("HOARD_SERVER", &url)]).await;
     assert!(out.status.success(), "{out:?}");
     let text = stdout(&out);
     assert!(
@@ -280,12 +227,12 @@ async fn cli_stats_from_a_server_and_from_a_stopped_data_dir() {
     );
 
     // The running server holds the data dir: the error says to ask it instead.
-    let err = failure(&hoard(&["stats", "--data-dir", &dir], &[]).await);
+    let err = one_line_failure(&hoard(&["stats", "--data-dir", &dir]).await);
     assert!(err.contains("in use") && err.contains("--server"), "{err}");
 
     let _tmp = server.stop().await;
     // An explicit --data-dir wins over an exported HOARD_SERVER.
-    let out = hoard(
+    let out = hoard_with(
         &["stats", "--data-dir", &dir, "--json"],
         &[("HOARD_SERVER", "http://127.0.0.1:9")],
     )
@@ -307,11 +254,7 @@ async fn cli_gc_and_verify_report_and_exit_by_outcome() {
     upload(&server, "", &blob(LARGE, 22)).await;
 
     // Both blobs are within min_retention: nothing to evict, and that is not an error.
-    let out = hoard(
-        &["gc", "--server", &server.url(), "--target", "0", "--json"],
-        &[],
-    )
-    .await;
+    let out = hoard(&["gc", "--server", &server.url(), "--target", "0", "--json"]).await;
     assert!(out.status.success(), "{out:?}");
     let report: GcReport = json(&out);
     assert_eq!(report.evicted_blobs, 0, "{report:?}");
@@ -323,7 +266,7 @@ async fn cli_gc_and_verify_report_and_exit_by_outcome() {
     let dir_arg = dir.to_str().unwrap();
 
     // Damage found: exit 1, with the report.
-    let out = hoard(&["verify", "--data-dir", dir_arg, "--json"], &[]).await;
+    let out = hoard(&["verify", "--data-dir", dir_arg, "--json"]).await;
     assert_eq!(out.status.code(), Some(1), "{out:?}");
     let report: VerifyReport = json(&out);
     assert_eq!(report.checked_blobs, 2, "{report:?}");
@@ -331,7 +274,7 @@ async fn cli_gc_and_verify_report_and_exit_by_outcome() {
     assert!(report.corrupt[0].starts_with(&damaged.hash), "{report:?}");
 
     // Clean now: exit 0.
-    let out = hoard(&["verify", "--data-dir", dir_arg], &[]).await;
+    let out = hoard(&["verify", "--data-dir", dir_arg]).await;
     assert!(out.status.success(), "{out:?}");
     assert!(stdout(&out).contains("corrupt: none"), "{}", stdout(&out));
 
@@ -348,43 +291,36 @@ async fn cli_gc_and_verify_report_and_exit_by_outcome() {
     .unwrap();
     // Use times may be whole seconds: a blob used at second T is past a 1s retention from T+2.
     tokio::time::sleep(Duration::from_millis(2100)).await;
-    let out = hoard(
-        &[
-            "gc",
-            "--config",
-            config.to_str().unwrap(),
-            "--target",
-            "0",
-            "--json",
-        ],
-        &[],
-    )
+    let out = hoard(&[
+        "gc",
+        "--config",
+        config.to_str().unwrap(),
+        "--target",
+        "0",
+        "--json",
+    ])
     .await;
     assert!(out.status.success(), "{out:?}");
     let report: GcReport = json(&out);
     assert_eq!(report.evicted_blobs, 1, "{report:?}");
     assert!(report.evicted_bytes >= LARGE as u64, "{report:?}");
     assert!(report.reached_target, "{report:?}");
-    assert!(!blob_file(&dir, &intact.hash).exists());
+    assert!(!blob_path(&dir, &intact).exists());
 }
 
 #[tokio::test]
 async fn cli_errors_are_one_line_with_exit_status_2() {
     // Usage errors are clap's (several lines, status 2).
-    let out = hoard(&["gc", "--target", "3parsecs"], &[]).await;
+    let out = hoard(&["gc", "--target", "3parsecs"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
     assert!(
         String::from_utf8_lossy(&out.stderr).contains("3parsecs"),
         "{out:?}"
     );
-    let out = hoard(
-        &["stats", "--server", "127.0.0.1:1", "--data-dir", "x"],
-        &[],
-    )
-    .await;
+    let out = hoard(&["stats", "--server", "127.0.0.1:1", "--data-dir", "x"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
-    let err = failure(&hoard(&["stats", "--server", "https://127.0.0.1:1"], &[]).await);
+    let err = one_line_failure(&hoard(&["stats", "--server", "https://127.0.0.1:1"]).await);
     assert!(err.contains("TLS"), "{err}");
 
     // Nothing listens on a port we bound and released.
@@ -392,7 +328,7 @@ async fn cli_errors_are_one_line_with_exit_status_2() {
         .unwrap()
         .local_addr()
         .unwrap();
-    let err = failure(&hoard(&["verify", "--server", &closed.to_string()], &[]).await);
+    let err = one_line_failure(&hoard(&["verify", "--server", &closed.to_string()]).await);
     assert!(
         err.contains("cannot connect") && err.contains("--data-dir"),
         "{err}"
@@ -401,7 +337,7 @@ async fn cli_errors_are_one_line_with_exit_status_2() {
     // A mistyped data dir is refused, not created.
     let tmp = tempfile::tempdir().unwrap();
     let typo = tmp.path().join("hoard-dta");
-    let err = failure(&hoard(&["stats", "--data-dir", typo.to_str().unwrap()], &[]).await);
+    let err = one_line_failure(&hoard(&["stats", "--data-dir", typo.to_str().unwrap()]).await);
     assert!(err.contains("not a hoard data dir"), "{err}");
     assert!(!typo.exists());
 }

@@ -4,8 +4,11 @@ use hoard::proto::bytestream::{QueryWriteStatusRequest, WriteRequest};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 
+use hoard::resource_name::{Compression, ResourceName};
+
 use crate::common::{
-    blob, digest_of, download, read_name, upload, write_name, write_requests, TestServer,
+    blob, digest, digest_of, download, eventually, read_name, upload, write_blob, write_name,
+    write_requests, TestServer,
 };
 
 #[tokio::test]
@@ -69,10 +72,12 @@ async fn missing_blobs_and_malformed_names_get_clear_errors() {
         "blobs/abc/12".to_string(),
         format!("blobs/{}", d.hash),
         format!("blobs/{}/notanumber", d.hash),
-        format!("../blobs/{}/{}", d.hash, d.size_bytes),
-        format!("uploads/x/blobs/{}/{}", d.hash, d.size_bytes),
+        format!("../{}", read_name("", &d)),
+        write_name("", "x", &d),
         format!("compressed-blobs/lz4/{}/{}", d.hash, d.size_bytes),
-        format!("compressed-blobs/deflate/{}/{}", d.hash, d.size_bytes),
+        ResourceName::read("", digest(&d))
+            .compressed(Compression::Deflate)
+            .to_string(),
     ] {
         let err = download(&server, &name, 0, 0).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}");
@@ -81,15 +86,8 @@ async fn missing_blobs_and_malformed_names_get_clear_errors() {
 
     let data = b"hello".to_vec();
     let d = digest_of(&data);
-    for name in [
-        format!("blobs/{}/{}", d.hash, d.size_bytes),
-        format!("uploads/bad.id/blobs/{}/{}", d.hash, d.size_bytes),
-    ] {
-        let err = server
-            .bytestream()
-            .write(futures::stream::iter(write_requests(&name, &data, 0, 100)))
-            .await
-            .unwrap_err();
+    for name in [read_name("", &d), write_name("", "bad.id", &d)] {
+        let err = write_blob(&server, &name, &data, 0, 100).await.unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument, "{name}");
     }
 }
@@ -103,14 +101,7 @@ async fn wrong_content_never_becomes_visible() {
         let name = write_name("", "u1", &d);
         let mut corrupted = data.clone();
         corrupted[len / 2] ^= 1;
-        let err = server
-            .bytestream()
-            .write(futures::stream::iter(write_requests(
-                &name,
-                &corrupted,
-                0,
-                32 << 10,
-            )))
+        let err = write_blob(&server, &name, &corrupted, 0, 32 << 10)
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -123,29 +114,21 @@ async fn wrong_content_never_becomes_visible() {
         // Too many bytes for the declared size.
         let mut longer = data.clone();
         longer.push(0);
-        let err = server
-            .bytestream()
-            .write(futures::stream::iter(write_requests(
-                &write_name("", "u2", &d),
-                &longer,
-                0,
-                32 << 10,
-            )))
+        let err = write_blob(&server, &write_name("", "u2", &d), &longer, 0, 32 << 10)
             .await
             .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
         // Too few.
-        let err = server
-            .bytestream()
-            .write(futures::stream::iter(write_requests(
-                &write_name("", "u3", &d),
-                &data[..len - 1],
-                0,
-                32 << 10,
-            )))
-            .await
-            .unwrap_err();
+        let err = write_blob(
+            &server,
+            &write_name("", "u3", &d),
+            &data[..len - 1],
+            0,
+            32 << 10,
+        )
+        .await
+        .unwrap_err();
         assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
         let err = download(&server, &read_name("", &d), 0, 0)
@@ -172,51 +155,46 @@ async fn gaps_in_write_offsets_are_rejected() {
     assert!(err.message().contains("write_offset"), "{}", err.message());
 
     // A first message that starts mid-blob with nothing stored says where to start.
-    let reqs = write_requests(&write_name("", "fresh", &d), &data, 1000, 50_000);
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(reqs))
+    let err = write_blob(&server, &write_name("", "fresh", &d), &data, 1000, 50_000)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("offset 0"), "{}", err.message());
 }
 
+/// QueryWriteStatus's committed size, or the error.
+async fn committed(server: &TestServer, name: &str) -> Result<i64, tonic::Status> {
+    server
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.to_string(),
+        })
+        .await
+        .map(|s| s.into_inner().committed_size)
+}
+
 /// Asks QueryWriteStatus until it reports `want` (the server persists in the background).
 async fn wait_for_committed(server: &TestServer, name: &str, want: i64) -> i64 {
-    let mut committed = -1;
-    for _ in 0..200 {
-        if let Ok(s) = server
-            .bytestream()
-            .query_write_status(QueryWriteStatusRequest {
-                resource_name: name.to_string(),
-            })
-            .await
-        {
-            committed = s.into_inner().committed_size;
-            if committed == want {
-                break;
-            }
+    eventually(Duration::from_secs(5), || async {
+        match committed(server, name).await {
+            Ok(c) if c == want => Ok(c),
+            other => Err(other),
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-    committed
+    })
+    .await
 }
 
 /// Writes from `offset`, retrying while the server still winds down the interrupted stream
 /// (ABORTED), as a real client would.
 async fn resume(server: &TestServer, name: &str, data: &[u8], offset: usize) -> i64 {
-    for _ in 0..100 {
-        let reqs = write_requests(name, data, offset, 100_000);
-        match server.bytestream().write(futures::stream::iter(reqs)).await {
-            Ok(r) => return r.into_inner().committed_size,
-            Err(e) if e.code() == tonic::Code::Aborted => {
-                tokio::time::sleep(Duration::from_millis(20)).await
-            }
+    eventually(Duration::from_secs(5), || async {
+        match write_blob(server, name, data, offset, 100_000).await {
+            Ok(r) => Ok(r.into_inner().committed_size),
+            Err(e) if e.code() == tonic::Code::Aborted => Err(e),
             Err(e) => panic!("resume at {offset} failed: {e}"),
         }
-    }
-    panic!("upload stayed busy");
+    })
+    .await
 }
 
 #[tokio::test]
@@ -239,22 +217,16 @@ async fn interrupted_uploads_resume_at_the_committed_size() {
 
     // Wrong offsets are refused with the expected one in the message (once the interrupted
     // stream has wound down: until then the upload is busy, ABORTED)...
-    let mut err = None;
-    for _ in 0..100 {
-        let e = server
-            .bytestream()
-            .write(futures::stream::iter(write_requests(
-                &name, &data, 300_000, 100_000,
-            )))
+    let err = eventually(Duration::from_secs(5), || async {
+        let e = write_blob(&server, &name, &data, 300_000, 100_000)
             .await
             .unwrap_err();
-        if e.code() != tonic::Code::Aborted {
-            err = Some(e);
-            break;
+        match e.code() {
+            tonic::Code::Aborted => Err(e),
+            _ => Ok(e),
         }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
-    let err = err.expect("upload stayed busy");
+    })
+    .await;
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("400000"), "{}", err.message());
 

@@ -4,23 +4,9 @@ use hoard::proto::reapi::{
 };
 use prost::Message;
 
-use crate::common::{batch_put, blob, digest_of, TestServer};
+use crate::common::{batch_put, blob, digest_of, missing, TestServer};
 
 const EMPTY: &str = "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
-
-async fn find_missing(server: &TestServer, digests: Vec<reapi::Digest>) -> Vec<reapi::Digest> {
-    server
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest {
-            instance_name: String::new(),
-            blob_digests: digests,
-            digest_function: 0,
-        })
-        .await
-        .expect("find missing")
-        .into_inner()
-        .missing_blob_digests
-}
 
 #[tokio::test]
 async fn find_missing_reports_only_absent_blobs() {
@@ -38,9 +24,9 @@ async fn find_missing_reports_only_absent_blobs() {
         size_bytes: 101,
         ..digest_of(&a)
     };
-    let missing = find_missing(
+    let missing = missing(
         &server,
-        vec![
+        &[
             digest_of(&a),
             absent.clone(),
             digest_of(&big),
@@ -61,7 +47,7 @@ async fn find_missing_handles_thousands_of_digests() {
     let mut asked: Vec<reapi::Digest> = stored.iter().map(|b| digest_of(b)).collect();
     let absent: Vec<reapi::Digest> = (1000..5500).map(|i| digest_of(&blob(64, i))).collect();
     asked.extend(absent.iter().cloned());
-    let missing = find_missing(&server, asked).await;
+    let missing = missing(&server, &asked).await;
     assert_eq!(missing, absent);
 }
 
@@ -170,9 +156,9 @@ async fn batch_update_fails_bad_blobs_and_stores_the_rest() {
         .message
         .contains("does not match"));
     // Only the good blobs became visible.
-    let missing = find_missing(
+    let missing = missing(
         &server,
-        vec![
+        &[
             digest_of(&good),
             digest_of(&good_big),
             digest_of(&wrong_hash),
@@ -211,9 +197,12 @@ async fn oversized_batches_are_rejected_whole() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(err.message().contains("max_batch_total_size_bytes"));
     assert_eq!(
-        find_missing(&server, parts.iter().map(|b| digest_of(b)).collect())
-            .await
-            .len(),
+        missing(
+            &server,
+            &parts.iter().map(|b| digest_of(b)).collect::<Vec<_>>()
+        )
+        .await
+        .len(),
         4,
         "nothing of a rejected batch is stored"
     );

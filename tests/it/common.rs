@@ -1,18 +1,37 @@
-//! A real server on 127.0.0.1:0 with a temporary data dir, and helpers to talk to it.
+//! A real server on 127.0.0.1:0 with a temporary data dir, and helpers to talk to it: one copy
+//! each of the clients, resource names, CLI runs and waiting that the test modules share.
+
+use std::fmt::Debug;
+use std::future::Future;
+use std::process::{Command, Output};
+use std::time::Duration;
 
 use hoard::config::Config;
 use hoard::proto::admin::admin_client::AdminClient;
 use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
-use hoard::proto::bytestream::{ReadRequest, WriteRequest};
-use hoard::proto::health::health_client::HealthClient;
+use hoard::proto::bytestream::{ReadRequest, WriteRequest, WriteResponse};
+use hoard::proto::health::{health_client::HealthClient, HealthCheckRequest};
 use hoard::proto::reapi::{
     self, action_cache_client::ActionCacheClient, capabilities_client::CapabilitiesClient,
-    content_addressable_storage_client::ContentAddressableStorageClient,
+    content_addressable_storage_client::ContentAddressableStorageClient, FindMissingBlobsRequest,
 };
+use hoard::proto::watch::Event;
+use hoard::resource_name::ResourceName;
+use hoard::store::sled::{Options, SledStore};
 use sha2::{Digest as _, Sha256};
 use tokio::sync::oneshot;
 use tokio::task::JoinHandle;
 use tonic::transport::Channel;
+
+/// The default config on a fresh temporary data dir, which lives as long as the `TempDir`.
+pub fn temp_config() -> (tempfile::TempDir, Config) {
+    let tmp = tempfile::tempdir().expect("temp dir");
+    let config = Config {
+        data_dir: tmp.path().join("data"),
+        ..Config::default()
+    };
+    (tmp, config)
+}
 
 pub struct TestServer {
     data_dir: std::path::PathBuf,
@@ -32,11 +51,7 @@ impl TestServer {
 
     /// A server on a fresh data dir, with config changes.
     pub async fn start_with(edit: impl FnOnce(&mut Config)) -> Self {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let mut config = Config {
-            data_dir: tmp.path().join("data"),
-            ..Config::default()
-        };
+        let (tmp, mut config) = temp_config();
         edit(&mut config);
         let mut server = Self::start_config(config).await;
         server._tmp = Some(tmp);
@@ -164,22 +179,19 @@ pub fn digest_of(data: &[u8]) -> reapi::Digest {
     }
 }
 
-pub fn read_name(instance: &str, d: &reapi::Digest) -> String {
-    let prefix = if instance.is_empty() {
-        String::new()
-    } else {
-        format!("{instance}/")
-    };
-    format!("{prefix}blobs/{}/{}", d.hash, d.size_bytes)
+/// `d` as the server's own digest type; test names are built only for well-formed digests.
+pub fn digest(d: &reapi::Digest) -> hoard::digest::Digest {
+    hoard::digest::Digest::from_proto(Some(d), "test digest").expect("a well-formed digest")
 }
 
+/// `{instance}/blobs/{hash}/{size}`, for ByteStream.Read.
+pub fn read_name(instance: &str, d: &reapi::Digest) -> String {
+    ResourceName::read(instance, digest(d)).to_string()
+}
+
+/// `{instance}/uploads/{upload}/blobs/{hash}/{size}`, for ByteStream.Write.
 pub fn write_name(instance: &str, upload: &str, d: &reapi::Digest) -> String {
-    let prefix = if instance.is_empty() {
-        String::new()
-    } else {
-        format!("{instance}/")
-    };
-    format!("{prefix}uploads/{upload}/blobs/{}/{}", d.hash, d.size_bytes)
+    ResourceName::write(instance, upload, digest(d)).to_string()
 }
 
 /// The WriteRequests that upload `data` in `chunk`-sized pieces starting at `offset`.
@@ -206,14 +218,36 @@ pub fn write_requests(name: &str, data: &[u8], offset: usize, chunk: usize) -> V
     reqs
 }
 
+/// ByteStream.Write of `data` from `offset` in `chunk`-byte messages, the first naming `name`.
+pub async fn write_blob(
+    server: &TestServer,
+    name: &str,
+    data: &[u8],
+    offset: usize,
+    chunk: usize,
+) -> Result<tonic::Response<WriteResponse>, tonic::Status> {
+    write_blob_over(server.channel(), name, data, offset, chunk).await
+}
+
+/// [`write_blob`] over any channel (a server in another process, say).
+pub async fn write_blob_over(
+    channel: Channel,
+    name: &str,
+    data: &[u8],
+    offset: usize,
+    chunk: usize,
+) -> Result<tonic::Response<WriteResponse>, tonic::Status> {
+    let reqs = write_requests(name, data, offset, chunk);
+    ByteStreamClient::new(channel)
+        .write(futures::stream::iter(reqs))
+        .await
+}
+
 /// Uploads `data` through ByteStream and returns its digest.
 pub async fn upload(server: &TestServer, instance: &str, data: &[u8]) -> reapi::Digest {
     let d = digest_of(data);
     let name = write_name(instance, &uuid::Uuid::new_v4().to_string(), &d);
-    let reqs = write_requests(&name, data, 0, 64 << 10);
-    let resp = server
-        .bytestream()
-        .write(futures::stream::iter(reqs))
+    let resp = write_blob(server, &name, data, 0, 64 << 10)
         .await
         .expect("upload")
         .into_inner();
@@ -318,6 +352,165 @@ pub async fn lookup_result(
     }
 }
 
+/// FindMissingBlobs in the default instance: the digests the server does not have.
+pub async fn missing(server: &TestServer, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {
+    server
+        .cas()
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests.to_vec(),
+            ..Default::default()
+        })
+        .await
+        .expect("FindMissingBlobs")
+        .into_inner()
+        .missing_blob_digests
+}
+
+/// The `hoard.Writes` health status (1 SERVING, 2 NOT_SERVING), or -1 if the check failed.
+pub async fn writes_health(channel: &Channel) -> i32 {
+    HealthClient::new(channel.clone())
+        .check(HealthCheckRequest {
+            service: "hoard.Writes".into(),
+        })
+        .await
+        .map(|r| r.into_inner().status)
+        .unwrap_or(-1)
+}
+
+/// Whether `hoard.Writes` becomes `want` within 5 s.
+pub async fn wait_writes_health(channel: &Channel, want: i32) -> bool {
+    poll_until(Duration::from_secs(5), || async {
+        match writes_health(channel).await {
+            status if status == want => Ok(()),
+            status => Err(status),
+        }
+    })
+    .await
+    .is_ok()
+}
+
+/// Polls `check` until it returns `Ok`, and returns what it holds; once `timeout` has passed,
+/// fails the test with the last observation (the last `Err`). For whatever the server does in
+/// the background: persisting, evicting, winding a stream down, changing its health.
+pub async fn eventually<T, E, F, Fut>(timeout: Duration, check: F) -> T
+where
+    E: Debug,
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    match poll_until(timeout, check).await {
+        Ok(value) => value,
+        Err(last) => panic!("still not so after {timeout:?}; last observed: {last:?}"),
+    }
+}
+
+/// [`eventually`] without the failure: the last observation once `timeout` has passed, for a
+/// test that must clean up before it fails or that asserts on the outcome itself. Each check
+/// runs to its end; the pause between checks grows from 10 ms to 100 ms, so a quick change is
+/// seen quickly and a slow one is not hammered.
+pub async fn poll_until<T, E, F, Fut>(timeout: Duration, mut check: F) -> Result<T, E>
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = Result<T, E>>,
+{
+    let started = std::time::Instant::now();
+    let mut pause = Duration::from_millis(10);
+    loop {
+        match check().await {
+            Ok(value) => return Ok(value),
+            Err(last) if started.elapsed() >= timeout => return Err(last),
+            Err(_) => {}
+        }
+        tokio::time::sleep(pause).await;
+        pause = (pause * 2).min(Duration::from_millis(100));
+    }
+}
+
+/// The next `n` events of a watch stream, failing on an error or a 10 s stall.
+pub async fn take(stream: &mut tonic::Streaming<Event>, n: usize) -> Vec<Event> {
+    let mut out = Vec::with_capacity(n);
+    while out.len() < n {
+        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
+            .await
+            .unwrap_or_else(|_| panic!("stalled after {} of {n} events", out.len()))
+            .expect("watch stream failed")
+            .expect("watch stream ended");
+        out.push(event);
+    }
+    out
+}
+
+/// A server over a sled store the test also holds (to move its clock), on a fresh data dir
+/// with `edit` applied to the config.
+pub async fn start_with_clock(
+    edit: impl FnOnce(&mut Config),
+) -> (TestServer, SledStore, tempfile::TempDir) {
+    let (tmp, mut config) = temp_config();
+    edit(&mut config);
+    let store = SledStore::open_with(&config.data_dir, Options::from_config(&config))
+        .expect("open the store");
+    let server = TestServer::start_store(std::sync::Arc::new(store.clone()), config).await;
+    (server, store, tmp)
+}
+
+/// The `hoard` binary, for a test to add arguments to.
+pub fn hoard_command() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_hoard"))
+}
+
+/// Runs `hoard ARGS` (HOARD_SERVER unset, logs off) off the async runtime, so an in-process
+/// test server keeps serving meanwhile.
+pub async fn hoard(args: &[&str]) -> Output {
+    hoard_with(args, &[]).await
+}
+
+/// [`hoard`] with `env` set.
+pub async fn hoard_with(args: &[&str], env: &[(&str, &str)]) -> Output {
+    let mut command = hoard_command();
+    command
+        .args(args)
+        .env_remove("HOARD_SERVER")
+        .env("RUST_LOG", "off");
+    for (k, v) in env {
+        command.env(k, v);
+    }
+    tokio::task::spawn_blocking(move || command.output().expect("run hoard"))
+        .await
+        .expect("join")
+}
+
+pub fn stdout(out: &Output) -> String {
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
+/// `out`, after asserting the command succeeded.
+pub fn succeeded(out: &Output) -> &Output {
+    assert!(out.status.success(), "{out:?}");
+    out
+}
+
+/// The one JSON object a `--json` command printed.
+pub fn json<T: serde::de::DeserializeOwned>(out: &Output) -> T {
+    let text = stdout(out);
+    assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
+    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
+}
+
+/// The error of a failed command; asserts exit status 2 and no panic.
+pub fn failure(out: &Output) -> String {
+    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
+    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    stderr
+}
+
+/// [`failure`] that also asserts the error is one line (ours, not clap's usage text).
+pub fn one_line_failure(out: &Output) -> String {
+    let stderr = failure(out);
+    assert_eq!(stderr.lines().count(), 1, "one-line error, got: {stderr}");
+    stderr
+}
+
 /// A small tmpfs, unmounted on drop. `None` where mounting is not allowed (not root).
 pub struct SmallDisk {
     pub path: std::path::PathBuf,
@@ -357,11 +550,12 @@ impl SmallDisk {
 
 /// Where a large blob's file lives in a server's data dir.
 pub fn blob_file(server: &TestServer, d: &reapi::Digest) -> std::path::PathBuf {
-    server
-        .data_dir()
-        .join("cas")
-        .join(&d.hash[..2])
-        .join(&d.hash)
+    blob_path(server.data_dir(), d)
+}
+
+/// Where a large blob's file lives in `data_dir` (a stopped server's, say).
+pub fn blob_path(data_dir: &std::path::Path, d: &reapi::Digest) -> std::path::PathBuf {
+    data_dir.join("cas").join(&d.hash[..2]).join(&d.hash)
 }
 
 impl Drop for SmallDisk {

@@ -1,31 +1,19 @@
-use hoard::proto::bytestream::WriteRequest;
 use hoard::proto::reapi::{compressor, GetCapabilitiesRequest};
+use hoard::resource_name::{Compression, ResourceName};
 
-use crate::common::{blob, digest_of, download, read_name, upload, TestServer};
+use crate::common::{blob, digest, digest_of, download, read_name, upload, write_blob, TestServer};
 
+/// A compressed upload's name; its write offsets count the compressed bytes, the ones sent.
 fn zstd_write_name(upload: &str, d: &hoard::proto::reapi::Digest) -> String {
-    format!(
-        "uploads/{upload}/compressed-blobs/zstd/{}/{}",
-        d.hash, d.size_bytes
-    )
+    ResourceName::write("", upload, digest(d))
+        .compressed(Compression::Zstd)
+        .to_string()
 }
 
 fn zstd_read_name(d: &hoard::proto::reapi::Digest) -> String {
-    format!("compressed-blobs/zstd/{}/{}", d.hash, d.size_bytes)
-}
-
-/// WriteRequests for a compressed upload: offsets count compressed bytes.
-fn compressed_requests(name: &str, compressed: &[u8], chunk: usize) -> Vec<WriteRequest> {
-    let mut reqs = Vec::new();
-    for (i, part) in compressed.chunks(chunk).enumerate() {
-        reqs.push(WriteRequest {
-            resource_name: if i == 0 { name.into() } else { String::new() },
-            write_offset: (i * chunk) as i64,
-            finish_write: (i + 1) * chunk >= compressed.len(),
-            data: part.to_vec().into(),
-        });
-    }
-    reqs
+    ResourceName::read("", digest(d))
+        .compressed(Compression::Zstd)
+        .to_string()
 }
 
 /// Data that compresses well, so the compressed and plain sizes differ.
@@ -59,13 +47,7 @@ async fn compressed_writes_and_reads_round_trip_both_ways() {
         let data = compressible(len);
         let d = digest_of(&data);
         let packed = zstd::bulk::compress(&data, 3).unwrap();
-        let resp = server
-            .bytestream()
-            .write(futures::stream::iter(compressed_requests(
-                &zstd_write_name("z1", &d),
-                &packed,
-                64 << 10,
-            )))
+        let resp = write_blob(&server, &zstd_write_name("z1", &d), &packed, 0, 64 << 10)
             .await
             .expect("compressed write")
             .into_inner();
@@ -82,13 +64,7 @@ async fn compressed_writes_and_reads_round_trip_both_ways() {
         assert!(zstd::decode_all(&z[..]).unwrap() == data[100..]);
 
         // Uploading it again, compressed, is acknowledged with -1.
-        let again = server
-            .bytestream()
-            .write(futures::stream::iter(compressed_requests(
-                &zstd_write_name("z2", &d),
-                &packed,
-                64 << 10,
-            )))
+        let again = write_blob(&server, &zstd_write_name("z2", &d), &packed, 0, 64 << 10)
             .await
             .unwrap()
             .into_inner();
@@ -121,12 +97,7 @@ async fn compressed_uploads_whose_size_fills_the_decoder_buffer_exactly() {
             let packed = zstd::bulk::compress(&data, 3).unwrap();
             for (i, chunk) in [packed.len(), 16 << 10].into_iter().enumerate() {
                 let name = zstd_write_name(&format!("exact-{len}-{seed}-{i}"), &d);
-                let resp = server
-                    .bytestream()
-                    .write(futures::stream::iter(compressed_requests(
-                        &name, &packed, chunk,
-                    )))
-                    .await;
+                let resp = write_blob(&server, &name, &packed, 0, chunk).await;
                 // The first upload stores it; the second is acknowledged as already stored.
                 let committed = resp.expect("compressed upload").into_inner().committed_size;
                 assert!(committed == packed.len() as i64 || committed == -1);
@@ -143,15 +114,15 @@ async fn a_zstd_bomb_is_refused_and_nothing_is_stored() {
     let claimed = digest_of(&vec![0u8; 1 << 20]);
     let bomb = zstd::bulk::compress(&vec![0u8; 200 << 20], 19).unwrap();
     assert!(bomb.len() < 100 << 10);
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(compressed_requests(
-            &zstd_write_name("bomb", &claimed),
-            &bomb,
-            16 << 10,
-        )))
-        .await
-        .unwrap_err();
+    let err = write_blob(
+        &server,
+        &zstd_write_name("bomb", &claimed),
+        &bomb,
+        0,
+        16 << 10,
+    )
+    .await
+    .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
     assert!(
         err.message().contains("more than its declared size"),
@@ -172,25 +143,13 @@ async fn corrupt_or_truncated_zstd_is_invalid_argument() {
     let packed = zstd::bulk::compress(&data, 3).unwrap();
 
     let garbage = blob(5000, 1);
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(compressed_requests(
-            &zstd_write_name("g", &d),
-            &garbage,
-            1000,
-        )))
+    let err = write_blob(&server, &zstd_write_name("g", &d), &garbage, 0, 1000)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
 
     let truncated = &packed[..packed.len() - 10];
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(compressed_requests(
-            &zstd_write_name("t", &d),
-            truncated,
-            1000,
-        )))
+    let err = write_blob(&server, &zstd_write_name("t", &d), truncated, 0, 1000)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);

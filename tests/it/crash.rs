@@ -16,7 +16,9 @@ use hoard::proto::reapi::{
 };
 use tonic::transport::Channel;
 
-use crate::common::{blob, digest_of, read_name, write_name, write_requests};
+use crate::common::{
+    blob, digest_of, eventually, hoard_command, poll_until, read_name, write_name, write_requests,
+};
 
 /// A `hoard serve` child process on 127.0.0.1 with the given data dir (also used by watch.rs).
 pub(crate) struct Process {
@@ -31,7 +33,7 @@ impl Process {
 
     /// The command [`Process::start`] runs, for tests that add to it.
     pub(crate) fn command(data_dir: &std::path::Path) -> Command {
-        let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
+        let mut command = hoard_command();
         command
             .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
             .arg(data_dir)
@@ -85,12 +87,12 @@ impl Process {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let status = loop {
-            if let Some(status) = self.child.try_wait().expect("wait for hoard") {
-                break status;
-            }
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        };
+        // Beyond the server's 30 s shutdown grace period.
+        let status = eventually(Duration::from_secs(60), || {
+            let exited = self.child.try_wait().expect("wait for hoard");
+            async move { exited.ok_or("still running") }
+        })
+        .await;
         assert!(status.success(), "hoard exited with {status} after SIGTERM");
     }
 
@@ -329,16 +331,20 @@ async fn sigkill_during_writes_never_loses_an_acknowledged_write_or_leaves_a_wro
     };
     // The start after a crash runs a cleanup pass in the background; once it is done, nothing
     // is left that no index entry names.
-    let mut admin = AdminClient::new(server.channel.clone());
-    let mut cleaned = false;
-    for _ in 0..100 {
-        let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
-        if !stats.cleanup_pending {
-            cleaned = true;
-            break;
+    let admin = AdminClient::new(server.channel.clone());
+    let cleaned = poll_until(Duration::from_secs(10), || {
+        let mut admin = admin.clone();
+        async move {
+            let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
+            if stats.cleanup_pending {
+                Err(stats)
+            } else {
+                Ok(())
+            }
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .is_ok();
     assert!(cleaned, "the cleanup pass did not finish");
     server.terminate().await;
     let store = hoard::store::sled::SledStore::open(&data_dir, 64 << 10, 16 << 20).unwrap();

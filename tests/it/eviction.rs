@@ -4,79 +4,42 @@
 use std::sync::Arc;
 use std::time::Duration;
 
-use hoard::config::{ByteSize, Config, HumanDuration, NamespaceRule};
-use hoard::proto::health::HealthCheckRequest;
-use hoard::proto::reapi::{self, ActionResult, FindMissingBlobsRequest, OutputFile};
+use hoard::config::{ByteSize, HumanDuration, NamespaceRule};
+use hoard::proto::reapi::{self, ActionResult, OutputFile};
 use hoard::store::sled::{Options, SledStore};
 use hoard::store::Store;
 
 use crate::common::{
-    blob, digest_of, lookup_result, update_result, write_name, write_requests, TestServer,
+    blob, blob_file, digest_of, eventually, lookup_result, missing, poll_until, start_with_clock,
+    temp_config, update_result, write_blob, write_name, TestServer,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
 
-/// A server over a store the test holds (to move its clock), with `edit` applied to the config.
-async fn start(edit: impl FnOnce(&mut Config)) -> (TestServer, SledStore, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
-    edit(&mut config);
-    let store = SledStore::open_with(&config.data_dir, Options::from_config(&config)).unwrap();
-    let server = TestServer::start_store(Arc::new(store.clone()), config).await;
-    (server, store, tmp)
-}
-
 /// Uploads through ByteStream; the error if the server refused it.
 async fn try_upload(server: &TestServer, data: &[u8]) -> Result<reapi::Digest, tonic::Status> {
     let d = digest_of(data);
-    let reqs = write_requests(&write_name("", "u", &d), data, 0, 64 << 10);
-    server
-        .bytestream()
-        .write(futures::stream::iter(reqs))
+    write_blob(server, &write_name("", "u", &d), data, 0, 64 << 10)
         .await
         .map(|_| d)
 }
 
-async fn missing(server: &TestServer, digests: &[reapi::Digest]) -> Vec<reapi::Digest> {
-    server
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: digests.to_vec(),
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests
-}
-
+/// The `hoard.Writes` health status.
 async fn writes_health(server: &TestServer) -> i32 {
-    server
-        .health()
-        .check(HealthCheckRequest {
-            service: "hoard.Writes".into(),
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .status
+    crate::common::writes_health(&server.channel()).await
 }
 
 /// Polls until `done` holds for the store's stats (the upkeep loop ticks every second).
 async fn wait_for(store: &SledStore, what: &str, done: impl Fn(&hoard::store::StoreStats) -> bool) {
-    for _ in 0..100 {
-        if done(&store.stats().await.unwrap()) {
-            return;
+    eventually(Duration::from_secs(10), || async {
+        let stats = store.stats().await.unwrap();
+        if done(&stats) {
+            Ok(())
+        } else {
+            Err(format!("{what}: {stats:?}"))
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!(
-        "timed out waiting for {what}: {:?}",
-        store.stats().await.unwrap()
-    );
+    })
+    .await
 }
 
 const SERVING: i32 = 1;
@@ -84,7 +47,7 @@ const NOT_SERVING: i32 = 2;
 
 #[tokio::test]
 async fn eviction_keeps_the_size_bound_and_the_recently_used_blobs() {
-    let (server, store, _tmp) = start(|c| {
+    let (server, store, _tmp) = start_with_clock(|c| {
         c.storage.max_size = ByteSize(4 << 20);
         c.storage.min_retention = HumanDuration(HOUR);
     })
@@ -104,18 +67,17 @@ async fn eviction_keeps_the_size_bound_and_the_recently_used_blobs() {
         let data = blob(size, 100 + i);
         // Eviction runs in the background; a write that finds no room is refused, and a client
         // retries it (as Bazel does on its next upload).
-        let mut tries = 0;
-        let d = loop {
+        let d = eventually(Duration::from_secs(5), || async {
             match try_upload(&server, &data).await {
-                Ok(d) => break d,
-                Err(e) if e.code() == tonic::Code::ResourceExhausted && tries < 50 => {
+                Err(e) if e.code() == tonic::Code::ResourceExhausted => {
                     assert!(e.message().contains("retry shortly"), "{}", e.message());
-                    tries += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    Err(e)
                 }
                 Err(e) => panic!("upload {i}: {e}"),
+                ok => ok,
             }
-        };
+        })
+        .await;
         new_d.push(d);
     }
     let high = (4u64 << 20) * 95 / 100;
@@ -135,11 +97,7 @@ async fn eviction_keeps_the_size_bound_and_the_recently_used_blobs() {
     assert_eq!(stats.youngest_evicted_age_secs.map(|s| s / 3600), Some(4));
     // Evicted blobs are gone from disk too.
     for d in &gone {
-        let path = server
-            .data_dir()
-            .join("cas")
-            .join(&d.hash[..2])
-            .join(&d.hash);
+        let path = blob_file(&server, d);
         assert!(!path.exists(), "{} still on disk", path.display());
     }
     server.stop().await;
@@ -147,7 +105,7 @@ async fn eviction_keeps_the_size_bound_and_the_recently_used_blobs() {
 
 #[tokio::test]
 async fn blobs_within_min_retention_are_never_evicted_and_writes_say_why() {
-    let (server, store, _tmp) = start(|c| {
+    let (server, store, _tmp) = start_with_clock(|c| {
         c.storage.max_size = ByteSize(2 << 20);
         c.storage.min_retention = HumanDuration(3 * HOUR);
     })
@@ -175,36 +133,33 @@ async fn blobs_within_min_retention_are_never_evicted_and_writes_say_why() {
     let stats = store.stats().await.unwrap();
     assert_eq!(stats.evicted_blobs, 0, "{stats:?}");
     assert!(stats.refused_writes >= 2, "{stats:?}");
-    for _ in 0..30 {
-        if writes_health(&server).await == NOT_SERVING {
-            break;
+    let _ = poll_until(Duration::from_secs(3), || async {
+        match writes_health(&server).await {
+            NOT_SERVING => Ok(()),
+            status => Err(status),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await;
     assert_eq!(writes_health(&server).await, NOT_SERVING);
 
     // Past the retention period the old blobs may go, and writes succeed again.
     store.advance_clock(4 * HOUR);
-    let mut accepted = None;
-    for _ in 0..50 {
-        if let Ok(d) = try_upload(&server, &blob(200 << 10, 99)).await {
-            accepted = Some(d);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let again = blob(200 << 10, 99);
+    let accepted = poll_until(Duration::from_secs(5), || try_upload(&server, &again))
+        .await
+        .ok();
     assert!(
         accepted.is_some(),
         "writes stayed refused after retention passed"
     );
-    let mut serving = false;
-    for _ in 0..30 {
-        serving = writes_health(&server).await == SERVING;
-        if serving {
-            break;
+    let serving = poll_until(Duration::from_secs(3), || async {
+        match writes_health(&server).await {
+            SERVING => Ok(()),
+            status => Err(status),
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    })
+    .await
+    .is_ok();
     assert!(serving, "hoard.Writes did not return to SERVING");
     assert!(store.stats().await.unwrap().evicted_blobs > 0);
     server.stop().await;
@@ -232,7 +187,7 @@ async fn hit(server: &TestServer, instance: &str, action: &reapi::Digest) -> boo
 
 #[tokio::test]
 async fn action_results_expire_after_their_namespace_ttl_since_last_use() {
-    let (server, store, _tmp) = start(|c| {
+    let (server, store, _tmp) = start_with_clock(|c| {
         c.namespaces.default.ac_ttl = HumanDuration(30 * 24 * HOUR);
         c.namespaces.rules.push(NamespaceRule {
             pattern: "ci/branches/*".into(),
@@ -276,7 +231,7 @@ async fn action_results_expire_after_their_namespace_ttl_since_last_use() {
 
 #[tokio::test]
 async fn action_results_whose_outputs_were_evicted_are_not_served() {
-    let (server, store, _tmp) = start(|c| {
+    let (server, store, _tmp) = start_with_clock(|c| {
         c.storage.min_retention = HumanDuration(HOUR);
     })
     .await;
@@ -301,11 +256,7 @@ async fn action_results_whose_outputs_were_evicted_are_not_served() {
 
 #[tokio::test]
 async fn last_use_survives_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
+    let (_tmp, config) = temp_config();
     let options = Options::from_config(&config);
     let (a, b) = (blob(100 << 10, 1), blob(100 << 10, 2));
     {

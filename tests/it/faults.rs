@@ -7,7 +7,6 @@ use std::time::{Duration, Instant};
 use hoard::proto::admin::{admin_client::AdminClient, StatsRequest};
 use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
 use hoard::proto::bytestream::{QueryWriteStatusRequest, ReadRequest, WriteRequest};
-use hoard::proto::health::{health_client::HealthClient, HealthCheckRequest};
 use hoard::proto::reapi::{
     self, batch_update_blobs_request,
     content_addressable_storage_client::ContentAddressableStorageClient, ActionResult,
@@ -16,8 +15,9 @@ use hoard::proto::reapi::{
 use tonic::transport::Channel;
 
 use crate::common::{
-    blob, blob_file, digest_of, download, download_over, fill_disk, read_name, upload, write_name,
-    write_requests, SmallDisk, TestServer,
+    blob, blob_file, digest_of, download, download_over, fill_disk, missing, poll_until, read_name,
+    upload, wait_writes_health, write_blob, write_blob_over, write_name, write_requests,
+    writes_health, SmallDisk, TestServer,
 };
 use crate::crash::Process;
 
@@ -44,36 +44,9 @@ async fn batch_write(channel: &Channel, data: &[u8]) -> Result<(), tonic::Status
 async fn stream_write(channel: &Channel, data: &[u8]) -> Result<(), tonic::Status> {
     let d = digest_of(data);
     let name = write_name("", &uuid::Uuid::new_v4().to_string(), &d);
-    ByteStreamClient::new(channel.clone())
-        .write(futures::stream::iter(write_requests(
-            &name,
-            data,
-            0,
-            256 << 10,
-        )))
+    write_blob_over(channel.clone(), &name, data, 0, 256 << 10)
         .await
         .map(drop)
-}
-
-async fn writes_health(channel: &Channel) -> i32 {
-    HealthClient::new(channel.clone())
-        .check(HealthCheckRequest {
-            service: "hoard.Writes".into(),
-        })
-        .await
-        .map(|r| r.into_inner().status)
-        .unwrap_or(-1)
-}
-
-/// Waits up to 5 s for `hoard.Writes` to become `want` (1 SERVING, 2 NOT_SERVING).
-async fn wait_writes_health(channel: &Channel, want: i32) -> bool {
-    for _ in 0..50 {
-        if writes_health(channel).await == want {
-            return true;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    false
 }
 
 /// Tries small batch writes and large streamed writes on a full disk: each is refused with
@@ -173,17 +146,18 @@ async fn a_full_disk_never_loses_an_acknowledged_write_and_recovers_within_secon
     std::fs::remove_file(&filler).unwrap();
     let freed = Instant::now();
     let data = blob(8_000, 2_000);
-    loop {
-        match batch_write(&server.channel, &data).await {
-            Ok(()) => break,
-            Err(e) => assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}"),
+    let accepted = poll_until(Duration::from_secs(5), || async {
+        let result = batch_write(&server.channel, &data).await;
+        if let Err(e) = &result {
+            assert_eq!(e.code(), tonic::Code::ResourceExhausted, "{e}");
         }
-        assert!(
-            freed.elapsed() < Duration::from_secs(5),
-            "writes still refused 5 s after space was freed"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+        result
+    })
+    .await;
+    assert!(
+        accepted.is_ok(),
+        "writes still refused 5 s after space was freed"
+    );
     eprintln!(
         "writes accepted {:?} after space was freed",
         freed.elapsed()
@@ -231,10 +205,7 @@ async fn a_stalled_huge_upload_does_not_refuse_everyone_else() {
     tokio::time::sleep(Duration::from_millis(500)).await;
     let other = blob(100 << 20, 42);
     let d = digest_of(&other);
-    let reqs = write_requests(&write_name("", "other", &d), &other, 0, 1 << 20);
-    server
-        .bytestream()
-        .write(futures::stream::iter(reqs))
+    write_blob(&server, &write_name("", "other", &d), &other, 0, 1 << 20)
         .await
         .expect("another upload is refused while a stalled one holds its declared size");
     hog.abort();
@@ -273,14 +244,7 @@ async fn out_of_descriptors_the_accept_loop_backs_off() {
     );
     drop(held);
     // Descriptors free again: it serves.
-    let mut served = false;
-    for _ in 0..50 {
-        if writes_health(&server.channel).await == 1 {
-            served = true;
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
+    let served = wait_writes_health(&server.channel, 1).await;
     assert!(
         served,
         "the server did not recover after descriptors were freed"
@@ -537,10 +501,7 @@ async fn an_oversize_message_is_resource_exhausted() {
     // Streamed: a Write message above the limit.
     let big = vec![2u8; 17 << 20];
     let d = digest_of(&big);
-    let reqs = write_requests(&write_name("", "big", &d), &big, 0, 17 << 20);
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(reqs))
+    let err = write_blob(&server, &write_name("", "big", &d), &big, 0, 17 << 20)
         .await
         .unwrap_err();
     assert_eq!(
@@ -685,10 +646,7 @@ async fn a_read_only_data_dir_is_reported_by_health() {
     }
     let data = blob(500_000, 3);
     let d = digest_of(&data);
-    let reqs = write_requests(&write_name("", "ro", &d), &data, 0, 64 << 10);
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(reqs))
+    let err = write_blob(&server, &write_name("", "ro", &d), &data, 0, 64 << 10)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::ResourceExhausted, "{err}");
@@ -757,16 +715,7 @@ async fn a_ranged_read_across_a_damaged_chunk_fails_and_removes_the_blob() {
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::NotFound, "{err}");
-    let missing = server
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: vec![d.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests;
+    let missing = missing(&server, std::slice::from_ref(&d)).await;
     assert_eq!(missing, vec![d], "the damaged blob is still offered");
 
     let start = (3 << 20) - 7;

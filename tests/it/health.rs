@@ -1,6 +1,6 @@
 use hoard::proto::health::{health_check_response::ServingStatus, HealthCheckRequest};
 
-use crate::common::TestServer;
+use crate::common::{eventually, TestServer};
 
 fn req(service: &str) -> HealthCheckRequest {
     HealthCheckRequest {
@@ -64,18 +64,20 @@ async fn during_the_drain_delay_health_is_not_serving_but_calls_still_work() {
         c.drain_delay = hoard::config::HumanDuration(std::time::Duration::from_secs(2));
     })
     .await;
-    let mut health = server.health();
+    let health = server.health();
     let mut cas = server.cas();
     let stopping = tokio::spawn(server.stop());
     // Wait for NOT_SERVING, then check that a new call is still answered.
-    let mut status = ServingStatus::Serving as i32;
-    for _ in 0..100 {
-        status = health.check(req("")).await.unwrap().into_inner().status;
-        if status == ServingStatus::NotServing as i32 {
-            break;
+    let status = eventually(std::time::Duration::from_secs(1), || {
+        let mut health = health.clone();
+        async move {
+            match health.check(req("")).await.unwrap().into_inner().status {
+                s if s == ServingStatus::NotServing as i32 => Ok(s),
+                s => Err(s),
+            }
         }
-        tokio::time::sleep(std::time::Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     assert_eq!(status, ServingStatus::NotServing as i32);
     cas.find_missing_blobs(hoard::proto::reapi::FindMissingBlobsRequest::default())
         .await

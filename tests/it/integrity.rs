@@ -6,13 +6,13 @@ use hoard::config::{ByteSize, Config};
 use hoard::proto::bytestream::QueryWriteStatusRequest;
 use hoard::proto::reapi::{
     batch_update_blobs_request, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
-    FindMissingBlobsRequest, GetCapabilitiesRequest,
+    GetCapabilitiesRequest,
 };
 use hoard::store::Store;
 
 use crate::common::{
-    batch_put, blob, blob_file, digest_of, download, read_name, upload, write_name, write_requests,
-    TestServer,
+    batch_put, blob, blob_file, digest_of, download, missing, poll_until, read_name, temp_config,
+    upload, wait_writes_health, write_blob, write_name, write_requests, TestServer,
 };
 
 #[tokio::test]
@@ -31,14 +31,7 @@ async fn blobs_above_the_max_size_are_refused() {
 
     let big = blob(100_001, 1);
     let d = digest_of(&big);
-    let err = server
-        .bytestream()
-        .write(futures::stream::iter(write_requests(
-            &write_name("", "big", &d),
-            &big,
-            0,
-            50_000,
-        )))
+    let err = write_blob(&server, &write_name("", "big", &d), &big, 0, 50_000)
         .await
         .unwrap_err();
     assert_eq!(err.code(), tonic::Code::InvalidArgument);
@@ -69,17 +62,7 @@ async fn blobs_above_the_max_size_are_refused() {
 }
 
 async fn is_missing(server: &TestServer, d: &hoard::proto::reapi::Digest) -> bool {
-    !server
-        .cas()
-        .find_missing_blobs(FindMissingBlobsRequest {
-            blob_digests: vec![d.clone()],
-            ..Default::default()
-        })
-        .await
-        .unwrap()
-        .into_inner()
-        .missing_blob_digests
-        .is_empty()
+    !missing(server, std::slice::from_ref(d)).await.is_empty()
 }
 
 #[tokio::test]
@@ -141,11 +124,7 @@ async fn a_blob_damaged_on_disk_is_never_served_and_is_removed() {
 
 #[tokio::test]
 async fn an_upload_resumes_after_a_server_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
+    let (_tmp, config) = temp_config();
     // Resumed at an unaligned offset with several O_DIRECT windows (2 MiB) after it.
     let data = blob(6_000_123, 6);
     let d = digest_of(&data);
@@ -171,11 +150,7 @@ async fn an_upload_resumes_after_a_server_restart() {
         .into_inner();
     assert_eq!(status.committed_size, 300_000);
     assert!(!status.complete);
-    let resp = server
-        .bytestream()
-        .write(futures::stream::iter(write_requests(
-            &name, &data, 300_000, 100_000,
-        )))
+    let resp = write_blob(&server, &name, &data, 300_000, 100_000)
         .await
         .expect("resumed after restart")
         .into_inner();
@@ -203,15 +178,14 @@ async fn abandoned_partial_uploads_are_removed_after_their_age() {
     let old = uploads.join(format!("old-{}-{}", d.hash, d.size_bytes));
     let fresh = uploads.join(format!("fresh-{}-{}", d.hash, d.size_bytes));
     // The writers finish in the background: wait until both files hold their first chunk.
-    for _ in 0..200 {
-        let done = [&old, &fresh]
-            .iter()
-            .all(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0) == 100_000);
-        if done {
-            break;
+    let _ = poll_until(Duration::from_secs(2), || async {
+        let lengths = [&old, &fresh].map(|p| std::fs::metadata(p).map(|m| m.len()).unwrap_or(0));
+        match lengths {
+            [100_000, 100_000] => Ok(()),
+            _ => Err(lengths),
         }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    })
+    .await;
     assert!(old.exists() && fresh.exists());
     let two_days_ago = SystemTime::now() - Duration::from_secs(2 * 86_400);
     std::fs::File::options()
@@ -265,13 +239,15 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
             for i in 0..40u64 {
                 let data = blob(4 << 20, round * 1000 + i);
                 let d = digest_of(&data);
-                let reqs = write_requests(
+                if let Err(e) = write_blob(
+                    server,
                     &write_name("", &format!("fill{round}-{i}"), &d),
                     &data,
                     0,
                     256 << 10,
-                );
-                if let Err(e) = server.bytestream().write(futures::stream::iter(reqs)).await {
+                )
+                .await
+                {
                     return e;
                 }
             }
@@ -304,7 +280,7 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
     );
     // Readiness for writes reports the full disk (nothing is old enough to evict yet).
     assert!(
-        wait_for_writes_health(&server, 2).await,
+        wait_writes_health(&server.channel(), 2).await,
         "hoard.Writes stayed SERVING"
     );
 
@@ -315,7 +291,7 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
     let d = upload(&server, "", &after).await;
     assert!(download(&server, &read_name("", &d), 0, 0).await.unwrap() == after);
     assert!(
-        wait_for_writes_health(&server, 1).await,
+        wait_writes_health(&server.channel(), 1).await,
         "hoard.Writes stayed NOT_SERVING"
     );
 
@@ -325,43 +301,14 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
     let _rest = crate::common::fill_disk(&disk.path, "rest2");
     store.advance_clock(std::time::Duration::from_secs(4 * 3600));
     let again = blob(3_000_000, 998);
-    let mut stored = false;
-    for _ in 0..50 {
+    let stored = poll_until(Duration::from_secs(5), || async {
         let d = digest_of(&again);
-        let reqs = write_requests(&write_name("", "again", &d), &again, 0, 256 << 10);
-        if server
-            .bytestream()
-            .write(futures::stream::iter(reqs))
-            .await
-            .is_ok()
-        {
-            stored = true;
-            break;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
+        write_blob(&server, &write_name("", "again", &d), &again, 0, 256 << 10).await
+    })
+    .await
+    .is_ok();
     assert!(stored, "eviction did not make room on the full disk");
     let stats = hoard::store::Store::stats(&store).await.unwrap();
     assert!(stats.evicted_blobs > 0, "{stats:?}");
     server.stop().await;
-}
-
-/// Waits up to 5 s for the `hoard.Writes` health status to become `want` (1 SERVING, 2 NOT).
-async fn wait_for_writes_health(server: &TestServer, want: i32) -> bool {
-    for _ in 0..50 {
-        let status = server
-            .health()
-            .check(hoard::proto::health::HealthCheckRequest {
-                service: "hoard.Writes".into(),
-            })
-            .await
-            .unwrap()
-            .into_inner()
-            .status;
-        if status == want {
-            return true;
-        }
-        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
-    }
-    false
 }

@@ -3,21 +3,20 @@
 //! field, the watch events with their reasons and order, and pruning on a store clock the test
 //! moves forward (instead of waiting 14 days).
 
-use std::process::{Command, Output};
-use std::sync::Arc;
 use std::time::Duration;
 
-use hoard::config::Config;
 use hoard::proto::admin::{
     InvalidateRequest, InvalidateResponse, ListNamespacesRequest, NamespaceInfo,
     PruneNamespacesRequest, PruneNamespacesResponse,
 };
 use hoard::proto::reapi::{self, ActionResult};
-use hoard::proto::watch::{watch_client::WatchClient, Event, EventKind, WatchRequest};
-use hoard::store::sled::{Options, SledStore};
+use hoard::proto::watch::{watch_client::WatchClient, EventKind, WatchRequest};
 use serde_json::Value;
 
-use crate::common::{digest_of, lookup_result, update_result, TestServer};
+use crate::common::{
+    digest_of, failure, hoard, json, lookup_result, start_with_clock, stdout, succeeded, take,
+    update_result, TestServer,
+};
 
 const DAY: Duration = Duration::from_secs(86_400);
 
@@ -106,18 +105,6 @@ async fn prune(server: &TestServer, idle: Duration, dry_run: bool) -> PruneNames
 
 fn names<'a>(names: impl IntoIterator<Item = &'a String>) -> Vec<&'a str> {
     names.into_iter().map(String::as_str).collect()
-}
-
-/// A server over a store whose clock the test can move.
-async fn start_with_clock() -> (TestServer, SledStore, tempfile::TempDir) {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
-    let store = SledStore::open_with(&config.data_dir, Options::from_config(&config)).unwrap();
-    let server = TestServer::start_store(Arc::new(store.clone()), config).await;
-    (server, store, tmp)
 }
 
 #[tokio::test]
@@ -347,23 +334,9 @@ async fn bad_requests_are_invalid_argument_naming_the_field() {
     assert!(list(&server, "").await.is_empty());
 }
 
-/// The next `n` events of a stream, failing on a stall.
-async fn take(stream: &mut tonic::Streaming<Event>, n: usize) -> Vec<Event> {
-    let mut out = Vec::new();
-    while out.len() < n {
-        let next = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("stalled after {} of {n} events", out.len()))
-            .expect("watch stream")
-            .expect("watch stream ended");
-        out.push(next);
-    }
-    out
-}
-
 #[tokio::test]
 async fn watchers_see_every_invalidation_in_order_with_its_reason() {
-    let (server, store, _tmp) = start_with_clock().await;
+    let (server, store, _tmp) = start_with_clock(|_| {}).await;
     let (a, b) = (action(1), action(2));
     for ns in ["ci/main", "ci/branches/x", "ci/branches/y", "old"] {
         put(&server, ns, &a).await;
@@ -427,7 +400,7 @@ async fn watchers_see_every_invalidation_in_order_with_its_reason() {
 
 #[tokio::test]
 async fn prune_drops_only_idle_namespaces_and_a_dry_run_nothing() {
-    let (server, store, _tmp) = start_with_clock().await;
+    let (server, store, _tmp) = start_with_clock(|_| {}).await;
     let a = action(1);
     for ns in ["ci/branches/old", "ci/branches/stale", "ci/main", "dev"] {
         put(&server, ns, &a).await;
@@ -493,39 +466,9 @@ async fn prune_drops_only_idle_namespaces_and_a_dry_run_nothing() {
     assert!(prune(&server, 14 * DAY, false).await.namespaces.is_empty());
 }
 
-async fn hoard(args: &[&str]) -> Output {
-    let mut command = Command::new(env!("CARGO_BIN_EXE_hoard"));
-    command
-        .args(args)
-        .env_remove("HOARD_SERVER")
-        .env("RUST_LOG", "off");
-    tokio::task::spawn_blocking(move || command.output().expect("run hoard"))
-        .await
-        .expect("join")
-}
-
-fn stdout(out: &Output) -> String {
-    assert!(out.status.success(), "{out:?}");
-    String::from_utf8_lossy(&out.stdout).into_owned()
-}
-
-fn json(out: &Output) -> Value {
-    let text = stdout(out);
-    assert_eq!(text.trim().lines().count(), 1, "one JSON object: {text}");
-    serde_json::from_str(&text).unwrap_or_else(|e| panic!("{e}: {text}"))
-}
-
-/// The one-line error of a failed command; asserts exit status 2.
-fn failure(out: &Output) -> String {
-    let stderr = String::from_utf8_lossy(&out.stderr).trim().to_string();
-    assert_eq!(out.status.code(), Some(2), "stderr: {stderr}");
-    assert!(!stderr.contains("panicked"), "{stderr}");
-    stderr
-}
-
 #[tokio::test]
 async fn cli_invalidates_lists_and_prunes_a_running_server() {
-    let (server, store, _tmp) = start_with_clock().await;
+    let (server, store, _tmp) = start_with_clock(|_| {}).await;
     let url = server.url();
     let (a, b) = (action(1), action(2));
     for ns in ["ci/main", "ci/branches/x", "ci/branches/y"] {
@@ -547,7 +490,7 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
         "--json",
     ])
     .await;
-    let reply = json(&out);
+    let reply = json::<Value>(succeeded(&out));
     assert_eq!(reply["namespaces"][0]["name"], "ci/main");
     assert_eq!(reply["namespaces"][0]["removed"], 1);
     assert!(!hit(&server, "ci/main", &a).await);
@@ -563,7 +506,7 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
         "gcc 14",
     ])
     .await;
-    let text = stdout(&out);
+    let text = stdout(succeeded(&out));
     let lines: Vec<&str> = text.lines().collect();
     assert_eq!(lines.len(), 2, "{text}");
     assert!(
@@ -577,7 +520,7 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
     assert!(!hit(&server, "ci/branches/x", &b).await);
 
     let out = hoard(&["namespaces", "--server", &url, "--json"]).await;
-    let listed = json(&out);
+    let listed = json::<Value>(succeeded(&out));
     let all = listed["namespaces"].as_array().unwrap();
     assert_eq!(all.len(), 3);
     assert_eq!(all[0]["name"], "ci/branches/x");
@@ -585,7 +528,7 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
     assert_eq!(all[2]["name"], "ci/main");
     assert_eq!(all[2]["reason"], Value::Null);
     let out = hoard(&["namespaces", "--server", &url, "--pattern", "ci/main"]).await;
-    let text = stdout(&out);
+    let text = stdout(succeeded(&out));
     assert!(text.starts_with("ci/main  epoch 0  last used"), "{text}");
 
     store.advance_clock(15 * DAY);
@@ -599,7 +542,7 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
         "--dry-run",
     ])
     .await;
-    let text = stdout(&out);
+    let text = stdout(succeeded(&out));
     assert!(
         text.contains("ci/branches/x: would be dropped (idle 15d)"),
         "{text}"
@@ -616,14 +559,17 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
         "--json",
     ])
     .await;
-    let pruned = json(&out);
+    let pruned = json::<Value>(succeeded(&out));
     assert_eq!(pruned["reason"], "idle for 14d");
     assert_eq!(pruned["namespaces"].as_array().unwrap().len(), 1);
     assert_eq!(pruned["namespaces"][0]["name"], "ci/branches/x");
     // At most its two results: reading one after the bump may already have reclaimed it.
     assert!(pruned["namespaces"][0]["removed"].as_u64().unwrap() <= 2);
     let out = hoard(&["prune-namespaces", "--server", &url, "--idle", "30d"]).await;
-    assert!(stdout(&out).contains("nothing to drop"), "{out:?}");
+    assert!(
+        stdout(succeeded(&out)).contains("nothing to drop"),
+        "{out:?}"
+    );
 
     // Refusals: flags (clap), the server's (one line naming the field), no server.
     let out = hoard(&["invalidate", "--server", &url, "--namespace", "ci/main"]).await;

@@ -4,18 +4,15 @@ use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hoard::config::Config;
 use hoard::proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 
-use crate::common::{blob, digest_of, download, read_name, upload, TestServer};
+use crate::common::{
+    blob, digest_of, download, hoard_command, read_name, temp_config, upload, TestServer,
+};
 
 #[tokio::test]
 async fn blobs_and_action_results_survive_a_restart() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
+    let (_tmp, config) = temp_config();
     let small = blob(1000, 1);
     let large = blob(1_500_000, 2);
     let action = digest_of(b"an action");
@@ -61,13 +58,9 @@ async fn blobs_and_action_results_survive_a_restart() {
     server.stop().await;
 }
 
-fn hoard() -> Command {
-    Command::new(env!("CARGO_BIN_EXE_hoard"))
-}
-
 /// Runs `hoard serve` expecting it to fail at once; returns its stderr.
 fn serve_fails(args: &[&str]) -> String {
-    let out = hoard()
+    let out = hoard_command()
         .arg("serve")
         .args(args)
         .env("RUST_LOG", "off")
@@ -125,7 +118,7 @@ fn a_bad_config_file_is_a_one_line_error() {
 #[test]
 fn sigterm_shuts_down_cleanly() {
     let dir = tempfile::tempdir().unwrap();
-    let mut child = hoard()
+    let mut child = hoard_command()
         .args(["serve", "--listen", "127.0.0.1:0", "--data-dir"])
         .arg(dir.path())
         .env("RUST_LOG", "info")

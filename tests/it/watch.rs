@@ -2,11 +2,10 @@
 //! bounded retention; slow watchers cut off without slowing writers; `hoard watch` output.
 
 use std::io::{BufRead, BufReader};
-use std::process::{Command, Stdio};
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use hoard::config::Config;
 use hoard::proto::reapi::{
     self, action_cache_client::ActionCacheClient, ActionResult, UpdateActionResultRequest,
 };
@@ -15,7 +14,7 @@ use hoard::service::watch::{OLDEST_AVAILABLE_TRAILER, RESUME_AFTER_TRAILER, STAR
 use tonic::transport::{Channel, Endpoint};
 use tonic::Streaming;
 
-use crate::common::{digest_of, TestServer};
+use crate::common::{digest_of, eventually, hoard_command, take, temp_config, TestServer};
 use crate::crash::Process;
 
 async fn connect(url: &str) -> Channel {
@@ -52,20 +51,6 @@ fn stored_after(start_after: u64) -> WatchRequest {
 
 async fn watch(channel: Channel, request: WatchRequest) -> Result<Streaming<Event>, tonic::Status> {
     Ok(WatchClient::new(channel).watch(request).await?.into_inner())
-}
-
-/// The next `n` events, failing on an error or a 10 s stall.
-async fn take(stream: &mut Streaming<Event>, n: usize) -> Vec<Event> {
-    let mut out = Vec::with_capacity(n);
-    while out.len() < n {
-        let event = tokio::time::timeout(Duration::from_secs(10), stream.message())
-            .await
-            .unwrap_or_else(|_| panic!("stalled after {} of {n} events", out.len()))
-            .expect("watch stream failed")
-            .expect("watch stream ended");
-        out.push(event);
-    }
-    out
 }
 
 /// Every event until the stream ends; returns them and the status that ended it.
@@ -143,11 +128,7 @@ async fn a_watcher_sees_every_stored_result_in_order() {
 
 #[tokio::test]
 async fn disconnects_and_restarts_lose_and_repeat_nothing() {
-    let tmp = tempfile::tempdir().unwrap();
-    let config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
+    let (_tmp, config) = temp_config();
     let mut expected = Vec::new();
     let mut seen: Vec<Event> = Vec::new();
 
@@ -211,11 +192,7 @@ async fn disconnects_and_restarts_lose_and_repeat_nothing() {
 
 #[tokio::test]
 async fn a_start_point_older_than_the_log_is_out_of_range_and_names_the_oldest() {
-    let tmp = tempfile::tempdir().unwrap();
-    let mut config = Config {
-        data_dir: tmp.path().join("data"),
-        ..Config::default()
-    };
+    let (_tmp, mut config) = temp_config();
     config.watch.retained_events = 10;
     let server = TestServer::start_config(config.clone()).await;
     let mut ac = server.ac();
@@ -237,7 +214,7 @@ async fn a_start_point_older_than_the_log_is_out_of_range_and_names_the_oldest()
             .unwrap_err(),
     );
     // `hoard watch` exits 3 (resync) and says where to start afterwards.
-    let mut cli = Command::new(env!("CARGO_BIN_EXE_hoard"));
+    let mut cli = hoard_command();
     cli.args(["watch", "--server", &server.url(), "--start-after", "3"])
         .args(["--kinds", "action-result-stored"])
         .stdin(Stdio::null());
@@ -347,7 +324,7 @@ async fn a_watcher_that_stops_reading_is_cut_off_and_writers_keep_going() {
 #[tokio::test]
 async fn hoard_watch_prints_json_lines_and_says_where_to_resume() {
     let server = TestServer::start().await;
-    let mut child = Command::new(env!("CARGO_BIN_EXE_hoard"))
+    let mut child = hoard_command()
         .args(["watch", "--server", &server.url(), "--kinds"])
         .arg("action-result-stored")
         .env("RUST_LOG", "off")
@@ -370,11 +347,13 @@ async fn hoard_watch_prints_json_lines_and_says_where_to_resume() {
     for i in 0..3 {
         store_result(&mut ac, "ci/main", action("d", i)).await;
     }
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while lines.lock().unwrap().len() < 3 {
-        assert!(Instant::now() < deadline, "hoard watch printed too little");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    eventually(Duration::from_secs(20), || async {
+        match lines.lock().unwrap().len() {
+            n if n >= 3 => Ok(()),
+            n => Err(format!("hoard watch printed too little: {n} lines")),
+        }
+    })
+    .await;
     // Shutting the server down ends the watch; the CLI names the resume point.
     server.stop().await;
     let status = tokio::task::spawn_blocking(move || child.wait_with_output())
@@ -431,11 +410,13 @@ async fn events_a_watcher_saw_survive_sigkill_with_their_sequences() {
             }
         })
     };
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while seen.lock().unwrap().len() < 300 {
-        assert!(Instant::now() < deadline, "the watcher saw too little");
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
+    eventually(Duration::from_secs(30), || async {
+        match seen.lock().unwrap().len() {
+            n if n >= 300 => Ok(()),
+            n => Err(format!("the watcher saw too little: {n} events")),
+        }
+    })
+    .await;
     // Mid-stream: writes and the watch are both running.
     server.kill9();
     watcher.await.unwrap();
