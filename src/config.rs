@@ -403,6 +403,42 @@ impl fmt::Display for ByteSize {
     }
 }
 
+impl ByteSize {
+    /// Rounded for people, in binary units: `512 B`, `1.5 KiB`, `1.2 GiB`, `16.0 EiB`. One
+    /// decimal, or as many as the format's precision asks (`{:.2}`: `1.50 KiB`). The one
+    /// formatter for sizes shown to people (the CLI's reports, the load generator's).
+    pub fn human(self) -> HumanBytes {
+        HumanBytes(self.0)
+    }
+}
+
+/// A byte count shown rounded; see [`ByteSize::human`].
+///
+/// Written here rather than taken from `bytesize`'s Display, which prints one byte short of a
+/// MiB as `1024.0 KiB`: this moves up a unit before rounding could reach 1024.
+#[derive(Clone, Copy, Debug)]
+pub struct HumanBytes(u64);
+
+impl fmt::Display for HumanBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        let bytes = self.0;
+        if bytes < 1024 {
+            return write!(f, "{bytes} B");
+        }
+        let decimals = f.precision().unwrap_or(1);
+        // The smallest value that rounds to 1024 at this many decimals.
+        let rounds_up = 1024.0 - 0.5 / 10f64.powi(decimals.min(20) as i32);
+        let mut value = bytes as f64 / 1024.0;
+        let mut unit = 0;
+        while value >= rounds_up && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        write!(f, "{value:.decimals$} {}", UNITS[unit])
+    }
+}
+
 impl<'de> Deserialize<'de> for ByteSize {
     fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
         #[derive(Deserialize)]
@@ -586,6 +622,22 @@ mod tests {
         assert_eq!(d("1000000d").unwrap(), Duration::from_secs(86_400_000_000));
         assert_eq!(d("30 s").unwrap(), Duration::from_secs(30));
         assert_eq!(d(".5s").unwrap(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn human_sizes_round_without_reaching_1024() {
+        let human = |n: u64| ByteSize(n).human().to_string();
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human((1 << 20) - 52), "1023.9 KiB");
+        assert_eq!(human(u64::MAX), "16.0 EiB");
+        let two = |n: u64| format!("{:.2}", ByteSize(n).human());
+        assert_eq!(two(512), "512 B");
+        assert_eq!(two(1536), "1.50 KiB");
+        assert_eq!(two(1 << 30), "1.00 GiB");
+        assert_eq!(two((1 << 20) - 6), "1023.99 KiB");
+        assert_eq!(two((1 << 20) - 5), "1.00 MiB");
     }
 
     #[test]
