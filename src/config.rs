@@ -180,6 +180,11 @@ impl NamespacesConfig {
 }
 
 /// Whether `name` matches `pattern`, where `*` matches any run of characters.
+///
+/// Hand-written rather than taken from a glob crate (`glob`, `globset`, `wildmatch`): here `*`
+/// is the only wildcard, while those crates also read `?` (and `[...]`, or `{a,b}`) as one.
+/// Instance names may contain `?`, `[` and `{`, so a pattern written today would change what it
+/// matches. It is twenty lines.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
