@@ -3,6 +3,21 @@
 
 use std::path::PathBuf;
 
+/// Replies `hoard invalidate|namespaces|prune-namespaces --json` and `hoard watch` print as JSON:
+/// serde derived from the proto, so the JSON has the proto's field names and follows the proto
+/// when a field is added.
+const SERIALIZED: &[&str] = &[
+    ".hoard.admin.v1.InvalidateResponse",
+    ".hoard.admin.v1.InvalidatedNamespace",
+    ".hoard.admin.v1.ListNamespacesResponse",
+    ".hoard.admin.v1.NamespaceInfo",
+    ".hoard.admin.v1.PruneNamespacesResponse",
+    ".hoard.admin.v1.PrunedNamespace",
+    ".hoard.watch.v1.Event",
+    // Event.action_digest.
+    ".build.bazel.remote.execution.v2.Digest",
+];
+
 const PROTOS: &[&str] = &[
     "build/bazel/remote/execution/v2/remote_execution.proto",
     "build/bazel/semver/semver.proto",
@@ -18,9 +33,17 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     println!("cargo:rerun-if-changed=proto");
     let files: Vec<PathBuf> = PROTOS.iter().map(|p| root.join(p)).collect();
     let fds = protox::compile(&files, [&root])?;
-    tonic_prost_build::configure()
+    let mut builder = tonic_prost_build::configure()
         // Blob payloads are passed along without copying.
         .bytes(".")
-        .compile_fds(fds)?;
+        // An enum field is an i32 in prost; the JSON names the kind.
+        .field_attribute(
+            ".hoard.watch.v1.Event.kind",
+            "#[serde(serialize_with = \"crate::proto::event_kind_name\")]",
+        );
+    for message in SERIALIZED {
+        builder = builder.type_attribute(message, "#[derive(serde::Serialize)]");
+    }
+    builder.compile_fds(fds)?;
     Ok(())
 }

@@ -184,6 +184,11 @@ impl NamespacesConfig {
 }
 
 /// Whether `name` matches `pattern`, where `*` matches any run of characters.
+///
+/// Hand-written rather than taken from a glob crate (`glob`, `globset`, `wildmatch`): here `*`
+/// is the only wildcard, while those crates also read `?` (and `[...]`, or `{a,b}`) as one.
+/// Instance names may contain `?`, `[` and `{`, so a pattern written today would change what it
+/// matches. It is twenty lines.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");
@@ -375,40 +380,48 @@ impl Config {
     }
 }
 
-/// A byte count written as an integer or a human size: `"64KiB"`, `"3MiB"`, `"200GB"`.
+/// A byte count written as an integer or a human size: `"64KiB"`, `"3MiB"`, `"200GB"`,
+/// `"1.5 GiB"`: powers of 1000 (KB, MB, GB, TB, PB, EB) or of 1024 (KiB ... EiB), in any case.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ByteSize(pub u64);
 
 impl FromStr for ByteSize {
     type Err = String;
 
+    /// The `bytesize` crate parses. Around it, what hoard's own parser did before stays so:
+    /// blanks around the size are ignored (bytesize refuses them), a size past `u64` is an error
+    /// (bytesize saturates it to 16 EiB), and so is a one-letter unit such as `64K` (bytesize
+    /// reads it as KB, where many mean KiB), with bytesize's message replaced by one that lists
+    /// the units.
     fn from_str(s: &str) -> Result<Self, String> {
-        let (num, unit) = split_number_unit(s);
-        let n: u64 = num
-            .parse()
-            .map_err(|_| format!("{s:?} is not a size such as \"64KiB\" or \"3MiB\""))?;
-        let mult: u64 = match unit {
-            "" | "B" => 1,
-            "KB" => 1_000,
-            "MB" => 1_000_000,
-            "GB" => 1_000_000_000,
-            "TB" => 1_000_000_000_000,
-            "KiB" => 1 << 10,
-            "MiB" => 1 << 20,
-            "GiB" => 1 << 30,
-            "TiB" => 1 << 40,
-            u => {
-                return Err(format!(
-                    "{s:?} has unknown unit {u:?}; use B, KB, MB, GB, TB, KiB, MiB, GiB or TiB"
-                ))
-            }
+        let t = s.trim();
+        let unit = t.trim_start_matches(|c: char| c.is_ascii_digit() || c == '.');
+        let unit = unit.trim();
+        let bad = || {
+            format!(
+                "{s:?} is not a size such as \"64KiB\" or \"3MiB\"; units are B, KB, MB, GB, \
+                 TB, PB, EB (powers of 1000) and KiB, MiB, GiB, TiB, PiB, EiB (powers of 1024)"
+            )
         };
-        n.checked_mul(mult)
-            .map(ByteSize)
-            .ok_or_else(|| format!("{s:?} is too large"))
+        if unit.len() == 1 && !unit.eq_ignore_ascii_case("b") {
+            return Err(bad());
+        }
+        match t.parse::<bytesize::ByteSize>().map_err(|_| bad())?.as_u64() {
+            // bytesize saturates; only a count of bytes written out can be u64::MAX itself.
+            u64::MAX if !bytes_written_out(t) => Err(format!("{s:?} is too large")),
+            n => Ok(ByteSize(n)),
+        }
     }
 }
 
+/// Whether `t` is an integer count of bytes, such as `"4096"` or `"4096 B"`.
+fn bytes_written_out(t: &str) -> bool {
+    let number = t.strip_suffix(['b', 'B']).unwrap_or(t).trim_end();
+    number.parse::<u64>().is_ok()
+}
+
+/// Exact, in the largest binary unit that divides the count (`64KiB`, `3MiB`, `1000000B`), so
+/// the text parses back to the same count: for config messages and echoed parameters.
 impl fmt::Display for ByteSize {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         let n = self.0;
@@ -418,6 +431,42 @@ impl fmt::Display for ByteSize {
             }
         }
         write!(f, "{n}B")
+    }
+}
+
+impl ByteSize {
+    /// Rounded for people, in binary units: `512 B`, `1.5 KiB`, `1.2 GiB`, `16.0 EiB`. One
+    /// decimal, or as many as the format's precision asks (`{:.2}`: `1.50 KiB`). The one
+    /// formatter for sizes shown to people (the CLI's reports, the load generator's).
+    pub fn human(self) -> HumanBytes {
+        HumanBytes(self.0)
+    }
+}
+
+/// A byte count shown rounded; see [`ByteSize::human`].
+///
+/// Written here rather than taken from `bytesize`'s Display, which prints one byte short of a
+/// MiB as `1024.0 KiB`: this moves up a unit before rounding could reach 1024.
+#[derive(Clone, Copy, Debug)]
+pub struct HumanBytes(u64);
+
+impl fmt::Display for HumanBytes {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        const UNITS: [&str; 6] = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
+        let bytes = self.0;
+        if bytes < 1024 {
+            return write!(f, "{bytes} B");
+        }
+        let decimals = f.precision().unwrap_or(1);
+        // The smallest value that rounds to 1024 at this many decimals.
+        let rounds_up = 1024.0 - 0.5 / 10f64.powi(decimals.min(20) as i32);
+        let mut value = bytes as f64 / 1024.0;
+        let mut unit = 0;
+        while value >= rounds_up && unit + 1 < UNITS.len() {
+            value /= 1024.0;
+            unit += 1;
+        }
+        write!(f, "{value:.decimals$} {}", UNITS[unit])
     }
 }
 
@@ -436,7 +485,13 @@ impl<'de> Deserialize<'de> for ByteSize {
     }
 }
 
-/// A duration written as `"30s"`, `"15m"`, `"24h"`, `"14d"` or `"500ms"`.
+/// A duration written as `"30s"`, `"15m"`, `"24h"`, `"14d"`, `"500ms"` or `"1.5h"`.
+///
+/// Parsed here rather than by `humantime` (2.4): humantime refuses values this parser has always
+/// accepted and configs may hold: a fraction of an hour or day that is not a whole second
+/// (`"0.333h"`, `"0.001d"`), any fraction of a nanosecond (`"1.5ns"`), and more than 584 years
+/// written in ms, us or ns. Its extras (`"1h 30m"`, weeks, long unit names) would not make up for
+/// a config that stops loading.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
 pub struct HumanDuration(pub Duration);
 
@@ -551,6 +606,75 @@ mod tests {
     fn unknown_fields_and_bad_limits_are_rejected() {
         assert!(Config::parse("lisen = \"127.0.0.1:1\"").is_err());
         assert!(Config::parse("[limits]\nmax_batch_total_size = \"32MiB\"").is_err());
+    }
+
+    #[test]
+    fn sizes_mean_what_they_meant_before_bytesize() {
+        let size = |s: &str| s.parse::<ByteSize>().map(|b| b.0);
+        for (text, bytes) in [
+            ("64KiB", 64 << 10),
+            ("64 KiB", 64 << 10),
+            (" 64KiB ", 64 << 10),
+            ("1 GiB", 1 << 30),
+            ("3MiB", 3 << 20),
+            ("1TiB", 1 << 40),
+            ("1KB", 1000),
+            ("200GB", 200_000_000_000),
+            ("5TB", 5_000_000_000_000),
+            ("7B", 7),
+            ("0", 0),
+            ("18446744073709551615", u64::MAX),
+            ("18446744073709551615 B", u64::MAX),
+            // New with bytesize: fractions and any case.
+            ("1.5GiB", 3 << 29),
+            ("64kib", 64 << 10),
+        ] {
+            assert_eq!(size(text), Ok(bytes), "{text:?}");
+        }
+        for text in [
+            "64K",
+            "3 m",
+            "1.5",
+            "-1",
+            "16EiB",
+            "99999999999TiB",
+            "18446744073709551616",
+        ] {
+            assert!(size(text).is_err(), "{text:?}");
+        }
+        assert!(size("3 parsecs").unwrap_err().contains("KiB, MiB"));
+    }
+
+    #[test]
+    fn durations_humantime_would_refuse_still_parse() {
+        let d = |s: &str| s.parse::<HumanDuration>().map(|d| d.0);
+        assert_eq!(d("0.333h").unwrap(), Duration::from_millis(1_198_800));
+        assert_eq!(d("0.001d").unwrap(), Duration::from_millis(86_400));
+        assert_eq!(d("1000000d").unwrap(), Duration::from_secs(86_400_000_000));
+        assert_eq!(d("30 s").unwrap(), Duration::from_secs(30));
+        assert_eq!(d(".5s").unwrap(), Duration::from_millis(500));
+    }
+
+    #[test]
+    fn human_sizes_round_without_reaching_1024() {
+        let human = |n: u64| ByteSize(n).human().to_string();
+        assert_eq!(human(1023), "1023 B");
+        assert_eq!(human(1536), "1.5 KiB");
+        assert_eq!(human((1 << 20) - 1), "1.0 MiB");
+        assert_eq!(human((1 << 20) - 52), "1023.9 KiB");
+        assert_eq!(human(u64::MAX), "16.0 EiB");
+        let two = |n: u64| format!("{:.2}", ByteSize(n).human());
+        assert_eq!(two(512), "512 B");
+        assert_eq!(two(1536), "1.50 KiB");
+        assert_eq!(two(1 << 30), "1.00 GiB");
+        assert_eq!(two((1 << 20) - 6), "1023.99 KiB");
+        assert_eq!(two((1 << 20) - 5), "1.00 MiB");
+    }
+
+    #[test]
+    fn the_example_config_spells_the_defaults() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/hoard.toml");
+        assert_eq!(Config::load(&path).unwrap(), Config::default());
     }
 
     #[test]

@@ -57,3 +57,11 @@ pub use google::bytestream;
 pub use grpc::health::v1 as health;
 pub use hoard::admin::v1 as admin;
 pub use hoard::watch::v1 as watch;
+
+/// An `EventKind` field (an `i32` in prost) as its proto name, `"ACTION_INVALIDATED"`, for the
+/// derived JSON of `watch::Event` (see `build.rs`). A number no kind has reads as
+/// `EVENT_KIND_UNSPECIFIED`, as prost's `Event::kind()` does.
+pub(crate) fn event_kind_name<S: serde::Serializer>(kind: &i32, s: S) -> Result<S::Ok, S::Error> {
+    let kind = watch::EventKind::try_from(*kind).unwrap_or_default();
+    s.serialize_str(kind.as_str_name())
+}

@@ -15,10 +15,11 @@
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex, PoisonError, Weak};
+use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use futures::Stream;
+use parking_lot::Mutex;
 use prost::Message;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
@@ -139,7 +140,7 @@ struct Shared {
 impl Shared {
     /// The newest sequence that has been visible for at least `lag_grace`.
     fn settled(&self) -> u64 {
-        let mut advances = self.advances.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut advances = self.advances.lock();
         let now = Instant::now();
         prune(
             &mut advances,
@@ -149,7 +150,7 @@ impl Shared {
     }
 
     fn record_advance(&self, durable: u64) {
-        let mut advances = self.advances.lock().unwrap_or_else(PoisonError::into_inner);
+        let mut advances = self.advances.lock();
         let now = Instant::now();
         advances.push_back((now, durable));
         prune(
@@ -349,7 +350,7 @@ impl EventLog {
         }
         let class = &s.classes[class_index];
         let seq = {
-            let mut w = s.writer.lock().unwrap_or_else(PoisonError::into_inner);
+            let mut w = s.writer.lock();
             let seq = w.next;
             event.sequence = seq;
             class
@@ -398,11 +399,7 @@ impl EventLog {
     /// held by it (a restart in the same process can open it again at once).
     pub async fn shutdown(&self) {
         self.close();
-        let syncer = self
-            .syncer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take();
+        let syncer = self.syncer.lock().take();
         if let Some(syncer) = syncer {
             let _ = syncer.await;
         }
@@ -419,7 +416,7 @@ impl EventLog {
                 Start::Now => head.durable,
             }));
         }
-        let newest = s.writer.lock().unwrap_or_else(PoisonError::into_inner).next - 1;
+        let newest = s.writer.lock().next - 1;
         let kinds: Vec<EventKind> = if sub.kinds.is_empty() {
             vec![
                 EventKind::ActionInvalidated,
@@ -472,12 +469,7 @@ impl EventLog {
 
 impl Drop for EventLog {
     fn drop(&mut self) {
-        if let Some(syncer) = self
-            .syncer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .take()
-        {
+        if let Some(syncer) = self.syncer.lock().take() {
             syncer.abort();
         }
         self.close();
@@ -541,12 +533,7 @@ async fn sync_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
         if shared.head.borrow().closed {
             return;
         }
-        let target = shared
-            .writer
-            .lock()
-            .unwrap_or_else(PoisonError::into_inner)
-            .next
-            - 1;
+        let target = shared.writer.lock().next - 1;
         if target <= shared.head.borrow().durable {
             continue;
         }

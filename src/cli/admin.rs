@@ -401,18 +401,7 @@ pub(crate) fn count(n: u64) -> String {
 
 /// Bytes in binary units with one decimal: `512 B`, `1.5 KiB`, `1.2 GiB`.
 fn size(bytes: u64) -> String {
-    if bytes < 1024 {
-        return format!("{bytes} B");
-    }
-    let units = ["KiB", "MiB", "GiB", "TiB", "PiB", "EiB"];
-    let mut value = bytes as f64 / 1024.0;
-    let mut unit = 0;
-    // Move up before rounding could print "1024.0 KiB".
-    while value >= 1023.95 && unit + 1 < units.len() {
-        value /= 1024.0;
-        unit += 1;
-    }
-    format!("{value:.1} {}", units[unit])
+    ByteSize(bytes).human().to_string()
 }
 
 fn percent(part: u64, whole: u64) -> String {

@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand};
-use serde_json::{json, Value};
 use tonic::transport::{Channel, Endpoint};
 
 use crate::cli::admin::{count, duration, error_chain, DEFAULT_SERVER, EXIT_FAILED};
@@ -142,7 +141,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
                 .map_err(|s| describe_status(&uri, "invalidate", &s))?
                 .into_inner();
             Ok(if args.server.json {
-                invalidate_json(&reply).to_string()
+                super::json(&reply)?
             } else {
                 render_invalidate(&reply, args.pattern.as_deref())
             })
@@ -157,7 +156,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
                 .map_err(|s| describe_status(&uri, "namespaces", &s))?
                 .into_inner();
             Ok(if args.server.json {
-                list_json(&reply).to_string()
+                super::json(&reply)?
             } else {
                 render_list(&reply, args.pattern.as_deref())
             })
@@ -183,7 +182,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
                 .map_err(|s| describe_status(&uri, "prune-namespaces", &s))?
                 .into_inner();
             Ok(if args.server.json {
-                prune_json(&reply).to_string()
+                super::json(&reply)?
             } else {
                 render_prune(&reply, idle, args.pattern.as_deref())
             })
@@ -344,60 +343,6 @@ fn render_prune(reply: &PruneNamespacesResponse, idle: u64, pattern: Option<&str
     lines.join("\n")
 }
 
-fn invalidate_json(reply: &InvalidateResponse) -> Value {
-    let namespaces: Vec<Value> = reply
-        .namespaces
-        .iter()
-        .map(|ns| {
-            json!({
-                "name": ns.name,
-                "epoch": ns.epoch,
-                "removed": ns.removed,
-                "event_sequences": ns.event_sequences,
-            })
-        })
-        .collect();
-    json!({ "namespaces": namespaces })
-}
-
-fn list_json(reply: &ListNamespacesResponse) -> Value {
-    let namespaces: Vec<Value> = reply
-        .namespaces
-        .iter()
-        .map(|ns| {
-            json!({
-                "name": ns.name,
-                "epoch": ns.epoch,
-                "last_used_unix_secs": ns.last_used_unix_secs,
-                "invalidated_at_unix_secs": ns.invalidated_at_unix_secs,
-                "reason": ns.reason,
-            })
-        })
-        .collect();
-    json!({ "now_unix_secs": reply.now_unix_secs, "namespaces": namespaces })
-}
-
-fn prune_json(reply: &PruneNamespacesResponse) -> Value {
-    let namespaces: Vec<Value> = reply
-        .namespaces
-        .iter()
-        .map(|ns| {
-            json!({
-                "name": ns.name,
-                "last_used_unix_secs": ns.last_used_unix_secs,
-                "removed": ns.removed,
-                "event_sequence": ns.event_sequence,
-            })
-        })
-        .collect();
-    json!({
-        "dry_run": reply.dry_run,
-        "reason": reply.reason,
-        "now_unix_secs": reply.now_unix_secs,
-        "namespaces": namespaces,
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -416,6 +361,51 @@ mod tests {
         ] {
             assert!(parse_action(&bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn replies_print_as_json_with_the_proto_field_names() {
+        let invalidated = InvalidateResponse {
+            namespaces: vec![InvalidatedNamespace {
+                name: "ci/a".into(),
+                epoch: 3,
+                removed: 0,
+                event_sequences: vec![7, 8],
+            }],
+        };
+        assert_eq!(
+            crate::cli::json(&invalidated).unwrap(),
+            r#"{"namespaces":[{"epoch":3,"event_sequences":[7,8],"name":"ci/a","removed":0}]}"#
+        );
+        let listed = ListNamespacesResponse {
+            namespaces: vec![NamespaceInfo {
+                name: String::new(),
+                epoch: 1,
+                last_used_unix_secs: 5,
+                invalidated_at_unix_secs: None,
+                reason: Some("r".into()),
+            }],
+            now_unix_secs: 9,
+        };
+        assert_eq!(
+            crate::cli::json(&listed).unwrap(),
+            r#"{"namespaces":[{"epoch":1,"invalidated_at_unix_secs":null,"last_used_unix_secs":5,"name":"","reason":"r"}],"now_unix_secs":9}"#
+        );
+        let pruned = PruneNamespacesResponse {
+            namespaces: vec![PrunedNamespace {
+                name: "b".into(),
+                last_used_unix_secs: 1,
+                removed: 2,
+                event_sequence: 3,
+            }],
+            dry_run: true,
+            reason: "idle for 14d".into(),
+            now_unix_secs: 4,
+        };
+        assert_eq!(
+            crate::cli::json(&pruned).unwrap(),
+            r#"{"dry_run":true,"namespaces":[{"event_sequence":3,"last_used_unix_secs":1,"name":"b","removed":2}],"now_unix_secs":4,"reason":"idle for 14d"}"#
+        );
     }
 
     #[test]

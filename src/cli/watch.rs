@@ -10,7 +10,6 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 use clap::Args;
-use serde_json::json;
 use tonic::transport::Endpoint;
 
 use crate::proto::watch::{watch_client::WatchClient, Event, EventKind, WatchRequest};
@@ -82,19 +81,8 @@ pub fn main(args: WatchArgs) -> ExitCode {
 }
 
 /// One event as a JSON line: the proto's field names, numbers as numbers, the kind by name.
-pub fn event_json(event: &Event) -> serde_json::Value {
-    json!({
-        "sequence": event.sequence,
-        "kind": event.kind().as_str_name(),
-        "namespace": event.namespace,
-        "action_digest": event.action_digest.as_ref().map(|d| json!({
-            "hash": d.hash,
-            "size_bytes": d.size_bytes,
-        })),
-        "reason": event.reason,
-        "time_unix_ms": event.time_unix_ms,
-        "epoch": event.epoch,
-    })
+pub fn event_json(event: &Event) -> Result<String, String> {
+    super::json(event)
 }
 
 fn trailer(status: &tonic::Status, key: &str) -> Option<u64> {
@@ -135,9 +123,13 @@ async fn run(args: WatchArgs) -> Result<(), Stop> {
     loop {
         match stream.message().await {
             Ok(Some(event)) => {
+                let line = event_json(&event).map_err(|e| {
+                    let hint = resume_hint(last);
+                    Stop(EXIT_RESUME, format!("event {}: {e}{hint}", event.sequence))
+                })?;
                 let mut out = stdout.lock();
                 // Flushed per line: a hook reading the pipe acts on each event as it comes.
-                writeln!(out, "{}", event_json(&event))
+                writeln!(out, "{line}")
                     .and_then(|_| out.flush())
                     .map_err(|e| {
                         let hint = resume_hint(last);
@@ -218,11 +210,32 @@ mod tests {
             time_unix_ms: 1,
             epoch: 0,
         };
-        let line = event_json(&event).to_string();
+        let line = event_json(&event).unwrap();
         assert!(!line.contains('\n'));
         let v: serde_json::Value = serde_json::from_str(&line).unwrap();
         assert_eq!(v["sequence"], 7);
         assert_eq!(v["kind"], "ACTION_INVALIDATED");
         assert_eq!(v["action_digest"]["size_bytes"], 1);
+    }
+
+    #[test]
+    fn an_event_line_has_every_field_with_sorted_keys() {
+        let event = Event {
+            sequence: 9,
+            kind: EventKind::NamespaceInvalidated as i32,
+            namespace: "ci/main".into(),
+            action_digest: None,
+            reason: "r".into(),
+            time_unix_ms: 2,
+            epoch: 4,
+        };
+        assert_eq!(
+            event_json(&event).unwrap(),
+            r#"{"action_digest":null,"epoch":4,"kind":"NAMESPACE_INVALIDATED","namespace":"ci/main","reason":"r","sequence":9,"time_unix_ms":2}"#
+        );
+        let unknown = Event { kind: 99, ..event };
+        assert!(event_json(&unknown)
+            .unwrap()
+            .contains(r#""kind":"EVENT_KIND_UNSPECIFIED""#));
     }
 }

@@ -7,6 +7,12 @@
 //! [`WRITES`] is the exception: it is NOT_SERVING while the store refuses writes (disk full, or
 //! cache full of blobs within their retention) although reads are still served. Deployments with
 //! several replicas can use it as the readiness check; "" stays the liveness check.
+//!
+//! Written here rather than taken from `tonic-health` (0.14): that crate has no `List`, answers
+//! `Watch` of an unknown service with NOT_FOUND where the protocol says SERVICE_UNKNOWN and keep
+//! the call open, never ends its watch streams (they would hold graceful shutdown open), and
+//! keeps one status per service set by hand, where every status here follows from one state
+//! and the store's writability.
 
 use std::collections::HashMap;
 use std::pin::Pin;
