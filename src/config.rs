@@ -58,6 +58,10 @@ impl Default for WatchConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
+    /// Where blobs and action results live: `"sled"` (the default: durable, in `data_dir`) or
+    /// `"memory"` (everything in RAM, bounded by `max_size` and gone at exit: for ephemeral CI
+    /// runners and tests).
+    pub backend: Backend,
     /// Blobs up to this size are stored inside sled; larger ones are files. Default 64 KiB:
     /// sled handles small values well but amplifies large ones.
     pub inline_threshold: ByteSize,
@@ -68,7 +72,8 @@ pub struct StorageConfig {
     pub abandoned_upload_age: HumanDuration,
     /// Bound on stored bytes (blobs, files rounded up to 4 KiB blocks, plus action results).
     /// Default 0: 90% of what the data dir's filesystem can hold at start-up (free space plus
-    /// what hoard already stores), so an unconfigured server never fills its disk.
+    /// what hoard already stores), so an unconfigured server never fills its disk; with the
+    /// memory backend, 1 GiB.
     pub max_size: ByteSize,
     /// Eviction starts when stored bytes pass this percentage of `max_size`... Default 95.
     pub high_watermark: u8,
@@ -79,6 +84,15 @@ pub struct StorageConfig {
     /// `--experimental_remote_cache_ttl`: a build that skipped downloading an output can still
     /// fetch it that long afterwards. If the cache cannot keep the promise, writes are refused.
     pub min_retention: HumanDuration,
+}
+
+/// The storage backend (`storage.backend`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Backend {
+    #[default]
+    Sled,
+    Memory,
 }
 
 /// Policy per instance name (namespace). The first rule whose pattern matches wins; names no
@@ -132,19 +146,6 @@ pub struct NamespaceRule {
 }
 
 impl NamespacesConfig {
-    /// The first rule matching an instance name.
-    pub fn rule(&self, instance: &str) -> Option<&NamespaceRule> {
-        self.rules.iter().find(|r| glob_match(&r.pattern, instance))
-    }
-
-    /// The AC TTL of an instance name (zero: no TTL).
-    pub fn ac_ttl(&self, instance: &str) -> Duration {
-        self.rule(instance)
-            .and_then(|r| r.ac_ttl)
-            .unwrap_or(self.default.ac_ttl)
-            .0
-    }
-
     /// Checks the names rules refer to.
     fn check(&self) -> Result<(), String> {
         let policies = std::iter::once((
@@ -161,18 +162,18 @@ impl NamespacesConfig {
         }));
         for (what, read, write) in policies {
             for name in read.into_iter().flatten() {
-                crate::namespace::validate(name)
+                crate::instance_name::validate(name)
                     .map_err(|e| format!("{what}: read entry {name:?}: {e}"))?;
             }
             if let Some(w) = write {
                 if w != "self" && w != "none" {
-                    crate::namespace::validate(w)
+                    crate::instance_name::validate(w)
                         .map_err(|e| format!("{what}: write {w:?}: {e}"))?;
                 }
             }
         }
         for r in &self.rules {
-            if r.pattern.len() > crate::namespace::MAX_INSTANCE_NAME_LEN {
+            if r.pattern.len() > crate::instance_name::MAX_INSTANCE_NAME_LEN {
                 return Err(format!(
                     "namespaces.rule pattern {:?} is too long",
                     r.pattern
@@ -181,31 +182,6 @@ impl NamespacesConfig {
         }
         Ok(())
     }
-}
-
-/// Whether `name` matches `pattern`, where `*` matches any run of characters.
-///
-/// Hand-written rather than taken from a glob crate (`glob`, `globset`, `wildmatch`): here `*`
-/// is the only wildcard, while those crates also read `?` (and `[...]`, or `{a,b}`) as one.
-/// Instance names may contain `?`, `[` and `{`, so a pattern written today would change what it
-/// matches. It is twenty lines.
-pub fn glob_match(pattern: &str, name: &str) -> bool {
-    let mut parts = pattern.split('*');
-    let first = parts.next().unwrap_or("");
-    let Some(mut rest) = name.strip_prefix(first) else {
-        return false;
-    };
-    let parts: Vec<&str> = parts.collect();
-    let Some((last, middle)) = parts.split_last() else {
-        return rest.is_empty(); // no '*': exact match
-    };
-    for part in middle {
-        match rest.find(part) {
-            Some(at) => rest = &rest[at + part.len()..],
-            None => return false,
-        }
-    }
-    rest.len() >= last.len() && rest.ends_with(last)
 }
 
 /// Limits announced to clients and enforced on them.
@@ -270,6 +246,7 @@ impl Default for Config {
 impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
+            backend: Backend::Sled,
             inline_threshold: ByteSize(64 << 10),
             sled_cache_capacity: ByteSize(256 << 20),
             abandoned_upload_age: HumanDuration(Duration::from_secs(24 * 3600)),
@@ -566,35 +543,6 @@ mod tests {
         assert_eq!(d("250ms").unwrap(), Duration::from_millis(250));
         assert!(d("3 fortnights").is_err());
         assert!(d("h").is_err());
-    }
-
-    #[test]
-    fn globs_match() {
-        assert!(glob_match("ci/branches/*", "ci/branches/feature/x"));
-        assert!(glob_match("ci/branches/*", "ci/branches/"));
-        assert!(!glob_match("ci/branches/*", "ci/main"));
-        assert!(glob_match("ci/main", "ci/main"));
-        assert!(!glob_match("ci/main", "ci/main2"));
-        assert!(glob_match("*-tmp", "a-tmp"));
-        assert!(glob_match("a*b*c", "abxbc"));
-        assert!(!glob_match("a*b*c", "acb"));
-        assert!(glob_match("*", ""));
-        assert!(glob_match("", ""));
-        assert!(!glob_match("", "x"));
-    }
-
-    #[test]
-    fn ac_ttl_follows_the_first_matching_rule() {
-        let c = Config::parse(
-            "[namespaces.default]\nac_ttl = \"1d\"\n\
-             [[namespaces.rule]]\npattern = \"ci/branches/*\"\nac_ttl = \"2h\"\n\
-             [[namespaces.rule]]\npattern = \"ci/*\"\n",
-        )
-        .unwrap();
-        let n = &c.namespaces;
-        assert_eq!(n.ac_ttl("ci/branches/x"), Duration::from_secs(7200));
-        assert_eq!(n.ac_ttl("ci/main"), Duration::from_secs(86_400));
-        assert_eq!(n.ac_ttl("dev"), Duration::from_secs(86_400));
     }
 
     #[test]

@@ -21,6 +21,8 @@ pub mod config;
 pub mod connections;
 pub mod digest;
 pub mod error;
+pub mod instance_name;
+pub mod invalidation;
 pub mod layers;
 pub mod namespace;
 pub mod ops;

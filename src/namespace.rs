@@ -1,14 +1,34 @@
-//! Instance names: the namespaces that partition the action cache, and the policy over them.
+//! Namespaces: the policy over instance names, above every backend.
 //!
-//! Every well-formed instance name is served and has its own action cache; CAS content is shared
-//! across instances because it is addressed by content. This module owns what "well formed"
-//! means, so that a name can never smuggle path tricks or REAPI's reserved words into storage keys
-//! or resource names, and [`Policy`]: which namespaces an instance reads (itself, then e.g.
-//! `ci/main`) and where its writes go (itself, nowhere, or another namespace), from the
-//! `[namespaces]` config.
+//! A REAPI instance name is a namespace with its own action cache (CAS content is shared,
+//! being addressed by content). This module decides, for every backend alike:
+//! - which namespaces an instance reads (itself, then e.g. `ci/main`) and where its writes go
+//!   ([`Policy`], from the `[namespaces]` config, matched by [`glob_match`]);
+//! - whether a stored action result is still visible ([`ActionResults`]): stored under the
+//!   namespace's current epoch (an invalidation bumps it: O(1), whatever the namespace holds)
+//!   and used within the namespace's TTL. Backends only keep records ([`ActionStore`]); a
+//!   background sweep reclaims what this module judges dead.
+//!
+//! Epochs are saved durably when they change; last-use times of namespaces in memory, written
+//! once a minute and at shutdown.
 
-use crate::config::NamespacesConfig;
-use crate::error::{echo, Error, Result};
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::Duration;
+
+use bytes::Bytes;
+use parking_lot::RwLock;
+
+use crate::config::{NamespaceRule, NamespacesConfig};
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::store::{ActionRecord, ActionStore, NamespaceInfo, StoreStats};
+
+/// How often last uses of namespaces are written.
+const PERSIST_EVERY: Duration = Duration::from_secs(60);
+/// How often dead action results (invalidated, or past their TTL) are swept away.
+const SWEEP_EVERY: Duration = Duration::from_secs(600);
 
 /// Read chains and write targets per instance name (the `[namespaces]` config).
 #[derive(Clone, Debug, Default)]
@@ -23,10 +43,27 @@ impl Policy {
         }
     }
 
+    /// The first rule matching an instance name.
+    pub fn rule(&self, instance: &str) -> Option<&NamespaceRule> {
+        self.config
+            .rules
+            .iter()
+            .find(|r| glob_match(&r.pattern, instance))
+    }
+
+    /// How long an action result of `instance` lives after its last use (zero: until its
+    /// outputs are evicted).
+    pub fn ac_ttl(&self, instance: &str) -> Duration {
+        self.rule(instance)
+            .and_then(|r| r.ac_ttl)
+            .unwrap_or(self.config.default.ac_ttl)
+            .0
+    }
+
     /// The namespaces an instance's action-cache lookups try, in order: itself first, then its
     /// rule's `read` list (without repeats).
     pub fn read_chain<'a>(&'a self, instance: &'a str) -> Vec<&'a str> {
-        let extra = match self.config.rule(instance).and_then(|r| r.read.as_ref()) {
+        let extra = match self.rule(instance).and_then(|r| r.read.as_ref()) {
             Some(read) => read,
             None => &self.config.default.read,
         };
@@ -41,7 +78,7 @@ impl Policy {
 
     /// Where an instance's action results are stored; `None` if it is read-only.
     pub fn write_target<'a>(&'a self, instance: &'a str) -> Option<&'a str> {
-        let write = match self.config.rule(instance).and_then(|r| r.write.as_ref()) {
+        let write = match self.rule(instance).and_then(|r| r.write.as_ref()) {
             Some(w) => w,
             None => &self.config.default.write,
         };
@@ -53,57 +90,326 @@ impl Policy {
     }
 }
 
-/// Longest instance name accepted, in bytes.
-pub const MAX_INSTANCE_NAME_LEN: usize = 256;
-
-/// Path segments REAPI reserves in resource names; an instance name may not contain them.
-pub const RESERVED_SEGMENTS: &[&str] = &[
-    "blobs",
-    "uploads",
-    "actions",
-    "actionResults",
-    "operations",
-    "capabilities",
-    "compressed-blobs",
-];
-
-/// Checks an instance name from a request. The empty name is the default instance.
-pub fn validate(name: &str) -> Result<()> {
-    if name.is_empty() {
-        return Ok(());
-    }
-    if name.len() > MAX_INSTANCE_NAME_LEN {
-        return Err(Error::InvalidArgument(format!(
-            "instance name is {} bytes long; at most {MAX_INSTANCE_NAME_LEN} are allowed",
-            name.len()
-        )));
-    }
-    for segment in name.split('/') {
-        let bad = if segment.is_empty() {
-            Some("an empty path segment")
-        } else if segment == "." || segment == ".." {
-            Some("a '.' or '..' segment")
-        } else if RESERVED_SEGMENTS.contains(&segment) {
-            Some("a segment reserved by REAPI")
-        } else if segment.chars().any(|c| c.is_control() || c.is_whitespace()) {
-            Some("whitespace or control characters")
-        } else {
-            None
-        };
-        if let Some(why) = bad {
-            return Err(Error::InvalidArgument(format!(
-                "instance name {} is invalid: it contains {why} ({})",
-                echo(name),
-                echo(segment)
-            )));
+/// Whether `name` matches `pattern`, where `*` matches any run of characters (including `/`).
+///
+/// Hand-written rather than taken from a glob crate (`glob`, `globset`, `wildmatch`): here `*`
+/// is the only wildcard, while those crates also read `?` (and `[...]`, or `{a,b}`) as one.
+/// Instance names may contain `?`, `[` and `{`, so a pattern written today would change what it
+/// matches. It is twenty lines.
+pub fn glob_match(pattern: &str, name: &str) -> bool {
+    let mut parts = pattern.split('*');
+    let first = parts.next().unwrap_or("");
+    let Some(mut rest) = name.strip_prefix(first) else {
+        return false;
+    };
+    let parts: Vec<&str> = parts.collect();
+    let Some((last, middle)) = parts.split_last() else {
+        return rest.is_empty(); // no '*': exact match
+    };
+    for part in middle {
+        match rest.find(part) {
+            Some(at) => rest = &rest[at + part.len()..],
+            None => return false,
         }
     }
-    Ok(())
+    rest.len() >= last.len() && rest.ends_with(last)
+}
+
+/// One namespace's state in memory.
+struct State {
+    epoch: u64,
+    last_used: AtomicU32,
+    invalidated_at: u64,
+    reason: String,
+}
+
+impl State {
+    fn new(now: u32) -> Self {
+        State {
+            epoch: 0,
+            last_used: AtomicU32::new(now),
+            invalidated_at: 0,
+            reason: String::new(),
+        }
+    }
+
+    fn info(&self, name: &str) -> NamespaceInfo {
+        NamespaceInfo {
+            name: name.to_string(),
+            epoch: self.epoch,
+            last_used: self.last_used.load(Relaxed) as u64,
+            invalidated_at: (self.invalidated_at > 0).then_some(self.invalidated_at),
+            reason: (!self.reason.is_empty()).then(|| self.reason.clone()),
+        }
+    }
+}
+
+/// Action results as namespaces see them, over any [`ActionStore`]: lookups see only results
+/// stored under the namespace's current epoch and used within its TTL; updates are stamped
+/// with both. Also where invalidation changes things (`crate::invalidation` drives it).
+pub struct ActionResults {
+    store: Arc<dyn ActionStore>,
+    policy: Arc<Policy>,
+    /// Every namespace with results or an invalidation, loaded at start.
+    states: RwLock<HashMap<String, State>>,
+    /// Last-use times changed since they were last saved.
+    dirty: AtomicBool,
+    lookups: AtomicU64,
+    hits: AtomicU64,
+    /// Results dropped as dead (past their TTL on a lookup; dead by any rule in a sweep).
+    expired: AtomicU64,
+}
+
+impl ActionResults {
+    /// Loads the namespace records of `store`.
+    pub async fn open(store: Arc<dyn ActionStore>, policy: Arc<Policy>) -> Result<Self> {
+        let states = store
+            .namespace_records()
+            .await?
+            .into_iter()
+            .map(|info| {
+                let state = State {
+                    epoch: info.epoch,
+                    last_used: AtomicU32::new(info.last_used as u32),
+                    invalidated_at: info.invalidated_at.unwrap_or(0),
+                    reason: info.reason.unwrap_or_default(),
+                };
+                (info.name, state)
+            })
+            .collect();
+        Ok(ActionResults {
+            store,
+            policy,
+            states: RwLock::new(states),
+            dirty: AtomicBool::new(false),
+            lookups: AtomicU64::new(0),
+            hits: AtomicU64::new(0),
+            expired: AtomicU64::new(0),
+        })
+    }
+
+    pub fn policy(&self) -> &Policy {
+        &self.policy
+    }
+
+    /// The store's clock in Unix seconds (what `last_used` is measured by).
+    pub fn clock(&self) -> u64 {
+        self.store.clock()
+    }
+
+    fn now(&self) -> u32 {
+        self.clock().min(u32::MAX as u64) as u32
+    }
+
+    /// The current epoch of `namespace` (0 if never invalidated), recording a use. A namespace
+    /// seen for the first time gets a record, so it can be listed and pruned.
+    async fn epoch_and_touch(&self, namespace: &str, now: u32) -> Result<u64> {
+        if let Some(s) = self.states.read().get(namespace) {
+            if s.last_used.load(Relaxed) < now {
+                s.last_used.store(now, Relaxed);
+                self.dirty.store(true, Relaxed);
+            }
+            return Ok(s.epoch);
+        }
+        let info = {
+            let mut states = self.states.write();
+            let state = states
+                .entry(namespace.to_string())
+                .or_insert_with(|| State::new(now));
+            state.info(namespace)
+        };
+        // Saved with the result's own durable write that follows (same database).
+        self.store.save_namespaces(std::slice::from_ref(&info), false).await?;
+        Ok(info.epoch)
+    }
+
+    /// The current epoch of `namespace`, without recording a use.
+    fn epoch(&self, namespace: &str) -> u64 {
+        self.states.read().get(namespace).map_or(0, |s| s.epoch)
+    }
+
+    /// Whether a record of `namespace` is dead at `now`: past its TTL since last use.
+    fn expired(&self, namespace: &str, record: &ActionRecord, now: u32) -> bool {
+        let ttl = self.policy.ac_ttl(namespace).as_secs();
+        ttl > 0 && now.saturating_sub(record.last_used) as u64 > ttl
+    }
+
+    /// The encoded `ActionResult` stored for `action` in `namespace`, if it is visible.
+    pub async fn get(&self, namespace: &str, action: &Digest) -> Result<Option<Bytes>> {
+        self.lookups.fetch_add(1, Relaxed);
+        let Some(record) = self.store.get(namespace, action).await? else {
+            return Ok(None);
+        };
+        let now = self.now();
+        if record.epoch < self.epoch_and_touch(namespace, now).await? {
+            // Invalidated with its whole namespace; the space is reclaimed right here.
+            self.store.replace(namespace, action, &record, None).await?;
+            return Ok(None);
+        }
+        if self.expired(namespace, &record, now) {
+            if self.store.replace(namespace, action, &record, None).await? {
+                self.expired.fetch_add(1, Relaxed);
+            }
+            return Ok(None);
+        }
+        // Record the use, coarsely: a hit rewrites the record at most every ttl/16 (≤ 1h).
+        let ttl = self.policy.ac_ttl(namespace).as_secs();
+        let coarse = if ttl > 0 {
+            (ttl / 16).clamp(1, 3600)
+        } else {
+            3600
+        };
+        if now.saturating_sub(record.last_used) as u64 >= coarse {
+            let renewed = ActionRecord {
+                last_used: now,
+                ..record.clone()
+            };
+            // Losing the race to a concurrent update is fine: that one is newer.
+            self.store
+                .replace(namespace, action, &record, Some(renewed))
+                .await?;
+        }
+        self.hits.fetch_add(1, Relaxed);
+        Ok(Some(record.result))
+    }
+
+    /// Stores an encoded `ActionResult` under the namespace's current epoch; durable on return.
+    pub async fn put(&self, namespace: &str, action: &Digest, result: Bytes) -> Result<()> {
+        let now = self.now();
+        let epoch = self.epoch_and_touch(namespace, now).await?;
+        let record = ActionRecord {
+            last_used: now,
+            epoch,
+            result,
+        };
+        self.store.put(namespace, action, record).await
+    }
+
+    /// Removes the listed results of `namespace`; returns how many there were. Durable.
+    pub async fn remove(&self, namespace: &str, actions: &[Digest]) -> Result<u64> {
+        self.store.remove(namespace, actions).await
+    }
+
+    /// Makes every result stored in `namespace` so far invisible at once by bumping its epoch,
+    /// and records why. Durable on return; returns the new epoch.
+    pub async fn bump_epoch(&self, namespace: &str, reason: &str) -> Result<u64> {
+        let now = self.now();
+        let info = {
+            let mut states = self.states.write();
+            let state = states
+                .entry(namespace.to_string())
+                .or_insert_with(|| State::new(now));
+            state.epoch += 1;
+            state.invalidated_at = now as u64;
+            state.reason = reason.to_string();
+            state.info(namespace)
+        };
+        self.store.save_namespaces(std::slice::from_ref(&info), true).await?;
+        Ok(info.epoch)
+    }
+
+    /// Deletes `namespace`: its results and its record. Returns how many results went.
+    pub async fn drop_namespace(&self, namespace: &str) -> Result<u64> {
+        let removed = self.store.remove_namespace(namespace).await?;
+        self.states.write().remove(namespace);
+        Ok(removed)
+    }
+
+    /// Every known namespace, sorted by name.
+    pub fn namespaces(&self) -> Vec<NamespaceInfo> {
+        let states = self.states.read();
+        let mut all: Vec<NamespaceInfo> = states.iter().map(|(n, s)| s.info(n)).collect();
+        all.sort_by(|a, b| a.name.cmp(&b.name));
+        all
+    }
+
+    /// Saves changed last-use times (once a minute, and before the final flush).
+    pub async fn persist(&self) -> Result<()> {
+        if !self.dirty.swap(false, Relaxed) {
+            return Ok(());
+        }
+        let records = self.namespaces();
+        if let Err(e) = self.store.save_namespaces(&records, false).await {
+            self.dirty.store(true, Relaxed);
+            return Err(e);
+        }
+        Ok(())
+    }
+
+    /// Deletes every result that is invalidated or past its TTL; returns how many.
+    pub async fn sweep(&self) -> Result<u64> {
+        let now = self.now();
+        let dead = |namespace: &str, record: &ActionRecord| {
+            record.epoch < self.epoch(namespace) || self.expired(namespace, record, now)
+        };
+        let removed = self.store.sweep(&dead).await?;
+        self.expired.fetch_add(removed, Relaxed);
+        Ok(removed)
+    }
+
+    /// Writes last uses and sweeps dead results for as long as the server runs (the server
+    /// aborts it at shutdown, then calls [`ActionResults::persist`]).
+    pub async fn upkeep(&self) {
+        let mut persist = tokio::time::interval(PERSIST_EVERY);
+        let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        persist.tick().await;
+        sweep.tick().await;
+        loop {
+            tokio::select! {
+                _ = persist.tick() => {
+                    if let Err(e) = self.persist().await {
+                        tracing::warn!(error = %e, "saving last uses of namespaces failed");
+                    }
+                }
+                _ = sweep.tick() => match self.sweep().await {
+                    Ok(0) => {}
+                    Ok(n) => tracing::info!(removed = n, "swept dead action results"),
+                    Err(e) => tracing::warn!(error = %e, "sweeping action results failed"),
+                },
+            }
+        }
+    }
+
+    /// Adds this layer's figures to a store's stats.
+    pub fn add_stats(&self, stats: &mut StoreStats) {
+        stats.ac_lookups = self.lookups.load(Relaxed);
+        stats.ac_hits = self.hits.load(Relaxed);
+        stats.expired_action_results = self.expired.load(Relaxed);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn globs_match() {
+        assert!(glob_match("ci/branches/*", "ci/branches/feature/x"));
+        assert!(glob_match("ci/branches/*", "ci/branches/"));
+        assert!(!glob_match("ci/branches/*", "ci/main"));
+        assert!(glob_match("ci/main", "ci/main"));
+        assert!(!glob_match("ci/main", "ci/main2"));
+        assert!(glob_match("*-tmp", "a-tmp"));
+        assert!(glob_match("a*b*c", "abxbc"));
+        assert!(!glob_match("a*b*c", "acb"));
+        assert!(glob_match("*", ""));
+        assert!(glob_match("", ""));
+        assert!(!glob_match("", "x"));
+    }
+
+    #[test]
+    fn ac_ttl_follows_the_first_matching_rule() {
+        let c = crate::config::Config::parse(
+            "[namespaces.default]\nac_ttl = \"1d\"\n\
+             [[namespaces.rule]]\npattern = \"ci/branches/*\"\nac_ttl = \"2h\"\n\
+             [[namespaces.rule]]\npattern = \"ci/*\"\n",
+        )
+        .unwrap();
+        let n = Policy::new(&c.namespaces);
+        assert_eq!(n.ac_ttl("ci/branches/x"), Duration::from_secs(7200));
+        assert_eq!(n.ac_ttl("ci/main"), Duration::from_secs(86_400));
+        assert_eq!(n.ac_ttl("dev"), Duration::from_secs(86_400));
+    }
 
     #[test]
     fn branches_read_main_and_write_themselves() {
@@ -124,22 +430,5 @@ mod tests {
             "[[namespaces.rule]]\npattern = \"x\"\nread = [\"a/../b\"]\n"
         )
         .is_err());
-    }
-
-    #[test]
-    fn accepts_ordinary_names() {
-        for n in ["", "main", "ci/main", "ci/branches/feature-x", "a_b.c"] {
-            assert!(validate(n).is_ok(), "{n}");
-        }
-    }
-
-    #[test]
-    fn rejects_tricks() {
-        for n in [
-            "/main", "main/", "a//b", "../x", "a/./b", "x/blobs", "uploads", "a b", "a\0b",
-        ] {
-            assert!(validate(n).is_err(), "{n:?}");
-        }
-        assert!(validate(&"x".repeat(MAX_INSTANCE_NAME_LEN + 1)).is_err());
     }
 }

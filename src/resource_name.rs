@@ -15,7 +15,7 @@ use std::fmt;
 
 use crate::digest::Digest;
 use crate::error::{echo, Error, Result};
-use crate::namespace;
+use crate::instance_name;
 
 /// How the bytes of a ByteStream transfer are encoded.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -220,7 +220,7 @@ fn malformed(name: &str, why: &str) -> Error {
 
 fn instance_of(segments: &[&str], name: &str) -> Result<String> {
     let instance = segments.join("/");
-    namespace::validate(&instance)
+    instance_name::validate(&instance)
         .map_err(|e| Error::InvalidArgument(format!("resource name {}: {e}", echo(name))))?;
     Ok(instance)
 }
@@ -414,7 +414,9 @@ mod tests {
         use proptest::strategy::Strategy;
         proptest::collection::vec("[a-z0-9_.-]{1,8}", 0..4)
             .prop_map(|segments| segments.join("/"))
-            .prop_filter("a valid instance name", |i| namespace::validate(i).is_ok())
+            .prop_filter("a valid instance name", |i| {
+                instance_name::validate(i).is_ok()
+            })
     }
 
     fn upload_id() -> impl proptest::strategy::Strategy<Value = String> {

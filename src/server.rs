@@ -12,6 +12,8 @@ use tokio::net::TcpListener;
 
 use crate::config::Config;
 use crate::error::{Error, Result};
+use crate::invalidation::Invalidation;
+use crate::namespace::{ActionResults, Policy};
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::health::health_server::HealthServer;
 use crate::proto::reapi::{
@@ -26,8 +28,7 @@ use crate::service::cas::CasService;
 use crate::service::health::{HealthReporter, State};
 use crate::service::watch::WatchService;
 use crate::service::Limits;
-use crate::store::sled::SledStore;
-use crate::store::Store;
+use crate::store::{Housekeeping, Stores};
 use crate::watch::EventLog;
 
 /// HTTP/2 flow-control window of each stream.
@@ -77,12 +78,18 @@ pub async fn run_with_ops(
     });
     let served = async {
         let opening = config.clone();
-        let store = tokio::task::spawn_blocking(move || SledStore::from_config(&opening))
+        let opened = tokio::task::spawn_blocking(move || crate::store::open(&opening))
             .await
             .map_err(|e| Error::internal("opening the store", e))??;
-        // The watch event log lives in the store's database, so one flush covers both.
-        let events = Arc::new(EventLog::open(|name| store.tree(name), &config.watch)?);
-        serve_all(listener, Arc::new(store), events, config, health, shutdown).await
+        serve_all(
+            listener,
+            opened.stores,
+            opened.events,
+            config,
+            health,
+            shutdown,
+        )
+        .await
     }
     .await;
     let _ = ops_stop.send(());
@@ -96,31 +103,31 @@ pub async fn run_with_ops(
     served
 }
 
-/// Serves `store` on `listener` until `shutdown` completes, then flushes the store. Watch
-/// events are kept in a temporary log that does not outlive the call (for stores built by hand,
-/// as in tests); [`run`] persists them.
+/// Serves `stores` on `listener` until `shutdown` completes, then flushes them. Watch events
+/// are kept in a temporary log that does not outlive the call (for stores built by hand, as in
+/// tests); [`run`] persists them.
 pub async fn serve(
     listener: TcpListener,
-    store: Arc<dyn Store>,
+    stores: impl Into<Stores>,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let events = Arc::new(EventLog::temporary(&config.watch)?);
-    serve_with_events(listener, store, events, config, shutdown).await
+    serve_with_events(listener, stores.into(), events, config, shutdown).await
 }
 
 /// Serves `store` and the watch stream of `events` on `listener` until `shutdown` completes,
 /// then flushes the store.
 pub async fn serve_with_events(
     listener: TcpListener,
-    store: Arc<dyn Store>,
+    stores: Stores,
     events: Arc<EventLog>,
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     serve_all(
         listener,
-        store,
+        stores,
         events,
         config,
         HealthReporter::new(),
@@ -132,14 +139,17 @@ pub async fn serve_with_events(
 /// The server itself, reporting its state through `health`.
 async fn serve_all(
     listener: TcpListener,
-    store: Arc<dyn Store>,
+    stores: Stores,
     events: Arc<EventLog>,
     config: &Config,
     health: HealthReporter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let limits = Limits::from(&config.limits);
-    let policy = Arc::new(crate::namespace::Policy::new(&config.namespaces));
+    let policy = Arc::new(Policy::new(&config.namespaces));
+    let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
+    let invalidation = Arc::new(Invalidation::new(results.clone(), events.clone()));
+    let housekeeping = stores.housekeeping.clone();
     let max_message = config.limits.max_message_size.0 as usize;
 
     macro_rules! sized {
@@ -175,19 +185,22 @@ async fn serve_all(
             CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
         )))
         .add_service(sized!(ContentAddressableStorageServer::new(
-            CasService::new(store.clone(), limits.clone())
+            CasService::new(stores.cas.clone(), limits.clone())
         )))
         .add_service(sized!(ActionCacheServer::new(
-            ActionCacheService::new(store.clone(), limits.clone())
+            ActionCacheService::new(stores.cas.clone(), results.clone(), limits.clone())
                 .with_events(events.clone())
-                .with_policy(policy.clone())
         )))
         .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
-            store.clone(),
+            stores.cas.clone(),
             limits.clone()
         ))))
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
-            crate::service::admin::AdminService::new(store.clone(), events.clone())
+            crate::service::admin::AdminService::new(
+                housekeeping.clone(),
+                results.clone(),
+                invalidation
+            )
         )))
         .add_service(WatchServer::new(WatchService::new(events.clone())))
         .add_service(HealthServer::new(health.service()));
@@ -198,14 +211,18 @@ async fn serve_all(
     let incoming = crate::connections::incoming(listener, config.limits.handshake_timeout.0);
     health.set(State::Serving);
     let sweeper = tokio::spawn(sweep_abandoned_uploads(
-        store.clone(),
+        housekeeping.clone(),
         config.storage.abandoned_upload_age.0,
     ));
     let upkeep = tokio::spawn({
-        let store = store.clone();
-        async move { store.maintain().await }
+        let housekeeping = housekeeping.clone();
+        async move { housekeeping.maintain().await }
     });
-    let readiness = tokio::spawn(report_writability(store.clone(), health.clone()));
+    let namespace_upkeep = tokio::spawn({
+        let results = results.clone();
+        async move { results.upkeep().await }
+    });
+    let readiness = tokio::spawn(report_writability(housekeeping.clone(), health.clone()));
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     let draining = health.clone();
@@ -241,16 +258,20 @@ async fn serve_all(
     };
     sweeper.abort();
     upkeep.abort();
+    namespace_upkeep.abort();
     readiness.abort();
     // The log's syncer holds the database: wait for it to end, so a restart can reopen it.
     events.shutdown().await;
-    store.flush().await?;
+    if let Err(e) = results.persist().await {
+        tracing::warn!(error = %e, "saving last uses of namespaces failed");
+    }
+    housekeeping.flush().await?;
     tracing::info!("store flushed");
     result
 }
 
 /// Keeps the `hoard.Writes` health status in step with the store.
-async fn report_writability(store: Arc<dyn Store>, health: HealthReporter) {
+async fn report_writability(store: Arc<dyn Housekeeping>, health: HealthReporter) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticks.tick().await;
@@ -259,7 +280,7 @@ async fn report_writability(store: Arc<dyn Store>, health: HealthReporter) {
 }
 
 /// Periodically deletes partial uploads older than `max_age`.
-async fn sweep_abandoned_uploads(store: Arc<dyn Store>, max_age: Duration) {
+async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration) {
     let period = (max_age / 4).min(Duration::from_secs(600));
     let mut ticks = tokio::time::interval(period);
     loop {

@@ -24,9 +24,10 @@ use prost::Message;
 use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
-use crate::config::{glob_match, WatchConfig};
+use crate::config::WatchConfig;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::namespace::glob_match;
 pub use crate::proto::watch::{Event, EventKind};
 
 /// The two trees events are kept in; an event's class follows from its kind.

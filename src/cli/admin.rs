@@ -17,7 +17,7 @@ use crate::config::{ByteSize, Config};
 use crate::error::Error;
 use crate::proto::admin::{admin_client::AdminClient, GcRequest, StatsRequest, VerifyRequest};
 use crate::store::sled::SledStore;
-use crate::store::{GcReport, Store, StoreStats, VerifyReport};
+use crate::store::{GcReport, Housekeeping, StoreStats, VerifyReport};
 
 /// Where `--server` points when neither it nor `HOARD_SERVER` is given: `hoard serve`'s default.
 pub const DEFAULT_SERVER: &str = "http://127.0.0.1:9092";

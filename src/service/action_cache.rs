@@ -14,37 +14,33 @@ use tonic::{Request, Response, Status};
 use super::Limits;
 use crate::digest::{self, Digest};
 use crate::error::{Error, Result};
-use crate::namespace::{self, Policy};
+use crate::instance_name;
+use crate::namespace::ActionResults;
 use crate::proto::reapi::{
     action_cache_server::ActionCache, ActionResult, GetActionResultRequest, Tree,
     UpdateActionResultRequest,
 };
-use crate::store::Store;
+use crate::store::Cas;
 use crate::watch::{Event, EventLog};
 
 pub struct ActionCacheService {
-    store: Arc<dyn Store>,
+    /// Where the blobs results reference are checked and read (for inlining).
+    cas: Arc<dyn Cas>,
+    /// Results as namespaces see them; also the read chains and write targets.
+    results: Arc<ActionResults>,
     limits: Limits,
     /// Where stored results are announced (ACTION_RESULT_STORED), if watching is wired up.
     events: Option<Arc<EventLog>>,
-    /// Read chains and write targets of instance names.
-    policy: Arc<Policy>,
 }
 
 impl ActionCacheService {
-    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+    pub fn new(cas: Arc<dyn Cas>, results: Arc<ActionResults>, limits: Limits) -> Self {
         ActionCacheService {
-            store,
+            cas,
+            results,
             limits,
             events: None,
-            policy: Arc::new(Policy::default()),
         }
-    }
-
-    /// Serves lookups through read chains and stores updates where the policy says.
-    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
-        self.policy = policy;
-        self
     }
 
     /// Publishes an ACTION_RESULT_STORED event for every result stored.
@@ -60,7 +56,7 @@ impl ActionCacheService {
         ns: &str,
         action: &Digest,
     ) -> Result<Result<ActionResult, Option<String>>> {
-        let Some(bytes) = self.store.get_action_result(ns, action).await? else {
+        let Some(bytes) = self.results.get(ns, action).await? else {
             return Ok(Err(None));
         };
         let result = ActionResult::decode(bytes.as_ref())
@@ -72,7 +68,7 @@ impl ActionCacheService {
                 return Ok(Err(Some(why)));
             }
         };
-        let missing = self.store.find_missing(&needed).await?;
+        let missing = self.cas.find_missing(&needed).await?;
         if let Some(m) = missing.first() {
             tracing::debug!(%action, ns, missing = %m, "action result is incomplete");
             return Ok(Err(Some(format!(
@@ -92,7 +88,7 @@ impl ActionCacheService {
             if t.size > self.limits.max_message_size {
                 return Ok(Err(format!("its output tree {t} is larger than a message")));
             }
-            let Some(bytes) = self.store.get(&t).await? else {
+            let Some(bytes) = self.cas.get(&t).await? else {
                 continue; // reported missing by the caller
             };
             let Ok(tree) = Tree::decode(bytes.as_ref()) else {
@@ -132,18 +128,18 @@ impl ActionCacheService {
         };
         if request.inline_stdout && result.stdout_raw.is_empty() {
             if let Some(d) = take(&result.stdout_digest) {
-                result.stdout_raw = self.store.get(&d).await?.unwrap_or_default();
+                result.stdout_raw = self.cas.get(&d).await?.unwrap_or_default();
             }
         }
         if request.inline_stderr && result.stderr_raw.is_empty() {
             if let Some(d) = take(&result.stderr_digest) {
-                result.stderr_raw = self.store.get(&d).await?.unwrap_or_default();
+                result.stderr_raw = self.cas.get(&d).await?.unwrap_or_default();
             }
         }
         for f in result.output_files.iter_mut() {
             if request.inline_output_files.contains(&f.path) && f.contents.is_empty() {
                 if let Some(d) = take(&f.digest) {
-                    f.contents = self.store.get(&d).await?.unwrap_or_default();
+                    f.contents = self.cas.get(&d).await?.unwrap_or_default();
                 }
             }
         }
@@ -158,12 +154,12 @@ impl ActionCache for ActionCacheService {
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let r = request.into_inner();
-        namespace::validate(&r.instance_name)?;
+        instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
         // The first namespace in the chain with a servable result wins; an incomplete one (its
         // outputs evicted) does not hide a complete one further down the chain.
-        let chain = self.policy.read_chain(&r.instance_name);
+        let chain = self.results.policy().read_chain(&r.instance_name);
         let mut why_not = Vec::new();
         for ns in &chain {
             match self.servable(ns, &action).await? {
@@ -192,10 +188,10 @@ impl ActionCache for ActionCacheService {
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
         let r = request.into_inner();
-        namespace::validate(&r.instance_name)?;
+        instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
-        let Some(target) = self.policy.write_target(&r.instance_name) else {
+        let Some(target) = self.results.policy().write_target(&r.instance_name) else {
             return Err(Error::PermissionDenied(format!(
                 "instance {:?} is read-only (namespaces config: write = \"none\"); its action \
                  results cannot be updated",
@@ -221,9 +217,7 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         }
-        self.store
-            .put_action_result(target, &action, encoded)
-            .await?;
+        self.results.put(target, &action, encoded).await?;
         if let Some(events) = &self.events {
             // Not waiting for the event's fsync: watchers get it after the next group commit.
             events.publish(Event::action_result_stored(target, action))?;

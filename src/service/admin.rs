@@ -2,11 +2,9 @@
 //! stats|gc|verify --server`, each one store call; the conversions here are also what the CLI uses
 //! to turn a reply back into the store's report, so both modes print the same thing.
 //!
-//! Invalidation (`hoard invalidate`, `hoard namespaces`, `hoard prune-namespaces`): validate,
-//! change the store, then announce each change on the watch log. The store change comes first
-//! and is durable when the store returns, so a watcher never hears of an invalidation a crash
-//! could undo; the reply waits until the events are durable too, so the sequences it names are
-//! never reused.
+//! Invalidation (`hoard invalidate`, `hoard namespaces`, `hoard prune-namespaces`): validate the
+//! request here, then run `crate::invalidation`'s workflow (change, announce, wait until
+//! durable).
 
 use std::collections::HashSet;
 use std::net::SocketAddr;
@@ -15,24 +13,22 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
-use crate::config::glob_match;
-use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::namespace;
+use crate::instance_name;
+use crate::invalidation::{Invalidation, Target};
+use crate::namespace::ActionResults;
 use crate::proto::admin::{
     self, admin_server::Admin, GcRequest, GcResponse, InvalidateRequest, InvalidateResponse,
-    InvalidatedNamespace, ListNamespacesRequest, ListNamespacesResponse, PruneNamespacesRequest,
-    PruneNamespacesResponse, PrunedNamespace, StatsRequest, StatsResponse, VerifyRequest,
-    VerifyResponse,
+    ListNamespacesRequest, ListNamespacesResponse, PruneNamespacesRequest, PruneNamespacesResponse,
+    StatsRequest, StatsResponse, VerifyRequest, VerifyResponse,
 };
-use crate::store::{GcReport, NamespaceInfo, Store, StoreStats, VerifyReport};
-use crate::watch::{Event, EventLog};
+use crate::store::{GcReport, Housekeeping, NamespaceInfo, StoreStats, VerifyReport};
 
 /// Longest reason accepted, in bytes: it is stored with the namespace and sent with each event.
 pub const MAX_REASON_LEN: usize = 1024;
 /// Longest namespace pattern accepted, in bytes (a pattern is no longer than the names it
 /// matches).
-pub const MAX_PATTERN_LEN: usize = namespace::MAX_INSTANCE_NAME_LEN;
+pub const MAX_PATTERN_LEN: usize = instance_name::MAX_INSTANCE_NAME_LEN;
 /// Most actions one Invalidate call may list. Each becomes a watch event, and the log keeps only
 /// `watch.retained_events`: one call must not push every other invalidation out of it.
 pub const MAX_ACTIONS: usize = 10_000;
@@ -40,24 +36,26 @@ pub const MAX_ACTIONS: usize = 10_000;
 /// Cheap to clone: invalidations run in a task of their own (see `Admin::invalidate`).
 #[derive(Clone)]
 pub struct AdminService {
-    store: Arc<dyn Store>,
-    /// Where invalidations are announced.
-    events: Arc<EventLog>,
+    housekeeping: Arc<dyn Housekeeping>,
+    /// Action results as namespaces see them (for their stats and sweeps).
+    results: Arc<ActionResults>,
+    invalidation: Arc<Invalidation>,
     /// Held by a running gc or verify: both walk the whole store, and a second pass at the same
     /// time would only double the I/O.
     maintenance: Arc<Mutex<()>>,
-    /// Held while an invalidation changes the store and publishes its events, so events are in
-    /// the order of the changes (two bumps of one namespace never announce epoch 3 before 2).
-    invalidations: Arc<Mutex<()>>,
 }
 
 impl AdminService {
-    pub fn new(store: Arc<dyn Store>, events: Arc<EventLog>) -> Self {
+    pub fn new(
+        housekeeping: Arc<dyn Housekeeping>,
+        results: Arc<ActionResults>,
+        invalidation: Arc<Invalidation>,
+    ) -> Self {
         AdminService {
-            store,
-            events,
+            housekeeping,
+            results,
+            invalidation,
             maintenance: Arc::new(Mutex::new(())),
-            invalidations: Arc::new(Mutex::new(())),
         }
     }
 
@@ -67,93 +65,6 @@ impl AdminService {
                 "cannot start {what}: a gc or verify is already running on this server; \
                  try again when it has finished"
             ))
-        })
-    }
-
-    /// Known namespaces whose names match `pattern` (all of them for "").
-    async fn matching(&self, pattern: &str) -> Result<Vec<NamespaceInfo>> {
-        let mut all = self.store.namespaces().await?;
-        if !pattern.is_empty() {
-            all.retain(|ns| glob_match(pattern, &ns.name));
-        }
-        Ok(all)
-    }
-
-    /// Publishes an event for a change the store has already made durable.
-    fn announce(&self, event: Event, change: &str) -> Result<u64> {
-        self.events.publish(event).map_err(|e| {
-            Error::internal(
-                format!("{change}, but its watch event could not be recorded"),
-                e,
-            )
-        })
-    }
-
-    /// Waits until the events up to `last` can be sent to watchers, so the sequences in the reply
-    /// survive a crash. Only a shutdown stops this; the store's final flush then persists them.
-    async fn settle(&self, last: Option<u64>) {
-        if let Some(last) = last {
-            if let Err(e) = self.events.wait_durable(last).await {
-                tracing::warn!(error = %e, last, "invalidation events recorded, not yet fsynced");
-            }
-        }
-    }
-
-    /// Invalidates `actions` of `name`: one store call, then one event per action.
-    async fn invalidate_actions(
-        &self,
-        name: &str,
-        actions: &[Digest],
-        reason: &str,
-        peer: &str,
-    ) -> Result<InvalidatedNamespace> {
-        let removed = self.store.invalidate_actions(name, actions).await?;
-        tracing::info!(
-            namespace = name,
-            actions = actions.len(),
-            removed,
-            reason,
-            peer,
-            "action results invalidated"
-        );
-        let change = format!(
-            "{} actions of namespace {name:?} were invalidated",
-            actions.len()
-        );
-        let event_sequences = actions
-            .iter()
-            .map(|a| self.announce(Event::action_invalidated(name, *a, reason), &change))
-            .collect::<Result<Vec<u64>>>()?;
-        Ok(InvalidatedNamespace {
-            name: name.to_string(),
-            epoch: 0,
-            removed,
-            event_sequences,
-        })
-    }
-
-    /// Bumps the epoch of `name`, then announces it.
-    async fn invalidate_namespace(
-        &self,
-        name: &str,
-        reason: &str,
-        peer: &str,
-    ) -> Result<InvalidatedNamespace> {
-        let epoch = self.store.invalidate_namespace(name, reason).await?;
-        tracing::info!(
-            namespace = name,
-            epoch,
-            reason,
-            peer,
-            "namespace invalidated"
-        );
-        let change = format!("namespace {name:?} was invalidated (epoch {epoch})");
-        let seq = self.announce(Event::namespace_invalidated(name, epoch, reason), &change)?;
-        Ok(InvalidatedNamespace {
-            name: name.to_string(),
-            epoch,
-            removed: 0,
-            event_sequences: vec![seq],
         })
     }
 }
@@ -176,7 +87,7 @@ impl Scope {
                     .into(),
             )),
             (Some(name), true) => {
-                namespace::validate(name)
+                instance_name::validate(name)
                     .map_err(|e| Error::InvalidArgument(format!("namespace: {e}")))?;
                 Ok(Scope::Namespace(name.clone()))
             }
@@ -240,7 +151,8 @@ fn idle_text(secs: u64) -> String {
 #[tonic::async_trait]
 impl Admin for AdminService {
     async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
-        let stats = self.store.stats().await?;
+        let mut stats = self.housekeeping.stats().await?;
+        self.results.add_stats(&mut stats);
         Ok(Response::new(stats.into()))
     }
 
@@ -251,7 +163,10 @@ impl Admin for AdminService {
             Some(t) => tracing::info!(target_bytes = t, "gc requested"),
             None => tracing::info!("gc requested (down to the low watermark)"),
         }
-        let report = self.store.gc(target).await?;
+        // Dead action results first: their bytes count against the target too.
+        let expired = self.results.sweep().await?;
+        let mut report = self.housekeeping.gc(target).await?;
+        report.expired_action_results = expired;
         tracing::info!(?report, "gc finished");
         Ok(Response::new(report.into()))
     }
@@ -259,7 +174,7 @@ impl Admin for AdminService {
     async fn verify(&self, _: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
         let _running = self.begin_maintenance("verify")?;
         tracing::info!("verify requested");
-        let report = self.store.verify().await?;
+        let report = self.housekeeping.verify().await?;
         tracing::info!(
             checked_blobs = report.checked_blobs,
             corrupt = report.corrupt.len(),
@@ -289,10 +204,10 @@ impl Admin for AdminService {
     ) -> Result<Response<ListNamespacesResponse>, Status> {
         let pattern = request.into_inner().namespace_pattern;
         check_pattern(&pattern, "namespace_pattern")?;
-        let namespaces = self.matching(&pattern).await?;
+        let namespaces = self.invalidation.matching(&pattern);
         Ok(Response::new(ListNamespacesResponse {
             namespaces: namespaces.into_iter().map(Into::into).collect(),
-            now_unix_secs: self.store.clock(),
+            now_unix_secs: self.invalidation.clock(),
         }))
     }
 
@@ -337,58 +252,12 @@ impl AdminService {
         actions.retain(|a| seen.insert(*a));
         let reason = r.reason.as_str();
 
-        let _serial = self.invalidations.lock().await;
-        let mut done = Vec::new();
-        match &scope {
-            Scope::Namespace(name) if !actions.is_empty() => {
-                done.push(
-                    self.invalidate_actions(name, &actions, reason, &peer)
-                        .await?,
-                );
-            }
-            Scope::Namespace(name) => {
-                done.push(self.invalidate_namespace(name, reason, &peer).await?);
-            }
-            Scope::Pattern(pattern) => {
-                let names: Vec<String> = self
-                    .matching(pattern)
-                    .await?
-                    .into_iter()
-                    .map(|ns| ns.name)
-                    .collect();
-                tracing::info!(
-                    pattern = pattern.as_str(),
-                    matched = names.len(),
-                    reason,
-                    peer,
-                    "invalidating the namespaces matching a pattern"
-                );
-                for name in &names {
-                    match self.invalidate_namespace(name, reason, &peer).await {
-                        Ok(one) => done.push(one),
-                        // The ones before stay invalidated (and announced): say which.
-                        Err(e) => {
-                            let before: Vec<&str> = done.iter().map(|d| d.name.as_str()).collect();
-                            return Err(Error::internal(
-                                format!(
-                                    "invalidating {name:?} (after invalidating {before:?} of the \
-                                     {} namespaces matching {pattern:?})",
-                                    names.len()
-                                ),
-                                e,
-                            )
-                            .into());
-                        }
-                    }
-                }
-            }
-        }
-        let last = done
-            .iter()
-            .flat_map(|d| d.event_sequences.last())
-            .max()
-            .copied();
-        self.settle(last).await;
+        let target = match &scope {
+            Scope::Namespace(name) if !actions.is_empty() => Target::Actions(name, &actions),
+            Scope::Namespace(name) => Target::Namespace(name),
+            Scope::Pattern(pattern) => Target::Pattern(pattern),
+        };
+        let done = self.invalidation.invalidate(target, reason, &peer).await?;
         Ok(Response::new(InvalidateResponse { namespaces: done }))
     }
 
@@ -413,57 +282,17 @@ impl AdminService {
             r.reason
         };
 
-        let _serial = self.invalidations.lock().await;
-        let now = self.store.clock();
-        // A namespace used between this listing and its drop is dropped all the same; its
-        // results are then computed again, which a cache may always ask of its clients.
-        let idle: Vec<NamespaceInfo> = self
-            .matching(&r.namespace_pattern)
-            .await?
-            .into_iter()
-            .filter(|ns| now.saturating_sub(ns.last_used) >= r.idle_seconds)
-            .collect();
-        tracing::info!(
-            idle_seconds = r.idle_seconds,
-            pattern = r.namespace_pattern.as_str(),
-            matched = idle.len(),
-            dry_run = r.dry_run,
-            reason = reason.as_str(),
-            peer,
-            "pruning idle namespaces"
-        );
-        let mut pruned = Vec::with_capacity(idle.len());
-        for ns in idle {
-            let mut one = PrunedNamespace {
-                name: ns.name,
-                last_used_unix_secs: ns.last_used,
-                removed: 0,
-                event_sequence: 0,
-            };
-            if !r.dry_run {
-                let name = one.name.as_str();
-                one.removed = self.store.drop_namespace(name).await?;
-                tracing::info!(
-                    namespace = name,
-                    removed = one.removed,
-                    reason = reason.as_str(),
-                    peer,
-                    "namespace dropped"
-                );
-                let change = format!("namespace {name:?} was dropped");
-                one.event_sequence =
-                    self.announce(Event::namespace_dropped(name, &reason), &change)?;
-            }
-            pruned.push(one);
-        }
-        self.settle(
-            pruned
-                .iter()
-                .map(|p| p.event_sequence)
-                .max()
-                .filter(|&s| s > 0),
-        )
-        .await;
+        let now = self.invalidation.clock();
+        let pruned = self
+            .invalidation
+            .prune(
+                &r.namespace_pattern,
+                r.idle_seconds,
+                &reason,
+                r.dry_run,
+                &peer,
+            )
+            .await?;
         Ok(Response::new(PruneNamespacesResponse {
             namespaces: pruned,
             dry_run: r.dry_run,

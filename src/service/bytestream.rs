@@ -20,10 +20,10 @@ use crate::proto::bytestream::{
     ReadResponse, WriteRequest, WriteResponse,
 };
 use crate::resource_name::{Compression, ResourceName};
-use crate::store::{Store, Upload};
+use crate::store::{Cas, Upload};
 
 pub struct ByteStreamService {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Cas>,
     limits: Limits,
 }
 
@@ -31,7 +31,7 @@ pub struct ByteStreamService {
 const COMPRESSED_ALREADY_STORED: i64 = -1;
 
 impl ByteStreamService {
-    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+    pub fn new(store: Arc<dyn Cas>, limits: Limits) -> Self {
         ByteStreamService { store, limits }
     }
 

@@ -6,7 +6,8 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Limits;
-use crate::namespace::{self, Policy};
+use crate::instance_name;
+use crate::namespace::Policy;
 use crate::proto::build::bazel::semver::SemVer;
 use crate::proto::reapi::{
     self, capabilities_server::Capabilities, digest_function, symlink_absolute_path_strategy,
@@ -76,7 +77,7 @@ impl Capabilities for CapabilitiesService {
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
         let instance = &request.get_ref().instance_name;
-        namespace::validate(instance)?;
+        instance_name::validate(instance)?;
         Ok(Response::new(self.capabilities(instance)))
     }
 }

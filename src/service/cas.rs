@@ -14,25 +14,25 @@ use tonic::{Request, Response, Status};
 use super::{check_batch_size, parse_digests, Limits};
 use crate::digest::{self, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
-use crate::namespace;
+use crate::instance_name;
 use crate::proto::reapi::{
     self, batch_read_blobs_response, batch_update_blobs_response, compressor,
     content_addressable_storage_server::ContentAddressableStorage, BatchReadBlobsRequest,
     BatchReadBlobsResponse, BatchUpdateBlobsRequest, BatchUpdateBlobsResponse,
     FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
 };
-use crate::store::Store;
+use crate::store::Cas;
 
 /// Directories per GetTree page when the client does not say.
 const DEFAULT_TREE_PAGE: usize = 1000;
 
 pub struct CasService {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Cas>,
     limits: Limits,
 }
 
 impl CasService {
-    pub fn new(store: Arc<dyn Store>, limits: Limits) -> Self {
+    pub fn new(store: Arc<dyn Cas>, limits: Limits) -> Self {
         CasService { store, limits }
     }
 
@@ -59,7 +59,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let r = request.into_inner();
-        namespace::validate(&r.instance_name)?;
+        instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.blob_digests, "blob_digests")?;
         let missing = self.store.find_missing(&digests).await?;
@@ -83,7 +83,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
         let r = request.into_inner();
-        namespace::validate(&r.instance_name)?;
+        instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let total = r.requests.iter().map(|b| b.data.len() as u64).sum();
         check_batch_size(total, &self.limits, "BatchUpdateBlobs request")?;
@@ -111,7 +111,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
         let r = request.into_inner();
-        namespace::validate(&r.instance_name)?;
+        instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.digests, "digests")?;
         // Sizes come from the client: add without overflowing.
@@ -163,7 +163,7 @@ impl ContentAddressableStorage for CasService {
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
         let r = request.into_inner();
-        namespace::validate(&r.instance_name)?;
+        instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let root = Digest::from_proto(r.root_digest.as_ref(), "root_digest")?;
         if r.page_size < 0 {
@@ -210,7 +210,7 @@ impl ContentAddressableStorage for CasService {
 /// bounded channel, so neither time nor memory grows with more than the page in hand. A page
 /// token is the number of directories before the page; resuming from one walks past them again.
 struct TreeWalk {
-    store: Arc<dyn Store>,
+    store: Arc<dyn Cas>,
     /// Larger directory blobs are refused instead of read whole.
     max_directory: u64,
     /// Directories per page.

@@ -1,39 +1,50 @@
-//! Storage behind every service: the [`Store`] trait and its implementations.
+//! Storage behind every service: small object-safe traits, their backends and decorators.
 //!
-//! Services talk only to `Arc<dyn Store>`; they never see sled or files. A store verifies every CAS
-//! write (hash and size, exactly once) before the blob becomes visible, and always holds the empty
-//! blob. The action cache is keyed by (instance name, action digest) and holds the encoded
-//! `ActionResult` as given.
+//! - [`Cas`]: the content-addressable store on the request path (find-missing, ranged streaming
+//!   reads, resumable uploads; whole-blob get/put are provided on top).
+//! - [`ActionStore`]: encoded action results as stored records keyed by (namespace, action
+//!   digest), plus the namespace records and the conditional updates that invalidation and TTL
+//!   need. What a record *means* (epochs, TTL, read chains) is decided above, in
+//!   `crate::namespace`.
+//! - [`Housekeeping`]: stats, gc, verify, upkeep, flush: never on a request path.
+//!
+//! Backends: `sled` (the default, durable) and `memory` (ephemeral). Decorators wrap a [`Cas`]
+//! and live one per file (`counting.rs`). [`open`] builds the tree from the config, so the server
+//! never names a backend. A store verifies every CAS write (hash and size, exactly once) before
+//! the blob becomes visible, and always holds the empty blob.
 
 pub mod chunk_sums;
+pub mod counting;
 pub mod files;
 pub mod index;
+pub mod memory;
 pub mod sled;
 
 use std::pin::Pin;
+use std::sync::Arc;
 use std::time::Duration;
 
 use async_trait::async_trait;
-use bytes::Bytes;
-use futures::Stream;
+use bytes::{Bytes, BytesMut};
+use futures::{Stream, StreamExt};
 
+use crate::config::{Backend, Config};
 use crate::digest::Digest;
 use crate::error::Result;
+use crate::watch::EventLog;
 
 /// A blob's bytes as a stream of chunks.
 pub type BlobStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
-/// What a cache backend must provide. Object safe, so decorators and backends can be stacked.
+/// Chunk size of the provided [`Cas::get`].
+const GET_CHUNK: usize = 1 << 20;
+
+/// The content-addressable store, as the request path sees it. Object safe, so decorators and
+/// backends stack.
 #[async_trait]
-pub trait Store: Send + Sync + 'static {
+pub trait Cas: Send + Sync + 'static {
     /// The subset of `digests` that is not stored, in request order. Never includes the empty blob.
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
-
-    /// A whole blob, for batch reads of small blobs; `None` if not stored.
-    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>>;
-
-    /// Stores a whole blob after checking that `data` matches `digest`.
-    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()>;
 
     /// Streams `limit` bytes (all if `None`) of a blob from `offset`, in chunks of at most
     /// `chunk_size`; `None` if not stored. The caller has checked `offset <= digest.size`.
@@ -57,61 +68,170 @@ pub trait Store: Send + Sync + 'static {
     /// Bytes persisted so far for an unfinished upload, if the store knows of it.
     async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>>;
 
-    /// The encoded `ActionResult` stored for an action in an instance.
-    async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>>;
+    /// A whole blob, for batch reads of small blobs; `None` if not stored.
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        let Some(mut chunks) = self.read(digest, 0, None, GET_CHUNK).await? else {
+            return Ok(None);
+        };
+        let mut whole = BytesMut::with_capacity(digest.size as usize);
+        while let Some(chunk) = chunks.next().await {
+            whole.extend_from_slice(&chunk?);
+        }
+        Ok(Some(whole.freeze()))
+    }
 
-    /// Stores an encoded `ActionResult` for an action in an instance, replacing any earlier one.
-    async fn put_action_result(&self, instance: &str, action: &Digest, result: Bytes)
-        -> Result<()>;
+    /// Stores a whole blob after checking that `data` matches `digest`.
+    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        let id = format!("put-{}", uuid::Uuid::new_v4());
+        let mut upload = self.begin_upload(&id, digest, 0).await?;
+        upload.append(data).await?;
+        upload.commit().await
+    }
+}
 
-    /// Deletes partial uploads nobody has written to for `max_age`; returns how many.
-    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize>;
+/// An action result as an [`ActionStore`] keeps it: the encoded `ActionResult` and what the
+/// namespace policy judges it by.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct ActionRecord {
+    /// Last read or write (store clock, Unix seconds), for the TTL since last use.
+    pub last_used: u32,
+    /// The namespace's epoch when the result was stored; older than the namespace's current
+    /// epoch means invalidated.
+    pub epoch: u64,
+    /// The encoded `ActionResult`, as given.
+    pub result: Bytes,
+}
 
-    /// Makes everything written so far durable (called on shutdown).
-    async fn flush(&self) -> Result<()>;
+/// Judges a record of a namespace dead (for [`ActionStore::sweep`]).
+pub type DeadRecord<'f> = dyn for<'a> Fn(&'a str, &'a ActionRecord) -> bool + Sync + 'f;
 
+/// Action results and namespace records. Writes are durable when they return.
+#[async_trait]
+pub trait ActionStore: Send + Sync + 'static {
+    /// The record stored for `action` in `namespace`.
+    async fn get(&self, namespace: &str, action: &Digest) -> Result<Option<ActionRecord>>;
+
+    /// Stores a record, replacing any earlier one (refused if the cache is full).
+    async fn put(&self, namespace: &str, action: &Digest, record: ActionRecord) -> Result<()>;
+
+    /// Replaces the record with `new` (deletes it if `None`) only if it is still `seen`; false if
+    /// another write came first (that one is newer and wins). Not made durable: for refreshing a
+    /// last use and dropping a record judged dead, which a crash may harmlessly undo.
+    async fn replace(
+        &self,
+        namespace: &str,
+        action: &Digest,
+        seen: &ActionRecord,
+        new: Option<ActionRecord>,
+    ) -> Result<bool>;
+
+    /// Deletes the listed results of `namespace`; returns how many there were.
+    async fn remove(&self, namespace: &str, actions: &[Digest]) -> Result<u64>;
+
+    /// Deletes every result of `namespace` and its record; returns how many results went.
+    async fn remove_namespace(&self, namespace: &str) -> Result<u64>;
+
+    /// Deletes every record `dead(namespace, record)` judges dead; returns how many. A
+    /// background pass that reclaims space; visibility is decided on every read regardless.
+    async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64>;
+
+    /// The namespace records saved so far (loaded once at start by the namespace policy).
+    async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>>;
+
+    /// Saves namespace records; durable on return if `durable` (epoch bumps), otherwise with
+    /// the next flush (last-use times).
+    async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()>;
+
+    /// The store's clock in Unix seconds: the one `last_used` is measured by, so "idle for N"
+    /// is judged on the same clock (tests move a store's clock forward).
+    fn clock(&self) -> u64 {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs())
+    }
+}
+
+/// What runs beside the request path: reports, passes over the whole store, upkeep, shutdown.
+#[async_trait]
+pub trait Housekeeping: Send + Sync + 'static {
     /// Sizes, counts and hit rates, for `hoard stats`.
     async fn stats(&self) -> Result<StoreStats>;
 
     /// Evicts least-recently-used blobs (never one used within the retention period) until the
-    /// stored bytes are at most `target` (the low watermark if `None`), and drops expired action
-    /// results.
+    /// stored bytes are at most `target` (the low watermark if `None`).
     async fn gc(&self, target: Option<u64>) -> Result<GcReport>;
 
     /// Re-hashes every stored blob, removes the ones that do not match their digest, and
     /// removes data no index entry names (left by a crash).
     async fn verify(&self) -> Result<VerifyReport>;
 
-    /// Background upkeep for as long as the server runs: the cleanup pass after a crash,
-    /// eviction between the watermarks, persisting last-use times, expiring action results.
-    /// Never returns; the server aborts it on shutdown (before [`Store::flush`]).
+    /// Background upkeep for as long as the server runs (eviction between the watermarks,
+    /// persisting last uses, the cleanup pass after a crash). Never returns; the server aborts
+    /// it on shutdown (before [`Housekeeping::flush`]).
     async fn maintain(&self);
+
+    /// Deletes partial uploads nobody has written to for `max_age`; returns how many.
+    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize>;
 
     /// Why writes are refused right now (disk full, or cache full of blobs within their
     /// retention), if they are. Cheap: readiness probes ask it.
     fn write_refusal(&self) -> Option<String>;
 
-    /// The namespaces (instance names) with action results or invalidations, with their epochs
-    /// and last use. For pattern invalidation, pruning and `stats`.
-    async fn namespaces(&self) -> Result<Vec<NamespaceInfo>>;
+    /// Makes everything written so far durable (called on shutdown).
+    async fn flush(&self) -> Result<()>;
+}
 
-    /// Removes the listed action results of `instance`; returns how many there were.
-    async fn invalidate_actions(&self, instance: &str, actions: &[Digest]) -> Result<u64>;
+/// One store tree, as the server uses it: the three faces of the same backend (decorated).
+#[derive(Clone)]
+pub struct Stores {
+    pub cas: Arc<dyn Cas>,
+    pub actions: Arc<dyn ActionStore>,
+    pub housekeeping: Arc<dyn Housekeeping>,
+}
 
-    /// Makes every action result stored in `instance` so far invisible at once, by bumping the
-    /// namespace's epoch (O(1); the space is reclaimed by a later sweep). Records `reason`.
-    /// Returns the new epoch.
-    async fn invalidate_namespace(&self, instance: &str, reason: &str) -> Result<u64>;
+impl Stores {
+    /// The faces of one backend, with the decorators every tree gets (lookup counting).
+    pub fn of<B: Cas + ActionStore + Housekeeping>(backend: Arc<B>) -> Self {
+        let counted = Arc::new(counting::Counting::new(backend.clone(), backend.clone()));
+        Stores {
+            cas: counted.clone(),
+            actions: backend,
+            housekeeping: counted,
+        }
+    }
+}
 
-    /// Deletes a namespace: its action results and its record. Returns how many results went.
-    async fn drop_namespace(&self, instance: &str) -> Result<u64>;
+impl<B: Cas + ActionStore + Housekeeping> From<Arc<B>> for Stores {
+    fn from(backend: Arc<B>) -> Self {
+        Stores::of(backend)
+    }
+}
 
-    /// The store's clock in Unix seconds: the one `NamespaceInfo::last_used` is measured by, so
-    /// "idle for N" is judged on the same clock (tests move a store's clock forward).
-    fn clock(&self) -> u64 {
-        std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs())
+/// A store tree opened from the config, and where its watch events are kept.
+pub struct Opened {
+    pub stores: Stores,
+    pub events: Arc<EventLog>,
+}
+
+/// Builds the store tree `config.storage.backend` names. Blocking (sled opens its files).
+pub fn open(config: &Config) -> Result<Opened> {
+    match config.storage.backend {
+        Backend::Sled => {
+            let store = sled::SledStore::from_config(config)?;
+            // The watch event log lives in the store's database, so one flush covers both.
+            let events = Arc::new(EventLog::open(|name| store.tree(name), &config.watch)?);
+            Ok(Opened {
+                stores: Stores::of(Arc::new(store)),
+                events,
+            })
+        }
+        Backend::Memory => {
+            let store = memory::MemoryStore::from_config(config)?;
+            Ok(Opened {
+                stores: Stores::of(Arc::new(store)),
+                events: Arc::new(EventLog::temporary(&config.watch)?),
+            })
+        }
     }
 }
 

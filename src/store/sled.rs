@@ -14,10 +14,8 @@
 //! before its index entry, so the index never names data that is not there. (A crash in between
 //! can leave unreferenced data behind, never a visible partial blob.)
 //!
-//! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → last use (u32 seconds, big-endian) ‖ epoch of
-//! its namespace when stored (u64 BE) ‖ encoded ActionResult. A result whose epoch is older than
-//! its namespace's (see [`namespaces`], tree `namespaces`) has been invalidated. Instance names cannot contain NUL ([`crate::namespace`]), so the key is
-//! unambiguous and one instance is one prefix.
+//! tree `ac`: action results ([`action_store`]); tree `namespaces`: namespace records
+//! ([`namespaces`]). What they mean (epochs, TTL) is decided in `crate::namespace`.
 //!
 //! tree `atime`: `hash` → last use of a blob (u32 seconds, big-endian), written in batches from
 //! the in-memory index (see [`lifecycle`]), so recording a use never costs a disk write.
@@ -25,6 +23,7 @@
 //! Size bounds, eviction, expiry, the cleanup pass after a crash and `verify` live in
 //! [`lifecycle`].
 
+mod action_store;
 mod group_commit;
 mod lifecycle;
 mod namespaces;
@@ -48,8 +47,8 @@ use xxhash_rust::xxh3::{xxh3_64, Xxh3};
 use super::chunk_sums::{self, ChunkSums, SUM_CHUNK};
 use super::files::{BlobFiles, BlobWriter};
 use super::index::Index;
-use super::{BlobStream, GcReport, NamespaceInfo, Store, StoreStats, Upload, VerifyReport};
-use crate::config::{Config, NamespacesConfig};
+use super::{BlobStream, Cas, GcReport, Housekeeping, StoreStats, Upload, VerifyReport};
+use crate::config::Config;
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
 
@@ -74,8 +73,7 @@ const FILE: u8 = 1;
 /// Stripes of the lock that orders publishing a blob against evicting or dropping it.
 const STRIPES: usize = 256;
 
-/// How a store is set up; [`SledStore::from_config`] fills it from `[storage]` and
-/// `[namespaces]`.
+/// How a store is set up; [`SledStore::from_config`] fills it from `[storage]` and `[limits]`.
 #[derive(Clone, Debug)]
 pub struct Options {
     /// Blobs up to this size live inside sled.
@@ -90,8 +88,6 @@ pub struct Options {
     pub low_watermark: u8,
     /// Blobs used within this period are never evicted.
     pub min_retention: Duration,
-    /// AC TTLs per instance name.
-    pub namespaces: NamespacesConfig,
     /// How long a download waits for its client to take the next chunk before it ends
     /// (`limits.write_idle_timeout`).
     pub stall: Duration,
@@ -107,7 +103,6 @@ impl Options {
             high_watermark: s.high_watermark,
             low_watermark: s.low_watermark,
             min_retention: s.min_retention.0,
-            namespaces: config.namespaces.clone(),
             stall: config.limits.write_idle_timeout.0,
         }
     }
@@ -131,8 +126,8 @@ struct Inner {
     index: Index,
     /// Size bounds, retention and the counters `stats` reports.
     life: lifecycle::Lifecycle,
-    /// Epochs and last use of namespaces.
-    namespaces: namespaces::Namespaces,
+    /// Namespace records (tree `namespaces`).
+    namespaces: sled::Tree,
     /// Orders publishing a blob against evicting or dropping the same hash, so an eviction
     /// never deletes a copy that was just re-uploaded.
     stripes: Vec<Mutex<()>>,
@@ -278,7 +273,7 @@ impl SledStore {
         Ok(self.inner.db.open_tree(name)?)
     }
 
-    /// Opens the store `config` describes (data dir, `[storage]` and `[namespaces]`).
+    /// Opens the store `config` describes (data dir, `[storage]`).
     pub fn from_config(config: &Config) -> Result<Self> {
         Self::open_with(&config.data_dir, Options::from_config(config))
     }
@@ -315,7 +310,7 @@ impl SledStore {
         let ac = db.open_tree("ac")?;
         let atime = db.open_tree("atime")?;
         upgrade_format(&db, &ac)?;
-        let namespaces = namespaces::Namespaces::load(db.open_tree("namespaces")?)?;
+        let namespaces = db.open_tree("namespaces")?;
         // A brand-new data dir has nothing to clean up either.
         let marked = lifecycle::take_clean_shutdown_mark(data_dir)?;
         let clean = marked || fresh;
@@ -601,18 +596,14 @@ impl Inner {
 }
 
 #[async_trait]
-impl Store for SledStore {
+impl Cas for SledStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
         let now = self.inner.life.now();
-        let missing: Vec<Digest> = digests
+        Ok(digests
             .iter()
             .filter(|d| !d.is_empty_blob() && !self.inner.index.touch(d, now))
             .copied()
-            .collect();
-        self.inner
-            .life
-            .count_cas_lookups(digests.len() as u64, (digests.len() - missing.len()) as u64);
-        Ok(missing)
+            .collect())
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
@@ -620,7 +611,6 @@ impl Store for SledStore {
             return Ok(Some(Bytes::new()));
         }
         let found = self.inner.index.touch(digest, self.inner.life.now());
-        self.inner.life.count_cas_lookups(1, found as u64);
         match self.inner.lookup(digest)? {
             None => {
                 self.inner.forget_if_unbacked(digest, found);
@@ -698,7 +688,6 @@ impl Store for SledStore {
             return Ok(Some(futures::stream::empty().boxed()));
         }
         let found = self.inner.index.touch(digest, self.inner.life.now());
-        self.inner.life.count_cas_lookups(1, found as u64);
         match self.inner.lookup_entry(digest)? {
             None => {
                 self.inner.forget_if_unbacked(digest, found);
@@ -834,25 +823,10 @@ impl Store for SledStore {
             Err(e) => Err(Error::internal(format!("upload {upload_id}"), e)),
         }
     }
+}
 
-    async fn get_action_result(&self, instance: &str, action: &Digest) -> Result<Option<Bytes>> {
-        self.inner.get_action_result(instance, action)
-    }
-
-    async fn put_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-        result: Bytes,
-    ) -> Result<()> {
-        let r = self
-            .inner
-            .put_action_result(instance, action, &result)
-            .await;
-        self.inner.life.note_write(&r);
-        r
-    }
-
+#[async_trait]
+impl Housekeeping for SledStore {
     async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
         let inner = self.inner.clone();
         blocking(move || {
@@ -941,31 +915,6 @@ impl Store for SledStore {
 
     fn write_refusal(&self) -> Option<String> {
         self.inner.life.write_refusal()
-    }
-
-    fn clock(&self) -> u64 {
-        self.inner.life.now() as u64
-    }
-
-    async fn namespaces(&self) -> Result<Vec<NamespaceInfo>> {
-        Ok(self.inner.namespaces.list())
-    }
-
-    async fn invalidate_actions(&self, instance: &str, actions: &[Digest]) -> Result<u64> {
-        let (inner, instance, actions) =
-            (self.inner.clone(), instance.to_string(), actions.to_vec());
-        run_blocking(move || inner.invalidate_actions(&instance, &actions)).await
-    }
-
-    async fn invalidate_namespace(&self, instance: &str, reason: &str) -> Result<u64> {
-        let (inner, instance, reason) =
-            (self.inner.clone(), instance.to_string(), reason.to_string());
-        run_blocking(move || inner.invalidate_namespace(&instance, &reason)).await
-    }
-
-    async fn drop_namespace(&self, instance: &str) -> Result<u64> {
-        let (inner, instance) = (self.inner.clone(), instance.to_string());
-        run_blocking(move || inner.drop_namespace(&instance)).await
     }
 }
 

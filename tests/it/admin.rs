@@ -8,27 +8,18 @@ use std::path::Path;
 use std::time::Duration;
 
 use hoard::config::HumanDuration;
-use hoard::proto::admin::{GcRequest, GcResponse, StatsRequest, StatsResponse, VerifyRequest};
+use hoard::proto::admin::{GcRequest, GcResponse, VerifyRequest};
 use hoard::proto::reapi::{self, ActionResult, GetActionResultRequest, UpdateActionResultRequest};
 use hoard::store::{GcReport, StoreStats, VerifyReport};
 
 use crate::common::{
     batch_put, blob, blob_path, digest_of, hoard, hoard_with, json, missing, one_line_failure,
-    stdout, upload, TestServer,
+    stats, stdout, upload, TestServer,
 };
 
 /// Above the 64 KiB inline threshold: stored as a file under data_dir/cas/.
 const LARGE: usize = 200_000;
 const SMALL: usize = 1_000;
-
-async fn stats(server: &TestServer) -> StatsResponse {
-    server
-        .admin()
-        .stats(StatsRequest {})
-        .await
-        .expect("Stats")
-        .into_inner()
-}
 
 async fn gc(server: &TestServer, target: Option<u64>) -> GcResponse {
     server

@@ -65,17 +65,11 @@ impl TestServer {
 
     /// A server over a store the test opened itself (to move its clock, say); `config` gives
     /// the limits and the data dir it reports.
-    pub async fn start_store(
-        store: std::sync::Arc<dyn hoard::store::Store>,
-        config: Config,
-    ) -> Self {
-        Self::start_inner(config, Some(store)).await
+    pub async fn start_store(store: impl Into<hoard::store::Stores>, config: Config) -> Self {
+        Self::start_inner(config, Some(store.into())).await
     }
 
-    async fn start_inner(
-        config: Config,
-        store: Option<std::sync::Arc<dyn hoard::store::Store>>,
-    ) -> Self {
+    async fn start_inner(config: Config, store: Option<hoard::store::Stores>) -> Self {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind 127.0.0.1:0");
@@ -578,4 +572,14 @@ pub fn fill_disk(dir: &std::path::Path, name: &str) -> std::path::PathBuf {
     while f.write_all(&[0u8; 512]).is_ok() {}
     let _ = f.sync_all();
     path
+}
+
+/// The server's `hoard stats` figures, over the Admin service.
+pub async fn stats(server: &TestServer) -> hoard::proto::admin::StatsResponse {
+    server
+        .admin()
+        .stats(hoard::proto::admin::StatsRequest {})
+        .await
+        .expect("Stats")
+        .into_inner()
 }

@@ -348,7 +348,7 @@ async fn sigkill_during_writes_never_loses_an_acknowledged_write_or_leaves_a_wro
     assert!(cleaned, "the cleanup pass did not finish");
     server.terminate().await;
     let store = hoard::store::sled::SledStore::open(&data_dir, 64 << 10, 16 << 20).unwrap();
-    let report = hoard::store::Store::verify(&store).await.unwrap();
+    let report = hoard::store::Housekeeping::verify(&store).await.unwrap();
     assert!(report.corrupt.is_empty(), "{report:?}");
     assert_eq!(
         report.orphans_removed, 0,

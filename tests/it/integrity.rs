@@ -8,7 +8,7 @@ use hoard::proto::reapi::{
     batch_update_blobs_request, BatchReadBlobsRequest, BatchUpdateBlobsRequest,
     GetCapabilitiesRequest,
 };
-use hoard::store::Store;
+use hoard::store::Housekeeping;
 
 use crate::common::{
     batch_put, blob, blob_file, digest_of, download, missing, poll_until, read_name, temp_config,
@@ -308,7 +308,7 @@ async fn a_full_disk_refuses_writes_clearly_and_keeps_serving_reads() {
     .await
     .is_ok();
     assert!(stored, "eviction did not make room on the full disk");
-    let stats = hoard::store::Store::stats(&store).await.unwrap();
+    let stats = hoard::store::Housekeeping::stats(&store).await.unwrap();
     assert!(stats.evicted_blobs > 0, "{stats:?}");
     server.stop().await;
 }

@@ -43,8 +43,6 @@ const PERSIST_USE_EVERY: Duration = Duration::from_secs(60);
 /// Between shutdowns, a last use is written only once it moved this far (seconds): LRU order
 /// needs no finer grain, and every use of every blob must not become a write.
 const PERSIST_STEP: u32 = 600;
-/// How often expired action results are swept (they are also refused when looked up).
-const EXPIRE_AC_EVERY: Duration = Duration::from_secs(600);
 /// How often the maintenance loop looks at usage when nobody wakes it.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -95,7 +93,6 @@ pub(super) struct Lifecycle {
     high_pct: u64,
     low_pct: u64,
     min_retention: u32,
-    namespaces: NamespacesConfig,
     /// Added to the wall clock; only tests move it.
     clock_offset: AtomicU64,
     /// Charged bytes of blobs and action results: what `max_size` bounds.
@@ -106,13 +103,8 @@ pub(super) struct Lifecycle {
     file_bytes: AtomicU64,
     ac_count: AtomicU64,
     ac_bytes: AtomicU64,
-    cas_lookups: AtomicU64,
-    cas_hits: AtomicU64,
-    ac_lookups: AtomicU64,
-    ac_hits: AtomicU64,
     evicted_blobs: AtomicU64,
     evicted_bytes: AtomicU64,
-    expired_ac: AtomicU64,
     refused_writes: AtomicU64,
     /// Age at eviction of the most recently used blob evicted so far (`u64::MAX`: none).
     youngest_evicted_age: AtomicU64,
@@ -149,7 +141,6 @@ impl Lifecycle {
             high_pct: options.high_watermark as u64,
             low_pct: options.low_watermark as u64,
             min_retention: options.min_retention.as_secs().min(u32::MAX as u64) as u32,
-            namespaces: options.namespaces.clone(),
             clock_offset: AtomicU64::new(0),
             used: AtomicU64::new(0),
             reserved: AtomicU64::new(0),
@@ -157,13 +148,8 @@ impl Lifecycle {
             file_bytes: AtomicU64::new(0),
             ac_count: AtomicU64::new(0),
             ac_bytes: AtomicU64::new(0),
-            cas_lookups: AtomicU64::new(0),
-            cas_hits: AtomicU64::new(0),
-            ac_lookups: AtomicU64::new(0),
-            ac_hits: AtomicU64::new(0),
             evicted_blobs: AtomicU64::new(0),
             evicted_bytes: AtomicU64::new(0),
-            expired_ac: AtomicU64::new(0),
             refused_writes: AtomicU64::new(0),
             youngest_evicted_age: AtomicU64::new(u64::MAX),
             retention_blocked: AtomicBool::new(false),
@@ -209,7 +195,7 @@ impl Lifecycle {
         self.used.fetch_sub(charge, Relaxed);
     }
 
-    fn ac_changed(&self, added: Option<u64>, removed: Option<u64>) {
+    pub(super) fn ac_changed(&self, added: Option<u64>, removed: Option<u64>) {
         if let Some(n) = added {
             self.ac_count.fetch_add(1, Relaxed);
             self.ac_bytes.fetch_add(n, Relaxed);
@@ -389,11 +375,6 @@ impl Lifecycle {
         }
         Ok(())
     }
-
-    pub(super) fn count_cas_lookups(&self, asked: u64, found: u64) {
-        self.cas_lookups.fetch_add(asked, Relaxed);
-        self.cas_hits.fetch_add(found, Relaxed);
-    }
 }
 
 /// Room for one upload under `max_size`, given back when dropped. Large uploads grow theirs
@@ -462,55 +443,8 @@ impl Inner {
         Ok(())
     }
 
-    pub(super) fn get_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-    ) -> Result<Option<Bytes>> {
-        let life = &self.life;
-        life.ac_lookups.fetch_add(1, Relaxed);
-        let key = ac_key(instance, action);
-        let Some(value) = self.ac.get(&key)? else {
-            return Ok(None);
-        };
-        let Some((used, epoch)) = ac_header(&value) else {
-            self.remove_action_result(&key, &value)?;
-            return Ok(None);
-        };
-        let now = life.now();
-        if epoch < self.namespaces.epoch_and_touch(instance, now)? {
-            // Invalidated with its whole namespace; the space is reclaimed right here.
-            self.remove_action_result(&key, &value)?;
-            return Ok(None);
-        }
-        let ttl = life.namespaces.ac_ttl(instance).as_secs();
-        let idle = now.saturating_sub(used) as u64;
-        if ttl > 0 && idle > ttl {
-            if self.remove_action_result(&key, &value)? {
-                life.expired_ac.fetch_add(1, Relaxed);
-            }
-            return Ok(None);
-        }
-        // Record the use, coarsely: a hit rewrites the entry at most every ttl/16 (≤ 1h).
-        let coarse = if ttl > 0 {
-            (ttl / 16).clamp(1, 3600)
-        } else {
-            3600
-        };
-        if idle >= coarse {
-            let mut renewed = value.to_vec();
-            renewed[..4].copy_from_slice(&now.to_be_bytes());
-            // Losing the race to a concurrent update is fine: that one is newer.
-            let _ = self
-                .ac
-                .compare_and_swap(&key, Some(&value), Some(renewed))?;
-        }
-        life.ac_hits.fetch_add(1, Relaxed);
-        Ok(Some(Bytes::copy_from_slice(&value[AC_HEADER..])))
-    }
-
     /// Removes one action result if it still has `value`; true if it did.
-    fn remove_action_result(&self, key: &[u8], value: &sled::IVec) -> Result<bool> {
+    pub(super) fn remove_action_result(&self, key: &[u8], value: &sled::IVec) -> Result<bool> {
         let removed = self
             .ac
             .compare_and_swap(key, Some(value), None as Option<&[u8]>)?
@@ -519,77 +453,6 @@ impl Inner {
             self.life
                 .ac_changed(None, Some((key.len() + value.len()) as u64));
         }
-        Ok(removed)
-    }
-
-    /// Stores an action result; returns once it is durable (taken back if it cannot be).
-    pub(super) async fn put_action_result(
-        &self,
-        instance: &str,
-        action: &Digest,
-        result: &[u8],
-    ) -> Result<()> {
-        let key = ac_key(instance, action);
-        let charge = (key.len() + AC_HEADER + result.len()) as u64;
-        self.life.admit(charge)?;
-        let now = self.life.now();
-        let epoch = self.namespaces.epoch_and_touch(instance, now)?;
-        let mut value = Vec::with_capacity(AC_HEADER + result.len());
-        value.extend_from_slice(&now.to_be_bytes());
-        value.extend_from_slice(&epoch.to_be_bytes());
-        value.extend_from_slice(result);
-        let old = self.ac.insert(&key, value.clone())?;
-        let old_len = old.as_ref().map(|o| (key.len() + o.len()) as u64);
-        self.life.ac_changed(Some(charge), old_len);
-        if let Err(e) = self.commit.durable().await {
-            // Never acknowledged: put back what was there, unless a newer write replaced it.
-            if self
-                .ac
-                .compare_and_swap(&key, Some(value), old.clone())
-                .is_ok_and(|swapped| swapped.is_ok())
-            {
-                self.life.ac_changed(old_len, Some(charge));
-            }
-            return Err(e);
-        }
-        Ok(())
-    }
-
-    /// Removes the listed action results of `instance`; returns how many there were.
-    pub(super) fn invalidate_actions(&self, instance: &str, actions: &[Digest]) -> Result<u64> {
-        let mut removed = 0;
-        for action in actions {
-            let key = ac_key(instance, action);
-            if let Some(old) = self.ac.remove(&key)? {
-                self.life
-                    .ac_changed(None, Some((key.len() + old.len()) as u64));
-                removed += 1;
-            }
-        }
-        self.db.flush()?;
-        Ok(removed)
-    }
-
-    /// Bumps the epoch of `instance` and makes it durable before returning.
-    pub(super) fn invalidate_namespace(&self, instance: &str, reason: &str) -> Result<u64> {
-        let epoch = self.namespaces.bump(instance, self.life.now(), reason)?;
-        self.db.flush()?;
-        Ok(epoch)
-    }
-
-    /// Deletes every action result of `instance` and its record.
-    pub(super) fn drop_namespace(&self, instance: &str) -> Result<u64> {
-        let mut prefix = instance.as_bytes().to_vec();
-        prefix.push(0);
-        let mut removed = 0;
-        for entry in self.ac.scan_prefix(&prefix) {
-            let (key, value) = entry?;
-            if self.remove_action_result(&key, &value)? {
-                removed += 1;
-            }
-        }
-        self.namespaces.remove(instance)?;
-        self.db.flush()?;
         Ok(removed)
     }
 
@@ -610,7 +473,6 @@ impl Inner {
         // When last uses were last persisted: after a crash, later ones are known to be lost.
         self.atime
             .insert(PERSISTED_AT, &self.life.now().to_be_bytes())?;
-        self.namespaces.persist()?;
         Ok(())
     }
 
@@ -706,32 +568,6 @@ impl Inner {
             None => {}
         }
         Ok(Some(charge))
-    }
-
-    /// Drops action results unused for longer than their instance's TTL; returns how many.
-    fn expire_action_results(&self) -> Result<u64> {
-        let now = self.life.now();
-        let mut expired = 0;
-        for entry in self.ac.iter() {
-            let (key, value) = entry?;
-            let Some(sep) = key.iter().position(|&b| b == 0) else {
-                continue;
-            };
-            let instance = String::from_utf8_lossy(&key[..sep]);
-            let ttl = self.life.namespaces.ac_ttl(&instance).as_secs();
-            let stale = match ac_header(&value) {
-                Some((used, epoch)) => {
-                    (ttl > 0 && now.saturating_sub(used) as u64 > ttl)
-                        || epoch < self.namespaces.epoch(&instance)
-                }
-                None => true,
-            };
-            if stale && self.remove_action_result(&key, &value)? {
-                expired += 1;
-            }
-        }
-        self.life.expired_ac.fetch_add(expired, Relaxed);
-        Ok(expired)
     }
 
     /// Removes what no index entry names: blob files, inline data, last-use entries, and temp
@@ -869,16 +705,15 @@ impl Inner {
         Ok(report)
     }
 
-    /// Evicts down to `target` (the low watermark if `None`) and expires action results.
+    /// Evicts down to `target` (the low watermark if `None`).
     pub(super) fn gc(&self, target: Option<u64>) -> Result<GcReport> {
         let _pass = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
-        let expired = self.expire_action_results()?;
         let evicted = self.evict(target.unwrap_or_else(|| self.life.low()))?;
         self.life.retention_blocked.store(!evicted.reached, Relaxed);
         Ok(GcReport {
             evicted_blobs: evicted.blobs,
             evicted_bytes: evicted.bytes,
-            expired_action_results: expired,
+            expired_action_results: 0,
             used_bytes: self.life.used.load(Relaxed),
             reached_target: evicted.reached,
         })
@@ -899,14 +734,12 @@ impl Inner {
             evicted_blobs: l.evicted_blobs.load(Relaxed),
             evicted_bytes: l.evicted_bytes.load(Relaxed),
             youngest_evicted_age_secs: (youngest != u64::MAX).then_some(youngest),
-            expired_action_results: l.expired_ac.load(Relaxed),
-            cas_lookups: l.cas_lookups.load(Relaxed),
-            cas_hits: l.cas_hits.load(Relaxed),
-            ac_lookups: l.ac_lookups.load(Relaxed),
-            ac_hits: l.ac_hits.load(Relaxed),
+            // Lookups and expiries are counted above the backend (`store::counting`,
+            // `namespace::ActionResults`).
             refused_writes: l.refused_writes.load(Relaxed),
             write_refusal: l.write_refusal(),
             cleanup_pending: l.cleanup_pending.load(Relaxed),
+            ..StoreStats::default()
         }
     }
 
@@ -956,13 +789,6 @@ impl Inner {
 /// Bytes before the encoded ActionResult in an `ac` value: last use (u32), epoch (u64).
 pub(super) const AC_HEADER: usize = 12;
 
-/// Last use and epoch of an `ac` value.
-fn ac_header(value: &[u8]) -> Option<(u32, u64)> {
-    let used = u32::from_be_bytes(value.get(..4)?.try_into().ok()?);
-    let epoch = u64::from_be_bytes(value.get(4..AC_HEADER)?.try_into().ok()?);
-    Some((used, epoch))
-}
-
 /// Whether a blob file holds exactly the bytes of `digest` (full SHA-256).
 fn file_matches(path: &Path, digest: &Digest, buf: &mut [u8]) -> bool {
     let Ok(mut file) = std::fs::File::open(path) else {
@@ -1005,7 +831,6 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         }
     }
     let mut last_persist = Instant::now();
-    let mut last_expiry = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
@@ -1013,7 +838,6 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
         }
         let store = inner.clone();
         let persist = last_persist.elapsed() >= PERSIST_USE_EVERY;
-        let expire = last_expiry.elapsed() >= EXPIRE_AC_EVERY;
         let result = run_blocking(move || {
             // Keeps sled's cushion, and lifts a write refusal within a tick of space coming back.
             // While the disk cannot take writes, only eviction (which frees space) writes.
@@ -1026,18 +850,11 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             if persist {
                 store.persist_use(false)?;
             }
-            if expire {
-                let _pass = store.upkeep.lock().unwrap_or_else(|p| p.into_inner());
-                store.expire_action_results()?;
-            }
             Ok(())
         })
         .await;
         if persist {
             last_persist = Instant::now();
-        }
-        if expire {
-            last_expiry = Instant::now();
         }
         if let Err(e) = result {
             tracing::warn!(error = %e, "storage upkeep failed; retrying");
@@ -1048,7 +865,7 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::store::Store;
+    use crate::store::{ActionRecord, Cas as _, Housekeeping as _};
 
     #[tokio::test]
     async fn action_results_of_the_old_format_are_dropped_not_misread() {
@@ -1066,9 +883,18 @@ mod tests {
             store.flush().await.unwrap();
         }
         let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
-        assert_eq!(store.get_action_result("", &action).await.unwrap(), None);
-        store
-            .put_action_result("", &action, Bytes::from_static(b"new"))
+        assert_eq!(
+            crate::store::ActionStore::get(&store, "", &action)
+                .await
+                .unwrap(),
+            None
+        );
+        let record = ActionRecord {
+            last_used: 1,
+            epoch: 0,
+            result: Bytes::from_static(b"new"),
+        };
+        crate::store::ActionStore::put(&store, "", &action, record.clone())
             .await
             .unwrap();
         store.flush().await.unwrap();
@@ -1076,8 +902,10 @@ mod tests {
         // Format 2 data is kept across restarts.
         let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
         assert_eq!(
-            store.get_action_result("", &action).await.unwrap(),
-            Some(Bytes::from_static(b"new"))
+            crate::store::ActionStore::get(&store, "", &action)
+                .await
+                .unwrap(),
+            Some(record)
         );
         assert_eq!(store.stats().await.unwrap().action_results, 1);
     }

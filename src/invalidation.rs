@@ -1,0 +1,259 @@
+//! The invalidation workflow, one for every front (the Admin service today; webhooks and
+//! replicas later): serialize, change the store, announce each change on the watch log, and
+//! return once the announcements are durable.
+//!
+//! The store change comes first and is durable when it returns, so a watcher never hears of an
+//! invalidation a crash could undo; changes are serialized, so events follow their order (two
+//! bumps of one namespace never announce epoch 3 before 2); the caller's reply names sequences
+//! that survive a crash. Requests are validated by the front.
+
+use std::sync::Arc;
+
+use tokio::sync::Mutex;
+
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::namespace::{glob_match, ActionResults};
+use crate::proto::admin::{InvalidatedNamespace, PrunedNamespace};
+use crate::store::NamespaceInfo;
+use crate::watch::{Event, EventLog};
+
+/// What to invalidate.
+pub enum Target<'a> {
+    /// The listed action results of one namespace.
+    Actions(&'a str, &'a [Digest]),
+    /// All of one namespace (an epoch bump).
+    Namespace(&'a str),
+    /// Every known namespace whose name matches the pattern.
+    Pattern(&'a str),
+}
+
+/// Invalidates and prunes namespaces, announcing every change.
+pub struct Invalidation {
+    results: Arc<ActionResults>,
+    events: Arc<EventLog>,
+    /// Held while a change is made and announced.
+    serial: Mutex<()>,
+}
+
+impl Invalidation {
+    pub fn new(results: Arc<ActionResults>, events: Arc<EventLog>) -> Self {
+        Invalidation {
+            results,
+            events,
+            serial: Mutex::new(()),
+        }
+    }
+
+    /// The clock namespaces' last uses are measured by (Unix seconds).
+    pub fn clock(&self) -> u64 {
+        self.results.clock()
+    }
+
+    /// Known namespaces whose names match `pattern` (all of them for "").
+    pub fn matching(&self, pattern: &str) -> Vec<NamespaceInfo> {
+        let mut all = self.results.namespaces();
+        if !pattern.is_empty() {
+            all.retain(|ns| glob_match(pattern, &ns.name));
+        }
+        all
+    }
+
+    /// Invalidates `target`, recording `reason`; `peer` is for the log.
+    pub async fn invalidate(
+        &self,
+        target: Target<'_>,
+        reason: &str,
+        peer: &str,
+    ) -> Result<Vec<InvalidatedNamespace>> {
+        let _serial = self.serial.lock().await;
+        let mut done = Vec::new();
+        match target {
+            Target::Actions(name, actions) => {
+                done.push(self.invalidate_actions(name, actions, reason, peer).await?);
+            }
+            Target::Namespace(name) => {
+                done.push(self.invalidate_namespace(name, reason, peer).await?);
+            }
+            Target::Pattern(pattern) => {
+                let names: Vec<String> = self
+                    .matching(pattern)
+                    .into_iter()
+                    .map(|ns| ns.name)
+                    .collect();
+                tracing::info!(
+                    pattern,
+                    matched = names.len(),
+                    reason,
+                    peer,
+                    "invalidating the namespaces matching a pattern"
+                );
+                for name in &names {
+                    match self.invalidate_namespace(name, reason, peer).await {
+                        Ok(one) => done.push(one),
+                        // The ones before stay invalidated (and announced): say which.
+                        Err(e) => {
+                            let before: Vec<&str> = done.iter().map(|d| d.name.as_str()).collect();
+                            return Err(Error::internal(
+                                format!(
+                                    "invalidating {name:?} (after invalidating {before:?} of the \
+                                     {} namespaces matching {pattern:?})",
+                                    names.len()
+                                ),
+                                e,
+                            ));
+                        }
+                    }
+                }
+            }
+        }
+        let last = done
+            .iter()
+            .flat_map(|d| d.event_sequences.last())
+            .max()
+            .copied();
+        self.settle(last).await;
+        Ok(done)
+    }
+
+    /// Drops the namespaces matching `pattern` unused for `idle_secs` or more (only lists
+    /// them if `dry_run`), recording `reason`.
+    pub async fn prune(
+        &self,
+        pattern: &str,
+        idle_secs: u64,
+        reason: &str,
+        dry_run: bool,
+        peer: &str,
+    ) -> Result<Vec<PrunedNamespace>> {
+        let _serial = self.serial.lock().await;
+        let now = self.clock();
+        // A namespace used between this listing and its drop is dropped all the same; its
+        // results are then computed again, which a cache may always ask of its clients.
+        let idle: Vec<NamespaceInfo> = self
+            .matching(pattern)
+            .into_iter()
+            .filter(|ns| now.saturating_sub(ns.last_used) >= idle_secs)
+            .collect();
+        tracing::info!(
+            idle_seconds = idle_secs,
+            pattern,
+            matched = idle.len(),
+            dry_run,
+            reason,
+            peer,
+            "pruning idle namespaces"
+        );
+        let mut pruned = Vec::with_capacity(idle.len());
+        for ns in idle {
+            let mut one = PrunedNamespace {
+                name: ns.name,
+                last_used_unix_secs: ns.last_used,
+                removed: 0,
+                event_sequence: 0,
+            };
+            if !dry_run {
+                let name = one.name.as_str();
+                one.removed = self.results.drop_namespace(name).await?;
+                tracing::info!(
+                    namespace = name,
+                    removed = one.removed,
+                    reason,
+                    peer,
+                    "namespace dropped"
+                );
+                let change = format!("namespace {name:?} was dropped");
+                one.event_sequence =
+                    self.announce(Event::namespace_dropped(name, reason), &change)?;
+            }
+            pruned.push(one);
+        }
+        self.settle(
+            pruned
+                .iter()
+                .map(|p| p.event_sequence)
+                .max()
+                .filter(|&s| s > 0),
+        )
+        .await;
+        Ok(pruned)
+    }
+
+    /// Invalidates `actions` of `name`: one store call, then one event per action.
+    async fn invalidate_actions(
+        &self,
+        name: &str,
+        actions: &[Digest],
+        reason: &str,
+        peer: &str,
+    ) -> Result<InvalidatedNamespace> {
+        let removed = self.results.remove(name, actions).await?;
+        tracing::info!(
+            namespace = name,
+            actions = actions.len(),
+            removed,
+            reason,
+            peer,
+            "action results invalidated"
+        );
+        let change = format!(
+            "{} actions of namespace {name:?} were invalidated",
+            actions.len()
+        );
+        let event_sequences = actions
+            .iter()
+            .map(|a| self.announce(Event::action_invalidated(name, *a, reason), &change))
+            .collect::<Result<Vec<u64>>>()?;
+        Ok(InvalidatedNamespace {
+            name: name.to_string(),
+            epoch: 0,
+            removed,
+            event_sequences,
+        })
+    }
+
+    /// Bumps the epoch of `name`, then announces it.
+    async fn invalidate_namespace(
+        &self,
+        name: &str,
+        reason: &str,
+        peer: &str,
+    ) -> Result<InvalidatedNamespace> {
+        let epoch = self.results.bump_epoch(name, reason).await?;
+        tracing::info!(
+            namespace = name,
+            epoch,
+            reason,
+            peer,
+            "namespace invalidated"
+        );
+        let change = format!("namespace {name:?} was invalidated (epoch {epoch})");
+        let seq = self.announce(Event::namespace_invalidated(name, epoch, reason), &change)?;
+        Ok(InvalidatedNamespace {
+            name: name.to_string(),
+            epoch,
+            removed: 0,
+            event_sequences: vec![seq],
+        })
+    }
+
+    /// Publishes an event for a change the store has already made durable.
+    fn announce(&self, event: Event, change: &str) -> Result<u64> {
+        self.events.publish(event).map_err(|e| {
+            Error::internal(
+                format!("{change}, but its watch event could not be recorded"),
+                e,
+            )
+        })
+    }
+
+    /// Waits until the events up to `last` can be sent to watchers, so the sequences in the reply
+    /// survive a crash. Only a shutdown stops this; the store's final flush then persists them.
+    async fn settle(&self, last: Option<u64>) {
+        if let Some(last) = last {
+            if let Err(e) = self.events.wait_durable(last).await {
+                tracing::warn!(error = %e, last, "invalidation events recorded, not yet fsynced");
+            }
+        }
+    }
+}

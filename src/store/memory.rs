@@ -1,0 +1,670 @@
+//! The memory backend (`storage.backend = "memory"`): blobs, action results and namespace
+//! records in RAM, bounded by `storage.max_size`, gone at exit. For ephemeral CI runners and
+//! tests. Same promises as the sled backend apart from durability: every write verified
+//! before it is visible, least recently used blobs evicted first, and never a blob used within
+//! `storage.min_retention` (writes are refused instead, saying why).
+//!
+//! One lock per map; none is held across an `.await`. Eviction runs on the write that needs
+//! the room (a scan of the blobs, fine at the sizes RAM holds) and in the background between
+//! the watermarks.
+
+use std::collections::{BTreeMap, HashMap};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::StreamExt;
+use parking_lot::Mutex;
+
+use super::{
+    ActionRecord, ActionStore, BlobStream, Cas, DeadRecord, GcReport, Housekeeping, NamespaceInfo,
+    StoreStats, Upload, VerifyReport,
+};
+use crate::config::Config;
+use crate::digest::{verify, Digest, Verifier};
+use crate::error::{Error, Result};
+
+/// `max_size` when the config leaves it at 0.
+const DEFAULT_MAX_SIZE: u64 = 1 << 30;
+/// What one stored action result costs beyond its key and bytes.
+const AC_OVERHEAD: u64 = 12;
+/// How often background eviction looks at the watermarks.
+const TICK: Duration = Duration::from_secs(1);
+
+/// An in-memory store; cheap to clone (clones share the data).
+#[derive(Clone)]
+pub struct MemoryStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    blobs: Mutex<Blobs>,
+    /// (namespace, action) → record.
+    actions: Mutex<BTreeMap<(String, Digest), ActionRecord>>,
+    namespaces: Mutex<BTreeMap<String, NamespaceInfo>>,
+    /// Uploads in progress by id: resumable while the process runs.
+    uploads: Mutex<HashMap<String, Partial>>,
+    max_size: u64,
+    high: u64,
+    low: u64,
+    min_retention: u32,
+    /// Added to the system clock (tests move it forward).
+    clock_offset: AtomicU64,
+    evicted_blobs: AtomicU64,
+    evicted_bytes: AtomicU64,
+    /// Seconds between last use and eviction of the most recently used blob evicted.
+    youngest_evicted_age: AtomicU64,
+    refused_writes: AtomicU64,
+    /// The last eviction could not reach its target: the rest is within `min_retention`.
+    retention_blocked: AtomicBool,
+}
+
+#[derive(Default)]
+struct Blobs {
+    map: HashMap<Digest, Stored>,
+    /// Bytes of stored blobs plus action results.
+    used: u64,
+    /// Bytes held by uploads in progress.
+    reserved: u64,
+}
+
+struct Stored {
+    data: Bytes,
+    last_used: u32,
+}
+
+/// An upload's bytes so far.
+struct Partial {
+    digest: Digest,
+    data: BytesMut,
+    /// Another stream is writing it.
+    claimed: bool,
+    touched: Instant,
+}
+
+impl MemoryStore {
+    pub fn from_config(config: &Config) -> Result<Self> {
+        let s = &config.storage;
+        let max_size = match s.max_size.0 {
+            0 => DEFAULT_MAX_SIZE,
+            n => n,
+        };
+        Ok(MemoryStore {
+            inner: Arc::new(Inner {
+                blobs: Mutex::new(Blobs::default()),
+                actions: Mutex::new(BTreeMap::new()),
+                namespaces: Mutex::new(BTreeMap::new()),
+                uploads: Mutex::new(HashMap::new()),
+                max_size,
+                high: max_size / 100 * s.high_watermark as u64,
+                low: max_size / 100 * s.low_watermark as u64,
+                min_retention: s.min_retention.0.as_secs().min(u32::MAX as u64) as u32,
+                clock_offset: AtomicU64::new(0),
+                evicted_blobs: AtomicU64::new(0),
+                evicted_bytes: AtomicU64::new(0),
+                youngest_evicted_age: AtomicU64::new(u64::MAX),
+                refused_writes: AtomicU64::new(0),
+                retention_blocked: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// Moves the store's clock forward (tests of retention and TTL).
+    pub fn advance_clock(&self, by: Duration) {
+        self.inner.clock_offset.fetch_add(by.as_secs(), Relaxed);
+    }
+}
+
+impl Inner {
+    fn now(&self) -> u32 {
+        let system = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_secs());
+        (system + self.clock_offset.load(Relaxed)).min(u32::MAX as u64) as u32
+    }
+
+    /// The blob's bytes, recording a use.
+    fn touch(&self, digest: &Digest) -> Option<Bytes> {
+        let now = self.now();
+        let mut blobs = self.blobs.lock();
+        let stored = blobs.map.get_mut(digest)?;
+        stored.last_used = stored.last_used.max(now);
+        Some(stored.data.clone())
+    }
+
+    /// Makes room for `charge` more bytes (evicting blobs unused within `min_retention`, least
+    /// recently used first) and takes it into `used` (or `reserved`), or refuses the write.
+    fn admit(&self, blobs: &mut Blobs, charge: u64, reserve: bool) -> Result<()> {
+        if blobs.used + blobs.reserved + charge > self.max_size {
+            let target = self.max_size.saturating_sub(charge).min(self.low);
+            self.evict(blobs, target);
+        }
+        if blobs.used + blobs.reserved + charge > self.max_size {
+            self.refused_writes.fetch_add(1, Relaxed);
+            let used = blobs.used + blobs.reserved;
+            return Err(Error::ResourceExhausted(if charge > self.max_size {
+                format!(
+                    "a write of {charge} bytes cannot fit: storage.max_size is {} bytes",
+                    self.max_size
+                )
+            } else {
+                format!(
+                    "cache is full: {used} of max_size {} bytes are used and every stored blob \
+                     was used within storage.min_retention ({}s), which hoard promises not to \
+                     evict; raise storage.max_size or lower storage.min_retention",
+                    self.max_size, self.min_retention
+                )
+            }));
+        }
+        if reserve {
+            blobs.reserved += charge;
+        } else {
+            blobs.used += charge;
+        }
+        Ok(())
+    }
+
+    /// Evicts blobs unused within `min_retention`, least recently used first, until usage is
+    /// at most `target`; returns (blobs, bytes) evicted.
+    fn evict(&self, blobs: &mut Blobs, target: u64) -> (u64, u64) {
+        let usage = |b: &Blobs| b.used + b.reserved;
+        if usage(blobs) <= target {
+            self.retention_blocked.store(false, Relaxed);
+            return (0, 0);
+        }
+        let now = self.now();
+        let cutoff = now.saturating_sub(self.min_retention);
+        let mut victims: Vec<(u32, Digest)> = blobs
+            .map
+            .iter()
+            .filter(|(_, s)| s.last_used < cutoff)
+            .map(|(d, s)| (s.last_used, *d))
+            .collect();
+        victims.sort_unstable();
+        let (mut count, mut bytes) = (0, 0);
+        for (used, digest) in victims {
+            if usage(blobs) <= target {
+                break;
+            }
+            if let Some(gone) = blobs.map.remove(&digest) {
+                let size = gone.data.len() as u64;
+                blobs.used -= size;
+                count += 1;
+                bytes += size;
+                let age = now.saturating_sub(used) as u64;
+                self.youngest_evicted_age.fetch_min(age, Relaxed);
+            }
+        }
+        self.evicted_blobs.fetch_add(count, Relaxed);
+        self.evicted_bytes.fetch_add(bytes, Relaxed);
+        self.retention_blocked.store(usage(blobs) > target, Relaxed);
+        (count, bytes)
+    }
+
+    /// Stores a verified blob (a no-op if it is there already, but for recording the use).
+    fn insert(&self, digest: &Digest, data: Bytes, reserved: u64) -> Result<()> {
+        let mut blobs = self.blobs.lock();
+        blobs.reserved -= reserved.min(blobs.reserved);
+        let now = self.now();
+        if let Some(stored) = blobs.map.get_mut(digest) {
+            stored.last_used = stored.last_used.max(now);
+            return Ok(());
+        }
+        self.admit(&mut blobs, digest.size, false)?;
+        blobs.map.insert(
+            *digest,
+            Stored {
+                data,
+                last_used: now,
+            },
+        );
+        Ok(())
+    }
+
+    fn record_charge(namespace: &str, record: &ActionRecord) -> u64 {
+        (namespace.len() + 32) as u64 + record.result.len() as u64 + AC_OVERHEAD
+    }
+
+    /// Gives back the bytes of removed action records.
+    fn release(&self, bytes: u64) {
+        let mut blobs = self.blobs.lock();
+        blobs.used -= bytes.min(blobs.used);
+    }
+}
+
+#[async_trait]
+impl Cas for MemoryStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let now = self.inner.now();
+        let mut blobs = self.inner.blobs.lock();
+        Ok(digests
+            .iter()
+            .filter(|d| {
+                if d.is_empty_blob() {
+                    return false;
+                }
+                match blobs.map.get_mut(d) {
+                    Some(s) => {
+                        s.last_used = s.last_used.max(now);
+                        false
+                    }
+                    None => true,
+                }
+            })
+            .copied()
+            .collect())
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+        chunk_size: usize,
+    ) -> Result<Option<BlobStream>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(futures::stream::empty().boxed()));
+        }
+        let Some(data) = self.inner.touch(digest) else {
+            return Ok(None);
+        };
+        let end = match limit {
+            Some(l) => digest.size.min(offset.saturating_add(l)),
+            None => digest.size,
+        };
+        let data = data.slice(offset.min(end) as usize..end as usize);
+        let step = chunk_size.max(1);
+        let chunks: Vec<Result<Bytes>> = (0..data.len())
+            .step_by(step)
+            .map(|at| Ok(data.slice(at..data.len().min(at + step))))
+            .collect();
+        Ok(Some(futures::stream::iter(chunks).boxed()))
+    }
+
+    async fn begin_upload(
+        &self,
+        upload_id: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Box<dyn Upload>> {
+        let mut uploads = self.inner.uploads.lock();
+        let resumed = match uploads.get(upload_id) {
+            Some(p) if p.claimed => {
+                return Err(Error::Aborted(format!(
+                    "upload {upload_id} is already being written by another stream; retry later"
+                )))
+            }
+            Some(p) if offset > 0 && p.digest == *digest => {
+                let have = p.data.len() as u64;
+                if have != offset {
+                    return Err(Error::InvalidArgument(format!(
+                        "write_offset {offset} for upload {upload_id} of {digest} does not match \
+                         the {have} bytes stored so far; resume at offset {have} or restart at 0"
+                    )));
+                }
+                true
+            }
+            _ if offset > 0 => {
+                return Err(Error::InvalidArgument(format!(
+                    "write_offset {offset} for upload {upload_id} of {digest}: no bytes of it \
+                     are stored, so the write must start at offset 0"
+                )))
+            }
+            _ => false,
+        };
+        if !resumed {
+            if let Some(old) = uploads.remove(upload_id) {
+                let mut blobs = self.inner.blobs.lock();
+                blobs.reserved -= (old.data.len() as u64).min(blobs.reserved);
+            }
+            if digest.size > self.inner.max_size {
+                self.inner.refused_writes.fetch_add(1, Relaxed);
+                return Err(Error::ResourceExhausted(format!(
+                    "blob {digest} cannot fit: storage.max_size is {} bytes",
+                    self.inner.max_size
+                )));
+            }
+        }
+        let partial = uploads
+            .entry(upload_id.to_string())
+            .or_insert_with(|| Partial {
+                digest: *digest,
+                data: BytesMut::new(),
+                claimed: false,
+                touched: Instant::now(),
+            });
+        partial.claimed = true;
+        partial.touched = Instant::now();
+        let mut verifier = Verifier::new(*digest);
+        verifier.update(&partial.data)?;
+        Ok(Box::new(MemoryUpload {
+            store: self.inner.clone(),
+            id: upload_id.to_string(),
+            digest: *digest,
+            verifier,
+        }))
+    }
+
+    async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>> {
+        let uploads = self.inner.uploads.lock();
+        Ok(uploads
+            .get(upload_id)
+            .filter(|p| p.digest == *digest)
+            .map(|p| p.data.len() as u64))
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Bytes::new()));
+        }
+        Ok(self.inner.touch(digest))
+    }
+
+    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        verify(*digest, &data)?;
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        self.inner.insert(digest, data, 0)
+    }
+}
+
+/// An upload collected in the store's upload map, so a stream that breaks off can resume.
+struct MemoryUpload {
+    store: Arc<Inner>,
+    id: String,
+    digest: Digest,
+    verifier: Verifier,
+}
+
+impl MemoryUpload {
+    fn release_claim(&self) {
+        if let Some(p) = self.store.uploads.lock().get_mut(&self.id) {
+            p.claimed = false;
+        }
+    }
+}
+
+#[async_trait]
+impl Upload for MemoryUpload {
+    fn committed(&self) -> u64 {
+        self.verifier.seen()
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<()> {
+        self.verifier.update(&data)?;
+        {
+            let mut blobs = self.store.blobs.lock();
+            self.store.admit(&mut blobs, data.len() as u64, true)?;
+        }
+        let mut uploads = self.store.uploads.lock();
+        let Some(partial) = uploads.get_mut(&self.id) else {
+            // Swept away meanwhile (abandoned for `abandoned_upload_age`): start again.
+            let mut blobs = self.store.blobs.lock();
+            blobs.reserved -= (data.len() as u64).min(blobs.reserved);
+            return Err(Error::Aborted(format!(
+                "upload {} was removed while it was written; restart it at offset 0",
+                self.id
+            )));
+        };
+        partial.data.extend_from_slice(&data);
+        partial.touched = Instant::now();
+        Ok(())
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        std::mem::replace(&mut self.verifier, Verifier::new(self.digest)).finish()?;
+        let partial = self.store.uploads.lock().remove(&self.id);
+        let Some(partial) = partial else {
+            return Err(Error::Aborted(format!(
+                "upload {} was removed while it was written; restart it at offset 0",
+                self.id
+            )));
+        };
+        let held = partial.data.len() as u64;
+        if self.digest.is_empty_blob() {
+            return Ok(());
+        }
+        self.store.insert(&self.digest, partial.data.freeze(), held)
+    }
+}
+
+impl Drop for MemoryUpload {
+    fn drop(&mut self) {
+        self.release_claim();
+    }
+}
+
+#[async_trait]
+impl ActionStore for MemoryStore {
+    async fn get(&self, namespace: &str, action: &Digest) -> Result<Option<ActionRecord>> {
+        let actions = self.inner.actions.lock();
+        Ok(actions.get(&(namespace.to_string(), *action)).cloned())
+    }
+
+    async fn put(&self, namespace: &str, action: &Digest, record: ActionRecord) -> Result<()> {
+        let charge = Inner::record_charge(namespace, &record);
+        {
+            let mut blobs = self.inner.blobs.lock();
+            self.inner.admit(&mut blobs, charge, false)?;
+        }
+        let old = self
+            .inner
+            .actions
+            .lock()
+            .insert((namespace.to_string(), *action), record);
+        if let Some(old) = old {
+            self.inner.release(Inner::record_charge(namespace, &old));
+        }
+        Ok(())
+    }
+
+    async fn replace(
+        &self,
+        namespace: &str,
+        action: &Digest,
+        seen: &ActionRecord,
+        new: Option<ActionRecord>,
+    ) -> Result<bool> {
+        let key = (namespace.to_string(), *action);
+        let mut actions = self.inner.actions.lock();
+        if actions.get(&key) != Some(seen) {
+            return Ok(false);
+        }
+        let before = Inner::record_charge(namespace, seen);
+        match new {
+            // Only the last use changes: same size.
+            Some(record) => {
+                actions.insert(key, record);
+            }
+            None => {
+                actions.remove(&key);
+                drop(actions);
+                self.inner.release(before);
+            }
+        }
+        Ok(true)
+    }
+
+    async fn remove(&self, namespace: &str, actions: &[Digest]) -> Result<u64> {
+        let mut freed = 0;
+        let mut removed = 0;
+        {
+            let mut map = self.inner.actions.lock();
+            for action in actions {
+                if let Some(old) = map.remove(&(namespace.to_string(), *action)) {
+                    freed += Inner::record_charge(namespace, &old);
+                    removed += 1;
+                }
+            }
+        }
+        self.inner.release(freed);
+        Ok(removed)
+    }
+
+    async fn remove_namespace(&self, namespace: &str) -> Result<u64> {
+        let mut freed = 0;
+        let mut removed = 0;
+        {
+            let mut map = self.inner.actions.lock();
+            map.retain(|(ns, _), record| {
+                if ns != namespace {
+                    return true;
+                }
+                freed += Inner::record_charge(ns, record);
+                removed += 1;
+                false
+            });
+        }
+        self.inner.release(freed);
+        self.inner.namespaces.lock().remove(namespace);
+        Ok(removed)
+    }
+
+    async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
+        let mut freed = 0;
+        let mut removed = 0;
+        {
+            let mut map = self.inner.actions.lock();
+            map.retain(|(ns, _), record| {
+                if !dead(ns, record) {
+                    return true;
+                }
+                freed += Inner::record_charge(ns, record);
+                removed += 1;
+                false
+            });
+        }
+        self.inner.release(freed);
+        Ok(removed)
+    }
+
+    async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>> {
+        Ok(self.inner.namespaces.lock().values().cloned().collect())
+    }
+
+    async fn save_namespaces(&self, records: &[NamespaceInfo], _durable: bool) -> Result<()> {
+        let mut map = self.inner.namespaces.lock();
+        for r in records {
+            map.insert(r.name.clone(), r.clone());
+        }
+        Ok(())
+    }
+
+    fn clock(&self) -> u64 {
+        self.inner.now() as u64
+    }
+}
+
+#[async_trait]
+impl Housekeeping for MemoryStore {
+    async fn stats(&self) -> Result<StoreStats> {
+        let inner = &self.inner;
+        let (action_results, action_result_bytes) = {
+            let map = inner.actions.lock();
+            (
+                map.len() as u64,
+                map.values().map(|r| r.result.len() as u64).sum(),
+            )
+        };
+        let blobs = inner.blobs.lock();
+        let youngest = inner.youngest_evicted_age.load(Relaxed);
+        Ok(StoreStats {
+            blobs: blobs.map.len() as u64,
+            blob_bytes: blobs.map.values().map(|s| s.data.len() as u64).sum(),
+            action_results,
+            action_result_bytes,
+            used_bytes: blobs.used,
+            max_size: inner.max_size,
+            disk_bytes: 0,
+            min_retention_secs: inner.min_retention as u64,
+            evicted_blobs: inner.evicted_blobs.load(Relaxed),
+            evicted_bytes: inner.evicted_bytes.load(Relaxed),
+            youngest_evicted_age_secs: (youngest != u64::MAX).then_some(youngest),
+            refused_writes: inner.refused_writes.load(Relaxed),
+            write_refusal: self.write_refusal(),
+            ..StoreStats::default()
+        })
+    }
+
+    async fn gc(&self, target: Option<u64>) -> Result<GcReport> {
+        let mut blobs = self.inner.blobs.lock();
+        let target = target.unwrap_or(self.inner.low);
+        let (evicted_blobs, evicted_bytes) = self.inner.evict(&mut blobs, target);
+        Ok(GcReport {
+            evicted_blobs,
+            evicted_bytes,
+            expired_action_results: 0,
+            used_bytes: blobs.used,
+            reached_target: blobs.used + blobs.reserved <= target,
+        })
+    }
+
+    async fn verify(&self) -> Result<VerifyReport> {
+        let mut report = VerifyReport::default();
+        let mut blobs = self.inner.blobs.lock();
+        let mut corrupt = Vec::new();
+        for (digest, stored) in &blobs.map {
+            report.checked_blobs += 1;
+            report.checked_bytes += stored.data.len() as u64;
+            if verify(*digest, &stored.data).is_err() {
+                corrupt.push(*digest);
+            }
+        }
+        for digest in corrupt {
+            if let Some(gone) = blobs.map.remove(&digest) {
+                blobs.used -= gone.data.len() as u64;
+            }
+            report.corrupt.push(digest.to_string());
+        }
+        Ok(report)
+    }
+
+    async fn maintain(&self) {
+        let mut ticks = tokio::time::interval(TICK);
+        loop {
+            ticks.tick().await;
+            let mut blobs = self.inner.blobs.lock();
+            if blobs.used + blobs.reserved > self.inner.high {
+                self.inner.evict(&mut blobs, self.inner.low);
+            }
+        }
+    }
+
+    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
+        let mut freed = 0;
+        let mut removed = 0;
+        {
+            let mut uploads = self.inner.uploads.lock();
+            uploads.retain(|_, p| {
+                if p.claimed || p.touched.elapsed() < max_age {
+                    return true;
+                }
+                freed += p.data.len() as u64;
+                removed += 1;
+                false
+            });
+        }
+        let mut blobs = self.inner.blobs.lock();
+        blobs.reserved -= freed.min(blobs.reserved);
+        Ok(removed)
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        let blobs = self.inner.blobs.lock();
+        (self.inner.retention_blocked.load(Relaxed)
+            && blobs.used + blobs.reserved >= self.inner.high)
+            .then(|| {
+                format!(
+                    "cache is full of blobs used within storage.min_retention ({}s)",
+                    self.inner.min_retention
+                )
+            })
+    }
+
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
