@@ -35,12 +35,13 @@ use std::collections::HashSet;
 use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
-use std::sync::{Arc, Mutex, RwLock};
+use std::sync::Arc;
 use std::time::{Duration, SystemTime};
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
+use parking_lot::{Mutex, MutexGuard, RwLock};
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use xxhash_rust::xxh3::{xxh3_64, Xxh3};
@@ -396,10 +397,8 @@ impl Inner {
     }
 
     /// The lock stripe of a hash (see `Inner::stripes`).
-    fn stripe(&self, digest: &Digest) -> std::sync::MutexGuard<'_, ()> {
-        self.stripes[digest.hash[1] as usize % STRIPES]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn stripe(&self, digest: &Digest) -> MutexGuard<'_, ()> {
+        self.stripes[digest.hash[1] as usize % STRIPES].lock()
     }
 
     /// Stores a small blob in sled; returns once it is durable.
@@ -412,7 +411,7 @@ impl Inner {
     async fn try_put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         self.life.admit(self.charge(digest.size))?;
         let ours = {
-            let _gate = self.inline_gate.read().unwrap_or_else(|p| p.into_inner());
+            let _gate = self.inline_gate.read();
             let id = self.db.generate_id()?;
             self.blobs.insert(id.to_be_bytes(), data)?;
             let entry = encode_entry(Location::Inline { id }, digest.size, self.life.now());
@@ -891,7 +890,7 @@ impl Store for SledStore {
         // A cleanup or verify pass still running stops at its next blob (and runs again later).
         self.inner.life.stop();
         run_blocking(move || {
-            let _no_pass_running = inner.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+            let _no_pass_running = inner.upkeep.lock();
             // Every acknowledged write is durable already (group commit). On a disk that cannot
             // take writes, what is left (last uses, the snapshot, the clean mark) is skipped:
             // the next start then counts as unclean, which keeps the retention promise.
@@ -1366,10 +1365,7 @@ struct UploadGuard {
 
 impl UploadGuard {
     fn claim(store: &Arc<Inner>, id: &str) -> Result<Self> {
-        let mut active = store
-            .active_uploads
-            .lock()
-            .map_err(|_| Error::internal("upload registry", "lock poisoned"))?;
+        let mut active = store.active_uploads.lock();
         if !active.insert(id.to_string()) {
             return Err(Error::Aborted(format!(
                 "upload {id} is already being written by another stream; retry later"
@@ -1384,9 +1380,7 @@ impl UploadGuard {
 
 impl Drop for UploadGuard {
     fn drop(&mut self) {
-        if let Ok(mut active) = self.store.active_uploads.lock() {
-            active.remove(&self.id);
-        }
+        self.store.active_uploads.lock().remove(&self.id);
     }
 }
 

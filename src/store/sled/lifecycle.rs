@@ -737,7 +737,7 @@ impl Inner {
     /// Removes what no index entry names: blob files, inline data, last-use entries, and temp
     /// files from before the store opened. Returns (pieces, bytes) removed.
     fn remove_orphans(&self) -> Result<(u64, u64)> {
-        let _pass = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+        let _pass = self.upkeep.lock();
         let (mut pieces, mut bytes) = (0u64, 0u64);
         // Temp files of whole-blob writes never outlive a process.
         for entry in std::fs::read_dir(self.files.uploads_dir())? {
@@ -796,7 +796,7 @@ impl Inner {
         // Inline data: ids taken before this point belong to finished writes (the gate waits
         // for writes in progress), so any of them no index entry names is an orphan.
         let first_unsettled = {
-            let _all_settled = self.inline_gate.write().unwrap_or_else(|p| p.into_inner());
+            let _all_settled = self.inline_gate.write();
             self.db.generate_id()?
         };
         let mut named = HashSet::new();
@@ -871,7 +871,7 @@ impl Inner {
 
     /// Evicts down to `target` (the low watermark if `None`) and expires action results.
     pub(super) fn gc(&self, target: Option<u64>) -> Result<GcReport> {
-        let _pass = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+        let _pass = self.upkeep.lock();
         let expired = self.expire_action_results()?;
         let evicted = self.evict(target.unwrap_or_else(|| self.life.low()))?;
         self.life.retention_blocked.store(!evicted.reached, Relaxed);
@@ -928,7 +928,7 @@ impl Inner {
             target = target.min(usage.saturating_sub(margin));
         }
         let started = Instant::now();
-        let _pass = self.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+        let _pass = self.upkeep.lock();
         let evicted = self.evict(target)?;
         life.retention_blocked.store(!evicted.reached, Relaxed);
         if disk_full && evicted.blobs > 0 {
@@ -1027,7 +1027,7 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
                 store.persist_use(false)?;
             }
             if expire {
-                let _pass = store.upkeep.lock().unwrap_or_else(|p| p.into_inner());
+                let _pass = store.upkeep.lock();
                 store.expire_action_results()?;
             }
             Ok(())

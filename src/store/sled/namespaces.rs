@@ -9,7 +9,8 @@
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU32, Ordering::Relaxed};
-use std::sync::RwLock;
+
+use parking_lot::RwLock;
 
 use crate::error::Result;
 use crate::store::NamespaceInfo;
@@ -67,7 +68,7 @@ impl Namespaces {
     /// The current epoch of `name` (0 for a namespace never invalidated), recording a use.
     pub(super) fn epoch_and_touch(&self, name: &str, now: u32) -> Result<u64> {
         {
-            let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+            let map = self.map.read();
             if let Some(s) = map.get(name) {
                 if s.last_used.load(Relaxed) < now {
                     s.last_used.store(now, Relaxed);
@@ -77,7 +78,7 @@ impl Namespaces {
             }
         }
         // First sight of this namespace: record it, so it can be listed and pruned.
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.write();
         let state = map.entry(name.to_string()).or_insert_with(|| State {
             epoch: 0,
             last_used: AtomicU32::new(now),
@@ -90,13 +91,13 @@ impl Namespaces {
 
     /// The current epoch of `name`, without recording a use.
     pub(super) fn epoch(&self, name: &str) -> u64 {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.read();
         map.get(name).map_or(0, |s| s.epoch)
     }
 
     /// Bumps the epoch of `name` and records why; the caller makes it durable.
     pub(super) fn bump(&self, name: &str, now: u32, reason: &str) -> Result<u64> {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.write();
         let state = map.entry(name.to_string()).or_insert_with(|| State {
             epoch: 0,
             last_used: AtomicU32::new(now),
@@ -112,7 +113,7 @@ impl Namespaces {
 
     /// Forgets `name` entirely.
     pub(super) fn remove(&self, name: &str) -> Result<()> {
-        let mut map = self.map.write().unwrap_or_else(|p| p.into_inner());
+        let mut map = self.map.write();
         map.remove(name);
         self.tree.remove(name.as_bytes())?;
         Ok(())
@@ -123,7 +124,7 @@ impl Namespaces {
         if !self.dirty.swap(false, Relaxed) {
             return Ok(());
         }
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.read();
         let mut batch = sled::Batch::default();
         for (name, state) in map.iter() {
             batch.insert(name.as_bytes(), encode(state));
@@ -133,7 +134,7 @@ impl Namespaces {
     }
 
     pub(super) fn list(&self) -> Vec<NamespaceInfo> {
-        let map = self.map.read().unwrap_or_else(|p| p.into_inner());
+        let map = self.map.read();
         let mut out: Vec<NamespaceInfo> = map
             .iter()
             .map(|(name, s)| NamespaceInfo {
