@@ -32,7 +32,6 @@ mod snapshot;
 mod space;
 
 use std::collections::HashSet;
-use std::io::{Read, Seek, SeekFrom};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64};
 use std::sync::Arc;
@@ -42,35 +41,23 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use parking_lot::{Mutex, MutexGuard, RwLock};
-use tokio::sync::mpsc;
-use tokio_stream::wrappers::ReceiverStream;
-use xxhash_rust::xxh3::{xxh3_64, Xxh3};
+use xxhash_rust::xxh3::xxh3_64;
 
-use super::chunk_sums::{self, ChunkSums, SUM_CHUNK};
-use super::files::{BlobFiles, BlobWriter};
+use super::chunk_sums;
+use super::files::read::{Blob, Reads};
+use super::files::upload::{open_upload_file, QueuedWriter, UploadHashes, WriteBudget};
+use super::files::{BlobFiles, BlobWriter, Transfers};
 use super::index::Index;
 use super::{BlobStream, GcReport, NamespaceInfo, Store, StoreStats, Upload, VerifyReport};
 use crate::config::{Config, NamespacesConfig};
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
 
+pub use super::files::MAX_TRANSFERS;
+
 const INLINE: u8 = 0;
-/// Bytes an upload may queue ahead of its writer thread: enough to keep receiving while the
-/// writer waits for one staged write to reach the disk, and a bound on memory per upload.
-const WRITE_QUEUE_BYTES: usize = 32 << 20;
-/// Large-blob transfers (file uploads and reads) in progress at once. Each holds a blocking
-/// thread while it lasts; past this, new ones get RESOURCE_EXHAUSTED instead of starving the
-/// thread pool (the runtime is built with room for them).
-pub const MAX_TRANSFERS: usize = 1024;
-/// Bytes all uploads together may queue ahead of their writers: a server-wide memory bound.
-const WRITE_QUEUE_BYTES_TOTAL: usize = 256 << 20;
 /// Room under max_size a large upload reserves ahead of the bytes it has sent.
 const RESERVE_STEP: u64 = 64 << 20;
-/// Chunks a read may prepare ahead of the client (bounds memory per download).
-const READ_AHEAD_CHUNKS: usize = 2;
-/// Bytes all downloads together may hold in chunks read but not yet handed to the gRPC layer:
-/// a server-wide memory bound that slow readers cannot push past.
-const READ_BUDGET_BYTES: usize = 128 << 20;
 const FILE: u8 = 1;
 /// Stripes of the lock that orders publishing a blob against evicting or dropping it.
 const STRIPES: usize = 256;
@@ -147,14 +134,12 @@ struct Inner {
     inline_threshold: u64,
     /// Upload ids with a live writer, so two streams never append to one upload file.
     active_uploads: Mutex<HashSet<String>>,
-    /// Shared by all uploads' queues (see `WRITE_QUEUE_BYTES_TOTAL`).
-    write_budget: Arc<tokio::sync::Semaphore>,
+    /// Shared by all uploads' queues.
+    write_budget: WriteBudget,
     /// Permits for large-blob transfers (see `MAX_TRANSFERS`).
-    transfers: Arc<tokio::sync::Semaphore>,
-    /// Bytes of downloads read ahead of their clients (see `READ_BUDGET_BYTES`).
-    read_budget: Arc<tokio::sync::Semaphore>,
-    /// How long a download may wait for its client to take the next chunk.
-    stall: Duration,
+    transfers: Transfers,
+    /// The read-ahead budget and stall timeout of file reads.
+    reads: Reads,
     /// Flushes sled before writes are acknowledged, one flush per round of waiting writes.
     /// Last, so it is dropped (and its thread joined) after everything that writes.
     commit: group_commit::GroupCommit,
@@ -364,10 +349,9 @@ impl SledStore {
                 upkeep: Mutex::new(()),
                 inline_threshold: options.inline_threshold,
                 active_uploads: Mutex::new(HashSet::new()),
-                write_budget: Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES_TOTAL)),
-                transfers: Arc::new(tokio::sync::Semaphore::new(MAX_TRANSFERS)),
-                read_budget: Arc::new(tokio::sync::Semaphore::new(READ_BUDGET_BYTES)),
-                stall: options.stall,
+                write_budget: WriteBudget::default(),
+                transfers: Transfers::default(),
+                reads: Reads::new(options.stall),
                 commit,
             }),
         })
@@ -470,15 +454,6 @@ impl Inner {
     /// Bytes a blob counts against `max_size` (see [`lifecycle::charge`]).
     fn charge(&self, size: u64) -> u64 {
         lifecycle::charge(size, self.inline_threshold)
-    }
-
-    /// Admits one more large-blob transfer, or says the server is at its limit.
-    fn transfer_permit(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
-        self.transfers.clone().try_acquire_owned().map_err(|_| {
-            Error::ResourceExhausted(format!(
-                "{MAX_TRANSFERS} large-blob transfers are already in progress; retry shortly"
-            ))
-        })
     }
 
     /// Drops a blob that is gone or damaged on disk, so clients see it as missing and upload it
@@ -728,27 +703,24 @@ impl Store for SledStore {
                     }
                     Err(e) => return Err(Error::internal(format!("opening blob {digest}"), e)),
                 };
-                let (tx, rx) = mpsc::channel(READ_AHEAD_CHUNKS);
-                let store = self.inner.clone();
                 let digest = *digest;
-                let range = offset..end;
-                let sums = entry_sums(&entry, digest.size);
-                let permit = self.inner.transfer_permit()?;
-                let runtime = tokio::runtime::Handle::current();
-                let stall = self.inner.stall;
-                tokio::task::spawn_blocking(move || {
-                    let _permit = permit;
-                    let read = FileRead {
-                        store: &store,
-                        digest,
-                        xxh3,
-                        tx,
-                        runtime,
-                        stall,
-                    };
-                    read.run(file, sums, range, chunk_size)
-                });
-                Ok(Some(ReceiverStream::new(rx).boxed()))
+                let blob = Blob {
+                    file,
+                    digest,
+                    xxh3,
+                    sums: entry_sums(&entry, digest.size),
+                };
+                let permit = self.inner.transfers.permit()?;
+                let store = self.inner.clone();
+                let damaged =
+                    move |why: &str| store.drop_damaged(&digest, Location::File { xxh3 }, why);
+                Ok(Some(self.inner.reads.stream(
+                    blob,
+                    offset..end,
+                    chunk_size,
+                    permit,
+                    damaged,
+                )))
             }
         }
     }
@@ -794,29 +766,16 @@ impl Store for SledStore {
             ))
         })?;
         // The handler hashes; a blocking writer writes. Disk writes overlap with receiving and
-        // hashing the next bytes, up to WRITE_QUEUE_BYTES ahead (and all uploads together up to
-        // WRITE_QUEUE_BYTES_TOTAL).
-        let (tx, rx) = mpsc::unbounded_channel::<Bytes>();
-        let queue = Arc::new(tokio::sync::Semaphore::new(WRITE_QUEUE_BYTES));
-        let budgets = Budgets {
-            upload: queue.clone(),
-            total: self.inner.write_budget.clone(),
-        };
-        let writer_guard = guard.clone();
-        let permit = self.inner.transfer_permit()?;
-        let writer = tokio::task::spawn_blocking(move || {
-            let _permit = permit;
-            write_upload(writer_guard, file, rx, budgets)
-        });
+        // hashing the next bytes, within the file tier's queue bounds.
+        let permit = self.inner.transfers.permit()?;
+        let writer = self.inner.write_budget.start(file, permit, guard.clone());
         Ok(Box::new(FileUpload {
             store: self.inner.clone(),
             digest: *digest,
             path: self.inner.files.upload_path(upload_id, digest),
             received: offset,
             hashes,
-            queue,
-            tx: Some(tx),
-            writer: Some(writer),
+            writer,
             _guard: guard,
             reservation,
         }))
@@ -968,31 +927,6 @@ impl Store for SledStore {
     }
 }
 
-/// The hashes an upload keeps while its bytes arrive: SHA-256 to verify the digest, XXH3 to
-/// record for cheap integrity checks on later reads.
-struct UploadHashes {
-    sha256: Verifier,
-    xxh3: Xxh3,
-    sums: ChunkSums,
-}
-
-impl UploadHashes {
-    fn new(digest: Digest) -> Self {
-        UploadHashes {
-            sha256: Verifier::new(digest),
-            xxh3: Xxh3::new(),
-            sums: ChunkSums::new(),
-        }
-    }
-
-    fn update(&mut self, data: &[u8]) -> Result<()> {
-        self.sha256.update(data)?;
-        self.xxh3.update(data);
-        self.sums.update(data);
-        Ok(())
-    }
-}
-
 /// Version of the layout described at the top of this file, kept under `format` in the
 /// default tree. 1: action results without a last-use prefix (before eviction existed); 2:
 /// without an epoch (before invalidation existed).
@@ -1064,299 +998,6 @@ fn load_index(
     Ok(index)
 }
 
-/// Opens an upload file at `offset`: 0 truncates, anything else must equal the bytes already in
-/// the file, whose hash state is rebuilt by reading them back. `Err(have)` reports a mismatch.
-fn open_upload_file(
-    path: &Path,
-    digest: Digest,
-    offset: u64,
-) -> std::io::Result<Result<(BlobWriter, UploadHashes), u64>> {
-    let mut hashes = UploadHashes::new(digest);
-    if offset == 0 {
-        return Ok(Ok((BlobWriter::create(path)?, hashes)));
-    }
-    let mut file = match std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open(path)
-    {
-        Ok(f) => f,
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(Err(0)),
-        Err(e) => return Err(e),
-    };
-    let have = file.metadata()?.len();
-    if have != offset {
-        return Ok(Err(have));
-    }
-    let mut buf = vec![0u8; 1 << 20];
-    loop {
-        let n = file.read(&mut buf)?;
-        if n == 0 {
-            break;
-        }
-        if hashes.update(&buf[..n]).is_err() {
-            // More bytes on disk than the blob has: the file is useless; start over.
-            return Ok(Err(0));
-        }
-    }
-    // Appends through the descriptor just hashed, so a file swept or renamed meanwhile cannot
-    // be silently recreated with a hole where its prefix was.
-    Ok(Ok((BlobWriter::append(file, path, offset)?, hashes)))
-}
-
-/// One read of a blob file, run on a blocking thread, sending chunks to the client's stream.
-///
-/// Memory: a chunk read ahead takes its size from the server-wide read budget
-/// (`READ_BUDGET_BYTES`) until the gRPC layer has encoded it; past the budget, a read holds one
-/// chunk at a time (see [`FileRead::read_chunk`]); a read whose client takes nothing for `stall`
-/// ends. So stalled readers cost the budget plus about a chunk each (plus what the HTTP/2 layer
-/// holds for them), not a queue each.
-struct FileRead<'a> {
-    store: &'a Inner,
-    digest: Digest,
-    xxh3: u64,
-    tx: mpsc::Sender<Result<Bytes>>,
-    runtime: tokio::runtime::Handle,
-    stall: Duration,
-}
-
-/// A chunk's bytes together with the share of the read budget they hold.
-struct Budgeted {
-    data: Vec<u8>,
-    _permit: tokio::sync::OwnedSemaphorePermit,
-}
-
-impl AsRef<[u8]> for Budgeted {
-    fn as_ref(&self) -> &[u8] {
-        &self.data
-    }
-}
-
-/// How a read ended early.
-enum Stop {
-    /// The client went away or stalled; nothing more to say.
-    Gone,
-    /// The blob is damaged (why); it is removed and the client told.
-    Damaged(String),
-    /// Another failure, passed to the client.
-    Failed(Error),
-}
-
-impl FileRead<'_> {
-    fn failed(&self, e: std::io::Error) -> Stop {
-        Stop::Failed(Error::internal(format!("reading blob {}", self.digest), e))
-    }
-
-    /// Sends `range` of the blob and reports how the read ended.
-    fn run(
-        &self,
-        file: std::fs::File,
-        sums: Option<Vec<u64>>,
-        range: std::ops::Range<u64>,
-        chunk_size: usize,
-    ) {
-        let outcome = match file.metadata() {
-            Err(e) => Err(self.failed(e)),
-            Ok(m) if m.len() != self.digest.size => {
-                Err(Stop::Damaged("blob file has the wrong length".into()))
-            }
-            Ok(_) => match sums {
-                Some(sums) => self.verified_chunks(file, &sums, range, chunk_size),
-                None => self.whole_checksum(file, range, chunk_size),
-            },
-        };
-        let error = match outcome {
-            Ok(()) | Err(Stop::Gone) => return,
-            Err(Stop::Failed(e)) => e,
-            Err(Stop::Damaged(why)) => {
-                self.store
-                    .drop_damaged(&self.digest, Location::File { xxh3: self.xxh3 }, &why);
-                Error::NotFound(format!(
-                    "blob {} was damaged on disk and has been removed; upload it again",
-                    self.digest
-                ))
-            }
-        };
-        let _ = self
-            .runtime
-            .block_on(tokio::time::timeout(self.stall, self.tx.send(Err(error))));
-    }
-
-    /// Reads the chunks that cover `range` whole, checks each against its recorded checksum
-    /// before any of its bytes are sent, and sends the part of each that lies in `range`.
-    fn verified_chunks(
-        &self,
-        mut file: std::fs::File,
-        sums: &[u64],
-        range: std::ops::Range<u64>,
-        chunk_size: usize,
-    ) -> Result<(), Stop> {
-        let mut index = (range.start / SUM_CHUNK) as usize;
-        let mut at = index as u64 * SUM_CHUNK;
-        if at > 0 {
-            file.seek(SeekFrom::Start(at)).map_err(|e| self.failed(e))?;
-        }
-        while at < range.end {
-            let len = (self.digest.size - at).min(SUM_CHUNK);
-            let chunk = self.read_chunk(&mut file, len)?;
-            if !chunk_sums::matches(sums, index, &chunk) {
-                return Err(Stop::Damaged(format!(
-                    "chunk {index} of the blob file does not match its checksum"
-                )));
-            }
-            let from = (range.start.max(at) - at) as usize;
-            let to = (range.end.min(at + len) - at) as usize;
-            let mut piece = from;
-            while piece < to {
-                let end = to.min(piece + chunk_size.max(1));
-                self.send(chunk.slice(piece..end))?;
-                piece = end;
-            }
-            at += len;
-            index += 1;
-        }
-        Ok(())
-    }
-
-    /// For blobs stored before chunk checksums existed: a whole read is hashed on the way and
-    /// its last chunk held back until the hash matches; a ranged read checks the length only.
-    fn whole_checksum(
-        &self,
-        mut file: std::fs::File,
-        range: std::ops::Range<u64>,
-        chunk_size: usize,
-    ) -> Result<(), Stop> {
-        let mut checksum = (range.start == 0 && range.end == self.digest.size).then(Xxh3::new);
-        if range.start > 0 {
-            file.seek(SeekFrom::Start(range.start))
-                .map_err(|e| self.failed(e))?;
-        }
-        let mut held: Option<Bytes> = None;
-        let mut at = range.start;
-        while at < range.end {
-            let want = (range.end - at).min(chunk_size as u64);
-            let chunk = self.read_chunk(&mut file, want)?;
-            at += want;
-            if let Some(c) = checksum.as_mut() {
-                c.update(&chunk);
-            }
-            if let Some(prev) = held.replace(chunk) {
-                self.send(prev)?;
-            }
-        }
-        if checksum.is_some_and(|c| c.digest() != self.xxh3) {
-            return Err(Stop::Damaged(
-                "blob file does not match its checksum".into(),
-            ));
-        }
-        match held {
-            Some(last) => self.send(last),
-            None => Ok(()),
-        }
-    }
-
-    /// Reads the next `len` bytes. Read-ahead comes from the server-wide budget; when that is
-    /// spent (by slow readers), this read first waits until its client has taken every chunk
-    /// queued, so a stalled read then holds one chunk outside the budget and never starves
-    /// the others.
-    fn read_chunk(&self, file: &mut std::fs::File, len: u64) -> Result<Bytes, Stop> {
-        let cost = len.clamp(1, READ_BUDGET_BYTES as u64) as u32;
-        let permit = match self.store.read_budget.clone().try_acquire_many_owned(cost) {
-            Ok(permit) => Some(permit),
-            Err(_) => {
-                let drained = self.tx.reserve_many(READ_AHEAD_CHUNKS);
-                match self
-                    .runtime
-                    .block_on(tokio::time::timeout(self.stall, drained))
-                {
-                    Ok(Ok(_slots)) => None,
-                    Ok(Err(_)) => return Err(Stop::Gone),
-                    Err(_) => {
-                        tracing::debug!(digest = %self.digest, "ending a read whose client stopped reading");
-                        return Err(Stop::Gone);
-                    }
-                }
-            }
-        };
-        // read_to_end fills spare capacity without zeroing it first.
-        let mut data = Vec::with_capacity(len as usize);
-        match file.take(len).read_to_end(&mut data) {
-            Ok(n) if n as u64 == len => {}
-            Ok(_) => return Err(Stop::Damaged("blob file ended early".into())),
-            Err(e) => return Err(Stop::Damaged(format!("blob file could not be read: {e}"))),
-        }
-        Ok(match permit {
-            Some(permit) => Bytes::from_owner(Budgeted {
-                data,
-                _permit: permit,
-            }),
-            None => Bytes::from(data),
-        })
-    }
-
-    /// Hands a chunk to the client's stream; a client that takes nothing for `stall` is
-    /// treated as gone, so it stops holding this thread and the transfer slot.
-    fn send(&self, chunk: Bytes) -> Result<(), Stop> {
-        match self
-            .runtime
-            .block_on(tokio::time::timeout(self.stall, self.tx.send(Ok(chunk))))
-        {
-            Ok(Ok(())) => Ok(()),
-            Ok(Err(_)) => Err(Stop::Gone),
-            Err(_) => {
-                tracing::debug!(digest = %self.digest, stall = ?self.stall, "ending a read whose client stopped reading");
-                Err(Stop::Gone)
-            }
-        }
-    }
-}
-
-/// The queue budgets one upload's chunks take until written: its own, and the server-wide one.
-struct Budgets {
-    upload: Arc<tokio::sync::Semaphore>,
-    total: Arc<tokio::sync::Semaphore>,
-}
-
-impl Budgets {
-    fn release(&self, chunk: &[u8]) {
-        self.upload.add_permits(queue_cost(chunk));
-        self.total.add_permits(queue_cost(chunk));
-    }
-}
-
-/// The blocking side of a [`FileUpload`]: appends queued chunks to the upload file until the
-/// handler drops the sender, releasing each chunk's budget once written. Whatever was received
-/// is in the file when it returns, so an interrupted upload can be resumed. On any exit it
-/// closes the upload's budget (so a handler waiting for room wakes up and learns why) and
-/// returns the server-wide budget of chunks it will never write.
-fn write_upload(
-    _guard: Arc<UploadGuard>,
-    mut file: BlobWriter,
-    mut rx: mpsc::UnboundedReceiver<Bytes>,
-    budgets: Budgets,
-) -> Result<()> {
-    let mut written = || -> Result<()> {
-        while let Some(chunk) = rx.blocking_recv() {
-            file.write(&chunk)?;
-            budgets.release(&chunk);
-        }
-        file.flush()?;
-        Ok(())
-    };
-    let result = written();
-    budgets.upload.close();
-    rx.close();
-    while let Ok(chunk) = rx.try_recv() {
-        budgets.release(&chunk);
-    }
-    result
-}
-
-/// Queue budget a chunk takes (at least 1, at most an upload's whole budget).
-fn queue_cost(chunk: &[u8]) -> usize {
-    chunk.len().clamp(1, WRITE_QUEUE_BYTES)
-}
-
 /// Marks an upload id as being written, for as long as the guard lives.
 struct UploadGuard {
     store: Arc<Inner>,
@@ -1422,45 +1063,22 @@ struct FileUpload {
     /// Bytes received, counted here so excess bytes are refused before they are queued.
     received: u64,
     hashes: UploadHashes,
-    /// Bytes this upload's writer may still fall behind by.
-    queue: Arc<tokio::sync::Semaphore>,
-    tx: Option<mpsc::UnboundedSender<Bytes>>,
-    /// `None` once waited for.
-    writer: Option<tokio::task::JoinHandle<Result<()>>>,
+    /// The file tier's writer thread and its queue.
+    writer: QueuedWriter,
     /// Held until the blob is published, so no other stream can touch the file before that.
     _guard: Arc<UploadGuard>,
-    /// The blob's room under max_size, held until it is published or the upload is dropped.
     /// The blob's room under max_size, grown as bytes arrive, held until it is published or
     /// the upload is dropped.
     reservation: lifecycle::Reservation,
 }
 
 impl FileUpload {
-    /// Closes the queue and waits until the writer has written everything.
-    async fn finish_writer(&mut self) -> Result<()> {
-        self.tx = None;
-        match self.writer.take() {
-            Some(writer) => writer
-                .await
-                .map_err(|e| Error::internal("upload writer", e))?,
-            None => Ok(()),
-        }
-    }
-
     /// After a failed write: a write the disk refused leaves nothing behind (the partial file
     /// would only hold the space that is lacking); other failures keep it for a resume.
     async fn failed(&mut self, error: &Error) {
         if matches!(error, Error::StorageFull(_) | Error::StorageUnwritable(_)) {
-            let _ = self.finish_writer().await;
+            let _ = self.writer.finish().await;
             let _ = tokio::fs::remove_file(&self.path).await;
-        }
-    }
-
-    /// The writer stopped before the upload ended: its result says why.
-    async fn writer_stopped(&mut self) -> Error {
-        match self.finish_writer().await {
-            Err(e) => e,
-            Ok(()) => Error::internal("upload writer", "stopped unexpectedly"),
         }
     }
 }
@@ -1481,11 +1099,11 @@ impl Upload for FileUpload {
     }
 
     async fn stop(&mut self) {
-        let _ = self.finish_writer().await;
+        let _ = self.writer.finish().await;
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        if let Err(e) = self.finish_writer().await {
+        if let Err(e) = self.writer.finish().await {
             self.failed(&e).await;
             let result = Err(e);
             self.store.life.note_write(&result);
@@ -1518,23 +1136,8 @@ impl FileUpload {
             let next = self.digest.size.min(through + RESERVE_STEP);
             self.reservation.grow_to(self.store.charge(next))?;
         }
-        let cost = queue_cost(&data) as u32;
-        // Given back by the writer once the bytes are written; closed if the writer stops.
-        let room = self.queue.acquire_many(cost).await.map(|p| p.forget());
-        if room.is_err() {
-            return Err(self.writer_stopped().await);
-        }
-        self.store
-            .write_budget
-            .acquire_many(cost)
-            .await
-            .map_err(|e| Error::internal("upload budget", e))?
-            .forget();
         let len = data.len() as u64;
-        if let Some(Err(unsent)) = self.tx.as_ref().map(|tx| tx.send(data)) {
-            self.store.write_budget.add_permits(queue_cost(&unsent.0));
-            return Err(self.writer_stopped().await);
-        }
+        self.writer.push(data).await?;
         self.received += len;
         Ok(())
     }

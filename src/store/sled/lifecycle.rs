@@ -22,15 +22,13 @@
 //!   files; start-up itself reads only the index.
 
 use std::collections::{BTreeMap, HashSet};
-use std::io::Read as _;
 use std::path::Path;
 use std::sync::atomic::Ordering::Relaxed;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use sha2::Digest as _;
-
 use super::*;
+use crate::store::files::file_matches;
 use crate::store::index::Candidate;
 
 /// What an inline blob costs beyond its bytes: its index entry, data key and last-use entry in
@@ -961,26 +959,6 @@ fn ac_header(value: &[u8]) -> Option<(u32, u64)> {
     let used = u32::from_be_bytes(value.get(..4)?.try_into().ok()?);
     let epoch = u64::from_be_bytes(value.get(4..AC_HEADER)?.try_into().ok()?);
     Some((used, epoch))
-}
-
-/// Whether a blob file holds exactly the bytes of `digest` (full SHA-256).
-fn file_matches(path: &Path, digest: &Digest, buf: &mut [u8]) -> bool {
-    let Ok(mut file) = std::fs::File::open(path) else {
-        return false;
-    };
-    let mut sha = sha2::Sha256::new();
-    let mut len = 0u64;
-    loop {
-        match file.read(buf) {
-            Ok(0) => break,
-            Ok(n) => {
-                sha.update(&buf[..n]);
-                len += n as u64;
-            }
-            Err(_) => return false,
-        }
-    }
-    len == digest.size && sha.finalize()[..] == digest.hash[..]
 }
 
 /// The store's background upkeep (see [`Store::maintain`]).
