@@ -218,7 +218,8 @@ impl Hasher for HashPrefix {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Candidate, Index};
+    use crate::digest::Digest;
 
     #[test]
     fn tracks_hash_and_size() {

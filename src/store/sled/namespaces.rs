@@ -3,7 +3,7 @@
 //!
 //! Invalidating a namespace bumps its epoch: every action result stored under an older epoch is
 //! invisible from that moment (O(1), whatever the namespace holds), and the sweep in
-//! [`super::lifecycle`] reclaims the space later. Records live in tree `namespaces`
+//! [`super::action_results`] reclaims the space later. Records live in tree `namespaces`
 //! (`name` → [`Record`] bytes) and in memory; epochs are written and fsynced when they change,
 //! last-use times with the blobs' once a minute.
 
