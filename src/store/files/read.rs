@@ -3,8 +3,8 @@
 //! them to the client's stream through a bounded queue.
 //!
 //! Memory: a chunk read ahead takes its size from the server-wide read budget
-//! ([`READ_BUDGET_BYTES`]) until the gRPC layer has encoded it; past the budget, a read holds
-//! one chunk at a time (see [`FileRead::read_chunk`]); a read whose client takes nothing for
+//! (`READ_BUDGET_BYTES`) until the gRPC layer has encoded it; past the budget, a read holds
+//! one chunk at a time (see `FileRead::read_chunk`); a read whose client takes nothing for
 //! `stall` ends. So stalled readers cost the budget plus about a chunk each (plus what the
 //! HTTP/2 layer holds for them), not a queue each.
 //!

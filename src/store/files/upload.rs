@@ -2,8 +2,8 @@
 //! already there), and a blocking writer thread fed by a bounded queue, so disk writes overlap
 //! with receiving and hashing the next bytes.
 //!
-//! Memory: an upload queues at most [`WRITE_QUEUE_BYTES`] ahead of its writer, all uploads
-//! together at most [`WRITE_QUEUE_BYTES_TOTAL`].
+//! Memory: an upload queues at most `WRITE_QUEUE_BYTES` ahead of its writer, all uploads
+//! together at most `WRITE_QUEUE_BYTES_TOTAL`.
 //!
 //! Must not: publish the blob or account for its size (the owner does both).
 
@@ -93,7 +93,7 @@ pub fn open_upload_file(
     Ok(Ok((BlobWriter::append(file, path, offset)?, hashes)))
 }
 
-/// The queue budget all uploads share (see [`WRITE_QUEUE_BYTES_TOTAL`]).
+/// The queue budget all uploads share (see `WRITE_QUEUE_BYTES_TOTAL`).
 pub struct WriteBudget(Arc<Semaphore>);
 
 impl Default for WriteBudget {

@@ -16,26 +16,26 @@
 //!
 //! tree `ac`: `instance ‖ 0x00 ‖ hash ‖ size` → last use (u32 seconds, big-endian) ‖ epoch of
 //! its namespace when stored (u64 BE) ‖ encoded ActionResult. A result whose epoch is older than
-//! its namespace's (see [`namespaces`], tree `namespaces`) has been invalidated. Instance names
+//! its namespace's (see `namespaces.rs`, tree `namespaces`) has been invalidated. Instance names
 //! cannot contain NUL ([`crate::namespace`]), so the key is unambiguous and one instance is one
 //! prefix.
 //!
 //! tree `atime`: `hash` → last use of a blob (u32 seconds, big-endian), written in batches from
-//! the in-memory index (see [`upkeep`]), so recording a use never costs a disk write.
+//! the in-memory index (see `upkeep.rs`), so recording a use never costs a disk write.
 //!
 //! One concern a file; this one holds [`SledStore`], opening it, and the `Store` impl, whose
 //! methods only delegate:
-//! - [`entry`]: the `cas` entry format, lookups, dropping damaged or unbacked blobs;
-//! - [`uploads`]: writes (whole blobs, resumable uploads, publishing) and the abandoned-upload
+//! - `entry.rs`: the `cas` entry format, lookups, dropping damaged or unbacked blobs;
+//! - `uploads.rs`: writes (whole blobs, resumable uploads, publishing) and the abandoned-upload
 //!   sweep; the file tier ([`crate::store::files`]) does the file I/O;
-//! - [`reads`]: whole and streaming reads;
-//! - [`action_results`]: the action cache (epochs, TTL, invalidation) and its expiry sweep;
-//! - [`usage`]: charging against `max_size`, reservations, refusals, the counters of `stats`;
-//! - [`eviction`]: LRU eviction and the retention promise;
-//! - [`verify`]: `verify` and the cleanup of orphans after a crash;
-//! - [`upkeep`]: the background loop, last-use persistence, the clean-shutdown mark, `flush`;
-//! - [`group_commit`] (acknowledged means durable), [`space`] (keeping sled off a full disk),
-//!   [`namespaces`] (epochs), [`snapshot`] (the index across a clean restart).
+//! - `reads.rs`: whole and streaming reads;
+//! - `action_results.rs`: the action cache (epochs, TTL, invalidation) and its expiry sweep;
+//! - `usage.rs`: charging against `max_size`, reservations, refusals, the counters of `stats`;
+//! - `eviction.rs`: LRU eviction and the retention promise;
+//! - `verify.rs`: `verify` and the cleanup of orphans after a crash;
+//! - `upkeep.rs`: the background loop, last-use persistence, the clean-shutdown mark, `flush`;
+//! - `group_commit.rs` (acknowledged means durable), `space.rs` (keeping sled off a full disk),
+//!   `namespaces.rs` (epochs), `snapshot.rs` (the index across a clean restart).
 
 mod action_results;
 mod entry;
