@@ -219,7 +219,9 @@ impl ActionResults {
             state.info(namespace)
         };
         // Saved with the result's own durable write that follows (same database).
-        self.store.save_namespaces(std::slice::from_ref(&info), false).await?;
+        self.store
+            .save_namespaces(std::slice::from_ref(&info), false)
+            .await?;
         Ok(info.epoch)
     }
 
@@ -304,7 +306,9 @@ impl ActionResults {
             state.reason = reason.to_string();
             state.info(namespace)
         };
-        self.store.save_namespaces(std::slice::from_ref(&info), true).await?;
+        self.store
+            .save_namespaces(std::slice::from_ref(&info), true)
+            .await?;
         Ok(info.epoch)
     }
 

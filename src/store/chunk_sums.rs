@@ -64,7 +64,7 @@ pub fn matches(sums: &[u64], index: usize, chunk: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{count, matches, of, ChunkSums, SUM_CHUNK};
 
     #[test]
     fn pieces_of_any_size_give_the_sums_of_whole_chunks() {

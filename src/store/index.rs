@@ -13,7 +13,8 @@
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
-use std::sync::RwLock;
+
+use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use crate::digest::{Digest, HASH_LEN};
 
@@ -58,20 +59,14 @@ impl Index {
 
     fn read(
         shard: &Shard,
-    ) -> std::sync::RwLockReadGuard<
-        '_,
-        HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>,
-    > {
-        shard.read().unwrap_or_else(|p| p.into_inner())
+    ) -> RwLockReadGuard<'_, HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>> {
+        shard.read()
     }
 
     fn write(
         shard: &Shard,
-    ) -> std::sync::RwLockWriteGuard<
-        '_,
-        HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>,
-    > {
-        shard.write().unwrap_or_else(|p| p.into_inner())
+    ) -> RwLockWriteGuard<'_, HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>> {
+        shard.write()
     }
 
     /// Whether a blob with this hash and size is stored.
@@ -223,7 +218,8 @@ impl Hasher for HashPrefix {
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{Candidate, Index};
+    use crate::digest::Digest;
 
     #[test]
     fn tracks_hash_and_size() {

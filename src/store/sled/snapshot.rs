@@ -91,7 +91,9 @@ pub(super) fn read(data_dir: &Path, mut added: impl FnMut(u64)) -> Option<Index>
 
 #[cfg(test)]
 mod tests {
-    use super::*;
+    use super::{path, read, remove, write};
+    use crate::digest::Digest;
+    use crate::store::index::Index;
 
     #[test]
     fn round_trips_and_refuses_damage() {

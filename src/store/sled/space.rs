@@ -20,11 +20,12 @@
 //!   check that tops up the cushion lifts the refusal once space is back, within a second.
 
 use std::fs::File;
-use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
-use std::sync::Mutex;
 use std::time::Instant;
+
+use parking_lot::Mutex;
+use rustix::fs::FallocateFlags;
 
 use crate::error::{Error, Result};
 
@@ -133,7 +134,7 @@ impl Space {
 
     /// A flush failed (see `broken`): refuse writes until restart.
     pub(crate) fn mark_broken(&self, error: &sled::Error) {
-        let mut broken = self.broken.lock().unwrap_or_else(|p| p.into_inner());
+        let mut broken = self.broken.lock();
         if broken.is_none() {
             tracing::error!(%error, "the database failed to write; refusing writes until hoard is restarted");
             *broken = Some(error.to_string());
@@ -143,10 +144,7 @@ impl Space {
 
     /// Why writes are refused until a restart, if they are.
     pub(crate) fn broken(&self) -> Option<String> {
-        self.broken
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .clone()
+        self.broken.lock().clone()
     }
 
     /// Refuses a file write of `bytes` that the disk cannot hold (besides the cushion).
@@ -188,13 +186,13 @@ impl Space {
         if !self.unwritable.load(Relaxed) {
             return None;
         }
-        self.why.lock().unwrap_or_else(|p| p.into_inner()).clone()
+        self.why.lock().clone()
     }
 
     /// A write failed for lack of space or on a read-only file system: refuse writes until
     /// [`Space::top_up`] finds the disk writable again.
     pub(crate) fn mark(&self, why: Unwritable) {
-        let mut current = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.why.lock();
         if current.as_ref() != Some(&why) {
             tracing::error!(
                 ?why,
@@ -215,7 +213,7 @@ impl Space {
             return false;
         }
         let outcome = self.probe();
-        let mut current = self.why.lock().unwrap_or_else(|p| p.into_inner());
+        let mut current = self.why.lock();
         match outcome {
             Ok(()) => {
                 if current.take().is_some() {
@@ -286,24 +284,12 @@ fn preallocate(file: &File, cushion: u64) -> std::io::Result<()> {
     if allocated >= meta.size() + cushion / 2 {
         return Ok(());
     }
-    // SAFETY: a valid descriptor; fallocate only reads its integer arguments.
-    let rc = unsafe {
-        libc::fallocate(
-            file.as_raw_fd(),
-            libc::FALLOC_FL_KEEP_SIZE,
-            meta.size() as libc::off_t,
-            cushion as libc::off_t,
-        )
-    };
-    if rc != 0 {
-        let e = std::io::Error::last_os_error();
+    match rustix::fs::fallocate(file, FallocateFlags::KEEP_SIZE, meta.size(), cushion) {
+        Ok(()) => Ok(()),
         // File systems without fallocate: nothing to keep, the free-space check still holds.
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return Ok(());
-        }
-        return Err(e);
+        Err(rustix::io::Errno::OPNOTSUPP) => Ok(()),
+        Err(e) => Err(e.into()),
     }
-    Ok(())
 }
 
 /// Makes sure the reserve file exists with `size` bytes allocated.
@@ -317,36 +303,23 @@ fn keep_reserve(path: &Path, size: u64) -> std::io::Result<()> {
         .create(true)
         .truncate(false)
         .open(path)?;
-    // SAFETY: a valid descriptor; fallocate only reads its integer arguments.
-    if unsafe { libc::fallocate(file.as_raw_fd(), 0, 0, size as libc::off_t) } != 0 {
-        let e = std::io::Error::last_os_error();
-        if e.raw_os_error() == Some(libc::EOPNOTSUPP) {
-            return file.set_len(size);
+    match rustix::fs::fallocate(&file, FallocateFlags::empty(), 0, size) {
+        Ok(()) => Ok(()),
+        Err(rustix::io::Errno::OPNOTSUPP) => file.set_len(size),
+        Err(e) => {
+            let _ = std::fs::remove_file(path);
+            Err(e.into())
         }
-        let _ = std::fs::remove_file(path);
-        return Err(e);
     }
-    Ok(())
-}
-
-fn statvfs(dir: &Path) -> Option<libc::statvfs> {
-    use std::os::unix::ffi::OsStrExt;
-    let path = std::ffi::CString::new(dir.as_os_str().as_bytes()).ok()?;
-    let mut st: libc::statvfs = unsafe { std::mem::zeroed() };
-    // SAFETY: `path` is NUL-terminated and `st` is a valid, writable statvfs.
-    if unsafe { libc::statvfs(path.as_ptr(), &mut st) } != 0 {
-        return None;
-    }
-    Some(st)
 }
 
 /// Bytes available to unprivileged users on the file system of `dir`.
-#[allow(clippy::unnecessary_cast)] // the field types differ between platforms
 pub(crate) fn free_space(dir: &Path) -> Option<u64> {
-    statvfs(dir).map(|st| st.f_bavail as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_bavail.saturating_mul(st.f_frsize))
 }
 
-#[allow(clippy::unnecessary_cast)] // the field types differ between platforms
 fn fs_size(dir: &Path) -> Option<u64> {
-    statvfs(dir).map(|st| st.f_blocks as u64 * st.f_frsize as u64)
+    let st = rustix::fs::statvfs(dir).ok()?;
+    Some(st.f_blocks.saturating_mul(st.f_frsize))
 }

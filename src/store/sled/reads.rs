@@ -1,0 +1,146 @@
+//! The CAS read paths: existence checks, whole-blob gets and streaming reads. Inline blobs are
+//! re-hashed (SHA-256) before they are served; file blobs are streamed by the file tier
+//! ([`crate::store::files::read`]), which reports damage back here.
+//!
+//! Must not: hold a sled iterator or a file across an `.await`.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use futures::StreamExt;
+use xxhash_rust::xxh3::xxh3_64;
+
+use super::entry::{entry_sums, Location};
+use super::Inner;
+use crate::digest::{verify, Digest};
+use crate::error::{Error, Result};
+use crate::store::files::read::Blob;
+use crate::store::BlobStream;
+
+impl Inner {
+    /// The subset of `digests` that is not stored; records a use of each one that is.
+    pub(super) fn find_missing(&self, digests: &[Digest]) -> Vec<Digest> {
+        let now = self.clock.now();
+        digests
+            .iter()
+            .filter(|d| !d.is_empty_blob() && !self.index.touch(d, now))
+            .copied()
+            .collect()
+    }
+
+    pub(super) async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Bytes::new()));
+        }
+        let found = self.index.touch(digest, self.clock.now());
+        match self.lookup(digest)? {
+            None => {
+                self.forget_if_unbacked(digest, found);
+                Ok(None)
+            }
+            Some(Location::Inline { id }) => self.inline_data(digest, id),
+            Some(Location::File { xxh3 }) => {
+                let path = self.files.blob_path(digest);
+                let data = match tokio::fs::read(&path).await {
+                    Ok(data) => Bytes::from(data),
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        self.drop_damaged(digest, Location::File { xxh3 }, "blob file is missing");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(Error::internal(format!("reading blob {digest}"), e)),
+                };
+                if data.len() as u64 != digest.size || xxh3_64(&data) != xxh3 {
+                    self.drop_damaged(
+                        digest,
+                        Location::File { xxh3 },
+                        "blob file does not match its checksum",
+                    );
+                    return Ok(None);
+                }
+                Ok(Some(data))
+            }
+        }
+    }
+
+    /// A stream of the blob's bytes from `offset`, at most `limit` of them, in pieces of at
+    /// most `chunk_size`. Call from a Tokio runtime (file reads run on a blocking thread).
+    pub(super) fn read(
+        self: &Arc<Self>,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+        chunk_size: usize,
+    ) -> Result<Option<BlobStream>> {
+        let end = match limit {
+            Some(l) => digest.size.min(offset.saturating_add(l)),
+            None => digest.size,
+        };
+        if digest.is_empty_blob() {
+            return Ok(Some(futures::stream::empty().boxed()));
+        }
+        let found = self.index.touch(digest, self.clock.now());
+        match self.lookup_entry(digest)? {
+            None => {
+                self.forget_if_unbacked(digest, found);
+                Ok(None)
+            }
+            Some((Location::Inline { id }, _)) => {
+                let Some(data) = self.inline_data(digest, id)? else {
+                    return Ok(None);
+                };
+                let data = data.slice(offset as usize..end as usize);
+                let chunks: Vec<Result<Bytes>> = (0..data.len())
+                    .step_by(chunk_size.max(1))
+                    .map(|at| Ok(data.slice(at..data.len().min(at + chunk_size))))
+                    .collect();
+                Ok(Some(futures::stream::iter(chunks).boxed()))
+            }
+            Some((Location::File { xxh3 }, entry)) => {
+                let path = self.files.blob_path(digest);
+                let file = match std::fs::File::open(&path) {
+                    Ok(f) => f,
+                    Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                        self.drop_damaged(digest, Location::File { xxh3 }, "blob file is missing");
+                        return Ok(None);
+                    }
+                    Err(e) => return Err(Error::internal(format!("opening blob {digest}"), e)),
+                };
+                let digest = *digest;
+                let blob = Blob {
+                    file,
+                    digest,
+                    xxh3,
+                    sums: entry_sums(&entry, digest.size),
+                };
+                let permit = self.transfers.permit()?;
+                let store = self.clone();
+                let damaged =
+                    move |why: &str| store.drop_damaged(&digest, Location::File { xxh3 }, why);
+                Ok(Some(self.reads.stream(
+                    blob,
+                    offset..end,
+                    chunk_size,
+                    permit,
+                    damaged,
+                )))
+            }
+        }
+    }
+
+    /// An inline blob's bytes, verified against its digest.
+    fn inline_data(&self, digest: &Digest, id: u64) -> Result<Option<Bytes>> {
+        let Some(v) = self.blobs.get(id.to_be_bytes())? else {
+            self.drop_damaged(digest, Location::Inline { id }, "inline data is missing");
+            return Ok(None);
+        };
+        if verify(*digest, &v).is_err() {
+            self.drop_damaged(
+                digest,
+                Location::Inline { id },
+                "inline data does not match its digest",
+            );
+            return Ok(None);
+        }
+        Ok(Some(Bytes::copy_from_slice(&v)))
+    }
+}
