@@ -29,26 +29,20 @@ const LOG_EVERY: Duration = Duration::from_secs(10);
 /// of a large blob holds a descriptor, and distributions' soft default (1024) is low for a
 /// cache that serves many CI runners.
 pub fn raise_open_file_limit() {
-    let mut limit = libc::rlimit {
-        rlim_cur: 0,
-        rlim_max: 0,
+    use rustix::process::{getrlimit, setrlimit, Resource};
+    let limit = getrlimit(Resource::Nofile);
+    let (Some(current), max) = (limit.current, limit.maximum) else {
+        return; // unlimited already
     };
-    // SAFETY: `limit` is a valid, writable rlimit.
-    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0 {
+    if max.is_some_and(|max| current >= max) {
         return;
     }
-    if limit.rlim_cur >= limit.rlim_max {
-        return;
-    }
-    let before = limit.rlim_cur;
-    limit.rlim_cur = limit.rlim_max;
-    // SAFETY: as above; raising the soft limit up to the hard one needs no privilege.
-    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
-        tracing::debug!(
-            from = before,
-            to = limit.rlim_max,
-            "raised the open-file limit"
-        );
+    let raised = rustix::process::Rlimit {
+        current: max,
+        maximum: max,
+    };
+    if setrlimit(Resource::Nofile, raised).is_ok() {
+        tracing::debug!(from = current, to = ?max, "raised the open-file limit");
     }
 }
 
