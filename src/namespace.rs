@@ -23,7 +23,7 @@ use parking_lot::RwLock;
 use crate::config::{NamespaceRule, NamespacesConfig};
 use crate::digest::Digest;
 use crate::error::Result;
-use crate::store::{ActionRecord, ActionStore, NamespaceInfo, StoreStats};
+use crate::store::{ActionRecord, ActionStore, GcReport, Housekeeping, NamespaceInfo, StoreStats};
 
 /// How often last uses of namespaces are written.
 const PERSIST_EVERY: Duration = Duration::from_secs(60);
@@ -349,6 +349,19 @@ impl ActionResults {
         let removed = self.store.sweep(&dead).await?;
         self.expired.fetch_add(removed, Relaxed);
         Ok(removed)
+    }
+
+    /// A whole gc: dead action results first (their bytes count against the target too), then
+    /// the store's eviction down to `target`.
+    pub async fn gc(
+        &self,
+        housekeeping: &dyn Housekeeping,
+        target: Option<u64>,
+    ) -> Result<GcReport> {
+        let expired = self.sweep().await?;
+        let mut report = housekeeping.gc(target).await?;
+        report.expired_action_results = expired;
+        Ok(report)
     }
 
     /// Writes last uses and sweeps dead results for as long as the server runs (the server

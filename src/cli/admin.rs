@@ -219,6 +219,13 @@ fn describe_status(uri: &str, operation: Operation, status: &tonic::Status) -> S
 
 async fn on_data_dir(config: &Config, operation: Operation) -> Result<Report, String> {
     let dir = &config.data_dir;
+    if config.storage.backend == crate::config::Backend::Memory {
+        return Err(format!(
+            "the config says storage.backend = \"memory\": nothing is kept on disk; ask the \
+             running server instead: hoard {} --server URL",
+            operation.name()
+        ));
+    }
     // SledStore::open creates what is missing: a mistyped path must not become a new, empty cache.
     if !dir.join("sled").is_dir() {
         return Err(format!(
@@ -236,7 +243,7 @@ async fn on_data_dir(config: &Config, operation: Operation) -> Result<Report, St
     let failed = |e: Error| format!("{} failed on {}: {e}", operation.name(), dir.display());
     let report = match operation {
         Operation::Stats => store.stats().await.map(Report::Stats),
-        Operation::Gc(target) => store.gc(target).await.map(Report::Gc),
+        Operation::Gc(target) => gc(config, &store, target).await.map(Report::Gc),
         Operation::Verify => store.verify().await.map(Report::Verify),
     };
     // Flush even after a failure: closing cleanly is what tells the next start that no crash
@@ -245,6 +252,15 @@ async fn on_data_dir(config: &Config, operation: Operation) -> Result<Report, St
     let report = report.map_err(failed)?;
     flushed.map_err(|e| format!("flushing {}: {e}", dir.display()))?;
     Ok(report)
+}
+
+/// What the Admin service's gc does: dead action results first (the namespace policy judges
+/// them), then eviction.
+async fn gc(config: &Config, store: &SledStore, target: Option<u64>) -> Result<GcReport, Error> {
+    let policy = std::sync::Arc::new(crate::namespace::Policy::new(&config.namespaces));
+    let results =
+        crate::namespace::ActionResults::open(std::sync::Arc::new(store.clone()), policy).await?;
+    results.gc(store, target).await
 }
 
 fn to_json(report: &Report) -> Result<String, String> {

@@ -163,10 +163,7 @@ impl Admin for AdminService {
             Some(t) => tracing::info!(target_bytes = t, "gc requested"),
             None => tracing::info!("gc requested (down to the low watermark)"),
         }
-        // Dead action results first: their bytes count against the target too.
-        let expired = self.results.sweep().await?;
-        let mut report = self.housekeeping.gc(target).await?;
-        report.expired_action_results = expired;
+        let report = self.results.gc(self.housekeeping.as_ref(), target).await?;
         tracing::info!(?report, "gc finished");
         Ok(Response::new(report.into()))
     }

@@ -569,6 +569,7 @@ impl Housekeeping for MemoryStore {
                 map.values().map(|r| r.result.len() as u64).sum(),
             )
         };
+        let write_refusal = self.write_refusal();
         let blobs = inner.blobs.lock();
         let youngest = inner.youngest_evicted_age.load(Relaxed);
         Ok(StoreStats {
@@ -584,7 +585,7 @@ impl Housekeeping for MemoryStore {
             evicted_bytes: inner.evicted_bytes.load(Relaxed),
             youngest_evicted_age_secs: (youngest != u64::MAX).then_some(youngest),
             refused_writes: inner.refused_writes.load(Relaxed),
-            write_refusal: self.write_refusal(),
+            write_refusal,
             ..StoreStats::default()
         })
     }

@@ -15,6 +15,8 @@ mod health;
 mod integrity;
 mod invalidate;
 mod lifecycle;
+mod memory;
+mod model;
 mod namespaces;
 mod ops;
 mod watch;
