@@ -2,6 +2,7 @@
 # End-to-end check: an unmodified Bazel uses hoard as its remote cache.
 #
 # Usage: scripts/bazel-e2e.sh HOARD_BINARY
+#        HOARD_BACKEND=memory scripts/bazel-e2e.sh HOARD_BINARY   (storage.backend; default sled)
 #
 # It starts `HOARD_BINARY serve --listen 127.0.0.1:PORT --data-dir DIR` on a
 # free port with a temporary data dir, generates a small C++ workspace that
@@ -93,6 +94,10 @@ cat >"$CONFIG" <<'EOF'
 pattern = "ci/branches/*"
 read = ["ci/main"]
 EOF
+BACKEND=${HOARD_BACKEND:-sled}
+case "$BACKEND" in sled|memory) ;; *) die "HOARD_BACKEND must be sled or memory, not '$BACKEND'" ;; esac
+printf '[storage]\nbackend = "%s"\n' "$BACKEND" >>"$CONFIG"
+info "storage.backend = $BACKEND"
 
 # The system rc (Debian: /etc/bazel/bazelrc sets --install_base) is needed;
 # user and workspace rc files are not.
