@@ -41,6 +41,8 @@ pub struct TestServer {
     handle: Option<JoinHandle<hoard::error::Result<()>>>,
     channel: Channel,
     addr: std::net::SocketAddr,
+    /// The plaintext ops port (servers started from a config; not over a hand-made store).
+    ops: Option<std::net::SocketAddr>,
 }
 
 impl TestServer {
@@ -74,6 +76,17 @@ impl TestServer {
             .await
             .expect("bind 127.0.0.1:0");
         let addr = listener.local_addr().expect("local addr");
+        let ops_listener = match store {
+            Some(_) => None,
+            None => Some(
+                tokio::net::TcpListener::bind("127.0.0.1:0")
+                    .await
+                    .expect("bind 127.0.0.1:0"),
+            ),
+        };
+        let ops = ops_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("ops addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
         let handle = tokio::spawn(async move {
@@ -82,7 +95,9 @@ impl TestServer {
             };
             match store {
                 Some(store) => hoard::server::serve(listener, store, &config, shutdown).await,
-                None => hoard::server::run(listener, &config, shutdown).await,
+                None => {
+                    hoard::server::run_with_ops(listener, ops_listener, &config, shutdown).await
+                }
             }
         });
         let channel = Channel::from_shared(format!("http://{addr}"))
@@ -97,7 +112,21 @@ impl TestServer {
             handle: Some(handle),
             channel,
             addr,
+            ops,
         }
+    }
+
+    /// Starts a graceful shutdown without waiting for it ([`TestServer::stop`] waits).
+    pub fn begin_stop(&mut self) {
+        if let Some(tx) = self.shutdown.take() {
+            let _ = tx.send(());
+        }
+    }
+
+    /// The ops port's address.
+    pub fn ops_addr(&self) -> std::net::SocketAddr {
+        self.ops
+            .expect("a server started from its config has an ops port")
     }
 
     /// Shuts down gracefully and waits until the store is flushed; returns the temp dir so the

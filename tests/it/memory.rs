@@ -76,7 +76,9 @@ async fn least_recently_used_blobs_are_evicted_to_stay_within_max_size() {
     }
     // Later, the first blob is used again; then more arrive than fit.
     store.advance_clock(2 * HOUR);
-    assert!(missing(&server, std::slice::from_ref(&first)).await.is_empty());
+    assert!(missing(&server, std::slice::from_ref(&first))
+        .await
+        .is_empty());
     store.advance_clock(Duration::from_secs(60));
     for seed in 9..14 {
         upload(&server, "", &blob(BLOB, seed)).await;

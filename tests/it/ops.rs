@@ -2,8 +2,6 @@
 
 use std::time::Duration;
 
-use hoard::config::Config;
-use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
 use hoard::proto::bytestream::WriteRequest;
 use hoard::proto::health::health_check_response::ServingStatus;
 use hoard::proto::health::health_client::HealthClient;
@@ -11,61 +9,19 @@ use hoard::proto::health::HealthCheckRequest;
 use hoard::proto::reapi::content_addressable_storage_client::ContentAddressableStorageClient;
 use hoard::proto::reapi::FindMissingBlobsRequest;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
-use tokio::sync::{mpsc, oneshot};
+use tokio::net::TcpStream;
+use tokio::sync::mpsc;
 use tonic::transport::Channel;
 
-use crate::common::{blob, digest_of, write_name};
+use crate::common::{blob, digest_of, write_name, TestServer};
 
-/// A server started through `run_with_ops`, with both ports on 127.0.0.1:0.
-struct OpsServer {
-    grpc: Channel,
-    ops: std::net::SocketAddr,
-    shutdown: Option<oneshot::Sender<()>>,
-    handle: tokio::task::JoinHandle<hoard::error::Result<()>>,
-    _tmp: tempfile::TempDir,
-}
-
-impl OpsServer {
-    async fn start(edit: impl FnOnce(&mut Config)) -> Self {
-        let tmp = tempfile::tempdir().expect("temp dir");
-        let mut config = Config {
-            data_dir: tmp.path().join("data"),
-            ..Config::default()
-        };
-        edit(&mut config);
-        let listener = TcpListener::bind("127.0.0.1:0").await.expect("bind");
-        let ops_listener = TcpListener::bind("127.0.0.1:0").await.expect("bind ops");
-        let addr = listener.local_addr().expect("addr");
-        let ops = ops_listener.local_addr().expect("ops addr");
-        let (tx, rx) = oneshot::channel::<()>();
-        let handle = tokio::spawn(async move {
-            let shutdown = async {
-                let _ = rx.await;
-            };
-            hoard::server::run_with_ops(listener, Some(ops_listener), &config, shutdown).await
-        });
-        let grpc = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect");
-        OpsServer {
-            grpc,
-            ops,
-            shutdown: Some(tx),
-            handle,
-            _tmp: tmp,
-        }
-    }
-
-    async fn ops_channel(&self) -> Channel {
-        Channel::from_shared(format!("http://{}", self.ops))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect to the ops port")
-    }
+/// A channel to the server's ops port.
+async fn ops_channel(server: &TestServer) -> Channel {
+    Channel::from_shared(format!("http://{}", server.ops_addr()))
+        .expect("uri")
+        .connect()
+        .await
+        .expect("connect to the ops port")
 }
 
 /// `GET path` over HTTP/1.1 on `addr`: the status code and the body.
@@ -99,12 +55,14 @@ async fn health(channel: Channel) -> ServingStatus {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn ops_port_answers_probes_and_readyz_turns_503_during_drain() {
-    let mut server =
-        OpsServer::start(|c| c.drain_delay = hoard::config::HumanDuration(Duration::from_secs(3)))
-            .await;
-    assert_eq!(http_get(server.ops, "/healthz").await.0, 200);
+    let mut server = TestServer::start_with(|c| {
+        c.drain_delay = hoard::config::HumanDuration(Duration::from_secs(3))
+    })
+    .await;
+    let ops = server.ops_addr();
+    assert_eq!(http_get(ops, "/healthz").await.0, 200);
     // The ops port answers from the start; ready only once the store is open.
-    let mut ready = http_get(server.ops, "/readyz").await;
+    let mut ready = http_get(ops, "/readyz").await;
     for _ in 0..100 {
         if ready.0 == 200 {
             break;
@@ -115,16 +73,16 @@ async fn ops_port_answers_probes_and_readyz_turns_503_during_drain() {
             "not ready only while starting"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
-        ready = http_get(server.ops, "/readyz").await;
+        ready = http_get(ops, "/readyz").await;
     }
     assert_eq!(ready, (200, "ready\n".into()));
     assert_eq!(
-        health(server.ops_channel().await).await,
+        health(ops_channel(&server).await).await,
         ServingStatus::Serving
     );
-    assert_eq!(http_get(server.ops, "/metrics-not-yet").await.0, 404);
+    assert_eq!(http_get(ops, "/metrics-not-yet").await.0, 404);
     // No cache service is reachable on the ops port.
-    let mut cas = ContentAddressableStorageClient::new(server.ops_channel().await);
+    let mut cas = ContentAddressableStorageClient::new(ops_channel(&server).await);
     let refused = cas
         .find_missing_blobs(FindMissingBlobsRequest::default())
         .await
@@ -132,10 +90,10 @@ async fn ops_port_answers_probes_and_readyz_turns_503_during_drain() {
     assert_eq!(refused.code(), tonic::Code::Unimplemented);
 
     // Drain: for `drain_delay` the gRPC port still serves, but readiness is withdrawn.
-    let _ = server.shutdown.take().expect("running").send(());
+    server.begin_stop();
     let mut drained = false;
     for _ in 0..100 {
-        if http_get(server.ops, "/readyz").await == (503, "draining\n".into()) {
+        if http_get(ops, "/readyz").await == (503, "draining\n".into()) {
             drained = true;
             break;
         }
@@ -143,22 +101,18 @@ async fn ops_port_answers_probes_and_readyz_turns_503_during_drain() {
     }
     assert!(drained, "/readyz must turn 503 once draining begins");
     assert_eq!(
-        http_get(server.ops, "/healthz").await.0,
+        http_get(ops, "/healthz").await.0,
         200,
         "the process still runs"
     );
     assert_eq!(
-        health(server.ops_channel().await).await,
+        health(ops_channel(&server).await).await,
         ServingStatus::NotServing
     );
-    assert_eq!(health(server.grpc.clone()).await, ServingStatus::NotServing);
-    server
-        .handle
-        .await
-        .expect("server task")
-        .expect("clean shutdown");
+    assert_eq!(health(server.channel()).await, ServingStatus::NotServing);
+    server.stop().await;
     assert!(
-        TcpStream::connect(server.ops).await.is_err(),
+        TcpStream::connect(ops).await.is_err(),
         "the ops port closes at exit"
     );
 }
@@ -166,7 +120,8 @@ async fn ops_port_answers_probes_and_readyz_turns_503_during_drain() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_flood_beyond_the_limit_is_shed_while_health_answers_on_both_ports() {
     const LIMIT: usize = 4;
-    let server = OpsServer::start(|c| c.limits.max_concurrent_requests = LIMIT as u32).await;
+    let server = TestServer::start_with(|c| c.limits.max_concurrent_requests = LIMIT as u32).await;
+    let ops = server.ops_addr();
     // Uploads that stay open hold their permits: each is a call in progress.
     let data = blob(64 << 10, 7);
     let digest = digest_of(&data);
@@ -186,7 +141,7 @@ async fn a_flood_beyond_the_limit_is_shed_while_health_answers_on_both_ports() {
         })
         .await
         .expect("queue the first chunk");
-        let mut bytestream = ByteStreamClient::new(server.grpc.clone());
+        let mut bytestream = server.bytestream();
         calls.push(tokio::spawn(async move {
             bytestream
                 .write(tokio_stream::wrappers::ReceiverStream::new(rx))
@@ -195,7 +150,7 @@ async fn a_flood_beyond_the_limit_is_shed_while_health_answers_on_both_ports() {
         holds.push(tx);
     }
     // Every further call is refused at once, saying why.
-    let mut cas = ContentAddressableStorageClient::new(server.grpc.clone());
+    let mut cas = server.cas();
     let mut shed = None;
     for _ in 0..250 {
         match cas
@@ -220,12 +175,12 @@ async fn a_flood_beyond_the_limit_is_shed_while_health_answers_on_both_ports() {
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     }
     // Health is never shed, on either port.
-    assert_eq!(health(server.grpc.clone()).await, ServingStatus::Serving);
+    assert_eq!(health(server.channel()).await, ServingStatus::Serving);
     assert_eq!(
-        health(server.ops_channel().await).await,
+        health(ops_channel(&server).await).await,
         ServingStatus::Serving
     );
-    assert_eq!(http_get(server.ops, "/readyz").await.0, 200);
+    assert_eq!(http_get(ops, "/readyz").await.0, 200);
 
     // Finishing the uploads frees the permits; calls are served again.
     for tx in holds {

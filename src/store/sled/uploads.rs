@@ -311,7 +311,10 @@ impl Upload for MemoryUpload {
 
     async fn commit(self: Box<Self>) -> Result<()> {
         self.verifier.finish()?;
-        if self.digest.is_empty_blob() || self.store.index.contains(&self.digest) {
+        // Storing a blob that is there already is a use of it (as `put` and file uploads count
+        // it): it must not be evicted within `min_retention` of this write.
+        let now = self.store.clock.now();
+        if self.digest.is_empty_blob() || self.store.index.touch(&self.digest, now) {
             return Ok(());
         }
         self.store.put_inline(&self.digest, &self.buf).await
