@@ -11,13 +11,17 @@
 use async_trait::async_trait;
 use bytes::Bytes;
 
-use super::{namespaces, Inner, SledStore};
+use std::ops::Bound::{Excluded, Unbounded};
+
+use super::{namespaces, run_blocking, Inner, SledStore};
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::Result;
 use crate::store::{ActionRecord, ActionStore, DeadRecord, NamespaceInfo};
 
 /// Bytes before the encoded ActionResult in an `ac` value: last use (u32), epoch (u64).
 const AC_HEADER: usize = 12;
+/// Records a sweep reads per trip to a blocking thread.
+const SWEEP_BATCH: usize = 1024;
 
 fn ac_key(namespace: &str, action: &Digest) -> Vec<u8> {
     let mut k = Vec::with_capacity(namespace.len() + 1 + HASH_LEN + 8);
@@ -137,53 +141,89 @@ impl ActionStore for SledStore {
     }
 
     async fn remove(&self, namespace: &str, actions: &[Digest]) -> Result<u64> {
-        let mut removed = 0;
-        for action in actions {
-            let key = ac_key(namespace, action);
-            if let Some(old) = self.inner.ac.remove(&key)? {
-                self.inner
-                    .usage
-                    .ac_changed(None, Some((key.len() + old.len()) as u64));
-                removed += 1;
+        let (inner, keys) = (
+            self.inner.clone(),
+            actions
+                .iter()
+                .map(|a| ac_key(namespace, a))
+                .collect::<Vec<_>>(),
+        );
+        let removed = run_blocking(move || {
+            let mut removed = 0;
+            for key in keys {
+                if let Some(old) = inner.ac.remove(&key)? {
+                    inner
+                        .usage
+                        .ac_changed(None, Some((key.len() + old.len()) as u64));
+                    removed += 1;
+                }
             }
-        }
+            Ok(removed)
+        })
+        .await?;
         self.inner.commit.durable().await?;
         Ok(removed)
     }
 
     async fn remove_namespace(&self, namespace: &str) -> Result<u64> {
-        let mut prefix = namespace.as_bytes().to_vec();
-        prefix.push(0);
-        // Collected first: no sled iterator is held across the flush below.
-        let entries: Vec<(sled::IVec, sled::IVec)> = self
-            .inner
-            .ac
-            .scan_prefix(&prefix)
-            .collect::<std::result::Result<_, _>>()?;
-        let mut removed = 0;
-        for (key, value) in entries {
-            if self.inner.remove_action_result(&key, &value)? {
-                removed += 1;
+        let (inner, namespace) = (self.inner.clone(), namespace.to_string());
+        let removed = run_blocking(move || {
+            let mut prefix = namespace.as_bytes().to_vec();
+            prefix.push(0);
+            let mut removed = 0;
+            for entry in inner.ac.scan_prefix(&prefix) {
+                let (key, value) = entry?;
+                if inner.remove_action_result(&key, &value)? {
+                    removed += 1;
+                }
             }
-        }
-        namespaces::remove(&self.inner.namespaces, namespace)?;
+            namespaces::remove(&inner.namespaces, &namespace)?;
+            Ok(removed)
+        })
+        .await?;
         self.inner.commit.durable().await?;
         Ok(removed)
     }
 
     async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
+        // In batches read off the async threads; `dead` (the policy) judges each on this side.
         let mut removed = 0;
-        for entry in self.inner.ac.iter() {
-            let (key, value) = entry?;
-            let gone = match (namespace_of(&key), decode(&value)) {
-                (Some(namespace), Some(record)) => dead(&namespace, &record),
-                _ => true,
+        let mut after: Option<sled::IVec> = None;
+        loop {
+            let (inner, start) = (self.inner.clone(), after.take());
+            let batch = run_blocking(move || {
+                let entries = match start {
+                    Some(key) => inner.ac.range((Excluded(key), Unbounded)),
+                    None => inner.ac.iter(),
+                };
+                Ok(entries
+                    .take(SWEEP_BATCH)
+                    .collect::<std::result::Result<Vec<_>, _>>()?)
+            })
+            .await?;
+            let Some((last, _)) = batch.last() else {
+                return Ok(removed);
             };
-            if gone && self.inner.remove_action_result(&key, &value)? {
-                removed += 1;
-            }
+            after = Some(last.clone());
+            let gone: Vec<(sled::IVec, sled::IVec)> = batch
+                .into_iter()
+                .filter(|(key, value)| match (namespace_of(key), decode(value)) {
+                    (Some(namespace), Some(record)) => dead(&namespace, &record),
+                    _ => true,
+                })
+                .collect();
+            let inner = self.inner.clone();
+            removed += run_blocking(move || {
+                let mut removed = 0;
+                for (key, value) in gone {
+                    if inner.remove_action_result(&key, &value)? {
+                        removed += 1;
+                    }
+                }
+                Ok(removed)
+            })
+            .await?;
         }
-        Ok(removed)
     }
 
     async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>> {
