@@ -14,7 +14,7 @@ mod mix;
 
 pub use ac::ActionCache;
 pub use cas::{BatchRead, BatchUpdate, FindMissing};
-pub use fill::{Fill, FillBlobs};
+pub use fill::Fill;
 pub use large::{ReadLarge, WriteLarge};
 pub use mix::{Mix, MixParams};
 
@@ -28,9 +28,9 @@ use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 
 use super::stats::Recorder;
-use crate::proto::bytestream::byte_stream_client::ByteStreamClient;
-use crate::proto::bytestream::{ReadRequest, WriteRequest};
-use crate::proto::reapi::{
+use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
+use hoard::proto::bytestream::{ReadRequest, WriteRequest};
+use hoard::proto::reapi::{
     self, action_cache_client::ActionCacheClient,
     content_addressable_storage_client::ContentAddressableStorageClient, Digest,
 };
@@ -71,7 +71,6 @@ impl Conn {
 /// What a workload needs to know about the run and the server.
 #[derive(Clone)]
 pub struct Env {
-    pub instance: String,
     pub seed: u64,
     /// The server's `max_batch_total_size_bytes`; 0 when it announces no limit.
     pub max_batch: u64,

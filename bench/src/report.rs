@@ -114,7 +114,7 @@ impl Report {
     fn write_text(&self, out: &mut String) -> std::fmt::Result {
         writeln!(
             out,
-            "hoard bench {} ({}) against {}{}",
+            "hoard-bench {} ({}) against {}{}",
             self.workload,
             self.params,
             self.target,
