@@ -1,11 +1,12 @@
 #!/usr/bin/env bash
 # hoard with 1 million stored blobs (issue 4): fill rate, idle RSS, disk use, FindMissingBlobs
 # latency, restart time (clean and after SIGKILL, with the crash clean-up pass), gc eviction
-# throughput and background eviction between watermarks. Builds nothing.
+# throughput and background eviction between watermarks. Builds nothing: first
+# `cargo build --release --workspace` (the server and the load generator, bench/).
 #
 #   scripts/bench-1m.sh [HOARD_BINARY]        (default: target/release/hoard)
 #
-# Environment: BLOBS (small blobs to store, default 1000000, a multiple of PER_STEP),
+# Environment: HOARD_BENCH (the load generator, default: hoard-bench beside HOARD_BINARY), BLOBS (small blobs to store, default 1000000, a multiple of PER_STEP),
 # PER_STEP (small blobs per fill step, 1000), LARGE_EVERY (one 64 KiB..1 MiB file blob every
 # this many steps, 1; 0 for none), CONCURRENCY (fill callers, 4), SEED (42), PARENT (where the
 # data dir is made, /tmp), KEEP=1 (keep the data dir and logs), COLD=1 (also time a restart
@@ -13,6 +14,7 @@
 # Progress goes to stderr, the figures and a summary to stdout. Needs python3 (JSON parsing).
 set -euo pipefail
 HOARD=$(realpath "${1:-target/release/hoard}")
+HOARD_BENCH=${HOARD_BENCH:-$(dirname "$HOARD")/hoard-bench}
 BLOBS=${BLOBS:-1000000}
 PER_STEP=${PER_STEP:-1000}
 LARGE_EVERY=${LARGE_EVERY:-1}
@@ -21,7 +23,8 @@ SEED=${SEED:-42}
 PARENT=${PARENT:-/tmp}
 STEPS=$((BLOBS / PER_STEP))
 [ $((STEPS * PER_STEP)) -eq "$BLOBS" ] || { echo "BLOBS must be a multiple of PER_STEP" >&2; exit 2; }
-[ -x "$HOARD" ] || { echo "no hoard binary at $HOARD (build with cargo build --release)" >&2; exit 2; }
+[ -x "$HOARD" ] || { echo "no hoard binary at $HOARD (build with cargo build --release --workspace)" >&2; exit 2; }
+[ -x "$HOARD_BENCH" ] || { echo "no hoard-bench binary at $HOARD_BENCH (build with cargo build --release --workspace)" >&2; exit 2; }
 
 WORK=$(mktemp -d "$PARENT/hoard-1m.XXXXXX")
 DATA=$WORK/data
@@ -84,7 +87,7 @@ stop() {
     PID=
 }
 stats() { "$HOARD" stats --server "$URL" --json; }
-bench() { "$HOARD" bench --target "$URL" --server-pid "$PID" --seed "$SEED" --json "$@"; }
+bench() { "$HOARD_BENCH" --target "$URL" --server-pid "$PID" --seed "$SEED" --json "$@"; }
 # FindMissingBlobs of 1000 digests, $1 of them among the stored fill blobs, at concurrency $2.
 find_missing() {
     local out
@@ -96,7 +99,7 @@ find_missing() {
 
 GIB=$((1 << 30))
 echo "== machine: $(nproc) cores, $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(free -g | awk '/Mem/ {print $2}') GiB; data dir on $(df -T "$PARENT" | awk 'NR==2 {print $2}')"
-echo "== hoard: $HOARD ($("$HOARD" --version))"
+echo "== hoard: $HOARD ($("$HOARD" --version)); load generator: $HOARD_BENCH"
 echo "== $BLOBS small blobs (100 B - 16 KiB, half < 1 KiB) in steps of $PER_STEP, $([ "$LARGE_EVERY" -gt 0 ] && echo "$((STEPS / LARGE_EVERY)) file blobs (64 KiB - 1 MiB)" || echo "no file blobs"), $CONCURRENCY callers, seed $SEED"
 
 # 1. Fill.

@@ -8,14 +8,14 @@
 //! - [`compression`] adapts zstd ByteStream transfers to the store's uncompressed blobs.
 //! - [`config`] is the TOML configuration; [`error`] the one error type and its gRPC mapping.
 //! - [`proto`] is the code generated from `proto/`.
-//! - [`bench`] is `hoard bench`, a load generator for any REAPI endpoint.
-//! - [`cli`] holds the operator subcommands (`hoard stats`, `gc`, `verify`) `main.rs` calls.
+//! - [`cli`] holds the operator subcommands (`hoard stats`, `gc`, `verify`) `main.rs` calls;
+//!   [`client`] is how they (and the `hoard-bench` load generator in `bench/`) connect.
 //! - [`watch`] is the persisted event log behind the watch stream.
 //! - [`connections`] accepts sockets (descriptor back-off, handshake deadline); [`layers`] holds
 //!   the tower layers around every service.
 
-pub mod bench;
 pub mod cli;
+pub mod client;
 pub mod compression;
 pub mod config;
 pub mod connections;

@@ -37,8 +37,6 @@ enum Command {
         #[arg(long, env = "HOARD_DATA_DIR")]
         data_dir: Option<PathBuf>,
     },
-    /// Load-test a REAPI endpoint (hoard or another server); see README "Load generator".
-    Bench(hoard::bench::BenchArgs),
     /// Print a server's watch stream (invalidations, optionally stored results) as JSON lines.
     Watch(hoard::cli::watch::WatchArgs),
     /// `hoard stats`, `hoard gc`, `hoard verify` (see README "Operations: stats, gc, verify").
@@ -66,7 +64,6 @@ fn main() -> ExitCode {
             listen,
             data_dir,
         } => serve(config, listen, data_dir),
-        Command::Bench(args) => hoard::bench::main(args),
         // Prints its own error: the exit status tells a supervisor to resume or to resync.
         Command::Watch(args) => return hoard::cli::watch::main(args),
         // These print their own errors: their exit status says more than success or failure.

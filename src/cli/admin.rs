@@ -8,11 +8,10 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Subcommand};
-use tonic::transport::Endpoint;
 
+use crate::client;
 use crate::config::{ByteSize, Config};
 use crate::error::Error;
 use crate::proto::admin::{admin_client::AdminClient, GcRequest, StatsRequest, VerifyRequest};
@@ -159,19 +158,12 @@ fn resolve(source: &Source, env_server: Option<String>) -> Result<Target, String
         .clone()
         .or(env_server.filter(|s| !s.trim().is_empty()))
         .unwrap_or_else(|| DEFAULT_SERVER.to_string());
-    crate::bench::runner::endpoint_uri(server.trim()).map(Target::Server)
+    client::endpoint_uri(server.trim()).map(Target::Server)
 }
 
 async fn over_grpc(uri: &str, operation: Operation) -> Result<Report, String> {
-    let endpoint = Endpoint::from_shared(uri.to_string())
-        .map_err(|e| format!("{uri}: not a server address: {e}"))?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| {
-        format!(
-            "cannot connect to {uri}: {}; is hoard serving there? (for a stopped server, use \
-             --data-dir DIR)",
-            error_chain(&e)
-        )
+    let channel = client::Server::parse(uri)?.connect().await.map_err(|e| {
+        format!("{e}; is hoard serving there? (for a stopped server, use --data-dir DIR)")
     })?;
     // A verify report lists every corrupt blob; allow far more than the default 4 MiB.
     let mut client = AdminClient::new(channel).max_decoding_message_size(256 << 20);
@@ -458,20 +450,6 @@ pub(crate) fn duration(secs: u64) -> String {
     } else {
         shown.join(" ")
     }
-}
-
-/// An error and its sources on one line ("transport error: tcp connect error: refused").
-pub(crate) fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.contains(&next) {
-            text = format!("{text}: {next}");
-        }
-        source = s.source();
-    }
-    text
 }
 
 #[cfg(test)]

@@ -7,12 +7,12 @@
 //! it could not run (bad flags, no server, a refused request).
 
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{ArgGroup, Args, Subcommand};
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
-use crate::cli::admin::{count, duration, error_chain, DEFAULT_SERVER, EXIT_FAILED};
+use crate::cli::admin::{count, duration, DEFAULT_SERVER, EXIT_FAILED};
+use crate::client;
 use crate::config::HumanDuration;
 use crate::digest::Digest;
 use crate::proto::admin::{
@@ -191,16 +191,12 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
 }
 
 async fn connect(server: &str) -> Result<(String, AdminClient<Channel>), String> {
-    let uri = crate::bench::runner::endpoint_uri(server.trim())?;
-    let endpoint = Endpoint::from_shared(uri.clone())
-        .map_err(|e| format!("{uri}: not a server address: {e}"))?
-        .connect_timeout(Duration::from_secs(10));
-    let channel = endpoint.connect().await.map_err(|e| {
-        format!(
-            "cannot connect to {uri}: {}; is hoard serving there?",
-            error_chain(&e)
-        )
-    })?;
+    let server = client::Server::parse(server)?;
+    let uri = server.uri().to_string();
+    let channel = server
+        .connect()
+        .await
+        .map_err(|e| format!("{e}; is hoard serving there?"))?;
     // A listing of many namespaces can pass the default 4 MiB.
     Ok((
         uri,

@@ -1,4 +1,4 @@
-//! Subcommands of the `hoard` binary beyond `serve` and `bench`, one module each; `main.rs` only
+//! Subcommands of the `hoard` binary beyond `serve`, one module each; `main.rs` only
 //! dispatches to them.
 
 pub mod admin;

@@ -7,11 +7,10 @@
 
 use std::io::Write;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::Args;
-use tonic::transport::Endpoint;
 
+use crate::client;
 use crate::proto::watch::{watch_client::WatchClient, Event, EventKind, WatchRequest};
 use crate::service::watch::{OLDEST_AVAILABLE_TRAILER, RESUME_AFTER_TRAILER, START_AFTER_HEADER};
 
@@ -91,18 +90,11 @@ fn trailer(status: &tonic::Status, key: &str) -> Option<u64> {
 
 async fn run(args: WatchArgs) -> Result<(), Stop> {
     let usage = |message: String| Stop(EXIT_USAGE, message);
-    let uri = crate::bench::runner::endpoint_uri(args.server.trim()).map_err(usage)?;
-    let channel = Endpoint::from_shared(uri.clone())
-        .map_err(|e| usage(format!("{uri}: not a server address: {e}")))?
-        .connect_timeout(Duration::from_secs(10))
+    let server = client::Server::parse(&args.server).map_err(usage)?;
+    let channel = server
         .connect()
         .await
-        .map_err(|e| {
-            Stop(
-                EXIT_RESUME,
-                format!("cannot connect to {uri}: {e}; is hoard serving there?"),
-            )
-        })?;
+        .map_err(|e| Stop(EXIT_RESUME, format!("{e}; is hoard serving there?")))?;
     let request = WatchRequest {
         namespace_pattern: args.namespace,
         start_after: args.start_after,

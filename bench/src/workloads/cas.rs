@@ -6,8 +6,8 @@ use bytes::Bytes;
 
 use super::fill::FillBlobs;
 use super::{batch_read_verified, batch_update, find_missing_verified, key, Env, Worker, Workload};
-use crate::bench::data::{mix, Family, MIN_DISTINCT_SIZE};
-use crate::proto::reapi::Digest;
+use crate::data::{mix, Family, MIN_DISTINCT_SIZE};
+use hoard::proto::reapi::Digest;
 
 /// Refuses batches the server says it would refuse.
 fn check_batch(env: &Env, blobs: usize, blob_size: u64) -> Result<(), String> {

@@ -16,8 +16,8 @@ use super::{
     batch_update, find_missing_verified, key, read_name, read_verified, write_chunks, write_name,
     Env, Worker, Workload,
 };
-use crate::bench::data::{mix, Family, Rng};
-use crate::proto::reapi::{ActionResult, Digest};
+use crate::data::{mix, Family, Rng};
+use hoard::proto::reapi::{ActionResult, Digest};
 
 /// Size of the Action and Command blobs.
 const META_SIZE: u64 = 300;

@@ -6,13 +6,14 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
 use super::procfs::{self, RssSampler, Usage};
 use super::stats::Recorder;
 use super::workloads::{Conn, Env, Worker, Workload};
 use super::BenchArgs;
-use crate::proto::reapi::{
+use hoard::client::Server;
+use hoard::proto::reapi::{
     capabilities_client::CapabilitiesClient, digest_function, GetCapabilitiesRequest,
 };
 
@@ -24,8 +25,8 @@ const DEFAULT_DURATION: Duration = Duration::from_secs(10);
 pub struct RunOptions {
     /// The target as given.
     pub target: String,
-    /// The URI tonic connects to.
-    uri: String,
+    /// The target, parsed: what connections are opened to.
+    server: Server,
     pub instance: String,
     pub concurrency: usize,
     pub connections: usize,
@@ -42,7 +43,7 @@ impl RunOptions {
             .target
             .clone()
             .ok_or("--target grpc://HOST:PORT is required")?;
-        let uri = endpoint_uri(&target)?;
+        let server = Server::parse(&target)?;
         if args.concurrency == 0 || args.connections == 0 {
             return Err("--concurrency and --connections must be at least 1".into());
         }
@@ -59,7 +60,7 @@ impl RunOptions {
         let seed = args.seed.unwrap_or_else(random_seed);
         Ok(RunOptions {
             target,
-            uri,
+            server,
             instance: args.instance.clone(),
             concurrency: args.concurrency,
             connections: args.connections.min(args.concurrency),
@@ -70,39 +71,6 @@ impl RunOptions {
             timeout: args.timeout,
         })
     }
-}
-
-/// `grpc://host:port`, `http://host:port` or `host:port`, as a URI for tonic.
-pub fn endpoint_uri(target: &str) -> Result<String, String> {
-    if let Some(rest) = target.strip_prefix("grpc://") {
-        return Ok(format!("http://{rest}"));
-    }
-    if target.starts_with("http://") {
-        return Ok(target.to_string());
-    }
-    if target.starts_with("grpcs://") || target.starts_with("https://") {
-        return Err(format!(
-            "{target}: TLS targets are not supported (hoard is built without TLS)"
-        ));
-    }
-    if target.contains("://") || !target.contains(':') {
-        return Err(format!("{target}: expected grpc://HOST:PORT"));
-    }
-    Ok(format!("http://{target}"))
-}
-
-/// An error and its sources, e.g. "transport error: tcp connect error: Connection refused".
-fn chain(e: &dyn std::error::Error) -> String {
-    let mut text = e.to_string();
-    let mut source = e.source();
-    while let Some(s) = source {
-        let next = s.to_string();
-        if !text.ends_with(&next) {
-            text = format!("{text}: {next}");
-        }
-        source = s.source();
-    }
-    text
 }
 
 fn random_seed() -> u64 {
@@ -134,17 +102,9 @@ impl Runner {
             procfs::sample(pid, procfs::clock_ticks())
                 .map_err(|e| format!("--server-pid {pid}: {e}"))?;
         }
-        let endpoint = Endpoint::from_shared(options.uri.clone())
-            .map_err(|e| format!("{}: {e}", options.target))?
-            .connect_timeout(Duration::from_secs(10))
-            .tcp_nodelay(true);
         let mut channels = Vec::with_capacity(options.connections);
         for _ in 0..options.connections {
-            let channel = endpoint
-                .connect()
-                .await
-                .map_err(|e| format!("cannot connect to {}: {}", options.target, chain(&e)))?;
-            channels.push(channel);
+            channels.push(options.server.connect().await?);
         }
         Ok(Runner { options, channels })
     }
@@ -156,7 +116,6 @@ impl Runner {
     /// Asks GetCapabilities for the batch limit; refuses servers without SHA-256.
     pub async fn env(&self) -> Result<Env, String> {
         let mut env = Env {
-            instance: self.options.instance.clone(),
             seed: self.options.seed,
             max_batch: 0,
         };
@@ -170,7 +129,7 @@ impl Runner {
                     let sha256 = digest_function::Value::Sha256 as i32;
                     if !c.digest_functions.is_empty() && !c.digest_functions.contains(&sha256) {
                         return Err(format!(
-                            "{} does not offer SHA-256 digests, the only ones hoard bench makes",
+                            "{} does not offer SHA-256 digests, the only ones hoard-bench makes",
                             self.options.target
                         ));
                     }
@@ -277,26 +236,5 @@ impl Runner {
             server,
             client_cpu_secs,
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn targets() {
-        assert_eq!(
-            endpoint_uri("grpc://127.0.0.1:9092").unwrap(),
-            "http://127.0.0.1:9092"
-        );
-        assert_eq!(
-            endpoint_uri("http://localhost:1").unwrap(),
-            "http://localhost:1"
-        );
-        assert_eq!(endpoint_uri("127.0.0.1:5").unwrap(), "http://127.0.0.1:5");
-        assert!(endpoint_uri("grpcs://cache:443").is_err());
-        assert!(endpoint_uri("unix:///tmp/sock").is_err());
-        assert!(endpoint_uri("cache").is_err());
     }
 }

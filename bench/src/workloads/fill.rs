@@ -3,7 +3,7 @@
 //!
 //! Small blob `n` of seed `s` is fully determined by `(s, n)`: its size comes from a
 //! [`SIZE_MIX`] draw and its content is a pseudo-random stream of its own (so, unlike a
-//! [`crate::bench::data::Family`], every byte differs between blobs and the client hashes each
+//! [`crate::data::Family`], every byte differs between blobs and the client hashes each
 //! whole). Step `i` stores small blobs `i × blobs .. (i + 1) × blobs`, in as many BatchUpdateBlobs
 //! calls as the server's batch limit needs; so `--count C fill --blobs B` with one seed always
 //! stores the same `C × B` small blobs, and `find-missing --from-fill N` can ask about them
@@ -13,8 +13,8 @@
 use bytes::Bytes;
 
 use super::{Env, Worker, Workload};
-use crate::bench::data::{digest_of, fill, mix, Rng};
-use crate::proto::reapi::Digest;
+use crate::data::{digest_of, fill, mix, Rng};
+use hoard::proto::reapi::Digest;
 
 /// Small-blob sizes: (share, smallest, largest), sizes log-uniform within a class. About half
 /// are under 1 KiB and 85% under 4 KiB, as in Bazel's CAS (sources, small outputs, directory
@@ -191,7 +191,6 @@ mod tests {
     #[test]
     fn steps_cover_consecutive_blobs_and_every_kth_large_one() {
         let env = Env {
-            instance: String::new(),
             seed: 3,
             max_batch: 0,
         };

@@ -3,8 +3,8 @@
 use std::sync::Arc;
 
 use super::{read_name, read_verified, write_chunks, write_name, Env, Worker, Workload};
-use crate::bench::data::Family;
-use crate::proto::reapi::Digest;
+use crate::data::Family;
+use hoard::proto::reapi::Digest;
 
 /// Hashes the prefix shared by a family of `size`-byte blobs, off the async threads.
 async fn family(seed: u64, size: u64) -> Result<Arc<Family>, String> {

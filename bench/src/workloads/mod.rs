@@ -14,7 +14,7 @@ mod mix;
 
 pub use ac::ActionCache;
 pub use cas::{BatchRead, BatchUpdate, FindMissing};
-pub use fill::{Fill, FillBlobs};
+pub use fill::Fill;
 pub use large::{ReadLarge, WriteLarge};
 pub use mix::{Mix, MixParams};
 
@@ -28,12 +28,13 @@ use sha2::{Digest as _, Sha256};
 use tonic::transport::Channel;
 
 use super::stats::Recorder;
-use crate::proto::bytestream::byte_stream_client::ByteStreamClient;
-use crate::proto::bytestream::{ReadRequest, WriteRequest};
-use crate::proto::reapi::{
+use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
+use hoard::proto::bytestream::{ReadRequest, WriteRequest};
+use hoard::proto::reapi::{
     self, action_cache_client::ActionCacheClient,
     content_addressable_storage_client::ContentAddressableStorageClient, Digest,
 };
+use hoard::resource_name::ResourceName;
 
 /// Largest gRPC message the bench decodes (BatchReadBlobs answers).
 const MAX_MESSAGE: usize = 64 << 20;
@@ -71,7 +72,6 @@ impl Conn {
 /// What a workload needs to know about the run and the server.
 #[derive(Clone)]
 pub struct Env {
-    pub instance: String,
     pub seed: u64,
     /// The server's `max_batch_total_size_bytes`; 0 when it announces no limit.
     pub max_batch: u64,
@@ -188,26 +188,20 @@ fn status(s: tonic::Status) -> String {
     format!("{:?}: {}", s.code(), s.message())
 }
 
-fn prefix(instance: &str) -> String {
-    if instance.is_empty() {
-        String::new()
-    } else {
-        format!("{instance}/")
-    }
-}
-
+/// The read resource name of one of the load generator's own blobs.
 pub fn read_name(instance: &str, d: &Digest) -> String {
-    format!("{}blobs/{}", prefix(instance), show(d))
+    ResourceName::read(instance, own(d)).to_string()
 }
 
 /// A write resource name with a fresh upload id.
 pub fn write_name(instance: &str, d: &Digest) -> String {
-    format!(
-        "{}uploads/{}/blobs/{}",
-        prefix(instance),
-        uuid::Uuid::new_v4(),
-        show(d)
-    )
+    ResourceName::write(instance, uuid::Uuid::new_v4().to_string(), own(d)).to_string()
+}
+
+/// A digest this program computed itself, as the server's type.
+fn own(d: &Digest) -> hoard::digest::Digest {
+    hoard::digest::Digest::from_proto(Some(d), "digest")
+        .expect("the load generator's own digests are well formed")
 }
 
 /// ByteStream Write of a `size`-byte blob whose chunk at `offset` is `chunk_at(offset)`;

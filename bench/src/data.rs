@@ -13,7 +13,7 @@
 use bytes::Bytes;
 use sha2::{Digest as _, Sha256};
 
-use crate::proto::reapi::Digest;
+use hoard::proto::reapi::Digest;
 
 /// Members of a [`Family`] differ in this many final bytes (one SHA-256 block).
 pub const TAIL_LEN: u64 = 64;

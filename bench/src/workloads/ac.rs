@@ -2,8 +2,8 @@
 //! back with what was written.
 
 use super::{status, Env, Worker, Workload};
-use crate::bench::data::{mix, Family};
-use crate::proto::reapi::{
+use crate::data::{mix, Family};
+use hoard::proto::reapi::{
     ActionResult, Digest, ExecutedActionMetadata, GetActionResultRequest, OutputFile,
     UpdateActionResultRequest,
 };

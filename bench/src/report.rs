@@ -114,7 +114,7 @@ impl Report {
     fn write_text(&self, out: &mut String) -> std::fmt::Result {
         writeln!(
             out,
-            "hoard bench {} ({}) against {}{}",
+            "hoard-bench {} ({}) against {}{}",
             self.workload,
             self.params,
             self.target,
@@ -247,13 +247,7 @@ pub fn fmt_ms(ms: f64) -> String {
 }
 
 pub fn fmt_bytes(b: u64) -> String {
-    let b = b as f64;
-    for (unit, size) in [("GiB", GIB), ("MiB", (1 << 20) as f64), ("KiB", 1024.0)] {
-        if b >= size {
-            return format!("{:.2} {unit}", b / size);
-        }
-    }
-    format!("{b} B")
+    format!("{:.2}", hoard::config::ByteSize(b).human())
 }
 
 #[cfg(test)]

@@ -1,4 +1,4 @@
-//! `hoard bench ceilings`: this machine's own limits, which a cache's throughput on it is
+//! `hoard-bench ceilings`: this machine's own limits, which a cache's throughput on it is
 //! bounded by: single-core SHA-256 (with the `sha2` crate hoard itself uses), sequential write
 //! of a file with and without `fdatasync`, reading it back from the page cache, loopback TCP,
 //! and memcpy.
@@ -86,7 +86,7 @@ pub struct CeilingsReport {
     pub measurements: Vec<Measurement>,
 }
 
-/// Runs `hoard bench ceilings` and prints its report.
+/// Runs `hoard-bench ceilings` and prints its report.
 pub fn main(dir: &Path, size: u64, json: bool) -> Result<(), String> {
     let report = run(dir, size, true)?;
     if json {
@@ -110,7 +110,7 @@ pub fn run(dir: &Path, size: u64, progress: bool) -> Result<CeilingsReport, Stri
     }
     let say = |what: &str| {
         if progress {
-            eprintln!("hoard bench ceilings: {what}");
+            eprintln!("hoard-bench ceilings: {what}");
         }
     };
     let buf_len = usize::try_from(size).map_or(MAX_BUFFER, |s| s.min(MAX_BUFFER));
@@ -186,7 +186,7 @@ pub fn run(dir: &Path, size: u64, progress: bool) -> Result<CeilingsReport, Stri
         workload: "ceilings".to_string(),
         params: format!(
             "size={} dir={}",
-            crate::config::ByteSize(size),
+            hoard::config::ByteSize(size),
             dir.display()
         ),
         filesystem: filesystem_of(&dir),
@@ -491,7 +491,7 @@ impl CeilingsReport {
         let _ = (|| -> std::fmt::Result {
             writeln!(
                 out,
-                "hoard bench ceilings ({}): this machine's own limits",
+                "hoard-bench ceilings ({}): this machine's own limits",
                 self.params
             )?;
             match &self.filesystem {

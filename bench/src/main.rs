@@ -1,4 +1,7 @@
-//! `hoard bench`: a load generator for any REAPI v2 endpoint (hoard or another server).
+//! `hoard-bench`: a load generator for any REAPI v2 endpoint (hoard or another server).
+//!
+//! A binary of its own, so the server does not carry it: it uses the `hoard` library only for the
+//! generated proto types, the size and duration parsers and [`hoard::client`]'s connect logic.
 //!
 //! - this file: command-line arguments and the order of a run (connect, ask Capabilities, set up
 //!   the workload untimed, run the timed phase, report);
@@ -12,26 +15,53 @@
 //!
 //! It only ever connects to the `--target` it is given (`ceilings`: only to itself on 127.0.0.1).
 
-pub mod ceilings;
-pub mod data;
-pub mod procfs;
-pub mod report;
-pub mod runner;
-pub mod stats;
-pub mod workloads;
+mod ceilings;
+mod data;
+mod procfs;
+mod report;
+mod runner;
+mod stats;
+mod workloads;
 
 use std::path::PathBuf;
+use std::process::ExitCode;
 use std::time::{Duration, Instant};
 
-use clap::{Args, Subcommand};
+use clap::{Args, Parser, Subcommand};
 
-use crate::config::ByteSize;
+use hoard::config::ByteSize;
 use runner::{RunOptions, Runner};
 use workloads::{
     ActionCache, BatchRead, BatchUpdate, Fill, FindMissing, Mix, ReadLarge, WriteLarge,
 };
 
-/// Arguments of `hoard bench`; the options before the workload apply to every workload.
+/// The same allocator as the server's (`src/main.rs`): the client's own CPU use stays as it was
+/// when the load generator was a subcommand of the server binary.
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+#[derive(Parser)]
+#[command(
+    name = "hoard-bench",
+    version,
+    about = "Load-test a REAPI endpoint (hoard or another server); see hoard's README \"Load generator\""
+)]
+struct Cli {
+    #[command(flatten)]
+    bench: BenchArgs,
+}
+
+fn main() -> ExitCode {
+    match bench(Cli::parse().bench) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(message) => {
+            eprintln!("hoard-bench: {message}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// Arguments of `hoard-bench`; the options before the workload apply to every workload.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
     /// The REAPI endpoint, grpc://HOST:PORT (or http://HOST:PORT). Required.
@@ -246,8 +276,8 @@ impl WorkloadArgs {
     }
 }
 
-/// Runs `hoard bench`. Fails when set-up fails or any timed operation failed (after reporting).
-pub fn main(args: BenchArgs) -> Result<(), String> {
+/// Runs one workload. Fails when set-up fails or any timed operation failed (after reporting).
+fn bench(args: BenchArgs) -> Result<(), String> {
     if let WorkloadArgs::Ceilings { dir, size } = &args.workload {
         return ceilings::main(dir, size.0, args.json);
     }
@@ -275,7 +305,7 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
     let setup_start = Instant::now();
     let name = args.workload.name();
     eprintln!(
-        "hoard bench {name}: setting up against {} (seed {})",
+        "hoard-bench {name}: setting up against {} (seed {})",
         runner.options().target,
         env.seed
     );
@@ -360,7 +390,7 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
 
 /// Parses durations such as `10s`, `500ms`, `1.5s`, `2m`, `1h`, `250us`.
 pub fn parse_duration(s: &str) -> Result<Duration, String> {
-    s.parse::<crate::config::HumanDuration>().map(|d| d.0)
+    s.parse::<hoard::config::HumanDuration>().map(|d| d.0)
 }
 
 /// Parses a number in [0, 1].
@@ -402,12 +432,6 @@ mod tests {
 
     #[test]
     fn cli_parses_options_before_and_after_the_workload() {
-        use clap::Parser;
-        #[derive(Parser)]
-        struct Cli {
-            #[command(flatten)]
-            bench: BenchArgs,
-        }
         let cli = Cli::try_parse_from([
             "bench",
             "--target",
