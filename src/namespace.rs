@@ -22,7 +22,7 @@ use parking_lot::RwLock;
 
 use crate::config::{NamespaceRule, NamespacesConfig};
 use crate::digest::Digest;
-use crate::error::Result;
+use crate::error::{Error, Result};
 use crate::store::{ActionRecord, ActionStore, GcReport, Housekeeping, NamespaceInfo, StoreStats};
 
 /// How often last uses of namespaces are written.
@@ -115,6 +115,16 @@ pub fn glob_match(pattern: &str, name: &str) -> bool {
     rest.len() >= last.len() && rest.ends_with(last)
 }
 
+/// A full or read-only disk is reported by the store already; upkeep just tries again later.
+fn log_upkeep_failure(what: &str, e: &Error) {
+    match e {
+        Error::StorageFull(_) | Error::StorageUnwritable(_) => {
+            tracing::debug!(error = %e, "{what} waits for a writable disk")
+        }
+        _ => tracing::warn!(error = %e, "{what} failed"),
+    }
+}
+
 /// One namespace's state in memory.
 struct State {
     epoch: u64,
@@ -154,6 +164,10 @@ pub struct ActionResults {
     states: RwLock<HashMap<String, State>>,
     /// Last-use times changed since they were last saved.
     dirty: AtomicBool,
+    /// Held from reading a namespace's state to saving it: a save of an older state (a
+    /// periodic persist, a first sight) must never land after a newer one (an epoch bump) and
+    /// undo it, nor a dropped namespace be saved back.
+    saving: tokio::sync::Mutex<()>,
     lookups: AtomicU64,
     hits: AtomicU64,
     /// Results dropped as dead (past their TTL on a lookup; dead by any rule in a sweep).
@@ -182,6 +196,7 @@ impl ActionResults {
             policy,
             states: RwLock::new(states),
             dirty: AtomicBool::new(false),
+            saving: tokio::sync::Mutex::new(()),
             lookups: AtomicU64::new(0),
             hits: AtomicU64::new(0),
             expired: AtomicU64::new(0),
@@ -211,6 +226,7 @@ impl ActionResults {
             }
             return Ok(s.epoch);
         }
+        let _saving = self.saving.lock().await;
         let info = {
             let mut states = self.states.write();
             let state = states
@@ -296,6 +312,7 @@ impl ActionResults {
     /// and records why. Durable on return; returns the new epoch.
     pub async fn bump_epoch(&self, namespace: &str, reason: &str) -> Result<u64> {
         let now = self.now();
+        let _saving = self.saving.lock().await;
         let info = {
             let mut states = self.states.write();
             let state = states
@@ -314,6 +331,7 @@ impl ActionResults {
 
     /// Deletes `namespace`: its results and its record. Returns how many results went.
     pub async fn drop_namespace(&self, namespace: &str) -> Result<u64> {
+        let _saving = self.saving.lock().await;
         let removed = self.store.remove_namespace(namespace).await?;
         self.states.write().remove(namespace);
         Ok(removed)
@@ -329,6 +347,7 @@ impl ActionResults {
 
     /// Saves changed last-use times (once a minute, and before the final flush).
     pub async fn persist(&self) -> Result<()> {
+        let _saving = self.saving.lock().await;
         if !self.dirty.swap(false, Relaxed) {
             return Ok(());
         }
@@ -358,30 +377,40 @@ impl ActionResults {
         housekeeping: &dyn Housekeeping,
         target: Option<u64>,
     ) -> Result<GcReport> {
-        let expired = self.sweep().await?;
+        let expired = match self.sweep().await {
+            Ok(n) => n,
+            // A full or read-only disk: eviction (which frees space) still runs.
+            Err(e @ (Error::StorageFull(_) | Error::StorageUnwritable(_))) => {
+                tracing::warn!(error = %e, "gc: dead action results not swept");
+                0
+            }
+            Err(e) => return Err(e),
+        };
         let mut report = housekeeping.gc(target).await?;
         report.expired_action_results = expired;
         Ok(report)
     }
 
-    /// Writes last uses and sweeps dead results for as long as the server runs (the server
-    /// aborts it at shutdown, then calls [`ActionResults::persist`]).
-    pub async fn upkeep(&self) {
+    /// Writes last uses and sweeps dead results until `stop` completes (the server then calls
+    /// [`ActionResults::persist`] once more). A pass under way finishes first.
+    pub async fn upkeep(&self, stop: impl std::future::Future<Output = ()>) {
         let mut persist = tokio::time::interval(PERSIST_EVERY);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
         persist.tick().await;
         sweep.tick().await;
+        tokio::pin!(stop);
         loop {
             tokio::select! {
+                _ = &mut stop => return,
                 _ = persist.tick() => {
                     if let Err(e) = self.persist().await {
-                        tracing::warn!(error = %e, "saving last uses of namespaces failed");
+                        log_upkeep_failure("saving last uses of namespaces", &e);
                     }
                 }
                 _ = sweep.tick() => match self.sweep().await {
                     Ok(0) => {}
                     Ok(n) => tracing::info!(removed = n, "swept dead action results"),
-                    Err(e) => tracing::warn!(error = %e, "sweeping action results failed"),
+                    Err(e) => log_upkeep_failure("sweeping action results", &e),
                 },
             }
         }

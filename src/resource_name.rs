@@ -409,7 +409,7 @@ mod tests {
         }
     }
 
-    /// Empty, or one to three segments that `namespace::validate` accepts.
+    /// Empty, or one to three segments that `instance_name::validate` accepts.
     fn instance() -> impl proptest::strategy::Strategy<Value = String> {
         use proptest::strategy::Strategy;
         proptest::collection::vec("[a-z0-9_.-]{1,8}", 0..4)

@@ -36,6 +36,9 @@ const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 flow-control window of each connection (shared by its streams).
 const CONNECTION_WINDOW: u32 = 16 << 20;
 
+/// How long the ops port's open connections may hold up the exit after the final flush.
+const OPS_GRACE: Duration = Duration::from_secs(2);
+
 /// How long in-flight calls may run on after shutdown begins.
 pub const SHUTDOWN_GRACE: Duration = Duration::from_secs(30);
 
@@ -94,10 +97,12 @@ pub async fn run_with_ops(
     .await;
     let _ = ops_stop.send(());
     if let Some(task) = ops_task {
-        match task.await {
-            Ok(Err(e)) => tracing::warn!(error = %e, "ops port failed"),
-            Err(e) => tracing::warn!(error = %e, "ops port task failed"),
-            Ok(Ok(())) => {}
+        // A probe connection that stays open must not hold up the exit.
+        match tokio::time::timeout(OPS_GRACE, task).await {
+            Ok(Ok(Err(e))) => tracing::warn!(error = %e, "ops port failed"),
+            Ok(Err(e)) => tracing::warn!(error = %e, "ops port task failed"),
+            Ok(Ok(Ok(()))) => {}
+            Err(_) => tracing::debug!("ops port connections still open at exit"),
         }
     }
     served
@@ -218,9 +223,16 @@ async fn serve_all(
         let housekeeping = housekeeping.clone();
         async move { housekeeping.maintain().await }
     });
+    let (stop_namespace_upkeep, namespace_upkeep_stopped) = tokio::sync::oneshot::channel::<()>();
     let namespace_upkeep = tokio::spawn({
         let results = results.clone();
-        async move { results.upkeep().await }
+        async move {
+            results
+                .upkeep(async move {
+                    let _ = namespace_upkeep_stopped.await;
+                })
+                .await
+        }
     });
     let readiness = tokio::spawn(report_writability(housekeeping.clone(), health.clone()));
     tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
@@ -258,7 +270,9 @@ async fn serve_all(
     };
     sweeper.abort();
     upkeep.abort();
-    namespace_upkeep.abort();
+    // Not aborted: a sweep's batch on a blocking thread would outlive the store's flush.
+    let _ = stop_namespace_upkeep.send(());
+    let _ = namespace_upkeep.await;
     readiness.abort();
     // The log's syncer holds the database: wait for it to end, so a restart can reopen it.
     events.shutdown().await;

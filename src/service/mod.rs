@@ -1,5 +1,7 @@
-//! gRPC services. Each is thin: parse and validate the request, call the [`crate::store::Store`],
-//! shape the response. None of them touches sled or files.
+//! gRPC services. Each is thin: parse and validate the request, call the store
+//! ([`crate::store::Cas`], [`crate::store::Housekeeping`]) or the namespace policy
+//! ([`crate::namespace::ActionResults`]), shape the response. None of them touches sled or files
+//! or names a backend.
 
 pub mod action_cache;
 pub mod admin;

@@ -53,7 +53,9 @@ impl<C: Cas + ?Sized, H: Housekeeping + ?Sized> Cas for Counting<C, H> {
         chunk_size: usize,
     ) -> Result<Option<BlobStream>> {
         let stream = self.cas.read(digest, offset, limit, chunk_size).await?;
-        self.count(1, stream.is_some() as usize);
+        if !digest.is_empty_blob() {
+            self.count(1, stream.is_some() as usize);
+        }
         Ok(stream)
     }
 
@@ -72,7 +74,10 @@ impl<C: Cas + ?Sized, H: Housekeeping + ?Sized> Cas for Counting<C, H> {
 
     async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
         let blob = self.cas.get(digest).await?;
-        self.count(1, blob.is_some() as usize);
+        // The empty blob is always there and never looked up (as the backends always did).
+        if !digest.is_empty_blob() {
+            self.count(1, blob.is_some() as usize);
+        }
         Ok(blob)
     }
 

@@ -4,9 +4,15 @@
 //! before it is visible, least recently used blobs evicted first, and never a blob used within
 //! `storage.min_retention` (writes are refused instead, saying why).
 //!
-//! One lock per map; none is held across an `.await`. Eviction runs on the write that needs
-//! the room (a scan of the blobs, fine at the sizes RAM holds) and in the background between
-//! the watermarks.
+//! Uploads in progress are kept (and resumable) while the process runs; their bytes count
+//! against `max_size`, and a write that needs room takes it from abandoned ones (not being
+//! written, oldest first) before it is refused.
+//!
+//! One lock for blobs and uploads, one for action results, one for namespace records; none is
+//! held across an `.await` or while hashing. Eviction runs on the write that needs the room (a
+//! scan of the blobs, fine at the sizes RAM holds) and in the background between the
+//! watermarks. Every CAS call takes the one lock briefly: this backend is for ephemeral runners
+//! and tests, not for a shared cache under heavy load (that is sled's job).
 
 use std::collections::{BTreeMap, HashMap};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
@@ -44,8 +50,6 @@ struct Inner {
     /// (namespace, action) → record.
     actions: Mutex<BTreeMap<(String, Digest), ActionRecord>>,
     namespaces: Mutex<BTreeMap<String, NamespaceInfo>>,
-    /// Uploads in progress by id: resumable while the process runs.
-    uploads: Mutex<HashMap<String, Partial>>,
     max_size: u64,
     high: u64,
     low: u64,
@@ -64,10 +68,40 @@ struct Inner {
 #[derive(Default)]
 struct Blobs {
     map: HashMap<Digest, Stored>,
+    /// Uploads in progress by id.
+    uploads: HashMap<String, Partial>,
     /// Bytes of stored blobs plus action results.
     used: u64,
-    /// Bytes held by uploads in progress.
+    /// Bytes held by uploads in progress (the sum of their `data`).
     reserved: u64,
+    /// Claim tokens handed out so far.
+    claims: u64,
+}
+
+impl Blobs {
+    /// Forgets an upload and gives back the bytes it held.
+    fn drop_upload(&mut self, id: &str) -> Option<Partial> {
+        let gone = self.uploads.remove(id)?;
+        self.reserved -= (gone.data.len() as u64).min(self.reserved);
+        Some(gone)
+    }
+
+    /// Drops uploads nobody is writing, oldest first, until `room` more bytes fit under `max`.
+    fn reclaim_abandoned(&mut self, room: u64, max: u64) {
+        let mut idle: Vec<(Instant, String)> = self
+            .uploads
+            .iter()
+            .filter(|(_, p)| p.claim.is_none())
+            .map(|(id, p)| (p.touched, id.clone()))
+            .collect();
+        idle.sort_unstable();
+        for (_, id) in idle {
+            if self.used + self.reserved + room <= max {
+                break;
+            }
+            self.drop_upload(&id);
+        }
+    }
 }
 
 struct Stored {
@@ -79,9 +113,14 @@ struct Stored {
 struct Partial {
     digest: Digest,
     data: BytesMut,
-    /// Another stream is writing it.
-    claimed: bool,
+    /// The token of the stream writing it, if one is.
+    claim: Option<u64>,
     touched: Instant,
+}
+
+/// `pct` percent of `max`, without overflow or early rounding.
+fn share(max: u64, pct: u8) -> u64 {
+    (max as u128 * pct as u128 / 100) as u64
 }
 
 impl MemoryStore {
@@ -96,10 +135,9 @@ impl MemoryStore {
                 blobs: Mutex::new(Blobs::default()),
                 actions: Mutex::new(BTreeMap::new()),
                 namespaces: Mutex::new(BTreeMap::new()),
-                uploads: Mutex::new(HashMap::new()),
                 max_size,
-                high: max_size / 100 * s.high_watermark as u64,
-                low: max_size / 100 * s.low_watermark as u64,
+                high: share(max_size, s.high_watermark),
+                low: share(max_size, s.low_watermark),
                 min_retention: s.min_retention.0.as_secs().min(u32::MAX as u64) as u32,
                 clock_offset: AtomicU64::new(0),
                 evicted_blobs: AtomicU64::new(0),
@@ -140,6 +178,9 @@ impl Inner {
         if blobs.used + blobs.reserved + charge > self.max_size {
             let target = self.max_size.saturating_sub(charge).min(self.low);
             self.evict(blobs, target);
+        }
+        if blobs.used + blobs.reserved + charge > self.max_size {
+            blobs.reclaim_abandoned(charge, self.max_size);
         }
         if blobs.used + blobs.reserved + charge > self.max_size {
             self.refused_writes.fetch_add(1, Relaxed);
@@ -204,9 +245,8 @@ impl Inner {
     }
 
     /// Stores a verified blob (a no-op if it is there already, but for recording the use).
-    fn insert(&self, digest: &Digest, data: Bytes, reserved: u64) -> Result<()> {
+    fn insert(&self, digest: &Digest, data: Bytes) -> Result<()> {
         let mut blobs = self.blobs.lock();
-        blobs.reserved -= reserved.min(blobs.reserved);
         let now = self.now();
         if let Some(stored) = blobs.map.get_mut(digest) {
             stored.last_used = stored.last_used.max(now);
@@ -289,9 +329,9 @@ impl Cas for MemoryStore {
         digest: &Digest,
         offset: u64,
     ) -> Result<Box<dyn Upload>> {
-        let mut uploads = self.inner.uploads.lock();
-        let resumed = match uploads.get(upload_id) {
-            Some(p) if p.claimed => {
+        let mut blobs = self.inner.blobs.lock();
+        let resumed = match blobs.uploads.get(upload_id) {
+            Some(p) if p.claim.is_some() => {
                 return Err(Error::Aborted(format!(
                     "upload {upload_id} is already being written by another stream; retry later"
                 )))
@@ -315,10 +355,7 @@ impl Cas for MemoryStore {
             _ => false,
         };
         if !resumed {
-            if let Some(old) = uploads.remove(upload_id) {
-                let mut blobs = self.inner.blobs.lock();
-                blobs.reserved -= (old.data.len() as u64).min(blobs.reserved);
-            }
+            blobs.drop_upload(upload_id);
             if digest.size > self.inner.max_size {
                 self.inner.refused_writes.fetch_add(1, Relaxed);
                 return Err(Error::ResourceExhausted(format!(
@@ -327,29 +364,36 @@ impl Cas for MemoryStore {
                 )));
             }
         }
-        let partial = uploads
+        let mut verifier = Verifier::new(*digest);
+        if let Some(p) = blobs.uploads.get(upload_id) {
+            verifier.update(&p.data)?;
+        }
+        blobs.claims += 1;
+        let claim = blobs.claims;
+        let partial = blobs
+            .uploads
             .entry(upload_id.to_string())
             .or_insert_with(|| Partial {
                 digest: *digest,
                 data: BytesMut::new(),
-                claimed: false,
+                claim: None,
                 touched: Instant::now(),
             });
-        partial.claimed = true;
+        partial.claim = Some(claim);
         partial.touched = Instant::now();
-        let mut verifier = Verifier::new(*digest);
-        verifier.update(&partial.data)?;
         Ok(Box::new(MemoryUpload {
             store: self.inner.clone(),
             id: upload_id.to_string(),
+            claim,
             digest: *digest,
             verifier,
         }))
     }
 
     async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>> {
-        let uploads = self.inner.uploads.lock();
-        Ok(uploads
+        let blobs = self.inner.blobs.lock();
+        Ok(blobs
+            .uploads
             .get(upload_id)
             .filter(|p| p.digest == *digest)
             .map(|p| p.data.len() as u64))
@@ -367,7 +411,7 @@ impl Cas for MemoryStore {
         if digest.is_empty_blob() {
             return Ok(());
         }
-        self.inner.insert(digest, data, 0)
+        self.inner.insert(digest, data)
     }
 }
 
@@ -375,15 +419,19 @@ impl Cas for MemoryStore {
 struct MemoryUpload {
     store: Arc<Inner>,
     id: String,
+    /// This stream's claim on the id; another stream's later claim is not ours to release.
+    claim: u64,
     digest: Digest,
     verifier: Verifier,
 }
 
 impl MemoryUpload {
-    fn release_claim(&self) {
-        if let Some(p) = self.store.uploads.lock().get_mut(&self.id) {
-            p.claimed = false;
-        }
+    fn gone(&self) -> Error {
+        Error::Aborted(format!(
+            "upload {} was removed while it was written (abandoned, or its room was needed); \
+             restart it at offset 0",
+            self.id
+        ))
     }
 }
 
@@ -395,19 +443,17 @@ impl Upload for MemoryUpload {
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
         self.verifier.update(&data)?;
-        {
-            let mut blobs = self.store.blobs.lock();
-            self.store.admit(&mut blobs, data.len() as u64, true)?;
+        let mut blobs = self.store.blobs.lock();
+        if blobs.uploads.get(&self.id).and_then(|p| p.claim) != Some(self.claim) {
+            return Err(self.gone());
         }
-        let mut uploads = self.store.uploads.lock();
-        let Some(partial) = uploads.get_mut(&self.id) else {
-            // Swept away meanwhile (abandoned for `abandoned_upload_age`): start again.
-            let mut blobs = self.store.blobs.lock();
-            blobs.reserved -= (data.len() as u64).min(blobs.reserved);
-            return Err(Error::Aborted(format!(
-                "upload {} was removed while it was written; restart it at offset 0",
-                self.id
-            )));
+        self.store.admit(&mut blobs, data.len() as u64, true)?;
+        let Some(partial) = blobs.uploads.get_mut(&self.id) else {
+            // Reclaimed to make room for this very append: cannot be ours (it is claimed),
+            // but say so rather than lose the bytes silently.
+            let held = data.len() as u64;
+            blobs.reserved -= held.min(blobs.reserved);
+            return Err(self.gone());
         };
         partial.data.extend_from_slice(&data);
         partial.touched = Instant::now();
@@ -415,25 +461,32 @@ impl Upload for MemoryUpload {
     }
 
     async fn commit(mut self: Box<Self>) -> Result<()> {
-        std::mem::replace(&mut self.verifier, Verifier::new(self.digest)).finish()?;
-        let partial = self.store.uploads.lock().remove(&self.id);
-        let Some(partial) = partial else {
-            return Err(Error::Aborted(format!(
-                "upload {} was removed while it was written; restart it at offset 0",
-                self.id
-            )));
-        };
-        let held = partial.data.len() as u64;
+        let verifier = std::mem::replace(&mut self.verifier, Verifier::new(self.digest));
+        let verified = verifier.finish();
+        let mut blobs = self.store.blobs.lock();
+        if blobs.uploads.get(&self.id).and_then(|p| p.claim) != Some(self.claim) {
+            return Err(self.gone());
+        }
+        // Whatever the outcome the upload is over: bytes that do not match cannot be fixed by
+        // resuming, and bytes that match become the blob.
+        let partial = blobs.drop_upload(&self.id).ok_or_else(|| self.gone())?;
+        verified?;
         if self.digest.is_empty_blob() {
             return Ok(());
         }
-        self.store.insert(&self.digest, partial.data.freeze(), held)
+        drop(blobs);
+        self.store.insert(&self.digest, partial.data.freeze())
     }
 }
 
 impl Drop for MemoryUpload {
     fn drop(&mut self) {
-        self.release_claim();
+        let mut blobs = self.store.blobs.lock();
+        if let Some(p) = blobs.uploads.get_mut(&self.id) {
+            if p.claim == Some(self.claim) {
+                p.claim = None;
+            }
+        }
     }
 }
 
@@ -604,21 +657,40 @@ impl Housekeeping for MemoryStore {
     }
 
     async fn verify(&self) -> Result<VerifyReport> {
-        let mut report = VerifyReport::default();
+        // Hashed off the lock and off the async threads; a blob is removed only if it still
+        // holds the bytes that failed.
+        let all: Vec<(Digest, Bytes)> = {
+            let blobs = self.inner.blobs.lock();
+            blobs
+                .map
+                .iter()
+                .map(|(d, s)| (*d, s.data.clone()))
+                .collect()
+        };
+        let (checked_blobs, checked_bytes, corrupt) = tokio::task::spawn_blocking(move || {
+            let bytes: u64 = all.iter().map(|(_, b)| b.len() as u64).sum();
+            let count = all.len() as u64;
+            let bad: Vec<(Digest, Bytes)> = all
+                .into_iter()
+                .filter(|(d, b)| verify(*d, b).is_err())
+                .collect();
+            (count, bytes, bad)
+        })
+        .await
+        .map_err(|e| Error::internal("verifying the memory store", e))?;
+        let mut report = VerifyReport {
+            checked_blobs,
+            checked_bytes,
+            ..VerifyReport::default()
+        };
         let mut blobs = self.inner.blobs.lock();
-        let mut corrupt = Vec::new();
-        for (digest, stored) in &blobs.map {
-            report.checked_blobs += 1;
-            report.checked_bytes += stored.data.len() as u64;
-            if verify(*digest, &stored.data).is_err() {
-                corrupt.push(*digest);
+        for (digest, bytes) in corrupt {
+            if blobs.map.get(&digest).is_some_and(|s| s.data == bytes) {
+                if let Some(gone) = blobs.map.remove(&digest) {
+                    blobs.used -= (gone.data.len() as u64).min(blobs.used);
+                }
+                report.corrupt.push(digest.to_string());
             }
-        }
-        for digest in corrupt {
-            if let Some(gone) = blobs.map.remove(&digest) {
-                blobs.used -= gone.data.len() as u64;
-            }
-            report.corrupt.push(digest.to_string());
         }
         Ok(report)
     }
@@ -635,22 +707,17 @@ impl Housekeeping for MemoryStore {
     }
 
     async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
-        let mut freed = 0;
-        let mut removed = 0;
-        {
-            let mut uploads = self.inner.uploads.lock();
-            uploads.retain(|_, p| {
-                if p.claimed || p.touched.elapsed() < max_age {
-                    return true;
-                }
-                freed += p.data.len() as u64;
-                removed += 1;
-                false
-            });
-        }
         let mut blobs = self.inner.blobs.lock();
-        blobs.reserved -= freed.min(blobs.reserved);
-        Ok(removed)
+        let stale: Vec<String> = blobs
+            .uploads
+            .iter()
+            .filter(|(_, p)| p.claim.is_none() && p.touched.elapsed() >= max_age)
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in &stale {
+            blobs.drop_upload(id);
+        }
+        Ok(stale.len())
     }
 
     fn write_refusal(&self) -> Option<String> {

@@ -1,17 +1,18 @@
 //! The memory backend (`storage.backend = "memory"`) behind a real server: what it stores,
 //! and that it stays within `max_size` by LRU eviction while keeping the `min_retention`
-//! promise (refusing writes instead).
+//! promise (refusing writes instead), and how its uploads resume and give way.
 
 use std::sync::Arc;
 use std::time::Duration;
 
 use hoard::config::{Backend, ByteSize, Config, HumanDuration};
+use hoard::proto::bytestream::QueryWriteStatusRequest;
 use hoard::proto::reapi;
 use hoard::store::memory::MemoryStore;
 
 use crate::common::{
     blob, digest_of, download, lookup_result, missing, read_name, stats, update_result, upload,
-    wait_writes_health, TestServer,
+    wait_writes_health, write_name, write_requests, TestServer,
 };
 
 const HOUR: Duration = Duration::from_secs(3600);
@@ -136,5 +137,76 @@ async fn blobs_used_within_min_retention_are_never_evicted_writes_are_refused_in
     store.advance_clock(2 * HOUR);
     upload(&server, "", &extra).await;
     assert!(missing(&server, &[digest_of(&extra)]).await.is_empty());
+    server.stop().await;
+}
+
+/// The first `len` bytes of an upload, sent and then broken off (the stream ends unfinished).
+async fn break_off(server: &TestServer, name: &str, data: &[u8], len: usize) {
+    let mut requests = write_requests(name, &data[..len], 0, 64 << 10);
+    if let Some(last) = requests.last_mut() {
+        last.finish_write = false;
+    }
+    let ended = server
+        .bytestream()
+        .write(futures::stream::iter(requests))
+        .await;
+    assert!(ended.is_err(), "an unfinished upload is not acknowledged");
+}
+
+async fn write_status(server: &TestServer, name: &str) -> Result<i64, tonic::Code> {
+    server
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.to_string(),
+        })
+        .await
+        .map(|r| r.into_inner().committed_size)
+        .map_err(|s| s.code())
+}
+
+#[tokio::test]
+async fn uploads_resume_and_abandoned_ones_give_their_room_to_new_writes() {
+    let (server, _store, _tmp) = start(1_000_000).await;
+    let data = blob(600_000, 5);
+    let d = digest_of(&data);
+    let name = write_name("", "00000000-0000-4000-8000-000000000001", &d);
+    break_off(&server, &name, &data, 400_000).await;
+    assert_eq!(write_status(&server, &name).await, Ok(400_000));
+    // A second blob needs room the abandoned upload holds: it gets it.
+    let other = blob(700_000, 6);
+    upload(&server, "", &other).await;
+    assert_eq!(
+        write_status(&server, &name).await,
+        Err(tonic::Code::NotFound),
+        "the abandoned upload gave up its room"
+    );
+    assert!(stats(&server).await.used_bytes <= 1_000_000);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn an_upload_whose_bytes_do_not_match_is_not_kept_for_resuming() {
+    let (server, _store, _tmp) = start(1_000_000).await;
+    let data = blob(300_000, 7);
+    let d = digest_of(&data);
+    let name = write_name("", "00000000-0000-4000-8000-000000000002", &d);
+    let mut wrong = data.clone();
+    wrong[1000] ^= 1;
+    let refused = server
+        .bytestream()
+        .write(futures::stream::iter(write_requests(
+            &name,
+            &wrong,
+            0,
+            64 << 10,
+        )))
+        .await
+        .expect_err("bytes that do not match the digest");
+    assert_eq!(refused.code(), tonic::Code::InvalidArgument, "{refused:?}");
+    assert_eq!(
+        write_status(&server, &name).await,
+        Err(tonic::Code::NotFound)
+    );
+    assert_eq!(missing(&server, std::slice::from_ref(&d)).await, vec![d]);
     server.stop().await;
 }

@@ -186,6 +186,8 @@ impl ActionStore for SledStore {
     }
 
     async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
+        // While the disk cannot take writes only eviction writes (see `space.rs`).
+        self.inner.space.check()?;
         // In batches read off the async threads; `dead` (the policy) judges each on this side.
         let mut removed = 0;
         let mut after: Option<sled::IVec> = None;
@@ -231,6 +233,8 @@ impl ActionStore for SledStore {
     }
 
     async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()> {
+        // Refused up front like every other write while the disk cannot take them.
+        self.inner.space.check()?;
         namespaces::save(&self.inner.namespaces, records)?;
         if durable {
             self.inner.commit.durable().await?;

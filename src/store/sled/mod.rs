@@ -214,8 +214,8 @@ impl SledStore {
         )
     }
 
-    /// Pretends `by` more time has passed, for tests of expiry and retention (`Store::clock`
-    /// shows it).
+    /// Pretends `by` more time has passed, for tests of expiry and retention
+    /// (`ActionStore::clock` shows it).
     pub fn advance_clock(&self, by: Duration) {
         self.inner.clock.advance(by);
     }

@@ -1,7 +1,7 @@
 //! Background upkeep and the store's end: the maintenance loop ([`maintain`]: the cleanup pass
 //! after an unclean start, eviction between the watermarks, last-use persistence every minute,
-//! the AC expiry sweep, `max_size` and disk-cushion upkeep), `gc`, and `flush` with the
-//! clean-shutdown mark.
+//! `max_size` and disk-cushion upkeep), `gc`, and `flush` with the clean-shutdown mark. (Dead
+//! action results are swept by the namespace policy, `crate::namespace`.)
 //!
 //! - **Last use** lives in the in-memory index (an atomic per blob). Times that changed are
 //!   written to tree `atime` once a minute and on shutdown; a crash loses at most that minute,
@@ -172,7 +172,7 @@ impl Inner {
     }
 }
 
-/// The store's background upkeep (see [`crate::store::Store::maintain`]).
+/// The store's background upkeep (see [`crate::store::Housekeeping::maintain`]).
 pub(super) async fn maintain(inner: Arc<Inner>) {
     if inner.upkeep.cleanup_pending() {
         let store = inner.clone();
