@@ -478,3 +478,98 @@ mod tests {
         .is_err());
     }
 }
+
+#[cfg(test)]
+mod saving_order {
+    use std::time::Duration;
+
+    use async_trait::async_trait;
+
+    use super::*;
+    use crate::store::memory::MemoryStore;
+    use crate::store::DeadRecord;
+
+    /// A memory store whose non-durable saves (last uses, first sights) take a while, as a
+    /// disk's would: time for an epoch bump to come in between.
+    struct SlowSaves(MemoryStore);
+
+    #[async_trait]
+    impl ActionStore for SlowSaves {
+        async fn get(&self, ns: &str, action: &Digest) -> Result<Option<ActionRecord>> {
+            self.0.get(ns, action).await
+        }
+        async fn put(&self, ns: &str, action: &Digest, record: ActionRecord) -> Result<()> {
+            self.0.put(ns, action, record).await
+        }
+        async fn replace(
+            &self,
+            ns: &str,
+            action: &Digest,
+            seen: &ActionRecord,
+            new: Option<ActionRecord>,
+        ) -> Result<bool> {
+            self.0.replace(ns, action, seen, new).await
+        }
+        async fn remove(&self, ns: &str, actions: &[Digest]) -> Result<u64> {
+            self.0.remove(ns, actions).await
+        }
+        async fn remove_namespace(&self, ns: &str) -> Result<u64> {
+            self.0.remove_namespace(ns).await
+        }
+        async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
+            self.0.sweep(dead).await
+        }
+        async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>> {
+            self.0.namespace_records().await
+        }
+        async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()> {
+            if !durable {
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            self.0.save_namespaces(records, durable).await
+        }
+    }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_slow_persist_never_writes_an_older_epoch_over_a_bump() {
+        let config = crate::config::Config::default();
+        let store = Arc::new(SlowSaves(
+            MemoryStore::from_config(&config).expect("memory store"),
+        ));
+        let policy = Arc::new(Policy::new(&config.namespaces));
+        let results = Arc::new(ActionResults::open(store.clone(), policy).await.unwrap());
+        let action = Digest::of(b"action");
+        results
+            .put("ci/main", &action, Bytes::from_static(b"r"))
+            .await
+            .unwrap();
+        results.dirty.store(true, Relaxed);
+        // A persist starts saving what it read (epoch 0); a bump lands meanwhile.
+        let persisting = tokio::spawn({
+            let results = results.clone();
+            async move { results.persist().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        assert_eq!(results.bump_epoch("ci/main", "test").await.unwrap(), 1);
+        persisting.await.unwrap().unwrap();
+        let saved = store.namespace_records().await.unwrap();
+        assert_eq!(
+            saved
+                .iter()
+                .map(|r| (r.name.as_str(), r.epoch))
+                .collect::<Vec<_>>(),
+            [("ci/main", 1)],
+            "the saved epoch is the bumped one"
+        );
+        // And a dropped namespace is not saved back by a persist that raced it.
+        results.dirty.store(true, Relaxed);
+        let persisting = tokio::spawn({
+            let results = results.clone();
+            async move { results.persist().await }
+        });
+        tokio::time::sleep(Duration::from_millis(10)).await;
+        results.drop_namespace("ci/main").await.unwrap();
+        persisting.await.unwrap().unwrap();
+        assert!(store.namespace_records().await.unwrap().is_empty());
+    }
+}
