@@ -102,7 +102,7 @@ const ECHO_MAX: usize = 200;
 const MESSAGE_MAX: usize = 2048;
 
 /// A client-supplied value (name, field) as an error message quotes it: debug-quoted, and
-/// cut to [`ECHO_MAX`] bytes with a "…" so a 100 KiB name cannot make the reply unreadable.
+/// cut to `ECHO_MAX` (200) bytes with a "…" so a 100 KiB name cannot make the reply unreadable.
 pub fn echo(value: &str) -> String {
     let quoted = format!("{value:?}");
     if quoted.len() <= ECHO_MAX {

@@ -58,7 +58,7 @@ pub struct Source {
     /// Open this data dir directly instead; hoard must not be running on it.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
-    /// With a stopped data dir: the server's config file, for its [storage] settings (and its
+    /// With a stopped data dir: the server's config file, for its `[storage]` settings (and its
     /// data_dir when --data-dir is not given).
     #[arg(long, value_name = "FILE")]
     pub config: Option<PathBuf>,
