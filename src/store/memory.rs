@@ -24,6 +24,7 @@ use bytes::{Bytes, BytesMut};
 use futures::StreamExt;
 use parking_lot::Mutex;
 
+use super::clock::Clock;
 use super::{
     ActionRecord, ActionStore, BlobStream, Cas, DeadRecord, GcReport, Housekeeping, NamespaceInfo,
     StoreStats, Upload, VerifyReport,
@@ -54,8 +55,7 @@ struct Inner {
     high: u64,
     low: u64,
     min_retention: u32,
-    /// Added to the system clock (tests move it forward).
-    clock_offset: AtomicU64,
+    clock: Clock,
     evicted_blobs: AtomicU64,
     evicted_bytes: AtomicU64,
     /// Seconds between last use and eviction of the most recently used blob evicted.
@@ -139,7 +139,7 @@ impl MemoryStore {
                 high: share(max_size, s.high_watermark),
                 low: share(max_size, s.low_watermark),
                 min_retention: s.min_retention.0.as_secs().min(u32::MAX as u64) as u32,
-                clock_offset: AtomicU64::new(0),
+                clock: Clock::default(),
                 evicted_blobs: AtomicU64::new(0),
                 evicted_bytes: AtomicU64::new(0),
                 youngest_evicted_age: AtomicU64::new(u64::MAX),
@@ -151,16 +151,13 @@ impl MemoryStore {
 
     /// Moves the store's clock forward (tests of retention and TTL).
     pub fn advance_clock(&self, by: Duration) {
-        self.inner.clock_offset.fetch_add(by.as_secs(), Relaxed);
+        self.inner.clock.advance(by);
     }
 }
 
 impl Inner {
     fn now(&self) -> u32 {
-        let system = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs());
-        (system + self.clock_offset.load(Relaxed)).min(u32::MAX as u64) as u32
+        self.clock.now()
     }
 
     /// The blob's bytes, recording a use.

@@ -14,6 +14,7 @@
 //! the blob becomes visible, and always holds the empty blob.
 
 pub mod chunk_sums;
+pub mod clock;
 pub mod counting;
 pub mod files;
 pub mod index;

@@ -5,10 +5,11 @@
 //! entry names).
 
 use super::usage::{charge, Usage};
-use super::{Clock, Inner};
+use super::Inner;
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
 use crate::store::chunk_sums;
+use crate::store::clock::Clock;
 use crate::store::index::Index;
 
 const INLINE: u8 = 0;

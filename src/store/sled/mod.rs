@@ -50,14 +50,14 @@ mod verify;
 
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
 use parking_lot::{Mutex, MutexGuard, RwLock};
 
+use super::clock::Clock;
 use super::files::read::Reads;
 use super::files::upload::WriteBudget;
 use super::files::{BlobFiles, Transfers};
@@ -162,26 +162,6 @@ struct Inner {
     /// Flushes sled before writes are acknowledged, one flush per round of waiting writes.
     /// Last, so it is dropped (and its thread joined) after everything that writes.
     commit: GroupCommit,
-}
-
-/// The store's clock: Unix seconds, plus an offset only tests move.
-#[derive(Default)]
-struct Clock {
-    offset: AtomicU64,
-}
-
-impl Clock {
-    fn now(&self) -> u32 {
-        let wall = SystemTime::now()
-            .duration_since(SystemTime::UNIX_EPOCH)
-            .map(|d| d.as_secs())
-            .unwrap_or(0);
-        (wall + self.offset.load(Relaxed)).min(u32::MAX as u64) as u32
-    }
-
-    fn advance(&self, by: Duration) {
-        self.offset.fetch_add(by.as_secs(), Relaxed);
-    }
 }
 
 /// Runs blocking file work off the async threads.
