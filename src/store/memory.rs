@@ -243,13 +243,17 @@ impl Inner {
 
     /// Stores a verified blob (a no-op if it is there already, but for recording the use).
     fn insert(&self, digest: &Digest, data: Bytes) -> Result<()> {
-        let mut blobs = self.blobs.lock();
+        self.insert_locked(&mut self.blobs.lock(), digest, data)
+    }
+
+    /// [`Inner::insert`] under a lock the caller holds.
+    fn insert_locked(&self, blobs: &mut Blobs, digest: &Digest, data: Bytes) -> Result<()> {
         let now = self.now();
         if let Some(stored) = blobs.map.get_mut(digest) {
             stored.last_used = stored.last_used.max(now);
             return Ok(());
         }
-        self.admit(&mut blobs, digest.size, false)?;
+        self.admit(blobs, digest.size, false)?;
         blobs.map.insert(
             *digest,
             Stored {
@@ -471,8 +475,10 @@ impl Upload for MemoryUpload {
         if self.digest.is_empty_blob() {
             return Ok(());
         }
-        drop(blobs);
-        self.store.insert(&self.digest, partial.data.freeze())
+        // Under the same lock the room just given back is the room taken: a verified upload
+        // is never refused for space that another write took in between.
+        self.store
+            .insert_locked(&mut blobs, &self.digest, partial.data.freeze())
     }
 }
 
