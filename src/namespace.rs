@@ -227,13 +227,7 @@ impl ActionResults {
             return Ok(s.epoch);
         }
         let _saving = self.saving.lock().await;
-        let info = {
-            let mut states = self.states.write();
-            let state = states
-                .entry(namespace.to_string())
-                .or_insert_with(|| State::new(now));
-            state.info(namespace)
-        };
+        let info = self.change_state(namespace, now, |_| {});
         // Saved with the result's own durable write that follows (same database).
         self.store
             .save_namespaces(std::slice::from_ref(&info), false)
@@ -241,14 +235,29 @@ impl ActionResults {
         Ok(info.epoch)
     }
 
+    /// Applies `change` to the state of `namespace` (new if it has none) and returns the result.
+    /// Callers hold `saving` until they have saved it.
+    fn change_state(
+        &self,
+        namespace: &str,
+        now: u32,
+        change: impl FnOnce(&mut State),
+    ) -> NamespaceInfo {
+        let mut states = self.states.write();
+        let state = states
+            .entry(namespace.to_string())
+            .or_insert_with(|| State::new(now));
+        change(state);
+        state.info(namespace)
+    }
+
     /// The current epoch of `namespace`, without recording a use.
     fn epoch(&self, namespace: &str) -> u64 {
         self.states.read().get(namespace).map_or(0, |s| s.epoch)
     }
 
-    /// Whether a record of `namespace` is dead at `now`: past its TTL since last use.
-    fn expired(&self, namespace: &str, record: &ActionRecord, now: u32) -> bool {
-        let ttl = self.policy.ac_ttl(namespace).as_secs();
+    /// Whether a record is dead at `now` under a TTL of `ttl` seconds (0: none) since last use.
+    fn expired(ttl: u64, record: &ActionRecord, now: u32) -> bool {
         ttl > 0 && now.saturating_sub(record.last_used) as u64 > ttl
     }
 
@@ -264,14 +273,14 @@ impl ActionResults {
             self.store.replace(namespace, action, &record, None).await?;
             return Ok(None);
         }
-        if self.expired(namespace, &record, now) {
+        let ttl = self.policy.ac_ttl(namespace).as_secs();
+        if Self::expired(ttl, &record, now) {
             if self.store.replace(namespace, action, &record, None).await? {
                 self.expired.fetch_add(1, Relaxed);
             }
             return Ok(None);
         }
         // Record the use, coarsely: a hit rewrites the record at most every ttl/16 (≤ 1h).
-        let ttl = self.policy.ac_ttl(namespace).as_secs();
         let coarse = if ttl > 0 {
             (ttl / 16).clamp(1, 3600)
         } else {
@@ -313,16 +322,11 @@ impl ActionResults {
     pub async fn bump_epoch(&self, namespace: &str, reason: &str) -> Result<u64> {
         let now = self.now();
         let _saving = self.saving.lock().await;
-        let info = {
-            let mut states = self.states.write();
-            let state = states
-                .entry(namespace.to_string())
-                .or_insert_with(|| State::new(now));
+        let info = self.change_state(namespace, now, |state| {
             state.epoch += 1;
             state.invalidated_at = now as u64;
             state.reason = reason.to_string();
-            state.info(namespace)
-        };
+        });
         self.store
             .save_namespaces(std::slice::from_ref(&info), true)
             .await?;
@@ -363,7 +367,8 @@ impl ActionResults {
     pub async fn sweep(&self) -> Result<u64> {
         let now = self.now();
         let dead = |namespace: &str, record: &ActionRecord| {
-            record.epoch < self.epoch(namespace) || self.expired(namespace, record, now)
+            record.epoch < self.epoch(namespace)
+                || Self::expired(self.policy.ac_ttl(namespace).as_secs(), record, now)
         };
         let removed = self.store.sweep(&dead).await?;
         self.expired.fetch_add(removed, Relaxed);
