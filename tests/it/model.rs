@@ -73,18 +73,6 @@ fn op() -> impl Strategy<Value = Op> {
     ]
 }
 
-fn data(blob: usize) -> Vec<u8> {
-    let mut x = blob as u64 + 1;
-    (0..SIZES[blob])
-        .map(|_| {
-            x ^= x << 13;
-            x ^= x >> 7;
-            x ^= x << 17;
-            x as u8
-        })
-        .collect()
-}
-
 fn action(i: usize) -> Digest {
     Digest::of(format!("action {i}").as_bytes())
 }
@@ -372,7 +360,7 @@ impl Model {
 }
 
 fn blob(b: usize) -> (Vec<u8>, Digest) {
-    let bytes = data(b);
+    let bytes = crate::common::blob(SIZES[b], b as u64 + 1);
     let d = Digest::of(&bytes);
     (bytes, d)
 }
