@@ -118,27 +118,8 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let events = Arc::new(EventLog::temporary(&config.watch)?);
-    serve_with_events(listener, stores.into(), events, config, shutdown).await
-}
-
-/// Serves `store` and the watch stream of `events` on `listener` until `shutdown` completes,
-/// then flushes the store.
-pub async fn serve_with_events(
-    listener: TcpListener,
-    stores: Stores,
-    events: Arc<EventLog>,
-    config: &Config,
-    shutdown: impl Future<Output = ()> + Send,
-) -> Result<()> {
-    serve_all(
-        listener,
-        stores,
-        events,
-        config,
-        HealthReporter::new(),
-        shutdown,
-    )
-    .await
+    let health = HealthReporter::new();
+    serve_all(listener, stores.into(), events, config, health, shutdown).await
 }
 
 /// The server itself, reporting its state through `health`.
