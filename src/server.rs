@@ -277,7 +277,9 @@ async fn report_writability(store: Arc<dyn Housekeeping>, health: HealthReporter
 /// Periodically deletes partial uploads older than `max_age`.
 async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration) {
     let period = (max_age / 4).min(Duration::from_secs(600));
-    let mut ticks = tokio::time::interval(period);
+    // Not at start: the sweep claims each upload id while it looks at it, and clients
+    // resuming right after a restart must not find their id held (ABORTED).
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
     loop {
         ticks.tick().await;
         match store.remove_abandoned_uploads(max_age).await {
