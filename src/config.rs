@@ -31,6 +31,21 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub namespaces: NamespacesConfig,
     pub watch: WatchConfig,
+    /// TLS on the gRPC port (`[tls]`); without it the port speaks plaintext HTTP/2.
+    pub tls: Option<TlsConfig>,
+}
+
+/// TLS on the gRPC port. The ops port stays plaintext (Kubernetes probes cannot do TLS).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    /// PEM certificate chain the server presents, leaf first.
+    pub cert: PathBuf,
+    /// PEM private key of `cert` (PKCS#8, PKCS#1 or SEC1).
+    pub key: PathBuf,
+    /// PEM CA certificates that sign client certificates. When set, every client must present
+    /// a certificate they sign (mTLS), and its subject's common name can be given grants.
+    pub client_ca: Option<PathBuf>,
 }
 
 /// The watch stream's event log.
@@ -239,6 +254,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             namespaces: NamespacesConfig::default(),
             watch: WatchConfig::default(),
+            tls: None,
         }
     }
 }

@@ -8,6 +8,7 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
@@ -15,7 +16,7 @@ use std::time::{Duration, Instant};
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
-use tonic::transport::server::{Connected, TcpConnectInfo};
+use tonic::transport::server::Connected;
 
 /// The HTTP/2 client preface (24 bytes) plus the header of the SETTINGS frame that must follow
 /// it: once that much has arrived, the peer speaks HTTP/2 and the deadline is lifted.
@@ -119,11 +120,38 @@ impl Handshaking {
     }
 }
 
-impl Connected for Handshaking {
-    type ConnectInfo = TcpConnectInfo;
+/// Who is on the other end of a connection, as the transport knows it. tonic copies a
+/// connection's `ConnectInfo` into the extensions of every request on it, so the
+/// authentication layer and the services read the caller's address (and, over mTLS, its
+/// certificate's subject) from there.
+#[derive(Clone, Debug, Default)]
+pub struct Peer {
+    pub addr: Option<SocketAddr>,
+    /// The common name of the client certificate the TLS handshake verified, if any.
+    pub cert_subject: Option<String>,
+}
 
-    fn connect_info(&self) -> Self::ConnectInfo {
-        self.stream.connect_info()
+impl Peer {
+    /// The peer of a request, if it came through [`incoming`].
+    pub fn of<B>(request: &http::Request<B>) -> Option<&Peer> {
+        request.extensions().get::<Peer>()
+    }
+
+    /// The address for log lines: `unknown` when the transport did not say.
+    pub fn addr_text(peer: Option<&Peer>) -> String {
+        peer.and_then(|p| p.addr)
+            .map_or_else(|| "unknown".to_string(), |a| a.to_string())
+    }
+}
+
+impl Connected for Handshaking {
+    type ConnectInfo = Peer;
+
+    fn connect_info(&self) -> Peer {
+        Peer {
+            addr: self.stream.peer_addr().ok(),
+            cert_subject: None,
+        }
     }
 }
 

@@ -7,7 +7,6 @@
 //! durable).
 
 use std::collections::HashSet;
-use std::net::SocketAddr;
 use std::sync::Arc;
 
 use tokio::sync::Mutex;
@@ -133,9 +132,7 @@ fn check_reason(reason: &str) -> Result<()> {
 
 /// The caller's address for the log, as far as the transport knows it.
 fn peer<T>(request: &Request<T>) -> String {
-    request
-        .remote_addr()
-        .map_or_else(|| "unknown".to_string(), |a: SocketAddr| a.to_string())
+    crate::connections::Peer::addr_text(request.extensions().get::<crate::connections::Peer>())
 }
 
 /// `1209600` as `14d`, for the default prune reason: the largest unit that divides it exactly.
