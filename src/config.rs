@@ -33,6 +33,9 @@ pub struct Config {
     pub watch: WatchConfig,
     /// TLS on the gRPC port (`[tls]`); without it the port speaks plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
+    /// Access control (`[auth]`: tokens, client certificates, grants); see `auth.rs`.
+    /// Without it every caller may do everything, as on a trusted network.
+    pub auth: Option<crate::auth::AuthConfig>,
 }
 
 /// TLS on the gRPC port. The ops port stays plaintext (Kubernetes probes cannot do TLS).
@@ -235,6 +238,10 @@ pub struct LimitsConfig {
     /// instead of queueing without bound. Health checks are never refused. Default 256 per
     /// core, at least 1024.
     pub max_concurrent_requests: u32,
+    /// Largest request metadata (the headers: names, values and 32 bytes each, as HTTP/2
+    /// counts them) a call may carry; a larger one is refused with RESOURCE_EXHAUSTED before
+    /// anything else is looked at. Default 16KiB.
+    pub max_metadata_size: ByteSize,
 }
 
 /// The default for `limits.max_concurrent_requests`: sized for the machine.
@@ -255,6 +262,7 @@ impl Default for Config {
             namespaces: NamespacesConfig::default(),
             watch: WatchConfig::default(),
             tls: None,
+            auth: None,
         }
     }
 }
@@ -286,6 +294,7 @@ impl Default for LimitsConfig {
             max_concurrent_streams: 256,
             handshake_timeout: HumanDuration(Duration::from_secs(10)),
             max_concurrent_requests: default_max_concurrent_requests(),
+            max_metadata_size: ByteSize(16 << 10),
         }
     }
 }
@@ -361,6 +370,12 @@ impl Config {
             return Err("watch.retained_events and watch.max_lag must be above 0".into());
         }
         self.namespaces.check()?;
+        if let Some(auth) = &self.auth {
+            auth.check()?;
+        }
+        if l.max_metadata_size.0 < 1024 {
+            return Err("limits.max_metadata_size must be at least 1KiB".into());
+        }
         let st = &self.storage;
         if !(st.low_watermark < st.high_watermark && st.high_watermark <= 100) {
             return Err(format!(

@@ -20,6 +20,9 @@ pub enum Error {
     /// The request is well formed but the state does not allow it.
     #[error("{0}")]
     FailedPrecondition(String),
+    /// The caller sent no credentials where they are required, or credentials nobody knows.
+    #[error("{0}")]
+    Unauthenticated(String),
     /// The caller may not do this here (e.g. update a read-only namespace).
     #[error("{0}")]
     PermissionDenied(String),
@@ -73,6 +76,7 @@ impl Error {
             Error::FailedPrecondition(_) => tonic::Code::FailedPrecondition,
             Error::Aborted(_) => tonic::Code::Aborted,
             Error::PermissionDenied(_) => tonic::Code::PermissionDenied,
+            Error::Unauthenticated(_) => tonic::Code::Unauthenticated,
             Error::ResourceExhausted(_) | Error::StorageFull(_) | Error::StorageUnwritable(_) => {
                 tonic::Code::ResourceExhausted
             }

@@ -1,5 +1,6 @@
-//! Tower layers around every gRPC service. `server.rs` stacks them; later ones (authentication,
-//! metrics) go here too.
+//! Tower layers around every gRPC service. `server.rs` stacks them, outermost first: the
+//! OUT_OF_RANGE → RESOURCE_EXHAUSTED mapping, [`AuthLayer`] (metadata bound, authentication),
+//! [`ShedLayer`] (concurrency limit). Metrics go here next.
 
 use std::future::Future;
 use std::pin::Pin;
@@ -8,6 +9,9 @@ use std::task::{Context, Poll};
 
 use http::{HeaderValue, Request, Response};
 use tokio::sync::Semaphore;
+
+use crate::auth::Authenticator;
+use crate::connections::Peer;
 
 /// tonic answers a request message above `limits.max_message_size` with OUT_OF_RANGE, where
 /// gRPC's status-code table (and clients' retry logic) says RESOURCE_EXHAUSTED. The refusal
@@ -103,6 +107,98 @@ where
             }
             Err(_) => {
                 let status = tonic::Status::resource_exhausted("server overloaded");
+                Box::pin(std::future::ready(Ok(status.into_http())))
+            }
+        }
+    }
+}
+
+/// Authentication, and the bound on request metadata (`limits.max_metadata_size`): each call's
+/// headers are measured (as HTTP/2 counts a header list) and refused RESOURCE_EXHAUSTED above
+/// the bound; then its credentials become a [`crate::auth::Caller`] in the request's extensions, or the call
+/// is answered UNAUTHENTICATED without reaching a service. It runs outside the concurrency
+/// limit, so a flood of bad tokens takes no permits from good callers. Health checks pass
+/// untouched (probes carry no credentials).
+#[derive(Clone)]
+pub struct AuthLayer {
+    auth: Arc<Authenticator>,
+    max_metadata: usize,
+}
+
+impl AuthLayer {
+    pub fn new(auth: Arc<Authenticator>, max_metadata: u64) -> Self {
+        AuthLayer {
+            auth,
+            max_metadata: max_metadata as usize,
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = Authenticate<S>;
+
+    fn layer(&self, inner: S) -> Authenticate<S> {
+        Authenticate {
+            inner,
+            layer: self.clone(),
+        }
+    }
+}
+
+/// The service [`AuthLayer`] wraps around the router.
+#[derive(Clone)]
+pub struct Authenticate<S> {
+    inner: S,
+    layer: AuthLayer,
+}
+
+/// The size of a header list as HTTP/2's SETTINGS_MAX_HEADER_LIST_SIZE counts it.
+pub fn metadata_size(headers: &http::HeaderMap) -> usize {
+    headers
+        .iter()
+        .map(|(name, value)| name.as_str().len() + value.len() + 32)
+        .sum()
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for Authenticate<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: Default + Send + 'static,
+{
+    type Response = Response<RB>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<RB>, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut request: Request<B>) -> Self::Future {
+        if never_shed(request.uri().path()) {
+            return Box::pin(self.inner.call(request));
+        }
+        let size = metadata_size(request.headers());
+        if size > self.layer.max_metadata {
+            let status = tonic::Status::resource_exhausted(format!(
+                "request metadata is {size} bytes; this server accepts at most {} \
+                 (limits.max_metadata_size)",
+                self.layer.max_metadata
+            ));
+            return Box::pin(std::future::ready(Ok(status.into_http())));
+        }
+        let authorization = request
+            .headers()
+            .get(http::header::AUTHORIZATION)
+            .map(|v| v.as_bytes());
+        match self.layer.auth.authenticate(authorization, Peer::of(&request)) {
+            Ok(caller) => {
+                request.extensions_mut().insert(caller);
+                Box::pin(self.inner.call(request))
+            }
+            Err(e) => {
+                let status = tonic::Status::from(e);
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
         }

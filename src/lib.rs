@@ -14,6 +14,7 @@
 //! - [`connections`] accepts sockets (descriptor back-off, handshake deadline); [`layers`] holds
 //!   the tower layers around every service.
 
+pub mod auth;
 pub mod cli;
 pub mod client;
 pub mod compression;

@@ -46,6 +46,9 @@ enum Command {
     /// "Invalidation").
     #[command(flatten)]
     Namespaces(hoard::cli::invalidate::NamespaceCommand),
+    /// `hoard token new`, `hoard token hash`: bearer tokens for `[[auth.token]]`.
+    #[command(subcommand)]
+    Token(hoard::cli::token::TokenCommand),
 }
 
 fn main() -> ExitCode {
@@ -69,6 +72,7 @@ fn main() -> ExitCode {
         // These print their own errors: their exit status says more than success or failure.
         Command::Admin(command) => return hoard::cli::admin::main(command),
         Command::Namespaces(command) => return hoard::cli::invalidate::main(command),
+        Command::Token(command) => return hoard::cli::token::main(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

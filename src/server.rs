@@ -122,6 +122,10 @@ pub async fn serve(
     serve_all(listener, stores.into(), events, config, health, shutdown).await
 }
 
+fn listener_is_loopback(listener: &TcpListener) -> bool {
+    listener.local_addr().is_ok_and(|a| a.ip().is_loopback())
+}
+
 /// The server itself, reporting its state through `health`.
 async fn serve_all(
     listener: TcpListener,
@@ -137,6 +141,13 @@ async fn serve_all(
     let invalidation = Arc::new(Invalidation::new(results.clone(), events.clone()));
     let housekeeping = stores.housekeeping.clone();
     let max_message = config.limits.max_message_size.0 as usize;
+    let auth = Arc::new(crate::auth::Authenticator::new(config.auth.as_ref())?);
+    if !auth.enabled() && !listener_is_loopback(&listener) {
+        tracing::warn!(
+            "listening on a non-loopback address without an [auth] section: anyone who can \
+             reach this port may write, invalidate and gc (see README, Security)"
+        );
+    }
 
     macro_rules! sized {
         ($server:expr) => {
@@ -157,11 +168,21 @@ async fn serve_all(
         // Bounds what one connection can open; refused streams get REFUSED_STREAM, which
         // clients retry.
         .max_concurrent_streams(config.limits.max_concurrent_streams)
+        // A hard cap on what one header block may make the transport buffer; below it the
+        // AuthLayer answers oversize metadata with a clear RESOURCE_EXHAUSTED.
+        .http2_max_header_list_size(
+            (config.limits.max_metadata_size.0.saturating_mul(4)).clamp(64 << 10, u32::MAX as u64)
+                as u32,
+        )
         // The serving stack, outermost first.
         .layer(
             tower::ServiceBuilder::new()
                 .layer(tower::util::MapResponseLayer::new(
                     crate::layers::oversize_is_resource_exhausted,
+                ))
+                .layer(crate::layers::AuthLayer::new(
+                    auth,
+                    config.limits.max_metadata_size.0,
                 ))
                 .layer(crate::layers::ShedLayer::new(
                     config.limits.max_concurrent_requests,

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::Limits;
 use crate::digest::{self, Digest};
 use crate::error::{Error, Result};
+use crate::auth::{Access, Caller};
 use crate::instance_name;
 use crate::namespace::ActionResults;
 use crate::proto::reapi::{
@@ -153,13 +154,17 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<GetActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
         // The first namespace in the chain with a servable result wins; an incomplete one (its
         // outputs evicted) does not hide a complete one further down the chain.
-        let chain = self.results.policy().read_chain(&r.instance_name);
+        // Namespaces further down the chain count only where the caller may read them too.
+        let mut chain = self.results.policy().read_chain(&r.instance_name);
+        chain.retain(|ns| caller.may(Access::Read, ns));
         let mut why_not = Vec::new();
         for ns in &chain {
             match self.servable(ns, &action).await? {
@@ -187,6 +192,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
@@ -199,6 +205,7 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         };
+        caller.require(Access::Write, target)?;
         let result = r
             .action_result
             .ok_or_else(|| Error::InvalidArgument("action_result is missing".into()))?;

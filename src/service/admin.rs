@@ -15,6 +15,7 @@ use tonic::{Request, Response, Status};
 use crate::error::{Error, Result};
 use crate::instance_name;
 use crate::invalidation::{Invalidation, Target};
+use crate::auth::{Access, Caller};
 use crate::namespace::ActionResults;
 use crate::proto::admin::{
     self, admin_server::Admin, GcRequest, GcResponse, InvalidateRequest, InvalidateResponse,
@@ -147,13 +148,18 @@ fn idle_text(secs: u64) -> String {
 
 #[tonic::async_trait]
 impl Admin for AdminService {
-    async fn stats(&self, _: Request<StatsRequest>) -> Result<Response<StatsResponse>, Status> {
+    async fn stats(
+        &self,
+        request: Request<StatsRequest>,
+    ) -> Result<Response<StatsResponse>, Status> {
+        Caller::of(&request).require_admin_everywhere()?;
         let mut stats = self.housekeeping.stats().await?;
         self.results.add_stats(&mut stats);
         Ok(Response::new(stats.into()))
     }
 
     async fn gc(&self, request: Request<GcRequest>) -> Result<Response<GcResponse>, Status> {
+        Caller::of(&request).require_admin_everywhere()?;
         let target = request.into_inner().target_bytes;
         let _running = self.begin_maintenance("gc")?;
         match target {
@@ -165,7 +171,11 @@ impl Admin for AdminService {
         Ok(Response::new(report.into()))
     }
 
-    async fn verify(&self, _: Request<VerifyRequest>) -> Result<Response<VerifyResponse>, Status> {
+    async fn verify(
+        &self,
+        request: Request<VerifyRequest>,
+    ) -> Result<Response<VerifyResponse>, Status> {
+        Caller::of(&request).require_admin_everywhere()?;
         let _running = self.begin_maintenance("verify")?;
         tracing::info!("verify requested");
         let report = self.housekeeping.verify().await?;
@@ -183,7 +193,13 @@ impl Admin for AdminService {
         request: Request<InvalidateRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
         let peer = peer(&request);
+        let caller = Caller::of(&request);
         let r = request.into_inner();
+        // Admin over every namespace it would touch, checked before anything changes.
+        match Scope::of(&r)? {
+            Scope::Namespace(name) => caller.require(Access::Admin, &name)?,
+            Scope::Pattern(pattern) => caller.require_all(Access::Admin, &pattern)?,
+        }
         // In a task of its own: a client that goes away mid-call (Ctrl-C, a deadline) drops
         // this handler, and must not leave a store change made but never announced.
         let this = self.clone();
@@ -196,9 +212,12 @@ impl Admin for AdminService {
         &self,
         request: Request<ListNamespacesRequest>,
     ) -> Result<Response<ListNamespacesResponse>, Status> {
+        let caller = Caller::of(&request);
         let pattern = request.into_inner().namespace_pattern;
         check_pattern(&pattern, "namespace_pattern")?;
-        let namespaces = self.invalidation.matching(&pattern);
+        // Only the namespaces the caller may read are listed.
+        let mut namespaces = self.invalidation.matching(&pattern);
+        namespaces.retain(|ns| caller.may(Access::Read, &ns.name));
         Ok(Response::new(ListNamespacesResponse {
             namespaces: namespaces.into_iter().map(Into::into).collect(),
             now_unix_secs: self.invalidation.clock(),
@@ -210,7 +229,13 @@ impl Admin for AdminService {
         request: Request<PruneNamespacesRequest>,
     ) -> Result<Response<PruneNamespacesResponse>, Status> {
         let peer = peer(&request);
+        let caller = Caller::of(&request);
         let r = request.into_inner();
+        let pattern = match r.namespace_pattern.as_str() {
+            "" => "*",
+            p => p,
+        };
+        caller.require_all(Access::Admin, pattern)?;
         // In a task of its own, for the same reason as `invalidate`.
         let this = self.clone();
         tokio::spawn(async move { this.prune_now(r, peer).await })

@@ -13,6 +13,7 @@ use futures::{Stream, StreamExt};
 use tonic::{Request, Response, Status, Streaming};
 
 use super::Limits;
+use crate::auth::{Access, Caller};
 use crate::compression::{self, ZstdUpload};
 use crate::error::{echo, Error, Result};
 use crate::proto::bytestream::{
@@ -39,7 +40,11 @@ impl ByteStreamService {
         Ok(self.store.find_missing(&[name.digest]).await?.is_empty())
     }
 
-    async fn write_stream(&self, mut stream: Streaming<WriteRequest>) -> Result<WriteResponse> {
+    async fn write_stream(
+        &self,
+        caller: Caller,
+        mut stream: Streaming<WriteRequest>,
+    ) -> Result<WriteResponse> {
         // The idle limit covers the first message too: a stream that never sends one would
         // otherwise stay open for as long as its connection lives.
         let first = self.next_message(&mut stream, None).await?.ok_or_else(|| {
@@ -47,6 +52,8 @@ impl ByteStreamService {
         })?;
         let resource = first.resource_name.clone();
         let name = ResourceName::parse_write(&resource)?;
+        // Before anything of the upload is looked at or kept.
+        caller.require(Access::Write, &name.instance)?;
         let compressed = check_compression(&name, &resource)?;
         let digest = name.digest;
         self.limits.check_blob_size(&digest)?;
@@ -247,8 +254,10 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         let name = ResourceName::parse_read(&r.resource_name)?;
+        caller.require(Access::Read, &name.instance)?;
         let compressed = check_compression(&name, &r.resource_name)?;
         let digest = name.digest;
         if r.read_offset < 0 || r.read_offset as u64 > digest.size {
@@ -297,7 +306,8 @@ impl ByteStream for ByteStreamService {
         request: Request<Streaming<WriteRequest>>,
     ) -> Result<Response<WriteResponse>, Status> {
         Ok(Response::new(
-            self.write_stream(request.into_inner()).await?,
+            self.write_stream(Caller::of(&request), request.into_inner())
+                .await?,
         ))
     }
 
@@ -305,8 +315,11 @@ impl ByteStream for ByteStreamService {
         &self,
         request: Request<QueryWriteStatusRequest>,
     ) -> Result<Response<QueryWriteStatusResponse>, Status> {
+        let caller = Caller::of(&request);
         let resource = request.into_inner().resource_name;
         let name = ResourceName::parse_write(&resource)?;
+        // Upload progress is the uploader's business.
+        caller.require(Access::Write, &name.instance)?;
         let compressed = check_compression(&name, &resource)?;
         if self.is_stored(&name).await? {
             return Ok(Response::new(QueryWriteStatusResponse {

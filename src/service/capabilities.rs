@@ -6,6 +6,7 @@ use std::sync::Arc;
 use tonic::{Request, Response, Status};
 
 use super::Limits;
+use crate::auth::{Access, Caller};
 use crate::instance_name;
 use crate::namespace::Policy;
 use crate::proto::build::bazel::semver::SemVer;
@@ -34,7 +35,7 @@ impl CapabilitiesService {
         self
     }
 
-    fn capabilities(&self, instance: &str) -> ServerCapabilities {
+    fn capabilities(&self, instance: &str, caller: &Caller) -> ServerCapabilities {
         let version = |minor| SemVer {
             major: 2,
             minor,
@@ -44,9 +45,13 @@ impl CapabilitiesService {
         ServerCapabilities {
             cache_capabilities: Some(CacheCapabilities {
                 digest_functions: vec![digest_function::Value::Sha256 as i32],
-                // Honest per instance: Bazel then skips uploads a read-only namespace would refuse.
+                // Honest per instance and caller: Bazel then skips uploads that would be refused
+                // (a read-only namespace, or a caller without write on its target).
                 action_cache_update_capabilities: Some(ActionCacheUpdateCapabilities {
-                    update_enabled: self.policy.write_target(instance).is_some(),
+                    update_enabled: self
+                        .policy
+                        .write_target(instance)
+                        .is_some_and(|target| caller.may(Access::Write, target)),
                 }),
                 cache_priority_capabilities: Some(PriorityCapabilities {
                     priorities: vec![reapi::priority_capabilities::PriorityRange {
@@ -76,8 +81,9 @@ impl Capabilities for CapabilitiesService {
         &self,
         request: Request<GetCapabilitiesRequest>,
     ) -> Result<Response<ServerCapabilities>, Status> {
+        let caller = Caller::of(&request);
         let instance = &request.get_ref().instance_name;
         instance_name::validate(instance)?;
-        Ok(Response::new(self.capabilities(instance)))
+        Ok(Response::new(self.capabilities(instance, &caller)))
     }
 }

@@ -14,6 +14,7 @@ use tonic::{Request, Response, Status};
 use super::{check_batch_size, parse_digests, Limits};
 use crate::digest::{self, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
+use crate::auth::{Access, Caller};
 use crate::instance_name;
 use crate::proto::reapi::{
     self, batch_read_blobs_response, batch_update_blobs_response, compressor,
@@ -58,8 +59,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<FindMissingBlobsRequest>,
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.blob_digests, "blob_digests")?;
         let missing = self.store.find_missing(&digests).await?;
@@ -82,8 +85,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchUpdateBlobsRequest>,
     ) -> Result<Response<BatchUpdateBlobsResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        caller.require(Access::Write, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let total = r.requests.iter().map(|b| b.data.len() as u64).sum();
         check_batch_size(total, &self.limits, "BatchUpdateBlobs request")?;
@@ -110,8 +115,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<BatchReadBlobsRequest>,
     ) -> Result<Response<BatchReadBlobsResponse>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.digests, "digests")?;
         // Sizes come from the client: add without overflowing.
@@ -162,8 +169,10 @@ impl ContentAddressableStorage for CasService {
         &self,
         request: Request<GetTreeRequest>,
     ) -> Result<Response<Self::GetTreeStream>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let root = Digest::from_proto(r.root_digest.as_ref(), "root_digest")?;
         if r.page_size < 0 {

@@ -10,6 +10,7 @@ use futures::{Stream, StreamExt};
 use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Access, Caller};
 use crate::proto::watch::{watch_server, Event, WatchRequest};
 use crate::watch::{EventLog, Start, Subscription, WatchError};
 
@@ -57,7 +58,16 @@ impl watch_server::Watch for WatchService {
         &self,
         request: Request<WatchRequest>,
     ) -> Result<Response<Self::WatchStream>, Status> {
+        let caller = Caller::of(&request);
         let r = request.into_inner();
+        // Read over everything the stream may carry (the empty pattern: every namespace).
+        let pattern = match r.namespace_pattern.as_str() {
+            "" => "*",
+            p => p,
+        };
+        caller
+            .require_all(Access::Read, pattern)
+            .map_err(Status::from)?;
         let start = if r.from_now {
             Start::Now
         } else {
