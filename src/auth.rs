@@ -604,8 +604,14 @@ mod tests {
         assert!(c.may(Access::Read, "ci/main"));
         assert!(!c.may(Access::Admin, "ci/main"));
         assert!(c.may(Access::Read, ""), "** covers the default instance");
-        let err = c.require(Access::Write, "dev/alice").unwrap_err().to_string();
-        assert!(err.contains("\"dev/alice\"") && err.contains("write"), "{err}");
+        let err = c
+            .require(Access::Write, "dev/alice")
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("\"dev/alice\"") && err.contains("write"),
+            "{err}"
+        );
     }
 
     #[test]

@@ -192,7 +192,11 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        match self.layer.auth.authenticate(authorization, Peer::of(&request)) {
+        match self
+            .layer
+            .auth
+            .authenticate(authorization, Peer::of(&request))
+        {
             Ok(caller) => {
                 request.extensions_mut().insert(caller);
                 Box::pin(self.inner.call(request))

@@ -12,9 +12,9 @@ use prost::Message;
 use tonic::{Request, Response, Status};
 
 use super::Limits;
+use crate::auth::{Access, Caller};
 use crate::digest::{self, Digest};
 use crate::error::{Error, Result};
-use crate::auth::{Access, Caller};
 use crate::instance_name;
 use crate::namespace::ActionResults;
 use crate::proto::reapi::{

@@ -12,10 +12,10 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
+use crate::auth::{Access, Caller};
 use crate::error::{Error, Result};
 use crate::instance_name;
 use crate::invalidation::{Invalidation, Target};
-use crate::auth::{Access, Caller};
 use crate::namespace::ActionResults;
 use crate::proto::admin::{
     self, admin_server::Admin, GcRequest, GcResponse, InvalidateRequest, InvalidateResponse,

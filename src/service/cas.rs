@@ -12,9 +12,9 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Request, Response, Status};
 
 use super::{check_batch_size, parse_digests, Limits};
+use crate::auth::{Access, Caller};
 use crate::digest::{self, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
-use crate::auth::{Access, Caller};
 use crate::instance_name;
 use crate::proto::reapi::{
     self, batch_read_blobs_response, batch_update_blobs_response, compressor,

@@ -3,6 +3,7 @@
 
 mod action_cache;
 mod admin;
+mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
