@@ -29,10 +29,25 @@
 #   8. after `hoard invalidate --namespace ci/main`: the branch re-runs every
 #      action it got from main; the watcher saw the invalidation.
 #
+# Then (sled run only) access control and TLS, on a fresh data dir with
+# [auth] anonymous = "none", a "ci" token that writes, a "laptop" token that
+# reads, and a client-certificate subject that writes:
+#
+#   9. no token: Bazel is refused (UNAUTHENTICATED);
+#  10. --remote_header=Authorization=Bearer <ci token>: fills the cache;
+#  11. laptop token, --remote_upload_local_results=false: every spawn a hit;
+#  12. laptop token with uploads on: update_enabled is false for it, and Bazel
+#      4.x stops before building (newer Bazel warns and builds on);
+#  13. over TLS (grpcs://, --tls_certificate): every spawn a hit;
+#  14. a plaintext client on the TLS port fails;
+#  15. over mTLS (--tls_client_certificate/--tls_client_key, no token: the
+#      certificate's subject has the grants): every spawn a hit;
+#  16. mTLS without a client certificate fails.
+#
 # Hits are read from Bazel's --execution_log_json_file ("remoteCacheHit").
 #
 # Needs: bazel (Debian's bazel-bootstrap 4.2.3 is enough; installed with apt if
-# missing and running as root), a C++ compiler, python3. No network access: the
+# missing and running as root), a C++ compiler, python3, openssl. No network access: the
 # workspace points the repositories Bazel would otherwise download (rules_cc,
 # rules_java, remote_coverage_tools) at local stubs, and the run fails if Bazel
 # tries to download anything.
@@ -780,6 +795,143 @@ then
 else
   cat "$TMP/watch.check" "$TMP/watch.err"
   fail "watch stream: events missing, repeated or out of order"
+fi
+
+# --- access control and TLS (sled run only: the policy is the same for every backend) ----
+# The server restarts on a fresh data dir with [auth]: no anonymous access, a
+# "ci" token that writes, a "laptop" token that only reads, and a client
+# certificate subject that writes. Then TLS, then mTLS, on the same data.
+if [ "$BACKEND" = sled ]; then
+  stop_server() {
+    if [ -n "$WATCH_PID" ]; then kill "$WATCH_PID" 2>/dev/null; wait "$WATCH_PID" 2>/dev/null; WATCH_PID=""; fi
+    kill -TERM "$SERVER_PID" 2>/dev/null
+    wait "$SERVER_PID" 2>/dev/null
+    SERVER_PID=""
+  }
+  # secure_build N DESCRIPTION FLAGS...: a `bazel clean`, then build N with
+  # FLAGS appended (they override --remote_cache); aborts the run on failure.
+  secure_build() {
+    local n=$1 desc=$2
+    shift 2
+    (cd "$WS" && "${BAZEL[@]}" clean --color=no) >"$TMP/clean$n.log" 2>&1 \
+      || { cat "$TMP/clean$n.log"; fatal "bazel clean before build $n failed"; }
+    EXTRA_FLAGS=("$@")
+    info "build $n: $desc"
+    run_build "$n"
+    check_common "$n"
+  }
+  # refused_build N DESCRIPTION PATTERN FLAGS...: the build must fail, saying PATTERN.
+  refused_build() {
+    local n=$1 desc=$2 pattern=$3
+    shift 3
+    (cd "$WS" && "${BAZEL[@]}" clean --color=no) >"$TMP/clean$n.log" 2>&1 || true
+    (cd "$WS" && "${BAZEL[@]}" build "${BAZEL_FLAGS[@]}" "$@" //...) >"$TMP/build$n.log" 2>&1
+    local rc=$?
+    if [ "$rc" -ne 0 ] && grep -qE "$pattern" "$TMP/build$n.log"; then
+      pass "build $n ($desc) was refused: $(grep -m1 -oE "$pattern.{0,80}" "$TMP/build$n.log")"
+    else
+      tail -n 20 "$TMP/build$n.log"
+      fail "build $n ($desc): expected a failure mentioning '$pattern', got exit $rc"
+    fi
+  }
+  all_hits() { # N DESCRIPTION
+    local total hits
+    total=$(spawn_count "$1")
+    hits=$(hit_count "$1")
+    if [ "$total" -eq "$TOTAL1" ] && [ "$hits" -eq "$total" ]; then
+      pass "build $1 ($2): all $total spawns were remote cache hits"
+    else
+      fail "build $1 ($2): $hits of $total spawns were hits, expected all $TOTAL1"
+    fi
+  }
+
+  stop_server
+  # The magic.cc edits of the branch builds are undone, so the workspace is build 1's.
+  sed -i 's/kMagic = 1337;/kMagic = 42;/' "$WS/tools/magic.cc"
+  CI_TOKEN=$("$HOARD" token new | head -n1)
+  LAPTOP_TOKEN=$("$HOARD" token new | head -n1)
+  CI_HASH=$(printf '%s\n' "$CI_TOKEN" | "$HOARD" token hash)
+  LAPTOP_HASH=$(printf '%s\n' "$LAPTOP_TOKEN" | "$HOARD" token hash)
+  AUTH_TOML="$TMP/auth.toml"
+  cat >"$AUTH_TOML" <<EOF
+[auth]
+anonymous = "none"
+[[auth.token]]
+name = "ci"
+hash = "$CI_HASH"
+grants = ["write:**"]
+[[auth.token]]
+name = "laptop"
+hash = "$LAPTOP_HASH"
+grants = ["read:**"]
+[[auth.client_cert]]
+subject = "e2e-runner"
+grants = ["write:**"]
+EOF
+  CONFIG="$TMP/secure.toml"
+  cp "$AUTH_TOML" "$CONFIG"
+  DATA_DIR="$TMP/hoard-secure"
+  mkdir -p "$DATA_DIR"
+  start_server || fatal "could not restart hoard with [auth]"
+  pass "hoard restarted with [auth] on 127.0.0.1:$PORT"
+  CACHE="--remote_cache=grpc://127.0.0.1:$PORT"
+
+  refused_build 9 "no token" 'UNAUTHENTICATED' "$CACHE"
+  secure_build 10 "CI token fills the cache" "$CACHE" "--remote_header=Authorization=Bearer $CI_TOKEN"
+  if [ "$(hit_count 10)" -eq 0 ]; then
+    pass "build 10 (ci token): every spawn ran and was uploaded (fresh data dir)"
+  else
+    fail "build 10 (ci token): $(hit_count 10) hits on a fresh data dir"
+  fi
+  secure_build 11 "read-only token, uploads off" "$CACHE" \
+    "--remote_header=Authorization=Bearer $LAPTOP_TOKEN" --remote_upload_local_results=false
+  all_hits 11 "read-only token"
+  # A laptop with uploads left on: GetCapabilities tells it the truth
+  # (update_enabled = false for this token), and Bazel 4.x stops before
+  # building with its own advice; newer Bazel only warns and builds on.
+  refused_build 12 "read-only token with uploads on (Bazel 4.x)" \
+    'not authorized to write local results' "$CACHE" "--remote_header=Authorization=Bearer $LAPTOP_TOKEN"
+
+  # TLS: a CA, a server certificate for localhost/127.0.0.1, a client certificate.
+  CERTS="$TMP/certs"
+  mkdir -p "$CERTS"
+  (
+    cd "$CERTS" || exit 1
+    openssl req -x509 -newkey rsa:2048 -nodes -keyout ca.key -out ca.pem -days 2 -subj "/CN=hoard e2e CA" \
+      -addext "basicConstraints=critical,CA:TRUE" -addext "keyUsage=critical,keyCertSign,cRLSign"
+    openssl req -newkey rsa:2048 -nodes -keyout server.key -out server.csr -subj "/CN=localhost"
+    printf 'subjectAltName=DNS:localhost,IP:127.0.0.1\nextendedKeyUsage=serverAuth\n' >server.ext
+    openssl x509 -req -in server.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out server.pem -days 2 -extfile server.ext
+    # Bazel reads the client key as PKCS#8 (BEGIN PRIVATE KEY), which genpkey writes.
+    openssl genpkey -algorithm RSA -pkeyopt rsa_keygen_bits:2048 -out client.key
+    openssl req -new -key client.key -out client.csr -subj "/CN=e2e-runner"
+    printf 'extendedKeyUsage=clientAuth\n' >client.ext
+    openssl x509 -req -in client.csr -CA ca.pem -CAkey ca.key -CAcreateserial -out client.pem -days 2 -extfile client.ext
+  ) >"$TMP/openssl.log" 2>&1 || { cat "$TMP/openssl.log"; fatal "openssl could not make the test certificates"; }
+
+  stop_server
+  { cat "$AUTH_TOML"; printf '[tls]\ncert = "%s"\nkey = "%s"\n' "$CERTS/server.pem" "$CERTS/server.key"; } >"$CONFIG"
+  start_server || fatal "could not restart hoard with [tls]"
+  pass "hoard restarted with [tls] on port $PORT"
+  TLS_CACHE="--remote_cache=grpcs://localhost:$PORT"
+  secure_build 13 "over TLS with the read-only token" "$TLS_CACHE" "--tls_certificate=$CERTS/ca.pem" \
+    "--remote_header=Authorization=Bearer $LAPTOP_TOKEN" --remote_upload_local_results=false
+  all_hits 13 "TLS"
+  refused_build 14 "plaintext client on the TLS port" 'UNAVAILABLE|Connection|connection|closed|failed' "$CACHE" \
+    "--remote_header=Authorization=Bearer $LAPTOP_TOKEN"
+
+  stop_server
+  { cat "$AUTH_TOML"; printf '[tls]\ncert = "%s"\nkey = "%s"\nclient_ca = "%s"\n' \
+      "$CERTS/server.pem" "$CERTS/server.key" "$CERTS/ca.pem"; } >"$CONFIG"
+  start_server || fatal "could not restart hoard with mTLS"
+  pass "hoard restarted with mTLS (client_ca) on port $PORT"
+  TLS_CACHE="--remote_cache=grpcs://localhost:$PORT"
+  # No token: the client certificate's subject (e2e-runner) has the grants.
+  secure_build 15 "over mTLS with a client certificate" "$TLS_CACHE" "--tls_certificate=$CERTS/ca.pem" \
+    "--tls_client_certificate=$CERTS/client.pem" "--tls_client_key=$CERTS/client.key"
+  all_hits 15 "mTLS"
+  refused_build 16 "mTLS without a client certificate" 'UNAVAILABLE|certificate|handshake|closed|failed' \
+    "$TLS_CACHE" "--tls_certificate=$CERTS/ca.pem" "--remote_header=Authorization=Bearer $CI_TOKEN"
 fi
 
 finish
