@@ -669,4 +669,34 @@ mod tests {
         }
         assert!(seen > 0, "no example config in {}", dir.display());
     }
+
+    #[test]
+    fn the_commented_auth_example_parses_once_uncommented() {
+        let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("deploy/hoard.toml");
+        let text = std::fs::read_to_string(path).unwrap();
+        let auth: String = text
+            .lines()
+            .skip_while(|l| !l.starts_with("# [auth]"))
+            .filter_map(|l| l.strip_prefix("# "))
+            .filter(|l| l.starts_with('[') || l.contains(" = "))
+            .collect::<Vec<_>>()
+            .join("\n");
+        let config = Config::parse(&auth).unwrap();
+        let auth = config.auth.unwrap();
+        assert_eq!(auth.anonymous, crate::auth::Access::Read);
+        assert_eq!(auth.tokens[0].grants.len(), 2);
+        assert_eq!(auth.client_certs[0].subject, "ci-runner");
+    }
+
+    #[test]
+    fn bad_grants_and_auth_fields_are_errors_with_a_line() {
+        let bad = "[auth]\n[[auth.token]]\nname = \"ci\"\nhash = \"sha256:00\"\ngrants = [\"write\"]\n";
+        let e = Config::parse(bad).unwrap_err();
+        assert!(e.contains("line 5") && e.contains("access:pattern"), "{e}");
+        let e = Config::parse("[auth]\nanonymous = \"sometimes\"\n").unwrap_err();
+        assert!(e.contains("line 2"), "{e}");
+        let short = "[auth]\n[[auth.token]]\nname = \"ci\"\nhash = \"sha256:00\"\ngrants = []\n";
+        let e = Config::parse(short).unwrap_err();
+        assert!(e.contains("64 hex digits"), "{e}");
+    }
 }
