@@ -92,6 +92,13 @@ if ! command -v bazel >/dev/null 2>&1; then
   fi
   command -v bazel >/dev/null 2>&1 || die "bazel still missing after installing bazel-bootstrap"
 fi
+# openssl makes the certificates of the TLS builds.
+if ! command -v openssl >/dev/null 2>&1; then
+  [ "$(id -u)" -eq 0 ] || die "openssl is not installed (and we are not root to apt-get install it)"
+  info "openssl not found; installing Debian's openssl"
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y openssl >/dev/null \
+    || die "apt-get install openssl failed"
+fi
 info "using $(command -v bazel) ($(bazel --version 2>/dev/null | head -n1))"
 
 # --- temp dirs & cleanup ---------------------------------------------------

@@ -626,6 +626,13 @@ async fn oversize_metadata_is_refused() {
         status.message().contains("limits.max_metadata_size"),
         "{status:?}"
     );
+    // Far above it the transport's own cap (4x the bound) ends the connection with
+    // ENHANCE_YOUR_CALM, which clients see as RESOURCE_EXHAUSTED; the server serves on.
+    let mut r = tonic::Request::new(FindMissingBlobsRequest::default());
+    r.metadata_mut()
+        .insert("x-padding", "p".repeat(200 << 10).parse().expect("value"));
+    let far = server.cas().find_missing_blobs(r).await;
+    assert_eq!(far.expect_err("far above").code(), Code::ResourceExhausted);
     // Within the bound the same call works.
     find_missing(&server, "", &d, None)
         .await
