@@ -187,6 +187,7 @@ impl ActionCache for ActionCacheService {
         &self,
         request: Request<UpdateActionResultRequest>,
     ) -> Result<Response<ActionResult>, Status> {
+        let caller = super::caller_name(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
@@ -217,10 +218,13 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         }
-        self.results.put(target, &action, encoded).await?;
+        // Recorded with the result: who wrote it and through which instance (provenance).
+        self.results
+            .put(target, &action, encoded, &caller, &r.instance_name)
+            .await?;
         if let Some(events) = &self.events {
             // Not waiting for the event's fsync: watchers get it after the next group commit.
-            events.publish(Event::action_result_stored(target, action))?;
+            events.publish(Event::action_result_stored(target, action, &caller))?;
         }
         Ok(Response::new(result))
     }

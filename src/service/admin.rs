@@ -4,7 +4,8 @@
 //!
 //! Invalidation (`hoard invalidate`, `hoard namespaces`, `hoard prune-namespaces`): validate the
 //! request here, then run `crate::invalidation`'s workflow (change, announce, wait until
-//! durable).
+//! durable), naming the caller in its events. GetProvenance (`hoard provenance`): validate,
+//! then ask `ActionResults::provenance`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -12,15 +13,18 @@ use std::sync::Arc;
 use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::instance_name;
 use crate::invalidation::{Invalidation, Target};
-use crate::namespace::ActionResults;
+use crate::namespace::{ActionResults, Provenance};
 use crate::proto::admin::{
-    self, admin_server::Admin, GcRequest, GcResponse, InvalidateRequest, InvalidateResponse,
-    ListNamespacesRequest, ListNamespacesResponse, PruneNamespacesRequest, PruneNamespacesResponse,
-    StatsRequest, StatsResponse, VerifyRequest, VerifyResponse,
+    self, admin_server::Admin, GcRequest, GcResponse, GetProvenanceRequest, GetProvenanceResponse,
+    InvalidateRequest, InvalidateResponse, ListNamespacesRequest, ListNamespacesResponse,
+    PruneNamespacesRequest, PruneNamespacesResponse, StatsRequest, StatsResponse, VerifyRequest,
+    VerifyResponse,
 };
+use crate::service::caller_name;
 use crate::store::{GcReport, Housekeeping, NamespaceInfo, StoreStats, VerifyReport};
 
 /// Longest reason accepted, in bytes: it is stored with the namespace and sent with each event.
@@ -36,7 +40,7 @@ pub const MAX_ACTIONS: usize = 10_000;
 #[derive(Clone)]
 pub struct AdminService {
     housekeeping: Arc<dyn Housekeeping>,
-    /// Action results as namespaces see them (for their stats and sweeps).
+    /// Action results as namespaces see them (for their stats, sweeps and provenance).
     results: Arc<ActionResults>,
     invalidation: Arc<Invalidation>,
     /// Held by a running gc or verify: both walk the whole store, and a second pass at the same
@@ -182,12 +186,12 @@ impl Admin for AdminService {
         &self,
         request: Request<InvalidateRequest>,
     ) -> Result<Response<InvalidateResponse>, Status> {
-        let peer = peer(&request);
+        let (caller, peer) = (caller_name(&request), peer(&request));
         let r = request.into_inner();
         // In a task of its own: a client that goes away mid-call (Ctrl-C, a deadline) drops
         // this handler, and must not leave a store change made but never announced.
         let this = self.clone();
-        tokio::spawn(async move { this.invalidate_now(r, peer).await })
+        tokio::spawn(async move { this.invalidate_now(r, caller, peer).await })
             .await
             .map_err(|e| Status::from(Error::internal("invalidation task", e)))?
     }
@@ -209,13 +213,37 @@ impl Admin for AdminService {
         &self,
         request: Request<PruneNamespacesRequest>,
     ) -> Result<Response<PruneNamespacesResponse>, Status> {
-        let peer = peer(&request);
+        let (caller, peer) = (caller_name(&request), peer(&request));
         let r = request.into_inner();
         // In a task of its own, for the same reason as `invalidate`.
         let this = self.clone();
-        tokio::spawn(async move { this.prune_now(r, peer).await })
+        tokio::spawn(async move { this.prune_now(r, caller, peer).await })
             .await
             .map_err(|e| Status::from(Error::internal("pruning task", e)))?
+    }
+
+    async fn get_provenance(
+        &self,
+        request: Request<GetProvenanceRequest>,
+    ) -> Result<Response<GetProvenanceResponse>, Status> {
+        let r = request.into_inner();
+        instance_name::validate(&r.instance_name)
+            .map_err(|e| Error::InvalidArgument(format!("instance_name: {e}")))?;
+        let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        match self.results.provenance(&r.instance_name, &action).await? {
+            Some(found) => Ok(Response::new(found.into())),
+            None => {
+                let chain = self.results.policy().read_chain(&r.instance_name);
+                let looked: Vec<String> = chain.iter().map(|n| format!("{n:?}")).collect();
+                Err(Error::NotFound(format!(
+                    "no visible action result for action {action} through instance {:?} \
+                     (looked in {})",
+                    r.instance_name,
+                    looked.join(", ")
+                ))
+                .into())
+            }
+        }
     }
 }
 
@@ -223,6 +251,7 @@ impl AdminService {
     async fn invalidate_now(
         &self,
         r: InvalidateRequest,
+        caller: String,
         peer: String,
     ) -> Result<Response<InvalidateResponse>, Status> {
         check_reason(&r.reason)?;
@@ -251,13 +280,17 @@ impl AdminService {
             Scope::Namespace(name) => Target::Namespace(name),
             Scope::Pattern(pattern) => Target::Pattern(pattern),
         };
-        let done = self.invalidation.invalidate(target, reason, &peer).await?;
+        let done = self
+            .invalidation
+            .invalidate(target, reason, &caller, &peer)
+            .await?;
         Ok(Response::new(InvalidateResponse { namespaces: done }))
     }
 
     async fn prune_now(
         &self,
         r: PruneNamespacesRequest,
+        caller: String,
         peer: String,
     ) -> Result<Response<PruneNamespacesResponse>, Status> {
         if r.idle_seconds == 0 {
@@ -284,6 +317,7 @@ impl AdminService {
                 r.idle_seconds,
                 &reason,
                 r.dry_run,
+                &caller,
                 &peer,
             )
             .await?;
@@ -304,6 +338,18 @@ impl From<NamespaceInfo> for admin::NamespaceInfo {
             last_used_unix_secs: ns.last_used,
             invalidated_at_unix_secs: ns.invalidated_at,
             reason: ns.reason,
+        }
+    }
+}
+
+impl From<Provenance> for GetProvenanceResponse {
+    fn from(p: Provenance) -> Self {
+        GetProvenanceResponse {
+            namespace: p.namespace,
+            epoch: p.epoch,
+            writer: p.writer,
+            instance_name: p.instance_name,
+            stored_at_unix_secs: p.stored_at,
         }
     }
 }

@@ -16,6 +16,14 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::proto::reapi;
 
+/// The authenticated caller's name (token name or certificate subject), recorded as the writer
+/// of action results and the author of invalidations; `anonymous` for a caller the server did
+/// not authenticate. The auth layer fills it in; until then every caller is anonymous.
+pub fn caller_name<T>(request: &tonic::Request<T>) -> String {
+    let _ = request;
+    "anonymous".to_string()
+}
+
 /// Settings every service needs, derived once from the config.
 #[derive(Clone, Debug)]
 pub struct Limits {
