@@ -13,6 +13,7 @@ const SERIALIZED: &[&str] = &[
     ".hoard.admin.v1.NamespaceInfo",
     ".hoard.admin.v1.PruneNamespacesResponse",
     ".hoard.admin.v1.PrunedNamespace",
+    ".hoard.admin.v1.GetProvenanceResponse",
     ".hoard.watch.v1.Event",
     // Event.action_digest.
     ".build.bazel.remote.execution.v2.Digest",
@@ -25,6 +26,7 @@ const PROTOS: &[&str] = &[
     "google/rpc/status.proto",
     "grpc/health/v1/health.proto",
     "hoard/admin/v1/admin.proto",
+    "hoard/store/v1/records.proto",
     "hoard/watch/v1/watch.proto",
 ];
 

@@ -690,7 +690,8 @@ mod tests {
 
     #[test]
     fn bad_grants_and_auth_fields_are_errors_with_a_line() {
-        let bad = "[auth]\n[[auth.token]]\nname = \"ci\"\nhash = \"sha256:00\"\ngrants = [\"write\"]\n";
+        let bad =
+            "[auth]\n[[auth.token]]\nname = \"ci\"\nhash = \"sha256:00\"\ngrants = [\"write\"]\n";
         let e = Config::parse(bad).unwrap_err();
         assert!(e.contains("line 5") && e.contains("access:pattern"), "{e}");
         let e = Config::parse("[auth]\nanonymous = \"sometimes\"\n").unwrap_err();

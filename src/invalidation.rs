@@ -5,7 +5,8 @@
 //! The store change comes first and is durable when it returns, so a watcher never hears of an
 //! invalidation a crash could undo; changes are serialized, so events follow their order (two
 //! bumps of one namespace never announce epoch 3 before 2); the caller's reply names sequences
-//! that survive a crash. Requests are validated by the front.
+//! that survive a crash. Requests are validated by the front, which also says who asked: the
+//! caller is named in every event and log line (the audit trail).
 
 use std::sync::Arc;
 
@@ -59,21 +60,29 @@ impl Invalidation {
         all
     }
 
-    /// Invalidates `target`, recording `reason`; `peer` is for the log.
+    /// Invalidates `target` on behalf of `caller` (named in the events and the log, see
+    /// `crate::auth::Caller::name`), recording `reason`; `peer` is for the log.
     pub async fn invalidate(
         &self,
         target: Target<'_>,
         reason: &str,
+        caller: &str,
         peer: &str,
     ) -> Result<Vec<InvalidatedNamespace>> {
         let _serial = self.serial.lock().await;
         let mut done = Vec::new();
         match target {
             Target::Actions(name, actions) => {
-                done.push(self.invalidate_actions(name, actions, reason, peer).await?);
+                done.push(
+                    self.invalidate_actions(name, actions, reason, caller, peer)
+                        .await?,
+                );
             }
             Target::Namespace(name) => {
-                done.push(self.invalidate_namespace(name, reason, peer).await?);
+                done.push(
+                    self.invalidate_namespace(name, reason, caller, peer)
+                        .await?,
+                );
             }
             Target::Pattern(pattern) => {
                 let names: Vec<String> = self
@@ -85,11 +94,12 @@ impl Invalidation {
                     pattern,
                     matched = names.len(),
                     reason,
+                    caller,
                     peer,
                     "invalidating the namespaces matching a pattern"
                 );
                 for name in &names {
-                    match self.invalidate_namespace(name, reason, peer).await {
+                    match self.invalidate_namespace(name, reason, caller, peer).await {
                         Ok(one) => done.push(one),
                         // The ones before stay invalidated (and announced): say which.
                         Err(e) => {
@@ -117,13 +127,14 @@ impl Invalidation {
     }
 
     /// Drops the namespaces matching `pattern` unused for `idle_secs` or more (only lists
-    /// them if `dry_run`), recording `reason`.
+    /// them if `dry_run`) on behalf of `caller`, recording `reason`.
     pub async fn prune(
         &self,
         pattern: &str,
         idle_secs: u64,
         reason: &str,
         dry_run: bool,
+        caller: &str,
         peer: &str,
     ) -> Result<Vec<PrunedNamespace>> {
         let _serial = self.serial.lock().await;
@@ -141,6 +152,7 @@ impl Invalidation {
             matched = idle.len(),
             dry_run,
             reason,
+            caller,
             peer,
             "pruning idle namespaces"
         );
@@ -159,12 +171,13 @@ impl Invalidation {
                     namespace = name,
                     removed = one.removed,
                     reason,
+                    caller,
                     peer,
                     "namespace dropped"
                 );
                 let change = format!("namespace {name:?} was dropped");
                 one.event_sequence =
-                    self.announce(Event::namespace_dropped(name, reason), &change)?;
+                    self.announce(Event::namespace_dropped(name, reason, caller), &change)?;
             }
             pruned.push(one);
         }
@@ -185,6 +198,7 @@ impl Invalidation {
         name: &str,
         actions: &[Digest],
         reason: &str,
+        caller: &str,
         peer: &str,
     ) -> Result<InvalidatedNamespace> {
         let removed = self.results.remove(name, actions).await?;
@@ -193,6 +207,7 @@ impl Invalidation {
             actions = actions.len(),
             removed,
             reason,
+            caller,
             peer,
             "action results invalidated"
         );
@@ -202,7 +217,10 @@ impl Invalidation {
         );
         let event_sequences = actions
             .iter()
-            .map(|a| self.announce(Event::action_invalidated(name, *a, reason), &change))
+            .map(|a| {
+                let event = Event::action_invalidated(name, *a, reason, caller);
+                self.announce(event, &change)
+            })
             .collect::<Result<Vec<u64>>>()?;
         Ok(InvalidatedNamespace {
             name: name.to_string(),
@@ -217,6 +235,7 @@ impl Invalidation {
         &self,
         name: &str,
         reason: &str,
+        caller: &str,
         peer: &str,
     ) -> Result<InvalidatedNamespace> {
         let epoch = self.results.bump_epoch(name, reason).await?;
@@ -224,11 +243,15 @@ impl Invalidation {
             namespace = name,
             epoch,
             reason,
+            caller,
             peer,
             "namespace invalidated"
         );
         let change = format!("namespace {name:?} was invalidated (epoch {epoch})");
-        let seq = self.announce(Event::namespace_invalidated(name, epoch, reason), &change)?;
+        let seq = self.announce(
+            Event::namespace_invalidated(name, epoch, reason, caller),
+            &change,
+        )?;
         Ok(InvalidatedNamespace {
             name: name.to_string(),
             epoch,

@@ -49,6 +49,13 @@ enum Command {
     /// `hoard token new`, `hoard token hash`: bearer tokens for `[[auth.token]]`.
     #[command(subcommand)]
     Token(hoard::cli::token::TokenCommand),
+    /// Show who wrote the action result an instance would be served, when, and through which
+    /// instance name (see README "Provenance").
+    ///
+    /// Searches the instance's read chain as GetActionResult would (epochs and TTL; the result's
+    /// outputs are not checked), without renewing the result's last use. Exit status: 0 found,
+    /// 1 no visible result, 2 could not run.
+    Provenance(hoard::cli::provenance::ProvenanceArgs),
 }
 
 fn main() -> ExitCode {
@@ -73,6 +80,7 @@ fn main() -> ExitCode {
         Command::Admin(command) => return hoard::cli::admin::main(command),
         Command::Namespaces(command) => return hoard::cli::invalidate::main(command),
         Command::Token(command) => return hoard::cli::token::main(command),
+        Command::Provenance(args) => return hoard::cli::provenance::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

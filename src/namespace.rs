@@ -7,7 +7,10 @@
 //! - whether a stored action result is still visible ([`ActionResults`]): stored under the
 //!   namespace's current epoch (an invalidation bumps it: O(1), whatever the namespace holds)
 //!   and used within the namespace's TTL. Backends only keep records ([`ActionStore`]); a
-//!   background sweep reclaims what this module judges dead.
+//!   background sweep reclaims what this module judges dead;
+//! - who wrote a result, when and through which instance name ([`Provenance`]): each record's
+//!   bytes are a `hoard.store.v1.StoredActionResult` wrapping the encoded `ActionResult`, so
+//!   backends stay ignorant of it.
 //!
 //! Epochs are saved durably when they change; last-use times of namespaces in memory, written
 //! once a minute and at shutdown.
@@ -19,10 +22,12 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use parking_lot::RwLock;
+use prost::Message;
 
 use crate::config::{NamespaceRule, NamespacesConfig};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::proto::records::StoredActionResult;
 use crate::store::{ActionRecord, ActionStore, GcReport, Housekeeping, NamespaceInfo, StoreStats};
 
 /// How often last uses of namespaces are written.
@@ -154,6 +159,22 @@ impl State {
     }
 }
 
+/// Who stored a visible action result, when, and where a lookup finds it: the audit trail for
+/// a poisoned entry (`hoard provenance`).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Provenance {
+    /// The namespace of the instance's read chain that holds the result.
+    pub namespace: String,
+    /// That namespace's current epoch (the result was stored under it, or it would be invisible).
+    pub epoch: u64,
+    /// The authenticated caller that stored it (`anonymous` without authentication).
+    pub writer: String,
+    /// The instance name its update came through.
+    pub instance_name: String,
+    /// When it was stored, on the store's clock (Unix seconds).
+    pub stored_at: u64,
+}
+
 /// Action results as namespaces see them, over any [`ActionStore`]: lookups see only results
 /// stored under the namespace's current epoch and used within its TTL; updates are stamped
 /// with both. Also where invalidation changes things (`crate::invalidation` drives it).
@@ -261,6 +282,22 @@ impl ActionResults {
         ttl > 0 && now.saturating_sub(record.last_used) as u64 > ttl
     }
 
+    /// The wrapper in a record's bytes; `None` (logged) if they are not one, which only a bug
+    /// or damage could cause: such a record is treated as absent, never served.
+    fn stored_of(
+        namespace: &str,
+        action: &Digest,
+        record: &ActionRecord,
+    ) -> Option<StoredActionResult> {
+        match StoredActionResult::decode(record.result.clone()) {
+            Ok(stored) => Some(stored),
+            Err(e) => {
+                tracing::warn!(namespace, %action, error = %e, "an action record is not a StoredActionResult; treated as absent");
+                None
+            }
+        }
+    }
+
     /// The encoded `ActionResult` stored for `action` in `namespace`, if it is visible.
     pub async fn get(&self, namespace: &str, action: &Digest) -> Result<Option<Bytes>> {
         self.lookups.fetch_add(1, Relaxed);
@@ -280,6 +317,10 @@ impl ActionResults {
             }
             return Ok(None);
         }
+        let Some(stored) = Self::stored_of(namespace, action, &record) else {
+            self.store.replace(namespace, action, &record, None).await?;
+            return Ok(None);
+        };
         // Record the use, coarsely: a hit rewrites the record at most every ttl/16 (≤ 1h).
         let coarse = if ttl > 0 {
             (ttl / 16).clamp(1, 3600)
@@ -297,19 +338,78 @@ impl ActionResults {
                 .await?;
         }
         self.hits.fetch_add(1, Relaxed);
-        Ok(Some(record.result))
+        Ok(Some(stored.result))
     }
 
-    /// Stores an encoded `ActionResult` under the namespace's current epoch; durable on return.
-    pub async fn put(&self, namespace: &str, action: &Digest, result: Bytes) -> Result<()> {
+    /// Stores an encoded `ActionResult` under the namespace's current epoch, with who wrote it
+    /// (`writer`, see `crate::auth::Caller::name`) through which instance name and when (the
+    /// store's clock); durable on return.
+    pub async fn put(
+        &self,
+        namespace: &str,
+        action: &Digest,
+        result: Bytes,
+        writer: &str,
+        instance: &str,
+    ) -> Result<()> {
         let now = self.now();
         let epoch = self.epoch_and_touch(namespace, now).await?;
+        let stored = StoredActionResult {
+            result,
+            writer: writer.to_string(),
+            stored_at_unix_secs: now as u64,
+            instance_name: instance.to_string(),
+        };
         let record = ActionRecord {
             last_used: now,
             epoch,
-            result,
+            result: Bytes::from(stored.encode_to_vec()),
         };
         self.store.put(namespace, action, record).await
+    }
+
+    /// The provenance of the result a lookup of `action` through `instance` would find: the
+    /// first namespace of its read chain with a visible one (current epoch, within its TTL).
+    /// Only looks: it renews no last use, reclaims nothing, and does not check that the
+    /// result's outputs are still in the CAS (GetActionResult does, and may skip an incomplete
+    /// result for one further down the chain). [`ActionResults::provenance_for`] skips
+    /// namespaces a caller may not read.
+    pub async fn provenance(&self, instance: &str, action: &Digest) -> Result<Option<Provenance>> {
+        self.provenance_for(instance, action, |_| true).await
+    }
+
+    /// [`ActionResults::provenance`] over the namespaces of the chain `readable` accepts.
+    pub async fn provenance_for(
+        &self,
+        instance: &str,
+        action: &Digest,
+        readable: impl Fn(&str) -> bool,
+    ) -> Result<Option<Provenance>> {
+        let now = self.now();
+        for namespace in self.policy.read_chain(instance) {
+            if !readable(namespace) {
+                continue;
+            }
+            let Some(record) = self.store.get(namespace, action).await? else {
+                continue;
+            };
+            let epoch = self.epoch(namespace);
+            let ttl = self.policy.ac_ttl(namespace).as_secs();
+            if record.epoch < epoch || Self::expired(ttl, &record, now) {
+                continue;
+            }
+            let Some(stored) = Self::stored_of(namespace, action, &record) else {
+                continue;
+            };
+            return Ok(Some(Provenance {
+                namespace: namespace.to_string(),
+                epoch,
+                writer: stored.writer,
+                instance_name: stored.instance_name,
+                stored_at: stored.stored_at_unix_secs,
+            }));
+        }
+        Ok(None)
     }
 
     /// Removes the listed results of `namespace`; returns how many there were. Durable.
@@ -545,7 +645,7 @@ mod saving_order {
         let results = Arc::new(ActionResults::open(store.clone(), policy).await.unwrap());
         let action = Digest::of(b"action");
         results
-            .put("ci/main", &action, Bytes::from_static(b"r"))
+            .put("ci/main", &action, Bytes::from_static(b"r"), "t", "ci/main")
             .await
             .unwrap();
         results.dirty.store(true, Relaxed);
@@ -576,5 +676,90 @@ mod saving_order {
         results.drop_namespace("ci/main").await.unwrap();
         persisting.await.unwrap().unwrap();
         assert!(store.namespace_records().await.unwrap().is_empty());
+    }
+}
+
+#[cfg(test)]
+mod provenance {
+    use super::*;
+    use crate::store::memory::MemoryStore;
+
+    async fn open(config: &str) -> (Arc<MemoryStore>, ActionResults) {
+        let config = crate::config::Config::parse(config).unwrap();
+        let store = Arc::new(MemoryStore::from_config(&config).unwrap());
+        let policy = Arc::new(Policy::new(&config.namespaces));
+        let results = ActionResults::open(store.clone(), policy).await.unwrap();
+        (store, results)
+    }
+
+    #[tokio::test]
+    async fn a_lookup_returns_the_result_and_provenance_names_its_writer() {
+        let (store, results) = open(
+            "[[namespaces.rule]]\npattern = \"ci/branches/*\"\nread = [\"ci/main\"]\n\
+             [[namespaces.rule]]\npattern = \"ci/release\"\nwrite = \"ci/main\"\n",
+        )
+        .await;
+        let action = Digest::of(b"action");
+        results
+            .put(
+                "ci/main",
+                &action,
+                Bytes::from_static(b"r"),
+                "ci-bot",
+                "ci/release",
+            )
+            .await
+            .unwrap();
+        assert_eq!(
+            results.get("ci/main", &action).await.unwrap().as_deref(),
+            Some(&b"r"[..]),
+            "lookups see the ActionResult bytes, not the wrapper"
+        );
+        let before = store.get("ci/main", &action).await.unwrap().unwrap();
+        store.advance_clock(Duration::from_secs(7200));
+        let found = results
+            .provenance("ci/branches/x", &action)
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            found,
+            Provenance {
+                namespace: "ci/main".into(),
+                epoch: 0,
+                writer: "ci-bot".into(),
+                instance_name: "ci/release".into(),
+                stored_at: before.last_used as u64,
+            }
+        );
+        assert_eq!(
+            store.get("ci/main", &action).await.unwrap().unwrap(),
+            before,
+            "looking renews no last use"
+        );
+        assert_eq!(results.provenance("dev", &action).await.unwrap(), None);
+    }
+
+    #[tokio::test]
+    async fn invalidated_and_expired_results_have_none() {
+        let (store, results) = open("[namespaces.default]\nac_ttl = \"1h\"\n").await;
+        let (a, b) = (Digest::of(b"a"), Digest::of(b"b"));
+        for action in [&a, &b] {
+            results
+                .put("ci", action, Bytes::from_static(b"r"), "w", "ci")
+                .await
+                .unwrap();
+        }
+        assert_eq!(results.bump_epoch("ci", "bad").await.unwrap(), 1);
+        assert_eq!(results.provenance("ci", &a).await.unwrap(), None);
+        assert_eq!(results.provenance("ci", &b).await.unwrap(), None);
+        results
+            .put("ci", &a, Bytes::from_static(b"r2"), "w2", "ci")
+            .await
+            .unwrap();
+        let found = results.provenance("ci", &a).await.unwrap().unwrap();
+        assert_eq!((found.epoch, found.writer.as_str()), (1, "w2"));
+        store.advance_clock(Duration::from_secs(7200));
+        assert_eq!(results.provenance("ci", &a).await.unwrap(), None);
     }
 }

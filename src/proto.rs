@@ -37,7 +37,7 @@ pub mod grpc {
     }
 }
 
-/// hoard's own services: administration (stats, gc, verify, invalidation) and the watch stream.
+/// hoard's own services (administration, the watch stream) and its private store records.
 pub mod hoard {
     pub mod admin {
         pub mod v1 {
@@ -49,6 +49,12 @@ pub mod hoard {
             tonic::include_proto!("hoard.watch.v1");
         }
     }
+    /// What the server keeps on disk beyond the REAPI messages (never sent to clients).
+    pub(crate) mod store {
+        pub(crate) mod v1 {
+            tonic::include_proto!("hoard.store.v1");
+        }
+    }
 }
 
 /// REAPI v2, the package nearly every module uses.
@@ -56,6 +62,7 @@ pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;
 pub use grpc::health::v1 as health;
 pub use hoard::admin::v1 as admin;
+pub(crate) use hoard::store::v1 as records;
 pub use hoard::watch::v1 as watch;
 
 /// An `EventKind` field (an `i32` in prost) as its proto name, `"ACTION_INVALIDATED"`, for the

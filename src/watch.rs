@@ -55,46 +55,55 @@ fn class_of(kind: EventKind) -> Option<usize> {
 }
 
 /// Constructors for the events hoard publishes; [`EventLog::publish`] fills in the sequence and,
-/// if unset, the time.
+/// if unset, the time. `caller` is who caused the event (`crate::auth::Caller::name`).
 impl Event {
     /// One action result was removed from `namespace`.
-    pub fn action_invalidated(namespace: &str, action: Digest, reason: &str) -> Event {
+    pub fn action_invalidated(
+        namespace: &str,
+        action: Digest,
+        reason: &str,
+        caller: &str,
+    ) -> Event {
         Event {
             kind: EventKind::ActionInvalidated as i32,
             namespace: namespace.to_string(),
             action_digest: Some(action.to_proto()),
             reason: reason.to_string(),
+            caller: caller.to_string(),
             ..Default::default()
         }
     }
 
     /// Every action result of `namespace` older than `epoch` became invisible.
-    pub fn namespace_invalidated(namespace: &str, epoch: u64, reason: &str) -> Event {
+    pub fn namespace_invalidated(namespace: &str, epoch: u64, reason: &str, caller: &str) -> Event {
         Event {
             kind: EventKind::NamespaceInvalidated as i32,
             namespace: namespace.to_string(),
             epoch,
             reason: reason.to_string(),
+            caller: caller.to_string(),
             ..Default::default()
         }
     }
 
     /// `namespace` and all its action results were deleted.
-    pub fn namespace_dropped(namespace: &str, reason: &str) -> Event {
+    pub fn namespace_dropped(namespace: &str, reason: &str, caller: &str) -> Event {
         Event {
             kind: EventKind::NamespaceDropped as i32,
             namespace: namespace.to_string(),
             reason: reason.to_string(),
+            caller: caller.to_string(),
             ..Default::default()
         }
     }
 
-    /// An action result was stored in `namespace`.
-    pub fn action_result_stored(namespace: &str, action: Digest) -> Event {
+    /// `caller` stored an action result in `namespace`.
+    pub fn action_result_stored(namespace: &str, action: Digest, caller: &str) -> Event {
         Event {
             kind: EventKind::ActionResultStored as i32,
             namespace: namespace.to_string(),
             action_digest: Some(action.to_proto()),
+            caller: caller.to_string(),
             ..Default::default()
         }
     }
@@ -757,7 +766,7 @@ mod tests {
         let mut seqs = Vec::new();
         for i in 0..200 {
             seqs.push(
-                log.publish(Event::action_result_stored("ns", action(i)))
+                log.publish(Event::action_result_stored("ns", action(i), "t"))
                     .unwrap(),
             );
         }
@@ -782,15 +791,15 @@ mod tests {
                 kinds: vec![EventKind::ActionResultStored, EventKind::NamespaceDropped],
             })
             .unwrap();
-        log.publish(Event::action_result_stored("ci/main", action(1)))
+        log.publish(Event::action_result_stored("ci/main", action(1), "t"))
             .unwrap();
-        log.publish(Event::namespace_dropped("dev", "gone"))
+        log.publish(Event::namespace_dropped("dev", "gone", "t"))
             .unwrap();
-        log.publish(Event::action_invalidated("ci/x", action(2), "flaky"))
+        log.publish(Event::action_invalidated("ci/x", action(2), "flaky", "t"))
             .unwrap();
-        log.publish(Event::namespace_dropped("ci/branches/old", ""))
+        log.publish(Event::namespace_dropped("ci/branches/old", "", "t"))
             .unwrap();
-        log.publish(Event::namespace_invalidated("ci/main", 7, ""))
+        log.publish(Event::namespace_invalidated("ci/main", 7, "", "t"))
             .unwrap();
         let mut all = Box::pin(default_kinds.into_stream());
         let got: Vec<u64> = take(&mut all, 4).await.iter().map(|e| e.sequence).collect();
@@ -805,7 +814,7 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(1000, 1000));
         for i in 0..100 {
-            log.publish(Event::action_invalidated("a", action(i), ""))
+            log.publish(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(100).await.unwrap();
@@ -830,7 +839,7 @@ mod tests {
             let db = sled::open(dir.path()).unwrap();
             let log = open(&db, &config(10, 100));
             for i in 0..25 {
-                log.publish(Event::action_invalidated("a", action(i), ""))
+                log.publish(Event::action_invalidated("a", action(i), "", "t"))
                     .unwrap();
             }
             log.wait_durable(25).await.unwrap();
@@ -844,7 +853,7 @@ mod tests {
         let log = open(&db, &config(10, 100));
         assert_eq!(log.durable(), 25);
         assert_eq!(
-            log.publish(Event::namespace_dropped("a", "")).unwrap(),
+            log.publish(Event::namespace_dropped("a", "", "t")).unwrap(),
             26,
             "no sequence is reused"
         );
@@ -859,7 +868,7 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(10, 1000));
         for i in 0..30 {
-            log.publish(Event::action_invalidated("a", action(i), ""))
+            log.publish(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(30).await.unwrap();
@@ -888,9 +897,9 @@ mod tests {
     async fn action_results_stored_do_not_push_invalidations_out() {
         let db = temp_db();
         let log = open(&db, &config(5, 1000));
-        log.publish(Event::namespace_dropped("a", "")).unwrap();
+        log.publish(Event::namespace_dropped("a", "", "t")).unwrap();
         for i in 0..50 {
-            log.publish(Event::action_result_stored("a", action(i)))
+            log.publish(Event::action_result_stored("a", action(i), "t"))
                 .unwrap();
         }
         log.wait_durable(51).await.unwrap();
@@ -911,10 +920,10 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(10, 1000));
         let mut s = Box::pin(log.watch(sub(Start::After(0), &[])).unwrap().into_stream());
-        log.publish(Event::namespace_dropped("a", "")).unwrap();
+        log.publish(Event::namespace_dropped("a", "", "t")).unwrap();
         assert_eq!(take(&mut s, 1).await[0].sequence, 1);
         for i in 0..100 {
-            log.publish(Event::action_invalidated("a", action(i), ""))
+            log.publish(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(101).await.unwrap();
@@ -940,13 +949,13 @@ mod tests {
         .unwrap();
         let mut s = Box::pin(log.watch(sub(Start::Now, &[])).unwrap().into_stream());
         for i in 0..10 {
-            log.publish(Event::action_invalidated("a", action(i), ""))
+            log.publish(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         let first = take(&mut s, 10).await;
         // Stop reading while writers go on: publishing never waits for the watcher.
         for i in 10..200 {
-            log.publish(Event::action_invalidated("a", action(i), ""))
+            log.publish(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(200).await.unwrap();
@@ -976,7 +985,7 @@ mod tests {
         assert!(tokio::time::timeout(grace * 3, &mut first).await.is_err());
         // ...then 500 events become visible in one step, 50 times the lag limit: it reads on.
         for i in 0..500 {
-            log.publish(Event::action_invalidated("a", action(i), ""))
+            log.publish(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(500).await.unwrap();
@@ -1000,7 +1009,7 @@ mod tests {
             let log = log.clone();
             tokio::spawn(async move {
                 for i in 0..300 {
-                    log.publish(Event::action_invalidated("a", action(i), ""))
+                    log.publish(Event::action_invalidated("a", action(i), "", "t"))
                         .unwrap();
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -1031,7 +1040,7 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(100, 100));
         let mut s = Box::pin(log.watch(sub(Start::After(0), &[])).unwrap().into_stream());
-        log.publish(Event::namespace_dropped("a", "")).unwrap();
+        log.publish(Event::namespace_dropped("a", "", "t")).unwrap();
         take(&mut s, 1).await;
         log.close();
         let err = s.next().await.unwrap().err().unwrap();

@@ -95,7 +95,7 @@ pub struct PruneArgs {
 }
 
 /// `HASH/SIZE`, as `hoard verify` prints digests and ByteStream names them.
-fn parse_action(s: &str) -> Result<Digest, String> {
+pub(crate) fn parse_action(s: &str) -> Result<Digest, String> {
     let (hash, size) = s
         .split_once('/')
         .ok_or_else(|| format!("{s:?} is not an action digest; expected HASH/SIZE"))?;
@@ -190,7 +190,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
     }
 }
 
-async fn connect(server: &str) -> Result<(String, AdminClient<Channel>), String> {
+pub(crate) async fn connect(server: &str) -> Result<(String, AdminClient<Channel>), String> {
     let server = client::Server::parse(server)?;
     let uri = server.uri().to_string();
     let channel = server
@@ -215,7 +215,7 @@ fn describe_status(uri: &str, what: &str, status: &tonic::Status) -> String {
 }
 
 /// Instance names as typed, except the default instance, which would otherwise print as nothing.
-fn shown(name: &str) -> &str {
+pub(crate) fn shown(name: &str) -> &str {
     if name.is_empty() {
         "\"\""
     } else {
@@ -225,7 +225,7 @@ fn shown(name: &str) -> &str {
 
 /// A reason with its control characters escaped, so a multi-line reason keeps one line per
 /// namespace.
-fn one_line(text: &str) -> String {
+pub(crate) fn one_line(text: &str) -> String {
     text.chars()
         .map(|c| {
             if c.is_control() {

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod invalidate;
+pub mod provenance;
 pub mod token;
 pub mod watch;
 

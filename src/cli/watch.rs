@@ -201,6 +201,7 @@ mod tests {
             reason: "flaky".into(),
             time_unix_ms: 1,
             epoch: 0,
+            caller: "ci-bot".into(),
         };
         let line = event_json(&event).unwrap();
         assert!(!line.contains('\n'));
@@ -208,6 +209,7 @@ mod tests {
         assert_eq!(v["sequence"], 7);
         assert_eq!(v["kind"], "ACTION_INVALIDATED");
         assert_eq!(v["action_digest"]["size_bytes"], 1);
+        assert_eq!(v["caller"], "ci-bot");
     }
 
     #[test]
@@ -220,10 +222,11 @@ mod tests {
             reason: "r".into(),
             time_unix_ms: 2,
             epoch: 4,
+            caller: "anonymous".into(),
         };
         assert_eq!(
             event_json(&event).unwrap(),
-            r#"{"action_digest":null,"epoch":4,"kind":"NAMESPACE_INVALIDATED","namespace":"ci/main","reason":"r","sequence":9,"time_unix_ms":2}"#
+            r#"{"action_digest":null,"caller":"anonymous","epoch":4,"kind":"NAMESPACE_INVALIDATED","namespace":"ci/main","reason":"r","sequence":9,"time_unix_ms":2}"#
         );
         let unknown = Event { kind: 99, ..event };
         assert!(event_json(&unknown)

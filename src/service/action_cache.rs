@@ -224,10 +224,13 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         }
-        self.results.put(target, &action, encoded).await?;
+        // Recorded with the result: who wrote it and through which instance (provenance).
+        self.results
+            .put(target, &action, encoded, caller.name(), &r.instance_name)
+            .await?;
         if let Some(events) = &self.events {
             // Not waiting for the event's fsync: watchers get it after the next group commit.
-            events.publish(Event::action_result_stored(target, action))?;
+            events.publish(Event::action_result_stored(target, action, caller.name()))?;
         }
         Ok(Response::new(result))
     }

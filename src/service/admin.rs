@@ -4,7 +4,8 @@
 //!
 //! Invalidation (`hoard invalidate`, `hoard namespaces`, `hoard prune-namespaces`): validate the
 //! request here, then run `crate::invalidation`'s workflow (change, announce, wait until
-//! durable).
+//! durable), naming the caller in its events. GetProvenance (`hoard provenance`): validate,
+//! then ask `ActionResults::provenance`.
 
 use std::collections::HashSet;
 use std::sync::Arc;
@@ -13,14 +14,16 @@ use tokio::sync::Mutex;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Access, Caller};
+use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::instance_name;
 use crate::invalidation::{Invalidation, Target};
-use crate::namespace::ActionResults;
+use crate::namespace::{ActionResults, Provenance};
 use crate::proto::admin::{
-    self, admin_server::Admin, GcRequest, GcResponse, InvalidateRequest, InvalidateResponse,
-    ListNamespacesRequest, ListNamespacesResponse, PruneNamespacesRequest, PruneNamespacesResponse,
-    StatsRequest, StatsResponse, VerifyRequest, VerifyResponse,
+    self, admin_server::Admin, GcRequest, GcResponse, GetProvenanceRequest, GetProvenanceResponse,
+    InvalidateRequest, InvalidateResponse, ListNamespacesRequest, ListNamespacesResponse,
+    PruneNamespacesRequest, PruneNamespacesResponse, StatsRequest, StatsResponse, VerifyRequest,
+    VerifyResponse,
 };
 use crate::store::{GcReport, Housekeeping, NamespaceInfo, StoreStats, VerifyReport};
 
@@ -37,7 +40,7 @@ pub const MAX_ACTIONS: usize = 10_000;
 #[derive(Clone)]
 pub struct AdminService {
     housekeeping: Arc<dyn Housekeeping>,
-    /// Action results as namespaces see them (for their stats and sweeps).
+    /// Action results as namespaces see them (for their stats, sweeps and provenance).
     results: Arc<ActionResults>,
     invalidation: Arc<Invalidation>,
     /// Held by a running gc or verify: both walk the whole store, and a second pass at the same
@@ -203,9 +206,12 @@ impl Admin for AdminService {
         // In a task of its own: a client that goes away mid-call (Ctrl-C, a deadline) drops
         // this handler, and must not leave a store change made but never announced.
         let this = self.clone();
-        tokio::spawn(async move { this.invalidate_now(r, peer).await })
-            .await
-            .map_err(|e| Status::from(Error::internal("invalidation task", e)))?
+        tokio::spawn(async move {
+            this.invalidate_now(r, caller.name().to_string(), peer)
+                .await
+        })
+        .await
+        .map_err(|e| Status::from(Error::internal("invalidation task", e)))?
     }
 
     async fn list_namespaces(
@@ -238,9 +244,41 @@ impl Admin for AdminService {
         caller.require_all(Access::Admin, pattern)?;
         // In a task of its own, for the same reason as `invalidate`.
         let this = self.clone();
-        tokio::spawn(async move { this.prune_now(r, peer).await })
+        tokio::spawn(async move { this.prune_now(r, caller.name().to_string(), peer).await })
             .await
             .map_err(|e| Status::from(Error::internal("pruning task", e)))?
+    }
+
+    async fn get_provenance(
+        &self,
+        request: Request<GetProvenanceRequest>,
+    ) -> Result<Response<GetProvenanceResponse>, Status> {
+        let caller = Caller::of(&request);
+        let r = request.into_inner();
+        instance_name::validate(&r.instance_name)
+            .map_err(|e| Error::InvalidArgument(format!("instance_name: {e}")))?;
+        caller.require(Access::Read, &r.instance_name)?;
+        let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        // As GetActionResult: the chain only through namespaces the caller may read.
+        let readable = |ns: &str| caller.may(Access::Read, ns);
+        match self
+            .results
+            .provenance_for(&r.instance_name, &action, readable)
+            .await?
+        {
+            Some(found) => Ok(Response::new(found.into())),
+            None => {
+                let chain = self.results.policy().read_chain(&r.instance_name);
+                let looked: Vec<String> = chain.iter().map(|n| format!("{n:?}")).collect();
+                Err(Error::NotFound(format!(
+                    "no visible action result for action {action} through instance {:?} \
+                     (looked in {})",
+                    r.instance_name,
+                    looked.join(", ")
+                ))
+                .into())
+            }
+        }
     }
 }
 
@@ -248,6 +286,7 @@ impl AdminService {
     async fn invalidate_now(
         &self,
         r: InvalidateRequest,
+        caller: String,
         peer: String,
     ) -> Result<Response<InvalidateResponse>, Status> {
         check_reason(&r.reason)?;
@@ -276,13 +315,17 @@ impl AdminService {
             Scope::Namespace(name) => Target::Namespace(name),
             Scope::Pattern(pattern) => Target::Pattern(pattern),
         };
-        let done = self.invalidation.invalidate(target, reason, &peer).await?;
+        let done = self
+            .invalidation
+            .invalidate(target, reason, &caller, &peer)
+            .await?;
         Ok(Response::new(InvalidateResponse { namespaces: done }))
     }
 
     async fn prune_now(
         &self,
         r: PruneNamespacesRequest,
+        caller: String,
         peer: String,
     ) -> Result<Response<PruneNamespacesResponse>, Status> {
         if r.idle_seconds == 0 {
@@ -309,6 +352,7 @@ impl AdminService {
                 r.idle_seconds,
                 &reason,
                 r.dry_run,
+                &caller,
                 &peer,
             )
             .await?;
@@ -329,6 +373,18 @@ impl From<NamespaceInfo> for admin::NamespaceInfo {
             last_used_unix_secs: ns.last_used,
             invalidated_at_unix_secs: ns.invalidated_at,
             reason: ns.reason,
+        }
+    }
+}
+
+impl From<Provenance> for GetProvenanceResponse {
+    fn from(p: Provenance) -> Self {
+        GetProvenanceResponse {
+            namespace: p.namespace,
+            epoch: p.epoch,
+            writer: p.writer,
+            instance_name: p.instance_name,
+            stored_at_unix_secs: p.stored_at,
         }
     }
 }

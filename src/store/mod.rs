@@ -90,8 +90,8 @@ pub trait Cas: Send + Sync + 'static {
     }
 }
 
-/// An action result as an [`ActionStore`] keeps it: the encoded `ActionResult` and what the
-/// namespace policy judges it by.
+/// An action result as an [`ActionStore`] keeps it: opaque bytes and what the namespace policy
+/// judges it by.
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct ActionRecord {
     /// Last read or write (store clock, Unix seconds), for the TTL since last use.
@@ -99,7 +99,8 @@ pub struct ActionRecord {
     /// The namespace's epoch when the result was stored; older than the namespace's current
     /// epoch means invalidated.
     pub epoch: u64,
-    /// The encoded `ActionResult`, as given.
+    /// As the namespace policy gave it (an encoded `ActionResult` with its provenance, see
+    /// `crate::namespace`); stores keep it byte for byte and never look inside.
     pub result: Bytes,
 }
 

@@ -20,4 +20,5 @@ mod memory;
 mod model;
 mod namespaces;
 mod ops;
+mod provenance;
 mod watch;

@@ -12,7 +12,7 @@ use bytes::Bytes;
 use futures::StreamExt;
 use hoard::config::{Config, HumanDuration};
 use hoard::digest::Digest;
-use hoard::namespace::{ActionResults, Policy};
+use hoard::namespace::{ActionResults, Policy, Provenance};
 use hoard::store::memory::MemoryStore;
 use hoard::store::sled::{Options, SledStore};
 use hoard::store::{ActionStore, Cas, Housekeeping};
@@ -292,12 +292,22 @@ impl Model {
             }
             Op::AcPut(n, a, r) => {
                 let (ns, action) = (NAMESPACES[*n], action(*a));
-                let m = code(self.mem.results.put(ns, &action, result_bytes(*r)).await);
-                let s = code(self.disk().results.put(ns, &action, result_bytes(*r)).await);
+                let writer = format!("writer {}", r % 3);
+                let (mem, disk) = (&self.mem.results, &self.disk().results);
+                let m = code(mem.put(ns, &action, result_bytes(*r), &writer, ns).await);
+                let s = code(disk.put(ns, &action, result_bytes(*r), &writer, ns).await);
                 assert_eq!(m, s, "{op:?}");
             }
             Op::AcGet(n, a) => {
                 let (ns, action) = (NAMESPACES[*n], action(*a));
+                // Provenance first (it only looks); the two stores' clocks may read a second
+                // apart, so the time is left out.
+                let who = |p: Option<Provenance>| {
+                    p.map(|p| (p.namespace, p.epoch, p.writer, p.instance_name))
+                };
+                let m = code(self.mem.results.provenance(ns, &action).await).map(who);
+                let s = code(self.disk().results.provenance(ns, &action).await).map(who);
+                assert_eq!(m, s, "{op:?}: provenance");
                 let m = code(self.mem.results.get(ns, &action).await);
                 let s = code(self.disk().results.get(ns, &action).await);
                 assert_eq!(m, s, "{op:?}");

@@ -2,7 +2,8 @@
 //! visible (epoch, TTL) is decided above, in `crate::namespace`.
 //!
 //! Key `namespace ‖ 0x00 ‖ hash ‖ size`; value last use (u32 seconds BE) ‖ epoch of the
-//! namespace when stored (u64 BE) ‖ encoded `ActionResult`. Instance names cannot contain NUL
+//! namespace when stored (u64 BE) ‖ the record's bytes (an encoded
+//! `hoard.store.v1.StoredActionResult`: the `ActionResult` and its provenance, opaque here). Instance names cannot contain NUL
 //! (`crate::instance_name`), so the key is unambiguous and one namespace is one prefix.
 //! Namespace records are kept in tree `namespaces` (`namespaces.rs`).
 //!
@@ -18,7 +19,7 @@ use crate::digest::{Digest, HASH_LEN};
 use crate::error::Result;
 use crate::store::{ActionRecord, ActionStore, DeadRecord, NamespaceInfo};
 
-/// Bytes before the encoded ActionResult in an `ac` value: last use (u32), epoch (u64).
+/// Bytes before the record's own bytes in an `ac` value: last use (u32), epoch (u64).
 const AC_HEADER: usize = 12;
 /// Records a sweep reads per trip to a blocking thread.
 const SWEEP_BATCH: usize = 1024;
@@ -281,9 +282,34 @@ mod tests {
         store.put("", &action, record.clone()).await.unwrap();
         store.flush().await.unwrap();
         drop(store);
-        // Format 2 data is kept across restarts.
+        // Data of today's format is kept across restarts.
         let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
         assert_eq!(store.get("", &action).await.unwrap(), Some(record));
         assert_eq!(store.stats().await.unwrap().action_results, 1);
+    }
+
+    #[tokio::test]
+    async fn action_results_without_provenance_are_dropped_on_upgrade() {
+        let tmp = tempfile::tempdir().unwrap();
+        let action = Digest::of(b"action");
+        {
+            let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+            // As format 3 wrote it: the header, then the bare ActionResult.
+            let record = ActionRecord {
+                last_used: 1,
+                epoch: 0,
+                result: Bytes::from_static(b"\x0a\x02hi"),
+            };
+            store.put("", &action, record).await.unwrap();
+            store
+                .inner
+                .db
+                .insert("format", &3u32.to_be_bytes())
+                .unwrap();
+            store.flush().await.unwrap();
+        }
+        let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+        assert_eq!(store.get("", &action).await.unwrap(), None);
+        assert_eq!(store.stats().await.unwrap().action_results, 0);
     }
 }

@@ -392,12 +392,14 @@ impl Housekeeping for SledStore {
 
 /// Version of the layout described at the top of this file, kept under `format` in the
 /// default tree. 1: action results without a last-use prefix (before eviction existed); 2:
-/// without an epoch (before invalidation existed).
-const FORMAT: u32 = 3;
+/// without an epoch (before invalidation existed); 3: the bare `ActionResult` after the header,
+/// not yet wrapped with its provenance (`hoard.store.v1.StoredActionResult`).
+const FORMAT: u32 = 4;
 
 /// Brings a data dir written by an older hoard up to [`FORMAT`]. Action results of older formats
-/// lack part of today's header; read as today's they would be served with their first bytes cut
-/// off, so they are dropped (a cache may forget, never serve wrong data).
+/// lack part of today's record; read as today's they would be served cut or misparsed (a bare
+/// `ActionResult` may well decode as a wrapper), so they are dropped (a cache may forget, never
+/// serve wrong data).
 fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
     let stored = db
         .get("format")?
