@@ -205,8 +205,20 @@ impl Model {
     }
 
     async fn open_disk(config: &Config, policy: &Arc<Policy>, moved: Duration) -> Disk {
-        let sled = SledStore::open_with(&config.data_dir, Options::from_config(config))
-            .expect("open sled");
+        // A background thread of the closed store (a blocking read that was dropped
+        // mid-stream, the group-commit thread) may hold the database a moment after the last
+        // handle goes; a real restart is a new process, where exit releases it.
+        let mut tries = 0;
+        let sled = loop {
+            match SledStore::open_with(&config.data_dir, Options::from_config(config)) {
+                Ok(sled) => break sled,
+                Err(e) if tries < 100 && e.to_string().contains("in use") => {
+                    tries += 1;
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+                Err(e) => panic!("open sled: {e}"),
+            }
+        };
         sled.advance_clock(moved);
         let side = Side::new(Arc::new(sled.clone()), policy).await;
         Disk { sled, side }
