@@ -19,4 +19,5 @@ mod memory;
 mod model;
 mod namespaces;
 mod ops;
+mod tls;
 mod watch;
