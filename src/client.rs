@@ -154,10 +154,52 @@ impl Server {
     /// Opens one connection (call again for more). The error reads "cannot connect to URI:
     /// cause: cause"; callers add their hint (e.g. "is hoard serving there?").
     pub async fn connect(&self) -> Result<Channel, String> {
-        self.endpoint
-            .connect()
-            .await
-            .map_err(|e| format!("cannot connect to {}: {}", self.uri, error_chain(&e)))
+        self.endpoint.connect().await.map_err(|e| {
+            let cause = error_chain(&e);
+            format!(
+                "cannot connect to {}: {cause}{}",
+                self.uri,
+                tls_hint(&cause)
+            )
+        })
+    }
+}
+
+/// A failed call's message, with the transport's cause when there is one: a refused client
+/// certificate shows up as a call failing with "transport error" (TLS 1.3 reports it after
+/// the handshake), and the cause is what tells the user what to fix.
+pub fn status_text(status: &tonic::Status) -> String {
+    let mut text = status.message().to_string();
+    if let Some(source) = std::error::Error::source(status) {
+        let cause = error_chain(source);
+        if cause.starts_with(&text) {
+            text = cause;
+        } else if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    let hint = tls_hint(&text);
+    text + hint
+}
+
+/// What to do about a TLS failure, from rustls' words for it.
+fn tls_hint(cause: &str) -> &'static str {
+    if cause.contains("CertificateRequired") {
+        " (the server requires a client certificate: --tls-client-cert and --tls-client-key)"
+    } else if [
+        "UnknownCA",
+        "BadCertificate",
+        "UnsupportedCertificate",
+        "CertificateExpired",
+    ]
+    .iter()
+    .any(|alert| cause.contains(&format!("alert: {alert}")))
+    {
+        " (the server does not accept this client certificate)"
+    } else if cause.contains("invalid peer certificate") {
+        " (give the CA that signed the server's certificate to --tls-ca)"
+    } else {
+        ""
     }
 }
 
@@ -226,6 +268,16 @@ mod tests {
         };
         let e = Server::parse_with("grpcs://cache:1", &cert_only).unwrap_err();
         assert!(e.contains("needs --tls-client-key"), "{e}");
+    }
+
+    #[test]
+    fn tls_failures_say_what_to_fix() {
+        let plain = tonic::Status::unavailable("server overloaded");
+        assert_eq!(status_text(&plain), "server overloaded");
+        let refused = tonic::Status::unknown("received fatal alert: CertificateRequired");
+        assert!(status_text(&refused).contains("--tls-client-cert"));
+        assert!(tls_hint("invalid peer certificate: UnknownIssuer").contains("--tls-ca"));
+        assert!(tls_hint("received fatal alert: UnknownCA").contains("does not accept"));
     }
 
     #[tokio::test]

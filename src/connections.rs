@@ -35,6 +35,8 @@ const HANDSHAKE_BYTES: usize = 24 + 9;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one log line per this period about accept failures.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a connection whose TLS handshake failed is drained before it is dropped.
+const LINGER: Duration = Duration::from_secs(1);
 /// Connections handshaken but not yet taken by the server; past it, accepting waits.
 const ACCEPTED_QUEUE: usize = 64;
 
@@ -146,15 +148,17 @@ async fn handshake(
     addr: SocketAddr,
     deadline: Instant,
 ) -> Option<Connection> {
-    let tls = match tokio::time::timeout_at(deadline, acceptor.accept(stream)).await {
+    let accepting = acceptor.accept(stream).into_fallible();
+    let tls = match tokio::time::timeout_at(deadline, accepting).await {
         Ok(Ok(tls)) => tls,
-        Ok(Err(e)) => {
+        Ok(Err((e, stream))) => {
             // A refused client certificate, a plaintext client, a client that does not trust
             // us: worth a line. A peer that only opened TCP (a port check) is not.
             match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
                 Some(cause) => tracing::info!(peer = %addr, error = %cause, "TLS handshake failed"),
                 None => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
             }
+            linger(stream).await;
             return None;
         }
         Err(_) => {
@@ -190,6 +194,18 @@ fn configure(stream: &TcpStream) {
     // Notice peers that vanished without closing (crashed runners, dropped NAT state).
     let keepalive = socket2::TcpKeepalive::new().with_time(Duration::from_secs(60));
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
+}
+
+/// After a failed TLS handshake (its alert sent): closes our side, then reads what the client
+/// still sends for a moment. Closing at once with its data unread would make the kernel answer
+/// with a reset, which can discard the alert before the client reads it, leaving it with
+/// "connection reset" instead of, say, "certificate required".
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let drain = async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
 }
 
 /// A stream that must show the HTTP/2 preface by a deadline; after that, the stream itself.

@@ -212,7 +212,10 @@ fn describe_status(uri: &str, operation: Operation, status: &tonic::Status) -> S
             "{what}: the server at {uri} does not serve hoard.admin.v1.Admin (an older hoard, or \
              not hoard)"
         ),
-        code => format!("{what} failed on {uri}: {code:?}: {}", status.message()),
+        code => format!(
+            "{what} failed on {uri}: {code:?}: {}",
+            client::status_text(status)
+        ),
     }
 }
 

@@ -212,7 +212,10 @@ fn describe_status(uri: &str, what: &str, status: &tonic::Status) -> String {
             "{what}: the server at {uri} does not serve invalidation (an older hoard, or not \
              hoard)"
         ),
-        code => format!("{what} failed on {uri}: {code:?}: {}", status.message()),
+        code => format!(
+            "{what} failed on {uri}: {code:?}: {}",
+            client::status_text(status)
+        ),
     }
 }
 

@@ -152,7 +152,7 @@ fn resume_hint(last: Option<u64>) -> String {
 
 /// How a status that ended the watch is reported, with where to go on from.
 fn ended(status: &tonic::Status, last: Option<u64>) -> Stop {
-    let message = status.message();
+    let message = client::status_text(status);
     let code = status.code();
     if let Some(oldest) = trailer(status, OLDEST_AVAILABLE_TRAILER) {
         let from = oldest.saturating_sub(1);
