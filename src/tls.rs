@@ -30,8 +30,8 @@ pub struct Tls {
 impl Tls {
     /// Loads the files `files` names; the error names the file and what is wrong with it.
     pub fn load(files: &TlsConfig) -> Result<Tls, String> {
-        let config = server_config(files)?;
-        tracing::info!(summary = %summary(files), "TLS on the gRPC port");
+        let (config, summary) = load(files)?;
+        tracing::info!(summary = %summary, "TLS on the gRPC port");
         Ok(Tls {
             files: files.clone(),
             current: RwLock::new(Arc::new(config)),
@@ -47,9 +47,9 @@ impl Tls {
     /// otherwise keeps the current config and says why. Returns what is now served, for the
     /// log. Blocking (file reads): call it off the async threads.
     pub fn reload(&self) -> Result<String, String> {
-        let config = server_config(&self.files)?;
+        let (config, summary) = load(&self.files)?;
         *self.current.write() = Arc::new(config);
-        Ok(summary(&self.files))
+        Ok(summary)
     }
 
     /// Whether clients must present a certificate (`client_ca` is set).
@@ -61,8 +61,14 @@ impl Tls {
 /// The rustls server config `files` describe: HTTP/2 by ALPN and, with `client_ca`, a verifier
 /// that refuses any client without a certificate that CA signed.
 pub fn server_config(files: &TlsConfig) -> Result<ServerConfig, String> {
+    load(files).map(|(config, _)| config)
+}
+
+/// [`server_config`], and the line [`summary`] says about it.
+fn load(files: &TlsConfig) -> Result<(ServerConfig, String), String> {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let certs = read_certs("cert", &files.cert)?;
+    let summary = summary(files, &certs[0]);
     let key = read_key(&files.key)?;
     let builder = ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()
@@ -101,7 +107,7 @@ pub fn server_config(files: &TlsConfig) -> Result<ServerConfig, String> {
     })?;
     // gRPC is HTTP/2 only; clients that offer ALPN (Bazel, grpc-java, tonic) ask for h2.
     config.alpn_protocols = vec![b"h2".to_vec()];
-    Ok(config)
+    Ok((config, summary))
 }
 
 /// The common name (CN) of a DER certificate's subject, if it has exactly one: what grants
@@ -117,25 +123,28 @@ pub fn common_name(der: &[u8]) -> Option<String> {
 }
 
 /// One line on what is served: the certificate's subject and expiry, and whether mTLS is on.
-fn summary(files: &TlsConfig) -> String {
-    let leaf = std::fs::read(&files.cert)
-        .ok()
-        .and_then(|pem| CertificateDer::pem_slice_iter(&pem).next()?.ok());
-    let described = leaf.as_deref().and_then(|der| {
-        let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
-        let now = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_secs() as i64);
-        let expired = cert.validity().not_after.timestamp() < now;
-        Some(format!(
-            "certificate {} (subject {}, expires {}{})",
-            files.cert.display(),
-            cert.subject(),
-            cert.validity().not_after,
-            if expired { ": EXPIRED" } else { "" },
-        ))
-    });
-    let described = described.unwrap_or_else(|| format!("certificate {}", files.cert.display()));
+fn summary(files: &TlsConfig, leaf: &CertificateDer<'_>) -> String {
+    let described = match x509_parser::parse_x509_certificate(leaf) {
+        Ok((_, cert)) => {
+            let now = std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .map_or(0, |d| d.as_secs() as i64);
+            let not_after = &cert.validity().not_after;
+            format!(
+                "certificate {} (subject {}, expires {}{})",
+                files.cert.display(),
+                cert.subject(),
+                not_after,
+                if not_after.timestamp() < now {
+                    ": EXPIRED"
+                } else {
+                    ""
+                },
+            )
+        }
+        // rustls judges the certificate; this is only the log line.
+        Err(_) => format!("certificate {}", files.cert.display()),
+    };
     match &files.client_ca {
         Some(ca) => format!(
             "{described}; client certificates required, signed by {}",
