@@ -3,20 +3,30 @@
 //! tonic's own accept loop retries a failed `accept()` at once, so a process out of file
 //! descriptors (EMFILE) spins a core while it waits for one to free up. Here such errors back
 //! off and are logged once per period. Each accepted socket also gets a handshake deadline: a
-//! peer that connects and never completes the HTTP/2 preface is dropped, instead of holding a
-//! descriptor for as long as it likes.
+//! peer that connects and never completes the TLS handshake (with `[tls]`) and the HTTP/2
+//! preface is dropped, instead of holding a descriptor for as long as it likes.
+//!
+//! The TLS handshake happens here rather than in tonic, so each connection takes the
+//! certificate current when it arrives (`tls.rs` swaps it on SIGHUP) and the verified client
+//! certificate's common name becomes the connection's [`Peer`].
 
 use std::future::Future;
 use std::io;
 use std::net::SocketAddr;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use futures::Stream;
 use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
 use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_rustls::server::TlsStream;
 use tonic::transport::server::Connected;
+
+use crate::tls::Tls;
 
 /// The HTTP/2 client preface (24 bytes) plus the header of the SETTINGS frame that must follow
 /// it: once that much has arrived, the peer speaks HTTP/2 and the deadline is lifted.
@@ -25,6 +35,10 @@ const HANDSHAKE_BYTES: usize = 24 + 9;
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
 /// At most one log line per this period about accept failures.
 const LOG_EVERY: Duration = Duration::from_secs(10);
+/// How long a connection whose TLS handshake failed is drained before it is dropped.
+const LINGER: Duration = Duration::from_secs(1);
+/// Connections handshaken but not yet taken by the server; past it, accepting waits.
+const ACCEPTED_QUEUE: usize = 64;
 
 /// Raises the soft limit on open files to the hard limit: every connection, upload and read
 /// of a large blob holds a descriptor, and distributions' soft default (1024) is low for a
@@ -48,42 +62,123 @@ pub fn raise_open_file_limit() {
 }
 
 /// Accepted connections from `listener`, each with TCP_NODELAY, keepalive and a handshake
-/// deadline of `handshake_timeout`.
+/// deadline of `handshake_timeout`: the TLS handshake (with `tls`) and the HTTP/2 preface must
+/// both be done by then. TLS handshakes run in a task each, so a slow peer holds up only itself.
+/// The listener closes when the stream is dropped.
 pub fn incoming(
     listener: TcpListener,
     handshake_timeout: Duration,
-) -> impl Stream<Item = io::Result<Handshaking>> + Send {
-    let state = (listener, None::<Instant>, 0u64);
-    futures::stream::unfold(
-        state,
-        move |(listener, mut logged, mut failed)| async move {
-            loop {
-                match listener.accept().await {
-                    Ok((stream, _)) => {
-                        configure(&stream);
-                        let conn = Handshaking::new(stream, handshake_timeout);
-                        return Some((Ok(conn), (listener, logged, failed)));
-                    }
-                    Err(e) if out_of_resources(&e) => {
-                        failed += 1;
-                        if logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
-                            tracing::error!(
-                                error = %e,
-                                failed,
-                                "cannot accept connections (out of file descriptors or memory); \
-                                 backing off"
-                            );
-                            logged = Some(Instant::now());
-                            failed = 0;
+    tls: Option<Arc<Tls>>,
+) -> impl Stream<Item = io::Result<Connection>> + Send {
+    let (tx, rx) = tokio::sync::mpsc::channel(ACCEPTED_QUEUE);
+    tokio::spawn(accept(listener, handshake_timeout, tls, tx));
+    futures::stream::unfold(rx, |mut rx| async move {
+        let conn = rx.recv().await?;
+        Some((Ok(conn), rx))
+    })
+}
+
+/// The accept loop behind [`incoming`]; ends when the stream is dropped.
+async fn accept(
+    listener: TcpListener,
+    handshake_timeout: Duration,
+    tls: Option<Arc<Tls>>,
+    tx: mpsc::Sender<Connection>,
+) {
+    let mut logged = None::<std::time::Instant>;
+    let mut failed = 0u64;
+    loop {
+        let accepted = tokio::select! {
+            accepted = listener.accept() => accepted,
+            () = tx.closed() => return,
+        };
+        match accepted {
+            Ok((stream, addr)) => {
+                configure(&stream);
+                let deadline = Instant::now() + handshake_timeout;
+                match &tls {
+                    None => {
+                        let peer = Peer {
+                            addr: Some(addr),
+                            cert_subject: None,
+                        };
+                        let conn = Connection {
+                            io: Io::Plain(Handshaking::new(stream, deadline)),
+                            peer,
+                        };
+                        if tx.send(conn).await.is_err() {
+                            return;
                         }
-                        tokio::time::sleep(ACCEPT_BACKOFF).await;
                     }
-                    // The peer gave up before we accepted (ECONNABORTED and the like).
-                    Err(_) => continue,
+                    Some(tls) => {
+                        let handshake = handshake(tls.acceptor(), stream, addr, deadline);
+                        let tx = tx.clone();
+                        tokio::spawn(async move {
+                            if let Some(conn) = handshake.await {
+                                let _ = tx.send(conn).await;
+                            }
+                        });
+                    }
                 }
             }
+            Err(e) if out_of_resources(&e) => {
+                failed += 1;
+                if logged.is_none_or(|at| at.elapsed() >= LOG_EVERY) {
+                    tracing::error!(
+                        error = %e,
+                        failed,
+                        "cannot accept connections (out of file descriptors or memory); \
+                         backing off"
+                    );
+                    logged = Some(std::time::Instant::now());
+                    failed = 0;
+                }
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+            }
+            // The peer gave up before we accepted (ECONNABORTED and the like).
+            Err(_) => continue,
+        }
+    }
+}
+
+/// The TLS handshake of one connection, by `deadline`; `None` if it failed (logged).
+async fn handshake(
+    acceptor: tokio_rustls::TlsAcceptor,
+    stream: TcpStream,
+    addr: SocketAddr,
+    deadline: Instant,
+) -> Option<Connection> {
+    let accepting = acceptor.accept(stream).into_fallible();
+    let tls = match tokio::time::timeout_at(deadline, accepting).await {
+        Ok(Ok(tls)) => tls,
+        Ok(Err((e, stream))) => {
+            // A refused client certificate, a plaintext client, a client that does not trust
+            // us: worth a line. A peer that only opened TCP (a port check) is not.
+            match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
+                Some(cause) => tracing::info!(peer = %addr, error = %cause, "TLS handshake failed"),
+                None => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
+            }
+            linger(stream).await;
+            return None;
+        }
+        Err(_) => {
+            tracing::debug!(peer = %addr, "no TLS handshake within the handshake timeout");
+            return None;
+        }
+    };
+    let cert_subject = tls
+        .get_ref()
+        .1
+        .peer_certificates()
+        .and_then(|chain| chain.first())
+        .and_then(|leaf| crate::tls::common_name(leaf));
+    Some(Connection {
+        io: Io::Tls(Box::new(Handshaking::new(tls, deadline))),
+        peer: Peer {
+            addr: Some(addr),
+            cert_subject,
         },
-    )
+    })
 }
 
 fn out_of_resources(e: &io::Error) -> bool {
@@ -101,23 +196,46 @@ fn configure(stream: &TcpStream) {
     let _ = socket2::SockRef::from(stream).set_tcp_keepalive(&keepalive);
 }
 
-/// A connection that must show the HTTP/2 preface within a deadline; after that, a plain
-/// TCP stream.
-pub struct Handshaking {
-    stream: TcpStream,
+/// After a failed TLS handshake (its alert sent): closes our side, then reads what the client
+/// still sends for a moment. Closing at once with its data unread would make the kernel answer
+/// with a reset, which can discard the alert before the client reads it, leaving it with
+/// "connection reset" instead of, say, "certificate required".
+async fn linger(mut stream: TcpStream) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let _ = stream.shutdown().await;
+    let mut buf = [0u8; 4096];
+    let drain = async { while matches!(stream.read(&mut buf).await, Ok(n) if n > 0) {} };
+    let _ = tokio::time::timeout(LINGER, drain).await;
+}
+
+/// A stream that must show the HTTP/2 preface by a deadline; after that, the stream itself.
+struct Handshaking<S> {
+    stream: S,
     /// Pending until the preface is in; `None` after.
     deadline: Option<Pin<Box<tokio::time::Sleep>>>,
     read: usize,
 }
 
-impl Handshaking {
-    fn new(stream: TcpStream, timeout: Duration) -> Self {
+impl<S> Handshaking<S> {
+    fn new(stream: S, deadline: Instant) -> Self {
         Handshaking {
             stream,
-            deadline: Some(Box::pin(tokio::time::sleep(timeout))),
+            deadline: Some(Box::pin(tokio::time::sleep_until(deadline))),
             read: 0,
         }
     }
+}
+
+/// One accepted connection, plaintext or TLS, and who is on the other end.
+pub struct Connection {
+    io: Io,
+    /// Fixed once the handshake is done: what every request on this connection carries.
+    peer: Peer,
+}
+
+enum Io {
+    Plain(Handshaking<TcpStream>),
+    Tls(Box<Handshaking<TlsStream<TcpStream>>>),
 }
 
 /// Who is on the other end of a connection, as the transport knows it. tonic copies a
@@ -144,18 +262,68 @@ impl Peer {
     }
 }
 
-impl Connected for Handshaking {
+impl Connected for Connection {
     type ConnectInfo = Peer;
 
     fn connect_info(&self) -> Peer {
-        Peer {
-            addr: self.stream.peer_addr().ok(),
-            cert_subject: None,
+        self.peer.clone()
+    }
+}
+
+/// Calls `$method` on whichever stream the connection is.
+macro_rules! on_io {
+    ($self:ident, $method:ident($($arg:expr),*)) => {
+        match &mut $self.get_mut().io {
+            Io::Plain(s) => Pin::new(s).$method($($arg),*),
+            Io::Tls(s) => Pin::new(&mut **s).$method($($arg),*),
+        }
+    };
+}
+
+impl AsyncRead for Connection {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<io::Result<()>> {
+        on_io!(self, poll_read(cx, buf))
+    }
+}
+
+impl AsyncWrite for Connection {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        data: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        on_io!(self, poll_write(cx, data))
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_io!(self, poll_flush(cx))
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        on_io!(self, poll_shutdown(cx))
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[io::IoSlice<'_>],
+    ) -> Poll<io::Result<usize>> {
+        on_io!(self, poll_write_vectored(cx, bufs))
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        match &self.io {
+            Io::Plain(s) => s.stream.is_write_vectored(),
+            Io::Tls(s) => s.stream.is_write_vectored(),
         }
     }
 }
 
-impl AsyncRead for Handshaking {
+impl<S: AsyncRead + Unpin> AsyncRead for Handshaking<S> {
     fn poll_read(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
@@ -183,7 +351,7 @@ impl AsyncRead for Handshaking {
     }
 }
 
-impl AsyncWrite for Handshaking {
+impl<S: AsyncWrite + Unpin> AsyncWrite for Handshaking<S> {
     fn poll_write(
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,

@@ -11,8 +11,9 @@
 //! - [`cli`] holds the operator subcommands (`hoard stats`, `gc`, `verify`) `main.rs` calls;
 //!   [`client`] is how they (and the `hoard-bench` load generator in `bench/`) connect.
 //! - [`watch`] is the persisted event log behind the watch stream.
-//! - [`connections`] accepts sockets (descriptor back-off, handshake deadline); [`layers`] holds
-//!   the tower layers around every service.
+//! - [`connections`] accepts sockets (descriptor back-off, handshake deadline, the TLS
+//!   handshake with [`tls`]'s reloadable config); [`layers`] holds the tower layers around every
+//!   service.
 
 pub mod auth;
 pub mod cli;
@@ -32,4 +33,5 @@ pub mod resource_name;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod tls;
 pub mod watch;

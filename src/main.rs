@@ -25,7 +25,7 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run the cache server until SIGINT or SIGTERM.
+    /// Run the cache server until SIGINT or SIGTERM (SIGHUP reloads the TLS certificate).
     Serve {
         /// TOML config file; every field is optional (see deploy/hoard.toml).
         #[arg(long, env = "HOARD_CONFIG")]
@@ -116,6 +116,11 @@ fn serve(
     runtime.block_on(async {
         // Handlers go in before anything else, so an early SIGTERM still shuts down cleanly.
         let shutdown = shutdown_signal()?;
+        // SIGHUP's default action ends the process, and a certificate rotation may send it
+        // while the store is still opening. Once registered it no longer does; the server
+        // reloads TLS on it (server.rs), or logs that there is nothing to reload.
+        let _hangup = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+            .map_err(|e| format!("cannot install the SIGHUP handler: {e}"))?;
         let listener = tokio::net::TcpListener::bind(config.listen)
             .await
             .map_err(|e| format!("cannot listen on {}: {e}", config.listen))?;

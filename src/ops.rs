@@ -26,7 +26,8 @@ pub async fn serve(
         .local_addr()
         .map_err(|e| Error::internal("reading the ops port's address", e))?;
     tracing::info!(ops_listen = %addr, "ops port is serving /healthz, /readyz and grpc.health.v1");
-    let incoming = crate::connections::incoming(listener, handshake_timeout);
+    // Never TLS: Kubernetes probes cannot speak it.
+    let incoming = crate::connections::incoming(listener, handshake_timeout, None);
     tonic::transport::Server::builder()
         // `/healthz` and `/readyz` are plain HTTP/1.1 requests (curl, kubelet's httpGet).
         .accept_http1(true)

@@ -29,6 +29,7 @@ use crate::service::health::{HealthReporter, State};
 use crate::service::watch::WatchService;
 use crate::service::Limits;
 use crate::store::{Housekeeping, Stores};
+use crate::tls::Tls;
 use crate::watch::EventLog;
 
 /// HTTP/2 flow-control window of each stream.
@@ -66,6 +67,8 @@ pub async fn run_with_ops(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    // Before the store opens: a bad certificate should not wait for a long start to be seen.
+    let tls = load_tls(config)?;
     let health = HealthReporter::new();
     // The ops port outlives the gRPC port: `/healthz` answers until the store is flushed.
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -89,6 +92,7 @@ pub async fn run_with_ops(
             opened.stores,
             opened.events,
             config,
+            tls,
             health,
             shutdown,
         )
@@ -117,9 +121,56 @@ pub async fn serve(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let tls = load_tls(config)?;
     let events = Arc::new(EventLog::temporary(&config.watch)?);
     let health = HealthReporter::new();
-    serve_all(listener, stores.into(), events, config, health, shutdown).await
+    serve_all(
+        listener,
+        stores.into(),
+        events,
+        config,
+        tls,
+        health,
+        shutdown,
+    )
+    .await
+}
+
+/// The `[tls]` certificate, key and client CA, loaded; `None` without `[tls]`.
+fn load_tls(config: &Config) -> Result<Option<Arc<Tls>>> {
+    match &config.tls {
+        Some(files) => Ok(Some(Arc::new(
+            Tls::load(files).map_err(Error::FailedPrecondition)?,
+        ))),
+        None => Ok(None),
+    }
+}
+
+/// On every SIGHUP, reloads the TLS certificate, key and client CA (new connections get them;
+/// open ones keep theirs), or keeps the current ones if the files do not load.
+async fn reload_on_sighup(tls: Option<Arc<Tls>>) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hangups = match signal(SignalKind::hangup()) {
+        Ok(hangups) => hangups,
+        Err(e) => {
+            tracing::warn!(error = %e, "cannot install the SIGHUP handler; no TLS reloads");
+            return;
+        }
+    };
+    while hangups.recv().await.is_some() {
+        let Some(tls) = tls.clone() else {
+            tracing::info!("SIGHUP: no [tls] section, nothing to reload");
+            continue;
+        };
+        match tokio::task::spawn_blocking(move || tls.reload()).await {
+            Ok(Ok(summary)) => tracing::info!(summary = %summary, "SIGHUP: TLS reloaded"),
+            Ok(Err(e)) => tracing::error!(
+                error = %e,
+                "SIGHUP: TLS not reloaded; still serving the previous certificate"
+            ),
+            Err(e) => tracing::error!(error = %e, "SIGHUP: TLS reload failed"),
+        }
+    }
 }
 
 fn listener_is_loopback(listener: &TcpListener) -> bool {
@@ -132,6 +183,7 @@ async fn serve_all(
     stores: Stores,
     events: Arc<EventLog>,
     config: &Config,
+    tls: Option<Arc<Tls>>,
     health: HealthReporter,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
@@ -215,7 +267,13 @@ async fn serve_all(
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal("reading the bound address", e))?;
-    let incoming = crate::connections::incoming(listener, config.limits.handshake_timeout.0);
+    let tls_mode = match &tls {
+        Some(tls) if tls.mutual() => "mTLS",
+        Some(_) => "TLS",
+        None => "plaintext",
+    };
+    let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
+    let incoming = crate::connections::incoming(listener, config.limits.handshake_timeout.0, tls);
     health.set(State::Serving);
     let sweeper = tokio::spawn(sweep_abandoned_uploads(
         housekeeping.clone(),
@@ -237,7 +295,12 @@ async fn serve_all(
         }
     });
     let readiness = tokio::spawn(report_writability(housekeeping.clone(), health.clone()));
-    tracing::info!(listen = %addr, data_dir = %config.data_dir.display(), "hoard is serving");
+    tracing::info!(
+        listen = %addr,
+        data_dir = %config.data_dir.display(),
+        transport = tls_mode,
+        "hoard is serving"
+    );
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
     let draining = health.clone();
     let closing = events.clone();
@@ -272,6 +335,7 @@ async fn serve_all(
     };
     sweeper.abort();
     upkeep.abort();
+    reloads.abort();
     // Not aborted: a sweep's batch on a blocking thread would outlive the store's flush.
     let _ = stop_namespace_upkeep.send(());
     let _ = namespace_upkeep.await;

@@ -64,9 +64,12 @@ fn main() -> ExitCode {
 /// Arguments of `hoard-bench`; the options before the workload apply to every workload.
 #[derive(Args, Debug)]
 pub struct BenchArgs {
-    /// The REAPI endpoint, grpc://HOST:PORT (or http://HOST:PORT). Required.
+    /// The REAPI endpoint, grpc://HOST:PORT (or http://HOST:PORT), grpcs://HOST:PORT for TLS.
+    /// Required.
     #[arg(long, global = true)]
     pub target: Option<String>,
+    #[command(flatten)]
+    pub connect: hoard::client::ConnectOptions,
     /// Instance name sent with every request.
     #[arg(long, global = true, default_value = "")]
     pub instance: String,

@@ -43,7 +43,7 @@ impl RunOptions {
             .target
             .clone()
             .ok_or("--target grpc://HOST:PORT is required")?;
-        let server = Server::parse(&target)?;
+        let server = Server::parse_with(&target, &args.connect)?;
         if args.concurrency == 0 || args.connections == 0 {
             return Err("--concurrency and --connections must be at least 1".into());
         }

@@ -51,10 +51,12 @@ pub enum AdminCommand {
 /// Which store to ask: a running server, or a stopped data dir.
 #[derive(Debug, Args)]
 pub struct Source {
-    /// A running hoard, http://HOST:PORT or grpc://HOST:PORT [default: $HOARD_SERVER, else
-    /// http://127.0.0.1:9092].
+    /// A running hoard, http://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)
+    /// [default: $HOARD_SERVER, else http://127.0.0.1:9092].
     #[arg(long, value_name = "URL", conflicts_with_all = ["data_dir", "config"])]
     pub server: Option<String>,
+    #[command(flatten)]
+    pub connect: client::ConnectOptions,
     /// Open this data dir directly instead; hoard must not be running on it.
     #[arg(long, value_name = "DIR")]
     pub data_dir: Option<PathBuf>,
@@ -123,7 +125,7 @@ fn run(command: AdminCommand) -> Result<ExitCode, String> {
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
     let report = runtime.block_on(async {
         match &target {
-            Target::Server(uri) => over_grpc(uri, operation).await,
+            Target::Server(uri) => over_grpc(uri, &source.connect, operation).await,
             Target::DataDir(config) => on_data_dir(config, operation).await,
         }
     })?;
@@ -161,8 +163,13 @@ fn resolve(source: &Source, env_server: Option<String>) -> Result<Target, String
     client::endpoint_uri(server.trim()).map(Target::Server)
 }
 
-async fn over_grpc(uri: &str, operation: Operation) -> Result<Report, String> {
-    let channel = client::Server::parse(uri)?.connect().await.map_err(|e| {
+async fn over_grpc(
+    uri: &str,
+    connect: &client::ConnectOptions,
+    operation: Operation,
+) -> Result<Report, String> {
+    let server = client::Server::parse_with(uri, connect)?;
+    let channel = server.connect().await.map_err(|e| {
         format!("{e}; is hoard serving there? (for a stopped server, use --data-dir DIR)")
     })?;
     // A verify report lists every corrupt blob; allow far more than the default 4 MiB.
@@ -205,7 +212,10 @@ fn describe_status(uri: &str, operation: Operation, status: &tonic::Status) -> S
             "{what}: the server at {uri} does not serve hoard.admin.v1.Admin (an older hoard, or \
              not hoard)"
         ),
-        code => format!("{what} failed on {uri}: {code:?}: {}", status.message()),
+        code => format!(
+            "{what} failed on {uri}: {code:?}: {}",
+            client::status_text(status)
+        ),
     }
 }
 
@@ -485,6 +495,7 @@ mod tests {
             data_dir: data_dir.map(Into::into),
             config: None,
             json: false,
+            connect: client::ConnectOptions::default(),
         }
     }
 
@@ -515,7 +526,11 @@ mod tests {
             ),
             "data dir"
         );
-        assert!(server(source(Some("https://cache:443"), None), None).starts_with("error"));
+        assert_eq!(
+            server(source(Some("grpcs://cache:443"), None), None),
+            "https://cache:443"
+        );
+        assert!(server(source(Some("unix:///run/hoard"), None), None).starts_with("error"));
     }
 
     #[test]

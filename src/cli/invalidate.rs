@@ -39,9 +39,11 @@ pub enum NamespaceCommand {
 /// The server to ask and the output format, common to the three commands.
 #[derive(Debug, Args)]
 pub struct Server {
-    /// A running hoard, http://HOST:PORT or grpc://HOST:PORT.
+    /// A running hoard, http://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS).
     #[arg(long, value_name = "URL", env = "HOARD_SERVER", default_value = DEFAULT_SERVER)]
     pub server: String,
+    #[command(flatten)]
+    pub connect: client::ConnectOptions,
     /// Print the reply as one JSON object.
     #[arg(long)]
     pub json: bool,
@@ -128,7 +130,7 @@ pub fn main(command: NamespaceCommand) -> ExitCode {
 async fn run(command: NamespaceCommand) -> Result<String, String> {
     match command {
         NamespaceCommand::Invalidate(args) => {
-            let (uri, mut client) = connect(&args.server.server).await?;
+            let (uri, mut client) = connect(&args.server).await?;
             let request = InvalidateRequest {
                 namespace: args.namespace,
                 namespace_pattern: args.pattern.clone().unwrap_or_default(),
@@ -147,7 +149,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
             })
         }
         NamespaceCommand::Namespaces(args) => {
-            let (uri, mut client) = connect(&args.server.server).await?;
+            let (uri, mut client) = connect(&args.server).await?;
             let reply = client
                 .list_namespaces(ListNamespacesRequest {
                     namespace_pattern: args.pattern.clone().unwrap_or_default(),
@@ -170,7 +172,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
                     args.idle.0
                 ));
             }
-            let (uri, mut client) = connect(&args.server.server).await?;
+            let (uri, mut client) = connect(&args.server).await?;
             let reply = client
                 .prune_namespaces(PruneNamespacesRequest {
                     idle_seconds: idle,
@@ -190,8 +192,8 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
     }
 }
 
-pub(crate) async fn connect(server: &str) -> Result<(String, AdminClient<Channel>), String> {
-    let server = client::Server::parse(server)?;
+pub(crate) async fn connect(args: &Server) -> Result<(String, AdminClient<Channel>), String> {
+    let server = client::Server::parse_with(&args.server, &args.connect)?;
     let uri = server.uri().to_string();
     let channel = server
         .connect()
@@ -210,7 +212,10 @@ fn describe_status(uri: &str, what: &str, status: &tonic::Status) -> String {
             "{what}: the server at {uri} does not serve invalidation (an older hoard, or not \
              hoard)"
         ),
-        code => format!("{what} failed on {uri}: {code:?}: {}", status.message()),
+        code => format!(
+            "{what} failed on {uri}: {code:?}: {}",
+            client::status_text(status)
+        ),
     }
 }
 

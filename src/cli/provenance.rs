@@ -54,7 +54,7 @@ struct Stop(u8, String);
 
 async fn run(args: &ProvenanceArgs) -> Result<String, Stop> {
     let failed = |message| Stop(EXIT_FAILED, message);
-    let (uri, mut client) = connect(&args.server.server).await.map_err(failed)?;
+    let (uri, mut client) = connect(&args.server).await.map_err(failed)?;
     let request = GetProvenanceRequest {
         instance_name: args.instance.clone(),
         action_digest: Some(args.action.to_proto()),

@@ -16,7 +16,7 @@ use crate::service::watch::{OLDEST_AVAILABLE_TRAILER, RESUME_AFTER_TRAILER, STAR
 
 #[derive(Args, Debug)]
 pub struct WatchArgs {
-    /// A running hoard, http://HOST:PORT or grpc://HOST:PORT.
+    /// A running hoard, http://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS).
     #[arg(
         long,
         value_name = "URL",
@@ -24,6 +24,8 @@ pub struct WatchArgs {
         default_value = "http://127.0.0.1:9092"
     )]
     pub server: String,
+    #[command(flatten)]
+    pub connect: client::ConnectOptions,
     /// Instance names to watch; `*` matches any run of characters, including `/` [default: all].
     #[arg(long, value_name = "PATTERN", default_value = "")]
     pub namespace: String,
@@ -90,7 +92,7 @@ fn trailer(status: &tonic::Status, key: &str) -> Option<u64> {
 
 async fn run(args: WatchArgs) -> Result<(), Stop> {
     let usage = |message: String| Stop(EXIT_USAGE, message);
-    let server = client::Server::parse(&args.server).map_err(usage)?;
+    let server = client::Server::parse_with(&args.server, &args.connect).map_err(usage)?;
     let channel = server
         .connect()
         .await
@@ -150,7 +152,7 @@ fn resume_hint(last: Option<u64>) -> String {
 
 /// How a status that ended the watch is reported, with where to go on from.
 fn ended(status: &tonic::Status, last: Option<u64>) -> Stop {
-    let message = status.message();
+    let message = client::status_text(status);
     let code = status.code();
     if let Some(oldest) = trailer(status, OLDEST_AVAILABLE_TRAILER) {
         let from = oldest.saturating_sub(1);

@@ -311,8 +311,18 @@ async fn cli_errors_are_one_line_with_exit_status_2() {
     let out = hoard(&["stats", "--server", "127.0.0.1:1", "--data-dir", "x"]).await;
     assert_eq!(out.status.code(), Some(2), "{out:?}");
 
-    let err = one_line_failure(&hoard(&["stats", "--server", "https://127.0.0.1:1"]).await);
-    assert!(err.contains("TLS"), "{err}");
+    // TLS options for a plaintext server are a mistake, not something to ignore.
+    let err = one_line_failure(
+        &hoard(&[
+            "stats",
+            "--server",
+            "http://127.0.0.1:1",
+            "--tls-ca",
+            "ca.pem",
+        ])
+        .await,
+    );
+    assert!(err.contains("use grpcs://"), "{err}");
 
     // Nothing listens on a port we bound and released.
     let closed = std::net::TcpListener::bind("127.0.0.1:0")

@@ -89,6 +89,7 @@ impl TestServer {
             .map(|l| l.local_addr().expect("ops addr"));
         let (tx, rx) = oneshot::channel::<()>();
         let data_dir = config.data_dir.clone();
+        let tls = config.tls.is_some();
         let handle = tokio::spawn(async move {
             let shutdown = async {
                 let _ = rx.await;
@@ -100,11 +101,13 @@ impl TestServer {
                 }
             }
         });
-        let channel = Channel::from_shared(format!("http://{addr}"))
-            .expect("uri")
-            .connect()
-            .await
-            .expect("connect to test server");
+        let endpoint = Channel::from_shared(format!("http://{addr}")).expect("uri");
+        // A TLS server refuses this plaintext channel; TLS tests open their own.
+        let channel = if tls {
+            endpoint.connect_lazy()
+        } else {
+            endpoint.connect().await.expect("connect to test server")
+        };
         TestServer {
             data_dir,
             _tmp: None,
@@ -169,6 +172,11 @@ impl TestServer {
 
     pub fn admin(&self) -> AdminClient<Channel> {
         AdminClient::new(self.channel.clone())
+    }
+
+    /// The gRPC port's address.
+    pub fn addr(&self) -> std::net::SocketAddr {
+        self.addr
     }
 
     /// The server's address as `http://127.0.0.1:PORT`, for clients in other processes.

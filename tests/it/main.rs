@@ -21,4 +21,5 @@ mod model;
 mod namespaces;
 mod ops;
 mod provenance;
+mod tls;
 mod watch;
