@@ -11,7 +11,11 @@ use std::time::Duration;
 
 use rustls_pki_types::pem::PemObject;
 use rustls_pki_types::{CertificateDer, PrivateKeyDer};
+use tonic::metadata::{Ascii, MetadataValue};
+use tonic::service::interceptor::InterceptedService;
+use tonic::service::Interceptor;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint, Identity};
+use tonic::Status;
 
 /// How long a connection attempt may take before the command gives up.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -54,6 +58,16 @@ pub struct ConnectOptions {
     /// PEM private key of --tls-client-cert.
     #[arg(long, value_name = "FILE", env = "HOARD_TLS_CLIENT_KEY", global = true)]
     pub tls_client_key: Option<PathBuf>,
+    /// Bearer token for a server with [auth], sent as `authorization: Bearer TOKEN` on every
+    /// call. Prefer the variable: other users can read a process's command line.
+    #[arg(
+        long,
+        value_name = "TOKEN",
+        env = "HOARD_TOKEN",
+        hide_env_values = true,
+        global = true
+    )]
+    pub token: Option<String>,
 }
 
 impl ConnectOptions {
@@ -108,6 +122,50 @@ fn read(flag: &str, path: &Path) -> Result<Vec<u8>, String> {
     std::fs::read(path).map_err(|e| format!("{flag} {}: cannot read: {e}", path.display()))
 }
 
+/// A connection to a server, with the caller's credentials on every call: what every client
+/// of the CLI and the load generator wraps.
+pub type Connection = InterceptedService<Channel, Credentials>;
+
+/// The `authorization` header every call carries (none without `--token`).
+#[derive(Clone, Default)]
+pub struct Credentials(Option<MetadataValue<Ascii>>);
+
+impl Credentials {
+    /// `Bearer <token>`; refused if the token cannot be a header value.
+    pub fn bearer(token: &str) -> Result<Self, String> {
+        let token = token.trim();
+        if token.is_empty() || token.contains(char::is_whitespace) {
+            return Err("--token (HOARD_TOKEN) is empty or contains whitespace".into());
+        }
+        let value = format!("Bearer {token}").parse().map_err(|_| {
+            "--token (HOARD_TOKEN) has characters a header cannot carry".to_string()
+        })?;
+        Ok(Credentials(Some(value)))
+    }
+}
+
+// Never the token in debug output.
+impl std::fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(if self.0.is_some() {
+            "Credentials(bearer)"
+        } else {
+            "Credentials(none)"
+        })
+    }
+}
+
+impl Interceptor for Credentials {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(value) = &self.0 {
+            request
+                .metadata_mut()
+                .insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
 /// A server address from a command line, checked and ready to dial.
 #[derive(Clone, Debug)]
 pub struct Server {
@@ -115,6 +173,7 @@ pub struct Server {
     uri: String,
     /// What each connection is opened from: [`CONNECT_TIMEOUT`], TCP_NODELAY, TLS.
     endpoint: Endpoint,
+    credentials: Credentials,
 }
 
 impl Server {
@@ -143,7 +202,15 @@ impl Server {
                  HOARD_TLS_*): use grpcs://"
             ));
         }
-        Ok(Server { uri, endpoint })
+        let credentials = match &options.token {
+            Some(token) => Credentials::bearer(token)?,
+            None => Credentials::default(),
+        };
+        Ok(Server {
+            uri,
+            endpoint,
+            credentials,
+        })
     }
 
     /// The URI connections go to, e.g. `http://127.0.0.1:9092` or `https://cache:9092`.
@@ -153,15 +220,16 @@ impl Server {
 
     /// Opens one connection (call again for more). The error reads "cannot connect to URI:
     /// cause: cause"; callers add their hint (e.g. "is hoard serving there?").
-    pub async fn connect(&self) -> Result<Channel, String> {
-        self.endpoint.connect().await.map_err(|e| {
+    pub async fn connect(&self) -> Result<Connection, String> {
+        let channel = self.endpoint.connect().await.map_err(|e| {
             let cause = error_chain(&e);
             format!(
                 "cannot connect to {}: {cause}{}",
                 self.uri,
                 tls_hint(&cause)
             )
-        })
+        })?;
+        Ok(InterceptedService::new(channel, self.credentials.clone()))
     }
 }
 

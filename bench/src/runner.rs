@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use tonic::transport::Channel;
+use hoard::client::Connection;
 
 use super::procfs::{self, RssSampler, Usage};
 use super::stats::Recorder;
@@ -92,7 +92,7 @@ pub struct Phase {
 
 pub struct Runner {
     options: RunOptions,
-    channels: Vec<Channel>,
+    channels: Vec<Connection>,
 }
 
 impl Runner {

@@ -8,8 +8,8 @@
 
 use std::process::ExitCode;
 
+use crate::client::Connection;
 use clap::{ArgGroup, Args, Subcommand};
-use tonic::transport::Channel;
 
 use crate::cli::admin::{count, duration, DEFAULT_SERVER, EXIT_FAILED};
 use crate::client;
@@ -192,7 +192,7 @@ async fn run(command: NamespaceCommand) -> Result<String, String> {
     }
 }
 
-pub(crate) async fn connect(args: &Server) -> Result<(String, AdminClient<Channel>), String> {
+pub(crate) async fn connect(args: &Server) -> Result<(String, AdminClient<Connection>), String> {
     let server = client::Server::parse_with(&args.server, &args.connect)?;
     let uri = server.uri().to_string();
     let channel = server

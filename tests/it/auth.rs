@@ -13,7 +13,9 @@ use hoard::proto::reapi::{
 use hoard::proto::watch::{watch_client::WatchClient, WatchRequest};
 use tonic::{Code, Status};
 
-use crate::common::{blob, digest_of, write_name, write_requests, TestServer};
+use crate::common::{
+    blob, digest_of, failure, hoard_with, json, take, write_name, write_requests, TestServer,
+};
 
 const READER: &str = "reader-token-0123456789";
 const CI: &str = "ci-token-0123456789";
@@ -646,5 +648,140 @@ async fn without_an_auth_section_everything_is_open() {
     writes_allowed(&server, "ci/main", None, 100).await;
     stats(&server, None).await.expect("stats");
     assert!(update_enabled(&server, "ci/main", None).await);
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn provenance_and_events_name_the_token_that_wrote() {
+    let server = start(Access::None).await;
+    let mut events = WatchClient::new(server.channel())
+        .watch(req(
+            WatchRequest {
+                from_now: true,
+                kinds: vec![
+                    hoard::proto::watch::EventKind::ActionResultStored as i32,
+                    hoard::proto::watch::EventKind::NamespaceInvalidated as i32,
+                ],
+                ..Default::default()
+            },
+            bearer(READER).as_deref(),
+        ))
+        .await
+        .expect("watch")
+        .into_inner();
+    let (ci_action, ci_result) = action_and_result(110);
+    let (alice_action, alice_result) = action_and_result(111);
+    update_result(
+        &server,
+        "ci/main",
+        &ci_action,
+        &ci_result,
+        bearer(CI).as_deref(),
+    )
+    .await
+    .expect("ci writes ci/main");
+    update_result(
+        &server,
+        "dev/alice",
+        &alice_action,
+        &alice_result,
+        bearer(ALICE).as_deref(),
+    )
+    .await
+    .expect("alice writes dev/alice");
+
+    // `hoard provenance`, authenticated by HOARD_TOKEN, names the right writer for each; dev/alice
+    // reads ci/main too, so its chain finds CI's result there.
+    let url = server.url();
+    for (instance, action, writer, namespace) in [
+        ("ci/main", &ci_action, "ci", "ci/main"),
+        ("dev/alice", &alice_action, "alice", "dev/alice"),
+        ("dev/alice", &ci_action, "ci", "ci/main"),
+    ] {
+        let digest = format!("{}/{}", action.hash, action.size_bytes);
+        let out = hoard_with(
+            &[
+                "provenance",
+                "--server",
+                &url,
+                "--instance",
+                instance,
+                &digest,
+                "--json",
+            ],
+            &[("HOARD_TOKEN", READER)],
+        )
+        .await;
+        let got: serde_json::Value = json(&out);
+        assert_eq!(got["writer"], writer, "{instance} {got}");
+        assert_eq!(got["namespace"], namespace, "{instance} {got}");
+    }
+    // Without the token the command is refused, and says why.
+    let digest = format!("{}/{}", ci_action.hash, ci_action.size_bytes);
+    let out = hoard_with(
+        &[
+            "provenance",
+            "--server",
+            &url,
+            "--instance",
+            "ci/main",
+            &digest,
+        ],
+        &[],
+    )
+    .await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(
+        failure(&out).contains("no credentials"),
+        "{}",
+        failure(&out)
+    );
+
+    // The watch stream named the writers, and then who invalidated.
+    invalidate(&server, Some("ci/main"), "", bearer(ADMIN).as_deref())
+        .await
+        .expect("admin invalidates");
+    let seen = take(&mut events, 3).await;
+    let callers: Vec<(&str, &str)> = seen
+        .iter()
+        .map(|e| (e.namespace.as_str(), e.caller.as_str()))
+        .collect();
+    assert_eq!(
+        callers,
+        [
+            ("ci/main", "ci"),
+            ("dev/alice", "alice"),
+            ("ci/main", "admin")
+        ]
+    );
+    server.stop().await;
+}
+
+#[tokio::test]
+async fn the_cli_sends_its_token() {
+    let server = start(Access::None).await;
+    let url = server.url();
+    let out = hoard_with(&["stats", "--server", &url], &[]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(failure(&out).contains("UNAUTHENTICATED") || failure(&out).contains("credentials"));
+    let out = hoard_with(&["stats", "--server", &url], &[("HOARD_TOKEN", READER)]).await;
+    assert_eq!(out.status.code(), Some(2), "{out:?}");
+    assert!(failure(&out).contains("admin"), "{}", failure(&out));
+    let out = hoard_with(&["stats", "--server", &url, "--token", ADMIN], &[]).await;
+    assert!(out.status.success(), "{}", failure(&out));
+    let out = hoard_with(
+        &[
+            "invalidate",
+            "--server",
+            &url,
+            "--namespace",
+            "ci/main",
+            "--reason",
+            "t",
+        ],
+        &[("HOARD_TOKEN", CI_ADMIN)],
+    )
+    .await;
+    assert!(out.status.success(), "{}", failure(&out));
     server.stop().await;
 }

@@ -501,6 +501,7 @@ pub async fn hoard_with(args: &[&str], env: &[(&str, &str)]) -> Output {
     command
         .args(args)
         .env_remove("HOARD_SERVER")
+        .env_remove("HOARD_TOKEN")
         .env("RUST_LOG", "off");
     for (k, v) in env {
         command.env(k, v);

@@ -24,8 +24,8 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use futures::StreamExt;
+use hoard::client::Connection;
 use sha2::{Digest as _, Sha256};
-use tonic::transport::Channel;
 
 use super::stats::Recorder;
 use hoard::proto::bytestream::byte_stream_client::ByteStreamClient;
@@ -48,13 +48,13 @@ const SETUP_CHUNK: u64 = 1 << 20;
 /// The generated clients on one connection; cheap to clone.
 #[derive(Clone)]
 pub struct Conn {
-    pub cas: ContentAddressableStorageClient<Channel>,
-    pub ac: ActionCacheClient<Channel>,
-    pub bs: ByteStreamClient<Channel>,
+    pub cas: ContentAddressableStorageClient<Connection>,
+    pub ac: ActionCacheClient<Connection>,
+    pub bs: ByteStreamClient<Connection>,
 }
 
 impl Conn {
-    pub fn new(channel: Channel) -> Self {
+    pub fn new(channel: Connection) -> Self {
         Conn {
             cas: ContentAddressableStorageClient::new(channel.clone())
                 .max_decoding_message_size(MAX_MESSAGE)
@@ -207,7 +207,7 @@ fn own(d: &Digest) -> hoard::digest::Digest {
 /// ByteStream Write of a `size`-byte blob whose chunk at `offset` is `chunk_at(offset)`;
 /// chunks are produced as the transport asks for them.
 pub async fn write_chunks(
-    mut bs: ByteStreamClient<Channel>,
+    mut bs: ByteStreamClient<Connection>,
     name: String,
     size: u64,
     chunk: u64,
@@ -240,7 +240,7 @@ pub async fn write_chunks(
 
 /// ByteStream Write of an in-memory blob.
 pub async fn write_bytes(
-    bs: ByteStreamClient<Channel>,
+    bs: ByteStreamClient<Connection>,
     name: String,
     data: Bytes,
     chunk: u64,
@@ -255,7 +255,7 @@ pub async fn write_bytes(
 
 /// ByteStream Read of a whole blob, re-hashing what arrives and comparing it with `expected`.
 pub async fn read_verified(
-    mut bs: ByteStreamClient<Channel>,
+    mut bs: ByteStreamClient<Connection>,
     name: String,
     expected: &Digest,
 ) -> Result<((), u64), String> {
@@ -294,7 +294,7 @@ pub async fn read_verified(
 
 /// BatchUpdateBlobs; every blob must be answered once, with OK.
 pub async fn batch_update(
-    mut cas: ContentAddressableStorageClient<Channel>,
+    mut cas: ContentAddressableStorageClient<Connection>,
     instance: String,
     blobs: Vec<(Digest, Bytes)>,
 ) -> Result<((), u64), String> {
@@ -346,7 +346,7 @@ pub async fn batch_update(
 
 /// BatchReadBlobs of `expected`, comparing every byte that comes back.
 pub async fn batch_read_verified(
-    mut cas: ContentAddressableStorageClient<Channel>,
+    mut cas: ContentAddressableStorageClient<Connection>,
     instance: String,
     expected: &[(Digest, Bytes)],
 ) -> Result<((), u64), String> {
@@ -397,7 +397,7 @@ pub async fn batch_read_verified(
 
 /// FindMissingBlobs; the answer must be exactly `absent`.
 pub async fn find_missing_verified(
-    mut cas: ContentAddressableStorageClient<Channel>,
+    mut cas: ContentAddressableStorageClient<Connection>,
     instance: String,
     digests: Vec<Digest>,
     absent: &HashSet<(String, i64)>,
