@@ -665,3 +665,69 @@ async fn sighup_without_tls_is_logged_not_fatal() {
     round_trip(channel, 1).await.unwrap();
     tokio::task::block_in_place(|| serve.stop());
 }
+
+/// mTLS and `[[auth.client_cert]]`: the verified certificate's subject is the caller, with its
+/// grants; an unlisted subject gets the anonymous grants under its own name; a bearer token,
+/// when sent, decides instead.
+#[tokio::test]
+async fn client_certificate_subjects_carry_grants() {
+    use hoard::auth::{hash_token, Access, AuthConfig, ClientCertConfig, TokenConfig};
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let (server, _certs) = tls_server(&server_ca, Some(&client_ca), |c| {
+        c.auth = Some(AuthConfig {
+            anonymous: Access::Read,
+            tokens: vec![TokenConfig {
+                name: "reader".into(),
+                hash: hash_token("reader-secret"),
+                grants: vec!["read:**".parse().unwrap()],
+            }],
+            client_certs: vec![ClientCertConfig {
+                subject: "ci-runner".into(),
+                grants: vec!["write:**".parse().unwrap()],
+            }],
+        });
+    })
+    .await;
+    let runner = client_ca.client("ci-runner");
+    let channel = connect(server.addr(), &server_ca, Some(&runner))
+        .await
+        .expect("mTLS connect");
+    round_trip(channel.clone(), 7)
+        .await
+        .expect("ci-runner may write");
+
+    // The same certificate with a read-only token: the token decides.
+    let mut cas =
+        ContentAddressableStorageClient::with_interceptor(channel, |mut r: tonic::Request<()>| {
+            r.metadata_mut()
+                .insert("authorization", "Bearer reader-secret".parse().unwrap());
+            Ok(r)
+        });
+    let data = blob(1000, 8);
+    let refused = cas
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![batch_update_blobs_request::Request {
+                digest: Some(digest_of(&data)),
+                data: data.into(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect_err("the reader token may not write");
+    assert_eq!(refused.code(), tonic::Code::PermissionDenied);
+    assert!(refused.message().contains("\"reader\""), "{refused:?}");
+
+    // A subject nobody listed: anonymous grants (read), under its own name.
+    let visitor = client_ca.client("visitor");
+    let channel = connect(server.addr(), &server_ca, Some(&visitor))
+        .await
+        .expect("mTLS connect");
+    let e = round_trip(channel, 9)
+        .await
+        .expect_err("visitor may not write");
+    assert_eq!(e.code(), tonic::Code::PermissionDenied);
+    assert!(e.message().contains("\"visitor\""), "{e:?}");
+    server.stop().await;
+}
