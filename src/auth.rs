@@ -12,9 +12,11 @@
 //! each token.
 
 use std::fmt;
+use std::net::SocketAddr;
 use std::str::FromStr;
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
+use std::time::Instant;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -26,6 +28,10 @@ use crate::namespace::glob_match;
 
 /// The name provenance and logs give a caller without credentials.
 pub const ANONYMOUS: &str = "anonymous";
+
+/// How certificate callers are named (`cert:ci-runner`), so no certificate can pose as a
+/// token or as `anonymous` in provenance and logs.
+pub const CERT_PREFIX: &str = "cert:";
 
 /// The pattern that matches every namespace, the default one (`""`) included.
 const EVERYTHING: &str = "*";
@@ -135,29 +141,52 @@ impl fmt::Display for Grant {
 pub fn covers(grant: &str, pattern: &str) -> bool {
     let g: Vec<char> = grant.chars().collect();
     let p: Vec<char> = pattern.chars().collect();
-    // can[i][j]: grant[i..] can produce pattern[j..]. A grant `*` absorbs any run of pattern
-    // tokens (stars included); a grant literal matches only the same pattern literal.
-    let mut can = vec![vec![false; p.len() + 1]; g.len() + 1];
-    can[g.len()][p.len()] = true;
-    for i in (0..g.len()).rev() {
+    // next[j] / row[j]: grant[i+1..] / grant[i..] can produce pattern[j..]. A grant `*`
+    // absorbs any run of pattern tokens (stars included); a grant literal matches only the
+    // same pattern literal. Two rows: memory is linear in the pattern.
+    let mut next = vec![false; p.len() + 1];
+    next[p.len()] = true;
+    let mut row = vec![false; p.len() + 1];
+    for &gc in g.iter().rev() {
         for j in (0..=p.len()).rev() {
-            can[i][j] = if g[i] == '*' {
-                can[i + 1][j] || (j < p.len() && can[i][j + 1])
+            row[j] = if gc == '*' {
+                next[j] || (j < p.len() && row[j + 1])
             } else {
-                j < p.len() && p[j] != '*' && p[j] == g[i] && can[i + 1][j + 1]
+                j < p.len() && p[j] != '*' && p[j] == gc && next[j + 1]
             };
         }
+        std::mem::swap(&mut next, &mut row);
     }
-    can[0][0]
+    next[0]
+}
+
+/// A request's namespace pattern where the empty one means every namespace (Watch,
+/// PruneNamespaces).
+pub fn pattern_or_everything(pattern: &str) -> &str {
+    if pattern.is_empty() {
+        EVERYTHING
+    } else {
+        pattern
+    }
 }
 
 /// The credentials one `authorization` header carries.
-#[derive(Debug, PartialEq, Eq)]
+#[derive(PartialEq, Eq)]
 pub enum Credentials {
     /// `Bearer <token>`.
     Bearer(String),
     /// `Basic base64(user:token)`: the token is the password; the user is only logged.
     Basic { user: String, token: String },
+}
+
+// Never the token in debug output.
+impl fmt::Debug for Credentials {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Credentials::Bearer(_) => f.write_str("Bearer(…)"),
+            Credentials::Basic { user, .. } => write!(f, "Basic({user:?}, …)"),
+        }
+    }
 }
 
 impl Credentials {
@@ -175,7 +204,7 @@ pub fn parse_authorization(value: &[u8]) -> Result<Credentials, String> {
     let value = std::str::from_utf8(value)
         .map_err(|_| "the authorization header is not valid UTF-8".to_string())?
         .trim();
-    let (scheme, rest) = value.split_once(' ').unwrap_or((value, ""));
+    let (scheme, rest) = value.split_once(char::is_whitespace).unwrap_or((value, ""));
     let rest = rest.trim();
     if scheme.eq_ignore_ascii_case("bearer") {
         if rest.is_empty() {
@@ -202,10 +231,12 @@ pub fn parse_authorization(value: &[u8]) -> Result<Credentials, String> {
             token: token.to_string(),
         })
     } else {
-        let shown: String = scheme.chars().take(20).collect();
-        Err(format!(
-            "unknown authorization scheme {shown:?}: use \"Bearer <token>\" (or Basic user:token)"
-        ))
+        // Never echoed: a client that sends its bare token has it where the scheme should be.
+        Err(
+            "unknown authorization scheme (or a token without one): use \"Bearer <token>\" \
+             (or Basic user:token)"
+                .into(),
+        )
     }
 }
 
@@ -266,9 +297,14 @@ impl AuthConfig {
     pub fn check(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for t in &self.tokens {
-            if t.name.is_empty() || t.name == ANONYMOUS || t.name.chars().any(char::is_control) {
+            if t.name.is_empty()
+                || t.name == ANONYMOUS
+                || t.name.starts_with(CERT_PREFIX)
+                || t.name.chars().any(char::is_control)
+            {
                 return Err(format!(
-                    "auth.token name {:?} is empty, reserved or has control characters",
+                    "auth.token name {:?} is empty, reserved (\"anonymous\", \"cert:...\") or \
+                     has control characters",
                     t.name
                 ));
             }
@@ -288,9 +324,13 @@ impl AuthConfig {
         }
         let mut subjects = std::collections::HashSet::new();
         for c in &self.client_certs {
-            if c.subject.is_empty() || !subjects.insert(c.subject.as_str()) {
+            if c.subject.is_empty()
+                || c.subject.chars().any(char::is_control)
+                || !subjects.insert(c.subject.as_str())
+            {
                 return Err(format!(
-                    "auth.client_cert subject {:?} is empty or appears twice",
+                    "auth.client_cert subject {:?} is empty, has control characters or \
+                     appears twice",
                     c.subject
                 ));
             }
@@ -315,6 +355,8 @@ fn parse_hash(text: &str) -> Result<[u8; 32], String> {
 #[derive(Clone, Debug)]
 pub struct Caller {
     inner: Arc<CallerInner>,
+    /// Where the call came from, for the log line of a refusal.
+    peer: Option<SocketAddr>,
 }
 
 #[derive(Debug)]
@@ -330,7 +372,14 @@ impl Caller {
                 name: name.into(),
                 grants,
             }),
+            peer: None,
         }
+    }
+
+    /// The same caller, calling from `peer` (the authentication layer sets it per call).
+    pub fn from_peer(mut self, peer: Option<SocketAddr>) -> Self {
+        self.peer = peer;
+        self
     }
 
     /// The caller with every right: what every call is when there is no `[auth]` section.
@@ -343,14 +392,14 @@ impl Caller {
         &self.inner.name
     }
 
-    /// The caller of a request: the authentication layer's, or (for services called without
-    /// it, as in unit tests) the unrestricted one.
+    /// The caller of a request, as the authentication layer left it. A request that did not
+    /// pass the layer (no route should) gets a caller with no grants: closed, not open.
     pub fn of<T>(request: &tonic::Request<T>) -> Caller {
         request
             .extensions()
             .get::<Caller>()
             .cloned()
-            .unwrap_or_else(Caller::unrestricted)
+            .unwrap_or_else(|| Caller::new("unauthenticated", Vec::new()))
     }
 
     /// Whether the caller has `access` on `namespace`.
@@ -374,11 +423,27 @@ impl Caller {
         if self.may(access, namespace) {
             return Ok(());
         }
-        Err(Error::PermissionDenied(format!(
-            "{} may not {} namespace {:?}: no {access} grant covers it",
+        Err(self.deny(format!(
+            "{} may not {} namespace {}: no {access} grant covers it",
             self.describe(),
             verb(access),
-            namespace
+            crate::error::echo(namespace)
+        )))
+    }
+
+    /// [`Caller::require`] for a call through `instance` that acts on `namespace` (an upload
+    /// needs write where the instance's results go): the refusal names both when they differ.
+    pub fn require_through(&self, access: Access, namespace: &str, instance: &str) -> Result<()> {
+        if namespace == instance || self.may(access, namespace) {
+            return self.require(access, namespace);
+        }
+        Err(self.deny(format!(
+            "{} may not {} namespace {}, where instance {} stores its results: no {access} \
+             grant covers it",
+            self.describe(),
+            verb(access),
+            crate::error::echo(namespace),
+            crate::error::echo(instance)
         )))
     }
 
@@ -390,13 +455,25 @@ impl Caller {
         let what = if pattern == EVERYTHING {
             "every namespace".to_string()
         } else {
-            format!("every namespace matching {pattern:?}")
+            format!("every namespace matching {}", crate::error::echo(pattern))
         };
-        Err(Error::PermissionDenied(format!(
+        Err(self.deny(format!(
             "{} may not {} {what}: this needs {access} over all of it",
             self.describe(),
             verb(access)
         )))
+    }
+
+    /// PERMISSION_DENIED, logged with the caller's name and address (rate-limited), so a
+    /// token probing namespaces it has no grant for leaves a trace.
+    fn deny(&self, message: String) -> Error {
+        if let Some(suppressed) = DENIED.allow() {
+            let peer = self
+                .peer
+                .map_or_else(|| "unknown".to_string(), |a| a.to_string());
+            tracing::warn!(caller = %self.inner.name, %peer, suppressed, "permission denied: {message}");
+        }
+        Error::PermissionDenied(message)
     }
 
     /// Admin over every namespace: what store-wide calls (stats, gc, verify, prune) need.
@@ -428,16 +505,48 @@ fn everything(access: Access) -> Grant {
     }
 }
 
+/// At most one log line per second for a kind of refusal, with a count of those suppressed,
+/// so a flood of bad calls can neither flood the log nor slow good callers behind its lock.
+struct Throttle {
+    /// Second (since the first refusal, from 1) of the last line logged.
+    last: AtomicU64,
+    unlogged: AtomicU64,
+}
+
+static UNAUTHENTICATED: Throttle = Throttle::new();
+static DENIED: Throttle = Throttle::new();
+
+impl Throttle {
+    const fn new() -> Self {
+        Throttle {
+            last: AtomicU64::new(0),
+            unlogged: AtomicU64::new(0),
+        }
+    }
+
+    /// `Some(suppressed since the last line)` if this refusal may be logged.
+    fn allow(&self) -> Option<u64> {
+        static EPOCH: OnceLock<Instant> = OnceLock::new();
+        let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        let last = self.last.load(Relaxed);
+        if now > last
+            && self
+                .last
+                .compare_exchange(last, now, Relaxed, Relaxed)
+                .is_ok()
+        {
+            Some(self.unlogged.swap(0, Relaxed))
+        } else {
+            self.unlogged.fetch_add(1, Relaxed);
+            None
+        }
+    }
+}
+
 /// Turns credentials into callers; built once from `[auth]`.
 pub struct Authenticator {
     /// `None`: no `[auth]` section, every call is unrestricted.
     config: Option<Known>,
-    /// Authentication failures not yet logged (one line per second at most, so a flood of
-    /// bad tokens cannot flood the log or slow good callers behind a log lock).
-    unlogged: AtomicU64,
-    /// Second (since `started`, from 1) of the last failure logged.
-    last_log: AtomicU64,
-    started: std::time::Instant,
 }
 
 struct Known {
@@ -464,7 +573,7 @@ impl Authenticator {
                     .map(|cc| {
                         (
                             cc.subject.clone(),
-                            Caller::new(&cc.subject, cc.grants.clone()),
+                            Caller::new(cert_name(&cc.subject), cc.grants.clone()),
                         )
                     })
                     .collect();
@@ -479,12 +588,7 @@ impl Authenticator {
                 })
             }
         };
-        Ok(Authenticator {
-            config,
-            unlogged: AtomicU64::new(0),
-            last_log: AtomicU64::new(0),
-            started: std::time::Instant::now(),
-        })
+        Ok(Authenticator { config })
     }
 
     /// Whether an `[auth]` section is in force.
@@ -519,7 +623,9 @@ impl Authenticator {
                 Some(caller) => Ok(caller.clone()),
                 None => {
                     let claimed = match &credentials {
-                        Credentials::Basic { user, .. } => format!(" (Basic user {user:?})"),
+                        Credentials::Basic { user, .. } => {
+                            format!(" (Basic user {})", crate::error::echo(user))
+                        }
                         Credentials::Bearer(_) => String::new(),
                     };
                     Err(self.refuse(peer, &format!("unknown token{claimed}")))
@@ -530,11 +636,18 @@ impl Authenticator {
             if let Some(caller) = known.certs.get(subject) {
                 return Ok(caller.clone());
             }
-            let grants = known
-                .anonymous
-                .as_ref()
-                .map_or_else(Vec::new, |a| a.inner.grants.clone());
-            return Ok(Caller::new(subject, grants));
+            // A certificate the CA signed but nobody listed: the anonymous grants, under its
+            // own name; nothing at all when anonymous callers get nothing.
+            return match &known.anonymous {
+                Some(a) => Ok(Caller::new(cert_name(subject), a.inner.grants.clone())),
+                None => Err(self.refuse(
+                    peer,
+                    &format!(
+                        "certificate subject {} is not listed in [[auth.client_cert]]",
+                        crate::error::echo(subject)
+                    ),
+                )),
+            };
         }
         match &known.anonymous {
             Some(caller) => Ok(caller.clone()),
@@ -544,28 +657,23 @@ impl Authenticator {
 
     /// UNAUTHENTICATED, logged with the peer address (never the token), rate-limited.
     fn refuse(&self, peer: Option<&Peer>, why: &str) -> Error {
-        let now = self.started.elapsed().as_secs() + 1;
-        let last = self.last_log.load(Relaxed);
-        if now > last
-            && self
-                .last_log
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
-            let suppressed = self.unlogged.swap(0, Relaxed);
+        if let Some(suppressed) = UNAUTHENTICATED.allow() {
             tracing::warn!(
                 peer = %Peer::addr_text(peer),
                 suppressed,
                 "authentication failed: {why}"
             );
-        } else {
-            self.unlogged.fetch_add(1, Relaxed);
         }
         Error::Unauthenticated(format!(
             "authentication failed: {why}; send \"authorization: Bearer <token>\" with a token \
              this server knows"
         ))
     }
+}
+
+/// `cert:<CN>`, control characters escaped.
+fn cert_name(subject: &str) -> String {
+    format!("{CERT_PREFIX}{}", subject.escape_debug())
 }
 
 fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
@@ -670,8 +778,19 @@ mod tests {
             let e = parse_authorization(bad).unwrap_err();
             assert!(!e.is_empty());
         }
-        let e = parse_authorization(b"Digest secret-here").unwrap_err();
-        assert!(e.contains("Digest"), "{e}");
+        // Neither a scheme nor a bare token is ever echoed.
+        for secret in [
+            &b"Digest secret-here"[..],
+            b"bare-secret-here",
+            b"Bearer\tsecret-here x",
+        ] {
+            let e = parse_authorization(secret).unwrap_err();
+            assert!(!e.contains("secret"), "{e}");
+        }
+        assert_eq!(
+            parse_authorization(b"Bearer\tabc").unwrap(),
+            Credentials::Bearer("abc".into())
+        );
     }
 
     #[test]

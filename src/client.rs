@@ -42,7 +42,7 @@ pub fn endpoint_uri(target: &str) -> Result<String, String> {
 
 /// How to connect, beyond the address: what every command with `--server` (or `--target`)
 /// flattens into its flags, so a new option (a bearer token, say) is added here once.
-#[derive(clap::Args, Clone, Debug, Default)]
+#[derive(clap::Args, Clone, Default)]
 pub struct ConnectOptions {
     /// For a grpcs:// server: PEM CA certificate(s) to trust instead of the system's roots.
     #[arg(long, value_name = "FILE", env = "HOARD_TLS_CA", global = true)]
@@ -68,6 +68,18 @@ pub struct ConnectOptions {
         global = true
     )]
     pub token: Option<String>,
+}
+
+// Never the token in debug output.
+impl std::fmt::Debug for ConnectOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ConnectOptions")
+            .field("tls_ca", &self.tls_ca)
+            .field("tls_client_cert", &self.tls_client_cert)
+            .field("tls_client_key", &self.tls_client_key)
+            .field("token", &self.token.as_ref().map(|_| "…"))
+            .finish()
+    }
 }
 
 impl ConnectOptions {
@@ -137,9 +149,11 @@ impl Credentials {
         if token.is_empty() || token.contains(char::is_whitespace) {
             return Err("--token (HOARD_TOKEN) is empty or contains whitespace".into());
         }
-        let value = format!("Bearer {token}").parse().map_err(|_| {
+        let mut value: MetadataValue<Ascii> = format!("Bearer {token}").parse().map_err(|_| {
             "--token (HOARD_TOKEN) has characters a header cannot carry".to_string()
         })?;
+        // Never put into HPACK's table, where a later header could probe it.
+        value.set_sensitive(true);
         Ok(Credentials(Some(value)))
     }
 }

@@ -12,6 +12,7 @@ use tokio::sync::Semaphore;
 
 use crate::auth::Authenticator;
 use crate::connections::Peer;
+use crate::error::Error;
 
 /// tonic answers a request message above `limits.max_message_size` with OUT_OF_RANGE, where
 /// gRPC's status-code table (and clients' retry logic) says RESOURCE_EXHAUSTED. The refusal
@@ -181,11 +182,11 @@ where
         }
         let size = metadata_size(request.headers());
         if size > self.layer.max_metadata {
-            let status = tonic::Status::resource_exhausted(format!(
+            let status = tonic::Status::from(Error::ResourceExhausted(format!(
                 "request metadata is {size} bytes; this server accepts at most {} \
                  (limits.max_metadata_size)",
                 self.layer.max_metadata
-            ));
+            )));
             return Box::pin(std::future::ready(Ok(status.into_http())));
         }
         let authorization = request
@@ -198,7 +199,8 @@ where
             .authenticate(authorization, Peer::of(&request))
         {
             Ok(caller) => {
-                request.extensions_mut().insert(caller);
+                let peer = Peer::of(&request).and_then(|p| p.addr);
+                request.extensions_mut().insert(caller.from_peer(peer));
                 Box::pin(self.inner.call(request))
             }
             Err(e) => {

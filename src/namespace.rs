@@ -81,6 +81,13 @@ impl Policy {
         chain
     }
 
+    /// The namespace whose write grant a CAS upload through `instance` needs: where the
+    /// instance's results go (so a caller who may store its results may upload their
+    /// outputs), or the instance itself when it is read-only.
+    pub fn upload_namespace<'a>(&'a self, instance: &'a str) -> &'a str {
+        self.write_target(instance).unwrap_or(instance)
+    }
+
     /// Where an instance's action results are stored; `None` if it is read-only.
     pub fn write_target<'a>(&'a self, instance: &'a str) -> Option<&'a str> {
         let write = match self.rule(instance).and_then(|r| r.write.as_ref()) {

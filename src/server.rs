@@ -194,6 +194,15 @@ async fn serve_all(
     let housekeeping = stores.housekeeping.clone();
     let max_message = config.limits.max_message_size.0 as usize;
     let auth = Arc::new(crate::auth::Authenticator::new(config.auth.as_ref())?);
+    if let Some(a) = &config.auth {
+        let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
+        if !a.client_certs.is_empty() && !mutual {
+            tracing::warn!(
+                "[[auth.client_cert]] entries can never apply: [tls] client_ca is not set, so \
+                 no client presents a certificate"
+            );
+        }
+    }
     if !auth.enabled() && !listener_is_loopback(&listener) {
         tracing::warn!(
             "listening on a non-loopback address without an [auth] section: anyone who can \
@@ -244,16 +253,15 @@ async fn serve_all(
             CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
         )))
         .add_service(sized!(ContentAddressableStorageServer::new(
-            CasService::new(stores.cas.clone(), limits.clone())
+            CasService::new(stores.cas.clone(), limits.clone()).with_policy(policy.clone())
         )))
         .add_service(sized!(ActionCacheServer::new(
             ActionCacheService::new(stores.cas.clone(), results.clone(), limits.clone())
                 .with_events(events.clone())
         )))
-        .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
-            stores.cas.clone(),
-            limits.clone()
-        ))))
+        .add_service(sized!(ByteStreamServer::new(
+            ByteStreamService::new(stores.cas.clone(), limits.clone()).with_policy(policy.clone())
+        )))
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
             crate::service::admin::AdminService::new(
                 housekeeping.clone(),

@@ -205,7 +205,7 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         };
-        caller.require(Access::Write, target)?;
+        caller.require_through(Access::Write, target, &r.instance_name)?;
         let result = r
             .action_result
             .ok_or_else(|| Error::InvalidArgument("action_result is missing".into()))?;

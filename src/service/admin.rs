@@ -103,7 +103,7 @@ impl Scope {
 }
 
 /// A pattern from a request (the empty pattern is the caller's business: "all" or "unset").
-fn check_pattern(pattern: &str, field: &str) -> Result<()> {
+pub(crate) fn check_pattern(pattern: &str, field: &str) -> Result<()> {
     if pattern.len() > MAX_PATTERN_LEN {
         return Err(Error::InvalidArgument(format!(
             "{field} is {} bytes long; at most {MAX_PATTERN_LEN} are allowed",
@@ -237,11 +237,12 @@ impl Admin for AdminService {
         let peer = peer(&request);
         let caller = Caller::of(&request);
         let r = request.into_inner();
-        let pattern = match r.namespace_pattern.as_str() {
-            "" => "*",
-            p => p,
-        };
-        caller.require_all(Access::Admin, pattern)?;
+        // Checked before authorizing: the check bounds what `require_all` has to look at.
+        check_pattern(&r.namespace_pattern, "namespace_pattern")?;
+        caller.require_all(
+            Access::Admin,
+            crate::auth::pattern_or_everything(&r.namespace_pattern),
+        )?;
         // In a task of its own, for the same reason as `invalidate`.
         let this = self.clone();
         tokio::spawn(async move { this.prune_now(r, caller.name().to_string(), peer).await })
@@ -268,7 +269,8 @@ impl Admin for AdminService {
         {
             Some(found) => Ok(Response::new(found.into())),
             None => {
-                let chain = self.results.policy().read_chain(&r.instance_name);
+                let mut chain = self.results.policy().read_chain(&r.instance_name);
+                chain.retain(|ns| caller.may(Access::Read, ns));
                 let looked: Vec<String> = chain.iter().map(|n| format!("{n:?}")).collect();
                 Err(Error::NotFound(format!(
                     "no visible action result for action {action} through instance {:?} \

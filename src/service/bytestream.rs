@@ -16,6 +16,7 @@ use super::Limits;
 use crate::auth::{Access, Caller};
 use crate::compression::{self, ZstdUpload};
 use crate::error::{echo, Error, Result};
+use crate::namespace::Policy;
 use crate::proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
     ReadResponse, WriteRequest, WriteResponse,
@@ -26,6 +27,8 @@ use crate::store::{Cas, Upload};
 pub struct ByteStreamService {
     store: Arc<dyn Cas>,
     limits: Limits,
+    /// Which namespace's write grant an upload needs.
+    policy: Arc<Policy>,
 }
 
 /// `committed_size` for a compressed upload of a blob that was already stored, per REAPI.
@@ -33,7 +36,16 @@ const COMPRESSED_ALREADY_STORED: i64 = -1;
 
 impl ByteStreamService {
     pub fn new(store: Arc<dyn Cas>, limits: Limits) -> Self {
-        ByteStreamService { store, limits }
+        ByteStreamService {
+            store,
+            limits,
+            policy: Arc::new(Policy::default()),
+        }
+    }
+
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     async fn is_stored(&self, name: &ResourceName) -> Result<bool> {
@@ -53,7 +65,8 @@ impl ByteStreamService {
         let resource = first.resource_name.clone();
         let name = ResourceName::parse_write(&resource)?;
         // Before anything of the upload is looked at or kept.
-        caller.require(Access::Write, &name.instance)?;
+        let target = self.policy.upload_namespace(&name.instance);
+        caller.require_through(Access::Write, target, &name.instance)?;
         let compressed = check_compression(&name, &resource)?;
         let digest = name.digest;
         self.limits.check_blob_size(&digest)?;
@@ -319,7 +332,8 @@ impl ByteStream for ByteStreamService {
         let resource = request.into_inner().resource_name;
         let name = ResourceName::parse_write(&resource)?;
         // Upload progress is the uploader's business.
-        caller.require(Access::Write, &name.instance)?;
+        let target = self.policy.upload_namespace(&name.instance);
+        caller.require_through(Access::Write, target, &name.instance)?;
         let compressed = check_compression(&name, &resource)?;
         if self.is_stored(&name).await? {
             return Ok(Response::new(QueryWriteStatusResponse {

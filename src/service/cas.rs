@@ -16,6 +16,7 @@ use crate::auth::{Access, Caller};
 use crate::digest::{self, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
 use crate::instance_name;
+use crate::namespace::Policy;
 use crate::proto::reapi::{
     self, batch_read_blobs_response, batch_update_blobs_response, compressor,
     content_addressable_storage_server::ContentAddressableStorage, BatchReadBlobsRequest,
@@ -30,11 +31,22 @@ const DEFAULT_TREE_PAGE: usize = 1000;
 pub struct CasService {
     store: Arc<dyn Cas>,
     limits: Limits,
+    /// Which namespace's write grant an upload needs.
+    policy: Arc<Policy>,
 }
 
 impl CasService {
     pub fn new(store: Arc<dyn Cas>, limits: Limits) -> Self {
-        CasService { store, limits }
+        CasService {
+            store,
+            limits,
+            policy: Arc::new(Policy::default()),
+        }
+    }
+
+    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
+        self.policy = policy;
+        self
     }
 
     async fn update_one(&self, r: reapi::batch_update_blobs_request::Request) -> Result<Digest> {
@@ -88,7 +100,8 @@ impl ContentAddressableStorage for CasService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
-        caller.require(Access::Write, &r.instance_name)?;
+        let target = self.policy.upload_namespace(&r.instance_name);
+        caller.require_through(Access::Write, target, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let total = r.requests.iter().map(|b| b.data.len() as u64).sum();
         check_batch_size(total, &self.limits, "BatchUpdateBlobs request")?;

@@ -61,13 +61,11 @@ impl watch_server::Watch for WatchService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         // Read over everything the stream may carry (the empty pattern: every namespace).
-        let pattern = match r.namespace_pattern.as_str() {
-            "" => "*",
-            p => p,
-        };
-        caller
-            .require_all(Access::Read, pattern)
-            .map_err(Status::from)?;
+        crate::service::admin::check_pattern(&r.namespace_pattern, "namespace_pattern")?;
+        caller.require_all(
+            Access::Read,
+            crate::auth::pattern_or_everything(&r.namespace_pattern),
+        )?;
         let start = if r.from_now {
             Start::Now
         } else {

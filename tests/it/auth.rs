@@ -22,6 +22,7 @@ const CI: &str = "ci-token-0123456789";
 const ADMIN: &str = "admin-token-0123456789";
 const CI_ADMIN: &str = "ci-admin-token-0123456789";
 const ALICE: &str = "alice-token-0123456789";
+const MAIN_WRITER: &str = "main-writer-token-0123456789";
 
 fn grants(list: &[&str]) -> Vec<Grant> {
     list.iter().map(|g| g.parse().expect("grant")).collect()
@@ -45,6 +46,7 @@ fn auth_config(anonymous: Access) -> AuthConfig {
             token("admin", ADMIN, &["admin:**"]),
             token("ci-admin", CI_ADMIN, &["admin:ci/**"]),
             token("alice", ALICE, &["write:dev/alice", "read:dev/**"]),
+            token("main-writer", MAIN_WRITER, &["write:ci/main", "read:**"]),
         ],
         client_certs: vec![ClientCertConfig {
             subject: "runner".into(),
@@ -57,12 +59,21 @@ async fn start(anonymous: Access) -> TestServer {
     TestServer::start_with(|c: &mut Config| {
         c.auth = Some(auth_config(anonymous));
         // dev/* reads ci/main after itself: a chain that crosses grants.
-        c.namespaces.rules = vec![hoard::config::NamespaceRule {
-            pattern: "dev/*".into(),
-            ac_ttl: None,
-            read: Some(vec!["ci/main".into()]),
-            write: None,
-        }];
+        c.namespaces.rules = vec![
+            hoard::config::NamespaceRule {
+                pattern: "dev/*".into(),
+                ac_ttl: None,
+                read: Some(vec!["ci/main".into()]),
+                write: None,
+            },
+            // ci/release stores its results into ci/main.
+            hoard::config::NamespaceRule {
+                pattern: "ci/release".into(),
+                ac_ttl: None,
+                read: Some(vec!["ci/main".into()]),
+                write: Some("ci/main".into()),
+            },
+        ];
     })
     .await
 }
@@ -783,5 +794,178 @@ async fn the_cli_sends_its_token() {
     )
     .await;
     assert!(out.status.success(), "{}", failure(&out));
+    server.stop().await;
+}
+
+/// Every read call, for a caller without read on the instance: PERMISSION_DENIED naming it.
+#[tokio::test]
+async fn every_read_call_needs_read_on_the_instance() {
+    use hoard::proto::admin::GetProvenanceRequest;
+    use hoard::proto::bytestream::ReadRequest;
+    let server = start(Access::None).await;
+    let data = blob(1000, 120);
+    let d = digest_of(&data);
+    batch_update(&server, "ci/main", &data, bearer(CI).as_deref())
+        .await
+        .expect("ci stores a blob");
+    let alice = bearer(ALICE);
+    let h = alice.as_deref();
+    let denied = &["\"ci/main\"", "read", "alice"];
+    assert_status(
+        find_missing(&server, "ci/main", &d, h).await,
+        Code::PermissionDenied,
+        denied,
+    );
+    let read = server
+        .cas()
+        .batch_read_blobs(req(
+            reapi::BatchReadBlobsRequest {
+                instance_name: "ci/main".into(),
+                digests: vec![d.clone()],
+                ..Default::default()
+            },
+            h,
+        ))
+        .await;
+    assert_status(read, Code::PermissionDenied, denied);
+    let tree = server
+        .cas()
+        .get_tree(req(
+            reapi::GetTreeRequest {
+                instance_name: "ci/main".into(),
+                root_digest: Some(d.clone()),
+                ..Default::default()
+            },
+            h,
+        ))
+        .await;
+    assert_status(tree.map(|_| ()), Code::PermissionDenied, denied);
+    let stream = server
+        .bytestream()
+        .read(req(
+            ReadRequest {
+                resource_name: crate::common::read_name("ci/main", &d),
+                ..Default::default()
+            },
+            h,
+        ))
+        .await;
+    assert_status(stream.map(|_| ()), Code::PermissionDenied, denied);
+    let (action, result) = action_and_result(121);
+    update_result(&server, "ci/main", &action, &result, bearer(CI).as_deref())
+        .await
+        .expect("ci stores a result");
+    assert_status(
+        get_result(&server, "ci/main", &action, h).await,
+        Code::PermissionDenied,
+        denied,
+    );
+    let provenance = |instance: &str, header: Option<String>| {
+        let mut admin = server.admin();
+        let request = req(
+            GetProvenanceRequest {
+                instance_name: instance.into(),
+                action_digest: Some(action.clone()),
+            },
+            header.as_deref(),
+        );
+        async move { admin.get_provenance(request).await.map(|r| r.into_inner()) }
+    };
+    assert_status(
+        provenance("ci/main", alice.clone()).await,
+        Code::PermissionDenied,
+        denied,
+    );
+    // Through dev/alice's chain, ci/main is skipped for alice (and not named as looked in)...
+    let hidden = provenance("dev/alice", alice.clone())
+        .await
+        .expect_err("hidden");
+    assert_eq!(hidden.code(), Code::NotFound);
+    assert!(!hidden.message().contains("ci/main"), "{hidden:?}");
+    // ...and found for a reader.
+    let found = provenance("dev/alice", bearer(READER))
+        .await
+        .expect("reader");
+    assert_eq!(
+        (found.writer.as_str(), found.namespace.as_str()),
+        ("ci", "ci/main")
+    );
+    // Upload progress needs write.
+    let progress = server
+        .bytestream()
+        .query_write_status(req(
+            QueryWriteStatusRequest {
+                resource_name: write_name("ci/main", "u1", &d),
+            },
+            bearer(READER).as_deref(),
+        ))
+        .await;
+    assert_status(progress, Code::PermissionDenied, &["\"ci/main\"", "write"]);
+    server.stop().await;
+}
+
+/// Every admin call, for a caller with write but not admin.
+#[tokio::test]
+async fn every_admin_call_needs_admin() {
+    use hoard::proto::admin::{GcRequest, PruneNamespacesRequest, VerifyRequest};
+    let server = start(Access::None).await;
+    let ci = bearer(CI);
+    let h = ci.as_deref();
+    let everything = &["\"ci\"", "every namespace", "admin"];
+    assert_status(stats(&server, h).await, Code::PermissionDenied, everything);
+    let gc = server.admin().gc(req(GcRequest::default(), h)).await;
+    assert_status(gc, Code::PermissionDenied, everything);
+    let verify = server.admin().verify(req(VerifyRequest {}, h)).await;
+    assert_status(verify, Code::PermissionDenied, everything);
+    let prune = |pattern: &str| {
+        let mut admin = server.admin();
+        let request = req(
+            PruneNamespacesRequest {
+                idle_seconds: 60,
+                dry_run: true,
+                namespace_pattern: pattern.into(),
+                ..Default::default()
+            },
+            h,
+        );
+        async move { admin.prune_namespaces(request).await.map(|_| ()) }
+    };
+    assert_status(prune("").await, Code::PermissionDenied, everything);
+    assert_status(
+        prune("ci/*").await,
+        Code::PermissionDenied,
+        &["ci/*", "admin"],
+    );
+    // A pattern too long is refused for what it is, before any grant is looked at.
+    assert_status(
+        prune(&"a*".repeat(10_000)).await,
+        Code::InvalidArgument,
+        &["namespace_pattern", "bytes long"],
+    );
+    assert_status(
+        watch(&server, &"a*".repeat(10_000), h).await,
+        Code::InvalidArgument,
+        &["namespace_pattern"],
+    );
+    assert_status(
+        invalidate(&server, Some("ci/main"), "", h).await,
+        Code::PermissionDenied,
+        &["\"ci/main\"", "admin"],
+    );
+    server.stop().await;
+}
+
+/// An instance whose results go to another namespace: uploading its blobs needs the same
+/// grant as storing its results, so a build with uploads never half-works.
+#[tokio::test]
+async fn uploads_need_write_where_the_instance_writes() {
+    let server = start(Access::None).await;
+    let main_writer = bearer(MAIN_WRITER);
+    assert!(update_enabled(&server, "ci/release", main_writer.as_deref()).await);
+    writes_allowed(&server, "ci/release", main_writer.as_deref(), 130).await;
+    // ci/release itself is not ci/main: a write token for ci/release alone could not store
+    // its results, so it may not upload through it either.
+    assert!(!update_enabled(&server, "ci/release", bearer(ALICE).as_deref()).await);
+    writes_denied(&server, "ci/release", bearer(ALICE).as_deref(), 140).await;
     server.stop().await;
 }

@@ -728,6 +728,30 @@ async fn client_certificate_subjects_carry_grants() {
         .await
         .expect_err("visitor may not write");
     assert_eq!(e.code(), tonic::Code::PermissionDenied);
-    assert!(e.message().contains("\"visitor\""), "{e:?}");
+    assert!(e.message().contains("\"cert:visitor\""), "{e:?}");
+    server.stop().await;
+}
+
+/// Under `anonymous = "none"` a certificate nobody listed is not enough.
+#[tokio::test]
+async fn an_unlisted_certificate_is_unauthenticated_when_anonymous_gets_nothing() {
+    use hoard::auth::{Access, AuthConfig};
+    let server_ca = Ca::new("server CA");
+    let client_ca = Ca::new("client CA");
+    let (server, _certs) = tls_server(&server_ca, Some(&client_ca), |c| {
+        c.auth = Some(AuthConfig {
+            anonymous: Access::None,
+            tokens: vec![],
+            client_certs: vec![],
+        });
+    })
+    .await;
+    let visitor = client_ca.client("visitor");
+    let channel = connect(server.addr(), &server_ca, Some(&visitor))
+        .await
+        .expect("mTLS connect");
+    let e = round_trip(channel, 10).await.expect_err("unlisted");
+    assert_eq!(e.code(), tonic::Code::Unauthenticated, "{e:?}");
+    assert!(e.message().contains("not listed"), "{e:?}");
     server.stop().await;
 }
