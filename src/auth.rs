@@ -100,18 +100,9 @@ impl FromStr for Grant {
                 "grant {s:?} has an empty pattern; \"**\" grants every namespace"
             ));
         }
-        if pattern.len() > crate::instance_name::MAX_INSTANCE_NAME_LEN {
-            return Err(format!("grant {s:?}: the pattern is too long"));
-        }
-        if let Some(c) = pattern
-            .chars()
-            .find(|c| c.is_control() || c.is_whitespace())
-        {
-            return Err(format!(
-                "grant {s:?}: the pattern contains U+{:04X}, which no namespace contains",
-                c as u32
-            ));
-        }
+        // A pattern no valid name can match (a look-alike character, `a//b`) would be a grant
+        // that silently grants nothing.
+        crate::instance_name::validate_pattern(pattern).map_err(|e| format!("grant {s:?}: {e}"))?;
         Ok(Grant {
             access,
             pattern: pattern.to_string(),

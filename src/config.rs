@@ -164,8 +164,13 @@ pub struct NamespaceRule {
 }
 
 impl NamespacesConfig {
-    /// Checks the names rules refer to.
+    /// Checks the names and patterns of the rules against `instance_name.rs`, so a look-alike
+    /// (`ci/ma\u{456}n`) is refused at start-up rather than silently matching nothing.
     fn check(&self) -> Result<(), String> {
+        for r in &self.rules {
+            crate::instance_name::validate_pattern(&r.pattern)
+                .map_err(|e| format!("namespaces.rule: {e}"))?;
+        }
         let policies = std::iter::once((
             "namespaces.default".to_string(),
             Some(&self.default.read),
@@ -188,14 +193,6 @@ impl NamespacesConfig {
                     crate::instance_name::validate(w)
                         .map_err(|e| format!("{what}: write {w:?}: {e}"))?;
                 }
-            }
-        }
-        for r in &self.rules {
-            if r.pattern.len() > crate::instance_name::MAX_INSTANCE_NAME_LEN {
-                return Err(format!(
-                    "namespaces.rule pattern {:?} is too long",
-                    r.pattern
-                ));
             }
         }
         Ok(())
@@ -585,6 +582,48 @@ mod tests {
     fn unknown_fields_and_bad_limits_are_rejected() {
         assert!(Config::parse("lisen = \"127.0.0.1:1\"").is_err());
         assert!(Config::parse("[limits]\nmax_batch_total_size = \"32MiB\"").is_err());
+    }
+
+    /// Look-alike names and patterns in `[namespaces]` stop the server at start-up, naming the
+    /// field and the character; ordinary ones and the keywords `self`/`none` load.
+    #[test]
+    fn namespace_names_and_patterns_keep_to_the_safe_set() {
+        let rule = |pattern: &str, read: &str, write: &str| {
+            Config::parse(&format!(
+                "[[namespaces.rule]]\npattern = \"{pattern}\"\nread = [\"{read}\"]\n\
+                 write = \"{write}\"\n"
+            ))
+        };
+        assert!(rule("ci/branches/*", "ci/main", "self").is_ok());
+        assert!(rule("", "ci/main", "none").is_ok());
+        assert!(rule("dev-*", "ci/main", "dev/shared").is_ok());
+        for (pattern, read, write, field, code) in [
+            (
+                "ci/ma\u{0456}n",
+                "ci/main",
+                "self",
+                "namespaces.rule: namespace pattern",
+                "U+0456",
+            ),
+            (
+                "ci/*?",
+                "ci/main",
+                "self",
+                "namespaces.rule: namespace pattern",
+                "U+003F",
+            ),
+            ("ci/*", "ci/main\\u200b", "self", "read entry", "U+200B"),
+            ("ci/*", "ci/main", "ci/m\u{202e}niam", "write", "U+202E"),
+            ("ci/*", "ci/*", "self", "read entry", "U+002A"),
+        ] {
+            let e = rule(pattern, read, write).expect_err(pattern);
+            assert!(e.contains(field) && e.contains(code), "{e}");
+        }
+        let e = Config::parse("[namespaces.default]\nread = [\"\u{ff4d}ain\"]\n").unwrap_err();
+        assert!(
+            e.contains("namespaces.default") && e.contains("U+FF4D"),
+            "{e}"
+        );
     }
 
     #[test]

@@ -106,8 +106,8 @@ impl Policy {
 ///
 /// Hand-written rather than taken from a glob crate (`glob`, `globset`, `wildmatch`): here `*`
 /// is the only wildcard, while those crates also read `?` (and `[...]`, or `{a,b}`) as one.
-/// Instance names may contain `?`, `[` and `{`, so a pattern written today would change what it
-/// matches. It is twenty lines.
+/// Patterns are checked by `instance_name::validate_pattern`, which refuses those characters,
+/// so a pattern never means more than it says. It is twenty lines.
 pub fn glob_match(pattern: &str, name: &str) -> bool {
     let mut parts = pattern.split('*');
     let first = parts.next().unwrap_or("");

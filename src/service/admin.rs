@@ -110,12 +110,8 @@ pub(crate) fn check_pattern(pattern: &str, field: &str) -> Result<()> {
             pattern.len()
         )));
     }
-    if pattern.contains('\0') {
-        return Err(Error::InvalidArgument(format!(
-            "{field} {pattern:?} contains a NUL character, which no instance name has"
-        )));
-    }
-    Ok(())
+    instance_name::validate_pattern(pattern)
+        .map_err(|e| Error::InvalidArgument(format!("{field}: {e}")))
 }
 
 /// Reasons are required: the record of why results vanished is the point of recording them.

@@ -7,7 +7,9 @@ use hoard::proto::reapi::{
 };
 
 use crate::common::update_result as update;
-use crate::common::{batch_put, blob, digest_of, lookup_result, TestServer};
+use crate::common::{
+    batch_put, blob, digest_of, lookup_result, missing, stats, write_blob, write_name, TestServer,
+};
 
 fn rule(pattern: &str, read: &[&str], write: Option<&str>) -> NamespaceRule {
     NamespaceRule {
@@ -158,4 +160,47 @@ async fn a_read_only_namespace_refuses_updates_and_says_so_in_capabilities() {
     assert!(update_enabled("ci/branches/x").await);
     assert!(update_enabled("").await);
     server.stop().await;
+}
+
+/// `ci/ma\u{456}n` (a Cyrillic і) looks like `ci/main` but is another string: were it
+/// accepted, it would be a namespace of its own that a grant on `ci/main` does not cover. Every
+/// service refuses it, naming the character, and nothing is stored under it.
+#[tokio::test]
+async fn a_look_alike_instance_name_is_refused_and_stores_nothing() {
+    let server = TestServer::start().await;
+    let look_alike = "ci/ma\u{0456}n";
+    let refused = |what: &str, e: tonic::Status| {
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e}");
+        assert!(e.message().contains("U+0456"), "{what}: {}", e.message());
+    };
+    let out = blob(100, 7);
+    batch_put(&server, "", &[&out]).await;
+    let action = digest_of(b"look-alike action");
+    let e = update(&server, look_alike, &action, &result(&digest_of(&out), 0))
+        .await
+        .expect_err("UpdateActionResult with a look-alike name");
+    refused("UpdateActionResult", e);
+    let e = server
+        .ac()
+        .get_action_result(GetActionResultRequest {
+            instance_name: look_alike.into(),
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await
+        .expect_err("GetActionResult with a look-alike name");
+    refused("GetActionResult", e);
+
+    let data = blob(1000, 8);
+    let d = digest_of(&data);
+    let name = write_name(look_alike, "u-1", &d);
+    let e = write_blob(&server, &name, &data, 0, 1000)
+        .await
+        .expect_err("ByteStream Write with a look-alike name");
+    refused("ByteStream Write", e);
+
+    assert_eq!(missing(&server, std::slice::from_ref(&d)).await, [d]);
+    assert_eq!(lookup(&server, "ci/main", &action).await, None);
+    let s = stats(&server).await;
+    assert_eq!((s.blobs, s.action_results), (1, 0));
 }
