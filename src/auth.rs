@@ -14,9 +14,7 @@
 use std::fmt;
 use std::net::SocketAddr;
 use std::str::FromStr;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::Instant;
+use std::sync::Arc;
 
 use base64::Engine;
 use serde::Deserialize;
@@ -25,6 +23,7 @@ use sha2::{Digest as _, Sha256};
 use crate::connections::Peer;
 use crate::error::{Error, Result};
 use crate::namespace::glob_match;
+use crate::throttle::Throttle;
 
 /// The name provenance and logs give a caller without credentials.
 pub const ANONYMOUS: &str = "anonymous";
@@ -496,43 +495,9 @@ fn everything(access: Access) -> Grant {
     }
 }
 
-/// At most one log line per second for a kind of refusal, with a count of those suppressed,
-/// so a flood of bad calls can neither flood the log nor slow good callers behind its lock.
-struct Throttle {
-    /// Second (since the first refusal, from 1) of the last line logged.
-    last: AtomicU64,
-    unlogged: AtomicU64,
-}
-
+/// Log lines of refusals, each kind at most one a second.
 static UNAUTHENTICATED: Throttle = Throttle::new();
 static DENIED: Throttle = Throttle::new();
-
-impl Throttle {
-    const fn new() -> Self {
-        Throttle {
-            last: AtomicU64::new(0),
-            unlogged: AtomicU64::new(0),
-        }
-    }
-
-    /// `Some(suppressed since the last line)` if this refusal may be logged.
-    fn allow(&self) -> Option<u64> {
-        static EPOCH: OnceLock<Instant> = OnceLock::new();
-        let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
-        let last = self.last.load(Relaxed);
-        if now > last
-            && self
-                .last
-                .compare_exchange(last, now, Relaxed, Relaxed)
-                .is_ok()
-        {
-            Some(self.unlogged.swap(0, Relaxed))
-        } else {
-            self.unlogged.fetch_add(1, Relaxed);
-            None
-        }
-    }
-}
 
 /// Turns credentials into callers; built once from `[auth]`.
 pub struct Authenticator {

@@ -78,6 +78,13 @@ pub fn incoming(
     })
 }
 
+/// TLS handshakes in progress at once (each holds a socket and a task until its deadline).
+const MAX_HANDSHAKES: usize = 1024;
+
+/// Failed TLS handshakes (plaintext clients, refused certificates, scanners) log at most a line
+/// a second.
+static HANDSHAKE_FAILED: crate::throttle::Throttle = crate::throttle::Throttle::new();
+
 /// The accept loop behind [`incoming`]; ends when the stream is dropped.
 async fn accept(
     listener: TcpListener,
@@ -87,6 +94,7 @@ async fn accept(
 ) {
     let mut logged = None::<std::time::Instant>;
     let mut failed = 0u64;
+    let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
@@ -111,10 +119,19 @@ async fn accept(
                         }
                     }
                     Some(tls) => {
+                        // Bounded like the plaintext path's queue: past it, accepting waits
+                        // and new peers wait in the kernel's backlog.
+                        let permit = tokio::select! {
+                            permit = handshakes.clone().acquire_owned() => permit,
+                            () = tx.closed() => return,
+                        };
+                        let Ok(permit) = permit else { return };
                         let handshake = handshake(tls.acceptor(), stream, addr, deadline);
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            if let Some(conn) = handshake.await {
+                            let conn = handshake.await;
+                            drop(permit);
+                            if let Some(conn) = conn {
                                 let _ = tx.send(conn).await;
                             }
                         });
@@ -155,7 +172,11 @@ async fn handshake(
             // A refused client certificate, a plaintext client, a client that does not trust
             // us: worth a line. A peer that only opened TCP (a port check) is not.
             match e.get_ref().and_then(|e| e.downcast_ref::<rustls::Error>()) {
-                Some(cause) => tracing::info!(peer = %addr, error = %cause, "TLS handshake failed"),
+                Some(cause) => {
+                    if let Some(suppressed) = HANDSHAKE_FAILED.allow() {
+                        tracing::info!(peer = %addr, error = %cause, suppressed, "TLS handshake failed");
+                    }
+                }
                 None => tracing::debug!(peer = %addr, error = %e, "TLS handshake failed"),
             }
             linger(stream).await;

@@ -33,5 +33,6 @@ pub mod resource_name;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod throttle;
 pub mod tls;
 pub mod watch;
