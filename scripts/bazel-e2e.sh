@@ -938,7 +938,9 @@ EOF
   secure_build 13 "over TLS with the read-only token" "$TLS_CACHE" "--tls_certificate=$CERTS/ca.pem" \
     "--remote_header=Authorization=Bearer $LAPTOP_TOKEN" --remote_upload_local_results=false
   all_hits 13 "TLS"
-  refused_build 14 "plaintext client on the TLS port" 'Failed to query remote execution capabilities: INTERNAL: http2 exception' "$CACHE" \
+  # grpc:// to the TLS port (the port this server listens on now).
+  refused_build 14 "plaintext client on the TLS port" 'Failed to query remote execution capabilities: INTERNAL: http2 exception' \
+    "--remote_cache=grpc://127.0.0.1:$PORT" \
     "--remote_header=Authorization=Bearer $LAPTOP_TOKEN"
 
   stop_server

@@ -287,14 +287,16 @@ impl AuthConfig {
     pub fn check(&self) -> Result<(), String> {
         let mut names = std::collections::HashSet::new();
         for t in &self.tokens {
+            // Names are shown in logs and provenance: plain ASCII, so none can look like another
+            // (or like a certificate's `cert:` name, or `anonymous`).
+            let plain = |c: char| c != '/' && crate::instance_name::is_safe_char(c);
             if t.name.is_empty()
-                || t.name == ANONYMOUS
-                || t.name.starts_with(CERT_PREFIX)
-                || t.name.chars().any(char::is_control)
+                || t.name.eq_ignore_ascii_case(ANONYMOUS)
+                || !t.name.chars().all(plain)
             {
                 return Err(format!(
-                    "auth.token name {:?} is empty, reserved (\"anonymous\", \"cert:...\") or \
-                     has control characters",
+                    "auth.token name {:?} must be ASCII letters, digits and - _ . + = @ ~ , (and \
+                     not \"anonymous\")",
                     t.name
                 ));
             }
@@ -578,13 +580,12 @@ impl Authenticator {
             return match found {
                 Some(caller) => Ok(caller.clone()),
                 None => {
-                    let claimed = match &credentials {
-                        Credentials::Basic { user, .. } => {
-                            format!(" (Basic user {})", crate::error::echo(user))
-                        }
-                        Credentials::Bearer(_) => String::new(),
+                    // Not even the Basic user: some clients put the token there.
+                    let how = match &credentials {
+                        Credentials::Basic { .. } => " (Basic credentials)",
+                        Credentials::Bearer(_) => "",
                     };
-                    Err(self.refuse(peer, &format!("unknown token{claimed}")))
+                    Err(self.refuse(peer, &format!("unknown token{how}")))
                 }
             };
         }
@@ -654,8 +655,28 @@ mod tests {
         assert_eq!(g.access, Access::Write);
         assert_eq!(g.pattern, "ci/**");
         assert_eq!(g.to_string(), "write:ci/**");
-        for bad in ["read", "none:**", "READ:**", "write:", "read:a b", ":x"] {
+        for bad in [
+            "read",
+            "none:**",
+            "READ:**",
+            "write:",
+            "read:a b",
+            ":x",
+            "write:ci/ma\u{456}n",
+            "read:ci//*",
+            "read:ci/?",
+            "read:*/blobs",
+        ] {
             assert!(bad.parse::<Grant>().is_err(), "{bad}");
+        }
+        for good in [
+            "read:**",
+            "read:*",
+            "write:ci/**",
+            "admin:dev/alice",
+            "read:ci/pr-*",
+        ] {
+            assert_eq!(good.parse::<Grant>().unwrap().to_string(), good);
         }
     }
 
@@ -811,7 +832,29 @@ mod tests {
         assert!(c.check().is_err());
         c.tokens[1].hash = hash_token("y");
         c.check().unwrap();
-        c.tokens[1].name = ANONYMOUS.into();
-        assert!(c.check().is_err());
+        for bad in [
+            ANONYMOUS,
+            "Anonymous",
+            "cert:x",
+            "ci\u{202e}",
+            "ci bot",
+            "a/b",
+        ] {
+            c.tokens[1].name = bad.into();
+            assert!(c.check().is_err(), "{bad:?}");
+        }
+        c.tokens[1].name = "ci-bot_2".into();
+        c.check().unwrap();
+        c.client_certs = vec![
+            ClientCertConfig {
+                subject: "runner".into(),
+                grants: vec![],
+            },
+            ClientCertConfig {
+                subject: "runner".into(),
+                grants: vec![],
+            },
+        ];
+        assert!(c.check().unwrap_err().contains("twice"));
     }
 }

@@ -96,6 +96,21 @@ async fn accept(
     let mut failed = 0u64;
     let handshakes = Arc::new(tokio::sync::Semaphore::new(MAX_HANDSHAKES));
     loop {
+        // With TLS, a handshake slot first: past MAX_HANDSHAKES nothing more is accepted, so
+        // new peers wait in the kernel's backlog and their deadline has not started.
+        let permit = match &tls {
+            None => None,
+            Some(_) => {
+                let permit = tokio::select! {
+                    permit = handshakes.clone().acquire_owned() => permit,
+                    () = tx.closed() => return,
+                };
+                match permit {
+                    Ok(permit) => Some(permit),
+                    Err(_) => return,
+                }
+            }
+        };
         let accepted = tokio::select! {
             accepted = listener.accept() => accepted,
             () = tx.closed() => return,
@@ -119,19 +134,13 @@ async fn accept(
                         }
                     }
                     Some(tls) => {
-                        // Bounded like the plaintext path's queue: past it, accepting waits
-                        // and new peers wait in the kernel's backlog.
-                        let permit = tokio::select! {
-                            permit = handshakes.clone().acquire_owned() => permit,
-                            () = tx.closed() => return,
-                        };
-                        let Ok(permit) = permit else { return };
                         let handshake = handshake(tls.acceptor(), stream, addr, deadline);
                         let tx = tx.clone();
                         tokio::spawn(async move {
-                            let conn = handshake.await;
-                            drop(permit);
-                            if let Some(conn) = conn {
+                            // The slot is held until the connection is handed on, so the bound
+                            // covers connections waiting for the server too.
+                            let _permit = permit;
+                            if let Some(conn) = handshake.await {
                                 let _ = tx.send(conn).await;
                             }
                         });

@@ -253,15 +253,17 @@ async fn serve_all(
             CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
         )))
         .add_service(sized!(ContentAddressableStorageServer::new(
-            CasService::new(stores.cas.clone(), limits.clone()).with_policy(policy.clone())
+            CasService::new(stores.cas.clone(), limits.clone(), policy.clone())
         )))
         .add_service(sized!(ActionCacheServer::new(
             ActionCacheService::new(stores.cas.clone(), results.clone(), limits.clone())
                 .with_events(events.clone())
         )))
-        .add_service(sized!(ByteStreamServer::new(
-            ByteStreamService::new(stores.cas.clone(), limits.clone()).with_policy(policy.clone())
-        )))
+        .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
+            stores.cas.clone(),
+            limits.clone(),
+            policy.clone()
+        ))))
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
             crate::service::admin::AdminService::new(
                 housekeeping.clone(),

@@ -24,7 +24,11 @@ impl Throttle {
     /// `Some(lines suppressed since the last one)` if this one may be logged.
     pub fn allow(&self) -> Option<u64> {
         static EPOCH: OnceLock<Instant> = OnceLock::new();
-        let now = EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1;
+        self.allow_at(EPOCH.get_or_init(Instant::now).elapsed().as_secs() + 1)
+    }
+
+    /// [`Throttle::allow`] at second `now` (from 1).
+    fn allow_at(&self, now: u64) -> Option<u64> {
         let last = self.last.load(Relaxed);
         if now > last
             && self
@@ -53,10 +57,11 @@ mod tests {
     #[test]
     fn one_line_a_second_and_a_count_of_the_rest() {
         let t = Throttle::new();
-        assert_eq!(t.allow(), Some(0));
-        assert_eq!(t.allow(), None);
-        assert_eq!(t.allow(), None);
-        std::thread::sleep(std::time::Duration::from_millis(1100));
-        assert_eq!(t.allow(), Some(2));
+        assert_eq!(t.allow_at(1), Some(0));
+        assert_eq!(t.allow_at(1), None);
+        assert_eq!(t.allow_at(1), None);
+        assert_eq!(t.allow_at(2), Some(2));
+        assert_eq!(t.allow_at(2), None);
+        assert_eq!(t.allow_at(7), Some(1));
     }
 }

@@ -197,6 +197,8 @@ impl ActionCache for ActionCacheService {
         instance_name::validate(&r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        // Who may not even read the instance learns nothing about it.
+        caller.require(Access::Read, &r.instance_name)?;
         let Some(target) = self.results.policy().write_target(&r.instance_name) else {
             return Err(Error::PermissionDenied(format!(
                 "instance {:?} is read-only (namespaces config: write = \"none\"); its action \

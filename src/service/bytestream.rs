@@ -35,17 +35,12 @@ pub struct ByteStreamService {
 const COMPRESSED_ALREADY_STORED: i64 = -1;
 
 impl ByteStreamService {
-    pub fn new(store: Arc<dyn Cas>, limits: Limits) -> Self {
+    pub fn new(store: Arc<dyn Cas>, limits: Limits, policy: Arc<Policy>) -> Self {
         ByteStreamService {
             store,
             limits,
-            policy: Arc::new(Policy::default()),
+            policy,
         }
-    }
-
-    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
-        self.policy = policy;
-        self
     }
 
     async fn is_stored(&self, name: &ResourceName) -> Result<bool> {

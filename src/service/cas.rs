@@ -36,17 +36,12 @@ pub struct CasService {
 }
 
 impl CasService {
-    pub fn new(store: Arc<dyn Cas>, limits: Limits) -> Self {
+    pub fn new(store: Arc<dyn Cas>, limits: Limits, policy: Arc<Policy>) -> Self {
         CasService {
             store,
             limits,
-            policy: Arc::new(Policy::default()),
+            policy,
         }
-    }
-
-    pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
-        self.policy = policy;
-        self
     }
 
     async fn update_one(&self, r: reapi::batch_update_blobs_request::Request) -> Result<Digest> {

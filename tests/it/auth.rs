@@ -23,6 +23,7 @@ const ADMIN: &str = "admin-token-0123456789";
 const CI_ADMIN: &str = "ci-admin-token-0123456789";
 const ALICE: &str = "alice-token-0123456789";
 const MAIN_WRITER: &str = "main-writer-token-0123456789";
+const RELEASE_WRITER: &str = "release-writer-token-0123456789";
 
 fn grants(list: &[&str]) -> Vec<Grant> {
     list.iter().map(|g| g.parse().expect("grant")).collect()
@@ -47,6 +48,7 @@ fn auth_config(anonymous: Access) -> AuthConfig {
             token("ci-admin", CI_ADMIN, &["admin:ci/**"]),
             token("alice", ALICE, &["write:dev/alice", "read:dev/**"]),
             token("main-writer", MAIN_WRITER, &["write:ci/main", "read:**"]),
+            token("release-writer", RELEASE_WRITER, &["write:ci/release"]),
         ],
         client_certs: vec![ClientCertConfig {
             subject: "runner".into(),
@@ -963,9 +965,36 @@ async fn uploads_need_write_where_the_instance_writes() {
     let main_writer = bearer(MAIN_WRITER);
     assert!(update_enabled(&server, "ci/release", main_writer.as_deref()).await);
     writes_allowed(&server, "ci/release", main_writer.as_deref(), 130).await;
-    // ci/release itself is not ci/main: a write token for ci/release alone could not store
-    // its results, so it may not upload through it either.
-    assert!(!update_enabled(&server, "ci/release", bearer(ALICE).as_deref()).await);
-    writes_denied(&server, "ci/release", bearer(ALICE).as_deref(), 140).await;
+    let large = blob(300_000, 135);
+    let name = write_name("ci/release", "u-progress", &digest_of(&large));
+    let progress = server
+        .bytestream()
+        .query_write_status(req(
+            QueryWriteStatusRequest {
+                resource_name: name,
+            },
+            main_writer.as_deref(),
+        ))
+        .await;
+    assert_status(progress, Code::NotFound, &["no resumable upload"]);
+    // Write on ci/release itself is not enough: its results go to ci/main, so such a token
+    // could not store them, and may not upload through it either.
+    let release_writer = bearer(RELEASE_WRITER);
+    assert!(!update_enabled(&server, "ci/release", release_writer.as_deref()).await);
+    writes_denied(&server, "ci/release", release_writer.as_deref(), 140).await;
+    let progress = server
+        .bytestream()
+        .query_write_status(req(
+            QueryWriteStatusRequest {
+                resource_name: write_name("ci/release", "u1", &digest_of(&large)),
+            },
+            release_writer.as_deref(),
+        ))
+        .await;
+    assert_status(
+        progress,
+        Code::PermissionDenied,
+        &["\"ci/main\"", "ci/release"],
+    );
     server.stop().await;
 }
