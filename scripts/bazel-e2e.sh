@@ -92,12 +92,19 @@ if ! command -v bazel >/dev/null 2>&1; then
   fi
   command -v bazel >/dev/null 2>&1 || die "bazel still missing after installing bazel-bootstrap"
 fi
+# apt_install PACKAGE: installs a Debian package, refreshing the package lists once if
+# the first try fails (a fresh machine's lists may be missing or stale).
+apt_install() {
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y "$1" >/dev/null 2>&1 && return 0
+  apt-get -o DPkg::Lock::Timeout=900 update >/dev/null 2>&1 || return 1
+  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y "$1" >/dev/null
+}
+
 # openssl makes the certificates of the TLS builds.
 if ! command -v openssl >/dev/null 2>&1; then
   [ "$(id -u)" -eq 0 ] || die "openssl is not installed (and we are not root to apt-get install it)"
   info "openssl not found; installing Debian's openssl"
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y openssl >/dev/null \
-    || die "apt-get install openssl failed"
+  apt_install openssl || die "apt-get install openssl failed"
 fi
 info "using $(command -v bazel) ($(bazel --version 2>/dev/null | head -n1))"
 
@@ -923,8 +930,7 @@ EOF
   if [ ! -f "$TCNATIVE" ]; then
     [ "$(id -u)" -eq 0 ] || fatal "libnetty-tcnative-jni is not installed (and we are not root to install it)"
     info "installing Debian's libnetty-tcnative-jni (OpenSSL for Bazel's Netty)"
-    DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y libnetty-tcnative-jni >/dev/null \
-      || fatal "apt-get install libnetty-tcnative-jni failed"
+    apt_install libnetty-tcnative-jni || fatal "apt-get install libnetty-tcnative-jni failed"
   fi
   mkdir -p "$TMP/jni"
   cp "$TCNATIVE" "$TMP/jni/libnetty_tcnative.so" || fatal "cannot copy $TCNATIVE"
