@@ -67,8 +67,10 @@ pub async fn run_with_ops(
     config: &Config,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
-    // Before the store opens: a bad certificate should not wait for a long start to be seen.
+    // Before the store opens: a bad certificate should not wait for a long start to be seen,
+    // and a SIGHUP sent while a large store opens still reloads it.
     let tls = load_tls(config)?;
+    let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
     let health = HealthReporter::new();
     // The ops port outlives the gRPC port: `/healthz` answers until the store is flushed.
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
@@ -99,6 +101,7 @@ pub async fn run_with_ops(
         .await
     }
     .await;
+    reloads.abort();
     let _ = ops_stop.send(());
     if let Some(task) = ops_task {
         // A probe connection that stays open must not hold up the exit.
@@ -122,9 +125,10 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let tls = load_tls(config)?;
+    let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
     let events = Arc::new(EventLog::temporary(&config.watch)?);
     let health = HealthReporter::new();
-    serve_all(
+    let served = serve_all(
         listener,
         stores.into(),
         events,
@@ -133,7 +137,9 @@ pub async fn serve(
         health,
         shutdown,
     )
-    .await
+    .await;
+    reloads.abort();
+    served
 }
 
 /// The `[tls]` certificate, key and client CA, loaded; `None` without `[tls]`.
@@ -282,7 +288,6 @@ async fn serve_all(
         Some(_) => "TLS",
         None => "plaintext",
     };
-    let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
     let incoming = crate::connections::incoming(listener, config.limits.handshake_timeout.0, tls);
     health.set(State::Serving);
     let sweeper = tokio::spawn(sweep_abandoned_uploads(
@@ -345,7 +350,6 @@ async fn serve_all(
     };
     sweeper.abort();
     upkeep.abort();
-    reloads.abort();
     // Not aborted: a sweep's batch on a blocking thread would outlive the store's flush.
     let _ = stop_namespace_upkeep.send(());
     let _ = namespace_upkeep.await;
