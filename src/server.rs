@@ -201,6 +201,19 @@ async fn serve_all(
     let max_message = config.limits.max_message_size.0 as usize;
     let auth = Arc::new(crate::auth::Authenticator::new(config.auth.as_ref())?);
     if let Some(a) = &config.auth {
+        let exposed = !listener_is_loopback(&listener);
+        if exposed && a.anonymous >= crate::auth::Access::Write {
+            tracing::warn!(
+                anonymous = %a.anonymous,
+                "callers without credentials may write on a non-loopback address"
+            );
+        }
+        if exposed && config.tls.is_none() && !a.tokens.is_empty() {
+            tracing::warn!(
+                "bearer tokens travel in plaintext on a non-loopback address: add [tls] (see \
+                 README, Security)"
+            );
+        }
         let mutual = config.tls.as_ref().is_some_and(|t| t.client_ca.is_some());
         if !a.client_certs.is_empty() && !mutual {
             tracing::warn!(
