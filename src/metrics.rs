@@ -5,17 +5,19 @@
 //! counters), so the exporter is told not to add suffixes of its own.
 
 use std::collections::HashSet;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
+use opentelemetry::metrics::Meter;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
-use parking_lot::RwLock;
+use parking_lot::{Mutex, RwLock};
 
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::namespace::Policy;
+use crate::namespace::{ActionResults, Policy};
+use crate::store::{Housekeeping, StoreStats};
 
 /// The label value of instance names past `telemetry.max_namespace_labels`.
 pub const OTHER: &str = "other";
@@ -117,6 +119,10 @@ pub struct Metrics {
     /// Which `[[namespaces.rule]]` matches an instance name.
     policy: Policy,
     namespaces: NamespaceLabels,
+    /// Where the store figures come from, once the store is open.
+    store: OnceLock<(Arc<dyn Housekeeping>, Arc<ActionResults>)>,
+    /// The store's figures as of this scrape, which the observable instruments report.
+    stats: Arc<Mutex<Option<StoreStats>>>,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -181,9 +187,12 @@ impl Metrics {
             ),
             policy: Policy::new(&config.namespaces),
             namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
+            store: OnceLock::new(),
+            stats: Arc::new(Mutex::new(None)),
             registry,
             _provider: provider,
         };
+        store_instruments(&meter, &metrics.stats);
         // Present from the start at 0, so alerts on their rate need no `absent()`.
         metrics.shed.add(0, &[]);
         for reason in AuthFailure::ALL {
@@ -197,8 +206,28 @@ impl Metrics {
         Ok(Arc::new(metrics))
     }
 
-    /// Everything recorded, as Prometheus text format 0.0.4.
-    pub fn render(&self) -> String {
+    /// Reports the figures of `store` (sizes, evictions, refusals) and `results` (expiries)
+    /// from now on, read at each scrape. The ops port serves before the store opens; until
+    /// then these series are absent.
+    pub fn watch_store(&self, store: Arc<dyn Housekeeping>, results: Arc<ActionResults>) {
+        let _ = self.store.set((store, results));
+    }
+
+    /// Everything recorded, as Prometheus text format 0.0.4; the store's figures are read now.
+    pub async fn render(&self) -> String {
+        if let Some((store, results)) = self.store.get() {
+            let stats = match store.stats().await {
+                Ok(mut stats) => {
+                    results.add_stats(&mut stats);
+                    Some(stats)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the store's figures for /metrics failed");
+                    None
+                }
+            };
+            *self.stats.lock() = stats;
+        }
         let families = self.registry.gather();
         prometheus::TextEncoder::new()
             .encode_to_string(&families)
@@ -261,6 +290,95 @@ impl Metrics {
             KeyValue::new("namespace_rule", rule),
             KeyValue::new("namespace", self.namespaces.label(instance)),
         ]
+    }
+}
+
+/// The store's figures as observable instruments over `stats` (refreshed before each scrape;
+/// absent while it is `None`). Counters since the server started are counters here too.
+fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
+    type Read = fn(&StoreStats) -> Option<u64>;
+    let gauges: [(&'static str, &'static str, Read); 7] = [
+        (
+            "hoard_stored_blobs",
+            "CAS blobs stored (the empty blob not counted)",
+            |s| Some(s.blobs),
+        ),
+        (
+            "hoard_stored_blob_bytes",
+            "total size of the stored CAS blobs",
+            |s| Some(s.blob_bytes),
+        ),
+        (
+            "hoard_action_results",
+            "action results stored, over all instance names",
+            |s| Some(s.action_results),
+        ),
+        (
+            "hoard_used_bytes",
+            "what storage.max_size bounds: blobs (files in whole 4 KiB blocks) and action results",
+            |s| Some(s.used_bytes),
+        ),
+        (
+            "hoard_max_size_bytes",
+            "the bound on hoard_used_bytes (storage.max_size)",
+            |s| Some(s.max_size),
+        ),
+        (
+            "hoard_disk_bytes",
+            "what the data dir takes on disk, database overhead included",
+            |s| Some(s.disk_bytes),
+        ),
+        (
+            "hoard_youngest_evicted_age_seconds",
+            "how long the most recently used evicted blob had been idle (absent until one is)",
+            |s| s.youngest_evicted_age_secs,
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let stats = stats.clone();
+        meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                if let Some(v) = stats.lock().as_ref().and_then(read) {
+                    observer.observe(v, &[]);
+                }
+            })
+            .build();
+    }
+    let counters: [(&'static str, &'static str, Read); 4] = [
+        (
+            "hoard_evicted_blobs_total",
+            "blobs evicted since start",
+            |s| Some(s.evicted_blobs),
+        ),
+        (
+            "hoard_evicted_bytes_total",
+            "bytes evicted since start",
+            |s| Some(s.evicted_bytes),
+        ),
+        (
+            "hoard_expired_action_results_total",
+            "action results dropped since start because their TTL since last use passed",
+            |s| Some(s.expired_action_results),
+        ),
+        (
+            "hoard_refused_writes_total",
+            "writes refused since start because the cache was full",
+            |s| Some(s.refused_writes),
+        ),
+    ];
+    for (name, help, read) in counters {
+        let stats = stats.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                if let Some(v) = stats.lock().as_ref().and_then(read) {
+                    observer.observe(v, &[]);
+                }
+            })
+            .build();
     }
 }
 
@@ -367,8 +485,8 @@ mod tests {
         assert_eq!(labels.label("a"), "a");
     }
 
-    #[test]
-    fn rendered_text_has_prometheus_names_and_labels() {
+    #[tokio::test]
+    async fn rendered_text_has_prometheus_names_and_labels() {
         let metrics = Metrics::new(&Config::default()).unwrap();
         metrics.ac_lookup("ci/main", true);
         metrics.request(
@@ -376,7 +494,7 @@ mod tests {
             tonic::Code::NotFound,
             Duration::from_millis(3),
         );
-        let text = metrics.render();
+        let text = metrics.render().await;
         assert!(
             text.contains(
                 "hoard_ac_hits_total{namespace=\"ci/main\",namespace_rule=\"default\"} 1"

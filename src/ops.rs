@@ -84,12 +84,15 @@ where
         if matches!(request.method(), &Method::GET | &Method::HEAD)
             && request.uri().path() == "/metrics"
         {
-            let mut response = Response::new(tonic::body::Body::new(self.metrics.render()));
-            response.headers_mut().insert(
-                http::header::CONTENT_TYPE,
-                http::HeaderValue::from_static(PROMETHEUS_TEXT),
-            );
-            return Box::pin(std::future::ready(Ok(response)));
+            let metrics = self.metrics.clone();
+            return Box::pin(async move {
+                let mut response = Response::new(tonic::body::Body::new(metrics.render().await));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(PROMETHEUS_TEXT),
+                );
+                Ok(response)
+            });
         }
         let probe = match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => Some((StatusCode::OK, "ok\n")),

@@ -204,6 +204,7 @@ async fn serve_all(
     let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
     let invalidation = Arc::new(Invalidation::new(results.clone(), events.clone()));
     let housekeeping = stores.housekeeping.clone();
+    metrics.watch_store(housekeeping.clone(), results.clone());
     let max_message = config.limits.max_message_size.0 as usize;
     let auth = Arc::new(crate::auth::Authenticator::new(config.auth.as_ref())?);
     if let Some(a) = &config.auth {

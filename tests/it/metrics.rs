@@ -391,3 +391,68 @@ async fn authentication_failures_are_counted_by_reason() {
         m.text
     );
 }
+
+#[tokio::test]
+async fn store_figures_are_read_at_scrape_time() {
+    let server =
+        TestServer::start_with(|c| c.storage.max_size = hoard::config::ByteSize(64 << 20)).await;
+    // Answered calls mean the store is open (the ops port serves before it is).
+    assert_eq!(find_missing(&server, "", &[]).await, 0);
+    let before = scrape(&server).await;
+    assert_eq!(
+        before.value("hoard_stored_blobs", &[]),
+        Some(0.0),
+        "{}",
+        before.text
+    );
+    let (one, two): (&[u8], &[u8]) = (b"first blob", b"second, longer blob");
+    batch_put(&server, "", &[one, two]).await;
+    let m = scrape(&server).await;
+    assert_eq!(m.value("hoard_stored_blobs", &[]), Some(2.0), "{}", m.text);
+    let bytes = (one.len() + two.len()) as f64;
+    assert_eq!(
+        m.value("hoard_stored_blob_bytes", &[]),
+        Some(bytes),
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.value("hoard_max_size_bytes", &[]),
+        Some((64 << 20) as f64),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.value("hoard_used_bytes", &[]).unwrap_or(0.0) >= bytes,
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.value("hoard_evicted_blobs_total", &[]),
+        Some(0.0),
+        "{}",
+        m.text
+    );
+    assert_eq!(
+        m.value("hoard_refused_writes_total", &[]),
+        Some(0.0),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text.contains("# TYPE hoard_evicted_blobs_total counter"),
+        "{}",
+        m.text
+    );
+    assert!(
+        m.text.contains("# TYPE hoard_used_bytes gauge"),
+        "{}",
+        m.text
+    );
+    // Nothing evicted yet: no youngest evicted age.
+    assert!(
+        m.series("hoard_youngest_evicted_age_seconds").is_empty(),
+        "{}",
+        m.text
+    );
+}
