@@ -9,7 +9,7 @@ use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use opentelemetry::metrics::Meter;
-use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _};
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, UpDownCounter};
 use opentelemetry::KeyValue;
 use opentelemetry_sdk::metrics::SdkMeterProvider;
 use parking_lot::{Mutex, RwLock};
@@ -103,6 +103,33 @@ impl AuthFailure {
     }
 }
 
+/// What an invalidation changed: the `kind` label of `hoard_invalidations_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidated {
+    /// Listed action results of one namespace were removed.
+    Actions,
+    /// A namespace's epoch was bumped (by name or as one match of a pattern).
+    Namespace,
+    /// An idle namespace was dropped (PruneNamespaces).
+    Dropped,
+}
+
+impl Invalidated {
+    const ALL: [Invalidated; 3] = [
+        Invalidated::Actions,
+        Invalidated::Namespace,
+        Invalidated::Dropped,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Invalidated::Actions => "actions",
+            Invalidated::Namespace => "namespace",
+            Invalidated::Dropped => "dropped",
+        }
+    }
+}
+
 /// Every instrument of one server, and the registry `/metrics` renders.
 pub struct Metrics {
     registry: prometheus::Registry,
@@ -116,6 +143,8 @@ pub struct Metrics {
     cas_found: Counter<u64>,
     shed: Counter<u64>,
     auth_failures: Counter<u64>,
+    invalidations: Counter<u64>,
+    watchers: UpDownCounter<i64>,
     /// Which `[[namespaces.rule]]` matches an instance name.
     policy: Policy,
     namespaces: NamespaceLabels,
@@ -185,6 +214,14 @@ impl Metrics {
                 "hoard_auth_failures_total",
                 "calls answered UNAUTHENTICATED, by reason",
             ),
+            invalidations: counter(
+                "hoard_invalidations_total",
+                "invalidation changes made, each announced on the watch stream, by kind",
+            ),
+            watchers: meter
+                .i64_up_down_counter("hoard_watchers")
+                .with_description("watch streams open")
+                .build(),
             policy: Policy::new(&config.namespaces),
             namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
             store: OnceLock::new(),
@@ -198,6 +235,12 @@ impl Metrics {
         for reason in AuthFailure::ALL {
             metrics.auth_failure_by(reason, 0);
         }
+        for kind in Invalidated::ALL {
+            metrics
+                .invalidations
+                .add(0, &[KeyValue::new("kind", kind.label())]);
+        }
+        metrics.watchers.add(0, &[]);
         meter
             .u64_gauge("hoard_build_info")
             .with_description("always 1; the label names the version")
@@ -280,6 +323,18 @@ impl Metrics {
             .add(n, &[KeyValue::new("reason", reason.label())]);
     }
 
+    /// One invalidation change, made durable and announced.
+    pub fn invalidation(&self, kind: Invalidated) {
+        self.invalidations
+            .add(1, &[KeyValue::new("kind", kind.label())]);
+    }
+
+    /// A watch stream opened; it counts as open until the returned guard is dropped.
+    pub fn watcher(self: &Arc<Self>) -> WatcherGuard {
+        self.watchers.add(1, &[]);
+        WatcherGuard(self.clone())
+    }
+
     /// `namespace_rule` (the matching rule's pattern, or `default`) and `namespace` (capped).
     fn namespace_labels(&self, instance: &str) -> [KeyValue; 2] {
         let rule = match self.policy.rule(instance) {
@@ -290,6 +345,15 @@ impl Metrics {
             KeyValue::new("namespace_rule", rule),
             KeyValue::new("namespace", self.namespaces.label(instance)),
         ]
+    }
+}
+
+/// Held by an open watch stream (`hoard_watchers`).
+pub struct WatcherGuard(Arc<Metrics>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.watchers.add(-1, &[]);
     }
 }
 

@@ -202,7 +202,11 @@ async fn serve_all(
     let limits = Limits::from(&config.limits);
     let policy = Arc::new(Policy::new(&config.namespaces));
     let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
-    let invalidation = Arc::new(Invalidation::new(results.clone(), events.clone()));
+    let invalidation = Arc::new(Invalidation::new(
+        results.clone(),
+        events.clone(),
+        metrics.clone(),
+    ));
     let housekeeping = stores.housekeeping.clone();
     metrics.watch_store(housekeeping.clone(), results.clone());
     let max_message = config.limits.max_message_size.0 as usize;
@@ -297,7 +301,10 @@ async fn serve_all(
                 invalidation
             )
         )))
-        .add_service(WatchServer::new(WatchService::new(events.clone())))
+        .add_service(WatchServer::new(WatchService::new(
+            events.clone(),
+            metrics.clone(),
+        )))
         .add_service(HealthServer::new(health.service()));
 
     let addr = listener

@@ -456,3 +456,69 @@ async fn store_figures_are_read_at_scrape_time() {
         m.text
     );
 }
+
+#[tokio::test]
+async fn invalidations_by_kind_and_open_watchers() {
+    use hoard::proto::admin::InvalidateRequest;
+    use hoard::proto::watch::{watch_client::WatchClient, WatchRequest};
+    let server = TestServer::start().await;
+    let result = reapi::ActionResult::default();
+    let action = digest_of(b"action");
+    update_result(&server, "ci/a", &action, &result)
+        .await
+        .unwrap();
+    update_result(&server, "ci/b", &action, &result)
+        .await
+        .unwrap();
+    let watch = WatchClient::new(server.channel())
+        .watch(WatchRequest {
+            from_now: true,
+            ..Default::default()
+        })
+        .await
+        .expect("watch")
+        .into_inner();
+    let requests = [
+        InvalidateRequest {
+            namespace: Some("ci/a".into()),
+            action_digests: vec![action.clone()],
+            reason: "one action".into(),
+            ..Default::default()
+        },
+        InvalidateRequest {
+            namespace: Some("ci/a".into()),
+            reason: "one namespace".into(),
+            ..Default::default()
+        },
+        InvalidateRequest {
+            namespace_pattern: "ci/*".into(),
+            reason: "two namespaces".into(),
+            ..Default::default()
+        },
+    ];
+    for request in requests {
+        server
+            .admin()
+            .invalidate(request)
+            .await
+            .expect("invalidate");
+    }
+    let m = scrape(&server).await;
+    let kind = |k: &str| m.value("hoard_invalidations_total", &[("kind", k)]);
+    assert_eq!(kind("actions"), Some(1.0), "{}", m.text);
+    assert_eq!(kind("namespace"), Some(3.0), "{}", m.text);
+    assert_eq!(kind("dropped"), Some(0.0), "{}", m.text);
+    assert_eq!(m.value("hoard_watchers", &[]), Some(1.0), "{}", m.text);
+    assert!(m.text.contains("# TYPE hoard_watchers gauge"), "{}", m.text);
+    // A stream the client drops is no longer counted (once the server notices).
+    drop(watch);
+    crate::common::eventually(std::time::Duration::from_secs(10), || async {
+        let now = scrape(&server).await.value("hoard_watchers", &[]);
+        if now == Some(0.0) {
+            Ok(())
+        } else {
+            Err(now)
+        }
+    })
+    .await;
+}
