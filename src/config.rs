@@ -24,8 +24,8 @@ pub struct Config {
     /// stop routing here before new calls are refused. Default 0s (no balancer in front).
     pub drain_delay: HumanDuration,
     /// Address of the plaintext operations port: `grpc.health.v1` (for Kubernetes gRPC
-    /// probes, which cannot speak TLS), `GET /healthz` and `GET /readyz`. It serves no cache
-    /// data. Default: off.
+    /// probes, which cannot speak TLS), `GET /healthz`, `GET /readyz` and `GET /metrics`. It
+    /// serves no cache data. Default: off.
     pub ops_listen: Option<SocketAddr>,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
