@@ -22,6 +22,7 @@ use sha2::{Digest as _, Sha256};
 
 use crate::connections::Peer;
 use crate::error::{Error, Result};
+use crate::metrics::AuthFailure;
 use crate::namespace::glob_match;
 use crate::throttle::Throttle;
 
@@ -563,11 +564,21 @@ impl Authenticator {
         authorization: Option<&[u8]>,
         peer: Option<&Peer>,
     ) -> Result<Caller> {
+        self.check(authorization, peer).map_err(|(_, e)| e)
+    }
+
+    /// [`Self::authenticate`], with why a refusal happened (for `hoard_auth_failures_total`).
+    pub fn check(
+        &self,
+        authorization: Option<&[u8]>,
+        peer: Option<&Peer>,
+    ) -> std::result::Result<Caller, (AuthFailure, Error)> {
         let Some(known) = &self.config else {
             return Ok(Caller::unrestricted());
         };
         if let Some(header) = authorization {
-            let credentials = parse_authorization(header).map_err(|e| self.refuse(peer, &e))?;
+            let credentials = parse_authorization(header)
+                .map_err(|e| self.refuse(peer, AuthFailure::Malformed, &e))?;
             let digest: [u8; 32] = Sha256::digest(credentials.token().as_bytes()).into();
             // Every configured hash is compared, each in constant time, so the timing shows
             // neither the token nor which entry matched.
@@ -585,7 +596,11 @@ impl Authenticator {
                         Credentials::Basic { .. } => " (Basic credentials)",
                         Credentials::Bearer(_) => "",
                     };
-                    Err(self.refuse(peer, &format!("unknown token{how}")))
+                    Err(self.refuse(
+                        peer,
+                        AuthFailure::UnknownToken,
+                        &format!("unknown token{how}"),
+                    ))
                 }
             };
         }
@@ -599,6 +614,7 @@ impl Authenticator {
                 Some(a) => Ok(Caller::new(cert_name(subject), a.inner.grants.clone())),
                 None => Err(self.refuse(
                     peer,
+                    AuthFailure::UnlistedCertificate,
                     &format!(
                         "certificate subject {} is not listed in [[auth.client_cert]]",
                         crate::error::echo(subject)
@@ -608,12 +624,12 @@ impl Authenticator {
         }
         match &known.anonymous {
             Some(caller) => Ok(caller.clone()),
-            None => Err(self.refuse(peer, "no credentials")),
+            None => Err(self.refuse(peer, AuthFailure::NoCredentials, "no credentials")),
         }
     }
 
     /// UNAUTHENTICATED, logged with the peer address (never the token), rate-limited.
-    fn refuse(&self, peer: Option<&Peer>, why: &str) -> Error {
+    fn refuse(&self, peer: Option<&Peer>, reason: AuthFailure, why: &str) -> (AuthFailure, Error) {
         if let Some(suppressed) = UNAUTHENTICATED.allow() {
             tracing::warn!(
                 peer = %Peer::addr_text(peer),
@@ -621,10 +637,11 @@ impl Authenticator {
                 "authentication failed: {why}"
             );
         }
-        Error::Unauthenticated(format!(
+        let error = Error::Unauthenticated(format!(
             "authentication failed: {why}; send \"authorization: Bearer <token>\" with a token \
              this server knows"
-        ))
+        ));
+        (reason, error)
     }
 }
 

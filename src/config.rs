@@ -24,13 +24,14 @@ pub struct Config {
     /// stop routing here before new calls are refused. Default 0s (no balancer in front).
     pub drain_delay: HumanDuration,
     /// Address of the plaintext operations port: `grpc.health.v1` (for Kubernetes gRPC
-    /// probes, which cannot speak TLS), `GET /healthz` and `GET /readyz`. It serves no cache
-    /// data. Default: off.
+    /// probes, which cannot speak TLS), `GET /healthz`, `GET /readyz` and `GET /metrics`. It
+    /// serves no cache data. Default: off.
     pub ops_listen: Option<SocketAddr>,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub namespaces: NamespacesConfig,
     pub watch: WatchConfig,
+    pub telemetry: TelemetryConfig,
     /// TLS on the gRPC port (`[tls]`); without it the port speaks plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
     /// Access control (`[auth]`: tokens, client certificates, grants); see `auth.rs`.
@@ -49,6 +50,24 @@ pub struct TlsConfig {
     /// PEM CA certificates that sign client certificates. When set, every client must present
     /// a certificate they sign (mTLS), and its subject's common name can be given grants.
     pub client_ca: Option<PathBuf>,
+}
+
+/// Metrics (`[telemetry]`), served as Prometheus text at the ops port's `GET /metrics`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TelemetryConfig {
+    /// How many distinct instance names get their own `namespace` label value on the AC and
+    /// CAS lookup metrics; later ones are counted as `other`, so a client inventing names
+    /// cannot grow the series without bound. Default 50.
+    pub max_namespace_labels: usize,
+}
+
+impl Default for TelemetryConfig {
+    fn default() -> Self {
+        TelemetryConfig {
+            max_namespace_labels: 50,
+        }
+    }
 }
 
 /// The watch stream's event log.
@@ -258,6 +277,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             namespaces: NamespacesConfig::default(),
             watch: WatchConfig::default(),
+            telemetry: TelemetryConfig::default(),
             tls: None,
             auth: None,
         }

@@ -14,6 +14,7 @@ use tokio::sync::Mutex;
 
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::metrics::{Invalidated, Metrics};
 use crate::namespace::{glob_match, ActionResults};
 use crate::proto::admin::{InvalidatedNamespace, PrunedNamespace};
 use crate::store::NamespaceInfo;
@@ -35,14 +36,17 @@ pub struct Invalidation {
     events: Arc<EventLog>,
     /// Held while a change is made and announced.
     serial: Mutex<()>,
+    /// Each change counted (`hoard_invalidations_total`).
+    metrics: Arc<Metrics>,
 }
 
 impl Invalidation {
-    pub fn new(results: Arc<ActionResults>, events: Arc<EventLog>) -> Self {
+    pub fn new(results: Arc<ActionResults>, events: Arc<EventLog>, metrics: Arc<Metrics>) -> Self {
         Invalidation {
             results,
             events,
             serial: Mutex::new(()),
+            metrics,
         }
     }
 
@@ -77,12 +81,14 @@ impl Invalidation {
                     self.invalidate_actions(name, actions, reason, caller, peer)
                         .await?,
                 );
+                self.metrics.invalidation(Invalidated::Actions);
             }
             Target::Namespace(name) => {
                 done.push(
                     self.invalidate_namespace(name, reason, caller, peer)
                         .await?,
                 );
+                self.metrics.invalidation(Invalidated::Namespace);
             }
             Target::Pattern(pattern) => {
                 let names: Vec<String> = self
@@ -100,7 +106,10 @@ impl Invalidation {
                 );
                 for name in &names {
                     match self.invalidate_namespace(name, reason, caller, peer).await {
-                        Ok(one) => done.push(one),
+                        Ok(one) => {
+                            self.metrics.invalidation(Invalidated::Namespace);
+                            done.push(one)
+                        }
                         // The ones before stay invalidated (and announced): say which.
                         Err(e) => {
                             let before: Vec<&str> = done.iter().map(|d| d.name.as_str()).collect();
@@ -178,6 +187,7 @@ impl Invalidation {
                 let change = format!("namespace {name:?} was dropped");
                 one.event_sequence =
                     self.announce(Event::namespace_dropped(name, reason, caller), &change)?;
+                self.metrics.invalidation(Invalidated::Dropped);
             }
             pruned.push(one);
         }

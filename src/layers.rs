@@ -1,18 +1,23 @@
-//! Tower layers around every gRPC service. `server.rs` stacks them, outermost first: the
-//! OUT_OF_RANGE → RESOURCE_EXHAUSTED mapping, [`AuthLayer`] (metadata bound, authentication),
-//! [`ShedLayer`] (concurrency limit). Metrics go here next.
+//! Tower layers around every gRPC service. `server.rs` stacks them, outermost first:
+//! [`MetricsLayer`] (requests by method and code, durations), the OUT_OF_RANGE →
+//! RESOURCE_EXHAUSTED mapping, [`AuthLayer`] (metadata bound, authentication), [`ShedLayer`]
+//! (concurrency limit).
 
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
+use std::time::Instant;
 
-use http::{HeaderValue, Request, Response};
+use bytes::Bytes;
+use http::{HeaderMap, HeaderValue, Request, Response};
+use http_body::Frame;
 use tokio::sync::Semaphore;
 
 use crate::auth::Authenticator;
 use crate::connections::Peer;
 use crate::error::Error;
+use crate::metrics::Metrics;
 
 /// tonic answers a request message above `limits.max_message_size` with OUT_OF_RANGE, where
 /// gRPC's status-code table (and clients' retry logic) says RESOURCE_EXHAUSTED. The refusal
@@ -45,12 +50,14 @@ pub fn is_oversize_message(message: &str) -> bool {
 #[derive(Clone)]
 pub struct ShedLayer {
     permits: Arc<Semaphore>,
+    metrics: Arc<Metrics>,
 }
 
 impl ShedLayer {
-    pub fn new(max_concurrent: u32) -> Self {
+    pub fn new(max_concurrent: u32, metrics: Arc<Metrics>) -> Self {
         ShedLayer {
             permits: Arc::new(Semaphore::new(max_concurrent as usize)),
+            metrics,
         }
     }
 }
@@ -61,7 +68,7 @@ impl<S> tower::Layer<S> for ShedLayer {
     fn layer(&self, inner: S) -> Shed<S> {
         Shed {
             inner,
-            permits: self.permits.clone(),
+            layer: self.clone(),
         }
     }
 }
@@ -70,7 +77,7 @@ impl<S> tower::Layer<S> for ShedLayer {
 #[derive(Clone)]
 pub struct Shed<S> {
     inner: S,
-    permits: Arc<Semaphore>,
+    layer: ShedLayer,
 }
 
 /// gRPC paths that are never shed.
@@ -97,7 +104,7 @@ where
         if never_shed(request.uri().path()) {
             return Box::pin(self.inner.call(request));
         }
-        match self.permits.clone().try_acquire_owned() {
+        match self.layer.permits.clone().try_acquire_owned() {
             Ok(permit) => {
                 let reply = self.inner.call(request);
                 Box::pin(async move {
@@ -107,6 +114,7 @@ where
                 })
             }
             Err(_) => {
+                self.layer.metrics.shed();
                 let status = tonic::Status::resource_exhausted("server overloaded");
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
@@ -124,13 +132,15 @@ where
 pub struct AuthLayer {
     auth: Arc<Authenticator>,
     max_metadata: usize,
+    metrics: Arc<Metrics>,
 }
 
 impl AuthLayer {
-    pub fn new(auth: Arc<Authenticator>, max_metadata: u64) -> Self {
+    pub fn new(auth: Arc<Authenticator>, max_metadata: u64, metrics: Arc<Metrics>) -> Self {
         AuthLayer {
             auth,
             max_metadata: max_metadata as usize,
+            metrics,
         }
     }
 }
@@ -193,20 +203,194 @@ where
             .headers()
             .get(http::header::AUTHORIZATION)
             .map(|v| v.as_bytes());
-        match self
-            .layer
-            .auth
-            .authenticate(authorization, Peer::of(&request))
-        {
+        match self.layer.auth.check(authorization, Peer::of(&request)) {
             Ok(caller) => {
                 let peer = Peer::of(&request).and_then(|p| p.addr);
                 request.extensions_mut().insert(caller.from_peer(peer));
                 Box::pin(self.inner.call(request))
             }
-            Err(e) => {
+            Err((reason, e)) => {
+                self.layer.metrics.auth_failure(reason);
                 let status = tonic::Status::from(e);
                 Box::pin(std::future::ready(Ok(status.into_http())))
             }
+        }
+    }
+}
+
+/// Counts every call but health checks (`hoard_requests_total` by service, method and gRPC
+/// code) and times it from arrival until its reply ends (`hoard_request_duration_seconds`), so
+/// a streamed Read or Watch counts its whole stream. Outermost, so it also sees the calls the
+/// layers inside refuse. The code of a streamed reply is only known from its trailers, so the
+/// reply body is wrapped to read them; a trailers-only reply carries it in its headers.
+/// Health checks are left out: probes every few seconds would dominate the request rate.
+#[derive(Clone)]
+pub struct MetricsLayer {
+    metrics: Arc<Metrics>,
+}
+
+impl MetricsLayer {
+    pub fn new(metrics: Arc<Metrics>) -> Self {
+        MetricsLayer { metrics }
+    }
+}
+
+impl<S> tower::Layer<S> for MetricsLayer {
+    type Service = Measure<S>;
+
+    fn layer(&self, inner: S) -> Measure<S> {
+        Measure {
+            inner,
+            metrics: self.metrics.clone(),
+        }
+    }
+}
+
+/// The service [`MetricsLayer`] wraps around the router.
+#[derive(Clone)]
+pub struct Measure<S> {
+    inner: S,
+    metrics: Arc<Metrics>,
+}
+
+impl<S, B, RB> tower::Service<Request<B>> for Measure<S>
+where
+    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    RB: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    RB::Error: Into<tonic::codegen::StdError>,
+{
+    type Response = Response<tonic::body::Body>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, S::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), S::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, request: Request<B>) -> Self::Future {
+        let measured = if never_shed(request.uri().path()) {
+            None
+        } else {
+            Some((self.metrics.clone(), request.uri().path().to_string()))
+        };
+        let reply = self.inner.call(request);
+        let started = Instant::now();
+        Box::pin(async move {
+            let response = reply.await?;
+            Ok(match measured {
+                None => response.map(tonic::body::Body::new),
+                Some((metrics, path)) => {
+                    let code = grpc_status(response.headers());
+                    if let Some(code) = code {
+                        // Trailers-only (refusals, errors of unary calls): the code is known
+                        // now, and recording before the reply leaves keeps the count exact for
+                        // whoever reads `/metrics` next.
+                        metrics.request(&path, code, started.elapsed());
+                        return Ok(response.map(tonic::body::Body::new));
+                    }
+                    response.map(|inner| {
+                        tonic::body::Body::new(Measured {
+                            inner,
+                            record: Some(Record {
+                                metrics,
+                                path,
+                                started,
+                                code: None,
+                            }),
+                        })
+                    })
+                }
+            })
+        })
+    }
+}
+
+/// The `grpc-status` in `headers`, if there is one.
+fn grpc_status(headers: &HeaderMap) -> Option<tonic::Code> {
+    headers
+        .get("grpc-status")
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse::<i32>().ok())
+        .map(tonic::Code::from_i32)
+}
+
+/// What is recorded once a reply ends.
+struct Record {
+    metrics: Arc<Metrics>,
+    path: String,
+    started: Instant,
+    /// Never known before the trailers (a trailers-only reply is recorded at once); kept for
+    /// a body that ends without trailers.
+    code: Option<tonic::Code>,
+}
+
+impl Record {
+    fn finish(self, fallback: tonic::Code) {
+        let code = self.code.unwrap_or(fallback);
+        self.metrics
+            .request(&self.path, code, self.started.elapsed());
+    }
+}
+
+/// A reply body that records its call when it ends: at its trailers, at its end without any
+/// (the code from the headers, else UNKNOWN), or when dropped before the end (the client went
+/// away: CANCELLED unless a code was already known).
+struct Measured<B> {
+    inner: B,
+    record: Option<Record>,
+}
+
+impl<B> http_body::Body for Measured<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        match &polled {
+            Poll::Ready(Some(Ok(frame))) => {
+                if let Some(trailers) = frame.trailers_ref() {
+                    if let Some(mut record) = self.record.take() {
+                        record.code = grpc_status(trailers).or(record.code);
+                        record.finish(tonic::Code::Unknown);
+                    }
+                }
+            }
+            Poll::Ready(Some(Err(_))) => {
+                if let Some(record) = self.record.take() {
+                    record.finish(tonic::Code::Internal);
+                }
+            }
+            Poll::Ready(None) => {
+                if let Some(record) = self.record.take() {
+                    record.finish(tonic::Code::Unknown);
+                }
+            }
+            Poll::Pending => {}
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
+impl<B> Drop for Measured<B> {
+    fn drop(&mut self) {
+        if let Some(record) = self.record.take() {
+            record.finish(tonic::Code::Cancelled);
         }
     }
 }

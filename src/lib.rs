@@ -13,7 +13,7 @@
 //! - [`watch`] is the persisted event log behind the watch stream.
 //! - [`connections`] accepts sockets (descriptor back-off, handshake deadline, the TLS
 //!   handshake with [`tls`]'s reloadable config); [`layers`] holds the tower layers around every
-//!   service.
+//!   service; [`metrics`] the instruments they and the services record into (`/metrics`).
 
 pub mod auth;
 pub mod cli;
@@ -26,6 +26,7 @@ pub mod error;
 pub mod instance_name;
 pub mod invalidation;
 pub mod layers;
+pub mod metrics;
 pub mod namespace;
 pub mod ops;
 pub mod proto;

@@ -1,10 +1,12 @@
 //! The plaintext operations port (`ops_listen`): `grpc.health.v1` for Kubernetes gRPC probes
 //! (which cannot speak TLS, so they need a port without it), plus HTTP/1.1 `GET /healthz`
 //! (200 while the process runs) and `GET /readyz` (200 only while health is SERVING: 503 while
-//! the store opens and while draining). It serves no cache data; `/metrics` will join it.
+//! the store opens and while draining), and `GET /metrics` (Prometheus text, `metrics.rs`).
+//! It serves no cache data.
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -12,20 +14,28 @@ use http::{Method, Request, Response, StatusCode};
 use tokio::net::TcpListener;
 
 use crate::error::{Error, Result};
+use crate::metrics::Metrics;
 use crate::proto::health::health_server::HealthServer;
 use crate::service::health::{HealthReporter, State};
+
+/// The content type of Prometheus' text exposition format.
+const PROMETHEUS_TEXT: &str = "text/plain; version=0.0.4; charset=utf-8";
 
 /// Serves the ops port on `listener` until `shutdown` completes.
 pub async fn serve(
     listener: TcpListener,
     health: HealthReporter,
+    metrics: Arc<Metrics>,
     handshake_timeout: Duration,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let addr = listener
         .local_addr()
         .map_err(|e| Error::internal("reading the ops port's address", e))?;
-    tracing::info!(ops_listen = %addr, "ops port is serving /healthz, /readyz and grpc.health.v1");
+    tracing::info!(
+        ops_listen = %addr,
+        "ops port is serving /healthz, /readyz, /metrics and grpc.health.v1"
+    );
     // Never TLS: Kubernetes probes cannot speak it.
     let incoming = crate::connections::incoming(listener, handshake_timeout, None);
     tonic::transport::Server::builder()
@@ -36,6 +46,7 @@ pub async fn serve(
             move |inner| Probes {
                 inner,
                 health: health.clone(),
+                metrics: metrics.clone(),
             }
         }))
         .add_service(HealthServer::new(health.service()))
@@ -44,11 +55,13 @@ pub async fn serve(
         .map_err(|e| Error::internal("ops port", e))
 }
 
-/// Answers `/healthz` and `/readyz` itself and passes everything else (gRPC health) on.
+/// Answers `/healthz`, `/readyz` and `/metrics` itself and passes everything else (gRPC
+/// health) on.
 #[derive(Clone)]
 struct Probes<S> {
     inner: S,
     health: HealthReporter,
+    metrics: Arc<Metrics>,
 }
 
 type Reply<E> = Pin<Box<dyn Future<Output = Result<Response<tonic::body::Body>, E>> + Send>>;
@@ -68,6 +81,19 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
+        if matches!(request.method(), &Method::GET | &Method::HEAD)
+            && request.uri().path() == "/metrics"
+        {
+            let metrics = self.metrics.clone();
+            return Box::pin(async move {
+                let mut response = Response::new(tonic::body::Body::new(metrics.render().await));
+                response.headers_mut().insert(
+                    http::header::CONTENT_TYPE,
+                    http::HeaderValue::from_static(PROMETHEUS_TEXT),
+                );
+                Ok(response)
+            });
+        }
         let probe = match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => Some((StatusCode::OK, "ok\n")),
             (&Method::GET | &Method::HEAD, "/readyz") => Some(match self.health.state() {
@@ -79,7 +105,7 @@ where
             _ if is_grpc(&request) => None,
             _ => Some((
                 StatusCode::NOT_FOUND,
-                "not found: the ops port serves /healthz, /readyz and grpc.health.v1\n",
+                "not found: the ops port serves /healthz, /readyz, /metrics and grpc.health.v1\n",
             )),
         };
         match probe {

@@ -13,6 +13,7 @@ use tokio::net::TcpListener;
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::invalidation::Invalidation;
+use crate::metrics::Metrics;
 use crate::namespace::{ActionResults, Policy};
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
 use crate::proto::health::health_server::HealthServer;
@@ -72,12 +73,14 @@ pub async fn run_with_ops(
     let tls = load_tls(config)?;
     let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
     let health = HealthReporter::new();
+    let metrics = Metrics::new(config)?;
     // The ops port outlives the gRPC port: `/healthz` answers until the store is flushed.
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     let ops_task = ops.map(|ops| {
         tokio::spawn(crate::ops::serve(
             ops,
             health.clone(),
+            metrics.clone(),
             config.limits.handshake_timeout.0,
             async move {
                 let _ = ops_stopped.await;
@@ -95,7 +98,7 @@ pub async fn run_with_ops(
             opened.events,
             config,
             tls,
-            health,
+            Reporting { health, metrics },
             shutdown,
         )
         .await
@@ -128,13 +131,14 @@ pub async fn serve(
     let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
     let events = Arc::new(EventLog::temporary(&config.watch)?);
     let health = HealthReporter::new();
+    let metrics = Metrics::new(config)?;
     let served = serve_all(
         listener,
         stores.into(),
         events,
         config,
         tls,
-        health,
+        Reporting { health, metrics },
         shutdown,
     )
     .await;
@@ -183,21 +187,34 @@ fn listener_is_loopback(listener: &TcpListener) -> bool {
     listener.local_addr().is_ok_and(|a| a.ip().is_loopback())
 }
 
-/// The server itself, reporting its state through `health`.
+/// What the server reports through: its health state and its metrics (both also served on
+/// the ops port, which exists before the server does).
+struct Reporting {
+    health: HealthReporter,
+    metrics: Arc<Metrics>,
+}
+
+/// The server itself, reporting its state through `reporting`.
 async fn serve_all(
     listener: TcpListener,
     stores: Stores,
     events: Arc<EventLog>,
     config: &Config,
     tls: Option<Arc<Tls>>,
-    health: HealthReporter,
+    reporting: Reporting,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
+    let Reporting { health, metrics } = reporting;
     let limits = Limits::from(&config.limits);
     let policy = Arc::new(Policy::new(&config.namespaces));
     let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
-    let invalidation = Arc::new(Invalidation::new(results.clone(), events.clone()));
+    let invalidation = Arc::new(Invalidation::new(
+        results.clone(),
+        events.clone(),
+        metrics.clone(),
+    ));
     let housekeeping = stores.housekeeping.clone();
+    metrics.watch_store(housekeeping.clone(), results.clone());
     let max_message = config.limits.max_message_size.0 as usize;
     let auth = Arc::new(crate::auth::Authenticator::new(config.auth.as_ref())?);
     if let Some(a) = &config.auth {
@@ -257,26 +274,39 @@ async fn serve_all(
         // The serving stack, outermost first.
         .layer(
             tower::ServiceBuilder::new()
+                .layer(crate::layers::MetricsLayer::new(metrics.clone()))
                 .layer(tower::util::MapResponseLayer::new(
                     crate::layers::oversize_is_resource_exhausted,
                 ))
                 .layer(crate::layers::AuthLayer::new(
                     auth,
                     config.limits.max_metadata_size.0,
+                    metrics.clone(),
                 ))
                 .layer(crate::layers::ShedLayer::new(
                     config.limits.max_concurrent_requests,
+                    metrics.clone(),
                 )),
         )
         .add_service(sized!(CapabilitiesServer::new(
             CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
         )))
         .add_service(sized!(ContentAddressableStorageServer::new(
-            CasService::new(stores.cas.clone(), limits.clone(), policy.clone())
+            CasService::new(
+                stores.cas.clone(),
+                limits.clone(),
+                policy.clone(),
+                metrics.clone()
+            )
         )))
         .add_service(sized!(ActionCacheServer::new(
-            ActionCacheService::new(stores.cas.clone(), results.clone(), limits.clone())
-                .with_events(events.clone())
+            ActionCacheService::new(
+                stores.cas.clone(),
+                results.clone(),
+                limits.clone(),
+                metrics.clone()
+            )
+            .with_events(events.clone())
         )))
         .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
             stores.cas.clone(),
@@ -290,7 +320,10 @@ async fn serve_all(
                 invalidation
             )
         )))
-        .add_service(WatchServer::new(WatchService::new(events.clone())))
+        .add_service(WatchServer::new(WatchService::new(
+            events.clone(),
+            metrics.clone(),
+        )))
         .add_service(HealthServer::new(health.service()));
 
     let addr = listener

@@ -16,6 +16,7 @@ use crate::auth::{Access, Caller};
 use crate::digest::{self, Digest};
 use crate::error::{Error, Result};
 use crate::instance_name;
+use crate::metrics::Metrics;
 use crate::namespace::ActionResults;
 use crate::proto::reapi::{
     action_cache_server::ActionCache, ActionResult, GetActionResultRequest, Tree,
@@ -32,15 +33,23 @@ pub struct ActionCacheService {
     limits: Limits,
     /// Where stored results are announced (ACTION_RESULT_STORED), if watching is wired up.
     events: Option<Arc<EventLog>>,
+    /// AC lookups and hits per namespace.
+    metrics: Arc<Metrics>,
 }
 
 impl ActionCacheService {
-    pub fn new(cas: Arc<dyn Cas>, results: Arc<ActionResults>, limits: Limits) -> Self {
+    pub fn new(
+        cas: Arc<dyn Cas>,
+        results: Arc<ActionResults>,
+        limits: Limits,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         ActionCacheService {
             cas,
             results,
             limits,
             events: None,
+            metrics,
         }
     }
 
@@ -170,12 +179,14 @@ impl ActionCache for ActionCacheService {
             match self.servable(ns, &action).await? {
                 Ok(mut result) => {
                     self.inline(&mut result, &r).await?;
+                    self.metrics.ac_lookup(&r.instance_name, true);
                     return Ok(Response::new(result));
                 }
                 Err(Some(why)) => why_not.push(format!("in {ns:?}: {why}")),
                 Err(None) => {}
             }
         }
+        self.metrics.ac_lookup(&r.instance_name, false);
         let looked = chain
             .iter()
             .map(|n| format!("{n:?}"))

@@ -16,6 +16,7 @@ use crate::auth::{Access, Caller};
 use crate::digest::{self, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
 use crate::instance_name;
+use crate::metrics::Metrics;
 use crate::namespace::Policy;
 use crate::proto::reapi::{
     self, batch_read_blobs_response, batch_update_blobs_response, compressor,
@@ -33,14 +34,22 @@ pub struct CasService {
     limits: Limits,
     /// Which namespace's write grant an upload needs.
     policy: Arc<Policy>,
+    /// FindMissingBlobs digests asked and found, per namespace.
+    metrics: Arc<Metrics>,
 }
 
 impl CasService {
-    pub fn new(store: Arc<dyn Cas>, limits: Limits, policy: Arc<Policy>) -> Self {
+    pub fn new(
+        store: Arc<dyn Cas>,
+        limits: Limits,
+        policy: Arc<Policy>,
+        metrics: Arc<Metrics>,
+    ) -> Self {
         CasService {
             store,
             limits,
             policy,
+            metrics,
         }
     }
 
@@ -73,6 +82,11 @@ impl ContentAddressableStorage for CasService {
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.blob_digests, "blob_digests")?;
         let missing = self.store.find_missing(&digests).await?;
+        self.metrics.cas_lookup(
+            &r.instance_name,
+            digests.len(),
+            digests.len().saturating_sub(missing.len()),
+        );
         // The store answers in request order, so the client's own digest messages can be
         // handed back for the missing ones instead of formatting new ones.
         let mut missing = missing.into_iter().peekable();

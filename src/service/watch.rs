@@ -11,6 +11,7 @@ use tonic::metadata::MetadataValue;
 use tonic::{Request, Response, Status};
 
 use crate::auth::{Access, Caller};
+use crate::metrics::Metrics;
 use crate::proto::watch::{watch_server, Event, WatchRequest};
 use crate::watch::{EventLog, Start, Subscription, WatchError};
 
@@ -25,11 +26,13 @@ pub const OLDEST_AVAILABLE_TRAILER: &str = "hoard-oldest-available";
 
 pub struct WatchService {
     events: Arc<EventLog>,
+    /// Open streams (`hoard_watchers`).
+    metrics: Arc<Metrics>,
 }
 
 impl WatchService {
-    pub fn new(events: Arc<EventLog>) -> Self {
-        WatchService { events }
+    pub fn new(events: Arc<EventLog>, metrics: Arc<Metrics>) -> Self {
+        WatchService { events, metrics }
     }
 }
 
@@ -74,7 +77,12 @@ impl watch_server::Watch for WatchService {
         let subscription = Subscription::new(r.namespace_pattern, start, &r.kinds)?;
         let watcher = self.events.watch(subscription).map_err(status)?;
         let start_after = watcher.start_after();
-        let stream: Events = Box::pin(watcher.into_stream().map(|item| item.map_err(status)));
+        // The guard lives as long as the stream: counted open until it is dropped.
+        let open = self.metrics.watcher();
+        let stream: Events = Box::pin(watcher.into_stream().map(move |item| {
+            let _open = &open;
+            item.map_err(status)
+        }));
         let mut response = Response::new(stream);
         response
             .metadata_mut()

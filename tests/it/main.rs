@@ -17,6 +17,7 @@ mod integrity;
 mod invalidate;
 mod lifecycle;
 mod memory;
+mod metrics;
 mod model;
 mod namespaces;
 mod ops;

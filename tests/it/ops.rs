@@ -174,6 +174,14 @@ async fn a_flood_beyond_the_limit_is_shed_while_health_answers_on_both_ports() {
             .expect_err("still overloaded");
         assert_eq!(status.code(), tonic::Code::ResourceExhausted);
     }
+    // Each refusal is counted, once.
+    let metrics = crate::metrics::scrape(&server).await;
+    assert_eq!(
+        metrics.value("hoard_shed_requests_total", &[]),
+        Some(21.0),
+        "{}",
+        metrics.text
+    );
     // Health is never shed, on either port.
     assert_eq!(health(server.channel()).await, ServingStatus::Serving);
     assert_eq!(

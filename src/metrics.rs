@@ -1,0 +1,575 @@
+//! The server's metrics: OpenTelemetry instruments, read as Prometheus text at the ops port's
+//! `GET /metrics`. One [`Metrics`] is built per server (`server.rs`) and handed to what
+//! records: the request layer (`layers.rs`), the authentication and shedding layers, and the
+//! AC and CAS services. Names follow Prometheus conventions (units in names, `_total` for
+//! counters), so the exporter is told not to add suffixes of its own.
+
+use std::collections::HashSet;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+use opentelemetry::metrics::Meter;
+use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, UpDownCounter};
+use opentelemetry::KeyValue;
+use opentelemetry_sdk::metrics::SdkMeterProvider;
+use parking_lot::{Mutex, RwLock};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::namespace::{ActionResults, Policy};
+use crate::store::{Housekeeping, StoreStats};
+
+/// The label value of instance names past `telemetry.max_namespace_labels`.
+pub const OTHER: &str = "other";
+
+/// Latency buckets in seconds: a cache answers in well under a millisecond to many seconds
+/// (large blobs), so they span 100 µs to 60 s.
+const DURATION_BUCKETS: &[f64] = &[
+    0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5,
+    5.0, 10.0, 30.0, 60.0,
+];
+
+/// The gRPC services and methods this server implements: only these become label values
+/// (any other path is counted as `unknown`), so a client calling made-up methods cannot grow
+/// the series. Health is not here: probes are not counted (see `layers::MetricsLayer`).
+const METHODS: &[(&str, &[&str])] = &[
+    (
+        "build.bazel.remote.execution.v2.ActionCache",
+        &["GetActionResult", "UpdateActionResult"],
+    ),
+    (
+        "build.bazel.remote.execution.v2.ContentAddressableStorage",
+        &[
+            "FindMissingBlobs",
+            "BatchUpdateBlobs",
+            "BatchReadBlobs",
+            "GetTree",
+            "SplitBlob",
+            "SpliceBlob",
+        ],
+    ),
+    (
+        "build.bazel.remote.execution.v2.Capabilities",
+        &["GetCapabilities"],
+    ),
+    (
+        "google.bytestream.ByteStream",
+        &["Read", "Write", "QueryWriteStatus"],
+    ),
+    (
+        "hoard.admin.v1.Admin",
+        &[
+            "Stats",
+            "Gc",
+            "Verify",
+            "Invalidate",
+            "ListNamespaces",
+            "PruneNamespaces",
+            "GetProvenance",
+        ],
+    ),
+    ("hoard.watch.v1.Watch", &["Watch"]),
+];
+
+/// Why a call was answered UNAUTHENTICATED: the `reason` label of
+/// `hoard_auth_failures_total`, a fixed set.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AuthFailure {
+    /// No credentials, and anonymous callers get nothing.
+    NoCredentials,
+    /// A token no `[[auth.token]]` hash matches.
+    UnknownToken,
+    /// An `authorization` header that is not Bearer or Basic as expected.
+    Malformed,
+    /// A verified client certificate whose subject no `[[auth.client_cert]]` lists.
+    UnlistedCertificate,
+}
+
+impl AuthFailure {
+    pub const ALL: [AuthFailure; 4] = [
+        AuthFailure::NoCredentials,
+        AuthFailure::UnknownToken,
+        AuthFailure::Malformed,
+        AuthFailure::UnlistedCertificate,
+    ];
+
+    pub fn label(self) -> &'static str {
+        match self {
+            AuthFailure::NoCredentials => "no_credentials",
+            AuthFailure::UnknownToken => "unknown_token",
+            AuthFailure::Malformed => "malformed",
+            AuthFailure::UnlistedCertificate => "unlisted_certificate",
+        }
+    }
+}
+
+/// What an invalidation changed: the `kind` label of `hoard_invalidations_total`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Invalidated {
+    /// Listed action results of one namespace were removed.
+    Actions,
+    /// A namespace's epoch was bumped (by name or as one match of a pattern).
+    Namespace,
+    /// An idle namespace was dropped (PruneNamespaces).
+    Dropped,
+}
+
+impl Invalidated {
+    const ALL: [Invalidated; 3] = [
+        Invalidated::Actions,
+        Invalidated::Namespace,
+        Invalidated::Dropped,
+    ];
+
+    fn label(self) -> &'static str {
+        match self {
+            Invalidated::Actions => "actions",
+            Invalidated::Namespace => "namespace",
+            Invalidated::Dropped => "dropped",
+        }
+    }
+}
+
+/// Every instrument of one server, and the registry `/metrics` renders.
+pub struct Metrics {
+    registry: prometheus::Registry,
+    /// Owns the reader; the instruments record into it.
+    _provider: SdkMeterProvider,
+    requests: Counter<u64>,
+    duration: Histogram<f64>,
+    ac_lookups: Counter<u64>,
+    ac_hits: Counter<u64>,
+    cas_lookups: Counter<u64>,
+    cas_found: Counter<u64>,
+    shed: Counter<u64>,
+    auth_failures: Counter<u64>,
+    invalidations: Counter<u64>,
+    watchers: UpDownCounter<i64>,
+    /// Which `[[namespaces.rule]]` matches an instance name.
+    policy: Policy,
+    namespaces: NamespaceLabels,
+    /// Where the store figures come from, once the store is open.
+    store: OnceLock<(Arc<dyn Housekeeping>, Arc<ActionResults>)>,
+    /// The store's figures as of this scrape, which the observable instruments report.
+    stats: Arc<Mutex<Option<StoreStats>>>,
+}
+
+impl std::fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Metrics").finish_non_exhaustive()
+    }
+}
+
+impl Metrics {
+    /// The instruments, with their own registry (so servers in one process, as in tests, never
+    /// share counts).
+    pub fn new(config: &Config) -> Result<Arc<Metrics>> {
+        let registry = prometheus::Registry::new();
+        let exporter = opentelemetry_prometheus::exporter()
+            .with_registry(registry.clone())
+            .without_units()
+            .without_counter_suffixes()
+            .without_target_info()
+            .scope_info_enabled(false)
+            .build()
+            .map_err(|e| Error::internal("setting up the metrics exporter", e))?;
+        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let meter = provider.meter("hoard");
+        let counter = |name: &'static str, help: &'static str| {
+            meter.u64_counter(name).with_description(help).build()
+        };
+        let metrics = Metrics {
+            requests: counter(
+                "hoard_requests_total",
+                "gRPC calls answered, by service, method and gRPC code",
+            ),
+            duration: meter
+                .f64_histogram("hoard_request_duration_seconds")
+                .with_description(
+                    "gRPC call duration from arrival until the reply's end (its trailers)",
+                )
+                .with_boundaries(DURATION_BUCKETS.to_vec())
+                .build(),
+            ac_lookups: counter(
+                "hoard_ac_lookups_total",
+                "GetActionResult calls that reached the action cache",
+            ),
+            ac_hits: counter(
+                "hoard_ac_hits_total",
+                "GetActionResult calls answered with a result",
+            ),
+            cas_lookups: counter(
+                "hoard_cas_lookups_total",
+                "digests asked about in FindMissingBlobs",
+            ),
+            cas_found: counter(
+                "hoard_cas_found_total",
+                "digests FindMissingBlobs found present",
+            ),
+            shed: counter(
+                "hoard_shed_requests_total",
+                "calls refused RESOURCE_EXHAUSTED by the concurrency limit",
+            ),
+            auth_failures: counter(
+                "hoard_auth_failures_total",
+                "calls answered UNAUTHENTICATED, by reason",
+            ),
+            invalidations: counter(
+                "hoard_invalidations_total",
+                "invalidation changes made, each announced on the watch stream, by kind",
+            ),
+            watchers: meter
+                .i64_up_down_counter("hoard_watchers")
+                .with_description("watch streams open")
+                .build(),
+            policy: Policy::new(&config.namespaces),
+            namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
+            store: OnceLock::new(),
+            stats: Arc::new(Mutex::new(None)),
+            registry,
+            _provider: provider,
+        };
+        store_instruments(&meter, &metrics.stats);
+        // Present from the start at 0, so alerts on their rate need no `absent()`.
+        metrics.shed.add(0, &[]);
+        for reason in AuthFailure::ALL {
+            metrics.auth_failure_by(reason, 0);
+        }
+        for kind in Invalidated::ALL {
+            metrics
+                .invalidations
+                .add(0, &[KeyValue::new("kind", kind.label())]);
+        }
+        metrics.watchers.add(0, &[]);
+        meter
+            .u64_gauge("hoard_build_info")
+            .with_description("always 1; the label names the version")
+            .build()
+            .record(1, &[KeyValue::new("version", env!("CARGO_PKG_VERSION"))]);
+        Ok(Arc::new(metrics))
+    }
+
+    /// Reports the figures of `store` (sizes, evictions, refusals) and `results` (expiries)
+    /// from now on, read at each scrape. The ops port serves before the store opens; until
+    /// then these series are absent.
+    pub fn watch_store(&self, store: Arc<dyn Housekeeping>, results: Arc<ActionResults>) {
+        let _ = self.store.set((store, results));
+    }
+
+    /// Everything recorded, as Prometheus text format 0.0.4; the store's figures are read now.
+    pub async fn render(&self) -> String {
+        if let Some((store, results)) = self.store.get() {
+            let stats = match store.stats().await {
+                Ok(mut stats) => {
+                    results.add_stats(&mut stats);
+                    Some(stats)
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "reading the store's figures for /metrics failed");
+                    None
+                }
+            };
+            *self.stats.lock() = stats;
+        }
+        let families = self.registry.gather();
+        prometheus::TextEncoder::new()
+            .encode_to_string(&families)
+            .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
+    }
+
+    /// One answered call: its path (`/service/method`), gRPC code and duration.
+    pub fn request(&self, path: &str, code: tonic::Code, elapsed: Duration) {
+        let (service, method) = service_and_method(path);
+        let labels = [
+            KeyValue::new("service", service),
+            KeyValue::new("method", method),
+        ];
+        self.duration.record(elapsed.as_secs_f64(), &labels);
+        let [service, method] = labels;
+        self.requests.add(
+            1,
+            &[service, method, KeyValue::new("code", code_label(code))],
+        );
+    }
+
+    /// A GetActionResult for `instance` that got as far as the cache, found or not.
+    pub fn ac_lookup(&self, instance: &str, hit: bool) {
+        let labels = self.namespace_labels(instance);
+        self.ac_lookups.add(1, &labels);
+        if hit {
+            self.ac_hits.add(1, &labels);
+        }
+    }
+
+    /// A FindMissingBlobs for `instance`: `asked` digests, `found` of them present.
+    pub fn cas_lookup(&self, instance: &str, asked: usize, found: usize) {
+        let labels = self.namespace_labels(instance);
+        self.cas_lookups.add(asked as u64, &labels);
+        self.cas_found.add(found as u64, &labels);
+    }
+
+    /// A call the concurrency limit refused.
+    pub fn shed(&self) {
+        self.shed.add(1, &[]);
+    }
+
+    /// A call answered UNAUTHENTICATED.
+    pub fn auth_failure(&self, reason: AuthFailure) {
+        self.auth_failure_by(reason, 1);
+    }
+
+    fn auth_failure_by(&self, reason: AuthFailure, n: u64) {
+        self.auth_failures
+            .add(n, &[KeyValue::new("reason", reason.label())]);
+    }
+
+    /// One invalidation change, made durable and announced.
+    pub fn invalidation(&self, kind: Invalidated) {
+        self.invalidations
+            .add(1, &[KeyValue::new("kind", kind.label())]);
+    }
+
+    /// A watch stream opened; it counts as open until the returned guard is dropped.
+    pub fn watcher(self: &Arc<Self>) -> WatcherGuard {
+        self.watchers.add(1, &[]);
+        WatcherGuard(self.clone())
+    }
+
+    /// `namespace_rule` (the matching rule's pattern, or `default`) and `namespace` (capped).
+    fn namespace_labels(&self, instance: &str) -> [KeyValue; 2] {
+        let rule = match self.policy.rule(instance) {
+            Some(rule) => rule.pattern.clone(),
+            None => "default".to_string(),
+        };
+        [
+            KeyValue::new("namespace_rule", rule),
+            KeyValue::new("namespace", self.namespaces.label(instance)),
+        ]
+    }
+}
+
+/// Held by an open watch stream (`hoard_watchers`).
+pub struct WatcherGuard(Arc<Metrics>);
+
+impl Drop for WatcherGuard {
+    fn drop(&mut self) {
+        self.0.watchers.add(-1, &[]);
+    }
+}
+
+/// The store's figures as observable instruments over `stats` (refreshed before each scrape;
+/// absent while it is `None`). Counters since the server started are counters here too.
+fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
+    type Read = fn(&StoreStats) -> Option<u64>;
+    let gauges: [(&'static str, &'static str, Read); 7] = [
+        (
+            "hoard_stored_blobs",
+            "CAS blobs stored (the empty blob not counted)",
+            |s| Some(s.blobs),
+        ),
+        (
+            "hoard_stored_blob_bytes",
+            "total size of the stored CAS blobs",
+            |s| Some(s.blob_bytes),
+        ),
+        (
+            "hoard_action_results",
+            "action results stored, over all instance names",
+            |s| Some(s.action_results),
+        ),
+        (
+            "hoard_used_bytes",
+            "what storage.max_size bounds: blobs (files in whole 4 KiB blocks) and action results",
+            |s| Some(s.used_bytes),
+        ),
+        (
+            "hoard_max_size_bytes",
+            "the bound on hoard_used_bytes (storage.max_size)",
+            |s| Some(s.max_size),
+        ),
+        (
+            "hoard_disk_bytes",
+            "what the data dir takes on disk, database overhead included",
+            |s| Some(s.disk_bytes),
+        ),
+        (
+            "hoard_youngest_evicted_age_seconds",
+            "how long the most recently used evicted blob had been idle (absent until one is)",
+            |s| s.youngest_evicted_age_secs,
+        ),
+    ];
+    for (name, help, read) in gauges {
+        let stats = stats.clone();
+        meter
+            .u64_observable_gauge(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                if let Some(v) = stats.lock().as_ref().and_then(read) {
+                    observer.observe(v, &[]);
+                }
+            })
+            .build();
+    }
+    let counters: [(&'static str, &'static str, Read); 4] = [
+        (
+            "hoard_evicted_blobs_total",
+            "blobs evicted since start",
+            |s| Some(s.evicted_blobs),
+        ),
+        (
+            "hoard_evicted_bytes_total",
+            "bytes evicted since start",
+            |s| Some(s.evicted_bytes),
+        ),
+        (
+            "hoard_expired_action_results_total",
+            "action results dropped since start because their TTL since last use passed",
+            |s| Some(s.expired_action_results),
+        ),
+        (
+            "hoard_refused_writes_total",
+            "writes refused since start because the cache was full",
+            |s| Some(s.refused_writes),
+        ),
+    ];
+    for (name, help, read) in counters {
+        let stats = stats.clone();
+        meter
+            .u64_observable_counter(name)
+            .with_description(help)
+            .with_callback(move |observer| {
+                if let Some(v) = stats.lock().as_ref().and_then(read) {
+                    observer.observe(v, &[]);
+                }
+            })
+            .build();
+    }
+}
+
+/// The first `cap` distinct instance names seen keep their name as label value; later ones
+/// become [`OTHER`]. First come, first kept: a name once labelled stays labelled while the
+/// process runs, so its series never jumps to `other`.
+struct NamespaceLabels {
+    cap: usize,
+    seen: RwLock<HashSet<String>>,
+}
+
+impl NamespaceLabels {
+    fn new(cap: usize) -> Self {
+        NamespaceLabels {
+            cap,
+            seen: RwLock::new(HashSet::new()),
+        }
+    }
+
+    fn label(&self, instance: &str) -> String {
+        if self.seen.read().contains(instance) {
+            return instance.to_string();
+        }
+        let mut seen = self.seen.write();
+        if seen.contains(instance) || seen.len() < self.cap {
+            seen.insert(instance.to_string());
+            instance.to_string()
+        } else {
+            OTHER.to_string()
+        }
+    }
+}
+
+/// `/pkg.Service/Method` → (service, method) if this server implements it, else `unknown`.
+fn service_and_method(path: &str) -> (&'static str, &'static str) {
+    let mut parts = path.trim_start_matches('/').splitn(2, '/');
+    let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
+        return ("unknown", "unknown");
+    };
+    for (known, methods) in METHODS {
+        if *known == service {
+            let method = methods
+                .iter()
+                .find(|m| **m == method)
+                .copied()
+                .unwrap_or("unknown");
+            return (known, method);
+        }
+    }
+    ("unknown", "unknown")
+}
+
+/// The code's name as tonic spells it (`Ok`, `NotFound`, ...).
+fn code_label(code: tonic::Code) -> &'static str {
+    use tonic::Code::*;
+    match code {
+        Ok => "Ok",
+        Cancelled => "Cancelled",
+        Unknown => "Unknown",
+        InvalidArgument => "InvalidArgument",
+        DeadlineExceeded => "DeadlineExceeded",
+        NotFound => "NotFound",
+        AlreadyExists => "AlreadyExists",
+        PermissionDenied => "PermissionDenied",
+        ResourceExhausted => "ResourceExhausted",
+        FailedPrecondition => "FailedPrecondition",
+        Aborted => "Aborted",
+        OutOfRange => "OutOfRange",
+        Unimplemented => "Unimplemented",
+        Internal => "Internal",
+        Unavailable => "Unavailable",
+        DataLoss => "DataLoss",
+        Unauthenticated => "Unauthenticated",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_known_methods_become_labels() {
+        assert_eq!(
+            service_and_method("/build.bazel.remote.execution.v2.ActionCache/GetActionResult"),
+            (
+                "build.bazel.remote.execution.v2.ActionCache",
+                "GetActionResult"
+            )
+        );
+        assert_eq!(
+            service_and_method("/google.bytestream.ByteStream/Made-Up"),
+            ("google.bytestream.ByteStream", "unknown")
+        );
+        assert_eq!(service_and_method("/x.Y/Z"), ("unknown", "unknown"));
+        assert_eq!(service_and_method("/"), ("unknown", "unknown"));
+    }
+
+    #[test]
+    fn namespace_labels_stop_at_the_cap() {
+        let labels = NamespaceLabels::new(2);
+        assert_eq!(labels.label("a"), "a");
+        assert_eq!(labels.label("b"), "b");
+        assert_eq!(labels.label("c"), OTHER);
+        assert_eq!(labels.label("a"), "a");
+    }
+
+    #[tokio::test]
+    async fn rendered_text_has_prometheus_names_and_labels() {
+        let metrics = Metrics::new(&Config::default()).unwrap();
+        metrics.ac_lookup("ci/main", true);
+        metrics.request(
+            "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+            tonic::Code::NotFound,
+            Duration::from_millis(3),
+        );
+        let text = metrics.render().await;
+        assert!(
+            text.contains(
+                "hoard_ac_hits_total{namespace=\"ci/main\",namespace_rule=\"default\"} 1"
+            ),
+            "{text}"
+        );
+        assert!(text.contains("code=\"NotFound\""), "{text}");
+        assert!(
+            text.contains("hoard_request_duration_seconds_bucket"),
+            "{text}"
+        );
+        assert!(text.contains("hoard_build_info{version="), "{text}");
+    }
+}
