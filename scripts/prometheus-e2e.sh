@@ -167,8 +167,11 @@ if bench --instance "bad name" --count 1 ac; then fail "an invalid instance name
 # Past max_size: evictions, so hoard_youngest_evicted_age_seconds exists. With writes faster
 # than eviction some may be refused; the bench's exit status is not the point here.
 bench --instance e2e/main --count 400 --duration 15s fill --blobs 100 --large-every 4 --large-max 1MiB || true
-grep -q "hoard_youngest_evicted_age_seconds" <(python3 -c "import urllib.request,sys; sys.stdout.write(urllib.request.urlopen('http://127.0.0.1:$OPS_PORT/metrics').read().decode())") \
-  || fail "the fill evicted nothing (no hoard_youngest_evicted_age_seconds)"
+# Eviction runs in the background: wait for its gauge.
+evicted() {
+  python3 -c "import urllib.request,sys; sys.exit('hoard_youngest_evicted_age_seconds ' not in urllib.request.urlopen('http://127.0.0.1:$OPS_PORT/metrics', timeout=5).read().decode())" 2>/dev/null
+}
+wait_for evicted || fail "the fill evicted nothing (no hoard_youngest_evicted_age_seconds)"
 pass "load driven (bench log: $(wc -l <"$TMP/bench.log") lines)"
 
 # --- 4. every expression through the query API ----------------------------------
