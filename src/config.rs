@@ -27,6 +27,9 @@ pub struct Config {
     /// probes, which cannot speak TLS), `GET /healthz`, `GET /readyz` and `GET /metrics`. It
     /// serves no cache data. Default: off.
     pub ops_listen: Option<SocketAddr>,
+    /// `text` (default) or `json`: how log lines on stderr look. Each line logged while a call
+    /// runs carries the call's `request_id`.
+    pub log_format: LogFormat,
     pub storage: StorageConfig,
     pub limits: LimitsConfig,
     pub namespaces: NamespacesConfig,
@@ -52,7 +55,9 @@ pub struct TlsConfig {
     pub client_ca: Option<PathBuf>,
 }
 
-/// Metrics (`[telemetry]`), served as Prometheus text at the ops port's `GET /metrics`.
+/// Metrics and traces (`[telemetry]`). Metrics are always served as Prometheus text at the ops
+/// port's `GET /metrics`; with `otlp_endpoint` they are also pushed over OTLP/gRPC, with a span
+/// per call.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
@@ -60,12 +65,75 @@ pub struct TelemetryConfig {
     /// CAS lookup metrics; later ones are counted as `other`, so a client inventing names
     /// cannot grow the series without bound. Default 50.
     pub max_namespace_labels: usize,
+    /// An OpenTelemetry collector's OTLP/gRPC address (`http://collector:4317`, or `https://`
+    /// for TLS with the system's roots). When set, metrics are pushed there every
+    /// `otlp_interval` and a span per call is exported. Default: off.
+    pub otlp_endpoint: Option<String>,
+    /// How often metrics are pushed to `otlp_endpoint`. Default 10s.
+    pub otlp_interval: HumanDuration,
+    /// The share of calls traced when the client did not decide (a W3C `traceparent` from the
+    /// client is followed: sampled there, sampled here). 0 to 1; default 1 (every call). At tens
+    /// of thousands of calls a second, a lower ratio keeps the collector's load down.
+    pub trace_sample_ratio: f64,
 }
 
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
             max_namespace_labels: 50,
+            otlp_endpoint: None,
+            otlp_interval: HumanDuration(Duration::from_secs(10)),
+            trace_sample_ratio: 1.0,
+        }
+    }
+}
+
+impl TelemetryConfig {
+    fn check(&self) -> Result<(), String> {
+        if let Some(endpoint) = &self.otlp_endpoint {
+            let uri: http::Uri = endpoint
+                .parse()
+                .map_err(|e| format!("telemetry.otlp_endpoint {endpoint:?} is not a URL: {e}"))?;
+            let scheme_ok = matches!(uri.scheme_str(), Some("http") | Some("https"));
+            if !scheme_ok || uri.host().is_none() {
+                return Err(format!(
+                    "telemetry.otlp_endpoint {endpoint:?} must be http://host:port or \
+                     https://host:port (an OTLP/gRPC collector, usually port 4317)"
+                ));
+            }
+        }
+        if self.otlp_interval.0 < Duration::from_secs(1) {
+            return Err("telemetry.otlp_interval must be at least 1s".into());
+        }
+        if !(0.0..=1.0).contains(&self.trace_sample_ratio) {
+            return Err(format!(
+                "telemetry.trace_sample_ratio ({}) must be between 0 and 1",
+                self.trace_sample_ratio
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// How log lines are written to stderr (`log_format`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    /// One human-readable line per event (the default).
+    #[default]
+    Text,
+    /// One JSON object per line, for log collectors.
+    Json,
+}
+
+impl FromStr for LogFormat {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s {
+            "text" => Ok(LogFormat::Text),
+            "json" => Ok(LogFormat::Json),
+            _ => Err(format!("log format {s:?} is neither \"text\" nor \"json\"")),
         }
     }
 }
@@ -278,6 +346,7 @@ impl Default for Config {
             namespaces: NamespacesConfig::default(),
             watch: WatchConfig::default(),
             telemetry: TelemetryConfig::default(),
+            log_format: LogFormat::default(),
             tls: None,
             auth: None,
         }
@@ -387,6 +456,7 @@ impl Config {
             return Err("watch.retained_events and watch.max_lag must be above 0".into());
         }
         self.namespaces.check()?;
+        self.telemetry.check()?;
         if let Some(auth) = &self.auth {
             auth.check()?;
         }

@@ -5,6 +5,7 @@
 
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Instant;
@@ -13,6 +14,7 @@ use bytes::Bytes;
 use http::{HeaderMap, HeaderValue, Request, Response};
 use http_body::Frame;
 use tokio::sync::Semaphore;
+use tracing::Instrument;
 
 use crate::auth::Authenticator;
 use crate::connections::Peer;
@@ -219,11 +221,13 @@ where
 }
 
 /// Counts every call but health checks (`hoard_requests_total` by service, method and gRPC
-/// code) and times it from arrival until its reply ends (`hoard_request_duration_seconds`), so
-/// a streamed Read or Watch counts its whole stream. Outermost, so it also sees the calls the
-/// layers inside refuse. The code of a streamed reply is only known from its trailers, so the
-/// reply body is wrapped to read them; a trailers-only reply carries it in its headers.
-/// Health checks are left out: probes every few seconds would dominate the request rate.
+/// code), times it from arrival until its reply ends (`hoard_request_duration_seconds`), so a
+/// streamed Read or Watch counts its whole stream, counts the bytes of its request and reply
+/// bodies, and runs it in its span (`telemetry::rpc_span`: request id, client's traceparent).
+/// Outermost, so it also sees the calls the layers inside refuse. The code of a streamed reply
+/// is only known from its trailers, so the reply body is wrapped to read them; a trailers-only
+/// reply carries it in its headers. Health checks are left out: probes every few seconds would
+/// dominate the request rate.
 #[derive(Clone)]
 pub struct MetricsLayer {
     metrics: Arc<Metrics>,
@@ -255,9 +259,11 @@ pub struct Measure<S> {
 
 impl<S, B, RB> tower::Service<Request<B>> for Measure<S>
 where
-    S: tower::Service<Request<B>, Response = Response<RB>>,
+    S: tower::Service<Request<tonic::body::Body>, Response = Response<RB>>,
     S::Future: Send + 'static,
     S::Error: Send + 'static,
+    B: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<tonic::codegen::StdError>,
     RB: http_body::Body<Data = Bytes> + Unpin + Send + 'static,
     RB::Error: Into<tonic::codegen::StdError>,
 {
@@ -270,40 +276,52 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let measured = if never_shed(request.uri().path()) {
-            None
-        } else {
-            Some((self.metrics.clone(), request.uri().path().to_string()))
-        };
-        let reply = self.inner.call(request);
-        let started = Instant::now();
-        Box::pin(async move {
-            let response = reply.await?;
-            Ok(match measured {
-                None => response.map(tonic::body::Body::new),
-                Some((metrics, path)) => {
-                    let code = grpc_status(response.headers());
-                    if let Some(code) = code {
-                        // Trailers-only (refusals, errors of unary calls): the code is known
-                        // now, and recording before the reply leaves keeps the count exact for
-                        // whoever reads `/metrics` next.
-                        metrics.request(&path, code, started.elapsed());
-                        return Ok(response.map(tonic::body::Body::new));
-                    }
-                    response.map(|inner| {
-                        tonic::body::Body::new(Measured {
-                            inner,
-                            record: Some(Record {
-                                metrics,
-                                path,
-                                started,
-                                code: None,
-                            }),
-                        })
-                    })
-                }
+        if never_shed(request.uri().path()) {
+            let reply = self.inner.call(request.map(tonic::body::Body::new));
+            return Box::pin(async move { Ok(reply.await?.map(tonic::body::Body::new)) });
+        }
+        let (service, method) = crate::metrics::service_and_method(request.uri().path());
+        let span = crate::telemetry::rpc_span(service, method, request.headers());
+        let received = Arc::new(AtomicU64::new(0));
+        let request = request.map(|inner| {
+            tonic::body::Body::new(Counted {
+                inner,
+                count: received.clone(),
             })
-        })
+        });
+        // Entered while the router and the layers inside it start the call, and (below)
+        // whenever the handler's future or its reply stream runs, so what they log carries
+        // the request id and what they record lands on this span.
+        let reply = span.in_scope(|| self.inner.call(request));
+        let record = Record {
+            metrics: self.metrics.clone(),
+            service,
+            method,
+            started: Instant::now(),
+            code: None,
+            span: span.clone(),
+            received,
+            sent: 0,
+        };
+        Box::pin(
+            async move {
+                let response = reply.await?;
+                if let Some(code) = grpc_status(response.headers()) {
+                    // Trailers-only (refusals, errors of unary calls): the code is known now,
+                    // and recording before the reply leaves keeps the count exact for whoever
+                    // reads `/metrics` next.
+                    record.finish(code);
+                    return Ok(response.map(tonic::body::Body::new));
+                }
+                Ok(response.map(|inner| {
+                    tonic::body::Body::new(Measured {
+                        inner,
+                        record: Some(record),
+                    })
+                }))
+            }
+            .instrument(span),
+        )
     }
 }
 
@@ -316,27 +334,82 @@ fn grpc_status(headers: &HeaderMap) -> Option<tonic::Code> {
         .map(tonic::Code::from_i32)
 }
 
+/// A request body that counts the bytes of its data frames (the gRPC-framed messages) as the
+/// handler reads them.
+struct Counted<B> {
+    inner: B,
+    count: Arc<AtomicU64>,
+}
+
+impl<B> http_body::Body for Counted<B>
+where
+    B: http_body::Body<Data = Bytes> + Unpin,
+{
+    type Data = Bytes;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
+        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        if let Poll::Ready(Some(Ok(frame))) = &polled {
+            if let Some(data) = frame.data_ref() {
+                self.count.fetch_add(data.len() as u64, Ordering::Relaxed);
+            }
+        }
+        polled
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.inner.size_hint()
+    }
+}
+
 /// What is recorded once a reply ends.
 struct Record {
     metrics: Arc<Metrics>,
-    path: String,
+    service: &'static str,
+    method: &'static str,
     started: Instant,
     /// Never known before the trailers (a trailers-only reply is recorded at once); kept for
     /// a body that ends without trailers.
     code: Option<tonic::Code>,
+    span: tracing::Span,
+    /// The request body's bytes, counted as the handler reads them.
+    received: Arc<AtomicU64>,
+    /// The reply body's bytes so far.
+    sent: u64,
 }
 
 impl Record {
     fn finish(self, fallback: tonic::Code) {
         let code = self.code.unwrap_or(fallback);
-        self.metrics
-            .request(&self.path, code, self.started.elapsed());
+        let elapsed = self.started.elapsed();
+        let received = self.received.load(Ordering::Relaxed);
+        self.metrics.request(
+            self.service,
+            self.method,
+            code,
+            elapsed,
+            received,
+            self.sent,
+        );
+        crate::telemetry::finish_rpc_span(&self.span, code, received, self.sent);
+        self.span.in_scope(|| {
+            tracing::debug!(code = ?code, seconds = elapsed.as_secs_f64(), "call finished");
+        });
     }
 }
 
 /// A reply body that records its call when it ends: at its trailers, at its end without any
 /// (the code from the headers, else UNKNOWN), or when dropped before the end (the client went
-/// away: CANCELLED unless a code was already known).
+/// away: CANCELLED unless a code was already known). It counts the bytes it carries and polls
+/// the reply inside the call's span, so a streaming handler's work is part of it.
 struct Measured<B> {
     inner: B,
     record: Option<Record>,
@@ -353,23 +426,35 @@ where
         mut self: Pin<&mut Self>,
         cx: &mut Context<'_>,
     ) -> Poll<Option<Result<Frame<Bytes>, B::Error>>> {
-        let polled = Pin::new(&mut self.inner).poll_frame(cx);
+        let this = &mut *self;
+        let polled = match &this.record {
+            Some(record) => {
+                let _entered = record.span.enter();
+                Pin::new(&mut this.inner).poll_frame(cx)
+            }
+            None => Pin::new(&mut this.inner).poll_frame(cx),
+        };
         match &polled {
             Poll::Ready(Some(Ok(frame))) => {
+                if let Some(data) = frame.data_ref() {
+                    if let Some(record) = this.record.as_mut() {
+                        record.sent += data.len() as u64;
+                    }
+                }
                 if let Some(trailers) = frame.trailers_ref() {
-                    if let Some(mut record) = self.record.take() {
+                    if let Some(mut record) = this.record.take() {
                         record.code = grpc_status(trailers).or(record.code);
                         record.finish(tonic::Code::Unknown);
                     }
                 }
             }
             Poll::Ready(Some(Err(_))) => {
-                if let Some(record) = self.record.take() {
+                if let Some(record) = this.record.take() {
                     record.finish(tonic::Code::Internal);
                 }
             }
             Poll::Ready(None) => {
-                if let Some(record) = self.record.take() {
+                if let Some(record) = this.record.take() {
                     record.finish(tonic::Code::Unknown);
                 }
             }

@@ -13,7 +13,8 @@
 //! - [`watch`] is the persisted event log behind the watch stream.
 //! - [`connections`] accepts sockets (descriptor back-off, handshake deadline, the TLS
 //!   handshake with [`tls`]'s reloadable config); [`layers`] holds the tower layers around every
-//!   service; [`metrics`] the instruments they and the services record into (`/metrics`).
+//!   service; [`metrics`] the instruments they and the services record into (`/metrics`);
+//!   [`telemetry`] the logs and the span of each call (OTLP traces).
 
 pub mod auth;
 pub mod cli;
@@ -34,6 +35,7 @@ pub mod resource_name;
 pub mod server;
 pub mod service;
 pub mod store;
+pub mod telemetry;
 pub mod throttle;
 pub mod tls;
 pub mod watch;

@@ -36,6 +36,9 @@ enum Command {
         /// Directory for the database and blob files [default: ./hoard-data].
         #[arg(long, env = "HOARD_DATA_DIR")]
         data_dir: Option<PathBuf>,
+        /// Log lines as `text` or `json` [default: the config's log_format, else text].
+        #[arg(long, env = "HOARD_LOG_FORMAT")]
+        log_format: Option<hoard::config::LogFormat>,
     },
     /// Print a server's watch stream (invalidations, optionally stored results) as JSON lines.
     Watch(hoard::cli::watch::WatchArgs),
@@ -60,20 +63,17 @@ enum Command {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    tracing_subscriber::fmt()
-        .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info")),
-        )
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    // The server sets up its own logging once its config (log_format, OTLP) is read.
+    if !matches!(cli.command, Command::Serve { .. }) {
+        hoard::telemetry::init_cli_logging();
+    }
     let result = match cli.command {
         Command::Serve {
             config,
             listen,
             data_dir,
-        } => serve(config, listen, data_dir),
+            log_format,
+        } => serve(config, listen, data_dir, log_format),
         // Prints its own error: the exit status tells a supervisor to resume or to resync.
         Command::Watch(args) => return hoard::cli::watch::main(args),
         // These print their own errors: their exit status says more than success or failure.
@@ -95,6 +95,7 @@ fn serve(
     config_path: Option<PathBuf>,
     listen: Option<SocketAddr>,
     data_dir: Option<PathBuf>,
+    log_format: Option<hoard::config::LogFormat>,
 ) -> Result<(), String> {
     let mut config = match &config_path {
         Some(path) => Config::load(path)?,
@@ -106,6 +107,9 @@ fn serve(
     if let Some(dir) = data_dir {
         config.data_dir = dir;
     }
+    if let Some(format) = log_format {
+        config.log_format = format;
+    }
     hoard::connections::raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
@@ -113,7 +117,10 @@ fn serve(
         .max_blocking_threads(hoard::store::sled::MAX_TRANSFERS + 512)
         .build()
         .map_err(|e| format!("cannot start the async runtime: {e}"))?;
-    runtime.block_on(async {
+    // Inside the runtime: the OTLP exporters' channels are bound to it.
+    let tracing = runtime
+        .block_on(async { hoard::telemetry::init_server(config.log_format, &config.telemetry) })?;
+    let served = runtime.block_on(async {
         // Handlers go in before anything else, so an early SIGTERM still shuts down cleanly.
         let shutdown = shutdown_signal()?;
         // SIGHUP's default action ends the process, and a certificate rotation may send it
@@ -127,7 +134,12 @@ fn serve(
         hoard::server::run(listener, &config, shutdown)
             .await
             .map_err(|e| e.to_string())
-    })
+    });
+    // The spans still queued reach the collector; blocking, so off the runtime's workers.
+    runtime.block_on(async {
+        let _ = tokio::task::spawn_blocking(move || tracing.shutdown()).await;
+    });
+    served
 }
 
 /// A future that completes on the first SIGINT or SIGTERM. The handlers are registered now.

@@ -133,10 +133,12 @@ impl Invalidated {
 /// Every instrument of one server, and the registry `/metrics` renders.
 pub struct Metrics {
     registry: prometheus::Registry,
-    /// Owns the reader; the instruments record into it.
-    _provider: SdkMeterProvider,
+    /// Owns the readers (Prometheus, and OTLP if configured); the instruments record into it.
+    provider: SdkMeterProvider,
     requests: Counter<u64>,
     duration: Histogram<f64>,
+    received_bytes: Counter<u64>,
+    sent_bytes: Counter<u64>,
     ac_lookups: Counter<u64>,
     ac_hits: Counter<u64>,
     cas_lookups: Counter<u64>,
@@ -173,7 +175,16 @@ impl Metrics {
             .scope_info_enabled(false)
             .build()
             .map_err(|e| Error::internal("setting up the metrics exporter", e))?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let mut provider = SdkMeterProvider::builder()
+            .with_reader(exporter)
+            .with_resource(crate::telemetry::resource());
+        // `telemetry.otlp_endpoint`: the same instruments are also pushed to a collector.
+        if let Some(reader) =
+            crate::telemetry::metric_reader(&config.telemetry).map_err(Error::InvalidArgument)?
+        {
+            provider = provider.with_reader(reader);
+        }
+        let provider = provider.build();
         let meter = provider.meter("hoard");
         let counter = |name: &'static str, help: &'static str| {
             meter.u64_counter(name).with_description(help).build()
@@ -190,6 +201,14 @@ impl Metrics {
                 )
                 .with_boundaries(DURATION_BUCKETS.to_vec())
                 .build(),
+            received_bytes: counter(
+                "hoard_received_bytes_total",
+                "request body bytes received (gRPC-framed messages, as sent), by service and method",
+            ),
+            sent_bytes: counter(
+                "hoard_sent_bytes_total",
+                "reply body bytes sent (gRPC-framed messages, as sent), by service and method",
+            ),
             ac_lookups: counter(
                 "hoard_ac_lookups_total",
                 "GetActionResult calls that reached the action cache",
@@ -227,7 +246,7 @@ impl Metrics {
             store: OnceLock::new(),
             stats: Arc::new(Mutex::new(None)),
             registry,
-            _provider: provider,
+            provider,
         };
         store_instruments(&meter, &metrics.stats);
         // Present from the start at 0, so alerts on their rate need no `absent()`.
@@ -256,6 +275,14 @@ impl Metrics {
         let _ = self.store.set((store, results));
     }
 
+    /// Pushes the last figures to the OTLP collector, if one is configured, and stops its
+    /// reader. Blocking (an export may take up to its timeout): call it on a blocking thread.
+    pub fn shutdown(&self) {
+        if let Err(e) = self.provider.shutdown() {
+            tracing::warn!(error = %e, "the final metrics export failed");
+        }
+    }
+
     /// Everything recorded, as Prometheus text format 0.0.4; the store's figures are read now.
     pub async fn render(&self) -> String {
         if let Some((store, results)) = self.store.get() {
@@ -277,14 +304,24 @@ impl Metrics {
             .unwrap_or_else(|e| format!("# metrics could not be encoded: {e}\n"))
     }
 
-    /// One answered call: its path (`/service/method`), gRPC code and duration.
-    pub fn request(&self, path: &str, code: tonic::Code, elapsed: Duration) {
-        let (service, method) = service_and_method(path);
+    /// One answered call: its service and method (from [`service_and_method`]), gRPC code,
+    /// duration, and the bytes of its request and reply bodies.
+    pub fn request(
+        &self,
+        service: &'static str,
+        method: &'static str,
+        code: tonic::Code,
+        elapsed: Duration,
+        received: u64,
+        sent: u64,
+    ) {
         let labels = [
             KeyValue::new("service", service),
             KeyValue::new("method", method),
         ];
         self.duration.record(elapsed.as_secs_f64(), &labels);
+        self.received_bytes.add(received, &labels);
+        self.sent_bytes.add(sent, &labels);
         let [service, method] = labels;
         self.requests.add(
             1,
@@ -477,7 +514,7 @@ impl NamespaceLabels {
 }
 
 /// `/pkg.Service/Method` → (service, method) if this server implements it, else `unknown`.
-fn service_and_method(path: &str) -> (&'static str, &'static str) {
+pub fn service_and_method(path: &str) -> (&'static str, &'static str) {
     let mut parts = path.trim_start_matches('/').splitn(2, '/');
     let (Some(service), Some(method)) = (parts.next(), parts.next()) else {
         return ("unknown", "unknown");
@@ -553,10 +590,15 @@ mod tests {
     async fn rendered_text_has_prometheus_names_and_labels() {
         let metrics = Metrics::new(&Config::default()).unwrap();
         metrics.ac_lookup("ci/main", true);
+        let (service, method) =
+            service_and_method("/build.bazel.remote.execution.v2.ActionCache/GetActionResult");
         metrics.request(
-            "/build.bazel.remote.execution.v2.ActionCache/GetActionResult",
+            service,
+            method,
             tonic::Code::NotFound,
             Duration::from_millis(3),
+            10,
+            5,
         );
         let text = metrics.render().await;
         assert!(

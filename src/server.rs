@@ -74,6 +74,7 @@ pub async fn run_with_ops(
     let reloads = tokio::spawn(reload_on_sighup(tls.clone()));
     let health = HealthReporter::new();
     let metrics = Metrics::new(config)?;
+    let metrics_at_exit = metrics.clone();
     // The ops port outlives the gRPC port: `/healthz` answers until the store is flushed.
     let (ops_stop, ops_stopped) = tokio::sync::oneshot::channel::<()>();
     let ops_task = ops.map(|ops| {
@@ -115,6 +116,8 @@ pub async fn run_with_ops(
             Err(_) => tracing::debug!("ops port connections still open at exit"),
         }
     }
+    // The figures up to the end reach an OTLP collector too.
+    let _ = tokio::task::spawn_blocking(move || metrics_at_exit.shutdown()).await;
     served
 }
 

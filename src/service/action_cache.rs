@@ -23,6 +23,7 @@ use crate::proto::reapi::{
     UpdateActionResultRequest,
 };
 use crate::store::Cas;
+use crate::telemetry;
 use crate::watch::{Event, EventLog};
 
 pub struct ActionCacheService {
@@ -166,9 +167,11 @@ impl ActionCache for ActionCacheService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        telemetry::record_namespace(&r.instance_name);
         caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        telemetry::record_digest(&action);
         // The first namespace in the chain with a servable result wins; an incomplete one (its
         // outputs evicted) does not hide a complete one further down the chain.
         // Namespaces further down the chain count only where the caller may read them too.
@@ -206,8 +209,10 @@ impl ActionCache for ActionCacheService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        telemetry::record_namespace(&r.instance_name);
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
+        telemetry::record_digest(&action);
         // Who may not even read the instance learns nothing about it.
         caller.require(Access::Read, &r.instance_name)?;
         let Some(target) = self.results.policy().write_target(&r.instance_name) else {

@@ -59,6 +59,7 @@ impl ByteStreamService {
         })?;
         let resource = first.resource_name.clone();
         let name = ResourceName::parse_write(&resource)?;
+        record_name(&name);
         // Before anything of the upload is looked at or kept.
         let target = self.policy.upload_namespace(&name.instance);
         caller.require_through(Access::Write, target, &name.instance)?;
@@ -265,6 +266,7 @@ impl ByteStream for ByteStreamService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         let name = ResourceName::parse_read(&r.resource_name)?;
+        record_name(&name);
         caller.require(Access::Read, &name.instance)?;
         let compressed = check_compression(&name, &r.resource_name)?;
         let digest = name.digest;
@@ -326,6 +328,7 @@ impl ByteStream for ByteStreamService {
         let caller = Caller::of(&request);
         let resource = request.into_inner().resource_name;
         let name = ResourceName::parse_write(&resource)?;
+        record_name(&name);
         // Upload progress is the uploader's business.
         let target = self.policy.upload_namespace(&name.instance);
         caller.require_through(Access::Write, target, &name.instance)?;
@@ -358,4 +361,10 @@ impl ByteStream for ByteStreamService {
             .into()),
         }
     }
+}
+
+/// The instance name and digest a ByteStream call is about, on its span.
+fn record_name(name: &ResourceName) {
+    crate::telemetry::record_namespace(&name.instance);
+    crate::telemetry::record_digest(&name.digest);
 }

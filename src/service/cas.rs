@@ -25,6 +25,7 @@ use crate::proto::reapi::{
     FindMissingBlobsRequest, FindMissingBlobsResponse, GetTreeRequest, GetTreeResponse,
 };
 use crate::store::Cas;
+use crate::telemetry;
 
 /// Directories per GetTree page when the client does not say.
 const DEFAULT_TREE_PAGE: usize = 1000;
@@ -78,6 +79,7 @@ impl ContentAddressableStorage for CasService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        telemetry::record_namespace(&r.instance_name);
         caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.blob_digests, "blob_digests")?;
@@ -109,6 +111,7 @@ impl ContentAddressableStorage for CasService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        telemetry::record_namespace(&r.instance_name);
         let target = self.policy.upload_namespace(&r.instance_name);
         caller.require_through(Access::Write, target, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
@@ -140,6 +143,7 @@ impl ContentAddressableStorage for CasService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        telemetry::record_namespace(&r.instance_name);
         caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let digests = parse_digests(&r.digests, "digests")?;
@@ -194,9 +198,11 @@ impl ContentAddressableStorage for CasService {
         let caller = Caller::of(&request);
         let r = request.into_inner();
         instance_name::validate(&r.instance_name)?;
+        telemetry::record_namespace(&r.instance_name);
         caller.require(Access::Read, &r.instance_name)?;
         digest::check_function(r.digest_function)?;
         let root = Digest::from_proto(r.root_digest.as_ref(), "root_digest")?;
+        telemetry::record_digest(&root);
         if r.page_size < 0 {
             return Err(
                 Error::InvalidArgument(format!("page_size {} is negative", r.page_size)).into(),

@@ -21,6 +21,7 @@ mod metrics;
 mod model;
 mod namespaces;
 mod ops;
+mod otlp;
 mod provenance;
 mod tls;
 mod watch;
