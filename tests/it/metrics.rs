@@ -522,3 +522,37 @@ async fn invalidations_by_kind_and_open_watchers() {
     })
     .await;
 }
+
+#[tokio::test]
+async fn bytes_received_and_sent_by_method() {
+    let server = TestServer::start().await;
+    let data = crate::common::blob(300 << 10, 7);
+    let d = crate::common::upload(&server, "bytes", &data).await;
+    let read = download(&server, &read_name("bytes", &d), 0, 0)
+        .await
+        .expect("read");
+    assert_eq!(read.len(), data.len());
+    let m = scrape(&server).await;
+    let bytes = |name: &str, method: &str| {
+        m.value(
+            name,
+            &[
+                ("service", "google.bytestream.ByteStream"),
+                ("method", method),
+            ],
+        )
+        .unwrap_or_else(|| panic!("no {name} for {method}:\n{}", m.text))
+    };
+    let n = data.len() as f64;
+    // The blob, plus per message a 5-byte gRPC frame header and the resource name or offsets.
+    let received = bytes("hoard_received_bytes_total", "Write");
+    assert!(
+        received > n && received < n + 1024.0,
+        "Write received {received}"
+    );
+    let sent = bytes("hoard_sent_bytes_total", "Read");
+    assert!(sent > n && sent < n + 1024.0, "Read sent {sent}");
+    // Small replies and requests are counted too, not just the blob's direction.
+    assert!(bytes("hoard_sent_bytes_total", "Write") > 0.0);
+    assert!(bytes("hoard_received_bytes_total", "Read") > 0.0);
+}
