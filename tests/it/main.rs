@@ -23,4 +23,5 @@ mod namespaces;
 mod ops;
 mod provenance;
 mod tls;
+mod top;
 mod watch;
