@@ -92,7 +92,7 @@ impl Operation {
 
 enum Report {
     /// The store's figures; from a server, also its own (`None` from a data dir).
-    Stats(StoreStats, Option<ServerFigures>),
+    Stats(StoreStats, Option<Box<ServerFigures>>),
     Gc(GcReport),
     Verify(VerifyReport),
 }
@@ -186,7 +186,7 @@ async fn over_grpc(
                 .await
                 .map_err(failed)?
                 .into_inner();
-            let server = ServerFigures::from(&reply);
+            let server = Box::new(ServerFigures::from(&reply));
             Report::Stats(reply.into(), Some(server))
         }
         Operation::Gc(target) => Report::Gc(
@@ -410,7 +410,7 @@ struct StatsJson<'a> {
     #[serde(flatten)]
     store: &'a StoreStats,
     #[serde(flatten)]
-    server: &'a Option<ServerFigures>,
+    server: &'a Option<Box<ServerFigures>>,
 }
 
 /// The server's lines of `hoard stats`: calls, then a table of lookups per namespace.

@@ -434,7 +434,7 @@ fn latency(secs: Option<f64>) -> String {
 
 /// What the background tasks tell the drawing loop.
 enum Message {
-    Stats(Result<StatsResponse, String>, Instant),
+    Stats(Box<Result<StatsResponse, String>>, Instant),
     Quit,
 }
 
@@ -499,7 +499,7 @@ fn ui_loop(
         }
         loop {
             match rx.try_recv() {
-                Ok(Message::Stats(reply, at)) => view.update(reply, at),
+                Ok(Message::Stats(reply, at)) => view.update(*reply, at),
                 Ok(Message::Quit) => return Ok(()),
                 Err(mpsc::TryRecvError::Empty) => break,
                 Err(mpsc::TryRecvError::Disconnected) => {
@@ -532,7 +532,10 @@ async fn poll(server: client::Server, interval: Duration, tx: mpsc::Sender<Messa
         if reply.is_err() {
             admin = None;
         }
-        if tx.send(Message::Stats(reply, Instant::now())).is_err() {
+        if tx
+            .send(Message::Stats(Box::new(reply), Instant::now()))
+            .is_err()
+        {
             return;
         }
     }
