@@ -14,6 +14,8 @@ const SERIALIZED: &[&str] = &[
     ".hoard.admin.v1.PruneNamespacesResponse",
     ".hoard.admin.v1.PrunedNamespace",
     ".hoard.admin.v1.GetProvenanceResponse",
+    // `hoard stats --json`'s per-namespace figures.
+    ".hoard.admin.v1.NamespaceStats",
     ".hoard.watch.v1.Event",
     // Event.action_digest.
     ".build.bazel.remote.execution.v2.Digest",

@@ -59,6 +59,9 @@ enum Command {
     /// outputs are not checked), without renewing the result's last use. Exit status: 0 found,
     /// 1 no visible result, 2 could not run.
     Provenance(hoard::cli::provenance::ProvenanceArgs),
+    /// A live view of a running server, redrawn every 2 s: calls/s, errors, p50/p99 latency,
+    /// used vs max size, evictions, AC and CAS hit rates per namespace (q quits).
+    Top(hoard::cli::top::TopArgs),
 }
 
 fn main() -> ExitCode {
@@ -81,6 +84,7 @@ fn main() -> ExitCode {
         Command::Namespaces(command) => return hoard::cli::invalidate::main(command),
         Command::Token(command) => return hoard::cli::token::main(command),
         Command::Provenance(args) => return hoard::cli::provenance::main(args),
+        Command::Top(args) => return hoard::cli::top::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

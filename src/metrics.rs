@@ -4,9 +4,10 @@
 //! AC and CAS services. Names follow Prometheus conventions (units in names, `_total` for
 //! counters), so the exporter is told not to add suffixes of its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use opentelemetry::metrics::Meter;
 use opentelemetry::metrics::{Counter, Histogram, MeterProvider as _, UpDownCounter};
@@ -154,6 +155,9 @@ pub struct Metrics {
     store: OnceLock<(Arc<dyn Housekeeping>, Arc<ActionResults>)>,
     /// The store's figures as of this scrape, which the observable instruments report.
     stats: Arc<Mutex<Option<StoreStats>>>,
+    /// The same counts again, readable in-process for the Admin `Stats` call (`hoard stats`,
+    /// `hoard top`): the OTel SDK offers no cheap read-back of its sums.
+    tallies: Tallies,
 }
 
 impl std::fmt::Debug for Metrics {
@@ -245,6 +249,7 @@ impl Metrics {
             namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
             store: OnceLock::new(),
             stats: Arc::new(Mutex::new(None)),
+            tallies: Tallies::default(),
             registry,
             provider,
         };
@@ -327,6 +332,11 @@ impl Metrics {
             1,
             &[service, method, KeyValue::new("code", code_label(code))],
         );
+        self.tallies.request(code, elapsed);
+        self.tallies
+            .bytes_received
+            .fetch_add(received, Ordering::Relaxed);
+        self.tallies.bytes_sent.fetch_add(sent, Ordering::Relaxed);
     }
 
     /// A GetActionResult for `instance` that got as far as the cache, found or not.
@@ -336,6 +346,9 @@ impl Metrics {
         if hit {
             self.ac_hits.add(1, &labels);
         }
+        let tally = self.tallies.namespace(&labels[1].value.as_str());
+        tally.ac_lookups.fetch_add(1, Ordering::Relaxed);
+        tally.ac_hits.fetch_add(u64::from(hit), Ordering::Relaxed);
     }
 
     /// A FindMissingBlobs for `instance`: `asked` digests, `found` of them present.
@@ -343,6 +356,62 @@ impl Metrics {
         let labels = self.namespace_labels(instance);
         self.cas_lookups.add(asked as u64, &labels);
         self.cas_found.add(found as u64, &labels);
+        let tally = self.tallies.namespace(&labels[1].value.as_str());
+        tally.cas_lookups.fetch_add(asked as u64, Ordering::Relaxed);
+        tally.cas_found.fetch_add(found as u64, Ordering::Relaxed);
+    }
+
+    /// The lookup counts per `namespace` label value (so `other` too), sorted by name: the
+    /// numbers `hoard_ac_*` and `hoard_cas_*` show, summed over `namespace_rule`.
+    pub fn namespace_stats(&self) -> Vec<NamespaceCounts> {
+        let mut out: Vec<NamespaceCounts> = self
+            .tallies
+            .namespaces
+            .read()
+            .iter()
+            .map(|(name, t)| NamespaceCounts {
+                namespace: name.clone(),
+                ac_lookups: t.ac_lookups.load(Ordering::Relaxed),
+                ac_hits: t.ac_hits.load(Ordering::Relaxed),
+                cas_lookups: t.cas_lookups.load(Ordering::Relaxed),
+                cas_found: t.cas_found.load(Ordering::Relaxed),
+            })
+            .collect();
+        out.sort_by(|a, b| a.namespace.cmp(&b.namespace));
+        out
+    }
+
+    /// Calls answered since start (as `hoard_requests_total`), and how many failed.
+    pub fn requests(&self) -> RequestCounts {
+        RequestCounts {
+            answered: self.tallies.requests.load(Ordering::Relaxed),
+            errors: self.tallies.errors.load(Ordering::Relaxed),
+            bytes_received: self.tallies.bytes_received.load(Ordering::Relaxed),
+            bytes_sent: self.tallies.bytes_sent.load(Ordering::Relaxed),
+        }
+    }
+
+    /// Every call's duration since start, in `hoard_request_duration_seconds`'s buckets.
+    pub fn latency(&self) -> LatencyCounts {
+        let mut total = 0;
+        let cumulative = self
+            .tallies
+            .latency
+            .iter()
+            .map(|n| {
+                total += n.load(Ordering::Relaxed);
+                total
+            })
+            .collect();
+        LatencyCounts {
+            bounds_secs: DURATION_BUCKETS.to_vec(),
+            cumulative,
+        }
+    }
+
+    /// How long ago these metrics were set up: the server's start.
+    pub fn uptime(&self) -> Duration {
+        self.tallies.started.elapsed()
     }
 
     /// A call the concurrency limit refused.
@@ -382,6 +451,96 @@ impl Metrics {
             KeyValue::new("namespace_rule", rule),
             KeyValue::new("namespace", self.namespaces.label(instance)),
         ]
+    }
+}
+
+/// One `namespace` label value's lookups since start (see [`Metrics::namespace_stats`]).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct NamespaceCounts {
+    pub namespace: String,
+    pub ac_lookups: u64,
+    pub ac_hits: u64,
+    pub cas_lookups: u64,
+    pub cas_found: u64,
+}
+
+/// Calls answered since start, and those that failed: any code but `Ok`, `NotFound` (a miss)
+/// and `Cancelled` (the client left first), as the error-ratio alert counts them.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RequestCounts {
+    pub answered: u64,
+    pub errors: u64,
+    /// Request and reply body bytes, as `hoard_received_bytes_total`/`hoard_sent_bytes_total`.
+    pub bytes_received: u64,
+    pub bytes_sent: u64,
+}
+
+/// Call durations since start: `cumulative[i]` calls took at most `bounds_secs[i]`; the one
+/// extra last entry counts every call (+Inf).
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct LatencyCounts {
+    pub bounds_secs: Vec<f64>,
+    pub cumulative: Vec<u64>,
+}
+
+/// Plain atomic counts beside the instruments, for [`Metrics::namespace_stats`] and friends.
+/// The namespace map is keyed by label value, so it is bounded by the same cap.
+struct Tallies {
+    started: Instant,
+    requests: AtomicU64,
+    errors: AtomicU64,
+    bytes_received: AtomicU64,
+    bytes_sent: AtomicU64,
+    /// Per bucket (not cumulative), one more than `DURATION_BUCKETS` for +Inf.
+    latency: [AtomicU64; DURATION_BUCKETS.len() + 1],
+    namespaces: RwLock<HashMap<String, Arc<NamespaceTally>>>,
+}
+
+#[derive(Default)]
+struct NamespaceTally {
+    ac_lookups: AtomicU64,
+    ac_hits: AtomicU64,
+    cas_lookups: AtomicU64,
+    cas_found: AtomicU64,
+}
+
+impl Default for Tallies {
+    fn default() -> Self {
+        Tallies {
+            started: Instant::now(),
+            requests: AtomicU64::new(0),
+            errors: AtomicU64::new(0),
+            bytes_received: AtomicU64::new(0),
+            bytes_sent: AtomicU64::new(0),
+            latency: [const { AtomicU64::new(0) }; DURATION_BUCKETS.len() + 1],
+            namespaces: RwLock::new(HashMap::new()),
+        }
+    }
+}
+
+impl Tallies {
+    fn request(&self, code: tonic::Code, elapsed: Duration) {
+        use tonic::Code::{Cancelled, NotFound, Ok};
+        self.requests.fetch_add(1, Ordering::Relaxed);
+        if !matches!(code, Ok | NotFound | Cancelled) {
+            self.errors.fetch_add(1, Ordering::Relaxed);
+        }
+        // Upper bounds are inclusive, as in Prometheus (`le`) and the OTel SDK.
+        let secs = elapsed.as_secs_f64();
+        let bucket = DURATION_BUCKETS.partition_point(|bound| *bound < secs);
+        self.latency[bucket].fetch_add(1, Ordering::Relaxed);
+    }
+
+    /// The tally of label value `label` (already capped by `NamespaceLabels`).
+    fn namespace(&self, label: &str) -> Arc<NamespaceTally> {
+        if let Some(t) = self.namespaces.read().get(label) {
+            return t.clone();
+        }
+        self.namespaces
+            .write()
+            .entry(label.to_string())
+            .or_default()
+            .clone()
     }
 }
 
@@ -584,6 +743,54 @@ mod tests {
         assert_eq!(labels.label("b"), "b");
         assert_eq!(labels.label("c"), OTHER);
         assert_eq!(labels.label("a"), "a");
+    }
+
+    #[test]
+    fn tallies_count_per_label_value_and_by_bucket() {
+        let mut config = Config::default();
+        config.telemetry.max_namespace_labels = 1;
+        let metrics = Metrics::new(&config).unwrap();
+        metrics.ac_lookup("a", true);
+        metrics.ac_lookup("a", false);
+        metrics.ac_lookup("b", true);
+        metrics.cas_lookup("c", 5, 2);
+        let ns = metrics.namespace_stats();
+        assert_eq!(ns.len(), 2, "{ns:?}");
+        assert_eq!(
+            (ns[0].namespace.as_str(), ns[0].ac_lookups, ns[0].ac_hits),
+            ("a", 2, 1)
+        );
+        assert_eq!(
+            (
+                ns[1].namespace.as_str(),
+                ns[1].ac_hits,
+                ns[1].cas_lookups,
+                ns[1].cas_found
+            ),
+            (OTHER, 1, 5, 2)
+        );
+        let (service, method) = service_and_method("/hoard.admin.v1.Admin/Stats");
+        let call = |code, elapsed| metrics.request(service, method, code, elapsed, 10, 100);
+        call(tonic::Code::Ok, Duration::from_micros(100));
+        call(tonic::Code::NotFound, Duration::from_millis(3));
+        call(tonic::Code::Internal, Duration::from_secs(100));
+        assert_eq!(
+            metrics.requests(),
+            RequestCounts {
+                answered: 3,
+                errors: 1,
+                bytes_received: 30,
+                bytes_sent: 300,
+            }
+        );
+        let latency = metrics.latency();
+        assert_eq!(latency.cumulative.len(), latency.bounds_secs.len() + 1);
+        // 100 µs is in the first bucket (bounds are inclusive), 3 ms in the 5 ms one.
+        assert_eq!(latency.cumulative[0], 1);
+        assert_eq!(latency.cumulative[4], 1);
+        assert_eq!(latency.cumulative[5], 2);
+        assert_eq!(latency.cumulative[DURATION_BUCKETS.len() - 1], 2);
+        assert_eq!(latency.cumulative.last(), Some(&3));
     }
 
     #[tokio::test]

@@ -322,6 +322,7 @@ async fn serve_all(
                 results.clone(),
                 invalidation
             )
+            .with_metrics(metrics.clone())
         )))
         .add_service(WatchServer::new(WatchService::new(
             events.clone(),

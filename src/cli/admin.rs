@@ -14,7 +14,10 @@ use clap::{Args, Subcommand};
 use crate::client;
 use crate::config::{ByteSize, Config};
 use crate::error::Error;
-use crate::proto::admin::{admin_client::AdminClient, GcRequest, StatsRequest, VerifyRequest};
+use crate::proto::admin::{
+    admin_client::AdminClient, GcRequest, NamespaceStats, StatsRequest, StatsResponse,
+    VerifyRequest,
+};
 use crate::store::sled::SledStore;
 use crate::store::{GcReport, Housekeeping, StoreStats, VerifyReport};
 
@@ -88,7 +91,8 @@ impl Operation {
 }
 
 enum Report {
-    Stats(StoreStats),
+    /// The store's figures; from a server, also its own (`None` from a data dir).
+    Stats(StoreStats, Option<Box<ServerFigures>>),
     Gc(GcReport),
     Verify(VerifyReport),
 }
@@ -176,14 +180,15 @@ async fn over_grpc(
     let mut client = AdminClient::new(channel).max_decoding_message_size(256 << 20);
     let failed = |status: tonic::Status| describe_status(uri, operation, &status);
     Ok(match operation {
-        Operation::Stats => Report::Stats(
-            client
+        Operation::Stats => {
+            let reply = client
                 .stats(StatsRequest {})
                 .await
                 .map_err(failed)?
-                .into_inner()
-                .into(),
-        ),
+                .into_inner();
+            let server = Box::new(ServerFigures::from(&reply));
+            Report::Stats(reply.into(), Some(server))
+        }
         Operation::Gc(target) => Report::Gc(
             client
                 .gc(GcRequest {
@@ -244,7 +249,7 @@ async fn on_data_dir(config: &Config, operation: Operation) -> Result<Report, St
     })?;
     let failed = |e: Error| format!("{} failed on {}: {e}", operation.name(), dir.display());
     let report = match operation {
-        Operation::Stats => store.stats().await.map(Report::Stats),
+        Operation::Stats => store.stats().await.map(|s| Report::Stats(s, None)),
         Operation::Gc(target) => gc(config, &store, target).await.map(Report::Gc),
         Operation::Verify => store.verify().await.map(Report::Verify),
     };
@@ -267,7 +272,7 @@ async fn gc(config: &Config, store: &SledStore, target: Option<u64>) -> Result<G
 
 fn to_json(report: &Report) -> Result<String, String> {
     match report {
-        Report::Stats(r) => serde_json::to_string(r),
+        Report::Stats(store, server) => serde_json::to_string(&StatsJson { store, server }),
         Report::Gc(r) => serde_json::to_string(r),
         Report::Verify(r) => serde_json::to_string(r),
     }
@@ -276,7 +281,18 @@ fn to_json(report: &Report) -> Result<String, String> {
 
 fn render(report: &Report, operation: Operation) -> String {
     match (report, operation) {
-        (Report::Stats(s), _) => render_stats(s),
+        (Report::Stats(s, server), _) => {
+            let mut text = render_stats(s);
+            text += "\n";
+            text += &match server {
+                Some(server) => render_server(server),
+                None => format!(
+                    "{:<16}only a running server counts them (--server)",
+                    "per namespace"
+                ),
+            };
+            text
+        }
         (Report::Gc(r), Operation::Gc(target)) => render_gc(r, target),
         (Report::Gc(r), _) => render_gc(r, None),
         (Report::Verify(r), _) => render_verify(r),
@@ -357,6 +373,90 @@ fn render_stats(s: &StoreStats) -> String {
     lines.join("\n")
 }
 
+/// What only a running server has (its metrics, Stats fields 50+): `--json` puts these keys
+/// beside the store's, with the proto's names.
+#[derive(Debug, serde::Serialize)]
+struct ServerFigures {
+    namespaces: Vec<NamespaceStats>,
+    requests: u64,
+    request_errors: u64,
+    latency_bounds_secs: Vec<f64>,
+    latency_cumulative: Vec<u64>,
+    bytes_received: Option<u64>,
+    bytes_sent: Option<u64>,
+    server_version: String,
+    uptime_secs: u64,
+}
+
+impl From<&StatsResponse> for ServerFigures {
+    fn from(r: &StatsResponse) -> Self {
+        ServerFigures {
+            namespaces: r.namespaces.clone(),
+            requests: r.requests,
+            request_errors: r.request_errors,
+            latency_bounds_secs: r.latency_bounds_secs.clone(),
+            latency_cumulative: r.latency_cumulative.clone(),
+            bytes_received: r.bytes_received,
+            bytes_sent: r.bytes_sent,
+            server_version: r.server_version.clone(),
+            uptime_secs: r.uptime_secs,
+        }
+    }
+}
+
+/// `hoard stats --json`: one object, the store's fields and (from a server) the server's.
+#[derive(serde::Serialize)]
+struct StatsJson<'a> {
+    #[serde(flatten)]
+    store: &'a StoreStats,
+    #[serde(flatten)]
+    server: &'a Option<Box<ServerFigures>>,
+}
+
+/// The server's lines of `hoard stats`: calls, then a table of lookups per namespace.
+fn render_server(s: &ServerFigures) -> String {
+    let mut out = format!(
+        "{:<16}{} answered since start, {} failed ({}); hoard {}, up {}\n",
+        "requests",
+        count(s.requests),
+        count(s.request_errors),
+        percent(s.request_errors, s.requests),
+        s.server_version,
+        duration(s.uptime_secs),
+    );
+    if s.namespaces.is_empty() {
+        out += &format!("{:<16}no lookups since start", "per namespace");
+        return out;
+    }
+    let width = s
+        .namespaces
+        .iter()
+        .map(|n| n.namespace.len().max(2))
+        .max()
+        .unwrap_or(0)
+        .max("namespace".len());
+    out += &format!(
+        "per namespace (since start):\n  {:<width$}  {:>12}  {:>8}  {:>12}  {:>9}",
+        "namespace", "AC lookups", "AC hits", "CAS lookups", "CAS found"
+    );
+    for n in &s.namespaces {
+        // The default instance is the empty name: shown as "" so the row is not blank.
+        let name = if n.namespace.is_empty() {
+            "\"\""
+        } else {
+            &n.namespace
+        };
+        out += &format!(
+            "\n  {name:<width$}  {:>12}  {:>8}  {:>12}  {:>9}",
+            count(n.ac_lookups),
+            percent(n.ac_hits, n.ac_lookups),
+            count(n.cas_lookups),
+            percent(n.cas_found, n.cas_lookups),
+        );
+    }
+    out
+}
+
 fn render_gc(r: &GcReport, target: Option<u64>) -> String {
     let target = match target {
         Some(t) => size(t),
@@ -418,11 +518,11 @@ pub(crate) fn count(n: u64) -> String {
 }
 
 /// Bytes in binary units with one decimal: `512 B`, `1.5 KiB`, `1.2 GiB`.
-fn size(bytes: u64) -> String {
+pub(crate) fn size(bytes: u64) -> String {
     ByteSize(bytes).human().to_string()
 }
 
-fn percent(part: u64, whole: u64) -> String {
+pub(crate) fn percent(part: u64, whole: u64) -> String {
     if whole == 0 {
         return "-".into();
     }
@@ -554,6 +654,43 @@ mod tests {
         assert!(stats.contains("close to min retention"), "{stats}");
         assert!(stats.contains("REFUSED: every blob"), "{stats}");
         assert!(stats.contains("crash clean-up  pending"), "{stats}");
+
+        let server = render_server(&ServerFigures {
+            namespaces: vec![
+                NamespaceStats {
+                    namespace: "ci/main".into(),
+                    ac_lookups: 1000,
+                    ac_hits: 923,
+                    cas_lookups: 8,
+                    cas_found: 2,
+                },
+                NamespaceStats {
+                    namespace: String::new(),
+                    ..Default::default()
+                },
+            ],
+            requests: 2000,
+            request_errors: 1,
+            latency_bounds_secs: vec![],
+            latency_cumulative: vec![],
+            bytes_received: None,
+            bytes_sent: None,
+            server_version: "0.1.0".into(),
+            uptime_secs: 5400,
+        });
+        assert!(
+            server.contains("2,000 answered since start, 1 failed (0.1%); hoard 0.1.0, up 1h 30m"),
+            "{server}"
+        );
+        let rows: Vec<&str> = server.lines().skip(3).collect();
+        assert_eq!(
+            rows,
+            [
+                "  ci/main           1,000     92.3%             8      25.0%",
+                "  \"\"                    0         -             0          -",
+            ],
+            "{server}"
+        );
 
         let gc = render_gc(&GcReport::default(), Some(0));
         assert!(gc.contains("did not reach the target (0 B)"), "{gc}");

@@ -5,6 +5,7 @@ pub mod admin;
 pub mod invalidate;
 pub mod provenance;
 pub mod token;
+pub mod top;
 pub mod watch;
 
 /// A reply as one line of JSON, with the proto's field names (serde is derived on the replies

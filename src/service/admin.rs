@@ -18,6 +18,7 @@ use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::instance_name;
 use crate::invalidation::{Invalidation, Target};
+use crate::metrics::Metrics;
 use crate::namespace::{ActionResults, Provenance};
 use crate::proto::admin::{
     self, admin_server::Admin, GcRequest, GcResponse, GetProvenanceRequest, GetProvenanceResponse,
@@ -46,6 +47,9 @@ pub struct AdminService {
     /// Held by a running gc or verify: both walk the whole store, and a second pass at the same
     /// time would only double the I/O.
     maintenance: Arc<Mutex<()>>,
+    /// The server's metrics, for Stats' per-namespace and request figures (fields 50+); without
+    /// them those stay empty.
+    metrics: Option<Arc<Metrics>>,
 }
 
 impl AdminService {
@@ -59,7 +63,14 @@ impl AdminService {
             results,
             invalidation,
             maintenance: Arc::new(Mutex::new(())),
+            metrics: None,
         }
+    }
+
+    /// Stats also reports what `metrics` counted (lookups per namespace, calls, latency).
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
     }
 
     fn begin_maintenance(&self, what: &str) -> Result<tokio::sync::MutexGuard<'_, ()>, Error> {
@@ -154,7 +165,11 @@ impl Admin for AdminService {
         Caller::of(&request).require_admin_everywhere()?;
         let mut stats = self.housekeeping.stats().await?;
         self.results.add_stats(&mut stats);
-        Ok(Response::new(stats.into()))
+        let mut reply = StatsResponse::from(stats);
+        if let Some(metrics) = &self.metrics {
+            add_server_figures(&mut reply, metrics);
+        }
+        Ok(Response::new(reply))
     }
 
     async fn gc(&self, request: Request<GcRequest>) -> Result<Response<GcResponse>, Status> {
@@ -387,6 +402,31 @@ impl From<Provenance> for GetProvenanceResponse {
     }
 }
 
+/// Fields 50+ of Stats: what the serving process counted, not the store.
+fn add_server_figures(reply: &mut StatsResponse, metrics: &Metrics) {
+    reply.namespaces = metrics
+        .namespace_stats()
+        .into_iter()
+        .map(|n| admin::NamespaceStats {
+            namespace: n.namespace,
+            ac_lookups: n.ac_lookups,
+            ac_hits: n.ac_hits,
+            cas_lookups: n.cas_lookups,
+            cas_found: n.cas_found,
+        })
+        .collect();
+    let requests = metrics.requests();
+    reply.requests = requests.answered;
+    reply.request_errors = requests.errors;
+    reply.bytes_received = Some(requests.bytes_received);
+    reply.bytes_sent = Some(requests.bytes_sent);
+    let latency = metrics.latency();
+    reply.latency_bounds_secs = latency.bounds_secs;
+    reply.latency_cumulative = latency.cumulative;
+    reply.server_version = env!("CARGO_PKG_VERSION").to_string();
+    reply.uptime_secs = metrics.uptime().as_secs();
+}
+
 impl From<StoreStats> for StatsResponse {
     fn from(s: StoreStats) -> Self {
         StatsResponse {
@@ -409,6 +449,8 @@ impl From<StoreStats> for StatsResponse {
             refused_writes: s.refused_writes,
             write_refusal: s.write_refusal,
             cleanup_pending: s.cleanup_pending,
+            // The server's own figures (50+) are added by Stats, not kept by the store.
+            ..Default::default()
         }
     }
 }

@@ -24,4 +24,5 @@ mod ops;
 mod otlp;
 mod provenance;
 mod tls;
+mod top;
 mod watch;
