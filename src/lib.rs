@@ -16,6 +16,7 @@
 //!   service; [`metrics`] the instruments they and the services record into (`/metrics`);
 //!   [`telemetry`] the logs and the span of each call (OTLP traces).
 
+pub mod asset;
 pub mod auth;
 pub mod cli;
 pub mod client;

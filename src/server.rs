@@ -211,6 +211,11 @@ async fn serve_all(
     let limits = Limits::from(&config.limits);
     let policy = Arc::new(Policy::new(&config.namespaces));
     let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
+    let assets = Arc::new(crate::asset::Assets::new(
+        stores.cas.clone(),
+        results.clone(),
+        config.limits.max_message_size.0,
+    ));
     let invalidation = Arc::new(Invalidation::new(
         results.clone(),
         events.clone(),
@@ -322,6 +327,12 @@ async fn serve_all(
                 results.clone(),
                 invalidation
             )
+        )))
+        .add_service(sized!(crate::proto::asset::fetch_server::FetchServer::new(
+            crate::service::asset::FetchService::new(assets.clone())
+        )))
+        .add_service(sized!(crate::proto::asset::push_server::PushServer::new(
+            crate::service::asset::PushService::new(assets)
         )))
         .add_service(WatchServer::new(WatchService::new(
             events.clone(),

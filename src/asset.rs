@@ -1,0 +1,494 @@
+//! Remote Assets (`build.bazel.remote.asset.v1`): URIs plus qualifiers → a blob or a
+//! Directory tree in the CAS, kept per namespace like action results.
+//!
+//! A pushed asset becomes one record per URI, kept through [`ActionResults`] under a key no
+//! action digest can take ([`key`]: a hash of kind, URI and sorted qualifiers, with a size
+//! above any an `int64` can carry). So read chains, write targets, epochs (invalidation), the
+//! TTL since last use and pruning apply to assets exactly as to action results. The record
+//! (`hoard.store.v1.StoredAsset`) lists everything the asset needs in the CAS, flattened: the
+//! content, every Directory and file of its trees, and the references. A push is refused while
+//! any of that is missing; a fetch checks it all again (never a dangling digest) and keeps it
+//! from eviction for as long as the asset lives ([`Cas::retain`]).
+
+use std::collections::HashSet;
+use std::sync::Arc;
+
+use bytes::Bytes;
+use prost::Message;
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::{Digest, HASH_LEN};
+use crate::error::{Error, Result};
+use crate::namespace::ActionResults;
+use crate::proto::reapi;
+use crate::proto::records::{StoredAsset, StoredQualifier};
+use crate::store::Cas;
+
+/// At most this many URIs per request.
+pub const MAX_URIS: usize = 1000;
+/// At most this many qualifiers per request.
+pub const MAX_QUALIFIERS: usize = 100;
+/// Longest URI, qualifier name or qualifier value, in bytes.
+pub const MAX_STRING: usize = 8 << 10;
+/// At most this many digests an asset may need in the CAS (its content, every blob and
+/// Directory of its trees, and its references, together).
+pub const MAX_CONTENT: usize = 1 << 20;
+
+/// What an asset names.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Kind {
+    /// A blob (PushBlob, FetchBlob).
+    Blob,
+    /// The root Directory of a tree (PushDirectory, FetchDirectory).
+    Directory,
+}
+
+impl Kind {
+    fn tag(self) -> u8 {
+        match self {
+            Kind::Blob => b'b',
+            Kind::Directory => b'd',
+        }
+    }
+}
+
+/// A request's qualifiers, checked (names unique and non-empty, sizes bounded) and sorted by
+/// name: order never matters, the whole set does.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Qualifiers(Vec<(String, String)>);
+
+impl Qualifiers {
+    pub fn new(pairs: impl IntoIterator<Item = (String, String)>) -> Result<Self> {
+        let mut pairs: Vec<(String, String)> = pairs.into_iter().collect();
+        if pairs.len() > MAX_QUALIFIERS {
+            return Err(Error::InvalidArgument(format!(
+                "{} qualifiers; this server accepts at most {MAX_QUALIFIERS}",
+                pairs.len()
+            )));
+        }
+        for (name, value) in &pairs {
+            if name.is_empty() {
+                return Err(Error::InvalidArgument(
+                    "a qualifier has an empty name".into(),
+                ));
+            }
+            if name.len() > MAX_STRING || value.len() > MAX_STRING {
+                return Err(Error::InvalidArgument(format!(
+                    "qualifier {:?}: names and values may be at most {MAX_STRING} bytes",
+                    truncated(name)
+                )));
+            }
+        }
+        pairs.sort();
+        if let Some(w) = pairs.windows(2).find(|w| w[0].0 == w[1].0) {
+            return Err(Error::InvalidArgument(format!(
+                "qualifier {:?} is given twice; qualifier names must be unique",
+                w[0].0
+            )));
+        }
+        Ok(Qualifiers(pairs))
+    }
+
+    pub fn pairs(&self) -> &[(String, String)] {
+        &self.0
+    }
+
+    /// The value of the qualifier called `name`.
+    pub fn get(&self, name: &str) -> Option<&str> {
+        self.0
+            .iter()
+            .find(|(n, _)| n == name)
+            .map(|(_, v)| v.as_str())
+    }
+}
+
+/// Checks a request's URIs: at least one, each non-empty and bounded.
+pub fn check_uris(uris: &[String]) -> Result<()> {
+    if uris.is_empty() {
+        return Err(Error::InvalidArgument(
+            "uris is empty; at least one URI is required".into(),
+        ));
+    }
+    if uris.len() > MAX_URIS {
+        return Err(Error::InvalidArgument(format!(
+            "{} URIs; this server accepts at most {MAX_URIS}",
+            uris.len()
+        )));
+    }
+    for uri in uris {
+        if uri.is_empty() {
+            return Err(Error::InvalidArgument("a URI is empty".into()));
+        }
+        if uri.len() > MAX_STRING {
+            return Err(Error::InvalidArgument(format!(
+                "URI {:?} is {} bytes; at most {MAX_STRING} are accepted",
+                truncated(uri),
+                uri.len()
+            )));
+        }
+    }
+    Ok(())
+}
+
+/// The first 64 characters of a client's string, for messages.
+fn truncated(s: &str) -> String {
+    s.chars().take(64).collect()
+}
+
+/// The record key of one URI of an asset: SHA-256 over the kind, the URI and the sorted
+/// qualifiers, each length-prefixed (so no two inputs share an encoding), with size `u64::MAX`.
+/// Action digests come from clients as `int64` sizes, so none can ever equal an asset key.
+pub fn key(kind: Kind, uri: &str, qualifiers: &Qualifiers) -> Digest {
+    let mut h = Sha256::new();
+    h.update(b"hoard.asset.v1");
+    h.update([kind.tag()]);
+    let mut field = |bytes: &[u8]| {
+        h.update((bytes.len() as u64).to_be_bytes());
+        h.update(bytes);
+    };
+    field(uri.as_bytes());
+    for (name, value) in qualifiers.pairs() {
+        field(name.as_bytes());
+        field(value.as_bytes());
+    }
+    Digest {
+        hash: h.finalize().into(),
+        size: u64::MAX,
+    }
+}
+
+/// One push, checked by the service.
+pub struct Push<'a> {
+    pub kind: Kind,
+    /// The blob, or the root Directory.
+    pub digest: Digest,
+    pub uris: &'a [String],
+    pub qualifiers: Qualifiers,
+    /// Unix seconds; `None`: until the namespace's TTL since last use ends it.
+    pub expire_at: Option<u64>,
+    pub references_blobs: Vec<Digest>,
+    pub references_directories: Vec<Digest>,
+    /// Who pushes, through which instance name.
+    pub writer: &'a str,
+    pub instance: &'a str,
+}
+
+/// An asset found by a fetch.
+#[derive(Debug)]
+pub struct Found {
+    pub uri: String,
+    pub namespace: String,
+    pub digest: Digest,
+    pub qualifiers: Vec<(String, String)>,
+    /// Unix seconds until which the content is kept (and the asset served, unless invalidated).
+    pub expires_at: u64,
+}
+
+/// Pushes and fetches over the CAS and the namespace policy.
+pub struct Assets {
+    cas: Arc<dyn Cas>,
+    results: Arc<ActionResults>,
+    /// Largest Directory blob read while walking a tree (the message size limit).
+    max_directory: u64,
+}
+
+impl Assets {
+    pub fn new(cas: Arc<dyn Cas>, results: Arc<ActionResults>, max_directory: u64) -> Self {
+        Assets {
+            cas,
+            results,
+            max_directory,
+        }
+    }
+
+    pub fn results(&self) -> &ActionResults {
+        &self.results
+    }
+
+    /// Until when an asset of `namespace` stored or used now keeps its content: its
+    /// `expire_at`, but no later than the namespace's TTL since last use from now.
+    fn retain_until(&self, namespace: &str, expire_at: u64) -> u64 {
+        let now = self.results.clock();
+        let ttl = self.results.policy().ac_ttl(namespace).as_secs();
+        let by_ttl = if ttl == 0 {
+            u32::MAX as u64
+        } else {
+            now.saturating_add(ttl)
+        };
+        match expire_at {
+            0 => by_ttl,
+            at => at.min(by_ttl),
+        }
+    }
+
+    /// Records `push` under every URI in `namespace` (the write target, checked by the
+    /// caller). FAILED_PRECONDITION, naming them, if content or references are not all in the
+    /// CAS; nothing is recorded then.
+    pub async fn push(&self, namespace: &str, push: Push<'_>) -> Result<()> {
+        let mut content = Content::default();
+        content.add(push.digest)?;
+        let mut missing = Vec::new();
+        if push.kind == Kind::Directory {
+            self.walk(push.digest, &mut content, &mut missing).await?;
+        }
+        for d in &push.references_blobs {
+            content.add(*d)?;
+        }
+        for d in &push.references_directories {
+            content.add(*d)?;
+            self.walk(*d, &mut content, &mut missing).await?;
+        }
+        let until = self.retain_until(namespace, push.expire_at.unwrap_or(0));
+        missing.extend(self.cas.retain(&content.digests, until).await?);
+        if !missing.is_empty() {
+            missing.sort_unstable();
+            missing.dedup();
+            return Err(Error::FailedPrecondition(missing_message(&missing)));
+        }
+        let stored = StoredAsset {
+            directory: push.kind == Kind::Directory,
+            hash: Bytes::copy_from_slice(&push.digest.hash),
+            size: push.digest.size,
+            qualifiers: push
+                .qualifiers
+                .pairs()
+                .iter()
+                .map(|(name, value)| StoredQualifier {
+                    name: name.clone(),
+                    value: value.clone(),
+                })
+                .collect(),
+            uris: push.uris.to_vec(),
+            expire_at_unix_secs: push.expire_at.unwrap_or(0),
+            stored_at_unix_secs: self.results.clock(),
+            writer: push.writer.to_string(),
+            instance_name: push.instance.to_string(),
+            content: encode_content(&content.digests),
+        };
+        let bytes = Bytes::from(stored.encode_to_vec());
+        for uri in push.uris {
+            let key = key(push.kind, uri, &push.qualifiers);
+            self.results
+                .put_record(namespace, &key, bytes.clone())
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Adds every Directory and file below `root` (which `content` holds already) to
+    /// `content`; Directories that are not stored go to `missing` (their subtrees cannot be
+    /// known).
+    async fn walk(
+        &self,
+        root: Digest,
+        content: &mut Content,
+        missing: &mut Vec<Digest>,
+    ) -> Result<()> {
+        let mut queue = vec![root];
+        while let Some(d) = queue.pop() {
+            if d.size > self.max_directory {
+                return Err(Error::InvalidArgument(format!(
+                    "directory {d} is larger than the {} bytes a message may carry",
+                    self.max_directory
+                )));
+            }
+            let Some(bytes) = self.cas.get(&d).await? else {
+                missing.push(d);
+                continue;
+            };
+            let dir = reapi::Directory::decode(bytes.as_ref()).map_err(|e| {
+                Error::FailedPrecondition(format!("blob {d} in the tree is not a Directory: {e}"))
+            })?;
+            for f in &dir.files {
+                content.add(Digest::from_proto(f.digest.as_ref(), "file node digest")?)?;
+            }
+            for child in &dir.directories {
+                let c = Digest::from_proto(child.digest.as_ref(), "directory node digest")?;
+                if content.add(c)? {
+                    queue.push(c);
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The asset under any of `uris` with exactly `qualifiers`, in the first namespace of
+    /// `instance`'s read chain that `readable` accepts and that has a live one: not expired,
+    /// stored no earlier than `oldest` (Unix seconds), all of its content still in the CAS
+    /// (which is then kept for as long as the asset lives). A record found dead is removed.
+    pub async fn fetch(
+        &self,
+        kind: Kind,
+        instance: &str,
+        uris: &[String],
+        qualifiers: &Qualifiers,
+        oldest: Option<u64>,
+        readable: impl Fn(&str) -> bool,
+    ) -> Result<Option<Found>> {
+        let keys: Vec<(&String, Digest)> = uris
+            .iter()
+            .map(|uri| (uri, key(kind, uri, qualifiers)))
+            .collect();
+        for namespace in self.results.policy().read_chain(instance) {
+            if !readable(namespace) {
+                continue;
+            }
+            for (uri, key) in &keys {
+                let Some(record) = self.results.get_record(namespace, key).await? else {
+                    continue;
+                };
+                let stored = match StoredAsset::decode(record.result.clone()) {
+                    Ok(s) if s.directory == (kind == Kind::Directory) => s,
+                    _ => {
+                        tracing::warn!(namespace, uri = %uri, "an asset record does not decode; removed");
+                        self.results.drop_record(namespace, key, &record).await?;
+                        continue;
+                    }
+                };
+                let now = self.results.clock();
+                if stored.expire_at_unix_secs != 0 && stored.expire_at_unix_secs <= now {
+                    self.results.drop_record(namespace, key, &record).await?;
+                    continue;
+                }
+                if oldest.is_some_and(|oldest| stored.stored_at_unix_secs < oldest) {
+                    continue;
+                }
+                let Some(content) = decode_content(&stored.content) else {
+                    self.results.drop_record(namespace, key, &record).await?;
+                    continue;
+                };
+                let until = self.retain_until(namespace, stored.expire_at_unix_secs);
+                let missing = self.cas.retain(&content, until).await?;
+                if !missing.is_empty() {
+                    // Evicted content: never answer with a dangling digest. The asset cannot
+                    // come back without a new push, which writes a new record.
+                    tracing::info!(namespace, uri = %uri, missing = missing.len(), "asset content was evicted; the asset is dropped");
+                    self.results.drop_record(namespace, key, &record).await?;
+                    continue;
+                }
+                let Ok(hash) = <[u8; HASH_LEN]>::try_from(stored.hash.as_ref()) else {
+                    self.results.drop_record(namespace, key, &record).await?;
+                    continue;
+                };
+                return Ok(Some(Found {
+                    uri: uri.to_string(),
+                    namespace: namespace.to_string(),
+                    digest: Digest {
+                        hash,
+                        size: stored.size,
+                    },
+                    qualifiers: stored
+                        .qualifiers
+                        .into_iter()
+                        .map(|q| (q.name, q.value))
+                        .collect(),
+                    expires_at: until,
+                }));
+            }
+        }
+        Ok(None)
+    }
+}
+
+/// The digests an asset needs, each once, bounded by [`MAX_CONTENT`].
+#[derive(Default)]
+struct Content {
+    digests: Vec<Digest>,
+    seen: HashSet<Digest>,
+}
+
+impl Content {
+    /// Adds `d`; false if it was there already.
+    fn add(&mut self, d: Digest) -> Result<bool> {
+        if !self.seen.insert(d) {
+            return Ok(false);
+        }
+        if self.digests.len() >= MAX_CONTENT {
+            return Err(Error::InvalidArgument(format!(
+                "the asset needs more than {MAX_CONTENT} blobs and directories in the CAS; this \
+                 server records assets of at most that many"
+            )));
+        }
+        self.digests.push(d);
+        Ok(true)
+    }
+}
+
+/// "N blobs are missing from the CAS: a/1, b/2, ..." (at most 20 named).
+fn missing_message(missing: &[Digest]) -> String {
+    let named: Vec<String> = missing.iter().take(20).map(|d| d.to_string()).collect();
+    let more = if missing.len() > named.len() {
+        format!(" and {} more", missing.len() - named.len())
+    } else {
+        String::new()
+    };
+    format!(
+        "{} of the asset's blobs and directories are not in the CAS: {}{more}; upload them \
+         before pushing the asset",
+        missing.len(),
+        named.join(", ")
+    )
+}
+
+/// Digests as hash ‖ varint size, one after another.
+fn encode_content(digests: &[Digest]) -> Bytes {
+    let mut out = Vec::with_capacity(digests.len() * (HASH_LEN + 3));
+    for d in digests {
+        out.extend_from_slice(&d.hash);
+        prost::encoding::encode_varint(d.size, &mut out);
+    }
+    Bytes::from(out)
+}
+
+/// The inverse of [`encode_content`]; `None` if the bytes are damaged.
+fn decode_content(mut bytes: &[u8]) -> Option<Vec<Digest>> {
+    let mut out = Vec::new();
+    while !bytes.is_empty() {
+        let hash: [u8; HASH_LEN] = bytes.get(..HASH_LEN)?.try_into().ok()?;
+        bytes = &bytes[HASH_LEN..];
+        let size = prost::encoding::decode_varint(&mut bytes).ok()?;
+        out.push(Digest { hash, size });
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn q(pairs: &[(&str, &str)]) -> Qualifiers {
+        Qualifiers::new(pairs.iter().map(|(n, v)| (n.to_string(), v.to_string()))).unwrap()
+    }
+
+    #[test]
+    fn keys_ignore_qualifier_order_and_separate_everything_else() {
+        let a = key(Kind::Blob, "u", &q(&[("x", "1"), ("y", "2")]));
+        assert_eq!(a, key(Kind::Blob, "u", &q(&[("y", "2"), ("x", "1")])));
+        assert_ne!(a, key(Kind::Directory, "u", &q(&[("x", "1"), ("y", "2")])));
+        assert_ne!(a, key(Kind::Blob, "u", &q(&[("x", "1")])));
+        assert_ne!(a, key(Kind::Blob, "v", &q(&[("x", "1"), ("y", "2")])));
+        // Length prefixes: moving bytes between fields changes the key.
+        assert_ne!(
+            key(Kind::Blob, "ab", &q(&[("c", "")])),
+            key(Kind::Blob, "a", &q(&[("bc", "")]))
+        );
+        assert_eq!(a.size, u64::MAX);
+    }
+
+    #[test]
+    fn qualifier_names_must_be_unique_and_present() {
+        let dup = Qualifiers::new([("a".into(), "1".into()), ("a".into(), "2".into())]);
+        assert!(dup.unwrap_err().to_string().contains("twice"));
+        assert!(Qualifiers::new([(String::new(), "1".into())]).is_err());
+        assert!(check_uris(&[]).is_err());
+        assert!(check_uris(&[String::new()]).is_err());
+        assert!(check_uris(&["https://x".into()]).is_ok());
+    }
+
+    #[test]
+    fn content_round_trips() {
+        let digests = vec![Digest::of(b"a"), Digest::of(&[7u8; 300]), Digest::of(b"")];
+        assert_eq!(decode_content(&encode_content(&digests)), Some(digests));
+        assert_eq!(decode_content(&[1, 2, 3]), None);
+    }
+}

@@ -1,0 +1,610 @@
+//! Remote Asset API (Fetch, Push) against a real server: multi-URI pushes, exact qualifier
+//! sets, expiry, content that must be (and stay) in the CAS, bad input, namespaces.
+
+use std::time::Duration;
+
+use hoard::config::NamespaceRule;
+use hoard::proto::admin::{GcRequest, InvalidateRequest, VerifyRequest};
+use hoard::proto::asset::{
+    fetch_client::FetchClient, push_client::PushClient, FetchBlobRequest, FetchBlobResponse,
+    FetchDirectoryRequest, PushBlobRequest, PushDirectoryRequest, Qualifier,
+};
+use hoard::proto::reapi::{self, Directory, DirectoryNode, FileNode};
+use prost::Message;
+use prost_types::Timestamp;
+
+use crate::common::{
+    batch_put, blob, blob_path, digest_of, missing, start_with_clock, upload, TestServer,
+};
+
+const HOUR: Duration = Duration::from_secs(3600);
+
+fn fetch(server: &TestServer) -> FetchClient<tonic::transport::Channel> {
+    FetchClient::new(server.channel())
+}
+
+fn push(server: &TestServer) -> PushClient<tonic::transport::Channel> {
+    PushClient::new(server.channel())
+}
+
+fn q(pairs: &[(&str, &str)]) -> Vec<Qualifier> {
+    pairs
+        .iter()
+        .map(|(n, v)| Qualifier {
+            name: n.to_string(),
+            value: v.to_string(),
+        })
+        .collect()
+}
+
+fn uris(list: &[&str]) -> Vec<String> {
+    list.iter().map(|s| s.to_string()).collect()
+}
+
+async fn push_blob(
+    server: &TestServer,
+    instance: &str,
+    uris_: &[&str],
+    qualifiers: &[(&str, &str)],
+    digest: &reapi::Digest,
+) -> Result<(), tonic::Status> {
+    push(server)
+        .push_blob(PushBlobRequest {
+            instance_name: instance.into(),
+            uris: uris(uris_),
+            qualifiers: q(qualifiers),
+            blob_digest: Some(digest.clone()),
+            ..Default::default()
+        })
+        .await
+        .map(|_| ())
+}
+
+async fn fetch_blob(
+    server: &TestServer,
+    instance: &str,
+    uris_: &[&str],
+    qualifiers: &[(&str, &str)],
+) -> FetchBlobResponse {
+    fetch(server)
+        .fetch_blob(FetchBlobRequest {
+            instance_name: instance.into(),
+            uris: uris(uris_),
+            qualifiers: q(qualifiers),
+            ..Default::default()
+        })
+        .await
+        .expect("FetchBlob")
+        .into_inner()
+}
+
+/// The digest FetchBlob answered, or None if its status was NOT_FOUND (any other status
+/// fails the test).
+async fn found(
+    server: &TestServer,
+    instance: &str,
+    uris_: &[&str],
+    qualifiers: &[(&str, &str)],
+) -> Option<reapi::Digest> {
+    let r = fetch_blob(server, instance, uris_, qualifiers).await;
+    let status = r.status.clone().expect("a status");
+    match tonic::Code::from_i32(status.code) {
+        tonic::Code::Ok => Some(r.blob_digest.expect("a digest with OK")),
+        tonic::Code::NotFound => {
+            assert!(r.blob_digest.is_none(), "NOT_FOUND with a digest: {r:?}");
+            None
+        }
+        code => panic!("FetchBlob status {code:?}: {}", status.message),
+    }
+}
+
+#[tokio::test]
+async fn a_blob_pushed_under_several_uris_is_found_by_each() {
+    let server = TestServer::start().await;
+    let data = blob(5000, 1);
+    batch_put(&server, "", &[&data]).await;
+    let d = digest_of(&data);
+    let mirrors = ["https://a.example/x.tar.gz", "https://b.example/x.tar.gz"];
+    push_blob(&server, "", &mirrors, &[("resource_type", "tar")], &d)
+        .await
+        .expect("PushBlob");
+    for uri in mirrors {
+        let r = fetch_blob(
+            &server,
+            "",
+            &["https://other.example/y", uri],
+            &[("resource_type", "tar")],
+        )
+        .await;
+        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0), "{r:?}");
+        assert_eq!(r.uri, uri, "the URI that matched");
+        assert_eq!(r.blob_digest.as_ref(), Some(&d));
+        assert_eq!(r.qualifiers, q(&[("resource_type", "tar")]));
+        assert_eq!(
+            r.digest_function,
+            reapi::digest_function::Value::Sha256 as i32
+        );
+        assert!(r.expires_at.is_some_and(|t| t.seconds > 0), "{r:?}");
+    }
+    assert_eq!(
+        found(
+            &server,
+            "",
+            &["https://c.example/x.tar.gz"],
+            &[("resource_type", "tar")]
+        )
+        .await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn qualifiers_match_as_an_exact_set_in_any_order() {
+    let server = TestServer::start().await;
+    let data = blob(100, 2);
+    batch_put(&server, "", &[&data]).await;
+    let d = digest_of(&data);
+    let uri = ["https://example/src"];
+    push_blob(
+        &server,
+        "",
+        &uri,
+        &[("vcs.commit", "abc"), ("vcs.branch", "main")],
+        &d,
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        found(
+            &server,
+            "",
+            &uri,
+            &[("vcs.branch", "main"), ("vcs.commit", "abc")]
+        )
+        .await,
+        Some(d.clone())
+    );
+    assert_eq!(
+        found(&server, "", &uri, &[("vcs.commit", "abc")]).await,
+        None,
+        "a subset"
+    );
+    assert_eq!(found(&server, "", &uri, &[]).await, None, "no qualifiers");
+    assert_eq!(
+        found(
+            &server,
+            "",
+            &uri,
+            &[("vcs.commit", "abc"), ("vcs.branch", "main"), ("x", "1")]
+        )
+        .await,
+        None,
+        "a superset"
+    );
+    assert_eq!(
+        found(
+            &server,
+            "",
+            &uri,
+            &[("vcs.commit", "abd"), ("vcs.branch", "main")]
+        )
+        .await,
+        None,
+        "another value"
+    );
+}
+
+#[tokio::test]
+async fn a_push_of_content_not_in_the_cas_is_refused_naming_it_and_records_nothing() {
+    let server = TestServer::start().await;
+    let present = blob(100, 3);
+    batch_put(&server, "", &[&present]).await;
+    let present = digest_of(&present);
+    let absent = digest_of(b"never uploaded");
+    let e = push_blob(&server, "", &["urn:x"], &[], &absent)
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&absent.hash), "{}", e.message());
+    assert_eq!(found(&server, "", &["urn:x"], &[]).await, None);
+
+    // A missing reference refuses the push just the same.
+    let e = push(&server)
+        .push_blob(PushBlobRequest {
+            uris: uris(&["urn:y"]),
+            blob_digest: Some(present.clone()),
+            references_blobs: vec![absent.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(e.message().contains(&absent.hash), "{}", e.message());
+    assert_eq!(found(&server, "", &["urn:y"], &[]).await, None);
+}
+
+/// A tree: root → sub/ → file, plus a file in the root. Returns (root, sub, files).
+fn tree(seed: u64) -> (Vec<u8>, Vec<u8>, Vec<Vec<u8>>) {
+    let f1 = blob(300, seed);
+    let f2 = blob(400, seed + 1);
+    let sub = Directory {
+        files: vec![FileNode {
+            name: "f2".into(),
+            digest: Some(digest_of(&f2)),
+            ..Default::default()
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    let root = Directory {
+        files: vec![FileNode {
+            name: "f1".into(),
+            digest: Some(digest_of(&f1)),
+            ..Default::default()
+        }],
+        directories: vec![DirectoryNode {
+            name: "sub".into(),
+            digest: Some(digest_of(&sub)),
+        }],
+        ..Default::default()
+    }
+    .encode_to_vec();
+    (root, sub, vec![f1, f2])
+}
+
+#[tokio::test]
+async fn directories_are_pushed_and_fetched_only_with_their_whole_tree() {
+    let server = TestServer::start().await;
+    let (root, sub, files) = tree(10);
+    let root_d = digest_of(&root);
+    // Everything but the file inside sub/.
+    batch_put(&server, "", &[&root, &sub, &files[0]]).await;
+    let request = PushDirectoryRequest {
+        uris: uris(&["https://git.example/repo.git"]),
+        qualifiers: q(&[("vcs.commit", "1234")]),
+        root_directory_digest: Some(root_d.clone()),
+        ..Default::default()
+    };
+    let e = push(&server)
+        .push_directory(request.clone())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::FailedPrecondition, "{e:?}");
+    assert!(
+        e.message().contains(&digest_of(&files[1]).hash),
+        "{}",
+        e.message()
+    );
+
+    batch_put(&server, "", &[&files[1]]).await;
+    push(&server)
+        .push_directory(request)
+        .await
+        .expect("PushDirectory");
+    let r = fetch(&server)
+        .fetch_directory(FetchDirectoryRequest {
+            uris: uris(&["https://git.example/repo.git"]),
+            qualifiers: q(&[("vcs.commit", "1234")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.map(|s| s.code), Some(0));
+    assert_eq!(r.root_directory_digest, Some(root_d.clone()));
+    // A directory asset is not a blob asset.
+    assert_eq!(
+        found(
+            &server,
+            "",
+            &["https://git.example/repo.git"],
+            &[("vcs.commit", "1234")]
+        )
+        .await,
+        None
+    );
+}
+
+#[tokio::test]
+async fn requests_without_uris_and_other_bad_input_are_invalid_argument() {
+    let server = TestServer::start().await;
+    let data = blob(10, 4);
+    batch_put(&server, "", &[&data]).await;
+    let d = digest_of(&data);
+    // BuildStream's probe at start: exactly INVALID_ARGUMENT.
+    let e = fetch(&server)
+        .fetch_blob(FetchBlobRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("uris"), "{}", e.message());
+    let e = fetch(&server)
+        .fetch_directory(FetchDirectoryRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = push(&server)
+        .push_blob(PushBlobRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    let e = push(&server)
+        .push_directory(PushDirectoryRequest::default())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+
+    let cases: Vec<(&str, PushBlobRequest)> = vec![
+        (
+            "an empty URI",
+            PushBlobRequest {
+                uris: uris(&[""]),
+                blob_digest: Some(d.clone()),
+                ..Default::default()
+            },
+        ),
+        (
+            "a malformed digest",
+            PushBlobRequest {
+                uris: uris(&["urn:a"]),
+                blob_digest: Some(reapi::Digest {
+                    hash: "xyz".into(),
+                    size_bytes: 3,
+                }),
+                ..Default::default()
+            },
+        ),
+        (
+            "no digest",
+            PushBlobRequest {
+                uris: uris(&["urn:a"]),
+                ..Default::default()
+            },
+        ),
+        (
+            "a duplicate qualifier",
+            PushBlobRequest {
+                uris: uris(&["urn:a"]),
+                qualifiers: q(&[("a", "1"), ("a", "2")]),
+                blob_digest: Some(d.clone()),
+                ..Default::default()
+            },
+        ),
+        (
+            "too many URIs",
+            PushBlobRequest {
+                uris: (0..1001).map(|i| format!("urn:{i}")).collect(),
+                blob_digest: Some(d.clone()),
+                ..Default::default()
+            },
+        ),
+        (
+            "a malformed reference",
+            PushBlobRequest {
+                uris: uris(&["urn:a"]),
+                blob_digest: Some(d.clone()),
+                references_blobs: vec![reapi::Digest {
+                    hash: d.hash.clone(),
+                    size_bytes: -1,
+                }],
+                ..Default::default()
+            },
+        ),
+        (
+            "an unsupported digest function",
+            PushBlobRequest {
+                uris: uris(&["urn:a"]),
+                blob_digest: Some(d.clone()),
+                digest_function: reapi::digest_function::Value::Md5 as i32,
+                ..Default::default()
+            },
+        ),
+    ];
+    for (what, request) in cases {
+        let e = push(&server).push_blob(request).await.unwrap_err();
+        assert_eq!(e.code(), tonic::Code::InvalidArgument, "{what}: {e:?}");
+    }
+    assert_eq!(
+        found(&server, "", &["urn:a"], &[]).await,
+        None,
+        "nothing was recorded"
+    );
+    let e = fetch(&server)
+        .fetch_blob(FetchBlobRequest {
+            uris: uris(&["urn:a"]),
+            qualifiers: q(&[("a", "1"), ("a", "1")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+}
+
+#[tokio::test]
+async fn expired_and_too_old_assets_are_not_found() {
+    let (server, store, _tmp) = start_with_clock(|_| {}).await;
+    let data = blob(100, 5);
+    batch_put(&server, "", &[&data]).await;
+    let d = digest_of(&data);
+    let now = hoard::store::ActionStore::clock(&store) as i64;
+    push(&server)
+        .push_blob(PushBlobRequest {
+            uris: uris(&["urn:soon"]),
+            blob_digest: Some(d.clone()),
+            expire_at: Some(Timestamp {
+                seconds: now + 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    push_blob(&server, "", &["urn:forever"], &[], &d)
+        .await
+        .unwrap();
+    let r = fetch_blob(&server, "", &["urn:soon"], &[]).await;
+    assert_eq!(
+        r.expires_at.map(|t| t.seconds),
+        Some(now + 3600),
+        "expires_at is the push's"
+    );
+
+    // oldest_content_accepted after the push: Bazel's way of saying "not from the cache".
+    let r = fetch(&server)
+        .fetch_blob(FetchBlobRequest {
+            uris: uris(&["urn:forever"]),
+            oldest_content_accepted: Some(Timestamp {
+                seconds: now + 10,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.map(|s| s.code), Some(tonic::Code::NotFound as i32));
+    let r = fetch(&server)
+        .fetch_blob(FetchBlobRequest {
+            uris: uris(&["urn:forever"]),
+            oldest_content_accepted: Some(Timestamp {
+                seconds: now - 10,
+                nanos: 0,
+            }),
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(r.status.map(|s| s.code), Some(0));
+
+    store.advance_clock(2 * HOUR);
+    assert_eq!(
+        found(&server, "", &["urn:soon"], &[]).await,
+        None,
+        "past expire_at"
+    );
+    assert_eq!(found(&server, "", &["urn:forever"], &[]).await, Some(d));
+}
+
+#[tokio::test]
+async fn asset_content_outlives_retention_while_the_asset_lives() {
+    let (server, store, _tmp) = start_with_clock(|_| {}).await;
+    let kept = blob(2000, 6);
+    let referenced = blob(3000, 7);
+    let loose = blob(4000, 8);
+    batch_put(&server, "", &[&kept, &referenced, &loose]).await;
+    let (kept, referenced, loose) = (digest_of(&kept), digest_of(&referenced), digest_of(&loose));
+    push(&server)
+        .push_blob(PushBlobRequest {
+            uris: uris(&["urn:kept"]),
+            blob_digest: Some(kept.clone()),
+            references_blobs: vec![referenced.clone()],
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    // Far past min_retention (3h): only the asset's content is still counted as used.
+    store.advance_clock(10 * HOUR);
+    server
+        .admin()
+        .gc(GcRequest {
+            target_bytes: Some(0),
+        })
+        .await
+        .expect("Gc");
+    assert_eq!(
+        missing(&server, &[loose.clone()]).await,
+        vec![loose],
+        "the loose blob was evicted"
+    );
+    assert_eq!(
+        found(&server, "", &["urn:kept"], &[]).await,
+        Some(kept.clone())
+    );
+    assert!(missing(&server, &[kept, referenced]).await.is_empty());
+}
+
+#[tokio::test]
+async fn an_asset_whose_content_is_gone_is_not_found() {
+    let server = TestServer::start().await;
+    let large = blob(200_000, 9);
+    let d = upload(&server, "", &large).await;
+    push_blob(&server, "", &["urn:large"], &[], &d)
+        .await
+        .unwrap();
+    assert_eq!(
+        found(&server, "", &["urn:large"], &[]).await,
+        Some(d.clone())
+    );
+    // Bit rot: verify removes the blob; the asset must not point at it any more.
+    let path = blob_path(server.data_dir(), &d);
+    let mut bytes = std::fs::read(&path).unwrap();
+    bytes[1000] ^= 0x5a;
+    std::fs::write(&path, bytes).unwrap();
+    server
+        .admin()
+        .verify(VerifyRequest {})
+        .await
+        .expect("Verify");
+    assert_eq!(found(&server, "", &["urn:large"], &[]).await, None);
+}
+
+#[tokio::test]
+async fn assets_follow_read_chains_write_targets_and_invalidation() {
+    let server = TestServer::start_with(|c| {
+        c.namespaces.rules = vec![NamespaceRule {
+            pattern: "ci/branches/*".into(),
+            ac_ttl: None,
+            read: Some(vec!["ci/main".into()]),
+            write: None,
+        }];
+    })
+    .await;
+    let (a, b) = (blob(100, 20), blob(100, 21));
+    batch_put(&server, "", &[&a, &b]).await;
+    let (a, b) = (digest_of(&a), digest_of(&b));
+    push_blob(&server, "ci/main", &["urn:tool"], &[], &a)
+        .await
+        .unwrap();
+    assert_eq!(
+        found(&server, "ci/branches/x", &["urn:tool"], &[]).await,
+        Some(a.clone()),
+        "a branch reads main"
+    );
+    push_blob(&server, "ci/branches/x", &["urn:tool"], &[], &b)
+        .await
+        .unwrap();
+    assert_eq!(
+        found(&server, "ci/branches/x", &["urn:tool"], &[]).await,
+        Some(b.clone()),
+        "its own first"
+    );
+    assert_eq!(
+        found(&server, "ci/main", &["urn:tool"], &[]).await,
+        Some(a.clone()),
+        "main unchanged"
+    );
+    assert_eq!(
+        found(&server, "ci/branches/y", &["urn:tool"], &[]).await,
+        Some(a)
+    );
+
+    server
+        .admin()
+        .invalidate(InvalidateRequest {
+            namespace: Some("ci/main".into()),
+            reason: "toolchain bump".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("Invalidate");
+    assert_eq!(found(&server, "ci/main", &["urn:tool"], &[]).await, None);
+    assert_eq!(
+        found(&server, "ci/branches/y", &["urn:tool"], &[]).await,
+        None
+    );
+    assert_eq!(
+        found(&server, "ci/branches/x", &["urn:tool"], &[]).await,
+        Some(b)
+    );
+}
