@@ -513,7 +513,7 @@ async fn asset_content_outlives_retention_while_the_asset_lives() {
         .await
         .expect("Gc");
     assert_eq!(
-        missing(&server, &[loose.clone()]).await,
+        missing(&server, std::slice::from_ref(&loose)).await,
         vec![loose],
         "the loose blob was evicted"
     );
