@@ -20,6 +20,7 @@ use sha2::{Digest as _, Sha256};
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
 use crate::namespace::ActionResults;
+use crate::origin::{Failure, Origin, Sri};
 use crate::proto::reapi;
 use crate::proto::records::{StoredAsset, StoredQualifier};
 use crate::store::Cas;
@@ -190,15 +191,152 @@ pub struct Assets {
     results: Arc<ActionResults>,
     /// Largest Directory blob read while walking a tree (the message size limit).
     max_directory: u64,
+    /// Downloads on a FetchBlob miss, if `[asset.fetch]` is enabled.
+    origin: Option<Origin>,
+}
+
+/// The qualifiers a fetch from origin understands (Bazel's remote downloader sends these).
+const ORIGIN_QUALIFIERS: &str = "checksum.sri, bazel.canonical_id, http_header:NAME, \
+                                 http_header_url:INDEX:NAME";
+
+/// A fetch from origin, checked: its SRI and per-URI request headers.
+pub struct OriginRequest {
+    sri: Option<Sri>,
+    /// `http_header:NAME` (every URI) and `http_header_url:INDEX:NAME` (one URI).
+    headers: Vec<(Option<usize>, String, String)>,
+}
+
+impl OriginRequest {
+    /// Refuses qualifiers a download could not honour, naming them (INVALID_ARGUMENT).
+    pub fn new(qualifiers: &Qualifiers) -> Result<Self> {
+        let mut headers = Vec::new();
+        let mut unsupported = Vec::new();
+        for (name, value) in qualifiers.pairs() {
+            if name == "checksum.sri" || name == "bazel.canonical_id" {
+                continue;
+            }
+            if let Some(header) = name.strip_prefix("http_header:") {
+                headers.push((None, header.to_string(), value.clone()));
+            } else if let Some((index, header)) = name
+                .strip_prefix("http_header_url:")
+                .and_then(|rest| rest.split_once(':'))
+                .and_then(|(i, h)| Some((i.parse::<usize>().ok()?, h)))
+            {
+                headers.push((Some(index), header.to_string(), value.clone()));
+            } else {
+                unsupported.push(format!("\"{name}\" not supported"));
+            }
+        }
+        if !unsupported.is_empty() {
+            return Err(Error::InvalidArgument(format!(
+                "qualifiers.name: {} for fetching from origin (supported: {ORIGIN_QUALIFIERS})",
+                unsupported.join(", ")
+            )));
+        }
+        let sri = qualifiers.get("checksum.sri").map(Sri::parse).transpose()?;
+        Ok(OriginRequest { sri, headers })
+    }
+
+    fn headers_for(&self, index: usize) -> Vec<(String, String)> {
+        self.headers
+            .iter()
+            .filter(|(i, _, _)| i.is_none_or(|i| i == index))
+            .map(|(_, n, v)| (n.clone(), v.clone()))
+            .collect()
+    }
 }
 
 impl Assets {
-    pub fn new(cas: Arc<dyn Cas>, results: Arc<ActionResults>, max_directory: u64) -> Self {
+    pub fn new(
+        cas: Arc<dyn Cas>,
+        results: Arc<ActionResults>,
+        max_directory: u64,
+        origin: Option<Origin>,
+    ) -> Self {
         Assets {
             cas,
             results,
             max_directory,
+            origin,
         }
+    }
+
+    /// Whether FetchBlob misses are fetched from origin.
+    pub fn fetches_from_origin(&self) -> bool {
+        self.origin.is_some()
+    }
+
+    /// Downloads the first of `uris` that works into the CAS and records it as an asset of
+    /// `namespace` (under that URI and `qualifiers`); on failure, the last URI's failure.
+    #[allow(clippy::too_many_arguments)]
+    pub async fn fetch_from_origin(
+        &self,
+        namespace: &str,
+        instance: &str,
+        writer: &str,
+        uris: &[String],
+        qualifiers: &Qualifiers,
+        request: &OriginRequest,
+        timeout: Option<std::time::Duration>,
+    ) -> Result<std::result::Result<Found, (String, Failure)>> {
+        let Some(origin) = &self.origin else {
+            return Err(Error::internal(
+                "fetching from origin",
+                "[asset.fetch] is off",
+            ));
+        };
+        let mut failure = None;
+        for (i, uri) in uris.iter().enumerate() {
+            let headers = request.headers_for(i);
+            match origin
+                .download(
+                    self.cas.as_ref(),
+                    uri,
+                    &headers,
+                    request.sri.as_ref(),
+                    timeout,
+                )
+                .await
+            {
+                Ok(digest) => {
+                    self.push(
+                        namespace,
+                        Push {
+                            kind: Kind::Blob,
+                            digest,
+                            uris: std::slice::from_ref(uri),
+                            qualifiers: qualifiers.clone(),
+                            expire_at: None,
+                            references_blobs: Vec::new(),
+                            references_directories: Vec::new(),
+                            writer,
+                            instance,
+                        },
+                    )
+                    .await?;
+                    return Ok(Ok(Found {
+                        uri: uri.clone(),
+                        namespace: namespace.to_string(),
+                        digest,
+                        qualifiers: qualifiers.pairs().to_vec(),
+                        expires_at: self.retain_until(namespace, 0),
+                    }));
+                }
+                Err(f) => {
+                    tracing::info!(uri = %uri, code = ?f.code, message = %f.message, "fetch from origin failed");
+                    failure = Some((uri.clone(), f));
+                }
+            }
+        }
+        Ok(Err(failure.unwrap_or_else(|| {
+            (
+                String::new(),
+                Failure {
+                    code: tonic::Code::NotFound,
+                    message: "no URI".into(),
+                },
+            )
+        })))
     }
 
     pub fn results(&self) -> &ActionResults {

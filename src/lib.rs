@@ -31,6 +31,7 @@ pub mod layers;
 pub mod metrics;
 pub mod namespace;
 pub mod ops;
+pub mod origin;
 pub mod proto;
 pub mod resource_name;
 pub mod server;

@@ -215,6 +215,7 @@ async fn serve_all(
         stores.cas.clone(),
         results.clone(),
         config.limits.max_message_size.0,
+        crate::origin::Origin::new(&config.asset.fetch, spool_dir(config))?,
     ));
     let invalidation = Arc::new(Invalidation::new(
         results.clone(),
@@ -446,5 +447,14 @@ async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration
             Ok(n) => tracing::info!(removed = n, ?max_age, "removed abandoned partial uploads"),
             Err(e) => tracing::warn!(error = %e, "sweeping abandoned uploads failed"),
         }
+    }
+}
+
+/// Where downloads from origin are spooled (as unnamed files): beside the data for a durable
+/// store, the system's temporary directory for the memory backend.
+fn spool_dir(config: &Config) -> std::path::PathBuf {
+    match config.storage.backend {
+        crate::config::Backend::Sled => config.data_dir.clone(),
+        crate::config::Backend::Memory => std::env::temp_dir(),
     }
 }

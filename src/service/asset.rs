@@ -11,7 +11,7 @@ use std::sync::Arc;
 use prost_types::Timestamp;
 use tonic::{Request, Response, Status};
 
-use crate::asset::{check_uris, Assets, Found, Kind, Push, Qualifiers};
+use crate::asset::{check_uris, Assets, Found, Kind, OriginRequest, Push, Qualifiers};
 use crate::auth::{Access, Caller};
 use crate::digest::{self, Digest};
 use crate::error::{ok_rpc_status, Error, Result};
@@ -150,6 +150,7 @@ impl Fetch for FetchService {
     ) -> Result<Response<FetchBlobResponse>, Status> {
         let caller = Caller::of(&request);
         let r = request.into_inner();
+        let r_timeout = r.timeout;
         let args = FetchArgs::check(
             r.instance_name,
             r.uris,
@@ -157,21 +158,73 @@ impl Fetch for FetchService {
             r.oldest_content_accepted,
             r.digest_function,
         )?;
-        let reply = match args.run(&self.assets, Kind::Blob, &caller).await? {
-            Some(found) => FetchBlobResponse {
-                status: Some(ok_rpc_status()),
-                uri: found.uri,
-                qualifiers: qualifiers_of(found.qualifiers),
-                expires_at: Some(timestamp(found.expires_at)),
-                blob_digest: Some(found.digest.to_proto()),
-                digest_function: digest_function::Value::Sha256 as i32,
-            },
-            None => FetchBlobResponse {
+        let blob = |found: Found| FetchBlobResponse {
+            status: Some(ok_rpc_status()),
+            uri: found.uri,
+            qualifiers: qualifiers_of(found.qualifiers),
+            expires_at: Some(timestamp(found.expires_at)),
+            blob_digest: Some(found.digest.to_proto()),
+            digest_function: digest_function::Value::Sha256 as i32,
+        };
+        if let Some(found) = args.run(&self.assets, Kind::Blob, &caller).await? {
+            return Ok(Response::new(blob(found)));
+        }
+        if !self.assets.fetches_from_origin() {
+            return Ok(Response::new(FetchBlobResponse {
                 status: Some(args.not_found(&self.assets, Kind::Blob)),
                 ..Default::default()
-            },
+            }));
+        }
+        // A miss, and fetching from origin is on: qualifiers a download cannot honour are the
+        // request's error; the download is stored, so it needs write access where it goes.
+        let origin = OriginRequest::new(&args.qualifiers)?;
+        let policy = self.assets.results().policy();
+        let target = policy
+            .write_target(&args.instance)
+            .filter(|t| caller.may(Access::Write, t));
+        let Some(target) = target else {
+            let status = Error::PermissionDenied(format!(
+                "not in the cache, and fetching from origin stores the download, which needs \
+                 write access to the namespace instance {:?} writes to",
+                args.instance
+            ))
+            .to_rpc_status();
+            return Ok(Response::new(FetchBlobResponse {
+                status: Some(status),
+                ..Default::default()
+            }));
         };
-        Ok(Response::new(reply))
+        let timeout = r_timeout.and_then(|t| {
+            (t.seconds > 0 || t.nanos > 0)
+                .then(|| std::time::Duration::new(t.seconds.max(0) as u64, t.nanos.max(0) as u32))
+        });
+        let fetched = self
+            .assets
+            .fetch_from_origin(
+                target,
+                &args.instance,
+                caller.name(),
+                &args.uris,
+                &args.qualifiers,
+                &origin,
+                timeout,
+            )
+            .await?;
+        Ok(Response::new(match fetched {
+            Ok(found) => {
+                telemetry::record_digest(&found.digest);
+                blob(found)
+            }
+            Err((uri, failure)) => FetchBlobResponse {
+                status: Some(rpc::Status {
+                    code: failure.code as i32,
+                    message: failure.message,
+                    details: Vec::new(),
+                }),
+                uri,
+                ..Default::default()
+            },
+        }))
     }
 
     async fn fetch_directory(

@@ -608,3 +608,247 @@ async fn assets_follow_read_chains_write_targets_and_invalidation() {
         Some(b)
     );
 }
+
+/// A loopback HTTP/1.1 origin: `GET /file` answers `body`, anything else 404. It keeps every
+/// request's head, so tests can count downloads and see the headers sent.
+struct Origin {
+    addr: std::net::SocketAddr,
+    requests: std::sync::Arc<std::sync::Mutex<Vec<String>>>,
+}
+
+impl Origin {
+    async fn start(body: Vec<u8>) -> Origin {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap();
+        let requests = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+        let seen = requests.clone();
+        tokio::spawn(async move {
+            loop {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let (body, seen) = (body.clone(), seen.clone());
+                tokio::spawn(async move {
+                    let mut head = Vec::new();
+                    let mut byte = [0u8; 1];
+                    while !head.ends_with(b"\r\n\r\n") {
+                        if conn.read(&mut byte).await.unwrap_or(0) == 0 {
+                            return;
+                        }
+                        head.push(byte[0]);
+                    }
+                    let head = String::from_utf8_lossy(&head).into_owned();
+                    let ok = head.starts_with("GET /file ");
+                    seen.lock().unwrap().push(head);
+                    let reply = if ok {
+                        let mut r = format!(
+                            "HTTP/1.1 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+                            body.len()
+                        )
+                        .into_bytes();
+                        r.extend_from_slice(&body);
+                        r
+                    } else {
+                        b"HTTP/1.1 404 Not Found\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+                            .to_vec()
+                    };
+                    let _ = conn.write_all(&reply).await;
+                });
+            }
+        });
+        Origin { addr, requests }
+    }
+
+    fn url(&self, path: &str) -> String {
+        format!("http://{}{path}", self.addr)
+    }
+
+    fn downloads(&self) -> usize {
+        self.requests.lock().unwrap().len()
+    }
+}
+
+fn sri(data: &[u8]) -> String {
+    use base64::Engine as _;
+    use sha2::Digest as _;
+    format!(
+        "sha256-{}",
+        base64::engine::general_purpose::STANDARD.encode(sha2::Sha256::digest(data))
+    )
+}
+
+async fn fetch_with(server: &TestServer, request: FetchBlobRequest) -> FetchBlobResponse {
+    fetch(server)
+        .fetch_blob(request)
+        .await
+        .expect("FetchBlob")
+        .into_inner()
+}
+
+fn code_of(r: &FetchBlobResponse) -> tonic::Code {
+    tonic::Code::from_i32(r.status.as_ref().expect("a status").code)
+}
+
+async fn fetching_server(max_size: u64) -> TestServer {
+    TestServer::start_with(|c| {
+        c.asset.fetch.enabled = true;
+        c.asset.fetch.allowed_hosts = vec!["127.0.0.1".into()];
+        c.asset.fetch.max_size = hoard::config::ByteSize(max_size);
+    })
+    .await
+}
+
+#[tokio::test]
+async fn a_miss_is_fetched_from_origin_checked_and_then_served_from_the_cache() {
+    let body = blob(70_000, 30);
+    let origin = Origin::start(body.clone()).await;
+    let server = fetching_server(1 << 20).await;
+    let request = FetchBlobRequest {
+        uris: vec![origin.url("/missing"), origin.url("/file")],
+        qualifiers: q(&[("checksum.sri", &sri(&body)), ("http_header:X-Token", "t1")]),
+        ..Default::default()
+    };
+    let r = fetch_with(&server, request.clone()).await;
+    assert_eq!(code_of(&r), tonic::Code::Ok, "{r:?}");
+    assert_eq!(r.uri, origin.url("/file"), "the URI that worked");
+    let d = digest_of(&body);
+    assert_eq!(r.blob_digest.as_ref(), Some(&d));
+    assert!(
+        missing(&server, std::slice::from_ref(&d)).await.is_empty(),
+        "the download is in the CAS"
+    );
+    assert_eq!(origin.downloads(), 2, "the 404 first, then the file");
+    let heads = origin.requests.lock().unwrap().join("");
+    assert!(
+        heads.to_ascii_lowercase().contains("x-token: t1"),
+        "{heads}"
+    );
+
+    // Again: from the cache, without asking the origin.
+    let again = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            ..request.clone()
+        },
+    )
+    .await;
+    assert_eq!(again.blob_digest.as_ref(), Some(&d));
+    assert_eq!(origin.downloads(), 2);
+
+    // oldest_content_accepted in the future (Bazel without a checksum): fetched anew.
+    let fresh = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            qualifiers: Vec::new(),
+            oldest_content_accepted: Some(Timestamp {
+                seconds: std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .unwrap()
+                    .as_secs() as i64
+                    + 3600,
+                nanos: 0,
+            }),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code_of(&fresh), tonic::Code::Ok, "{fresh:?}");
+    assert_eq!(origin.downloads(), 3);
+}
+
+#[tokio::test]
+async fn origin_fetches_refuse_bad_checksums_hosts_sizes_and_qualifiers() {
+    let body = blob(5000, 31);
+    let origin = Origin::start(body.clone()).await;
+    let server = fetching_server(4000).await;
+    let wrong = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            qualifiers: q(&[("checksum.sri", &sri(b"something else"))]),
+            ..Default::default()
+        },
+    )
+    .await;
+    // 5000 bytes against a 4000-byte limit, before the checksum can even be judged.
+    assert_eq!(code_of(&wrong), tonic::Code::ResourceExhausted, "{wrong:?}");
+
+    let server = fetching_server(1 << 20).await;
+    let wrong = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            qualifiers: q(&[("checksum.sri", &sri(b"something else"))]),
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code_of(&wrong), tonic::Code::Aborted, "{wrong:?}");
+    assert!(
+        wrong.status.as_ref().unwrap().message.contains("checksum"),
+        "{wrong:?}"
+    );
+    assert!(wrong.blob_digest.is_none());
+    assert!(
+        !missing(&server, &[digest_of(&body)]).await.is_empty(),
+        "nothing stored"
+    );
+
+    let elsewhere = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![format!("http://localhost:{}/file", origin.addr.port())],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(
+        code_of(&elsewhere),
+        tonic::Code::PermissionDenied,
+        "{elsewhere:?}"
+    );
+
+    let gone = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/nothing")],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code_of(&gone), tonic::Code::NotFound, "{gone:?}");
+
+    let e = fetch(&server)
+        .fetch_blob(FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            qualifiers: q(&[("vcs.commit", "abc")]),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("\"vcs.commit\" not supported"),
+        "{}",
+        e.message()
+    );
+}
+
+#[tokio::test]
+async fn without_asset_fetch_nothing_is_downloaded() {
+    let origin = Origin::start(b"x".to_vec()).await;
+    let server = TestServer::start().await;
+    let r = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            ..Default::default()
+        },
+    )
+    .await;
+    assert_eq!(code_of(&r), tonic::Code::NotFound, "{r:?}");
+    assert_eq!(origin.downloads(), 0);
+}
