@@ -3,8 +3,11 @@
 //!
 //! A request without URIs is INVALID_ARGUMENT before anything else is looked at: BuildStream
 //! probes a server with exactly that at start and takes any other answer as "no Remote Asset
-//! service". A fetch that finds nothing answers OK with `status` NOT_FOUND, as the spec lists
-//! it among the fetch errors carried in the response.
+//! service". A fetch that finds nothing, or whose download from origin fails, is answered
+//! with that error as the call's own status (NOT_FOUND, ABORTED, ...), not inside an OK reply:
+//! Bazel 4.2's remote downloader never reads the reply's `status` and would take the empty
+//! digest of a failed reply for the download (BuildStream treats both forms alike). A reply is
+//! only ever sent with `status` OK and a digest.
 
 use std::sync::Arc;
 
@@ -21,7 +24,6 @@ use crate::proto::asset::{
     FetchDirectoryRequest, FetchDirectoryResponse, PushBlobRequest, PushBlobResponse,
     PushDirectoryRequest, PushDirectoryResponse, Qualifier,
 };
-use crate::proto::google::rpc;
 use crate::proto::reapi::{self, digest_function};
 use crate::telemetry;
 
@@ -94,8 +96,8 @@ impl FetchArgs {
         Ok(found)
     }
 
-    /// The inline NOT_FOUND of a miss, naming what was looked for.
-    fn not_found(&self, assets: &Assets, kind: Kind) -> rpc::Status {
+    /// The NOT_FOUND of a miss, naming what was looked for.
+    fn not_found(&self, assets: &Assets, kind: Kind) -> Error {
         let chain = assets
             .results()
             .policy()
@@ -110,7 +112,6 @@ impl FetchArgs {
             uri_list(&self.uris),
             self.qualifiers.pairs().len()
         ))
-        .to_rpc_status()
     }
 }
 
@@ -170,10 +171,7 @@ impl Fetch for FetchService {
             return Ok(Response::new(blob(found)));
         }
         if !self.assets.fetches_from_origin() {
-            return Ok(Response::new(FetchBlobResponse {
-                status: Some(args.not_found(&self.assets, Kind::Blob)),
-                ..Default::default()
-            }));
+            return Err(args.not_found(&self.assets, Kind::Blob).into());
         }
         // A miss, and fetching from origin is on: qualifiers a download cannot honour are the
         // request's error; the download is stored, so it needs write access where it goes.
@@ -183,16 +181,12 @@ impl Fetch for FetchService {
             .write_target(&args.instance)
             .filter(|t| caller.may(Access::Write, t));
         let Some(target) = target else {
-            let status = Error::PermissionDenied(format!(
+            return Err(Error::PermissionDenied(format!(
                 "not in the cache, and fetching from origin stores the download, which needs \
                  write access to the namespace instance {:?} writes to",
                 args.instance
             ))
-            .to_rpc_status();
-            return Ok(Response::new(FetchBlobResponse {
-                status: Some(status),
-                ..Default::default()
-            }));
+            .into());
         };
         let timeout = r_timeout.and_then(|t| {
             (t.seconds > 0 || t.nanos > 0)
@@ -210,21 +204,13 @@ impl Fetch for FetchService {
                 timeout,
             )
             .await?;
-        Ok(Response::new(match fetched {
+        match fetched {
             Ok(found) => {
                 telemetry::record_digest(&found.digest);
-                blob(found)
+                Ok(Response::new(blob(found)))
             }
-            Err((uri, failure)) => FetchBlobResponse {
-                status: Some(rpc::Status {
-                    code: failure.code as i32,
-                    message: failure.message,
-                    details: Vec::new(),
-                }),
-                uri,
-                ..Default::default()
-            },
-        }))
+            Err((_, failure)) => Err(Status::new(failure.code, failure.message)),
+        }
     }
 
     async fn fetch_directory(
@@ -249,10 +235,7 @@ impl Fetch for FetchService {
                 root_directory_digest: Some(found.digest.to_proto()),
                 digest_function: digest_function::Value::Sha256 as i32,
             },
-            None => FetchDirectoryResponse {
-                status: Some(args.not_found(&self.assets, Kind::Directory)),
-                ..Default::default()
-            },
+            None => return Err(args.not_found(&self.assets, Kind::Directory).into()),
         };
         Ok(Response::new(reply))
     }
