@@ -34,6 +34,8 @@ pub const MAX_STRING: usize = 8 << 10;
 /// At most this many digests an asset may need in the CAS (its content, every blob and
 /// Directory of its trees, and its references, together).
 pub const MAX_CONTENT: usize = 1 << 20;
+/// At most this many bytes of records one push writes (its URIs × its content list).
+const MAX_PUSH_BYTES: u64 = 256 << 20;
 
 /// What an asset names.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -94,6 +96,15 @@ impl Qualifiers {
         &self.0
     }
 
+    /// The qualifiers that say *what* the asset is: all but `http_header:*` and
+    /// `http_header_url:*`, which say how to download it (credentials, often): those are
+    /// neither part of the key nor stored, so a rotated token still hits and no secret is kept.
+    pub fn identity(&self) -> impl Iterator<Item = &(String, String)> {
+        self.0.iter().filter(|(name, _)| {
+            !name.starts_with("http_header:") && !name.starts_with("http_header_url:")
+        })
+    }
+
     /// The value of the qualifier called `name`.
     pub fn get(&self, name: &str) -> Option<&str> {
         self.0
@@ -148,7 +159,7 @@ pub fn key(kind: Kind, uri: &str, qualifiers: &Qualifiers) -> Digest {
         h.update(bytes);
     };
     field(uri.as_bytes());
-    for (name, value) in qualifiers.pairs() {
+    for (name, value) in qualifiers.identity() {
         field(name.as_bytes());
         field(value.as_bytes());
     }
@@ -191,6 +202,8 @@ pub struct Assets {
     results: Arc<ActionResults>,
     /// Largest Directory blob read while walking a tree (the message size limit).
     max_directory: u64,
+    /// `asset.max_hold` in seconds.
+    max_hold: u64,
     /// Downloads on a FetchBlob miss, if `[asset.fetch]` is enabled.
     origin: Option<Origin>,
 }
@@ -216,12 +229,14 @@ impl OriginRequest {
                 continue;
             }
             if let Some(header) = name.strip_prefix("http_header:") {
+                check_header(name, header, value)?;
                 headers.push((None, header.to_string(), value.clone()));
             } else if let Some((index, header)) = name
                 .strip_prefix("http_header_url:")
                 .and_then(|rest| rest.split_once(':'))
                 .and_then(|(i, h)| Some((i.parse::<usize>().ok()?, h)))
             {
+                check_header(name, header, value)?;
                 headers.push((Some(index), header.to_string(), value.clone()));
             } else {
                 unsupported.push(format!("\"{name}\" not supported"));
@@ -246,17 +261,48 @@ impl OriginRequest {
     }
 }
 
+/// A header a download may send: a valid name and value, and not one that would change where
+/// or how the request goes (`Host` could pick another site behind an allowed address).
+fn check_header(qualifier: &str, name: &str, value: &str) -> Result<()> {
+    let parsed = http::HeaderName::from_bytes(name.as_bytes()).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "qualifier {qualifier:?}: {name:?} is not a header name"
+        ))
+    })?;
+    http::HeaderValue::from_str(value).map_err(|_| {
+        Error::InvalidArgument(format!(
+            "qualifier {qualifier:?}: the value is not a header value"
+        ))
+    })?;
+    const REFUSED: [&str; 6] = [
+        "host",
+        "connection",
+        "content-length",
+        "transfer-encoding",
+        "te",
+        "upgrade",
+    ];
+    if REFUSED.contains(&parsed.as_str()) {
+        return Err(Error::InvalidArgument(format!(
+            "qualifier {qualifier:?}: the {name} header is set by the server, not by clients"
+        )));
+    }
+    Ok(())
+}
+
 impl Assets {
     pub fn new(
         cas: Arc<dyn Cas>,
         results: Arc<ActionResults>,
         max_directory: u64,
+        max_hold: std::time::Duration,
         origin: Option<Origin>,
     ) -> Self {
         Assets {
             cas,
             results,
             max_directory,
+            max_hold: max_hold.as_secs(),
             origin,
         }
     }
@@ -264,6 +310,13 @@ impl Assets {
     /// Whether FetchBlob misses are fetched from origin.
     pub fn fetches_from_origin(&self) -> bool {
         self.origin.is_some()
+    }
+
+    /// Whether `uri` would be fetched from origin (http(s), an allowed host).
+    pub fn may_fetch(&self, uri: &str) -> bool {
+        self.origin
+            .as_ref()
+            .is_some_and(|o| o.check_uri(uri).is_ok())
     }
 
     /// Downloads the first of `uris` that works into the CAS and records it as an asset of
@@ -286,6 +339,8 @@ impl Assets {
             ));
         };
         let mut failure = None;
+        // One deadline for the whole call, however many URIs it tries.
+        let deadline = origin.deadline(timeout);
         for (i, uri) in uris.iter().enumerate() {
             let headers = request.headers_for(i);
             match origin
@@ -294,7 +349,7 @@ impl Assets {
                     uri,
                     &headers,
                     request.sri.as_ref(),
-                    timeout,
+                    deadline,
                 )
                 .await
             {
@@ -318,7 +373,7 @@ impl Assets {
                         uri: uri.clone(),
                         namespace: namespace.to_string(),
                         digest,
-                        qualifiers: qualifiers.pairs().to_vec(),
+                        qualifiers: qualifiers.identity().cloned().collect(),
                         expires_at: self.retain_until(namespace, 0),
                     }));
                 }
@@ -344,15 +399,16 @@ impl Assets {
     }
 
     /// Until when an asset of `namespace` stored or used now keeps its content: its
-    /// `expire_at`, but no later than the namespace's TTL since last use from now.
+    /// `expire_at`, but no later than the namespace's TTL since last use from now, nor than
+    /// `asset.max_hold` from now.
     fn retain_until(&self, namespace: &str, expire_at: u64) -> u64 {
         let now = self.results.clock();
         let ttl = self.results.policy().ac_ttl(namespace).as_secs();
-        let by_ttl = if ttl == 0 {
-            u32::MAX as u64
-        } else {
-            now.saturating_add(ttl)
+        let hold = match ttl {
+            0 => self.max_hold,
+            ttl => ttl.min(self.max_hold),
         };
+        let by_ttl = now.saturating_add(hold);
         match expire_at {
             0 => by_ttl,
             at => at.min(by_ttl),
@@ -376,12 +432,30 @@ impl Assets {
             content.add(*d)?;
             self.walk(*d, &mut content, &mut missing).await?;
         }
-        let until = self.retain_until(namespace, push.expire_at.unwrap_or(0));
-        missing.extend(self.cas.retain(&content.digests, until).await?);
+        // Checked before anything is held, so a refused push holds nothing (a use "now" is
+        // what any lookup records).
+        let now = self.results.clock();
+        missing.extend(self.cas.retain(&content.digests, now).await?);
         if !missing.is_empty() {
             missing.sort_unstable();
             missing.dedup();
             return Err(Error::FailedPrecondition(missing_message(&missing)));
+        }
+        // Every URI's record carries the whole content list: bound what one push can write.
+        let record_bytes = content.digests.len() as u64 * (HASH_LEN as u64 + 5);
+        if record_bytes.saturating_mul(push.uris.len() as u64) > MAX_PUSH_BYTES {
+            return Err(Error::InvalidArgument(format!(
+                "{} URIs × {} blobs and directories is more than this server records per push; \
+                 push large trees under fewer URIs",
+                push.uris.len(),
+                content.digests.len()
+            )));
+        }
+        let until = self.retain_until(namespace, push.expire_at.unwrap_or(0));
+        let gone = self.cas.retain(&content.digests, until).await?;
+        if !gone.is_empty() {
+            // Evicted between the check and the hold (both are lookups): say so, as above.
+            return Err(Error::FailedPrecondition(missing_message(&gone)));
         }
         let stored = StoredAsset {
             directory: push.kind == Kind::Directory,
@@ -389,14 +463,12 @@ impl Assets {
             size: push.digest.size,
             qualifiers: push
                 .qualifiers
-                .pairs()
-                .iter()
+                .identity()
                 .map(|(name, value)| StoredQualifier {
                     name: name.clone(),
                     value: value.clone(),
                 })
                 .collect(),
-            uris: push.uris.to_vec(),
             expire_at_unix_secs: push.expire_at.unwrap_or(0),
             stored_at_unix_secs: self.results.clock(),
             writer: push.writer.to_string(),
@@ -422,6 +494,9 @@ impl Assets {
         content: &mut Content,
         missing: &mut Vec<Digest>,
     ) -> Result<()> {
+        // Directories walked, apart from `content`: a Directory also listed as a file or a
+        // reference must still be walked.
+        let mut walked = HashSet::from([root]);
         let mut queue = vec![root];
         while let Some(d) = queue.pop() {
             if d.size > self.max_directory {
@@ -442,7 +517,8 @@ impl Assets {
             }
             for child in &dir.directories {
                 let c = Digest::from_proto(child.digest.as_ref(), "directory node digest")?;
-                if content.add(c)? {
+                content.add(c)?;
+                if walked.insert(c) {
                     queue.push(c);
                 }
             }

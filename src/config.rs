@@ -142,10 +142,23 @@ impl FromStr for LogFormat {
 
 /// The Remote Asset API (`[asset]`): pushed assets are always served; fetching from origin is
 /// opt-in.
-#[derive(Clone, Debug, Default, Deserialize, PartialEq)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct AssetConfig {
+    /// The longest an asset's content is kept from eviction after its push or last fetch,
+    /// whatever its `expire_at` and the namespace's `ac_ttl` (also with `ac_ttl = "0s"`): a
+    /// pushed reference can never hold space for ever. Default 30d.
+    pub max_hold: HumanDuration,
     pub fetch: AssetFetchConfig,
+}
+
+impl Default for AssetConfig {
+    fn default() -> Self {
+        AssetConfig {
+            max_hold: HumanDuration(Duration::from_secs(30 * 86_400)),
+            fetch: AssetFetchConfig::default(),
+        }
+    }
 }
 
 /// Fetching `http(s)` URIs from origin on a FetchBlob miss (`[asset.fetch]`), for Bazel's
@@ -511,6 +524,9 @@ impl Config {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
         }
         self.asset.fetch.check()?;
+        if self.asset.max_hold.0 < Duration::from_secs(60) {
+            return Err("asset.max_hold must be at least 1m".into());
+        }
         if self.watch.retained_events == 0 || self.watch.max_lag == 0 {
             return Err("watch.retained_events and watch.max_lag must be above 0".into());
         }

@@ -39,7 +39,8 @@ impl Failure {
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Sri {
     algorithm: &'static str,
-    hash: Vec<u8>,
+    /// Every hash given for that algorithm: the content may match any of them.
+    hashes: Vec<Vec<u8>>,
 }
 
 impl Sri {
@@ -65,9 +66,15 @@ impl Sri {
             if hash.len() != len {
                 continue;
             }
-            let better = best.as_ref().is_none_or(|b| rank > b.rank());
-            if better {
-                best = Some(Sri { algorithm, hash });
+            match &mut best {
+                Some(b) if b.rank() == rank => b.hashes.push(hash),
+                Some(b) if b.rank() > rank => {}
+                _ => {
+                    best = Some(Sri {
+                        algorithm,
+                        hashes: vec![hash],
+                    })
+                }
             }
         }
         best.ok_or_else(|| {
@@ -86,11 +93,12 @@ impl Sri {
         }
     }
 
-    /// The blob's SHA-256 if this is a sha256 SRI.
+    /// The blob's SHA-256 if this is a sha256 SRI with one hash.
     pub fn sha256(&self) -> Option<[u8; 32]> {
-        (self.algorithm == "sha256")
-            .then(|| self.hash.as_slice().try_into().ok())
-            .flatten()
+        match self.hashes.as_slice() {
+            [only] if self.algorithm == "sha256" => only.as_slice().try_into().ok(),
+            _ => None,
+        }
     }
 }
 
@@ -154,10 +162,14 @@ impl Origin {
             .connect_timeout(Duration::from_secs(30))
             // A redirect may only lead to another allowed host.
             .redirect(reqwest::redirect::Policy::custom(move |attempt| {
-                let ok = attempt
-                    .url()
-                    .host_str()
-                    .is_some_and(|h| host_allowed(&for_redirects, h));
+                let downgrade = attempt.url().scheme() == "http"
+                    && attempt.previous().iter().any(|u| u.scheme() == "https");
+                let ok = !downgrade
+                    && matches!(attempt.url().scheme(), "http" | "https")
+                    && attempt
+                        .url()
+                        .host_str()
+                        .is_some_and(|h| host_allowed(&for_redirects, h));
                 if ok && attempt.previous().len() < 10 {
                     attempt.follow()
                 } else {
@@ -202,25 +214,33 @@ impl Origin {
         }
     }
 
-    /// Downloads `uri` (with `headers`) into `cas`, within `timeout` (the request's, if shorter
-    /// than the configured one), checking `sri` if given; the blob's digest.
+    /// When a fetch that starts now must end: the request's `timeout` if shorter than the
+    /// configured one.
+    pub fn deadline(&self, timeout: Option<Duration>) -> Instant {
+        let timeout = timeout.map_or(self.timeout, |t| t.min(self.timeout));
+        let now = Instant::now();
+        // A timeout too large for the clock means none worth counting: a day.
+        now.checked_add(timeout)
+            .unwrap_or(now + Duration::from_secs(86_400))
+    }
+
+    /// Downloads `uri` (with `headers`) into `cas` before `deadline`, checking `sri` if given;
+    /// the blob's digest.
     pub async fn download(
         &self,
         cas: &dyn Cas,
         uri: &str,
         headers: &[(String, String)],
         sri: Option<&Sri>,
-        timeout: Option<Duration>,
+        deadline: Instant,
     ) -> std::result::Result<Digest, Failure> {
         self.check_uri(uri)?;
-        let timeout = timeout.map_or(self.timeout, |t| t.min(self.timeout));
-        let deadline = Instant::now() + timeout;
         let within = |what: &str| {
             let what = what.to_string();
             move |_| {
                 Failure::new(
                     tonic::Code::DeadlineExceeded,
-                    format!("{what} {uri:?} took longer than {timeout:?}"),
+                    format!("{what} {uri:?} did not finish within the fetch's timeout"),
                 )
             }
         };
@@ -292,18 +312,22 @@ impl Origin {
             size,
         };
         if let Some(sri) = sri {
-            let got = match hashes.sri {
+            let got: Vec<u8> = match hashes.sri {
                 Some(h) => h.finalize().to_vec(),
                 None => digest.hash.to_vec(),
             };
-            if got != sri.hash {
+            if !sri.hashes.contains(&got) {
                 let b64 = base64::engine::general_purpose::STANDARD;
+                let wanted: Vec<String> = sri
+                    .hashes
+                    .iter()
+                    .map(|h| format!("{}-{}", sri.algorithm, b64.encode(h)))
+                    .collect();
                 return Err(Failure::new(
                     tonic::Code::Aborted,
                     format!(
-                        "checksum mismatch for {uri:?}: checksum.sri wants {}-{}, the download is {}-{}",
-                        sri.algorithm,
-                        b64.encode(&sri.hash),
+                        "checksum mismatch for {uri:?}: checksum.sri wants {}, the download is {}-{}",
+                        wanted.join(" or "),
                         sri.algorithm,
                         b64.encode(&got)
                     ),

@@ -215,6 +215,7 @@ async fn serve_all(
         stores.cas.clone(),
         results.clone(),
         config.limits.max_message_size.0,
+        config.asset.max_hold.0,
         crate::origin::Origin::new(&config.asset.fetch, spool_dir(config))?,
     ));
     let invalidation = Arc::new(Invalidation::new(

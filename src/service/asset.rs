@@ -97,21 +97,24 @@ impl FetchArgs {
     }
 
     /// The NOT_FOUND of a miss, naming what was looked for.
-    fn not_found(&self, assets: &Assets, kind: Kind) -> Error {
-        let chain = assets
-            .results()
-            .policy()
-            .read_chain(&self.instance)
-            .join("\", \"");
+    fn not_found(&self, assets: &Assets, kind: Kind, caller: &Caller) -> Error {
+        Error::NotFound(self.miss(assets, kind, caller))
+    }
+
+    /// What a miss looked for, and where (the namespaces the caller may read).
+    fn miss(&self, assets: &Assets, kind: Kind, caller: &Caller) -> String {
+        let mut chain = assets.results().policy().read_chain(&self.instance);
+        chain.retain(|ns| caller.may(Access::Read, ns));
+        let chain = chain.join("\", \"");
         let what = match kind {
             Kind::Blob => "blob",
             Kind::Directory => "directory",
         };
-        Error::NotFound(format!(
+        format!(
             "no {what} asset for {} with these {} qualifiers in namespace \"{chain}\"",
             uri_list(&self.uris),
             self.qualifiers.pairs().len()
-        ))
+        )
     }
 }
 
@@ -171,10 +174,26 @@ impl Fetch for FetchService {
             return Ok(Response::new(blob(found)));
         }
         if !self.assets.fetches_from_origin() {
-            return Err(args.not_found(&self.assets, Kind::Blob).into());
+            return Err(args.not_found(&self.assets, Kind::Blob, &caller).into());
         }
-        // A miss, and fetching from origin is on: qualifiers a download cannot honour are the
-        // request's error; the download is stored, so it needs write access where it goes.
+        // A miss, and fetching from origin is on. Only http(s) URIs of allowed hosts are
+        // downloaded; with none (BuildStream's urn: keys, say) the miss stays a miss.
+        let fetchable: Vec<String> = args
+            .uris
+            .iter()
+            .filter(|u| self.assets.may_fetch(u))
+            .cloned()
+            .collect();
+        if fetchable.is_empty() {
+            let message = args.miss(&self.assets, Kind::Blob, &caller);
+            return Err(Error::NotFound(format!(
+                "{message}; none of the URIs is an http(s) URL on a host in \
+                 asset.fetch.allowed_hosts, so nothing was fetched from origin"
+            ))
+            .into());
+        }
+        // Qualifiers a download cannot honour are the request's error; the download is
+        // stored, so it needs write access where it goes.
         let origin = OriginRequest::new(&args.qualifiers)?;
         let policy = self.assets.results().policy();
         let target = policy
@@ -198,7 +217,7 @@ impl Fetch for FetchService {
                 target,
                 &args.instance,
                 caller.name(),
-                &args.uris,
+                &fetchable,
                 &args.qualifiers,
                 &origin,
                 timeout,
@@ -235,7 +254,11 @@ impl Fetch for FetchService {
                 root_directory_digest: Some(found.digest.to_proto()),
                 digest_function: digest_function::Value::Sha256 as i32,
             },
-            None => return Err(args.not_found(&self.assets, Kind::Directory).into()),
+            None => {
+                return Err(args
+                    .not_found(&self.assets, Kind::Directory, &caller)
+                    .into())
+            }
         };
         Ok(Response::new(reply))
     }

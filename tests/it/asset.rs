@@ -737,17 +737,24 @@ async fn a_miss_is_fetched_from_origin_checked_and_then_served_from_the_cache() 
         "{heads}"
     );
 
-    // Again: from the cache, without asking the origin.
+    // Again: from the cache, without asking the origin. Download headers (a rotated token)
+    // are not part of what the asset is.
     let again = fetch_with(
         &server,
         FetchBlobRequest {
             uris: vec![origin.url("/file")],
-            ..request.clone()
+            qualifiers: q(&[("checksum.sri", &sri(&body)), ("http_header:X-Token", "t2")]),
+            ..Default::default()
         },
     )
     .await
     .unwrap();
     assert_eq!(again.blob_digest.as_ref(), Some(&d));
+    assert_eq!(
+        again.qualifiers,
+        q(&[("checksum.sri", &sri(&body))]),
+        "no header stored"
+    );
     assert_eq!(origin.downloads(), 2);
 
     // oldest_content_accepted in the future (Bazel without a checksum): fetched anew.
@@ -755,7 +762,8 @@ async fn a_miss_is_fetched_from_origin_checked_and_then_served_from_the_cache() 
         &server,
         FetchBlobRequest {
             uris: vec![origin.url("/file")],
-            qualifiers: Vec::new(),
+            // A hit without oldest_content_accepted (just above).
+            qualifiers: q(&[("checksum.sri", &sri(&body))]),
             oldest_content_accepted: Some(Timestamp {
                 seconds: std::time::SystemTime::now()
                     .duration_since(std::time::UNIX_EPOCH)
@@ -806,6 +814,7 @@ async fn origin_fetches_refuse_bad_checksums_hosts_sizes_and_qualifiers() {
         "nothing stored"
     );
 
+    // A host not allowed is never downloaded from: the miss stays a miss, saying why.
     let elsewhere = fetch_with(
         &server,
         FetchBlobRequest {
@@ -813,10 +822,11 @@ async fn origin_fetches_refuse_bad_checksums_hosts_sizes_and_qualifiers() {
             ..Default::default()
         },
     )
-    .await;
-    assert_eq!(
-        code_of(&elsewhere),
-        tonic::Code::PermissionDenied,
+    .await
+    .unwrap_err();
+    assert_eq!(elsewhere.code(), tonic::Code::NotFound, "{elsewhere:?}");
+    assert!(
+        elsewhere.message().contains("allowed_hosts"),
         "{elsewhere:?}"
     );
 
@@ -844,6 +854,60 @@ async fn origin_fetches_refuse_bad_checksums_hosts_sizes_and_qualifiers() {
         "{}",
         e.message()
     );
+}
+
+#[tokio::test]
+async fn with_asset_fetch_other_uris_still_miss_and_downloads_need_write_access() {
+    let origin = Origin::start(b"payload".to_vec()).await;
+    let server = TestServer::start_with(|c| {
+        c.asset.fetch.enabled = true;
+        c.asset.fetch.allowed_hosts = vec!["127.0.0.1".into()];
+        c.namespaces.rules = vec![NamespaceRule {
+            pattern: "view".into(),
+            ac_ttl: None,
+            read: None,
+            write: Some("none".into()),
+        }];
+    })
+    .await;
+    // A BuildStream key with a qualifier no download could honour: just a miss.
+    let e = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: uris(&["urn:fdc:buildstream.build:2020:artifact:p/e/k"]),
+            qualifiers: q(&[("vcs.commit", "abc")]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::NotFound, "{e:?}");
+    // A read-only instance cannot store what it would download.
+    let e = fetch_with(
+        &server,
+        FetchBlobRequest {
+            instance_name: "view".into(),
+            uris: vec![origin.url("/file")],
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::PermissionDenied, "{e:?}");
+    assert_eq!(origin.downloads(), 0);
+    // Headers that would change where the request goes are refused.
+    let e = fetch_with(
+        &server,
+        FetchBlobRequest {
+            uris: vec![origin.url("/file")],
+            qualifiers: q(&[("http_header:Host", "other.example")]),
+            ..Default::default()
+        },
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert_eq!(origin.downloads(), 0);
 }
 
 #[tokio::test]
