@@ -132,7 +132,7 @@ if grep -q '^/greeting.tar.gz hoard/' "$TMP/origin.log" && ! grep -qv ' hoard/' 
 else
   fail "build 1: the origin saw other clients than hoard: $(cat "$TMP/origin.log" 2>/dev/null)"
 fi
-[ "$(fetch_calls Ok)" -ge 1 ] && pass "build 1: hoard answered FetchBlob OK" || fail "build 1: no FetchBlob answered OK in /metrics"
+if [ "$(fetch_calls Ok)" -ge 1 ]; then pass "build 1: hoard answered FetchBlob OK"; else fail "build 1: no FetchBlob answered OK in /metrics"; fi
 
 stop_origin
 : >"$TMP/origin.log"
@@ -142,7 +142,7 @@ if build 2 && [ "$(cat "$TMP/ws/bazel-bin/out.txt" 2>/dev/null)" = "HELLO FROM A
 else
   tail -n 30 "$TMP/build2.log"; fail "build 2 failed with the origin down"
 fi
-[ "$(fetch_calls Ok)" -ge 2 ] && pass "build 2: FetchBlob answered from the cache" || fail "build 2: FetchBlob was not answered OK again"
+if [ "$(fetch_calls Ok)" -ge 2 ]; then pass "build 2: FetchBlob answered from the cache"; else fail "build 2: FetchBlob was not answered OK again"; fi
 
 start_origin
 workspace "0000000000000000000000000000000000000000000000000000000000000000"
