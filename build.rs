@@ -22,6 +22,7 @@ const SERIALIZED: &[&str] = &[
 ];
 
 const PROTOS: &[&str] = &[
+    "build/bazel/remote/asset/v1/remote_asset.proto",
     "build/bazel/remote/execution/v2/remote_execution.proto",
     "build/bazel/semver/semver.proto",
     "google/bytestream/bytestream.proto",

@@ -34,6 +34,8 @@ pub struct Config {
     pub limits: LimitsConfig,
     pub namespaces: NamespacesConfig,
     pub watch: WatchConfig,
+    /// The Remote Asset API (`[asset]`).
+    pub asset: AssetConfig,
     pub telemetry: TelemetryConfig,
     /// TLS on the gRPC port (`[tls]`); without it the port speaks plaintext HTTP/2.
     pub tls: Option<TlsConfig>,
@@ -135,6 +137,74 @@ impl FromStr for LogFormat {
             "json" => Ok(LogFormat::Json),
             _ => Err(format!("log format {s:?} is neither \"text\" nor \"json\"")),
         }
+    }
+}
+
+/// The Remote Asset API (`[asset]`): pushed assets are always served; fetching from origin is
+/// opt-in.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AssetConfig {
+    /// The longest an asset's content is kept from eviction after its push or last fetch,
+    /// whatever its `expire_at` and the namespace's `ac_ttl` (also with `ac_ttl = "0s"`): a
+    /// pushed reference can never hold space for ever. Default 30d.
+    pub max_hold: HumanDuration,
+    pub fetch: AssetFetchConfig,
+}
+
+impl Default for AssetConfig {
+    fn default() -> Self {
+        AssetConfig {
+            max_hold: HumanDuration(Duration::from_secs(30 * 86_400)),
+            fetch: AssetFetchConfig::default(),
+        }
+    }
+}
+
+/// Fetching `http(s)` URIs from origin on a FetchBlob miss (`[asset.fetch]`), for Bazel's
+/// `--experimental_remote_downloader`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct AssetFetchConfig {
+    /// Off by default: when on, this server downloads what clients name (within
+    /// `allowed_hosts`).
+    pub enabled: bool,
+    /// Hosts downloads may come from: exact names or `*` globs (`"*.github.com"`), matched
+    /// against the URI's host. Required when `enabled`.
+    pub allowed_hosts: Vec<String>,
+    /// Largest download; larger ones are abandoned (RESOURCE_EXHAUSTED). Default 1 GiB.
+    pub max_size: ByteSize,
+    /// Longest a download may take when the request sets no shorter `timeout`. Default 5m.
+    pub timeout: HumanDuration,
+}
+
+impl Default for AssetFetchConfig {
+    fn default() -> Self {
+        AssetFetchConfig {
+            enabled: false,
+            allowed_hosts: Vec::new(),
+            max_size: ByteSize(1 << 30),
+            timeout: HumanDuration(Duration::from_secs(300)),
+        }
+    }
+}
+
+impl AssetFetchConfig {
+    fn check(&self) -> Result<(), String> {
+        if self.enabled && self.allowed_hosts.is_empty() {
+            return Err(
+                "asset.fetch.enabled needs asset.fetch.allowed_hosts: the hosts this \
+                        server may download from (e.g. [\"github.com\", \"*.example.org\"])"
+                    .into(),
+            );
+        }
+        if self.allowed_hosts.iter().any(|h| h.is_empty()) {
+            return Err("asset.fetch.allowed_hosts has an empty entry".into());
+        }
+        if self.timeout.0 < Duration::from_secs(1) {
+            return Err("asset.fetch.timeout must be at least 1s".into());
+        }
+        Ok(())
     }
 }
 
@@ -345,6 +415,7 @@ impl Default for Config {
             limits: LimitsConfig::default(),
             namespaces: NamespacesConfig::default(),
             watch: WatchConfig::default(),
+            asset: AssetConfig::default(),
             telemetry: TelemetryConfig::default(),
             log_format: LogFormat::default(),
             tls: None,
@@ -451,6 +522,10 @@ impl Config {
         }
         if self.storage.abandoned_upload_age.0 < Duration::from_secs(60) {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
+        }
+        self.asset.fetch.check()?;
+        if self.asset.max_hold.0 < Duration::from_secs(60) {
+            return Err("asset.max_hold must be at least 1m".into());
         }
         if self.watch.retained_events == 0 || self.watch.max_lag == 0 {
             return Err("watch.retained_events and watch.max_lag must be above 0".into());

@@ -16,6 +16,7 @@
 //!   service; [`metrics`] the instruments they and the services record into (`/metrics`);
 //!   [`telemetry`] the logs and the span of each call (OTLP traces).
 
+pub mod asset;
 pub mod auth;
 pub mod cli;
 pub mod client;
@@ -30,6 +31,7 @@ pub mod layers;
 pub mod metrics;
 pub mod namespace;
 pub mod ops;
+pub mod origin;
 pub mod proto;
 pub mod resource_name;
 pub mod server;

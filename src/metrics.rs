@@ -70,6 +70,14 @@ const METHODS: &[(&str, &[&str])] = &[
         ],
     ),
     ("hoard.watch.v1.Watch", &["Watch"]),
+    (
+        "build.bazel.remote.asset.v1.Fetch",
+        &["FetchBlob", "FetchDirectory"],
+    ),
+    (
+        "build.bazel.remote.asset.v1.Push",
+        &["PushBlob", "PushDirectory"],
+    ),
 ];
 
 /// Why a call was answered UNAUTHENTICATED: the `reason` label of

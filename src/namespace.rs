@@ -308,26 +308,36 @@ impl ActionResults {
     /// The encoded `ActionResult` stored for `action` in `namespace`, if it is visible.
     pub async fn get(&self, namespace: &str, action: &Digest) -> Result<Option<Bytes>> {
         self.lookups.fetch_add(1, Relaxed);
-        let Some(record) = self.store.get(namespace, action).await? else {
+        let Some(record) = self.visible(namespace, action).await? else {
+            return Ok(None);
+        };
+        let Some(stored) = Self::stored_of(namespace, action, &record) else {
+            self.store.replace(namespace, action, &record, None).await?;
+            return Ok(None);
+        };
+        self.hits.fetch_add(1, Relaxed);
+        Ok(Some(stored.result))
+    }
+
+    /// The record stored under `key` in `namespace` if it is visible (current epoch, within
+    /// its TTL since last use), renewing its last use; a dead one is reclaimed on sight.
+    async fn visible(&self, namespace: &str, key: &Digest) -> Result<Option<ActionRecord>> {
+        let Some(record) = self.store.get(namespace, key).await? else {
             return Ok(None);
         };
         let now = self.now();
         if record.epoch < self.epoch_and_touch(namespace, now).await? {
             // Invalidated with its whole namespace; the space is reclaimed right here.
-            self.store.replace(namespace, action, &record, None).await?;
+            self.store.replace(namespace, key, &record, None).await?;
             return Ok(None);
         }
         let ttl = self.policy.ac_ttl(namespace).as_secs();
         if Self::expired(ttl, &record, now) {
-            if self.store.replace(namespace, action, &record, None).await? {
+            if self.store.replace(namespace, key, &record, None).await? {
                 self.expired.fetch_add(1, Relaxed);
             }
             return Ok(None);
         }
-        let Some(stored) = Self::stored_of(namespace, action, &record) else {
-            self.store.replace(namespace, action, &record, None).await?;
-            return Ok(None);
-        };
         // Record the use, coarsely: a hit rewrites the record at most every ttl/16 (≤ 1h).
         let coarse = if ttl > 0 {
             (ttl / 16).clamp(1, 3600)
@@ -341,11 +351,41 @@ impl ActionResults {
             };
             // Losing the race to a concurrent update is fine: that one is newer.
             self.store
-                .replace(namespace, action, &record, Some(renewed))
+                .replace(namespace, key, &record, Some(renewed))
                 .await?;
         }
-        self.hits.fetch_add(1, Relaxed);
-        Ok(Some(stored.result))
+        Ok(Some(record))
+    }
+
+    /// The bytes of another kind of record (a Remote Asset, `crate::asset`) kept under `key`
+    /// with the same visibility rules as action results: epochs, TTL since last use, pruning.
+    /// The caller picks keys no action digest can take and owns the bytes' format.
+    pub async fn get_record(&self, namespace: &str, key: &Digest) -> Result<Option<ActionRecord>> {
+        self.visible(namespace, key).await
+    }
+
+    /// Deletes the record under `key` if it is still `seen` (one found dead by its owner, such
+    /// as an asset whose content was evicted); a newer write under the key is kept.
+    pub async fn drop_record(
+        &self,
+        namespace: &str,
+        key: &Digest,
+        seen: &ActionRecord,
+    ) -> Result<bool> {
+        self.store.replace(namespace, key, seen, None).await
+    }
+
+    /// Stores bytes under `key` in `namespace` at its current epoch (see
+    /// [`ActionResults::get_record`]); durable on return.
+    pub async fn put_record(&self, namespace: &str, key: &Digest, bytes: Bytes) -> Result<()> {
+        let now = self.now();
+        let epoch = self.epoch_and_touch(namespace, now).await?;
+        let record = ActionRecord {
+            last_used: now,
+            epoch,
+            result: bytes,
+        };
+        self.store.put(namespace, key, record).await
     }
 
     /// Stores an encoded `ActionResult` under the namespace's current epoch, with who wrote it

@@ -8,6 +8,11 @@
 pub mod build {
     pub mod bazel {
         pub mod remote {
+            pub mod asset {
+                pub mod v1 {
+                    tonic::include_proto!("build.bazel.remote.asset.v1");
+                }
+            }
             pub mod execution {
                 pub mod v2 {
                     tonic::include_proto!("build.bazel.remote.execution.v2");
@@ -57,6 +62,8 @@ pub mod hoard {
     }
 }
 
+/// Remote Asset API v1 (Fetch, Push).
+pub use build::bazel::remote::asset::v1 as asset;
 /// REAPI v2, the package nearly every module uses.
 pub use build::bazel::remote::execution::v2 as reapi;
 pub use google::bytestream;

@@ -211,6 +211,13 @@ async fn serve_all(
     let limits = Limits::from(&config.limits);
     let policy = Arc::new(Policy::new(&config.namespaces));
     let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
+    let assets = Arc::new(crate::asset::Assets::new(
+        stores.cas.clone(),
+        results.clone(),
+        config.limits.max_message_size.0,
+        config.asset.max_hold.0,
+        crate::origin::Origin::new(&config.asset.fetch, spool_dir(config))?,
+    ));
     let invalidation = Arc::new(Invalidation::new(
         results.clone(),
         events.clone(),
@@ -324,6 +331,12 @@ async fn serve_all(
             )
             .with_metrics(metrics.clone())
         )))
+        .add_service(sized!(crate::proto::asset::fetch_server::FetchServer::new(
+            crate::service::asset::FetchService::new(assets.clone())
+        )))
+        .add_service(sized!(crate::proto::asset::push_server::PushServer::new(
+            crate::service::asset::PushService::new(assets)
+        )))
         .add_service(WatchServer::new(WatchService::new(
             events.clone(),
             metrics.clone(),
@@ -436,5 +449,14 @@ async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration
             Ok(n) => tracing::info!(removed = n, ?max_age, "removed abandoned partial uploads"),
             Err(e) => tracing::warn!(error = %e, "sweeping abandoned uploads failed"),
         }
+    }
+}
+
+/// Where downloads from origin are spooled (as unnamed files): beside the data for a durable
+/// store, the system's temporary directory for the memory backend.
+fn spool_dir(config: &Config) -> std::path::PathBuf {
+    match config.storage.backend {
+        crate::config::Backend::Sled => config.data_dir.clone(),
+        crate::config::Backend::Memory => std::env::temp_dir(),
     }
 }

@@ -35,6 +35,8 @@ pub const SERVICES: &[&str] = &[
     "build.bazel.remote.execution.v2.ContentAddressableStorage",
     "build.bazel.remote.execution.v2.ActionCache",
     "google.bytestream.ByteStream",
+    "build.bazel.remote.asset.v1.Fetch",
+    "build.bazel.remote.asset.v1.Push",
 ];
 
 /// The health name that reports whether writes are accepted.

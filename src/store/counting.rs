@@ -45,6 +45,11 @@ impl<C: Cas + ?Sized, H: Housekeeping + ?Sized> Cas for Counting<C, H> {
         Ok(missing)
     }
 
+    /// Not counted: these are the server's own checks of asset content, not clients' lookups.
+    async fn retain(&self, digests: &[Digest], until: u64) -> Result<Vec<Digest>> {
+        self.cas.retain(digests, until).await
+    }
+
     async fn read(
         &self,
         digest: &Digest,

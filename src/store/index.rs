@@ -92,10 +92,14 @@ impl Index {
     }
 
     /// Adds a blob last used at `used` (which is on disk already); returns false if it was
-    /// already there.
+    /// already there, whose last use then only moves forward (a second upload of a blob must
+    /// not undo a use recorded for a time to come by `Cas::retain`).
     pub fn insert(&self, digest: &Digest, used: u32) -> bool {
         let mut map = Self::write(self.shard(&digest.hash));
-        let fresh = map.get(&digest.hash).is_none_or(|e| e.size != digest.size);
+        if let Some(e) = map.get(&digest.hash).filter(|e| e.size == digest.size) {
+            e.used.fetch_max(used, Ordering::Relaxed);
+            return false;
+        }
         map.insert(
             digest.hash,
             Entry {
@@ -104,7 +108,7 @@ impl Index {
                 persisted: AtomicU32::new(used),
             },
         );
-        fresh
+        true
     }
 
     /// Raises a blob's last use to `used` (as loaded from disk) if it is indexed.
@@ -238,6 +242,20 @@ mod tests {
         assert_eq!(index.remove(&a), Some(1));
         assert!(!index.contains(&a));
         assert!(index.contains(&Digest::of(&7u32.to_le_bytes())));
+    }
+
+    #[test]
+    fn storing_a_blob_again_never_moves_its_last_use_back() {
+        let index = Index::new();
+        let a = Digest::of(b"held");
+        index.insert(&a, 100);
+        // Held until 10_000 (Cas::retain), then uploaded again at 200.
+        assert!(index.touch(&a, 10_000));
+        assert!(!index.insert(&a, 200));
+        assert!(!index.remove_if_unused_since(&a, 5_000), "still held");
+        let mut seen = Vec::new();
+        index.for_each(|c| seen.push(c.used));
+        assert_eq!(seen, vec![10_000]);
     }
 
     #[test]

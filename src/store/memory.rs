@@ -278,7 +278,11 @@ impl Inner {
 #[async_trait]
 impl Cas for MemoryStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let now = self.inner.now();
+        self.retain(digests, 0).await
+    }
+
+    async fn retain(&self, digests: &[Digest], until: u64) -> Result<Vec<Digest>> {
+        let now = self.inner.now().max(until.min(u32::MAX as u64) as u32);
         let mut blobs = self.inner.blobs.lock();
         Ok(digests
             .iter()

@@ -47,6 +47,13 @@ pub trait Cas: Send + Sync + 'static {
     /// The subset of `digests` that is not stored, in request order. Never includes the empty blob.
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>>;
 
+    /// Like [`Cas::find_missing`], and each digest found counts as used at `until` (store clock,
+    /// Unix seconds; a time to come), so eviction and the retention guarantee spare it until
+    /// then and for `min_retention` after. For content something long-lived refers to: the
+    /// blobs and trees of a Remote Asset, for as long as the asset lives. A later time never
+    /// moves back.
+    async fn retain(&self, digests: &[Digest], until: u64) -> Result<Vec<Digest>>;
+
     /// Streams `limit` bytes (all if `None`) of a blob from `offset`, in chunks of at most
     /// `chunk_size`; `None` if not stored. The caller has checked `offset <= digest.size`.
     async fn read(

@@ -998,3 +998,97 @@ async fn uploads_need_write_where_the_instance_writes() {
     );
     server.stop().await;
 }
+
+#[tokio::test]
+async fn assets_need_read_to_fetch_and_write_where_they_are_stored_to_push() {
+    use hoard::proto::asset::{
+        fetch_client::FetchClient, push_client::PushClient, FetchBlobRequest, PushBlobRequest,
+    };
+    let server = start(Access::None).await;
+    let data = blob(100, 77);
+    let d = digest_of(&data);
+    server
+        .cas()
+        .batch_update_blobs(req(
+            BatchUpdateBlobsRequest {
+                instance_name: "ci/main".into(),
+                requests: vec![batch_update_blobs_request::Request {
+                    digest: Some(d.clone()),
+                    data: data.into(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+            bearer(CI).as_deref(),
+        ))
+        .await
+        .expect("upload");
+    let push = |instance: &str, header: Option<String>| {
+        let mut client = PushClient::new(server.channel());
+        let r = req(
+            PushBlobRequest {
+                instance_name: instance.into(),
+                uris: vec!["urn:tool".into()],
+                blob_digest: Some(d.clone()),
+                ..Default::default()
+            },
+            header.as_deref(),
+        );
+        async move { client.push_blob(r).await }
+    };
+    let fetch = |instance: &str, header: Option<String>| {
+        let mut client = FetchClient::new(server.channel());
+        let r = req(
+            FetchBlobRequest {
+                instance_name: instance.into(),
+                uris: vec!["urn:tool".into()],
+                ..Default::default()
+            },
+            header.as_deref(),
+        );
+        async move { client.fetch_blob(r).await.map(|r| r.into_inner()) }
+    };
+    assert_status(push("ci/main", None).await, Code::Unauthenticated, &[]);
+    assert_status(
+        push("ci/main", bearer(READER)).await,
+        Code::PermissionDenied,
+        &["ci/main", "write"],
+    );
+    // Alice may write dev/alice only.
+    assert_status(
+        push("ci/main", bearer(ALICE)).await,
+        Code::PermissionDenied,
+        &["ci/main"],
+    );
+    assert_status(
+        fetch("ci/main", bearer(READER)).await,
+        Code::NotFound,
+        &["urn:tool"],
+    );
+    push("ci/main", bearer(CI))
+        .await
+        .expect("CI may push to ci/main");
+    let hit = fetch("ci/main", bearer(READER)).await.expect("fetch");
+    assert_eq!(hit.blob_digest, Some(d.clone()));
+    // dev/alice reads itself, then ci/main: a reader of both finds it through the chain,
+    // Alice (who may not read ci/main) does not.
+    let via_chain = fetch("dev/alice", bearer(CI)).await.expect("fetch");
+    assert_eq!(via_chain.blob_digest, Some(d.clone()));
+    assert_status(
+        fetch("dev/alice", bearer(ALICE)).await,
+        Code::NotFound,
+        &["dev/alice"],
+    );
+    assert_status(fetch("ci/main", None).await, Code::Unauthenticated, &[]);
+    assert_status(
+        fetch("ci/main", bearer(RELEASE_WRITER)).await,
+        Code::PermissionDenied,
+        &["read"],
+    );
+    // The probe BuildStream sends at start: INVALID_ARGUMENT for anyone who is authenticated.
+    let mut client = PushClient::new(server.channel());
+    let probe = client
+        .push_blob(req(PushBlobRequest::default(), bearer(READER).as_deref()))
+        .await;
+    assert_status(probe, Code::InvalidArgument, &["uris"]);
+}

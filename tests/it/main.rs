@@ -3,6 +3,7 @@
 
 mod action_cache;
 mod admin;
+mod asset;
 mod auth;
 mod bytestream;
 mod capabilities;

@@ -320,6 +320,11 @@ impl Cas for SledStore {
         Ok(self.inner.find_missing(digests))
     }
 
+    async fn retain(&self, digests: &[Digest], until: u64) -> Result<Vec<Digest>> {
+        let until = until.min(u32::MAX as u64) as u32;
+        Ok(self.inner.find_missing_used_at(digests, until))
+    }
+
     async fn read(
         &self,
         digest: &Digest,

@@ -20,7 +20,13 @@ use crate::store::BlobStream;
 impl Inner {
     /// The subset of `digests` that is not stored; records a use of each one that is.
     pub(super) fn find_missing(&self, digests: &[Digest]) -> Vec<Digest> {
-        let now = self.clock.now();
+        self.find_missing_used_at(digests, self.clock.now())
+    }
+
+    /// [`Inner::find_missing`], recording each use at `at` (a time to come, for
+    /// `Cas::retain`).
+    pub(super) fn find_missing_used_at(&self, digests: &[Digest], at: u32) -> Vec<Digest> {
+        let now = at.max(self.clock.now());
         digests
             .iter()
             .filter(|d| !d.is_empty_blob() && !self.index.touch(d, now))
