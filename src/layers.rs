@@ -270,7 +270,8 @@ where
     }
 
     fn call(&mut self, request: Request<B>) -> Self::Future {
-        let measured = if never_shed(request.uri().path()) {
+        // With metrics off nothing is measured, not even the path copied.
+        let measured = if never_shed(request.uri().path()) || !self.metrics.enabled() {
             None
         } else {
             Some((self.metrics.clone(), request.uri().path().to_string()))

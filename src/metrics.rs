@@ -17,6 +17,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::namespace::{ActionResults, Policy};
+use crate::store::refused::Refusal;
 use crate::store::{Housekeeping, StoreStats};
 
 /// The label value of instance names past `telemetry.max_namespace_labels`.
@@ -145,6 +146,11 @@ pub struct Metrics {
     auth_failures: Counter<u64>,
     invalidations: Counter<u64>,
     watchers: UpDownCounter<i64>,
+    upload_resumes: Counter<u64>,
+    upload_resumes_refused: Counter<u64>,
+    /// `telemetry.metrics`: when false nothing is recorded (the hot paths return before
+    /// building labels) and `/metrics` answers 404.
+    enabled: bool,
     /// Which `[[namespaces.rule]]` matches an instance name.
     policy: Policy,
     namespaces: NamespaceLabels,
@@ -173,7 +179,14 @@ impl Metrics {
             .scope_info_enabled(false)
             .build()
             .map_err(|e| Error::internal("setting up the metrics exporter", e))?;
-        let provider = SdkMeterProvider::builder().with_reader(exporter).build();
+        let enabled = config.telemetry.metrics;
+        // Off: a provider without a reader, whose instruments are no-ops (the recording methods
+        // return before that anyway, so the request path does not even build labels).
+        let provider = if enabled {
+            SdkMeterProvider::builder().with_reader(exporter).build()
+        } else {
+            SdkMeterProvider::builder().build()
+        };
         let meter = provider.meter("hoard");
         let counter = |name: &'static str, help: &'static str| {
             meter.u64_counter(name).with_description(help).build()
@@ -222,6 +235,17 @@ impl Metrics {
                 .i64_up_down_counter("hoard_watchers")
                 .with_description("watch streams open")
                 .build(),
+            upload_resumes: counter(
+                "hoard_upload_resumes_total",
+                "ByteStream Writes that resumed an upload at a non-zero offset (accepted)",
+            ),
+            upload_resumes_refused: counter(
+                "hoard_upload_resumes_refused_total",
+                "ByteStream Writes at a non-zero offset that could not resume (offset does not \
+                 match what is stored, nothing stored, compressed, another stream writing, or the store \
+                 refusing writes)",
+            ),
+            enabled,
             policy: Policy::new(&config.namespaces),
             namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
             store: OnceLock::new(),
@@ -241,6 +265,8 @@ impl Metrics {
                 .add(0, &[KeyValue::new("kind", kind.label())]);
         }
         metrics.watchers.add(0, &[]);
+        metrics.upload_resumes.add(0, &[]);
+        metrics.upload_resumes_refused.add(0, &[]);
         meter
             .u64_gauge("hoard_build_info")
             .with_description("always 1; the label names the version")
@@ -254,6 +280,11 @@ impl Metrics {
     /// then these series are absent.
     pub fn watch_store(&self, store: Arc<dyn Housekeeping>, results: Arc<ActionResults>) {
         let _ = self.store.set((store, results));
+    }
+
+    /// Whether metrics are recorded and served (`telemetry.metrics`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// Everything recorded, as Prometheus text format 0.0.4; the store's figures are read now.
@@ -279,6 +310,9 @@ impl Metrics {
 
     /// One answered call: its path (`/service/method`), gRPC code and duration.
     pub fn request(&self, path: &str, code: tonic::Code, elapsed: Duration) {
+        if !self.enabled {
+            return;
+        }
         let (service, method) = service_and_method(path);
         let labels = [
             KeyValue::new("service", service),
@@ -294,6 +328,9 @@ impl Metrics {
 
     /// A GetActionResult for `instance` that got as far as the cache, found or not.
     pub fn ac_lookup(&self, instance: &str, hit: bool) {
+        if !self.enabled {
+            return;
+        }
         let labels = self.namespace_labels(instance);
         self.ac_lookups.add(1, &labels);
         if hit {
@@ -303,6 +340,9 @@ impl Metrics {
 
     /// A FindMissingBlobs for `instance`: `asked` digests, `found` of them present.
     pub fn cas_lookup(&self, instance: &str, asked: usize, found: usize) {
+        if !self.enabled {
+            return;
+        }
         let labels = self.namespace_labels(instance);
         self.cas_lookups.add(asked as u64, &labels);
         self.cas_found.add(found as u64, &labels);
@@ -327,6 +367,16 @@ impl Metrics {
     pub fn invalidation(&self, kind: Invalidated) {
         self.invalidations
             .add(1, &[KeyValue::new("kind", kind.label())]);
+    }
+
+    /// A ByteStream Write at a non-zero offset: the store took up the upload where it stood
+    /// (`accepted`), or refused to.
+    pub fn upload_resume(&self, accepted: bool) {
+        if accepted {
+            self.upload_resumes.add(1, &[]);
+        } else {
+            self.upload_resumes_refused.add(1, &[]);
+        }
     }
 
     /// A watch stream opened; it counts as open until the returned guard is dropped.
@@ -410,7 +460,7 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             })
             .build();
     }
-    let counters: [(&'static str, &'static str, Read); 4] = [
+    let counters: [(&'static str, &'static str, Read); 3] = [
         (
             "hoard_evicted_blobs_total",
             "blobs evicted since start",
@@ -426,11 +476,6 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             "action results dropped since start because their TTL since last use passed",
             |s| Some(s.expired_action_results),
         ),
-        (
-            "hoard_refused_writes_total",
-            "writes refused since start because the cache was full",
-            |s| Some(s.refused_writes),
-        ),
     ];
     for (name, help, read) in counters {
         let stats = stats.clone();
@@ -444,6 +489,25 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             })
             .build();
     }
+    // Every reason observed, 0 included, so alert rules need no `absent()`.
+    let stats = stats.clone();
+    meter
+        .u64_observable_counter("hoard_refused_writes_total")
+        .with_description(
+            "writes refused up front since start, by reason (cache_full, too_large, disk_full, \
+             read_only, database_failed)",
+        )
+        .with_callback(move |observer| {
+            if let Some(s) = stats.lock().as_ref() {
+                for reason in Refusal::ALL {
+                    observer.observe(
+                        reason.count_in(s),
+                        &[KeyValue::new("reason", reason.label())],
+                    );
+                }
+            }
+        })
+        .build();
 }
 
 /// The first `cap` distinct instance names seen keep their name as label value; later ones

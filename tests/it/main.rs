@@ -22,5 +22,6 @@ mod model;
 mod namespaces;
 mod ops;
 mod provenance;
+mod refused;
 mod tls;
 mod watch;
