@@ -274,7 +274,10 @@ where
         let measured = if never_shed(request.uri().path()) || !self.metrics.enabled() {
             None
         } else {
-            Some((self.metrics.clone(), request.uri().path().to_string()))
+            Some((
+                self.metrics.clone(),
+                Metrics::method_of(request.uri().path()),
+            ))
         };
         let reply = self.inner.call(request);
         let started = Instant::now();
@@ -282,13 +285,13 @@ where
             let response = reply.await?;
             Ok(match measured {
                 None => response.map(tonic::body::Body::new),
-                Some((metrics, path)) => {
+                Some((metrics, method)) => {
                     let code = grpc_status(response.headers());
                     if let Some(code) = code {
                         // Trailers-only (refusals, errors of unary calls): the code is known
                         // now, and recording before the reply leaves keeps the count exact for
                         // whoever reads `/metrics` next.
-                        metrics.request(&path, code, started.elapsed());
+                        metrics.request_to(method, code, started.elapsed());
                         return Ok(response.map(tonic::body::Body::new));
                     }
                     response.map(|inner| {
@@ -296,7 +299,7 @@ where
                             inner,
                             record: Some(Record {
                                 metrics,
-                                path,
+                                method,
                                 started,
                                 code: None,
                             }),
@@ -320,7 +323,8 @@ fn grpc_status(headers: &HeaderMap) -> Option<tonic::Code> {
 /// What is recorded once a reply ends.
 struct Record {
     metrics: Arc<Metrics>,
-    path: String,
+    /// `service` and `method` labels, resolved on arrival.
+    method: (&'static str, &'static str),
     started: Instant,
     /// Never known before the trailers (a trailers-only reply is recorded at once); kept for
     /// a body that ends without trailers.
@@ -331,7 +335,7 @@ impl Record {
     fn finish(self, fallback: tonic::Code) {
         let code = self.code.unwrap_or(fallback);
         self.metrics
-            .request(&self.path, code, self.started.elapsed());
+            .request_to(self.method, code, self.started.elapsed());
     }
 }
 

@@ -4,7 +4,7 @@
 //! AC and CAS services. Names follow Prometheus conventions (units in names, `_total` for
 //! counters), so the exporter is told not to add suffixes of its own.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -154,6 +154,10 @@ pub struct Metrics {
     /// Which `[[namespaces.rule]]` matches an instance name.
     policy: Policy,
     namespaces: NamespaceLabels,
+    /// The lookup labels of each instance name that kept its own `namespace` label (at most
+    /// `max_namespace_labels`), built once: a lookup then clones two reference-counted strings
+    /// instead of matching the rules and allocating both values (the metrics-cost benchmark).
+    lookup_labels: RwLock<HashMap<String, [KeyValue; 2]>>,
     /// Where the store figures come from, once the store is open.
     store: OnceLock<(Arc<dyn Housekeeping>, Arc<ActionResults>)>,
     /// The store's figures as of this scrape, which the observable instruments report.
@@ -248,6 +252,7 @@ impl Metrics {
             enabled,
             policy: Policy::new(&config.namespaces),
             namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
+            lookup_labels: RwLock::new(HashMap::new()),
             store: OnceLock::new(),
             stats: Arc::new(Mutex::new(None)),
             registry,
@@ -310,10 +315,26 @@ impl Metrics {
 
     /// One answered call: its path (`/service/method`), gRPC code and duration.
     pub fn request(&self, path: &str, code: tonic::Code, elapsed: Duration) {
+        self.request_to(Self::method_of(path), code, elapsed);
+    }
+
+    /// The `service` and `method` label values of a call's path (`unknown` for what this
+    /// server does not implement): the request layer resolves them when a call arrives, so
+    /// it keeps two static strings per call rather than a copy of the path.
+    pub fn method_of(path: &str) -> (&'static str, &'static str) {
+        service_and_method(path)
+    }
+
+    /// [`Metrics::request`] with the labels [`Metrics::method_of`] resolved.
+    pub fn request_to(
+        &self,
+        (service, method): (&'static str, &'static str),
+        code: tonic::Code,
+        elapsed: Duration,
+    ) {
         if !self.enabled {
             return;
         }
-        let (service, method) = service_and_method(path);
         let labels = [
             KeyValue::new("service", service),
             KeyValue::new("method", method),
@@ -387,14 +408,26 @@ impl Metrics {
 
     /// `namespace_rule` (the matching rule's pattern, or `default`) and `namespace` (capped).
     fn namespace_labels(&self, instance: &str) -> [KeyValue; 2] {
-        let rule = match self.policy.rule(instance) {
-            Some(rule) => rule.pattern.clone(),
-            None => "default".to_string(),
+        if let Some(labels) = self.lookup_labels.read().get(instance) {
+            return labels.clone();
+        }
+        let rule: Arc<str> = match self.policy.rule(instance) {
+            Some(rule) => rule.pattern.as_str().into(),
+            None => "default".into(),
         };
-        [
+        let namespace = self.namespaces.label(instance);
+        let kept = namespace != OTHER;
+        let labels = [
             KeyValue::new("namespace_rule", rule),
-            KeyValue::new("namespace", self.namespaces.label(instance)),
-        ]
+            KeyValue::new("namespace", Arc::<str>::from(namespace)),
+        ];
+        // Only names with a label of their own are kept, so the map is bounded by the cap.
+        if kept {
+            self.lookup_labels
+                .write()
+                .insert(instance.to_string(), labels.clone());
+        }
+        labels
     }
 }
 
