@@ -63,6 +63,9 @@ pub struct TlsConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct TelemetryConfig {
+    /// Whether metrics are recorded and `/metrics` serves them. Default true; false records
+    /// nothing (`/metrics` then answers 404 saying so), for measuring what metrics cost.
+    pub metrics: bool,
     /// How many distinct instance names get their own `namespace` label value on the AC and
     /// CAS lookup metrics; later ones are counted as `other`, so a client inventing names
     /// cannot grow the series without bound. Default 50.
@@ -82,6 +85,7 @@ pub struct TelemetryConfig {
 impl Default for TelemetryConfig {
     fn default() -> Self {
         TelemetryConfig {
+            metrics: true,
             max_namespace_labels: 50,
             otlp_endpoint: None,
             otlp_interval: HumanDuration(Duration::from_secs(10)),

@@ -18,6 +18,7 @@ use parking_lot::{Mutex, RwLock};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::namespace::{ActionResults, Policy};
+use crate::store::refused::Refusal;
 use crate::store::{Housekeeping, StoreStats};
 
 /// The label value of instance names past `telemetry.max_namespace_labels`.
@@ -156,9 +157,18 @@ pub struct Metrics {
     auth_failures: Counter<u64>,
     invalidations: Counter<u64>,
     watchers: UpDownCounter<i64>,
+    upload_resumes: Counter<u64>,
+    upload_resumes_refused: Counter<u64>,
+    /// `telemetry.metrics`: when false nothing is recorded (the hot paths return before
+    /// building labels) and `/metrics` answers 404.
+    enabled: bool,
     /// Which `[[namespaces.rule]]` matches an instance name.
     policy: Policy,
     namespaces: NamespaceLabels,
+    /// The lookup labels of each instance name that kept its own `namespace` label (at most
+    /// `max_namespace_labels`), built once: a lookup then clones two reference-counted strings
+    /// instead of matching the rules and allocating both values (the metrics-cost benchmark).
+    lookup_labels: RwLock<HashMap<String, [KeyValue; 2]>>,
     /// Where the store figures come from, once the store is open.
     store: OnceLock<(Arc<dyn Housekeeping>, Arc<ActionResults>)>,
     /// The store's figures as of this scrape, which the observable instruments report.
@@ -187,16 +197,24 @@ impl Metrics {
             .scope_info_enabled(false)
             .build()
             .map_err(|e| Error::internal("setting up the metrics exporter", e))?;
-        let mut provider = SdkMeterProvider::builder()
-            .with_reader(exporter)
-            .with_resource(crate::telemetry::resource());
-        // `telemetry.otlp_endpoint`: the same instruments are also pushed to a collector.
-        if let Some(reader) =
-            crate::telemetry::metric_reader(&config.telemetry).map_err(Error::InvalidArgument)?
-        {
-            provider = provider.with_reader(reader);
-        }
-        let provider = provider.build();
+        let enabled = config.telemetry.metrics;
+        // Off: a provider without a reader, whose instruments are no-ops (the recording methods
+        // return before that anyway, so the request path does not even build labels), and no
+        // OTLP push either.
+        let provider = if enabled {
+            let mut provider = SdkMeterProvider::builder()
+                .with_reader(exporter)
+                .with_resource(crate::telemetry::resource());
+            // `telemetry.otlp_endpoint`: the same instruments are also pushed to a collector.
+            if let Some(reader) = crate::telemetry::metric_reader(&config.telemetry)
+                .map_err(Error::InvalidArgument)?
+            {
+                provider = provider.with_reader(reader);
+            }
+            provider.build()
+        } else {
+            SdkMeterProvider::builder().build()
+        };
         let meter = provider.meter("hoard");
         let counter = |name: &'static str, help: &'static str| {
             meter.u64_counter(name).with_description(help).build()
@@ -253,8 +271,20 @@ impl Metrics {
                 .i64_up_down_counter("hoard_watchers")
                 .with_description("watch streams open")
                 .build(),
+            upload_resumes: counter(
+                "hoard_upload_resumes_total",
+                "ByteStream Writes that resumed an upload at a non-zero offset (accepted)",
+            ),
+            upload_resumes_refused: counter(
+                "hoard_upload_resumes_refused_total",
+                "ByteStream Writes at a non-zero offset that could not resume (offset does not \
+                 match what is stored, nothing stored, compressed, another stream writing, or the store \
+                 refusing writes)",
+            ),
+            enabled,
             policy: Policy::new(&config.namespaces),
             namespaces: NamespaceLabels::new(config.telemetry.max_namespace_labels),
+            lookup_labels: RwLock::new(HashMap::new()),
             store: OnceLock::new(),
             stats: Arc::new(Mutex::new(None)),
             tallies: Tallies::default(),
@@ -273,6 +303,8 @@ impl Metrics {
                 .add(0, &[KeyValue::new("kind", kind.label())]);
         }
         metrics.watchers.add(0, &[]);
+        metrics.upload_resumes.add(0, &[]);
+        metrics.upload_resumes_refused.add(0, &[]);
         meter
             .u64_gauge("hoard_build_info")
             .with_description("always 1; the label names the version")
@@ -294,6 +326,11 @@ impl Metrics {
         if let Err(e) = self.provider.shutdown() {
             tracing::warn!(error = %e, "the final metrics export failed");
         }
+    }
+
+    /// Whether metrics are recorded and served (`telemetry.metrics`).
+    pub fn enabled(&self) -> bool {
+        self.enabled
     }
 
     /// Everything recorded, as Prometheus text format 0.0.4; the store's figures are read now.
@@ -328,6 +365,9 @@ impl Metrics {
         received: u64,
         sent: u64,
     ) {
+        if !self.enabled {
+            return;
+        }
         let labels = [
             KeyValue::new("service", service),
             KeyValue::new("method", method),
@@ -349,6 +389,9 @@ impl Metrics {
 
     /// A GetActionResult for `instance` that got as far as the cache, found or not.
     pub fn ac_lookup(&self, instance: &str, hit: bool) {
+        if !self.enabled {
+            return;
+        }
         let labels = self.namespace_labels(instance);
         self.ac_lookups.add(1, &labels);
         if hit {
@@ -361,6 +404,9 @@ impl Metrics {
 
     /// A FindMissingBlobs for `instance`: `asked` digests, `found` of them present.
     pub fn cas_lookup(&self, instance: &str, asked: usize, found: usize) {
+        if !self.enabled {
+            return;
+        }
         let labels = self.namespace_labels(instance);
         self.cas_lookups.add(asked as u64, &labels);
         self.cas_found.add(found as u64, &labels);
@@ -443,6 +489,16 @@ impl Metrics {
             .add(1, &[KeyValue::new("kind", kind.label())]);
     }
 
+    /// A ByteStream Write at a non-zero offset: the store took up the upload where it stood
+    /// (`accepted`), or refused to.
+    pub fn upload_resume(&self, accepted: bool) {
+        if accepted {
+            self.upload_resumes.add(1, &[]);
+        } else {
+            self.upload_resumes_refused.add(1, &[]);
+        }
+    }
+
     /// A watch stream opened; it counts as open until the returned guard is dropped.
     pub fn watcher(self: &Arc<Self>) -> WatcherGuard {
         self.watchers.add(1, &[]);
@@ -451,14 +507,26 @@ impl Metrics {
 
     /// `namespace_rule` (the matching rule's pattern, or `default`) and `namespace` (capped).
     fn namespace_labels(&self, instance: &str) -> [KeyValue; 2] {
-        let rule = match self.policy.rule(instance) {
-            Some(rule) => rule.pattern.clone(),
-            None => "default".to_string(),
+        if let Some(labels) = self.lookup_labels.read().get(instance) {
+            return labels.clone();
+        }
+        let rule: Arc<str> = match self.policy.rule(instance) {
+            Some(rule) => rule.pattern.as_str().into(),
+            None => "default".into(),
         };
-        [
+        let namespace = self.namespaces.label(instance);
+        let kept = namespace != OTHER;
+        let labels = [
             KeyValue::new("namespace_rule", rule),
-            KeyValue::new("namespace", self.namespaces.label(instance)),
-        ]
+            KeyValue::new("namespace", Arc::<str>::from(namespace)),
+        ];
+        // Only names with a label of their own are kept, so the map is bounded by the cap.
+        if kept {
+            self.lookup_labels
+                .write()
+                .insert(instance.to_string(), labels.clone());
+        }
+        labels
     }
 }
 
@@ -614,7 +682,7 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             })
             .build();
     }
-    let counters: [(&'static str, &'static str, Read); 4] = [
+    let counters: [(&'static str, &'static str, Read); 3] = [
         (
             "hoard_evicted_blobs_total",
             "blobs evicted since start",
@@ -630,11 +698,6 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             "action results dropped since start because their TTL since last use passed",
             |s| Some(s.expired_action_results),
         ),
-        (
-            "hoard_refused_writes_total",
-            "writes refused since start because the cache was full",
-            |s| Some(s.refused_writes),
-        ),
     ];
     for (name, help, read) in counters {
         let stats = stats.clone();
@@ -648,6 +711,25 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             })
             .build();
     }
+    // Every reason observed, 0 included, so alert rules need no `absent()`.
+    let stats = stats.clone();
+    meter
+        .u64_observable_counter("hoard_refused_writes_total")
+        .with_description(
+            "writes refused up front since start, by reason (cache_full, too_large, disk_full, \
+             read_only, database_failed)",
+        )
+        .with_callback(move |observer| {
+            if let Some(s) = stats.lock().as_ref() {
+                for reason in Refusal::ALL {
+                    observer.observe(
+                        reason.count_in(s),
+                        &[KeyValue::new("reason", reason.label())],
+                    );
+                }
+            }
+        })
+        .build();
 }
 
 /// The first `cap` distinct instance names seen keep their name as label value; later ones

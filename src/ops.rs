@@ -83,6 +83,7 @@ where
     fn call(&mut self, request: Request<B>) -> Self::Future {
         if matches!(request.method(), &Method::GET | &Method::HEAD)
             && request.uri().path() == "/metrics"
+            && self.metrics.enabled()
         {
             let metrics = self.metrics.clone();
             return Box::pin(async move {
@@ -96,6 +97,10 @@ where
         }
         let probe = match (request.method(), request.uri().path()) {
             (&Method::GET | &Method::HEAD, "/healthz") => Some((StatusCode::OK, "ok\n")),
+            (&Method::GET | &Method::HEAD, "/metrics") => Some((
+                StatusCode::NOT_FOUND,
+                "not found: metrics are off (telemetry.metrics = false)\n",
+            )),
             (&Method::GET | &Method::HEAD, "/readyz") => Some(match self.health.state() {
                 State::Serving => (StatusCode::OK, "ready\n"),
                 State::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),

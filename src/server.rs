@@ -318,11 +318,10 @@ async fn serve_all(
             )
             .with_events(events.clone())
         )))
-        .add_service(sized!(ByteStreamServer::new(ByteStreamService::new(
-            stores.cas.clone(),
-            limits.clone(),
-            policy.clone()
-        ))))
+        .add_service(sized!(ByteStreamServer::new(
+            ByteStreamService::new(stores.cas.clone(), limits.clone(), policy.clone())
+                .with_metrics(metrics.clone())
+        )))
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
             crate::service::admin::AdminService::new(
                 housekeeping.clone(),

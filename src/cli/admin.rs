@@ -354,12 +354,23 @@ fn render_stats(s: &StoreStats) -> String {
     );
     line("CAS lookups", lookups(s.cas_hits, s.cas_lookups));
     line("AC lookups", lookups(s.ac_hits, s.ac_lookups));
-    let writes = match &s.write_refusal {
-        Some(why) => format!(
-            "REFUSED: {why} ({} refused since start)",
-            count(s.refused_writes)
+    // The reasons with a count, so "refused since start" says what for.
+    let reasons: Vec<String> = crate::store::refused::Refusal::ALL
+        .iter()
+        .filter(|r| r.count_in(s) > 0)
+        .map(|r| format!("{} {}", count(r.count_in(s)), r.label()))
+        .collect();
+    let refused = match reasons.as_slice() {
+        [] => format!("{} refused since start", count(s.refused_writes)),
+        _ => format!(
+            "{} refused since start: {}",
+            count(s.refused_writes),
+            reasons.join(", ")
         ),
-        None => format!("accepted ({} refused since start)", count(s.refused_writes)),
+    };
+    let writes = match &s.write_refusal {
+        Some(why) => format!("REFUSED: {why} ({refused})"),
+        None => format!("accepted ({refused})"),
     };
     line("writes", writes);
     if s.cleanup_pending {
@@ -645,9 +656,16 @@ mod tests {
             min_retention_secs: 3 * 3600,
             youngest_evicted_age_secs: Some(4 * 3600),
             write_refusal: Some("every blob is within min_retention".into()),
+            refused_writes: 3,
+            refused_cache_full: 2,
+            refused_disk_full: 1,
             cleanup_pending: true,
             ..Default::default()
         });
+        assert!(
+            stats.contains("3 refused since start: 2 cache_full, 1 disk_full"),
+            "{stats}"
+        );
         assert!(stats.contains("1,200 (3.0 GiB)"), "{stats}");
         assert!(stats.contains("3.0 GiB of 10.0 GiB max (30.0%)"), "{stats}");
         assert!(stats.contains("75.0% hits"), "{stats}");

@@ -447,6 +447,11 @@ impl From<StoreStats> for StatsResponse {
             ac_lookups: s.ac_lookups,
             ac_hits: s.ac_hits,
             refused_writes: s.refused_writes,
+            refused_cache_full: s.refused_cache_full,
+            refused_too_large: s.refused_too_large,
+            refused_disk_full: s.refused_disk_full,
+            refused_read_only: s.refused_read_only,
+            refused_database_failed: s.refused_database_failed,
             write_refusal: s.write_refusal,
             cleanup_pending: s.cleanup_pending,
             // The server's own figures (50+) are added by Stats, not kept by the store.
@@ -479,6 +484,11 @@ impl From<StatsResponse> for StoreStats {
             ac_lookups: s.ac_lookups,
             ac_hits: s.ac_hits,
             refused_writes: s.refused_writes,
+            refused_cache_full: s.refused_cache_full,
+            refused_too_large: s.refused_too_large,
+            refused_disk_full: s.refused_disk_full,
+            refused_read_only: s.refused_read_only,
+            refused_database_failed: s.refused_database_failed,
             write_refusal: s.write_refusal,
             cleanup_pending: s.cleanup_pending,
             ..Default::default()

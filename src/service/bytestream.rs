@@ -16,6 +16,7 @@ use super::Limits;
 use crate::auth::{Access, Caller};
 use crate::compression::{self, ZstdUpload};
 use crate::error::{echo, Error, Result};
+use crate::metrics::Metrics;
 use crate::namespace::Policy;
 use crate::proto::bytestream::{
     byte_stream_server::ByteStream, QueryWriteStatusRequest, QueryWriteStatusResponse, ReadRequest,
@@ -29,6 +30,8 @@ pub struct ByteStreamService {
     limits: Limits,
     /// Which namespace's write grant an upload needs.
     policy: Arc<Policy>,
+    /// Counts upload resumes, if set (`with_metrics`).
+    metrics: Option<Arc<Metrics>>,
 }
 
 /// `committed_size` for a compressed upload of a blob that was already stored, per REAPI.
@@ -40,6 +43,20 @@ impl ByteStreamService {
             store,
             limits,
             policy,
+            metrics: None,
+        }
+    }
+
+    /// Counts resumed (and refused) uploads in `metrics`.
+    pub fn with_metrics(mut self, metrics: Arc<Metrics>) -> Self {
+        self.metrics = Some(metrics);
+        self
+    }
+
+    /// A Write at a non-zero offset was resumed (`accepted`) or not.
+    fn resume(&self, accepted: bool) {
+        if let Some(m) = &self.metrics {
+            m.upload_resume(accepted);
         }
     }
 
@@ -83,6 +100,7 @@ impl ByteStreamService {
             )));
         }
         if compressed && first.write_offset != 0 {
+            self.resume(false);
             return Err(Error::InvalidArgument(format!(
                 "write_offset {} for {}: compressed uploads cannot be resumed; restart at \
                  offset 0",
@@ -94,7 +112,12 @@ impl ByteStreamService {
         let upload = self
             .store
             .begin_upload(upload_id, &digest, first.write_offset as u64)
-            .await?;
+            .await;
+        // A resume counts once the store takes it up (or turns it down), whatever follows.
+        if first.write_offset > 0 {
+            self.resume(upload.is_ok());
+        }
+        let upload = upload?;
         let mut upload: Box<dyn Upload> = if compressed {
             Box::new(ZstdUpload::new(upload, digest.size)?)
         } else {

@@ -25,6 +25,7 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 
 use super::clock::Clock;
+use super::refused::{Refusal, RefusedWrites};
 use super::{
     ActionRecord, ActionStore, BlobStream, Cas, DeadRecord, GcReport, Housekeeping, NamespaceInfo,
     StoreStats, Upload, VerifyReport,
@@ -60,7 +61,8 @@ struct Inner {
     evicted_bytes: AtomicU64,
     /// Seconds between last use and eviction of the most recently used blob evicted.
     youngest_evicted_age: AtomicU64,
-    refused_writes: AtomicU64,
+    /// Writes refused, by reason (this backend has no disk: only `cache_full`, `too_large`).
+    refused: RefusedWrites,
     /// The last eviction could not reach its target: the rest is within `min_retention`.
     retention_blocked: AtomicBool,
 }
@@ -143,7 +145,7 @@ impl MemoryStore {
                 evicted_blobs: AtomicU64::new(0),
                 evicted_bytes: AtomicU64::new(0),
                 youngest_evicted_age: AtomicU64::new(u64::MAX),
-                refused_writes: AtomicU64::new(0),
+                refused: RefusedWrites::default(),
                 retention_blocked: AtomicBool::new(false),
             }),
         })
@@ -180,9 +182,14 @@ impl Inner {
             blobs.reclaim_abandoned(charge, self.max_size);
         }
         if blobs.used + blobs.reserved + charge > self.max_size {
-            self.refused_writes.fetch_add(1, Relaxed);
+            let too_large = charge > self.max_size;
+            self.refused.count(if too_large {
+                Refusal::TooLarge
+            } else {
+                Refusal::CacheFull
+            });
             let used = blobs.used + blobs.reserved;
-            return Err(Error::ResourceExhausted(if charge > self.max_size {
+            return Err(Error::ResourceExhausted(if too_large {
                 format!(
                     "a write of {charge} bytes cannot fit: storage.max_size is {} bytes",
                     self.max_size
@@ -362,7 +369,7 @@ impl Cas for MemoryStore {
         if !resumed {
             blobs.drop_upload(upload_id);
             if digest.size > self.inner.max_size {
-                self.inner.refused_writes.fetch_add(1, Relaxed);
+                self.inner.refused.count(Refusal::TooLarge);
                 return Err(Error::ResourceExhausted(format!(
                     "blob {digest} cannot fit: storage.max_size is {} bytes",
                     self.inner.max_size
@@ -632,7 +639,7 @@ impl Housekeeping for MemoryStore {
         let write_refusal = self.write_refusal();
         let blobs = inner.blobs.lock();
         let youngest = inner.youngest_evicted_age.load(Relaxed);
-        Ok(StoreStats {
+        let mut stats = StoreStats {
             blobs: blobs.map.len() as u64,
             blob_bytes: blobs.map.values().map(|s| s.data.len() as u64).sum(),
             action_results,
@@ -644,10 +651,11 @@ impl Housekeeping for MemoryStore {
             evicted_blobs: inner.evicted_blobs.load(Relaxed),
             evicted_bytes: inner.evicted_bytes.load(Relaxed),
             youngest_evicted_age_secs: (youngest != u64::MAX).then_some(youngest),
-            refused_writes: inner.refused_writes.load(Relaxed),
             write_refusal,
             ..StoreStats::default()
-        })
+        };
+        inner.refused.report(&mut stats);
+        Ok(stats)
     }
 
     async fn gc(&self, target: Option<u64>) -> Result<GcReport> {

@@ -19,6 +19,7 @@ pub mod counting;
 pub mod files;
 pub mod index;
 pub mod memory;
+pub mod refused;
 pub mod sled;
 
 use std::pin::Pin;
@@ -291,8 +292,16 @@ pub struct StoreStats {
     /// Action result lookups and how many found one.
     pub ac_lookups: u64,
     pub ac_hits: u64,
-    /// Writes refused because the cache was full.
+    /// Writes refused up front since start, for any reason: the sum of the `refused_*` below
+    /// (before per-reason counts, this counted only a full cache; see `store/refused.rs`).
     pub refused_writes: u64,
+    /// Of those: over `max_size` with nothing evictable, one write larger than `max_size`, the
+    /// data dir's disk full, its file system read-only, the database failed (until restart).
+    pub refused_cache_full: u64,
+    pub refused_too_large: u64,
+    pub refused_disk_full: u64,
+    pub refused_read_only: u64,
+    pub refused_database_failed: u64,
     /// Why writes are being refused right now, if they are.
     pub write_refusal: Option<String>,
     /// Whether the cleanup pass that follows an unclean shutdown has yet to finish.

@@ -24,6 +24,7 @@ mod namespaces;
 mod ops;
 mod otlp;
 mod provenance;
+mod refused;
 mod tls;
 mod top;
 mod watch;

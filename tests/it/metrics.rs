@@ -434,7 +434,7 @@ async fn store_figures_are_read_at_scrape_time() {
         m.text
     );
     assert_eq!(
-        m.value("hoard_refused_writes_total", &[]),
+        m.value("hoard_refused_writes_total", &[("reason", "cache_full")]),
         Some(0.0),
         "{}",
         m.text

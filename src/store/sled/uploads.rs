@@ -179,6 +179,11 @@ impl Inner {
                 buf: BytesMut::with_capacity(digest.size as usize),
             }));
         }
+        // A blob that can never fit is refused now, not after a step of its bytes.
+        let whole = self.charge(digest.size);
+        if whole > self.usage.max_size() {
+            return Err(self.refuse(whole));
+        }
         // Room is set aside before bytes are accepted, so concurrent uploads cannot together
         // overshoot max_size; a step at a time, so a stalled upload holds little.
         let reservation = self.reserve(self.charge(digest.size.min(offset + RESERVE_STEP)))?;

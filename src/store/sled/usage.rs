@@ -15,6 +15,7 @@ use std::sync::Arc;
 use super::space::{self, Unwritable};
 use super::{Inner, Options};
 use crate::error::{Error, Result};
+use crate::store::refused::{Refusal, RefusedWrites};
 use crate::store::StoreStats;
 
 /// What an inline blob costs beyond its bytes: its index entry, data key and last-use entry in
@@ -171,11 +172,11 @@ impl Usage {
     }
 }
 
-/// Refusals since start, for `stats`. (Lookups and hits are counted above the backend:
+/// Refusals since start, by reason, for `stats`. (Lookups and hits are counted above the backend:
 /// `store::counting` for the CAS, `namespace::ActionResults` for the action cache.)
 #[derive(Default)]
 pub(super) struct Counters {
-    refused_writes: AtomicU64,
+    refused: RefusedWrites,
 }
 
 /// Room for one upload under `max_size`, given back when dropped. Large uploads grow theirs
@@ -227,6 +228,7 @@ impl Inner {
     fn take_room(&self, charge: u64) -> Result<()> {
         let usage = &self.usage;
         if let Err(e) = self.space.check_room(charge) {
+            self.counters.refused.count(Refusal::of_unwritable(&e));
             // Only this write is refused (smaller ones may still fit); eviction makes room.
             usage.disk_full.store(true, Relaxed);
             usage.wake.notify_one();
@@ -244,18 +246,27 @@ impl Inner {
     /// Refuses a write of `charge` bytes that would pass `max_size`, or that the disk cannot
     /// take right now.
     pub(super) fn admit(&self, charge: u64) -> Result<()> {
-        self.space.check()?;
+        self.space
+            .check()
+            .inspect_err(|e| self.counters.refused.count(Refusal::of_unwritable(e)))?;
         if self.usage.total().saturating_add(charge) <= self.usage.max_size() {
             return Ok(());
         }
         Err(self.refuse(charge))
     }
 
-    fn refuse(&self, charge: u64) -> Error {
-        self.counters.refused_writes.fetch_add(1, Relaxed);
+    pub(super) fn refuse(&self, charge: u64) -> Error {
+        let max = self.usage.max_size();
+        if charge > max {
+            // No eviction helps: not counted as a full cache, and nothing to wake.
+            self.counters.refused.count(Refusal::TooLarge);
+            return Error::ResourceExhausted(format!(
+                "a write of {charge} bytes cannot fit: storage.max_size is {max} bytes"
+            ));
+        }
+        self.counters.refused.count(Refusal::CacheFull);
         self.usage.wake.notify_one();
         let used = self.usage.total();
-        let max = self.usage.max_size();
         let min_retention = self.eviction.min_retention;
         let floor = self.eviction.used_floor();
         let cutoff = self.clock.now().saturating_sub(min_retention);
@@ -331,7 +342,7 @@ impl Inner {
     pub(super) fn stats(&self) -> StoreStats {
         let (u, c, e) = (&self.usage, &self.counters, &self.eviction);
         let youngest = e.youngest_evicted_age.load(Relaxed);
-        StoreStats {
+        let mut stats = StoreStats {
             blobs: self.index.len() as u64,
             blob_bytes: u.blob_bytes.load(Relaxed),
             action_results: u.ac_count.load(Relaxed),
@@ -343,11 +354,12 @@ impl Inner {
             evicted_blobs: e.evicted_blobs.load(Relaxed),
             evicted_bytes: e.evicted_bytes.load(Relaxed),
             youngest_evicted_age_secs: (youngest != u64::MAX).then_some(youngest),
-            refused_writes: c.refused_writes.load(Relaxed),
             write_refusal: self.write_refusal(),
             cleanup_pending: self.upkeep.cleanup_pending(),
             ..StoreStats::default()
-        }
+        };
+        c.refused.report(&mut stats);
+        stats
     }
 }
 
