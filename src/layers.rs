@@ -401,7 +401,13 @@ impl Record {
         );
         crate::telemetry::finish_rpc_span(&self.span, code, received, self.sent);
         self.span.in_scope(|| {
-            tracing::debug!(code = ?code, seconds = elapsed.as_secs_f64(), "call finished");
+            tracing::debug!(
+                code = ?code,
+                seconds = elapsed.as_secs_f64(),
+                bytes_received = received,
+                bytes_sent = self.sent,
+                "call finished"
+            );
         });
     }
 }
