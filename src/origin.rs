@@ -10,6 +10,7 @@ use std::time::{Duration, Instant};
 use base64::Engine as _;
 use sha2::Digest as _;
 
+use crate::client::error_chain;
 use crate::config::AssetFetchConfig;
 use crate::digest::Digest;
 use crate::error::{Error, Result};
@@ -377,18 +378,6 @@ async fn store(cas: &dyn Cas, digest: &Digest, mut file: std::fs::File) -> Resul
         upload.append(bytes::Bytes::from(chunk)).await?;
     }
     upload.commit().await
-}
-
-/// An error and its sources on one line.
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut source = e.source();
-    while let Some(cause) = source {
-        s.push_str(": ");
-        s.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    s
 }
 
 #[cfg(test)]
