@@ -241,11 +241,14 @@ pub struct StorageConfig {
     /// `"memory"` (everything in RAM, bounded by `max_size` and gone at exit: for ephemeral CI
     /// runners and tests).
     pub backend: Backend,
-    /// Blobs up to this size are stored inside sled; larger ones are files. Default 64 KiB:
-    /// sled handles small values well but amplifies large ones.
+    /// Blobs up to this size are appended to segment files; larger ones are files of their
+    /// own. Default 64 KiB.
     pub inline_threshold: ByteSize,
     /// Memory sled may use for its page cache. Default 256 MiB.
     pub sled_cache_capacity: ByteSize,
+    /// Small blobs are appended to segment files; one is sealed (and later compacted or
+    /// deleted whole) at this size. Default 64 MiB.
+    pub segment_size: ByteSize,
     /// Partial uploads untouched for this long are deleted. Default 24h: long enough for a
     /// client to come back and resume, short enough that abandoned bytes do not pile up.
     pub abandoned_upload_age: HumanDuration,
@@ -434,6 +437,7 @@ impl Default for StorageConfig {
             backend: Backend::Sled,
             inline_threshold: ByteSize(64 << 10),
             sled_cache_capacity: ByteSize(256 << 20),
+            segment_size: ByteSize(crate::store::segments::DEFAULT_SEGMENT_SIZE),
             abandoned_upload_age: HumanDuration(Duration::from_secs(24 * 3600)),
             max_size: ByteSize(0),
             high_watermark: 95,
@@ -513,6 +517,14 @@ impl Config {
                 "storage.inline_threshold ({}) must not exceed limits.max_batch_total_size ({}): \
                  small uploads are buffered in memory whole",
                 self.storage.inline_threshold, l.max_batch_total_size
+            ));
+        }
+        let seg = self.storage.segment_size.0;
+        if !(1 << 20..=1 << 30).contains(&seg) || seg < 4 * self.storage.inline_threshold.0 {
+            return Err(format!(
+                "storage.segment_size ({}) must be between 1 MiB and 1 GiB and at least 4× \
+                 storage.inline_threshold",
+                self.storage.segment_size
             ));
         }
         if l.write_idle_timeout.0 < Duration::from_secs(1) {

@@ -20,6 +20,7 @@ pub mod files;
 pub mod index;
 pub mod memory;
 pub mod refused;
+pub mod segments;
 pub mod sled;
 
 use std::pin::Pin;

@@ -25,6 +25,7 @@ mod ops;
 mod otlp;
 mod provenance;
 mod refused;
+mod segments;
 mod tls;
 mod top;
 mod watch;

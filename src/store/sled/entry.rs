@@ -11,15 +11,20 @@ use crate::error::{Error, Result};
 use crate::store::chunk_sums;
 use crate::store::clock::Clock;
 use crate::store::index::Index;
+use crate::store::segments::{Place, HEADER_LEN};
 
 const INLINE: u8 = 0;
 const FILE: u8 = 1;
+const SEGMENT: u8 = 2;
 
 /// Where the index says a blob is.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub(super) enum Location {
-    /// In tree `blobs` under this id.
+    /// In tree `blobs` under this id (written by hoard before format 5; moved into segments in
+    /// the background after an upgrade).
     Inline { id: u64 },
+    /// A record in a segment file ([`crate::store::segments`]).
+    Segment { place: Place },
     /// A file, with the XXH3-64 of its content: re-checking SHA-256 on every read would cost
     /// about as much CPU as the rest of the read, while XXH3 catches bit rot and truncation at a
     /// small fraction of that.
@@ -32,6 +37,7 @@ pub(super) fn encode_entry(location: Location, size: u64, written_at: u32) -> Ve
     let (tag, extra) = match location {
         Location::Inline { id } => (INLINE, id),
         Location::File { xxh3 } => (FILE, xxh3),
+        Location::Segment { place } => (SEGMENT, place.0),
     };
     let mut v = Vec::with_capacity(21);
     v.push(tag);
@@ -39,6 +45,16 @@ pub(super) fn encode_entry(location: Location, size: u64, written_at: u32) -> Ve
     v.extend_from_slice(&extra.to_be_bytes());
     v.extend_from_slice(&written_at.to_be_bytes());
     v
+}
+
+/// `entry` with its location replaced (same size, write time and anything after), for a blob
+/// moved to another place.
+pub(super) fn relocate(entry: &[u8], location: Location) -> Option<Vec<u8>> {
+    let (_, size) = decode_entry(entry)?;
+    let mut v = encode_entry(location, size, 0);
+    v.truncate(17);
+    v.extend_from_slice(entry.get(17..)?);
+    Some(v)
 }
 
 /// A file blob's index entry: the common part, then the checksum of every chunk (see
@@ -78,6 +94,9 @@ pub(super) fn decode_entry(v: &[u8]) -> Option<(Location, u64)> {
     let location = match *v.first()? {
         INLINE => Location::Inline { id: extra },
         FILE => Location::File { xxh3: extra },
+        SEGMENT => Location::Segment {
+            place: Place(extra),
+        },
         _ => return None,
     };
     Some((location, size))
@@ -182,10 +201,14 @@ impl Inner {
         let _ = self.atime.remove(digest.hash);
         match self.cas.remove(digest.hash) {
             Ok(Some(entry)) => {
-                if let Some((Location::Inline { id }, _)) = decode_entry(&entry) {
-                    if let Err(e) = self.blobs.remove(id.to_be_bytes()) {
-                        tracing::error!(%digest, error = %e, "cannot drop inline data");
+                match decode_entry(&entry) {
+                    Some((Location::Inline { id }, _)) => {
+                        if let Err(e) = self.blobs.remove(id.to_be_bytes()) {
+                            tracing::error!(%digest, error = %e, "cannot drop inline data");
+                        }
                     }
+                    Some((Location::Segment { .. }, size)) => self.segments.died(HEADER_LEN + size),
+                    _ => {}
                 }
             }
             Ok(None) => {}

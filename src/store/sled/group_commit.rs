@@ -1,5 +1,6 @@
 //! Group commit: a write is acknowledged only after sled has flushed it to disk, and one flush
-//! serves every write that asked while the previous flush ran.
+//! serves every write that asked while the previous flush ran. A round syncs the segment files
+//! written since the last one ([`Segments::sync`]) before it flushes sled.
 //!
 //! sled flushes on a 500 ms timer of its own; a reply sent before that flush can be lost to a
 //! SIGKILL or a power cut, and a client that was told "stored" then builds on a blob that is
@@ -13,6 +14,7 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::space::Space;
+use crate::store::segments::Segments;
 use crate::error::{Error, Result};
 
 type Waiter = oneshot::Sender<std::result::Result<(), sled::Error>>;
@@ -27,7 +29,11 @@ pub(super) struct GroupCommit {
 impl GroupCommit {
     /// Starts the flushing thread for `db`. After each flush it tops up the disk cushion that
     /// keeps sled's next flushes from running out of space (see [`Space`]).
-    pub(super) fn start(db: sled::Db, space: std::sync::Arc<Space>) -> Result<Self> {
+    pub(super) fn start(
+        db: sled::Db,
+        segments: std::sync::Arc<Segments>,
+        space: std::sync::Arc<Space>,
+    ) -> Result<Self> {
         let (queue, rx) = mpsc::channel::<Waiter>();
         let thread = std::thread::Builder::new()
             .name("hoard-commit".into())
@@ -35,7 +41,11 @@ impl GroupCommit {
                 while let Ok(first) = rx.recv() {
                     let mut round = vec![first];
                     round.extend(rx.try_iter());
-                    let result = db.flush().map(drop);
+                    // Segment records first: an entry sled makes durable may name them.
+                    let result = segments
+                        .sync()
+                        .map_err(sled::Error::Io)
+                        .and_then(|()| db.flush().map(drop));
                     match &result {
                         Ok(()) => {
                             space.top_up();

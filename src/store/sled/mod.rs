@@ -36,6 +36,7 @@
 //!   `namespaces.rs` (namespace records), `snapshot.rs` (the index across a clean restart).
 
 mod action_results;
+mod compaction;
 mod entry;
 mod eviction;
 mod group_commit;
@@ -55,13 +56,14 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use bytes::Bytes;
-use parking_lot::{Mutex, MutexGuard, RwLock};
+use parking_lot::{Mutex, MutexGuard};
 
 use super::clock::Clock;
 use super::files::read::Reads;
 use super::files::upload::WriteBudget;
 use super::files::{BlobFiles, Transfers};
 use super::index::Index;
+use super::segments::Segments;
 use super::{BlobStream, Cas, GcReport, Housekeeping, StoreStats, Upload, VerifyReport};
 use crate::config::Config;
 use crate::digest::Digest;
@@ -84,6 +86,8 @@ pub struct Options {
     pub inline_threshold: u64,
     /// sled's page cache.
     pub cache_capacity: u64,
+    /// A segment of small blobs is sealed at this size (`storage.segment_size`).
+    pub segment_size: u64,
     /// Bound on stored bytes; 0 means 90% of what the file system can hold.
     pub max_size: u64,
     /// Eviction runs from this percentage of `max_size`...
@@ -103,6 +107,7 @@ impl Options {
         Options {
             inline_threshold: s.inline_threshold.0,
             cache_capacity: s.sled_cache_capacity.0,
+            segment_size: s.segment_size.0,
             max_size: s.max_size.0,
             high_watermark: s.high_watermark,
             low_watermark: s.low_watermark,
@@ -146,11 +151,10 @@ struct Inner {
     /// Orders publishing a blob against evicting or dropping the same hash, so an eviction
     /// never deletes a copy that was just re-uploaded.
     stripes: Vec<Mutex<()>>,
-    /// Held (shared) by inline writes from taking a data id until their index entry exists, so
-    /// the cleanup pass can tell orphaned inline data from data about to be indexed.
-    inline_gate: RwLock<()>,
-    /// Blobs up to this size live inside sled.
+    /// Blobs up to this size are segment records.
     inline_threshold: u64,
+    /// `storage.segment_size`.
+    segment_size: u64,
     /// Upload ids with a live writer, so two streams never append to one upload file.
     active_uploads: Mutex<HashSet<String>>,
     /// Shared by all uploads' queues.
@@ -159,6 +163,8 @@ struct Inner {
     transfers: Transfers,
     /// The read-ahead budget and stall timeout of file reads.
     reads: Reads,
+    /// Small blobs' records (`data_dir/segments`).
+    segments: Arc<Segments>,
     /// Flushes sled before writes are acknowledged, one flush per round of waiting writes.
     /// Last, so it is dropped (and its thread joined) after everything that writes.
     commit: GroupCommit,
@@ -248,7 +254,12 @@ impl SledStore {
         let marked = upkeep::take_clean_shutdown_mark(data_dir)?;
         let clean = marked || fresh;
         let space = Arc::new(Space::open(data_dir));
-        let commit = GroupCommit::start(db.clone(), space.clone())?;
+        let segments = Arc::new(
+            Segments::open(data_dir, options.segment_size).map_err(|e| {
+                Error::internal(format!("cannot open segments in {}", data_dir.display()), e)
+            })?,
+        );
+        let commit = GroupCommit::start(db.clone(), segments.clone(), space.clone())?;
         let clock = Clock::default();
         let usage = Usage::new(&options);
         let eviction = Eviction::new(&options);
@@ -294,12 +305,13 @@ impl SledStore {
                 space,
                 namespaces,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
-                inline_gate: RwLock::new(()),
                 inline_threshold: options.inline_threshold,
+                segment_size: options.segment_size,
                 active_uploads: Mutex::new(HashSet::new()),
                 write_budget: WriteBudget::default(),
                 transfers: Transfers::default(),
                 reads: Reads::new(options.stall),
+                segments,
                 commit,
             }),
         })
@@ -398,8 +410,9 @@ impl Housekeeping for SledStore {
 /// Version of the layout described at the top of this file, kept under `format` in the
 /// default tree. 1: action results without a last-use prefix (before eviction existed); 2:
 /// without an epoch (before invalidation existed); 3: the bare `ActionResult` after the header,
-/// not yet wrapped with its provenance (`hoard.store.v1.StoredActionResult`).
-const FORMAT: u32 = 4;
+/// not yet wrapped with its provenance (`hoard.store.v1.StoredActionResult`); 4: small blobs
+/// inline in tree `blobs` (still read; moved into segments in the background after an upgrade).
+const FORMAT: u32 = 5;
 
 /// Brings a data dir written by an older hoard up to [`FORMAT`]. Action results of older formats
 /// lack part of today's record; read as today's they would be served cut or misparsed (a bare
@@ -417,6 +430,8 @@ fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
                 "the data dir was written by a newer hoard (format {v}, this one reads {FORMAT})"
             )))
         }
+        // Format 4 differs only in where small blobs are, and both places are read.
+        Some(4) => {}
         Some(_) | None if !ac.is_empty() => {
             tracing::warn!(
                 results = ac.len(),

@@ -1,5 +1,6 @@
-//! The CAS read paths: existence checks, whole-blob gets and streaming reads. Inline blobs are
-//! re-hashed (SHA-256) before they are served; file blobs are streamed by the file tier
+//! The CAS read paths: existence checks, whole-blob gets and streaming reads. Small blobs
+//! (segment records, and inline blobs of older data dirs) are re-hashed (SHA-256) before they
+//! are served; file blobs are streamed by the file tier
 //! ([`crate::store::files::read`]), which reports damage back here.
 //!
 //! Must not: hold a sled iterator or a file across an `.await`.
@@ -15,6 +16,7 @@ use super::Inner;
 use crate::digest::{verify, Digest};
 use crate::error::{Error, Result};
 use crate::store::files::read::Blob;
+use crate::store::segments::{Found, Place};
 use crate::store::BlobStream;
 
 impl Inner {
@@ -45,6 +47,7 @@ impl Inner {
                 Ok(None)
             }
             Some(Location::Inline { id }) => self.inline_data(digest, id),
+            Some(Location::Segment { place }) => self.segment_data(digest, place),
             Some(Location::File { xxh3 }) => {
                 let path = self.files.blob_path(digest);
                 let data = match tokio::fs::read(&path).await {
@@ -90,8 +93,13 @@ impl Inner {
                 self.forget_if_unbacked(digest, found);
                 Ok(None)
             }
-            Some((Location::Inline { id }, _)) => {
-                let Some(data) = self.inline_data(digest, id)? else {
+            Some((small @ (Location::Inline { .. } | Location::Segment { .. }), _)) => {
+                let data = match small {
+                    Location::Segment { place } => self.segment_data(digest, place)?,
+                    Location::Inline { id } => self.inline_data(digest, id)?,
+                    Location::File { .. } => None,
+                };
+                let Some(data) = data else {
                     return Ok(None);
                 };
                 let data = data.slice(offset as usize..end as usize);
@@ -130,6 +138,45 @@ impl Inner {
                     damaged,
                 )))
             }
+        }
+    }
+
+    /// A segment blob's bytes, verified against its digest (SHA-256: small blobs are cheap to
+    /// hash, and that leaves no checksum of our own to keep).
+    fn segment_data(&self, digest: &Digest, place: Place) -> Result<Option<Bytes>> {
+        let mut place = place;
+        // Compaction may move the record between the lookup and the read: then the entry
+        // names the new place, and one more look finds it.
+        for _ in 0..3 {
+            let why = match self.segments.read(place, &digest.hash, digest.size)? {
+                Found::Data(data) if verify(*digest, &data).is_ok() => return Ok(Some(data)),
+                Found::Data(_) => "segment record does not match its digest",
+                Found::Damaged(why) => why,
+                Found::Gone => match self.lookup(digest)? {
+                    Some(Location::Segment { place: moved }) if moved != place => {
+                        place = moved;
+                        continue;
+                    }
+                    Some(Location::Segment { .. }) => "segment file is missing",
+                    // Gone or stored anew meanwhile: read as it is now.
+                    Some(_) | None => return self.small_now(digest),
+                },
+            };
+            self.drop_damaged(digest, Location::Segment { place }, why);
+            return Ok(None);
+        }
+        Ok(None)
+    }
+
+    /// A small blob's bytes as the index names them now (after a move raced a read).
+    fn small_now(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        match self.lookup(digest)? {
+            Some(Location::Inline { id }) => self.inline_data(digest, id),
+            Some(Location::Segment { place }) => match self.segments.read(place, &digest.hash, digest.size)? {
+                Found::Data(data) if verify(*digest, &data).is_ok() => Ok(Some(data)),
+                _ => Ok(None),
+            },
+            _ => Ok(None),
         }
     }
 

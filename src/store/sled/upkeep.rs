@@ -1,6 +1,7 @@
 //! Background upkeep and the store's end: the maintenance loop ([`maintain`]: the cleanup pass
 //! after an unclean start, eviction between the watermarks, last-use persistence every minute,
-//! `max_size` and disk-cushion upkeep), `gc`, and `flush` with the clean-shutdown mark. (Dead
+//! `max_size` and disk-cushion upkeep, segment compaction once enough died, the upgrade's move
+//! of inline blobs), `gc`, and `flush` with the clean-shutdown mark. (Dead
 //! action results are swept by the namespace policy, `crate::namespace`.)
 //!
 //! - **Last use** lives in the in-memory index (an atomic per blob). Times that changed are
@@ -127,11 +128,17 @@ impl Inner {
     /// Evicts down to `target` (the low watermark if `None`). Dead action results are swept
     /// by the namespace policy (`crate::namespace`), which the Admin service runs first.
     pub(super) fn gc(&self, target: Option<u64>) -> Result<GcReport> {
-        let _pass = self.upkeep.pass.lock();
-        let evicted = self.evict(target.unwrap_or_else(|| self.usage.low()))?;
+        let evicted = {
+            let _pass = self.upkeep.pass.lock();
+            self.evict(target.unwrap_or_else(|| self.usage.low()))?
+        };
         self.eviction
             .retention_blocked
             .store(!evicted.reached, Relaxed);
+        // The disk space of what was evicted comes back now too.
+        if self.compaction_due() {
+            self.compact_logged(&[])?;
+        }
         Ok(GcReport {
             evicted_blobs: evicted.blobs,
             evicted_bytes: evicted.bytes,
@@ -139,6 +146,22 @@ impl Inner {
             used_bytes: self.usage.used(),
             reached_target: evicted.reached,
         })
+    }
+
+    /// [`Inner::compact`], with a log line when it did something.
+    pub(super) fn compact_logged(&self, force: &[u32]) -> Result<()> {
+        let started = Instant::now();
+        let done = self.compact(force)?;
+        if done.segments_removed > 0 {
+            tracing::info!(
+                segments = done.segments_removed,
+                moved = done.records_moved,
+                freed_bytes = done.bytes_freed,
+                took_ms = started.elapsed().as_millis() as u64,
+                "compacted segments of small blobs"
+            );
+        }
+        Ok(())
     }
 
     /// The last write of a shutdown: last uses, sled, the index snapshot and the clean mark.
@@ -174,7 +197,8 @@ impl Inner {
 
 /// The store's background upkeep (see [`crate::store::Housekeeping::maintain`]).
 pub(super) async fn maintain(inner: Arc<Inner>) {
-    if inner.upkeep.cleanup_pending() {
+    let cleanup_ran = inner.upkeep.cleanup_pending();
+    if cleanup_ran {
         let store = inner.clone();
         let started = Instant::now();
         match run_blocking(move || store.remove_orphans()).await {
@@ -191,6 +215,28 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
                 error = %e,
                 "cleanup after an unclean shutdown failed; it runs again at the next start"
             ),
+        }
+    }
+    // An unclean start: writes cut off by the crash can only be in the segments that were
+    // active then; rewriting them leaves no record that no entry names.
+    if cleanup_ran {
+        let last = inner.segments.last_before_open();
+        let store = inner.clone();
+        let force = [last, last.saturating_sub(1)];
+        if let Err(e) = run_blocking(move || store.compact_logged(&force)).await {
+            tracing::warn!(error = %e, "compacting the segments of the crash failed");
+        }
+    }
+    if !inner.blobs.is_empty() {
+        let store = inner.clone();
+        let started = Instant::now();
+        match run_blocking(move || store.migrate_inline()).await {
+            Ok(moved) => tracing::info!(
+                moved,
+                took_ms = started.elapsed().as_millis() as u64,
+                "upgrade: small blobs moved from sled into segment files"
+            ),
+            Err(e) => tracing::warn!(error = %e, "upgrade: moving small blobs into segments stopped; it goes on at the next start"),
         }
     }
     let mut last_persist = Instant::now();
@@ -212,6 +258,9 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             }
             if persist {
                 store.persist_use(false)?;
+            }
+            if store.compaction_due() {
+                store.compact_logged(&[])?;
             }
             Ok(())
         })

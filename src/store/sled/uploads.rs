@@ -20,6 +20,7 @@ use super::{blocking, run_blocking, Inner};
 use crate::digest::{verify, Digest, Verifier};
 use crate::error::{Error, Result};
 use crate::store::chunk_sums;
+use crate::store::segments::HEADER_LEN;
 use crate::store::files::upload::{open_upload_file, QueuedWriter, UploadHashes};
 use crate::store::files::BlobWriter;
 use crate::store::Upload;
@@ -57,48 +58,52 @@ impl Inner {
         }
     }
 
-    /// Stores a small blob in sled; returns once it is durable.
+    /// Stores a small blob in a segment; returns once it is durable.
     async fn put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
-        let result = self.try_put_inline(digest, data).await;
+        let result = self.try_put_small(digest, data).await;
         self.note_write(&result);
         result
     }
 
-    async fn try_put_inline(&self, digest: &Digest, data: &[u8]) -> Result<()> {
+    async fn try_put_small(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         self.admit(self.charge(digest.size))?;
+        let appended = self.segments.append(&digest.hash, data)?;
+        let place = appended.place;
+        let record = HEADER_LEN + digest.size;
+        // The record must be on disk before an entry naming it can be: sled may flush the
+        // entry at any moment (its own timer, or another write's commit round).
+        if let Err(e) = self.commit.durable().await {
+            self.segments.died(record);
+            return Err(e);
+        }
+        let entry = encode_entry(Location::Segment { place }, digest.size, self.clock.now());
         let ours = {
-            let _gate = self.inline_gate.read();
-            let id = self.db.generate_id()?;
-            self.blobs.insert(id.to_be_bytes(), data)?;
-            let entry = encode_entry(Location::Inline { id }, digest.size, self.clock.now());
             let _stripe = self.stripe(digest);
             let swapped = self.cas.compare_and_swap(
                 digest.hash,
                 None as Option<&[u8]>,
                 Some(entry.clone()),
             )?;
-            if swapped.is_err() {
-                // A concurrent writer stored the same blob first; keep theirs (and wait for
-                // it to be durable like our own).
-                self.blobs.remove(id.to_be_bytes())?;
-                None
-            } else {
-                Some((id, entry))
-            }
+            // Else a concurrent writer stored the same blob first; keep theirs (and wait for
+            // it to be durable like our own), and our record is dead.
+            swapped.is_ok()
         };
+        if !ours {
+            self.segments.died(record);
+        }
         // Visible to FindMissingBlobs (the in-memory index) only once durable: "present" is a
         // promise too, and clients skip their own upload on it.
         if let Err(e) = self.commit.durable().await {
-            if let Some((id, entry)) = ours {
+            if ours {
                 let _stripe = self.stripe(digest);
                 let _ = self
                     .cas
                     .compare_and_swap(digest.hash, Some(entry), None as Option<&[u8]>);
-                let _ = self.blobs.remove(id.to_be_bytes());
+                self.segments.died(record);
             }
             return Err(e);
         }
-        if ours.is_none() {
+        if !ours {
             self.still_stored(digest)?;
         }
         self.added(digest);
@@ -294,7 +299,7 @@ impl Drop for UploadGuard {
     }
 }
 
-/// A small upload collected in memory and written to sled in one batch.
+/// A small upload collected in memory and written to a segment in one piece.
 struct MemoryUpload {
     store: Arc<Inner>,
     digest: Digest,

@@ -18,9 +18,9 @@ use crate::error::{Error, Result};
 use crate::store::refused::{Refusal, RefusedWrites};
 use crate::store::StoreStats;
 
-/// What an inline blob costs beyond its bytes: its index entry, data key and last-use entry in
-/// sled, rounded up.
-const INLINE_OVERHEAD: u64 = 64;
+/// What a small blob costs beyond its bytes: its segment record header, plus its index entry and
+/// last-use entry in sled, rounded up.
+const INLINE_OVERHEAD: u64 = 64 + crate::store::segments::HEADER_LEN;
 
 /// Bytes a blob of `size` counts against `max_size`.
 pub(super) fn charge(size: u64, inline_threshold: u64) -> u64 {
@@ -349,7 +349,9 @@ impl Inner {
             action_result_bytes: u.ac_bytes.load(Relaxed),
             used_bytes: u.used(),
             max_size: u.max_size(),
-            disk_bytes: self.db.size_on_disk().unwrap_or(0) + u.file_bytes.load(Relaxed),
+            disk_bytes: self.db.size_on_disk().unwrap_or(0)
+                + u.file_bytes.load(Relaxed)
+                + self.segments.total_bytes(),
             min_retention_secs: e.min_retention as u64,
             evicted_blobs: e.evicted_blobs.load(Relaxed),
             evicted_bytes: e.evicted_bytes.load(Relaxed),

@@ -1,5 +1,5 @@
 //! `verify` (every blob re-hashed with SHA-256, damaged ones dropped) and the removal of
-//! orphans: blob files and inline data that no index entry names, stale temp files and
+//! orphans: blob files, segments and inline data that no index entry names, stale temp files and
 //! last-use entries. The orphan pass runs in the background after an unclean start (see
 //! [`super::upkeep`]); only it and `verify` walk the blob files, start-up reads only the index.
 //!
@@ -13,6 +13,7 @@ use super::Inner;
 use crate::digest::{verify, Digest, HASH_LEN};
 use crate::error::Result;
 use crate::store::files::file_matches;
+use crate::store::segments::Found;
 use crate::store::VerifyReport;
 
 impl Inner {
@@ -75,20 +76,23 @@ impl Inner {
                 }
             }
         }
-        // Inline data: ids taken before this point belong to finished writes (the gate waits
-        // for writes in progress), so any of them no index entry names is an orphan.
-        let first_unsettled = {
-            let _all_settled = self.inline_gate.write();
-            self.db.generate_id()?
-        };
+        // Inline data (from before format 5; no new inline writes happen, and the upgrade's
+        // move holds the pass lock too): any id no index entry names is an orphan.
         let mut named = HashSet::new();
+        let mut live_segments = HashSet::new();
         for entry in self.cas.iter() {
             let (_, value) = entry?;
-            if let Some((Location::Inline { id }, _)) = decode_entry(&value) {
-                named.insert(id);
+            match decode_entry(&value) {
+                Some((Location::Inline { id }, _)) => {
+                    named.insert(id);
+                }
+                Some((Location::Segment { place }, _)) => {
+                    live_segments.insert(place.segment());
+                }
+                _ => {}
             }
         }
-        for entry in self.blobs.range(..first_unsettled.to_be_bytes()) {
+        for entry in self.blobs.iter() {
             let (key, value) = entry?;
             let Ok(id) = <[u8; 8]>::try_from(&key[..]).map(u64::from_be_bytes) else {
                 continue;
@@ -96,6 +100,18 @@ impl Inner {
             if !named.contains(&id) && self.blobs.remove(&key)?.is_some() {
                 pieces += 1;
                 bytes += value.len() as u64;
+            }
+        }
+        // Sealed segments no entry names (busy ones may be about to be named). Empty ones are
+        // the unused active segments of earlier runs, not lost data.
+        let busy = self.segments.busy();
+        for (id, len) in self.segments.sealed() {
+            if !live_segments.contains(&id) && !busy.contains(&id) {
+                self.segments.remove(id)?;
+                if len > 0 {
+                    pieces += 1;
+                    bytes += len;
+                }
             }
         }
         // Last-use entries of blobs that are gone.
@@ -130,6 +146,10 @@ impl Inner {
                     .blobs
                     .get(id.to_be_bytes())?
                     .is_some_and(|data| verify(digest, &data).is_ok()),
+                Location::Segment { place } => matches!(
+                    self.segments.read(place, &hash, size)?,
+                    Found::Data(data) if verify(digest, &data).is_ok()
+                ),
                 Location::File { .. } => {
                     file_matches(&self.files.blob_path(&digest), &digest, &mut buf)
                 }

@@ -1,0 +1,322 @@
+//! The segment tier: small blobs appended to segment files (`data_dir/segments/<id>.seg`), the
+//! log-structured layout of Bitcask and bb-storage's local blob store.
+//!
+//! sled kept small blobs as values at about 2.5× their bytes and never gave space back. Here a
+//! blob costs its bytes plus a 40-byte record header, and the space of dead records comes back
+//! when their segment is compacted or deleted whole (the index's business: it knows which
+//! records are live; see `store/sled/compaction.rs`).
+//!
+//! A record is `magic (4) ‖ length u32 LE ‖ hash (32) ‖ data`. Writers reserve their region
+//! under a short lock and write it with one `pwrite` outside it, so concurrent writers never wait
+//! on each other's I/O. Each start opens a fresh active segment; older ones are never appended
+//! to, so a write cut off by a crash can only be in a segment that was active then.
+//!
+//! Must not: decide what is live (the index does), or delete the active segment.
+
+use std::collections::HashMap;
+use std::fs::File;
+use std::io;
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+
+use bytes::Bytes;
+use parking_lot::{Mutex, RwLock};
+
+use crate::digest::HASH_LEN;
+
+/// Bytes of a record before its data.
+pub const HEADER_LEN: u64 = 4 + 4 + HASH_LEN as u64;
+const MAGIC: [u8; 4] = *b"hsg1";
+/// A segment is sealed and a new one started once it holds this much.
+pub const DEFAULT_SEGMENT_SIZE: u64 = 64 << 20;
+
+/// Where a record is: segment id in the high 32 bits, offset in the low 32 (segments stay far
+/// below 4 GiB).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+pub struct Place(pub u64);
+
+impl Place {
+    fn new(segment: u32, offset: u32) -> Self {
+        Place((segment as u64) << 32 | offset as u64)
+    }
+    pub fn segment(self) -> u32 {
+        (self.0 >> 32) as u32
+    }
+    pub fn offset(self) -> u64 {
+        self.0 & 0xffff_ffff
+    }
+}
+
+/// What reading a record found.
+pub enum Found {
+    Data(Bytes),
+    /// The segment is gone (compacted away since the index was read, or lost).
+    Gone,
+    /// The record is not the blob asked for (a wrong header, or cut short).
+    Damaged(&'static str),
+}
+
+struct Active {
+    id: u32,
+    file: Arc<File>,
+    len: u64,
+}
+
+/// The segment files of one data dir.
+pub struct Segments {
+    dir: PathBuf,
+    roll_at: u64,
+    files: RwLock<HashMap<u32, Arc<File>>>,
+    active: Mutex<Active>,
+    /// Segments written since the last [`Segments::sync`].
+    unsynced: Mutex<HashMap<u32, Arc<File>>>,
+    /// Bytes of all segment files.
+    total: AtomicU64,
+    /// Writers between appending a record and indexing it, per segment: compaction leaves
+    /// those segments alone, since the scan it decides on may not see their entries yet.
+    pending: Mutex<HashMap<u32, usize>>,
+    /// Record bytes that died (evicted, dropped, moved) since compaction last looked.
+    dead_since_scan: AtomicU64,
+    /// The highest id that existed when the store opened (0: none).
+    last_before_open: u32,
+}
+
+fn name(id: u32) -> String {
+    format!("{id:08x}.seg")
+}
+
+impl Segments {
+    /// Opens the segments under `data_dir/segments` and starts a fresh active one.
+    pub fn open(data_dir: &Path, roll_at: u64) -> io::Result<Self> {
+        let dir = data_dir.join("segments");
+        std::fs::create_dir_all(&dir)?;
+        let mut files = HashMap::new();
+        let mut total = 0;
+        for entry in std::fs::read_dir(&dir)? {
+            let entry = entry?;
+            let name = entry.file_name().to_string_lossy().into_owned();
+            let Some(id) = name
+                .strip_suffix(".seg")
+                .and_then(|h| u32::from_str_radix(h, 16).ok())
+            else {
+                continue;
+            };
+            let file = File::options().read(true).write(true).open(entry.path())?;
+            total += file.metadata()?.len();
+            files.insert(id, Arc::new(file));
+        }
+        let last_before_open = files.keys().copied().max().unwrap_or(0);
+        let id = last_before_open + 1;
+        let file = Arc::new(create(&dir, id)?);
+        files.insert(id, file.clone());
+        Ok(Segments {
+            dir,
+            roll_at: roll_at.clamp(1 << 20, 1 << 31),
+            files: RwLock::new(files),
+            active: Mutex::new(Active { id, file, len: 0 }),
+            unsynced: Mutex::new(HashMap::new()),
+            pending: Mutex::new(HashMap::new()),
+            total: AtomicU64::new(total),
+            dead_since_scan: AtomicU64::new(0),
+            last_before_open,
+        })
+    }
+
+    /// Appends a record of `data` under `hash`; returns where. Durable after the next
+    /// [`Segments::sync`] that starts after this returns. Hold the [`Appended`] until the
+    /// record's index entry exists (or the write failed).
+    pub fn append(&self, hash: &[u8; HASH_LEN], data: &[u8]) -> io::Result<Appended<'_>> {
+        let len = u32::try_from(data.len())
+            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
+        let mut record = Vec::with_capacity(HEADER_LEN as usize + data.len());
+        record.extend_from_slice(&MAGIC);
+        record.extend_from_slice(&len.to_le_bytes());
+        record.extend_from_slice(hash);
+        record.extend_from_slice(data);
+        let need = record.len() as u64;
+        let (id, file, offset) = {
+            let mut active = self.active.lock();
+            if active.len > 0 && active.len + need > self.roll_at {
+                let id = active.id + 1;
+                let file = Arc::new(create(&self.dir, id)?);
+                self.files.write().insert(id, file.clone());
+                *active = Active { id, file, len: 0 };
+            }
+            let offset = active.len;
+            active.len += need;
+            *self.pending.lock().entry(active.id).or_default() += 1;
+            (active.id, active.file.clone(), offset)
+        };
+        let appended = Appended {
+            segments: self,
+            place: Place::new(id, offset as u32),
+        };
+        self.total.fetch_add(need, Relaxed);
+        if let Err(e) = file.write_all_at(&record, offset) {
+            self.died(need);
+            return Err(e);
+        }
+        self.unsynced.lock().insert(id, file);
+        Ok(appended)
+    }
+
+    /// Segments with a writer between append and index entry.
+    pub fn busy(&self) -> Vec<u32> {
+        self.pending.lock().keys().copied().collect()
+    }
+
+    /// Makes every record appended so far durable (one `fdatasync` per segment written to).
+    pub fn sync(&self) -> io::Result<()> {
+        let written: Vec<(u32, Arc<File>)> = self.unsynced.lock().drain().collect();
+        for (i, (_, file)) in written.iter().enumerate() {
+            if let Err(e) = file.sync_data() {
+                // Not known to be durable: the next round tries again.
+                self.unsynced.lock().extend(written[i..].iter().cloned());
+                return Err(e);
+            }
+        }
+        Ok(())
+    }
+
+    /// The record at `place`, if it is the blob `hash` of `size` bytes (its content is the
+    /// caller's to verify).
+    pub fn read(&self, place: Place, hash: &[u8; HASH_LEN], size: u64) -> io::Result<Found> {
+        let Some(file) = self.files.read().get(&place.segment()).cloned() else {
+            return Ok(Found::Gone);
+        };
+        let mut buf = vec![0u8; (HEADER_LEN + size) as usize];
+        match file.read_exact_at(&mut buf, place.offset()) {
+            Ok(()) => {}
+            Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => {
+                return Ok(Found::Damaged("segment record is cut short"))
+            }
+            Err(e) => return Err(e),
+        }
+        if buf[..4] != MAGIC
+            || buf[4..8] != (size as u32).to_le_bytes()
+            || buf[8..HEADER_LEN as usize] != hash[..]
+        {
+            return Ok(Found::Damaged("segment record header does not name this blob"));
+        }
+        Ok(Found::Data(Bytes::from(buf).slice(HEADER_LEN as usize..)))
+    }
+
+    /// Counts `bytes` of records that are no longer live (for when to compact).
+    pub fn died(&self, bytes: u64) {
+        self.dead_since_scan.fetch_add(bytes, Relaxed);
+    }
+
+    /// Dead bytes since the last [`Segments::scanned`].
+    pub fn dead_since_scan(&self) -> u64 {
+        self.dead_since_scan.load(Relaxed)
+    }
+
+    /// Compaction looked at every segment: start counting anew.
+    pub fn scanned(&self) {
+        self.dead_since_scan.store(0, Relaxed);
+    }
+
+    /// Bytes of all segment files.
+    pub fn total_bytes(&self) -> u64 {
+        self.total.load(Relaxed)
+    }
+
+    /// The sealed segments (never appended to again) and their lengths, oldest first.
+    pub fn sealed(&self) -> Vec<(u32, u64)> {
+        let active = self.active.lock().id;
+        let files = self.files.read();
+        let mut out: Vec<(u32, u64)> = files
+            .iter()
+            .filter(|(id, _)| **id < active)
+            .map(|(id, f)| (*id, f.metadata().map(|m| m.len()).unwrap_or(0)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// The highest segment id from before this process opened the store: a write cut off by
+    /// a crash can only be in it (or the one before it, if a roll was racing the crash).
+    pub fn last_before_open(&self) -> u32 {
+        self.last_before_open
+    }
+
+    /// Deletes a sealed segment. Reads that already hold it finish; later ones find it gone.
+    pub fn remove(&self, id: u32) -> io::Result<()> {
+        if id >= self.active.lock().id {
+            return Err(io::Error::other("the active segment is never removed"));
+        }
+        if let Some(file) = self.files.write().remove(&id) {
+            let len = file.metadata().map(|m| m.len()).unwrap_or(0);
+            std::fs::remove_file(self.dir.join(name(id)))?;
+            self.total.fetch_sub(len.min(self.total.load(Relaxed)), Relaxed);
+        }
+        Ok(())
+    }
+}
+
+/// A record appended and not yet indexed; see [`Segments::append`].
+pub struct Appended<'a> {
+    segments: &'a Segments,
+    pub place: Place,
+}
+
+impl Drop for Appended<'_> {
+    fn drop(&mut self) {
+        let mut pending = self.segments.pending.lock();
+        let id = self.place.segment();
+        if let Some(n) = pending.get_mut(&id) {
+            *n -= 1;
+            if *n == 0 {
+                pending.remove(&id);
+            }
+        }
+    }
+}
+
+/// Creates segment `id`, durably (the directory entry too), before anything points into it.
+fn create(dir: &Path, id: u32) -> io::Result<File> {
+    let file = File::options()
+        .read(true)
+        .write(true)
+        .create_new(true)
+        .open(dir.join(name(id)))?;
+    File::open(dir)?.sync_all()?;
+    Ok(file)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn records_read_back_and_segments_roll_and_go() {
+        let tmp = tempfile::tempdir().unwrap();
+        let segs = Segments::open(tmp.path(), 1 << 20).unwrap();
+        let a = segs.append(&[1; 32], &[7u8; 600_000]).unwrap().place;
+        let b = segs.append(&[2; 32], &[8u8; 600_000]).unwrap().place;
+        assert!(segs.busy().is_empty());
+        assert_ne!(a.segment(), b.segment(), "the second record rolls over");
+        segs.sync().unwrap();
+        assert!(matches!(segs.read(a, &[1; 32], 600_000).unwrap(), Found::Data(d) if d[..] == [7u8; 600_000][..]));
+        assert!(matches!(
+            segs.read(a, &[9; 32], 600_000).unwrap(),
+            Found::Damaged(_)
+        ));
+        assert_eq!(
+            segs.sealed().iter().map(|s| s.0).collect::<Vec<_>>(),
+            vec![a.segment()]
+        );
+        assert!(segs.remove(b.segment()).is_err(), "active stays");
+        segs.remove(a.segment()).unwrap();
+        assert!(matches!(
+            segs.read(a, &[1; 32], 600_000).unwrap(),
+            Found::Gone
+        ));
+        drop(segs);
+        let segs = Segments::open(tmp.path(), 1 << 20).unwrap();
+        assert_eq!(segs.last_before_open(), b.segment());
+        assert!(matches!(segs.read(b, &[2; 32], 600_000).unwrap(), Found::Data(_)));
+    }
+}

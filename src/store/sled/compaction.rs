@@ -1,0 +1,261 @@
+//! Giving back the space of dead segment records: a sealed segment with no live record is
+//! deleted; one mostly dead has its live records copied to the active segment, then is
+//! deleted. The same move takes inline blobs of data dirs from before format 5 out of sled.
+//!
+//! A move is: copy the record, make it durable, swap the index entry from the old place to the
+//! new (compare-and-swap under the hash's stripe lock, so a blob evicted or dropped meanwhile
+//! stays gone), make that durable, and only then delete the old segment. A crash at any point
+//! leaves every entry naming a whole, durable record; what it leaves behind is dead records,
+//! which a later pass reclaims.
+//!
+//! Must not: touch a segment that a writer has appended to but not yet indexed
+//! ([`Segments::busy`]), or the active one.
+
+use std::collections::{HashMap, HashSet};
+
+use bytes::Bytes;
+
+use super::entry::{decode_entry, relocate, Location};
+use super::Inner;
+use crate::digest::{verify, Digest, HASH_LEN};
+use crate::error::Result;
+use crate::store::segments::{Found, HEADER_LEN};
+
+/// A sealed segment is rewritten once less than this share (per cent) of it is live.
+const LIVE_PERCENT: u64 = 60;
+
+/// What a pass did.
+#[derive(Debug, Default, Clone, Copy)]
+pub(super) struct Compacted {
+    pub segments_removed: u64,
+    pub records_moved: u64,
+    pub bytes_freed: u64,
+}
+
+impl Inner {
+    /// Whether enough died since the last pass to make one worthwhile.
+    pub(super) fn compaction_due(&self) -> bool {
+        let dead = self.segments.dead_since_scan();
+        dead > 0 && dead >= (self.segment_size).max(self.segments.total_bytes() / 10)
+    }
+
+    /// One pass over the sealed segments: deletes those without live records and rewrites
+    /// those less than [`LIVE_PERCENT`] live, and every one in `force` (the segments a crash
+    /// may have left unindexed records in). Blocking; stops early when the store shuts down.
+    pub(super) fn compact(&self, force: &[u32]) -> Result<Compacted> {
+        let _pass = self.upkeep.pass.lock();
+        self.segments.scanned();
+        let busy: HashSet<u32> = self.segments.busy().into_iter().collect();
+        // Sealed segments get no new appends, so once not busy they stay so.
+        let sealed: HashMap<u32, u64> = self
+            .segments
+            .sealed()
+            .into_iter()
+            .filter(|(id, _)| !busy.contains(id))
+            .collect();
+        if sealed.is_empty() {
+            return Ok(Compacted::default());
+        }
+        let mut live: HashMap<u32, u64> = HashMap::new();
+        for entry in self.cas.iter() {
+            let (_, value) = entry?;
+            if let Some((Location::Segment { place }, size)) = decode_entry(&value) {
+                if sealed.contains_key(&place.segment()) {
+                    *live.entry(place.segment()).or_default() += HEADER_LEN + size;
+                }
+            }
+        }
+        let mut done = Compacted::default();
+        let mut rewrite = HashSet::new();
+        let mut ids: Vec<_> = sealed.iter().map(|(id, len)| (*id, *len)).collect();
+        ids.sort_unstable();
+        for (id, len) in ids {
+            let alive = live.get(&id).copied().unwrap_or(0);
+            if alive == 0 {
+                self.segments.remove(id)?;
+                done.segments_removed += 1;
+                done.bytes_freed += len;
+            } else if alive * 100 < len * LIVE_PERCENT || force.contains(&id) {
+                rewrite.insert(id);
+            }
+        }
+        if rewrite.is_empty() {
+            return Ok(done);
+        }
+        // The entries naming the segments to rewrite, grouped by segment.
+        let mut named: HashMap<u32, Vec<([u8; HASH_LEN], sled::IVec)>> = HashMap::new();
+        for entry in self.cas.iter() {
+            let (key, value) = entry?;
+            let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
+                continue;
+            };
+            if let Some((Location::Segment { place }, _)) = decode_entry(&value) {
+                if rewrite.contains(&place.segment()) {
+                    named.entry(place.segment()).or_default().push((hash, value));
+                }
+            }
+        }
+        let mut order: Vec<u32> = rewrite.into_iter().collect();
+        order.sort_unstable();
+        for id in order {
+            self.upkeep.check_stopping()?;
+            let len = sealed.get(&id).copied().unwrap_or(0);
+            let entries = named.remove(&id).unwrap_or_default();
+            let mut moved = Vec::with_capacity(entries.len());
+            for (hash, old) in entries {
+                let Some((Location::Segment { place }, size)) = decode_entry(&old) else {
+                    continue;
+                };
+                let digest = Digest { hash, size };
+                match self.segments.read(place, &hash, size)? {
+                    Found::Data(data) if verify(digest, &data).is_ok() => {
+                        moved.push((digest, old, data))
+                    }
+                    _ => self.drop_damaged(
+                        &digest,
+                        Location::Segment { place },
+                        "compaction: segment record does not match its digest",
+                    ),
+                }
+            }
+            done.records_moved += self.move_small(moved)?;
+            self.segments.remove(id)?;
+            done.segments_removed += 1;
+            done.bytes_freed += len;
+        }
+        Ok(done)
+    }
+
+    /// Copies small blobs to the active segment and points their entries there; each is
+    /// `(digest, entry it had when read, bytes)`. Returns how many moved (a blob evicted or
+    /// replaced meanwhile is not). Blocking.
+    fn move_small(&self, blobs: Vec<(Digest, sled::IVec, Bytes)>) -> Result<u64> {
+        if blobs.is_empty() {
+            return Ok(0);
+        }
+        let mut appended = Vec::with_capacity(blobs.len());
+        for (digest, old, data) in &blobs {
+            let a = self.segments.append(&digest.hash, data)?;
+            let new = relocate(old, Location::Segment { place: a.place });
+            appended.push((a, new));
+        }
+        // The copies are durable before any entry names them.
+        self.commit.durable_blocking()?;
+        let mut moved = 0;
+        let mut olds = Vec::new();
+        for ((digest, old, _), (_held, new)) in blobs.iter().zip(&appended) {
+            let swapped = match new {
+                Some(new) => {
+                    let _stripe = self.stripe(digest);
+                    self.cas
+                        .compare_and_swap(digest.hash, Some(old), Some(new.clone()))?
+                        .is_ok()
+                }
+                None => false,
+            };
+            if swapped {
+                moved += 1;
+                olds.push(old);
+            } else {
+                self.segments.died(HEADER_LEN + digest.size);
+            }
+        }
+        self.commit.durable_blocking()?;
+        // Inline sources: their data goes once no entry names it.
+        for old in olds {
+            if let Some((Location::Inline { id }, _)) = decode_entry(old) {
+                self.blobs.remove(id.to_be_bytes())?;
+            }
+        }
+        Ok(moved)
+    }
+
+    /// Moves the inline blobs of a data dir from before format 5 into segments, a batch at a
+    /// time; returns how many moved. Blocking; stops early when the store shuts down.
+    pub(super) fn migrate_inline(&self) -> Result<u64> {
+        const BATCH: usize = 1000;
+        let _pass = self.upkeep.pass.lock();
+        let mut total = 0;
+        let mut batch = Vec::with_capacity(BATCH);
+        // One walk: sled's iterator goes on past the entries the moves rewrite.
+        for entry in self.cas.iter() {
+            let (key, value) = entry?;
+            let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
+                continue;
+            };
+            let Some((Location::Inline { id }, size)) = decode_entry(&value) else {
+                continue;
+            };
+            let digest = Digest { hash, size };
+            match self.blobs.get(id.to_be_bytes())? {
+                Some(data) if verify(digest, &data).is_ok() => {
+                    batch.push((digest, value, Bytes::copy_from_slice(&data)))
+                }
+                _ => self.drop_damaged(
+                    &digest,
+                    Location::Inline { id },
+                    "upgrade: inline data does not match its digest",
+                ),
+            }
+            if batch.len() == BATCH {
+                self.upkeep.check_stopping()?;
+                total += self.move_small(std::mem::take(&mut batch))?;
+            }
+        }
+        total += self.move_small(batch)?;
+        Ok(total)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use bytes::Bytes;
+
+    use crate::digest::Digest;
+    use crate::store::sled::{Options, SledStore};
+    use crate::store::Cas as _;
+
+    fn small(i: u32) -> Bytes {
+        Bytes::from(format!("blob {i} ").repeat(300))
+    }
+
+    #[tokio::test]
+    async fn a_forced_pass_rewrites_live_records_and_removes_the_old_segment() {
+        let tmp = tempfile::tempdir().unwrap();
+        let options = Options {
+            segment_size: 1 << 20,
+            ..Options::from_config(&crate::config::Config::default())
+        };
+        let store = SledStore::open_with(tmp.path(), options.clone()).unwrap();
+        let blobs: Vec<Bytes> = (0..100).map(small).collect();
+        for b in &blobs {
+            store.put(&Digest::of(b), b.clone()).await.unwrap();
+        }
+        drop(store);
+        // Reopened: the segment written to is sealed now, as after a crash.
+        let store = SledStore::open_with(tmp.path(), options).unwrap();
+        let crashed = store.inner.segments.last_before_open();
+        let inner = store.inner.clone();
+        let done = tokio::task::spawn_blocking(move || inner.compact(&[crashed]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!((done.segments_removed, done.records_moved), (1, 100), "{done:?}");
+        assert!(!store
+            .inner
+            .segments
+            .sealed()
+            .iter()
+            .any(|(id, _)| *id == crashed));
+        for b in &blobs {
+            assert_eq!(store.get(&Digest::of(b)).await.unwrap().as_ref(), Some(b));
+        }
+        // Nothing else to do: the rewritten records are in the active segment.
+        let inner = store.inner.clone();
+        let again = tokio::task::spawn_blocking(move || inner.compact(&[]))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(again.records_moved, 0, "{again:?}");
+    }
+}
