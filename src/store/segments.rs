@@ -198,7 +198,9 @@ impl Segments {
             || buf[4..8] != (size as u32).to_le_bytes()
             || buf[8..HEADER_LEN as usize] != hash[..]
         {
-            return Ok(Found::Damaged("segment record header does not name this blob"));
+            return Ok(Found::Damaged(
+                "segment record header does not name this blob",
+            ));
         }
         Ok(Found::Data(Bytes::from(buf).slice(HEADER_LEN as usize..)))
     }
@@ -250,7 +252,8 @@ impl Segments {
         if let Some(file) = self.files.write().remove(&id) {
             let len = file.metadata().map(|m| m.len()).unwrap_or(0);
             std::fs::remove_file(self.dir.join(name(id)))?;
-            self.total.fetch_sub(len.min(self.total.load(Relaxed)), Relaxed);
+            self.total
+                .fetch_sub(len.min(self.total.load(Relaxed)), Relaxed);
         }
         Ok(())
     }
@@ -299,7 +302,9 @@ mod tests {
         assert!(segs.busy().is_empty());
         assert_ne!(a.segment(), b.segment(), "the second record rolls over");
         segs.sync().unwrap();
-        assert!(matches!(segs.read(a, &[1; 32], 600_000).unwrap(), Found::Data(d) if d[..] == [7u8; 600_000][..]));
+        assert!(
+            matches!(segs.read(a, &[1; 32], 600_000).unwrap(), Found::Data(d) if d[..] == [7u8; 600_000][..])
+        );
         assert!(matches!(
             segs.read(a, &[9; 32], 600_000).unwrap(),
             Found::Damaged(_)
@@ -317,6 +322,9 @@ mod tests {
         drop(segs);
         let segs = Segments::open(tmp.path(), 1 << 20).unwrap();
         assert_eq!(segs.last_before_open(), b.segment());
-        assert!(matches!(segs.read(b, &[2; 32], 600_000).unwrap(), Found::Data(_)));
+        assert!(matches!(
+            segs.read(b, &[2; 32], 600_000).unwrap(),
+            Found::Data(_)
+        ));
     }
 }

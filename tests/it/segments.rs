@@ -51,7 +51,9 @@ async fn evicting_half_the_small_blobs_gives_their_disk_space_back_and_keeps_the
         c.storage.min_retention = HumanDuration(HOUR);
     })
     .await;
-    let blobs: Vec<Vec<u8>> = (0..2400).map(|i| blob(3000 + (i % 7) * 100, i as u64)).collect();
+    let blobs: Vec<Vec<u8>> = (0..2400)
+        .map(|i| blob(3000 + (i % 7) * 100, i as u64))
+        .collect();
     let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest_of(b)).collect();
     for chunk in blobs.chunks(100) {
         let refs: Vec<&[u8]> = chunk.iter().map(|b| b.as_slice()).collect();
@@ -142,7 +144,10 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
     assert_eq!(verify.orphans_removed, 0, "{verify:?}");
     server.stop().await;
     let db = sled::open(data_dir.join("sled")).unwrap();
-    assert!(db.open_tree("blobs").unwrap().is_empty(), "inline data left");
+    assert!(
+        db.open_tree("blobs").unwrap().is_empty(),
+        "inline data left"
+    );
     let format = db.get("format").unwrap().map(|v| v.to_vec());
     assert_eq!(format, Some(5u32.to_be_bytes().to_vec()));
     drop(db);

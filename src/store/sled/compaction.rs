@@ -22,7 +22,7 @@ use crate::error::Result;
 use crate::store::segments::{Found, HEADER_LEN};
 
 /// A sealed segment is rewritten once less than this share (per cent) of it is live.
-const LIVE_PERCENT: u64 = 60;
+const LIVE_PERCENT: u64 = 75;
 
 /// What a pass did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -91,7 +91,10 @@ impl Inner {
             };
             if let Some((Location::Segment { place }, _)) = decode_entry(&value) {
                 if rewrite.contains(&place.segment()) {
-                    named.entry(place.segment()).or_default().push((hash, value));
+                    named
+                        .entry(place.segment())
+                        .or_default()
+                        .push((hash, value));
                 }
             }
         }
@@ -240,7 +243,11 @@ mod tests {
             .await
             .unwrap()
             .unwrap();
-        assert_eq!((done.segments_removed, done.records_moved), (1, 100), "{done:?}");
+        assert_eq!(
+            (done.segments_removed, done.records_moved),
+            (1, 100),
+            "{done:?}"
+        );
         assert!(!store
             .inner
             .segments

@@ -102,6 +102,10 @@ pub(super) fn decode_entry(v: &[u8]) -> Option<(Location, u64)> {
     Some((location, size))
 }
 
+/// Key in tree `atime` (not 32 bytes long, so never a blob's) of the number of blobs at the
+/// last persist, to size the in-memory index before a rebuild.
+pub(super) const BLOB_COUNT: &[u8] = b"blob-count";
+
 /// Rebuilds the in-memory index from sled's index entries and last-use times. Reads keys and
 /// small values only, never blob contents or blob files. Blobs without a recorded last use
 /// (written shortly before a crash) count as used now, so they are not evicted first.
@@ -112,7 +116,12 @@ pub(super) fn load_index(
     usage: &Usage,
     inline_threshold: u64,
 ) -> Result<Index> {
-    let index = Index::new();
+    // The count of the last persist, if any: a close guess of how many entries follow.
+    let hint = atime
+        .get(BLOB_COUNT)?
+        .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
+        .map_or(0, u64::from_be_bytes);
+    let index = Index::with_capacity(hint as usize);
     let now = clock.now();
     for entry in cas.iter() {
         let (key, value) = entry?;
@@ -200,17 +209,15 @@ impl Inner {
         }
         let _ = self.atime.remove(digest.hash);
         match self.cas.remove(digest.hash) {
-            Ok(Some(entry)) => {
-                match decode_entry(&entry) {
-                    Some((Location::Inline { id }, _)) => {
-                        if let Err(e) = self.blobs.remove(id.to_be_bytes()) {
-                            tracing::error!(%digest, error = %e, "cannot drop inline data");
-                        }
+            Ok(Some(entry)) => match decode_entry(&entry) {
+                Some((Location::Inline { id }, _)) => {
+                    if let Err(e) = self.blobs.remove(id.to_be_bytes()) {
+                        tracing::error!(%digest, error = %e, "cannot drop inline data");
                     }
-                    Some((Location::Segment { .. }, size)) => self.segments.died(HEADER_LEN + size),
-                    _ => {}
                 }
-            }
+                Some((Location::Segment { .. }, size)) => self.segments.died(HEADER_LEN + size),
+                _ => {}
+            },
             Ok(None) => {}
             Err(e) => tracing::error!(%digest, error = %e, "cannot drop index entry"),
         }

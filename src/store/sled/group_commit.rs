@@ -14,8 +14,8 @@ use std::thread::JoinHandle;
 use tokio::sync::oneshot;
 
 use super::space::Space;
-use crate::store::segments::Segments;
 use crate::error::{Error, Result};
+use crate::store::segments::Segments;
 
 type Waiter = oneshot::Sender<std::result::Result<(), sled::Error>>;
 

@@ -254,11 +254,9 @@ impl SledStore {
         let marked = upkeep::take_clean_shutdown_mark(data_dir)?;
         let clean = marked || fresh;
         let space = Arc::new(Space::open(data_dir));
-        let segments = Arc::new(
-            Segments::open(data_dir, options.segment_size).map_err(|e| {
-                Error::internal(format!("cannot open segments in {}", data_dir.display()), e)
-            })?,
-        );
+        let segments = Arc::new(Segments::open(data_dir, options.segment_size).map_err(|e| {
+            Error::internal(format!("cannot open segments in {}", data_dir.display()), e)
+        })?);
         let commit = GroupCommit::start(db.clone(), segments.clone(), space.clone())?;
         let clock = Clock::default();
         let usage = Usage::new(&options);

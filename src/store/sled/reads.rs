@@ -172,10 +172,12 @@ impl Inner {
     fn small_now(&self, digest: &Digest) -> Result<Option<Bytes>> {
         match self.lookup(digest)? {
             Some(Location::Inline { id }) => self.inline_data(digest, id),
-            Some(Location::Segment { place }) => match self.segments.read(place, &digest.hash, digest.size)? {
-                Found::Data(data) if verify(*digest, &data).is_ok() => Ok(Some(data)),
-                _ => Ok(None),
-            },
+            Some(Location::Segment { place }) => {
+                match self.segments.read(place, &digest.hash, digest.size)? {
+                    Found::Data(data) if verify(*digest, &data).is_ok() => Ok(Some(data)),
+                    _ => Ok(None),
+                }
+            }
             _ => Ok(None),
         }
     }

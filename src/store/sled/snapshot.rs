@@ -78,7 +78,7 @@ pub(super) fn read(data_dir: &Path, mut added: impl FnMut(u64)) -> Option<Index>
     if sum.digest() != want {
         return None;
     }
-    let index = Index::new();
+    let index = Index::with_capacity(count);
     for e in bytes[16..body_end].chunks_exact(ENTRY) {
         let hash: [u8; HASH_LEN] = e[..HASH_LEN].try_into().ok()?;
         let size = u64::from_le_bytes(e[HASH_LEN..HASH_LEN + 8].try_into().ok()?);

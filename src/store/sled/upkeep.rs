@@ -122,6 +122,10 @@ impl Inner {
         // When last uses were last persisted: after a crash, later ones are known to be lost.
         self.atime
             .insert(PERSISTED_AT, &self.clock.now().to_be_bytes())?;
+        self.atime.insert(
+            super::entry::BLOB_COUNT,
+            &(self.index.len() as u64).to_be_bytes(),
+        )?;
         Ok(())
     }
 
@@ -195,13 +199,30 @@ impl Inner {
     }
 }
 
+/// Returns memory the allocator holds freed to the system (glibc keeps it otherwise; RSS then
+/// stays at a burst's peak).
+pub(super) fn release_free_memory() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: malloc_trim only walks the allocator's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
+    }
+}
+
 /// The store's background upkeep (see [`crate::store::Housekeeping::maintain`]).
 pub(super) async fn maintain(inner: Arc<Inner>) {
-    let cleanup_ran = inner.upkeep.cleanup_pending();
-    if cleanup_ran {
+    if inner.upkeep.cleanup_pending() {
         let store = inner.clone();
         let started = Instant::now();
-        match run_blocking(move || store.remove_orphans()).await {
+        // Writes cut off by the crash can only be in the segments that were active then;
+        // rewriting them leaves no record that no entry names.
+        let cleanup = move || {
+            let removed = store.remove_orphans()?;
+            let last = store.segments.last_before_open();
+            store.compact_logged(&[last, last.saturating_sub(1)])?;
+            Ok(removed)
+        };
+        match run_blocking(cleanup).await {
             Ok((pieces, bytes)) => {
                 inner.upkeep.cleanup_pending.store(false, Relaxed);
                 tracing::info!(
@@ -217,16 +238,6 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             ),
         }
     }
-    // An unclean start: writes cut off by the crash can only be in the segments that were
-    // active then; rewriting them leaves no record that no entry names.
-    if cleanup_ran {
-        let last = inner.segments.last_before_open();
-        let store = inner.clone();
-        let force = [last, last.saturating_sub(1)];
-        if let Err(e) = run_blocking(move || store.compact_logged(&force)).await {
-            tracing::warn!(error = %e, "compacting the segments of the crash failed");
-        }
-    }
     if !inner.blobs.is_empty() {
         let store = inner.clone();
         let started = Instant::now();
@@ -236,7 +247,9 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
                 took_ms = started.elapsed().as_millis() as u64,
                 "upgrade: small blobs moved from sled into segment files"
             ),
-            Err(e) => tracing::warn!(error = %e, "upgrade: moving small blobs into segments stopped; it goes on at the next start"),
+            Err(e) => {
+                tracing::warn!(error = %e, "upgrade: moving small blobs into segments stopped; it goes on at the next start")
+            }
         }
     }
     let mut last_persist = Instant::now();
@@ -258,6 +271,8 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             }
             if persist {
                 store.persist_use(false)?;
+                // Hand freed heap (bursts of batch uploads, index growth) back to the system.
+                release_free_memory();
             }
             if store.compaction_due() {
                 store.compact_logged(&[])?;

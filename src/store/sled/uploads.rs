@@ -20,9 +20,9 @@ use super::{blocking, run_blocking, Inner};
 use crate::digest::{verify, Digest, Verifier};
 use crate::error::{Error, Result};
 use crate::store::chunk_sums;
-use crate::store::segments::HEADER_LEN;
 use crate::store::files::upload::{open_upload_file, QueuedWriter, UploadHashes};
 use crate::store::files::BlobWriter;
+use crate::store::segments::HEADER_LEN;
 use crate::store::Upload;
 
 /// Room under max_size a large upload reserves ahead of the bytes it has sent.
