@@ -77,8 +77,8 @@ pub struct Segments {
     /// Writers between appending a record and indexing it, per segment: compaction leaves
     /// those segments alone, since the scan it decides on may not see their entries yet.
     pending: Mutex<HashMap<u32, usize>>,
-    /// Record bytes that died (evicted, dropped, moved) since compaction last looked.
-    dead_since_scan: AtomicU64,
+    /// Dead bytes the last compaction pass left (in segments still mostly live).
+    left_dead: AtomicU64,
     /// The highest id that existed when the store opened (0: none).
     last_before_open: u32,
 }
@@ -119,7 +119,7 @@ impl Segments {
             unsynced: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             total: AtomicU64::new(total),
-            dead_since_scan: AtomicU64::new(0),
+            left_dead: AtomicU64::new(0),
             last_before_open,
         })
     }
@@ -154,10 +154,7 @@ impl Segments {
             place: Place::new(id, offset as u32),
         };
         self.total.fetch_add(need, Relaxed);
-        if let Err(e) = file.write_all_at(&record, offset) {
-            self.died(need);
-            return Err(e);
-        }
+        file.write_all_at(&record, offset)?;
         self.unsynced.lock().insert(id, file);
         Ok(appended)
     }
@@ -205,19 +202,13 @@ impl Segments {
         Ok(Found::Data(Bytes::from(buf).slice(HEADER_LEN as usize..)))
     }
 
-    /// Counts `bytes` of records that are no longer live (for when to compact).
-    pub fn died(&self, bytes: u64) {
-        self.dead_since_scan.fetch_add(bytes, Relaxed);
+    /// Dead bytes the last compaction pass left, so the next is due only once more died.
+    pub fn left_dead(&self) -> u64 {
+        self.left_dead.load(Relaxed)
     }
 
-    /// Dead bytes since the last [`Segments::scanned`].
-    pub fn dead_since_scan(&self) -> u64 {
-        self.dead_since_scan.load(Relaxed)
-    }
-
-    /// Compaction looked at every segment: start counting anew.
-    pub fn scanned(&self) {
-        self.dead_since_scan.store(0, Relaxed);
+    pub fn set_left_dead(&self, bytes: u64) {
+        self.left_dead.store(bytes, Relaxed);
     }
 
     /// Bytes of all segment files.

@@ -33,10 +33,14 @@ pub(super) struct Compacted {
 }
 
 impl Inner {
-    /// Whether enough died since the last pass to make one worthwhile.
+    /// Whether enough died since the last pass to make one worthwhile: dead bytes are what
+    /// the segments hold beyond the records of indexed blobs (so they are known after a
+    /// restart too), less what the last pass chose to leave.
     pub(super) fn compaction_due(&self) -> bool {
-        let dead = self.segments.dead_since_scan();
-        dead > 0 && dead >= (self.segment_size).max(self.segments.total_bytes() / 10)
+        let total = self.segments.total_bytes();
+        let dead = total.saturating_sub(self.usage.small_records());
+        let new = dead.saturating_sub(self.segments.left_dead());
+        new > 0 && new >= self.segment_size.max(total / 10)
     }
 
     /// One pass over the sealed segments: deletes those without live records and rewrites
@@ -44,7 +48,16 @@ impl Inner {
     /// may have left unindexed records in). Blocking; stops early when the store shuts down.
     pub(super) fn compact(&self, force: &[u32]) -> Result<Compacted> {
         let _pass = self.upkeep.pass.lock();
-        self.segments.scanned();
+        let done = self.compact_locked(force);
+        let left = self
+            .segments
+            .total_bytes()
+            .saturating_sub(self.usage.small_records());
+        self.segments.set_left_dead(left);
+        done
+    }
+
+    fn compact_locked(&self, force: &[u32]) -> Result<Compacted> {
         let busy: HashSet<u32> = self.segments.busy().into_iter().collect();
         // Sealed segments get no new appends, so once not busy they stay so.
         let sealed: HashMap<u32, u64> = self
@@ -159,8 +172,6 @@ impl Inner {
             if swapped {
                 moved += 1;
                 olds.push(old);
-            } else {
-                self.segments.died(HEADER_LEN + digest.size);
             }
         }
         self.commit.durable_blocking()?;

@@ -11,7 +11,7 @@ use crate::error::{Error, Result};
 use crate::store::chunk_sums;
 use crate::store::clock::Clock;
 use crate::store::index::Index;
-use crate::store::segments::{Place, HEADER_LEN};
+use crate::store::segments::Place;
 
 const INLINE: u8 = 0;
 const FILE: u8 = 1;
@@ -215,7 +215,8 @@ impl Inner {
                         tracing::error!(%digest, error = %e, "cannot drop inline data");
                     }
                 }
-                Some((Location::Segment { .. }, size)) => self.segments.died(HEADER_LEN + size),
+                // The record is dead now; compaction reclaims it.
+                Some((Location::Segment { .. }, _)) => {}
                 _ => {}
             },
             Ok(None) => {}

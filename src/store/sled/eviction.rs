@@ -23,7 +23,6 @@ use super::upkeep::PERSIST_USE_EVERY;
 use super::{Inner, Options};
 use crate::error::{Error, Result};
 use crate::store::index::Candidate;
-use crate::store::segments::HEADER_LEN;
 
 /// The retention promise and what eviction did so far.
 pub(super) struct Eviction {
@@ -201,7 +200,8 @@ impl Inner {
             Some((Location::Inline { id }, _)) => {
                 self.blobs.remove(id.to_be_bytes())?;
             }
-            Some((Location::Segment { .. }, size)) => self.segments.died(HEADER_LEN + size),
+            // The record is dead now; compaction reclaims it.
+            Some((Location::Segment { .. }, _)) => {}
             Some((Location::File { .. }, _)) => {
                 match std::fs::remove_file(self.files.blob_path(&digest)) {
                     Ok(()) => {}

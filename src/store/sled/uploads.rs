@@ -22,7 +22,6 @@ use crate::error::{Error, Result};
 use crate::store::chunk_sums;
 use crate::store::files::upload::{open_upload_file, QueuedWriter, UploadHashes};
 use crate::store::files::BlobWriter;
-use crate::store::segments::HEADER_LEN;
 use crate::store::Upload;
 
 /// Room under max_size a large upload reserves ahead of the bytes it has sent.
@@ -69,13 +68,9 @@ impl Inner {
         self.admit(self.charge(digest.size))?;
         let appended = self.segments.append(&digest.hash, data)?;
         let place = appended.place;
-        let record = HEADER_LEN + digest.size;
         // The record must be on disk before an entry naming it can be: sled may flush the
         // entry at any moment (its own timer, or another write's commit round).
-        if let Err(e) = self.commit.durable().await {
-            self.segments.died(record);
-            return Err(e);
-        }
+        self.commit.durable().await?;
         let entry = encode_entry(Location::Segment { place }, digest.size, self.clock.now());
         let ours = {
             let _stripe = self.stripe(digest);
@@ -88,9 +83,6 @@ impl Inner {
             // it to be durable like our own), and our record is dead.
             swapped.is_ok()
         };
-        if !ours {
-            self.segments.died(record);
-        }
         // Visible to FindMissingBlobs (the in-memory index) only once durable: "present" is a
         // promise too, and clients skip their own upload on it.
         if let Err(e) = self.commit.durable().await {
@@ -99,7 +91,6 @@ impl Inner {
                 let _ = self
                     .cas
                     .compare_and_swap(digest.hash, Some(entry), None as Option<&[u8]>);
-                self.segments.died(record);
             }
             return Err(e);
         }

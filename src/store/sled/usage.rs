@@ -8,6 +8,7 @@
 //! Request paths only add to atomics here. Must not: evict or delete anything (it wakes the
 //! upkeep loop instead).
 
+use crate::store::segments::HEADER_LEN;
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
@@ -20,7 +21,7 @@ use crate::store::StoreStats;
 
 /// What a small blob costs beyond its bytes: its segment record header, plus its index entry and
 /// last-use entry in sled, rounded up.
-const INLINE_OVERHEAD: u64 = 64 + crate::store::segments::HEADER_LEN;
+const INLINE_OVERHEAD: u64 = 64 + HEADER_LEN;
 
 /// Bytes a blob of `size` counts against `max_size`.
 pub(super) fn charge(size: u64, inline_threshold: u64) -> u64 {
@@ -45,6 +46,7 @@ pub(super) struct Usage {
     reserved: AtomicU64,
     blob_bytes: AtomicU64,
     file_bytes: AtomicU64,
+    small_records: AtomicU64,
     ac_count: AtomicU64,
     ac_bytes: AtomicU64,
     /// The last write failed because the disk is full (eviction then makes room below usage).
@@ -69,6 +71,7 @@ impl Usage {
             reserved: AtomicU64::new(0),
             blob_bytes: AtomicU64::new(0),
             file_bytes: AtomicU64::new(0),
+            small_records: AtomicU64::new(0),
             ac_count: AtomicU64::new(0),
             ac_bytes: AtomicU64::new(0),
             disk_full: AtomicBool::new(false),
@@ -80,6 +83,8 @@ impl Usage {
         self.blob_bytes.fetch_add(size, Relaxed);
         if size > self.inline_threshold {
             self.file_bytes.fetch_add(charge, Relaxed);
+        } else {
+            self.small_records.fetch_add(size + HEADER_LEN, Relaxed);
         }
         let used = self.used.fetch_add(charge, Relaxed) + charge;
         if used > self.high() {
@@ -91,8 +96,16 @@ impl Usage {
         self.blob_bytes.fetch_sub(size, Relaxed);
         if size > self.inline_threshold {
             self.file_bytes.fetch_sub(charge, Relaxed);
+        } else {
+            self.small_records.fetch_sub(size + HEADER_LEN, Relaxed);
         }
         self.used.fetch_sub(charge, Relaxed);
+    }
+
+    /// Bytes of the segment records of the small blobs stored (data dirs from before format 5
+    /// count their inline blobs here too until they are moved).
+    pub(super) fn small_records(&self) -> u64 {
+        self.small_records.load(Relaxed)
     }
 
     pub(super) fn ac_changed(&self, added: Option<u64>, removed: Option<u64>) {
