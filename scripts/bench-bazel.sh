@@ -16,6 +16,9 @@
 # fails. Figures: wall time of `bazel build`, the execution phase ("Build artifacts" marker to the
 # next one in --profile), and each action's cache check ("check cache hit" spans), cross-checked
 # with hoard's hoard_request_duration_seconds{method="GetActionResult"} from /metrics.
+# Bazel 4.2.3 takes --remote_download_minimal with only --disk_cache (if a Bazel refuses it, that
+# phase is skipped for the disk cache and the summary says why), and counts disk cache hits as
+# "remote cache hit" too.
 #
 # Environment: LIBS (150), REPEATS (10), JOBS (16), SEED (14), KEEP=1 (keep the temp dir).
 # Progress to stderr, the summary (markdown) to stdout. Needs python3, a C++ compiler. A benchmark,
