@@ -49,9 +49,8 @@ impl Index {
         Self::with_capacity(0)
     }
 
-    /// An index sized for `blobs` from the start: growing a table leaves the old one behind as
-    /// freed heap that the allocator rarely hands back, which at a million blobs was over
-    /// 100 MiB of resident memory.
+    /// An index sized for `blobs` from the start, so a start does not build and copy every
+    /// table several times over as it grows.
     pub fn with_capacity(blobs: usize) -> Self {
         let per_shard = blobs / SHARDS + blobs / SHARDS / 16;
         Index {

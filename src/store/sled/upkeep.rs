@@ -199,16 +199,6 @@ impl Inner {
     }
 }
 
-/// Returns memory the allocator holds freed to the system (glibc keeps it otherwise; RSS then
-/// stays at a burst's peak).
-pub(super) fn release_free_memory() {
-    #[cfg(all(target_os = "linux", target_env = "gnu"))]
-    // SAFETY: malloc_trim only walks the allocator's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
-}
-
 /// The store's background upkeep (see [`crate::store::Housekeeping::maintain`]).
 pub(super) async fn maintain(inner: Arc<Inner>) {
     if inner.upkeep.cleanup_pending() {
@@ -271,8 +261,6 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             }
             if persist {
                 store.persist_use(false)?;
-                // Hand freed heap (bursts of batch uploads, index growth) back to the system.
-                release_free_memory();
             }
             if store.compaction_due() {
                 store.compact_logged(&[])?;
