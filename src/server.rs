@@ -24,6 +24,7 @@ use crate::proto::reapi::{
 use crate::proto::watch::watch_server::WatchServer;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::bytestream::ByteStreamService;
+use crate::service::bytestream_read::ByteStreamRoutes;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::health::{HealthReporter, State};
@@ -324,10 +325,18 @@ async fn serve_all(
             )
             .with_events(events.clone())
         )))
-        .add_service(sized!(ByteStreamServer::new(
-            ByteStreamService::new(stores.cas.clone(), limits.clone(), policy.clone())
-                .with_metrics(metrics.clone())
-        )))
+        .add_service({
+            // Read is served by ByteStreamRoutes itself (no encode copy), the rest by tonic.
+            let bytestream = Arc::new(
+                ByteStreamService::new(stores.cas.clone(), limits.clone(), policy.clone())
+                    .with_metrics(metrics.clone()),
+            );
+            ByteStreamRoutes::new(
+                bytestream.clone(),
+                sized!(ByteStreamServer::from_arc(bytestream)),
+                max_message,
+            )
+        })
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
             crate::service::admin::AdminService::new(
                 housekeeping.clone(),
