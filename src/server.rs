@@ -24,6 +24,7 @@ use crate::proto::reapi::{
 use crate::proto::watch::watch_server::WatchServer;
 use crate::service::action_cache::ActionCacheService;
 use crate::service::bytestream::ByteStreamService;
+use crate::service::bytestream_read::ByteStreamRoutes;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
 use crate::service::health::{HealthReporter, State};
@@ -37,6 +38,11 @@ use crate::watch::EventLog;
 const STREAM_WINDOW: u32 = 4 << 20;
 /// HTTP/2 flow-control window of each connection (shared by its streams).
 const CONNECTION_WINDOW: u32 = 16 << 20;
+/// Largest HTTP/2 frame a client may send us (SETTINGS_MAX_FRAME_SIZE; the protocol default is
+/// 16 KiB). Upload data then arrives in frames of up to a WriteRequest each, so the transport
+/// reads it in far fewer, larger socket reads; it is also what one frame may make a connection
+/// buffer before it is decoded.
+const MAX_FRAME_SIZE: u32 = 1 << 20;
 
 /// How long the ops port's open connections may hold up the exit after the final flush.
 const OPS_GRACE: Duration = Duration::from_secs(2);
@@ -268,6 +274,7 @@ async fn serve_all(
         // every few dozen KiB; they also bound what one stream or connection can buffer here.
         .initial_stream_window_size(STREAM_WINDOW)
         .initial_connection_window_size(CONNECTION_WINDOW)
+        .max_frame_size(MAX_FRAME_SIZE)
         // Notice clients that vanished without closing (crashed CI runners, dropped NAT state),
         // so their streams and what those hold are released.
         .http2_keepalive_interval(Some(Duration::from_secs(30)))
@@ -318,10 +325,18 @@ async fn serve_all(
             )
             .with_events(events.clone())
         )))
-        .add_service(sized!(ByteStreamServer::new(
-            ByteStreamService::new(stores.cas.clone(), limits.clone(), policy.clone())
-                .with_metrics(metrics.clone())
-        )))
+        .add_service({
+            // Read is served by ByteStreamRoutes itself (no encode copy), the rest by tonic.
+            let bytestream = Arc::new(
+                ByteStreamService::new(stores.cas.clone(), limits.clone(), policy.clone())
+                    .with_metrics(metrics.clone()),
+            );
+            ByteStreamRoutes::new(
+                bytestream.clone(),
+                sized!(ByteStreamServer::from_arc(bytestream)),
+                max_message,
+            )
+        })
         .add_service(sized!(crate::proto::admin::admin_server::AdminServer::new(
             crate::service::admin::AdminService::new(
                 housekeeping.clone(),

@@ -23,7 +23,7 @@ use crate::proto::bytestream::{
     ReadResponse, WriteRequest, WriteResponse,
 };
 use crate::resource_name::{Compression, ResourceName};
-use crate::store::{Cas, Upload};
+use crate::store::{BlobStream, Cas, Upload};
 
 pub struct ByteStreamService {
     store: Arc<dyn Cas>,
@@ -58,6 +58,52 @@ impl ByteStreamService {
         if let Some(m) = &self.metrics {
             m.upload_resume(accepted);
         }
+    }
+
+    /// The bytes a Read asks for, as the store streams them (compressed for
+    /// `compressed-blobs/` names), after the request and the caller's access are checked. Both
+    /// ways of serving a Read use it: the tonic handler below, and [`super::bytestream_read`],
+    /// which frames the chunks without tonic's encode copy.
+    pub(crate) async fn open_read(&self, caller: Caller, r: ReadRequest) -> Result<BlobStream> {
+        let name = ResourceName::parse_read(&r.resource_name)?;
+        record_name(&name);
+        caller.require(Access::Read, &name.instance)?;
+        let compressed = check_compression(&name, &r.resource_name)?;
+        let digest = name.digest;
+        if r.read_offset < 0 || r.read_offset as u64 > digest.size {
+            return Err(Error::OutOfRange(format!(
+                "read_offset {} is outside blob {digest} (0 to {})",
+                r.read_offset, digest.size
+            )));
+        }
+        if r.read_limit < 0 {
+            return Err(Error::InvalidArgument(format!(
+                "read_limit {} is negative",
+                r.read_limit
+            )));
+        }
+        if compressed && r.read_limit != 0 {
+            return Err(Error::InvalidArgument(format!(
+                "read_limit {} given for compressed read {}; compressed reads take no limit",
+                r.read_limit,
+                echo(&r.resource_name)
+            )));
+        }
+        let limit = (r.read_limit > 0).then_some(r.read_limit as u64);
+        let mut chunks = self
+            .store
+            .read(
+                &digest,
+                r.read_offset as u64,
+                limit,
+                self.limits.read_chunk_size,
+            )
+            .await?
+            .ok_or_else(|| Error::NotFound(format!("blob {digest} is not in the CAS")))?;
+        if compressed {
+            chunks = compression::compress(chunks)?;
+        }
+        Ok(chunks)
     }
 
     async fn is_stored(&self, name: &ResourceName) -> Result<bool> {
@@ -287,46 +333,7 @@ impl ByteStream for ByteStreamService {
         request: Request<ReadRequest>,
     ) -> Result<Response<Self::ReadStream>, Status> {
         let caller = Caller::of(&request);
-        let r = request.into_inner();
-        let name = ResourceName::parse_read(&r.resource_name)?;
-        record_name(&name);
-        caller.require(Access::Read, &name.instance)?;
-        let compressed = check_compression(&name, &r.resource_name)?;
-        let digest = name.digest;
-        if r.read_offset < 0 || r.read_offset as u64 > digest.size {
-            return Err(Error::OutOfRange(format!(
-                "read_offset {} is outside blob {digest} (0 to {})",
-                r.read_offset, digest.size
-            ))
-            .into());
-        }
-        if r.read_limit < 0 {
-            return Err(
-                Error::InvalidArgument(format!("read_limit {} is negative", r.read_limit)).into(),
-            );
-        }
-        if compressed && r.read_limit != 0 {
-            return Err(Error::InvalidArgument(format!(
-                "read_limit {} given for compressed read {}; compressed reads take no limit",
-                r.read_limit,
-                echo(&r.resource_name)
-            ))
-            .into());
-        }
-        let limit = (r.read_limit > 0).then_some(r.read_limit as u64);
-        let mut chunks = self
-            .store
-            .read(
-                &digest,
-                r.read_offset as u64,
-                limit,
-                self.limits.read_chunk_size,
-            )
-            .await?
-            .ok_or_else(|| Error::NotFound(format!("blob {digest} is not in the CAS")))?;
-        if compressed {
-            chunks = compression::compress(chunks)?;
-        }
+        let chunks = self.open_read(caller, request.into_inner()).await?;
         let responses = chunks.map(|chunk| match chunk {
             Ok(data) => Ok(ReadResponse { data }),
             Err(e) => Err(Status::from(e)),

@@ -641,13 +641,25 @@ async fn oversize_metadata_is_refused() {
         status.message().contains("limits.max_metadata_size"),
         "{status:?}"
     );
-    // Far above it the transport's own cap (4x the bound) ends the connection with
-    // ENHANCE_YOUR_CALM, which clients see as RESOURCE_EXHAUSTED; the server serves on.
+    // Far above it the transport's own cap (4x the bound) refuses the header block before
+    // anything of ours sees it. A client that splits it into 16 KiB CONTINUATION frames has its
+    // connection ended with ENHANCE_YOUR_CALM (RESOURCE_EXHAUSTED to gRPC clients); one that
+    // sends it in one frame (the server accepts frames of up to 1 MiB) gets HTTP 431 on that
+    // stream, which gRPC clients report as UNKNOWN. Either way nothing is served and the
+    // server serves on.
     let mut r = tonic::Request::new(FindMissingBlobsRequest::default());
     r.metadata_mut()
         .insert("x-padding", "p".repeat(200 << 10).parse().expect("value"));
-    let far = server.cas().find_missing_blobs(r).await;
-    assert_eq!(far.expect_err("far above").code(), Code::ResourceExhausted);
+    let far = server
+        .cas()
+        .find_missing_blobs(r)
+        .await
+        .expect_err("far above");
+    assert!(
+        far.code() == Code::ResourceExhausted
+            || (far.code() == Code::Unknown && far.message().contains("431")),
+        "{far:?}"
+    );
     // Within the bound the same call works.
     find_missing(&server, "", &d, None)
         .await
