@@ -58,11 +58,11 @@ impl Inner {
     }
 
     fn compact_locked(&self, force: &[u32]) -> Result<Compacted> {
+        // Sealed first, busy second: a sealed segment gets no new appends, so one without a
+        // writer between append and entry after it was sealed never gets one again.
+        let sealed = self.segments.sealed();
         let busy: HashSet<u32> = self.segments.busy().into_iter().collect();
-        // Sealed segments get no new appends, so once not busy they stay so.
-        let sealed: HashMap<u32, u64> = self
-            .segments
-            .sealed()
+        let sealed: HashMap<u32, u64> = sealed
             .into_iter()
             .filter(|(id, _)| !busy.contains(id))
             .collect();

@@ -78,6 +78,16 @@ impl Inner {
         }
         // Inline data (from before format 5; no new inline writes happen, and the upgrade's
         // move holds the pass lock too): any id no index entry names is an orphan.
+        // Which segments may go is fixed before the scan: a writer between append and entry
+        // marks its segment busy, so one that is not busy now is fully seen by the scan.
+        // Sealed first, busy second: a sealed segment gets no new writer, so one not busy then
+        // never will be again.
+        let sealed = self.segments.sealed();
+        let busy = self.segments.busy();
+        let sealed: Vec<(u32, u64)> = sealed
+            .into_iter()
+            .filter(|(id, _)| !busy.contains(id))
+            .collect();
         let mut named = HashSet::new();
         let mut live_segments = HashSet::new();
         for entry in self.cas.iter() {
@@ -104,9 +114,8 @@ impl Inner {
         }
         // Sealed segments no entry names (busy ones may be about to be named). Empty ones are
         // the unused active segments of earlier runs, not lost data.
-        let busy = self.segments.busy();
-        for (id, len) in self.segments.sealed() {
-            if !live_segments.contains(&id) && !busy.contains(&id) {
+        for (id, len) in sealed {
+            if !live_segments.contains(&id) {
                 self.segments.remove(id)?;
                 if len > 0 {
                     pieces += 1;
