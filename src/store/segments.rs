@@ -79,6 +79,8 @@ pub struct Segments {
     pending: Mutex<HashMap<u32, usize>>,
     /// Dead bytes the last compaction pass left (in segments still mostly live).
     left_dead: AtomicU64,
+    /// An fdatasync failed: every later sync fails too.
+    sync_failed: std::sync::atomic::AtomicBool,
     /// The highest id that existed when the store opened (0: none).
     last_before_open: u32,
 }
@@ -120,6 +122,7 @@ impl Segments {
             pending: Mutex::new(HashMap::new()),
             total: AtomicU64::new(total),
             left_dead: AtomicU64::new(0),
+            sync_failed: std::sync::atomic::AtomicBool::new(false),
             last_before_open,
         })
     }
@@ -166,11 +169,17 @@ impl Segments {
 
     /// Makes every record appended so far durable (one `fdatasync` per segment written to).
     pub fn sync(&self) -> io::Result<()> {
+        if self.sync_failed.load(Relaxed) {
+            return Err(io::Error::other(
+                "an earlier fdatasync of a segment failed; restart hoard",
+            ));
+        }
         let written: Vec<(u32, Arc<File>)> = self.unsynced.lock().drain().collect();
-        for (i, (_, file)) in written.iter().enumerate() {
+        for (_, file) in &written {
             if let Err(e) = file.sync_data() {
-                // Not known to be durable: the next round tries again.
-                self.unsynced.lock().extend(written[i..].iter().cloned());
+                // The kernel may have dropped the dirty pages, and a retry would report
+                // success: nothing written since can be promised durable until a restart.
+                self.sync_failed.store(true, Relaxed);
                 return Err(e);
             }
         }

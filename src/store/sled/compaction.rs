@@ -48,13 +48,13 @@ impl Inner {
     /// may have left unindexed records in). Blocking; stops early when the store shuts down.
     pub(super) fn compact(&self, force: &[u32]) -> Result<Compacted> {
         let _pass = self.upkeep.pass.lock();
-        let done = self.compact_locked(force);
+        let done = self.compact_locked(force)?;
         let left = self
             .segments
             .total_bytes()
             .saturating_sub(self.usage.small_records());
         self.segments.set_left_dead(left);
-        done
+        Ok(done)
     }
 
     fn compact_locked(&self, force: &[u32]) -> Result<Compacted> {
@@ -78,6 +78,9 @@ impl Inner {
                 }
             }
         }
+        // Removals of entries (eviction, drops) must be durable before the segments they
+        // emptied go, or a crash brings back entries naming a deleted segment.
+        self.commit.durable_blocking()?;
         let mut done = Compacted::default();
         let mut rewrite = HashSet::new();
         let mut ids: Vec<_> = sealed.iter().map(|(id, len)| (*id, *len)).collect();

@@ -114,6 +114,8 @@ impl Inner {
         }
         // Sealed segments no entry names (busy ones may be about to be named). Empty ones are
         // the unused active segments of earlier runs, not lost data.
+        // Entry removals durable first (see compaction), then the segments they emptied.
+        self.commit.durable_blocking()?;
         for (id, len) in sealed {
             if !live_segments.contains(&id) {
                 self.segments.remove(id)?;
