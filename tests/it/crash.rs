@@ -331,21 +331,7 @@ async fn sigkill_during_writes_never_loses_an_acknowledged_write_or_leaves_a_wro
     };
     // The start after a crash runs a cleanup pass in the background; once it is done, nothing
     // is left that no index entry names.
-    let admin = AdminClient::new(server.channel.clone());
-    let cleaned = poll_until(Duration::from_secs(10), || {
-        let mut admin = admin.clone();
-        async move {
-            let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
-            if stats.cleanup_pending {
-                Err(stats)
-            } else {
-                Ok(())
-            }
-        }
-    })
-    .await
-    .is_ok();
-    assert!(cleaned, "the cleanup pass did not finish");
+    cleaned_up(&server, Duration::from_secs(10)).await;
     server.terminate().await;
     let store = hoard::store::sled::SledStore::open(&data_dir, 64 << 10, 16 << 20).unwrap();
     let report = hoard::store::Housekeeping::verify(&store).await.unwrap();
@@ -435,9 +421,9 @@ async fn an_acknowledged_invalidation_survives_sigkill() {
 
 /// Waits until the cleanup pass of an unclean start has finished (only then does a clean
 /// shutdown leave the mark that makes the next start clean).
-async fn cleaned_up(server: &Process) {
+async fn cleaned_up(server: &Process, within: Duration) {
     let admin = AdminClient::new(server.channel.clone());
-    let done = poll_until(Duration::from_secs(20), || {
+    let done = poll_until(within, || {
         let mut admin = admin.clone();
         async move {
             let stats = admin.stats(StatsRequest {}).await.unwrap().into_inner();
@@ -562,7 +548,7 @@ async fn sigkill_during_compaction_never_loses_a_live_blob() {
         kept = batch.iter().step_by(3).cloned().collect();
         // A clean restart: after a crash nothing is evicted until retention has passed since
         // the last persist of last uses (a minute away), which would leave gc nothing to do.
-        cleaned_up(&server).await;
+        cleaned_up(&server, Duration::from_secs(20)).await;
         server.terminate().await;
         let server = start().await;
         let mut cas = ContentAddressableStorageClient::new(server.channel.clone());
@@ -596,7 +582,7 @@ async fn sigkill_during_compaction_never_loses_a_live_blob() {
     // Kills must land inside the gc call (eviction, then compaction), not only after it.
     assert!(cut_off >= 2, "only {cut_off} of 6 kills landed during gc");
     let server = start().await;
-    cleaned_up(&server).await;
+    cleaned_up(&server, Duration::from_secs(20)).await;
     server.terminate().await;
     let server = start().await;
     let got = batch_read(
@@ -625,13 +611,7 @@ async fn sigkill_during_compaction_never_loses_a_live_blob() {
     // Compaction is due from the start (dead bytes are what segments hold beyond the indexed
     // records) and runs in the background.
     let payload: u64 = written.iter().map(|w| w.0.size_bytes as u64).sum();
-    let segment_bytes = || -> u64 {
-        std::fs::read_dir(data_dir.join("segments"))
-            .unwrap()
-            .filter_map(|e| e.ok()?.metadata().ok())
-            .map(|m| m.len())
-            .sum()
-    };
+    let segment_bytes = || crate::segments::segment_bytes(&data_dir);
     let _ = poll_until(Duration::from_secs(20), || async {
         if segment_bytes() * 4 < payload {
             Ok(())
@@ -641,11 +621,7 @@ async fn sigkill_during_compaction_never_loses_a_live_blob() {
     })
     .await;
     server.terminate().await;
-    let segments: u64 = std::fs::read_dir(data_dir.join("segments"))
-        .unwrap()
-        .filter_map(|e| e.ok()?.metadata().ok())
-        .map(|m| m.len())
-        .sum();
+    let segments = segment_bytes();
     assert!(
         segments * 4 < payload,
         "compaction gave back too little: {segments} bytes of segments for {payload} written"

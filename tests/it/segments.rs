@@ -14,7 +14,7 @@ use crate::common::{batch_put, blob, digest_of, eventually, missing, temp_config
 const HOUR: Duration = Duration::from_secs(3600);
 
 /// Bytes of the segment files in a data dir.
-fn segment_bytes(data_dir: &Path) -> u64 {
+pub(crate) fn segment_bytes(data_dir: &Path) -> u64 {
     std::fs::read_dir(data_dir.join("segments"))
         .map(|dir| {
             dir.filter_map(|e| e.ok()?.metadata().ok())
@@ -22,6 +22,15 @@ fn segment_bytes(data_dir: &Path) -> u64 {
                 .sum()
         })
         .unwrap_or(0)
+}
+
+async fn verified(server: &TestServer) -> hoard::proto::admin::VerifyResponse {
+    server
+        .admin()
+        .verify(VerifyRequest {})
+        .await
+        .expect("verify")
+        .into_inner()
 }
 
 async fn read_back(server: &TestServer, digests: &[reapi::Digest]) -> Vec<Vec<u8>> {
@@ -89,12 +98,7 @@ async fn evicting_half_the_small_blobs_gives_their_disk_space_back_and_keeps_the
     for (i, d) in data.iter().enumerate() {
         assert_eq!(d, &blobs[i * 3], "blob {i}");
     }
-    let verify = server
-        .admin()
-        .verify(VerifyRequest {})
-        .await
-        .expect("verify")
-        .into_inner();
+    let verify = verified(&server).await;
     assert!(verify.corrupt.is_empty(), "{verify:?}");
     assert_eq!(verify.checked_blobs, kept.len() as u64, "{verify:?}");
     assert_eq!(verify.orphans_removed, 0, "{verify:?}");
@@ -133,12 +137,7 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
     })
     .await;
     // verify re-hashes every blob where the index says it is: all 13 read back intact.
-    let verify = server
-        .admin()
-        .verify(VerifyRequest {})
-        .await
-        .expect("verify")
-        .into_inner();
+    let verify = verified(&server).await;
     assert_eq!(verify.checked_blobs, 13, "{verify:?}");
     assert!(verify.corrupt.is_empty(), "{verify:?}");
     assert_eq!(verify.orphans_removed, 0, "{verify:?}");
@@ -157,12 +156,7 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
     let server = TestServer::start_config(config).await;
     let stats = crate::common::stats(&server).await;
     assert_eq!((stats.blobs, stats.action_results), (13, 2), "{stats:?}");
-    let verify = server
-        .admin()
-        .verify(VerifyRequest {})
-        .await
-        .expect("verify")
-        .into_inner();
+    let verify = verified(&server).await;
     assert_eq!((verify.checked_blobs, verify.corrupt.len()), (13, 0));
     server.stop().await;
 }
