@@ -3,26 +3,45 @@
 //!
 //! FindMissingBlobs asks about thousands of digests per call and is the hottest call of a warm
 //! build; answering it from sled costs a B-tree walk per digest. This index answers from memory
-//! (about 60–100 bytes per blob) and is rebuilt from sled's persistent index at start-up. sled
-//! stays the source of truth for what exists: every change to sled's index goes through the
-//! store, which updates this index in the same call.
+//! and is rebuilt at start-up (from its snapshot, or from sled's persistent index). sled stays
+//! the source of truth for what exists: every change to sled's index goes through the store,
+//! which updates this index in the same call.
 //!
 //! Last use is recorded here only, as seconds in an atomic, so a read never becomes a disk
 //! write; the store persists recently changed times in batches.
+//!
+//! The table is our own, because memory per blob is what bounds a cache of millions: a general
+//! hash map doubles as it grows, so at a given count it is anywhere from 44% to 87% full, and at
+//! a million blobs it was half empty (about 100 bytes per blob). Here each shard is one array of
+//! fixed 48-byte slots, any length (not a power of two), grown by a quarter at 90% full and
+//! shrunk when eviction leaves it a third full: 53–67 bytes per blob. Probing is Robin Hood
+//! linear probing, which keeps probe runs short at that load and lets a lookup of an absent
+//! blob stop early. Slots are placed by a keyed mix of the hash (a per-process seed), so a
+//! client cannot craft blobs that pile up in one run.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
+use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
 
-use parking_lot::{RwLock, RwLockReadGuard, RwLockWriteGuard};
+use parking_lot::RwLock;
 
 use crate::digest::{Digest, HASH_LEN};
 
-/// Shards, so concurrent writers rarely wait on one lock.
-const SHARDS: usize = 64;
+/// Shards, so concurrent writers rarely wait on one lock and a shard's growth copies little.
+const SHARDS: usize = 256;
+
+/// A shard grows when more than 9/10 of its slots are taken.
+const MAX_LOAD: (usize, usize) = (9, 10);
+
+/// The fewest slots a shard has.
+const MIN_SLOTS: usize = 8;
+
+/// `size` of a free slot (no blob is that large).
+const FREE: u64 = u64::MAX;
 
 /// What the index knows of one blob.
-struct Entry {
+struct Slot {
+    hash: [u8; HASH_LEN],
+    /// The blob's size, or [`FREE`].
     size: u64,
     /// Last use, in seconds since the Unix epoch (see [`crate::store::sled`]'s clock).
     used: AtomicU32,
@@ -30,11 +49,32 @@ struct Entry {
     persisted: AtomicU32,
 }
 
-type Shard = RwLock<HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>>;
+impl Slot {
+    fn free() -> Self {
+        Slot {
+            hash: [0; HASH_LEN],
+            size: FREE,
+            used: AtomicU32::new(0),
+            persisted: AtomicU32::new(0),
+        }
+    }
 
-/// Blob hash → size and last use, sharded by the hash's first byte.
+    fn is_free(&self) -> bool {
+        self.size == FREE
+    }
+}
+
+/// One shard: slots in Robin Hood order (every blob sits at or after its home slot, wrapping
+/// at the end, and no blob is further from its home than the blobs it passed on the way).
+struct Table {
+    slots: Box<[Slot]>,
+    len: usize,
+}
+
+/// Blob hash → size and last use.
 pub struct Index {
-    shards: Vec<Shard>,
+    shards: Box<[RwLock<Table>]>,
+    seed: u64,
 }
 
 /// A blob as eviction sees it.
@@ -44,58 +84,187 @@ pub struct Candidate {
     pub digest: Digest,
 }
 
+/// A 64-bit finalizer (MurmurHash3's): every bit of the output depends on every bit of the
+/// input, so the seed scatters placement.
+fn fmix64(mut x: u64) -> u64 {
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xff51_afd7_ed55_8ccd);
+    x ^= x >> 33;
+    x = x.wrapping_mul(0xc4ce_b9fe_1a85_ec53);
+    x ^ (x >> 33)
+}
+
+impl Table {
+    fn with_slots(n: usize) -> Self {
+        Table {
+            slots: (0..n.max(MIN_SLOTS)).map(|_| Slot::free()).collect(),
+            len: 0,
+        }
+    }
+
+    /// The home slot of a key whose mixed hash is `mixed`: the top bits scaled to the length.
+    fn home(&self, mixed: u64) -> usize {
+        ((u128::from(mixed << 8) * self.slots.len() as u128) >> 64) as usize
+    }
+
+    /// How far the blob in slot `pos` is from its home.
+    fn distance(&self, pos: usize, seed: u64) -> usize {
+        let home = self.home(mix(&self.slots[pos].hash, seed));
+        (pos + self.slots.len() - home) % self.slots.len()
+    }
+
+    fn next(&self, pos: usize) -> usize {
+        if pos + 1 == self.slots.len() {
+            0
+        } else {
+            pos + 1
+        }
+    }
+
+    /// The slot holding `hash`, if any.
+    fn find(&self, hash: &[u8; HASH_LEN], mixed: u64, seed: u64) -> Option<usize> {
+        let mut pos = self.home(mixed);
+        let mut dist = 0;
+        loop {
+            let slot = &self.slots[pos];
+            if slot.is_free() {
+                return None;
+            }
+            if slot.hash == *hash {
+                return Some(pos);
+            }
+            // A blob with this hash would have taken this slot from one nearer its home.
+            if self.distance(pos, seed) < dist {
+                return None;
+            }
+            pos = self.next(pos);
+            dist += 1;
+        }
+    }
+
+    fn get(&self, hash: &[u8; HASH_LEN], mixed: u64, seed: u64) -> Option<&Slot> {
+        self.find(hash, mixed, seed).map(|pos| &self.slots[pos])
+    }
+
+    /// Places a blob known not to be in the table (which has room for it).
+    fn place(&mut self, mut carried: Slot, seed: u64) {
+        let mut pos = self.home(mix(&carried.hash, seed));
+        let mut dist = 0;
+        loop {
+            if self.slots[pos].is_free() {
+                self.slots[pos] = carried;
+                self.len += 1;
+                return;
+            }
+            let theirs = self.distance(pos, seed);
+            if theirs < dist {
+                std::mem::swap(&mut self.slots[pos], &mut carried);
+                dist = theirs;
+            }
+            pos = self.next(pos);
+            dist += 1;
+        }
+    }
+
+    /// Empties slot `pos`, shifting the run after it back by one (no tombstones, so lookups
+    /// never slow down with churn).
+    fn take(&mut self, pos: usize, seed: u64) -> Slot {
+        let taken = std::mem::replace(&mut self.slots[pos], Slot::free());
+        let mut hole = pos;
+        loop {
+            let next = self.next(hole);
+            if self.slots[next].is_free() || self.distance(next, seed) == 0 {
+                break;
+            }
+            self.slots.swap(hole, next);
+            hole = next;
+        }
+        self.len -= 1;
+        taken
+    }
+
+    /// Rebuilds the table with `n` slots.
+    fn resize(&mut self, n: usize, seed: u64) {
+        let old = std::mem::replace(self, Table::with_slots(n));
+        for slot in old.slots.into_vec() {
+            if !slot.is_free() {
+                self.place(slot, seed);
+            }
+        }
+    }
+
+    /// Makes room for one more blob.
+    fn reserve_one(&mut self, seed: u64) {
+        let n = self.slots.len();
+        if (self.len + 1) * MAX_LOAD.1 > n * MAX_LOAD.0 {
+            self.resize(n + n / 4 + 1, seed);
+        }
+    }
+
+    /// Gives memory back once eviction has left the table a third full.
+    fn shrink_if_sparse(&mut self, seed: u64) {
+        let n = self.slots.len();
+        if n > MIN_SLOTS && self.len * 3 < n {
+            self.resize(self.len + self.len / 3 + 1, seed);
+        }
+    }
+
+    fn iter(&self) -> impl Iterator<Item = &Slot> {
+        self.slots.iter().filter(|s| !s.is_free())
+    }
+}
+
+/// The keyed mix of a blob hash that places it: bytes 8..16 (bytes of a SHA-256 are uniform;
+/// SipHash over 32 bytes would cost more than the rest of the lookup).
+fn mix(hash: &[u8; HASH_LEN], seed: u64) -> u64 {
+    let mut b = [0u8; 8];
+    b.copy_from_slice(&hash[8..16]);
+    fmix64(u64::from_le_bytes(b) ^ seed)
+}
+
 impl Index {
     pub fn new() -> Self {
         Self::with_capacity(0)
     }
 
-    /// An index sized for `blobs` from the start, so a start does not build and copy every
-    /// table several times over as it grows.
+    /// An index sized for `blobs` from the start (about 83% full then), so a start does not
+    /// rebuild every shard several times as it fills.
     pub fn with_capacity(blobs: usize) -> Self {
-        let per_shard = blobs / SHARDS + blobs / SHARDS / 16;
+        let per_shard = blobs / SHARDS + blobs / SHARDS / 5;
         Index {
             shards: (0..SHARDS)
-                .map(|_| {
-                    RwLock::new(HashMap::with_capacity_and_hasher(
-                        per_shard,
-                        Default::default(),
-                    ))
-                })
+                .map(|_| RwLock::new(Table::with_slots(per_shard)))
                 .collect(),
+            seed: std::collections::hash_map::RandomState::new()
+                .build_hasher()
+                .finish(),
         }
     }
 
-    fn shard(&self, hash: &[u8; HASH_LEN]) -> &Shard {
-        &self.shards[hash[0] as usize % SHARDS]
-    }
-
-    fn read(
-        shard: &Shard,
-    ) -> RwLockReadGuard<'_, HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>> {
-        shard.read()
-    }
-
-    fn write(
-        shard: &Shard,
-    ) -> RwLockWriteGuard<'_, HashMap<[u8; HASH_LEN], Entry, BuildHasherDefault<HashPrefix>>> {
-        shard.write()
+    /// The shard and mixed hash of a blob hash.
+    fn locate(&self, hash: &[u8; HASH_LEN]) -> (&RwLock<Table>, u64) {
+        let mixed = mix(hash, self.seed);
+        (&self.shards[(mixed >> 56) as usize % SHARDS], mixed)
     }
 
     /// Whether a blob with this hash and size is stored.
     pub fn contains(&self, digest: &Digest) -> bool {
-        Self::read(self.shard(&digest.hash))
-            .get(&digest.hash)
-            .is_some_and(|e| e.size == digest.size)
+        let (shard, mixed) = self.locate(&digest.hash);
+        shard
+            .read()
+            .get(&digest.hash, mixed, self.seed)
+            .is_some_and(|s| s.size == digest.size)
     }
 
     /// Like [`Index::contains`], and records a use at `now` if the blob is there. Only a
     /// changed second is stored, so hot blobs do not bounce a cache line between cores.
     pub fn touch(&self, digest: &Digest, now: u32) -> bool {
-        let map = Self::read(self.shard(&digest.hash));
-        match map.get(&digest.hash) {
-            Some(e) if e.size == digest.size => {
-                if e.used.load(Ordering::Relaxed) < now {
-                    e.used.store(now, Ordering::Relaxed);
+        let (shard, mixed) = self.locate(&digest.hash);
+        let table = shard.read();
+        match table.get(&digest.hash, mixed, self.seed) {
+            Some(s) if s.size == digest.size => {
+                if s.used.load(Ordering::Relaxed) < now {
+                    s.used.store(now, Ordering::Relaxed);
                 }
                 true
             }
@@ -105,30 +274,42 @@ impl Index {
 
     /// Adds a blob last used at `used` (which is on disk already); returns false if it was
     /// already there, whose last use then only moves forward (a second upload of a blob must
-    /// not undo a use recorded for a time to come by `Cas::retain`).
+    /// not undo a use recorded for a time to come by `Cas::retain`). A blob with the same hash
+    /// and another size is replaced.
     pub fn insert(&self, digest: &Digest, used: u32) -> bool {
-        let mut map = Self::write(self.shard(&digest.hash));
-        if let Some(e) = map.get(&digest.hash).filter(|e| e.size == digest.size) {
-            e.used.fetch_max(used, Ordering::Relaxed);
-            return false;
+        let (shard, mixed) = self.locate(&digest.hash);
+        let mut table = shard.write();
+        if let Some(pos) = table.find(&digest.hash, mixed, self.seed) {
+            let slot = &mut table.slots[pos];
+            if slot.size == digest.size {
+                slot.used.fetch_max(used, Ordering::Relaxed);
+                return false;
+            }
+            slot.size = digest.size;
+            slot.used = AtomicU32::new(used);
+            slot.persisted = AtomicU32::new(used);
+            return true;
         }
-        map.insert(
-            digest.hash,
-            Entry {
+        table.reserve_one(self.seed);
+        table.place(
+            Slot {
+                hash: digest.hash,
                 size: digest.size,
                 used: AtomicU32::new(used),
                 persisted: AtomicU32::new(used),
             },
+            self.seed,
         );
         true
     }
 
     /// Raises a blob's last use to `used` (as loaded from disk) if it is indexed.
     pub fn set_used(&self, hash: &[u8; HASH_LEN], used: u32) -> bool {
-        match Self::read(self.shard(hash)).get(hash) {
-            Some(e) => {
-                e.used.fetch_max(used, Ordering::Relaxed);
-                e.persisted.fetch_max(used, Ordering::Relaxed);
+        let (shard, mixed) = self.locate(hash);
+        match shard.read().get(hash, mixed, self.seed) {
+            Some(s) => {
+                s.used.fetch_max(used, Ordering::Relaxed);
+                s.persisted.fetch_max(used, Ordering::Relaxed);
                 true
             }
             None => false,
@@ -139,54 +320,60 @@ impl Index {
     /// marks that use persisted (the caller writes it). One shard's lock is held at a time.
     pub fn take_unpersisted(&self, step: u32, mut f: impl FnMut(&[u8; HASH_LEN], u32)) {
         let step = step.max(1);
-        for shard in &self.shards {
-            for (hash, e) in Self::read(shard).iter() {
-                let used = e.used.load(Ordering::Relaxed);
-                if used >= e.persisted.load(Ordering::Relaxed).saturating_add(step) {
-                    e.persisted.store(used, Ordering::Relaxed);
-                    f(hash, used);
+        for shard in self.shards.iter() {
+            for s in shard.read().iter() {
+                let used = s.used.load(Ordering::Relaxed);
+                if used >= s.persisted.load(Ordering::Relaxed).saturating_add(step) {
+                    s.persisted.store(used, Ordering::Relaxed);
+                    f(&s.hash, used);
                 }
             }
         }
     }
 
+    /// Removes the blob with this hash if `keep` does not hold for it; returns its size if it
+    /// was removed.
+    fn remove_unless(&self, digest: &Digest, keep: impl FnOnce(&Slot) -> bool) -> Option<u64> {
+        let (shard, mixed) = self.locate(&digest.hash);
+        let mut table = shard.write();
+        let pos = table.find(&digest.hash, mixed, self.seed)?;
+        let slot = &table.slots[pos];
+        if slot.size != digest.size || keep(slot) {
+            return None;
+        }
+        let size = table.take(pos, self.seed).size;
+        table.shrink_if_sparse(self.seed);
+        Some(size)
+    }
+
     /// Removes a blob; returns its size if it was there.
     pub fn remove(&self, digest: &Digest) -> Option<u64> {
-        let mut map = Self::write(self.shard(&digest.hash));
-        match map.get(&digest.hash) {
-            Some(e) if e.size == digest.size => map.remove(&digest.hash).map(|e| e.size),
-            _ => None,
-        }
+        self.remove_unless(digest, |_| false)
     }
 
     /// Removes a blob only if it was last used before `cutoff`, checked under the shard's lock
     /// so a use racing with eviction either keeps the blob or comes after its removal.
     pub fn remove_if_unused_since(&self, digest: &Digest, cutoff: u32) -> bool {
-        let mut map = Self::write(self.shard(&digest.hash));
-        match map.get(&digest.hash) {
-            Some(e) if e.size == digest.size && e.used.load(Ordering::Relaxed) < cutoff => {
-                map.remove(&digest.hash);
-                true
-            }
-            _ => false,
-        }
+        self.remove_unless(digest, |s| s.used.load(Ordering::Relaxed) >= cutoff)
+            .is_some()
     }
 
     /// Whether any blob with this hash is indexed, whatever its size.
     pub fn has_hash(&self, hash: &[u8; HASH_LEN]) -> bool {
-        Self::read(self.shard(hash)).contains_key(hash)
+        let (shard, mixed) = self.locate(hash);
+        shard.read().find(hash, mixed, self.seed).is_some()
     }
 
     /// Calls `f` with every blob, one shard at a time (a shard's lock is held while `f` runs on
     /// its blobs, so keep `f` cheap).
     pub fn for_each(&self, mut f: impl FnMut(Candidate)) {
-        for shard in &self.shards {
-            for (hash, e) in Self::read(shard).iter() {
+        for shard in self.shards.iter() {
+            for s in shard.read().iter() {
                 f(Candidate {
-                    used: e.used.load(Ordering::Relaxed),
+                    used: s.used.load(Ordering::Relaxed),
                     digest: Digest {
-                        hash: *hash,
-                        size: e.size,
+                        hash: s.hash,
+                        size: s.size,
                     },
                 });
             }
@@ -195,11 +382,19 @@ impl Index {
 
     /// Number of blobs indexed.
     pub fn len(&self) -> usize {
-        self.shards.iter().map(|s| Self::read(s).len()).sum()
+        self.shards.iter().map(|s| s.read().len).sum()
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Bytes of slots the index holds (taken or free), for memory figures.
+    pub fn slot_bytes(&self) -> usize {
+        self.shards
+            .iter()
+            .map(|s| s.read().slots.len() * std::mem::size_of::<Slot>())
+            .sum()
     }
 }
 
@@ -209,32 +404,9 @@ impl Default for Index {
     }
 }
 
-/// Keys are SHA-256 hashes, already uniformly distributed: their bytes are the hash. (SipHash
-/// over 32 bytes would cost more than the rest of the lookup.)
-#[derive(Default)]
-struct HashPrefix(u64);
-
-impl Hasher for HashPrefix {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-
-    fn write(&mut self, bytes: &[u8]) {
-        // Arrays hash their length first, then their contents; keep the content's bytes 8..16
-        // (bytes 0.. pick the shard).
-        if bytes.len() >= 16 {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&bytes[8..16]);
-            self.0 = u64::from_le_bytes(b);
-        }
-    }
-
-    fn write_usize(&mut self, _: usize) {}
-}
-
 #[cfg(test)]
 mod tests {
-    use super::{Candidate, Index};
+    use super::{Candidate, Index, MAX_LOAD, MIN_SLOTS};
     use crate::digest::Digest;
 
     #[test]
@@ -290,5 +462,92 @@ mod tests {
                 digest: new
             }]
         );
+    }
+
+    /// Every slot after the first free one respects Robin Hood order, so lookups are sound.
+    fn assert_ordered(index: &Index) {
+        for shard in index.shards.iter() {
+            let t = shard.read();
+            assert_eq!(t.iter().count(), t.len);
+            assert!(t.len * MAX_LOAD.1 <= t.slots.len() * MAX_LOAD.0 || t.slots.len() == MIN_SLOTS);
+            for pos in 0..t.slots.len() {
+                if t.slots[pos].is_free() {
+                    continue;
+                }
+                let d = t.distance(pos, index.seed);
+                // Every slot between home and here is taken (no gap in a run).
+                for back in 1..=d {
+                    let p = (pos + t.slots.len() - back) % t.slots.len();
+                    assert!(!t.slots[p].is_free(), "gap before a displaced blob");
+                }
+            }
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::prelude::ProptestConfig::with_cases(24))]
+        /// Random inserts and removals (of a small key space, so the same blobs come and go),
+        /// through growth and shrinking, agree with a plain map.
+        #[test]
+        fn agrees_with_a_map(ops in proptest::collection::vec((0u16..3000, 0u8..4, 1u64..3), 1..6000)) {
+            let index = Index::with_capacity(0);
+            let mut model = std::collections::HashMap::new();
+            for (key, op, size) in ops {
+                let d = Digest { size, ..Digest::of(&key.to_le_bytes()) };
+                match op {
+                    0 | 1 => {
+                        let fresh = model.get(&d.hash) != Some(&size);
+                        proptest::prop_assert_eq!(index.insert(&d, 7), fresh);
+                        model.insert(d.hash, size);
+                    }
+                    2 => {
+                        let had = model.get(&d.hash) == Some(&size);
+                        proptest::prop_assert_eq!(index.remove(&d), had.then_some(size));
+                        if had {
+                            model.remove(&d.hash);
+                        }
+                    }
+                    _ => {
+                        // Remove most of what is there, to make shards shrink.
+                        let keys: Vec<_> = model.iter().map(|(h, s)| (*h, *s)).collect();
+                        for (hash, size) in keys.into_iter().filter(|(h, _)| h[1] % 8 != 0) {
+                            let gone = index.remove_if_unused_since(&Digest { hash, size }, 8);
+                            proptest::prop_assert!(gone);
+                            model.remove(&hash);
+                        }
+                    }
+                }
+                proptest::prop_assert_eq!(index.contains(&d), model.get(&d.hash) == Some(&d.size));
+            }
+            assert_ordered(&index);
+            proptest::prop_assert_eq!(index.len(), model.len());
+            for (hash, size) in &model {
+                let there = index.contains(&Digest { hash: *hash, size: *size });
+                proptest::prop_assert!(there);
+            }
+            let mut seen = 0;
+            index.for_each(|c| {
+                assert_eq!(model.get(&c.digest.hash), Some(&c.digest.size));
+                seen += 1;
+            });
+            proptest::prop_assert_eq!(seen, model.len());
+        }
+    }
+
+    #[test]
+    fn a_million_blobs_fit_in_about_sixty_bytes_each() {
+        let index = Index::with_capacity(0);
+        for i in 0..1_000_000u64 {
+            // Uniform hashes without the cost of SHA-256 in a debug build.
+            let mut hash = [0u8; 32];
+            hash[..8].copy_from_slice(&super::fmix64(i).to_le_bytes());
+            hash[8..16].copy_from_slice(&super::fmix64(!i).to_le_bytes());
+            index.insert(&Digest { hash, size: 1 }, 1);
+        }
+        assert_eq!(index.len(), 1_000_000);
+        let per_blob = index.slot_bytes() / 1_000_000;
+        assert!((53..=68).contains(&per_blob), "{per_blob} bytes per blob");
+        let sized = Index::with_capacity(1_000_000);
+        assert!(sized.slot_bytes() / 1_000_000 <= 60);
     }
 }
