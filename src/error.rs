@@ -86,6 +86,28 @@ impl Error {
         }
     }
 
+    /// The same failure again, for each of the blobs of a batch that one failed step (a write,
+    /// a commit) failed together.
+    pub fn again(&self) -> Error {
+        match self {
+            Error::NotFound(m) => Error::NotFound(m.clone()),
+            Error::InvalidArgument(m) => Error::InvalidArgument(m.clone()),
+            Error::OutOfRange(m) => Error::OutOfRange(m.clone()),
+            Error::FailedPrecondition(m) => Error::FailedPrecondition(m.clone()),
+            Error::Unauthenticated(m) => Error::Unauthenticated(m.clone()),
+            Error::PermissionDenied(m) => Error::PermissionDenied(m.clone()),
+            Error::Aborted(m) => Error::Aborted(m.clone()),
+            Error::ResourceExhausted(m) => Error::ResourceExhausted(m.clone()),
+            Error::StorageFull(m) => Error::StorageFull(m.clone()),
+            Error::StorageUnwritable(m) => Error::StorageUnwritable(m.clone()),
+            Error::Unavailable(m) => Error::Unavailable(m.clone()),
+            Error::Stream(status) => Error::Stream(status.clone()),
+            Error::Internal { context, source } => {
+                Error::internal(context.clone(), source.to_string())
+            }
+        }
+    }
+
     /// The per-item status used inside batch responses.
     pub fn to_rpc_status(&self) -> rpc::Status {
         if let Error::Internal { .. } = self {

@@ -54,7 +54,7 @@ impl CasService {
         }
     }
 
-    async fn update_one(&self, r: reapi::batch_update_blobs_request::Request) -> Result<Digest> {
+    fn check_one(&self, r: &reapi::batch_update_blobs_request::Request) -> Result<Digest> {
         let digest = Digest::from_proto(r.digest.as_ref(), "digest")?;
         self.limits.check_blob_size(&digest)?;
         if r.compressor != compressor::Value::Identity as i32 {
@@ -63,7 +63,6 @@ impl CasService {
                 r.compressor
             )));
         }
-        self.store.put(&digest, r.data).await?;
         Ok(digest)
     }
 }
@@ -117,23 +116,41 @@ impl ContentAddressableStorage for CasService {
         digest::check_function(r.digest_function)?;
         let total = r.requests.iter().map(|b| b.data.len() as u64).sum();
         check_batch_size(total, &self.limits, "BatchUpdateBlobs request")?;
-        let results = futures::future::join_all(r.requests.into_iter().map(|b| {
-            let echo = b.digest.clone();
-            async move {
-                let status = match self.update_one(b).await {
-                    Ok(_) => ok_rpc_status(),
-                    Err(e) => e.to_rpc_status(),
-                };
-                batch_update_blobs_response::Response {
-                    digest: echo,
-                    status: Some(status),
+        // Each blob is checked alone; the valid ones go to the store as one batch.
+        let mut statuses: Vec<Option<Result<()>>> = Vec::with_capacity(r.requests.len());
+        let mut echoes = Vec::with_capacity(r.requests.len());
+        let mut valid = Vec::with_capacity(r.requests.len());
+        for b in r.requests {
+            match self.check_one(&b) {
+                Ok(digest) => {
+                    statuses.push(None);
+                    valid.push((digest, b.data));
                 }
+                Err(e) => statuses.push(Some(Err(e))),
             }
-        }))
-        .await;
-        Ok(Response::new(BatchUpdateBlobsResponse {
-            responses: results,
-        }))
+            echoes.push(b.digest);
+        }
+        let mut stored = self.store.put_many(valid).await.into_iter();
+        let responses = echoes
+            .into_iter()
+            .zip(statuses)
+            .map(|(digest, checked)| {
+                let result = checked.or_else(|| stored.next()).unwrap_or_else(|| {
+                    Err(Error::internal(
+                        "BatchUpdateBlobs",
+                        "the store left a blob unanswered",
+                    ))
+                });
+                batch_update_blobs_response::Response {
+                    digest,
+                    status: Some(match result {
+                        Ok(()) => ok_rpc_status(),
+                        Err(e) => e.to_rpc_status(),
+                    }),
+                }
+            })
+            .collect();
+        Ok(Response::new(BatchUpdateBlobsResponse { responses }))
     }
 
     async fn batch_read_blobs(

@@ -89,6 +89,10 @@ impl<C: Cas + ?Sized, H: Housekeeping + ?Sized> Cas for Counting<C, H> {
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
         self.cas.put(digest, data).await
     }
+
+    async fn put_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        self.cas.put_many(blobs).await
+    }
 }
 
 #[async_trait]

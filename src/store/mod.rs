@@ -97,6 +97,18 @@ pub trait Cas: Send + Sync + 'static {
         upload.append(data).await?;
         upload.commit().await
     }
+
+    /// Stores the blobs of one batch, each checked and stored as by [`Cas::put`]; one result
+    /// per blob, in order. A backend that can share work across a batch (one write, one
+    /// commit) overrides this.
+    async fn put_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        futures::future::join_all(
+            blobs
+                .into_iter()
+                .map(|(digest, data)| async move { self.put(&digest, data).await }),
+        )
+        .await
+    }
 }
 
 /// An action result as an [`ActionStore`] keeps it: opaque bytes and what the namespace policy

@@ -131,34 +131,66 @@ impl Segments {
     /// [`Segments::sync`] that starts after this returns. Hold the [`Appended`] until the
     /// record's index entry exists (or the write failed).
     pub fn append(&self, hash: &[u8; HASH_LEN], data: &[u8]) -> io::Result<Appended<'_>> {
-        let len = u32::try_from(data.len())
-            .map_err(|_| io::Error::new(io::ErrorKind::InvalidInput, "record too large"))?;
-        let mut record = Vec::with_capacity(HEADER_LEN as usize + data.len());
-        record.extend_from_slice(&MAGIC);
-        record.extend_from_slice(&len.to_le_bytes());
-        record.extend_from_slice(hash);
-        record.extend_from_slice(data);
-        let need = record.len() as u64;
-        let (id, file, offset) = {
-            let mut active = self.active.lock();
-            if active.len > 0 && active.len + need > self.roll_at {
-                let id = active.id + 1;
-                let file = Arc::new(create(&self.dir, id)?);
-                self.files.write().insert(id, file.clone());
-                *active = Active { id, file, len: 0 };
+        self.append_many(&[(hash, data)])?
+            .pop()
+            .ok_or_else(|| io::Error::other("no record appended"))
+    }
+
+    /// [`Segments::append`] for several records, in order: one `pwrite` for all those that fit
+    /// in the active segment (a batch of small blobs is one write, not one per blob).
+    pub fn append_many(
+        &self,
+        records: &[(&[u8; HASH_LEN], &[u8])],
+    ) -> io::Result<Vec<Appended<'_>>> {
+        let mut appended = Vec::with_capacity(records.len());
+        let mut rest = records;
+        while !rest.is_empty() {
+            let sizes: Vec<u64> = rest
+                .iter()
+                .map(|(_, data)| {
+                    u32::try_from(data.len())
+                        .map(|len| HEADER_LEN + u64::from(len))
+                        .map_err(|_| {
+                            io::Error::new(io::ErrorKind::InvalidInput, "record too large")
+                        })
+                })
+                .collect::<io::Result<_>>()?;
+            let (id, file, start, taken) = {
+                let mut active = self.active.lock();
+                if active.len > 0 && active.len + sizes[0] > self.roll_at {
+                    let id = active.id + 1;
+                    let file = Arc::new(create(&self.dir, id)?);
+                    self.files.write().insert(id, file.clone());
+                    *active = Active { id, file, len: 0 };
+                }
+                // As many as fit before the roll point; at least one (a fresh segment takes any).
+                let mut need = sizes[0];
+                let mut taken = 1;
+                while taken < sizes.len() && active.len + need + sizes[taken] <= self.roll_at {
+                    need += sizes[taken];
+                    taken += 1;
+                }
+                let start = active.len;
+                active.len += need;
+                *self.pending.lock().entry(active.id).or_default() += taken;
+                (active.id, active.file.clone(), start, taken)
+            };
+            let mut buf = Vec::with_capacity(sizes[..taken].iter().sum::<u64>() as usize);
+            for (hash, data) in &rest[..taken] {
+                appended.push(Appended {
+                    segments: self,
+                    place: Place::new(id, (start + buf.len() as u64) as u32),
+                });
+                buf.extend_from_slice(&MAGIC);
+                buf.extend_from_slice(&(data.len() as u32).to_le_bytes());
+                buf.extend_from_slice(*hash);
+                buf.extend_from_slice(data);
             }
-            let offset = active.len;
-            active.len += need;
-            *self.pending.lock().entry(active.id).or_default() += 1;
-            (active.id, active.file.clone(), offset)
-        };
-        let appended = Appended {
-            segments: self,
-            place: Place::new(id, offset as u32),
-        };
-        self.total.fetch_add(need, Relaxed);
-        file.write_all_at(&record, offset)?;
-        self.unsynced.lock().insert(id, file);
+            self.total.fetch_add(buf.len() as u64, Relaxed);
+            file.write_all_at(&buf, start)?;
+            self.unsynced.lock().insert(id, file);
+            rest = &rest[taken..];
+        }
         Ok(appended)
     }
 

@@ -160,3 +160,44 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
     assert_eq!((verify.checked_blobs, verify.corrupt.len()), (13, 0));
     server.stop().await;
 }
+
+#[tokio::test]
+async fn one_batch_across_several_segments_is_stored_whole_and_survives_a_restart() {
+    // 1 MiB segments and a 2.6 MB batch: its records are appended in one write per segment
+    // they land in, so the batch spans at least three segments.
+    let (_tmp, mut config) = temp_config();
+    config.storage.segment_size = ByteSize(1 << 20);
+    let data_dir = config.data_dir.clone();
+    let server = TestServer::start_config(config).await;
+    let blobs: Vec<Vec<u8>> = (0..40)
+        .map(|i| blob(60_000 + i * 97, 500 + i as u64))
+        .collect();
+    let mut refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+    // The same blob twice in one batch, and the empty blob: each answered OK, stored once.
+    refs.push(&blobs[3]);
+    refs.push(&[]);
+    batch_put(&server, "", &refs).await;
+    let digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest_of(b)).collect();
+    assert!(missing(&server, &digests).await.is_empty());
+    let segments = std::fs::read_dir(data_dir.join("segments"))
+        .unwrap()
+        .count();
+    assert!(segments >= 3, "{segments} segment files");
+    let stats = crate::common::stats(&server).await;
+    assert_eq!(stats.blobs, 40, "{stats:?}");
+    let (_tmp2, mut config) = temp_config();
+    config.data_dir = data_dir.clone();
+    server.stop().await;
+    let server = TestServer::start_config(config).await;
+    let data = read_back(&server, &digests).await;
+    for (i, d) in data.iter().enumerate() {
+        assert_eq!(d, &blobs[i], "blob {i}");
+    }
+    let verify = verified(&server).await;
+    assert_eq!(
+        (verify.checked_blobs, verify.corrupt.len()),
+        (40, 0),
+        "{verify:?}"
+    );
+    server.stop().await;
+}

@@ -365,6 +365,10 @@ impl Cas for SledStore {
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
         self.inner.put(digest, data).await
     }
+
+    async fn put_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        self.inner.put_many(blobs).await
+    }
 }
 
 #[async_trait]

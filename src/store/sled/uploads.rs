@@ -17,7 +17,7 @@ use xxhash_rust::xxh3::xxh3_64;
 use super::entry::{encode_entry, encode_file_entry, Location};
 use super::usage::Reservation;
 use super::{blocking, run_blocking, Inner};
-use crate::digest::{verify, Digest, Verifier};
+use crate::digest::{verify, Digest, Verifier, HASH_LEN};
 use crate::error::{Error, Result};
 use crate::store::chunk_sums;
 use crate::store::files::upload::{open_upload_file, QueuedWriter, UploadHashes};
@@ -27,9 +27,159 @@ use crate::store::Upload;
 /// Room under max_size a large upload reserves ahead of the bytes it has sent.
 const RESERVE_STEP: u64 = 64 << 20;
 
+/// Bytes of a batch hashed on the async worker that received it; more go to a blocking thread.
+const HASH_ON_WORKER_MAX: usize = 256 << 10;
+
 impl Inner {
     pub(super) async fn put(self: &Arc<Self>, digest: &Digest, data: Bytes) -> Result<()> {
         verify(*digest, &data)?;
+        self.put_verified(digest, data).await
+    }
+
+    /// Stores the blobs of one batch. The small ones share the work: one append of all their
+    /// records, one commit round before their entries and one after, instead of a write and
+    /// two rounds per blob (each round an fdatasync and a sled flush, with every blob's task
+    /// parked and woken twice). Large ones are stored as by [`Inner::put`], alongside.
+    pub(super) async fn put_many(self: &Arc<Self>, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        let bytes: usize = blobs.iter().map(|(_, data)| data.len()).sum();
+        let checked: Vec<Result<()>> = if bytes > HASH_ON_WORKER_MAX {
+            // Milliseconds of SHA-256: not on an async worker, which other calls share.
+            let batch = blobs.clone();
+            run_blocking(move || Ok(batch.iter().map(|(d, data)| verify(*d, data)).collect()))
+                .await
+                .unwrap_or_else(|e| blobs.iter().map(|_| Err(e.again())).collect())
+        } else {
+            blobs.iter().map(|(d, data)| verify(*d, data)).collect()
+        };
+        let mut results: Vec<Option<Result<()>>> = blobs.iter().map(|_| None).collect();
+        let (mut small, mut large) = (Vec::new(), Vec::new());
+        let now = self.clock.now();
+        for (i, ((digest, _), check)) in blobs.iter().zip(checked).enumerate() {
+            if let Err(e) = check {
+                results[i] = Some(Err(e));
+            } else if digest.is_empty_blob() || self.index.touch(digest, now) {
+                results[i] = Some(Ok(()));
+            } else if digest.size <= self.inline_threshold {
+                small.push(i);
+            } else {
+                large.push(i);
+            }
+        }
+        let large_done = futures::future::join_all(
+            large
+                .iter()
+                .map(|&i| self.put_verified(&blobs[i].0, blobs[i].1.clone())),
+        );
+        let (small_done, large_done) =
+            tokio::join!(self.put_small_batch(&blobs, &small), large_done);
+        for (i, result) in small.into_iter().zip(small_done) {
+            results[i] = Some(result);
+        }
+        for (i, result) in large.into_iter().zip(large_done) {
+            results[i] = Some(result);
+        }
+        results
+            .into_iter()
+            .map(|r| r.unwrap_or_else(|| Err(Error::internal("a batch", "blob left unanswered"))))
+            .collect()
+    }
+
+    /// The small blobs `which` of `blobs` (verified, not stored yet), stored together; one
+    /// result per blob of `which`, in order.
+    async fn put_small_batch(&self, blobs: &[(Digest, Bytes)], which: &[usize]) -> Vec<Result<()>> {
+        let mut out: Vec<Option<Result<()>>> = which.iter().map(|_| None).collect();
+        let mut admitted = Vec::with_capacity(which.len());
+        for (k, &i) in which.iter().enumerate() {
+            match self.admit(self.charge(blobs[i].0.size)) {
+                Ok(()) => admitted.push(k),
+                Err(e) => out[k] = Some(Err(e)),
+            }
+        }
+        let records: Vec<(&[u8; HASH_LEN], &[u8])> = admitted
+            .iter()
+            .map(|&k| (&blobs[which[k]].0.hash, &blobs[which[k]].1[..]))
+            .collect();
+        let appended = self.segments.append_many(&records).map_err(Error::from);
+        // As in `try_put_small`: records durable before any entry names them.
+        let ready = match appended {
+            Ok(appended) => self.commit.durable().await.map(|()| appended),
+            Err(e) => Err(e),
+        };
+        match ready {
+            Err(e) => {
+                for &k in &admitted {
+                    out[k] = Some(Err(e.again()));
+                }
+            }
+            Ok(appended) => {
+                let now = self.clock.now();
+                let mut entered = Vec::with_capacity(admitted.len());
+                for (&k, record) in admitted.iter().zip(&appended) {
+                    let digest = &blobs[which[k]].0;
+                    let entry = encode_entry(
+                        Location::Segment {
+                            place: record.place,
+                        },
+                        digest.size,
+                        now,
+                    );
+                    let swapped = {
+                        let _stripe = self.stripe(digest);
+                        self.cas.compare_and_swap(
+                            digest.hash,
+                            None as Option<&[u8]>,
+                            Some(entry.clone()),
+                        )
+                    };
+                    match swapped {
+                        // Not ours: a concurrent writer stored it first (see `try_put_small`).
+                        Ok(swapped) => entered.push((k, entry, swapped.is_ok())),
+                        Err(e) => out[k] = Some(Err(e.into())),
+                    }
+                }
+                let durable = self.commit.durable().await;
+                for (k, entry, ours) in entered {
+                    let digest = &blobs[which[k]].0;
+                    out[k] = Some(match &durable {
+                        Err(e) => {
+                            if ours {
+                                let _stripe = self.stripe(digest);
+                                let _ = self.cas.compare_and_swap(
+                                    digest.hash,
+                                    Some(entry),
+                                    None as Option<&[u8]>,
+                                );
+                            }
+                            Err(e.again())
+                        }
+                        Ok(()) => {
+                            let stored = if ours {
+                                Ok(())
+                            } else {
+                                self.still_stored(digest)
+                            };
+                            if stored.is_ok() {
+                                self.added(digest);
+                            }
+                            stored
+                        }
+                    });
+                }
+                drop(appended);
+            }
+        }
+        out.into_iter()
+            .map(|r| {
+                let r =
+                    r.unwrap_or_else(|| Err(Error::internal("a batch", "blob left unanswered")));
+                self.note_write(&r);
+                r
+            })
+            .collect()
+    }
+
+    /// [`Inner::put`] of a blob whose bytes are checked already.
+    async fn put_verified(self: &Arc<Self>, digest: &Digest, data: Bytes) -> Result<()> {
         if digest.is_empty_blob() || self.index.touch(digest, self.clock.now()) {
             return Ok(());
         }
