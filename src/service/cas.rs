@@ -90,14 +90,15 @@ impl ContentAddressableStorage for CasService {
         );
         // The store answers in request order, so the client's own digest messages can be
         // handed back for the missing ones instead of formatting new ones.
+        let mut missing_blob_digests = Vec::with_capacity(missing.len());
         let mut missing = missing.into_iter().peekable();
-        let missing_blob_digests = r
-            .blob_digests
-            .into_iter()
-            .zip(digests)
-            .filter(|(_, d)| missing.next_if_eq(d).is_some())
-            .map(|(proto, _)| proto)
-            .collect();
+        missing_blob_digests.extend(
+            r.blob_digests
+                .into_iter()
+                .zip(digests)
+                .filter(|(_, d)| missing.next_if_eq(d).is_some())
+                .map(|(proto, _)| proto),
+        );
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests,
         }))

@@ -29,11 +29,16 @@ impl Inner {
     /// `Cas::retain`).
     pub(super) fn find_missing_used_at(&self, digests: &[Digest], at: u32) -> Vec<Digest> {
         let now = at.max(self.clock.now());
-        digests
-            .iter()
-            .filter(|d| !d.is_empty_blob() && !self.index.touch(d, now))
-            .copied()
-            .collect()
+        let found = self.index.touch_all(digests, now);
+        let mut missing = Vec::with_capacity(digests.len());
+        missing.extend(
+            digests
+                .iter()
+                .zip(found)
+                .filter(|(d, found)| !found && !d.is_empty_blob())
+                .map(|(d, _)| *d),
+        );
+        missing
     }
 
     pub(super) async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
