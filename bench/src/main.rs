@@ -154,6 +154,11 @@ pub enum WorkloadArgs {
         /// Size of each blob.
         #[arg(long, default_value = "10KiB")]
         blob_size: ByteSize,
+        /// Upload nothing: each call reads blobs drawn at random from the first N small blobs
+        /// a `fill` run with the same --seed stored (their sizes are the fill's, not
+        /// --blob-size), so reads land all over a large store instead of on one hot set.
+        #[arg(long)]
+        from_fill: Option<u64>,
     },
     /// FindMissingBlobs of present and absent digests; the answer must be the absent ones.
     FindMissing {
@@ -237,9 +242,18 @@ impl WorkloadArgs {
                 format!("size={size} chunk-size={chunk_size}")
             }
             WorkloadArgs::BatchUpdate { blobs, blob_size }
-            | WorkloadArgs::BatchRead { blobs, blob_size } => {
+            | WorkloadArgs::BatchRead {
+                blobs,
+                blob_size,
+                from_fill: None,
+            } => {
                 format!("blobs={blobs} blob-size={blob_size}")
             }
+            WorkloadArgs::BatchRead {
+                blobs,
+                from_fill: Some(n),
+                ..
+            } => format!("blobs={blobs} from-fill={n}"),
             WorkloadArgs::Fill {
                 blobs,
                 large_every,
@@ -325,8 +339,12 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
             let wl = BatchUpdate::setup(&env, blobs, blob_size.0)?;
             runner.timed(wl, setup_start).await
         }
-        WorkloadArgs::BatchRead { blobs, blob_size } => {
-            let wl = BatchRead::setup(&env, &mut w, blobs, blob_size.0).await?;
+        WorkloadArgs::BatchRead {
+            blobs,
+            blob_size,
+            from_fill,
+        } => {
+            let wl = BatchRead::setup(&env, &mut w, blobs, blob_size.0, from_fill).await?;
             runner.timed(wl, setup_start).await
         }
         WorkloadArgs::Fill {

@@ -61,9 +61,20 @@ impl Workload for BatchUpdate {
 }
 
 /// Stores `blobs` blobs in set-up; each step reads them all in one BatchReadBlobs and compares
-/// every byte.
+/// every byte. With `from_fill`, stores nothing: each step reads `blobs` blobs drawn at random
+/// from a fill's.
 pub struct BatchRead {
-    expected: Vec<(Digest, Bytes)>,
+    source: ReadSource,
+}
+
+enum ReadSource {
+    Stored(Vec<(Digest, Bytes)>),
+    Fill {
+        fill: FillBlobs,
+        blobs: usize,
+        stored: u64,
+        salt: u64,
+    },
 }
 
 impl BatchRead {
@@ -72,7 +83,23 @@ impl BatchRead {
         w: &mut Worker,
         blobs: usize,
         blob_size: u64,
+        from_fill: Option<u64>,
     ) -> Result<Self, String> {
+        if let Some(stored) = from_fill {
+            if stored == 0 {
+                return Err("--from-fill must be at least 1".into());
+            }
+            // The fill's sizes stay below 16 KiB each.
+            check_batch(env, blobs, 16 << 10)?;
+            return Ok(BatchRead {
+                source: ReadSource::Fill {
+                    fill: FillBlobs::new(env.seed, 0),
+                    blobs,
+                    stored,
+                    salt: mix(env.seed ^ 0x0BA7_C4ED),
+                },
+            });
+        }
         check_batch(env, blobs, blob_size)?;
         let family = Family::new(env.seed, blob_size);
         let expected: Vec<(Digest, Bytes)> = (0..blobs as u64)
@@ -80,14 +107,32 @@ impl BatchRead {
             .collect();
         w.upload_all(env, expected.clone()).await;
         w.check("uploading the blobs to read")?;
-        Ok(BatchRead { expected })
+        Ok(BatchRead {
+            source: ReadSource::Stored(expected),
+        })
     }
 }
 
 impl Workload for BatchRead {
-    async fn step(&self, w: &mut Worker, _i: u64) {
-        let fut = batch_read_verified(w.conn.cas.clone(), w.instance.clone(), &self.expected);
-        w.op("BatchReadBlobs", fut).await;
+    async fn step(&self, w: &mut Worker, i: u64) {
+        match &self.source {
+            ReadSource::Stored(expected) => {
+                let fut = batch_read_verified(w.conn.cas.clone(), w.instance.clone(), expected);
+                w.op("BatchReadBlobs", fut).await;
+            }
+            ReadSource::Fill {
+                fill,
+                blobs,
+                stored,
+                salt,
+            } => {
+                let expected: Vec<(Digest, Bytes)> = (0..*blobs as u64)
+                    .map(|j| fill.small(mix(salt ^ mix(i * *blobs as u64 + j + 1)) % stored))
+                    .collect();
+                let fut = batch_read_verified(w.conn.cas.clone(), w.instance.clone(), &expected);
+                w.op("BatchReadBlobs", fut).await;
+            }
+        }
     }
 }
 
