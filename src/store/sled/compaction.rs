@@ -48,7 +48,10 @@ impl Inner {
     /// may have left unindexed records in). Blocking; stops early when the store shuts down.
     pub(super) fn compact(&self, force: &[u32]) -> Result<Compacted> {
         let _pass = self.upkeep.pass.lock();
-        let done = self.compact_locked(force)?;
+        let mut removed = Vec::new();
+        let done = self.compact_locked(force, &mut removed);
+        self.forget_places_in(&removed);
+        let done = done?;
         let left = self
             .segments
             .total_bytes()
@@ -57,7 +60,7 @@ impl Inner {
         Ok(done)
     }
 
-    fn compact_locked(&self, force: &[u32]) -> Result<Compacted> {
+    fn compact_locked(&self, force: &[u32], removed: &mut Vec<u32>) -> Result<Compacted> {
         // Sealed first, busy second: a sealed segment gets no new appends, so one without a
         // writer between append and entry after it was sealed never gets one again.
         let sealed = self.segments.sealed();
@@ -89,6 +92,7 @@ impl Inner {
             let alive = live.get(&id).copied().unwrap_or(0);
             if alive == 0 {
                 self.segments.remove(id)?;
+                removed.push(id);
                 done.segments_removed += 1;
                 done.bytes_freed += len;
             } else if alive * 100 < len * LIVE_PERCENT || force.contains(&id) {
@@ -139,6 +143,7 @@ impl Inner {
             }
             done.records_moved += self.move_small(moved)?;
             self.segments.remove(id)?;
+            removed.push(id);
             done.segments_removed += 1;
             done.bytes_freed += len;
         }
@@ -162,13 +167,20 @@ impl Inner {
         self.commit.durable_blocking()?;
         let mut moved = 0;
         let mut olds = Vec::new();
-        for ((digest, old, _), (_held, new)) in blobs.iter().zip(&appended) {
+        for ((digest, old, _), (held, new)) in blobs.iter().zip(&appended) {
             let swapped = match new {
                 Some(new) => {
                     let _stripe = self.stripe(digest);
-                    self.cas
+                    let swapped = self
+                        .cas
                         .compare_and_swap(digest.hash, Some(old), Some(new.clone()))?
-                        .is_ok()
+                        .is_ok();
+                    // Reads go to the new place from now on (the old one still serves a
+                    // read that took it before, until its segment is deleted).
+                    if swapped {
+                        self.index.set_place(digest, Some(held.place.0));
+                    }
+                    swapped
                 }
                 None => false,
             };

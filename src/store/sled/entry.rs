@@ -31,6 +31,16 @@ pub(super) enum Location {
     File { xxh3: u64 },
 }
 
+impl Location {
+    /// The segment place, which the in-memory index keeps so reads skip sled.
+    pub(super) fn place(&self) -> Option<u64> {
+        match self {
+            Location::Segment { place } => Some(place.0),
+            _ => None,
+        }
+    }
+}
+
 /// An index entry; `written_at` (store seconds) is the blob's first use, so a new blob needs no
 /// separate last-use write.
 pub(super) fn encode_entry(location: Location, size: u64, written_at: u32) -> Vec<u8> {
@@ -128,12 +138,12 @@ pub(super) fn load_index(
         let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
             continue;
         };
-        if let Some((_, size)) = decode_entry(&value) {
+        if let Some((location, size)) = decode_entry(&value) {
             let written_at = match entry_written_at(&value) {
                 0 => now,
                 t => t,
             };
-            index.insert(&Digest { hash, size }, written_at);
+            index.insert_at(&Digest { hash, size }, written_at, location.place());
             usage.blob_added(size, charge(size, inline_threshold));
         }
     }
@@ -183,9 +193,13 @@ impl Inner {
         }
     }
 
-    /// Counts a blob that just became visible (and is used now).
-    pub(super) fn added(&self, digest: &Digest) {
-        if self.index.insert(digest, self.clock.now()) {
+    /// Counts a blob that just became visible (and is used now), with the segment place its
+    /// entry names if it is a small blob this call stored.
+    pub(super) fn added(&self, digest: &Digest, place: Option<Place>) {
+        if self
+            .index
+            .insert_at(digest, self.clock.now(), place.map(|p| p.0))
+        {
             self.usage.blob_added(digest.size, self.charge(digest.size));
         }
     }
@@ -228,6 +242,37 @@ impl Inner {
     /// The in-memory index listed a blob that sled does not have (e.g. removed during a
     /// shutdown after the index snapshot was taken): drop it, so FindMissingBlobs stops
     /// promising it.
+    /// After segments `ids` were deleted: blobs the in-memory index still places in them are
+    /// blobs sled has no entry for there (compaction moves every blob sled names), so reads
+    /// could no longer find them. Each is looked up in sled: forgotten if sled lacks it (it
+    /// was never stored, as far as the source of truth knows), else given sled's place.
+    pub(super) fn forget_places_in(&self, ids: &[u32]) {
+        if ids.is_empty() {
+            return;
+        }
+        let ids: std::collections::HashSet<u32> = ids.iter().copied().collect();
+        let mut placed = Vec::new();
+        self.index.for_each(|c| {
+            if c.place.is_some_and(|p| ids.contains(&Place(p).segment())) {
+                placed.push(c.digest);
+            }
+        });
+        for digest in placed {
+            let _stripe = self.stripe(&digest);
+            match self.lookup(&digest) {
+                Ok(None) => {
+                    if self.index.remove(&digest).is_some() {
+                        tracing::warn!(%digest, "index listed a blob that is not stored; forgetting it");
+                        self.usage
+                            .blob_removed(digest.size, self.charge(digest.size));
+                    }
+                }
+                Ok(Some(location)) => self.index.set_place(&digest, location.place()),
+                Err(_) => self.index.set_place(&digest, None),
+            }
+        }
+    }
+
     pub(super) fn forget_if_unbacked(&self, digest: &Digest, indexed: bool) {
         if !indexed {
             return;

@@ -6,8 +6,10 @@
 //! when read, so it can never describe a store that changed after it was written. Any doubt
 //! (missing, short, wrong checksum) falls back to reading sled.
 //!
-//! Layout: `HOARDIX1`, count (u64 LE), then per blob hash (32 bytes), size (u64 LE), last use
-//! (u32 LE), then the XXH3-64 of everything before (u64 LE).
+//! Layout: `HOARDIX2`, count (u64 LE), then per blob hash (32 bytes), size (u64 LE), last use
+//! (u32 LE), segment place (u64 LE, all ones for none), then the XXH3-64 of everything before
+//! (u64 LE). A `HOARDIX1` snapshot (no places, before the index kept them) is not read: the
+//! start after such an upgrade walks sled once instead, which finds the places.
 
 use std::io::{BufWriter, Read, Write};
 use std::path::{Path, PathBuf};
@@ -17,8 +19,8 @@ use xxhash_rust::xxh3::Xxh3;
 use crate::digest::{Digest, HASH_LEN};
 use crate::store::index::Index;
 
-const MAGIC: &[u8; 8] = b"HOARDIX1";
-const ENTRY: usize = HASH_LEN + 8 + 4;
+const MAGIC: &[u8; 8] = b"HOARDIX2";
+const ENTRY: usize = HASH_LEN + 8 + 4 + 8;
 const NAME: &str = "index.snapshot";
 
 fn path(data_dir: &Path) -> PathBuf {
@@ -43,6 +45,7 @@ pub(super) fn write(data_dir: &Path, index: &Index) -> std::io::Result<()> {
         put(&mut out, &c.digest.hash)?;
         put(&mut out, &c.digest.size.to_le_bytes())?;
         put(&mut out, &c.used.to_le_bytes())?;
+        put(&mut out, &c.place.unwrap_or(u64::MAX).to_le_bytes())?;
     }
     out.write_all(&sum.digest().to_le_bytes())?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
@@ -82,8 +85,13 @@ pub(super) fn read(data_dir: &Path, mut added: impl FnMut(u64)) -> Option<Index>
     for e in bytes[16..body_end].chunks_exact(ENTRY) {
         let hash: [u8; HASH_LEN] = e[..HASH_LEN].try_into().ok()?;
         let size = u64::from_le_bytes(e[HASH_LEN..HASH_LEN + 8].try_into().ok()?);
-        let used = u32::from_le_bytes(e[HASH_LEN + 8..].try_into().ok()?);
-        index.insert(&Digest { hash, size }, used);
+        let used = u32::from_le_bytes(e[HASH_LEN + 8..HASH_LEN + 12].try_into().ok()?);
+        let place = u64::from_le_bytes(e[HASH_LEN + 12..].try_into().ok()?);
+        index.insert_at(
+            &Digest { hash, size },
+            used,
+            (place != u64::MAX).then_some(place),
+        );
         added(size);
     }
     Some(index)
@@ -100,7 +108,8 @@ mod tests {
         let tmp = tempfile::tempdir().unwrap();
         let index = Index::new();
         for i in 0..1000u32 {
-            index.insert(&Digest::of(&i.to_le_bytes()), 1_000 + i);
+            let place = (i % 2 == 0).then_some(u64::from(i) << 32 | 40);
+            index.insert_at(&Digest::of(&i.to_le_bytes()), 1_000 + i, place);
         }
         write(tmp.path(), &index).unwrap();
         let mut total = 0;

@@ -133,12 +133,12 @@ impl Inner {
                     };
                     match swapped {
                         // Not ours: a concurrent writer stored it first (see `try_put_small`).
-                        Ok(swapped) => entered.push((k, entry, swapped.is_ok())),
+                        Ok(swapped) => entered.push((k, entry, record.place, swapped.is_ok())),
                         Err(e) => out[k] = Some(Err(e.into())),
                     }
                 }
                 let durable = self.commit.durable().await;
-                for (k, entry, ours) in entered {
+                for (k, entry, place, ours) in entered {
                     let digest = &blobs[which[k]].0;
                     out[k] = Some(match &durable {
                         Err(e) => {
@@ -159,7 +159,7 @@ impl Inner {
                                 self.still_stored(digest)
                             };
                             if stored.is_ok() {
-                                self.added(digest);
+                                self.added(digest, ours.then_some(place));
                             }
                             stored
                         }
@@ -247,7 +247,7 @@ impl Inner {
         if !ours {
             self.still_stored(digest)?;
         }
-        self.added(digest);
+        self.added(digest, ours.then_some(place));
         Ok(())
     }
 
@@ -296,7 +296,7 @@ impl Inner {
             if !ours {
                 inner.still_stored(&digest)?;
             }
-            inner.added(&digest);
+            inner.added(&digest, None);
             Ok(())
         })
         .await;

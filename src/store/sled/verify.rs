@@ -116,15 +116,22 @@ impl Inner {
         // the unused active segments of earlier runs, not lost data.
         // Entry removals durable first (see compaction), then the segments they emptied.
         self.commit.durable_blocking()?;
+        let mut removed = Vec::new();
         for (id, len) in sealed {
             if !live_segments.contains(&id) {
-                self.segments.remove(id)?;
+                let gone = self.segments.remove(id);
+                removed.push(id);
+                if let Err(e) = gone {
+                    self.forget_places_in(&removed);
+                    return Err(e.into());
+                }
                 if len > 0 {
                     pieces += 1;
                     bytes += len;
                 }
             }
         }
+        self.forget_places_in(&removed);
         // Last-use entries of blobs that are gone.
         for entry in self.atime.iter() {
             let (key, _) = entry?;
