@@ -244,7 +244,7 @@ pub struct StorageConfig {
     /// Blobs up to this size are appended to segment files; larger ones are files of their
     /// own. Default 64 KiB.
     pub inline_threshold: ByteSize,
-    /// Memory sled may use for its page cache. Default 16 MiB: sled holds index entries, last
+    /// Memory sled may use for its page cache. Default 32 MiB: sled holds index entries, last
     /// uses and action results only (small blobs are in segment files, and their reads find
     /// them through the in-memory index), and its use runs well above this figure.
     pub sled_cache_capacity: ByteSize,
@@ -438,7 +438,7 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: Backend::Sled,
             inline_threshold: ByteSize(64 << 10),
-            sled_cache_capacity: ByteSize(16 << 20),
+            sled_cache_capacity: ByteSize(32 << 20),
             segment_size: ByteSize(crate::store::segments::DEFAULT_SEGMENT_SIZE),
             abandoned_upload_age: HumanDuration(Duration::from_secs(24 * 3600)),
             max_size: ByteSize(0),
