@@ -184,6 +184,10 @@ pub enum WorkloadArgs {
         /// Size of each output file.
         #[arg(long, default_value = "1KiB")]
         output_size: ByteSize,
+        /// Store N results in set-up; each step is then one GetActionResult of one of them,
+        /// drawn at random (a hit, compared with what was stored): the cost of a lookup alone.
+        #[arg(long)]
+        hits: Option<u64>,
     },
     /// A Bazel-like mix of cache hits (GetActionResult + Reads) and misses (GetActionResult,
     /// FindMissingBlobs, BatchUpdateBlobs, Write, UpdateActionResult).
@@ -276,7 +280,14 @@ impl WorkloadArgs {
             WorkloadArgs::Ac {
                 outputs,
                 output_size,
-            } => format!("outputs={outputs} output-size={output_size}"),
+                hits,
+            } => {
+                let mut p = format!("outputs={outputs} output-size={output_size}");
+                if let Some(n) = hits {
+                    p.push_str(&format!(" hits={n}"));
+                }
+                p
+            }
             WorkloadArgs::Mix {
                 hit_ratio,
                 pool,
@@ -375,8 +386,9 @@ async fn run(args: &BenchArgs, options: RunOptions) -> Result<report::Report, St
         WorkloadArgs::Ac {
             outputs,
             output_size,
+            hits,
         } => {
-            let wl = ActionCache::setup(&env, &mut w, outputs, output_size.0).await?;
+            let wl = ActionCache::setup(&env, &mut w, outputs, output_size.0, hits).await?;
             runner.timed(wl, setup_start).await
         }
         WorkloadArgs::Mix {
@@ -504,6 +516,14 @@ mod tests {
             cli.bench.workload,
             WorkloadArgs::FindMissing {
                 from_fill: Some(1_000_000),
+                ..
+            }
+        ));
+        let cli = Cli::try_parse_from(["bench", "ac", "--hits", "500"]).unwrap();
+        assert!(matches!(
+            cli.bench.workload,
+            WorkloadArgs::Ac {
+                hits: Some(500),
                 ..
             }
         ));

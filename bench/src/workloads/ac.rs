@@ -1,8 +1,9 @@
 //! `ac`: UpdateActionResult then GetActionResult of the same new action, comparing what comes
-//! back with what was written.
+//! back with what was written; with `--hits N`, GetActionResult alone of N results stored in
+//! set-up.
 
 use super::{status, Env, Worker, Workload};
-use crate::data::{mix, Family};
+use crate::data::{mix, Family, Rng};
 use hoard::proto::reapi::{
     ActionResult, Digest, ExecutedActionMetadata, GetActionResultRequest, OutputFile,
     UpdateActionResultRequest,
@@ -15,6 +16,9 @@ pub struct ActionCache {
     actions: Family,
     /// Output files every result lists; stored in set-up so the server can serve the results.
     outputs: Vec<Digest>,
+    /// `--hits N`: results `0..N` are stored in set-up and each step reads one of them.
+    hits: Option<u64>,
+    seed: u64,
 }
 
 impl ActionCache {
@@ -23,18 +27,32 @@ impl ActionCache {
         w: &mut Worker,
         outputs: usize,
         output_size: u64,
+        hits: Option<u64>,
     ) -> Result<Self, String> {
         super::cas::check_size(output_size)?;
+        if hits == Some(0) {
+            return Err("--hits must be at least 1".into());
+        }
         let family = Family::new(mix(env.seed ^ 0x0A7), output_size);
         let blobs: Vec<_> = (0..outputs as u64)
             .map(|m| (family.digest(m), family.bytes(m)))
             .collect();
-        let outputs = blobs.iter().map(|(d, _)| d.clone()).collect();
+        let outputs: Vec<Digest> = blobs.iter().map(|(d, _)| d.clone()).collect();
         w.upload_all(env, blobs).await;
         w.check("uploading the output files")?;
+        let actions = Family::new(env.seed, ACTION_SIZE);
+        if let Some(n) = hits {
+            for i in 0..n {
+                let result = action_result(i, &outputs);
+                update(w, &actions.digest(i), &result).await;
+            }
+            w.check("storing the results to read")?;
+        }
         Ok(ActionCache {
-            actions: Family::new(env.seed, ACTION_SIZE),
+            actions,
             outputs,
+            hits,
+            seed: env.seed,
         })
     }
 }
@@ -119,6 +137,12 @@ pub async fn get(
 
 impl Workload for ActionCache {
     async fn step(&self, w: &mut Worker, i: u64) {
+        if let Some(n) = self.hits {
+            let k = Rng::new(self.seed ^ mix(i + 1)).below(n);
+            let result = action_result(k, &self.outputs);
+            get(w, "GetActionResult", &self.actions.digest(k), Some(&result)).await;
+            return;
+        }
         let action = self.actions.digest(i);
         let result = action_result(i, &self.outputs);
         if update(w, &action, &result).await.is_some() {
