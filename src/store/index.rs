@@ -1,5 +1,5 @@
-//! An in-memory index of the blobs the store holds: size and last use, for existence checks and
-//! eviction.
+//! An in-memory index of the blobs the store holds: size, last use and (for a small blob) its
+//! segment place, for existence checks, eviction and reads that skip sled.
 //!
 //! FindMissingBlobs asks about thousands of digests per call and is the hottest call of a warm
 //! build; answering it from sled costs a B-tree walk per digest. This index answers from memory
@@ -14,11 +14,12 @@
 //! hash map doubles as it grows, so at a given count it is anywhere from 44% to 87% full, and at
 //! a million blobs it was half empty (about 100 bytes per blob). Here each shard is one array of
 //! fixed 56-byte slots, any length (not a power of two), grown by a quarter at 90% full and
-//! shrunk when eviction leaves it a third full: 62–78 bytes per blob. A slot also keeps where the
-//! store put the blob (a segment record), so reading a small blob needs no lookup on disk. Probing is Robin Hood
-//! linear probing, which keeps probe runs short at that load and lets a lookup of an absent
-//! blob stop early. Slots are placed by a keyed mix of the hash (a per-process seed), so a
-//! client cannot craft blobs that pile up in one run.
+//! shrunk when eviction leaves it a third full: 62–78 bytes per blob (briefly more, up to ~170,
+//! just before a shrink). A slot also keeps where the store put the blob (a segment record),
+//! so reading a small blob needs no lookup on disk. Probing is Robin Hood linear probing, which
+//! keeps probe runs short at that load and lets a lookup of an absent blob stop early. Slots are
+//! placed by a keyed mix of the hash (a per-process seed), so a client cannot craft blobs that
+//! pile up in one run.
 
 use std::hash::{BuildHasher, Hasher};
 use std::sync::atomic::{AtomicU32, Ordering};
@@ -79,7 +80,7 @@ struct Table {
     len: usize,
 }
 
-/// Blob hash → size and last use.
+/// Blob hash → size, last use and place.
 pub struct Index {
     shards: Box<[RwLock<Table>]>,
     seed: u64,
@@ -316,36 +317,62 @@ impl Index {
     /// [`Index::touch`] of many digests (FindMissingBlobs): whether each is stored, in order.
     ///
     /// In a table of tens of MiB each lookup is a cache miss, and one lookup at a time waits
-    /// for each in turn. Here every shard is read-locked once for the call (in shard order,
-    /// so a writer waits for at most one call), and each group of digests first reads the
-    /// slot where each one's probe starts, with no branch on what is read, so the CPU has all
-    /// their misses in flight at once; the probes that follow find those lines in cache.
+    /// for each in turn. Here the digests are taken a window of shards at a time (each window's
+    /// shards read-locked together, in shard order, so a writer waits for an eighth of a call
+    /// at most), and each group of digests first reads the slot where each one's probe starts,
+    /// with no branch on what is read, so the CPU has all their misses in flight at once; the
+    /// probes that follow find those lines in cache.
     pub fn touch_all(&self, digests: &[Digest], now: u32) -> Vec<bool> {
         const GROUP: usize = 32;
+        const WINDOW: usize = SHARDS / 8;
         if digests.len() < SHARDS / 4 {
             return digests.iter().map(|d| self.touch(d, now)).collect();
         }
-        let tables: Vec<RwLockReadGuard<'_, Table>> =
-            self.shards.iter().map(|s| s.read()).collect();
-        let mut found = Vec::with_capacity(digests.len());
-        for group in digests.chunks(GROUP) {
-            // Where each probe starts, computed apart from the reads, so the loop of reads is
-            // short and the CPU's window holds all of them.
-            let mut at = [(0, 0, 0); GROUP];
-            for (a, d) in at.iter_mut().zip(group) {
-                let mixed = mix(&d.hash, self.seed);
-                let shard = shard_of(mixed);
-                *a = (shard, mixed, tables[shard].home(mixed));
+        // Each digest's mixed hash, and the digests ordered by window (a counting sort).
+        let mixed: Vec<u64> = digests.iter().map(|d| mix(&d.hash, self.seed)).collect();
+        let window_of = |m: u64| shard_of(m) / WINDOW;
+        let mut starts = [0usize; SHARDS / WINDOW + 1];
+        for &m in &mixed {
+            starts[window_of(m) + 1] += 1;
+        }
+        for w in 1..starts.len() {
+            starts[w] += starts[w - 1];
+        }
+        let mut order = vec![0usize; digests.len()];
+        let mut next = starts;
+        for (i, &m) in mixed.iter().enumerate() {
+            let w = window_of(m);
+            order[next[w]] = i;
+            next[w] += 1;
+        }
+        let mut found = vec![false; digests.len()];
+        for w in 0..SHARDS / WINDOW {
+            let members = &order[starts[w]..starts[w + 1]];
+            if members.is_empty() {
+                continue;
             }
-            let mut warm = 0u64;
-            for &(shard, _, home) in &at[..group.len()] {
-                // Both ends of the slot: a slot may straddle two cache lines.
-                let slot = &tables[shard].slots[home];
-                warm ^= u64::from(slot.hash[0]) ^ slot.size;
-            }
-            std::hint::black_box(warm);
-            for (d, &(shard, mixed, _)) in group.iter().zip(&at) {
-                found.push(touch_in(&tables[shard], d, mixed, now, self.seed));
+            let first = w * WINDOW;
+            let tables: Vec<RwLockReadGuard<'_, Table>> = self.shards[first..first + WINDOW]
+                .iter()
+                .map(|s| s.read())
+                .collect();
+            for group in members.chunks(GROUP) {
+                // Where each probe starts, computed apart from the reads, so the loop of reads
+                // is short and the CPU's window holds all of them.
+                let mut at = [(0, 0); GROUP];
+                for (a, &i) in at.iter_mut().zip(group) {
+                    let table = shard_of(mixed[i]) - first;
+                    *a = (table, tables[table].home(mixed[i]));
+                }
+                let mut warm = 0u64;
+                for &(table, home) in &at[..group.len()] {
+                    let slot = &tables[table].slots[home];
+                    warm ^= u64::from(slot.hash[0]) ^ slot.size;
+                }
+                std::hint::black_box(warm);
+                for (&i, &(table, _)) in group.iter().zip(&at) {
+                    found[i] = touch_in(&tables[table], &digests[i], mixed[i], now, self.seed);
+                }
             }
         }
         found
@@ -360,7 +387,8 @@ impl Index {
     }
 
     /// [`Index::insert`] with the blob's place, kept for reads (a blob already indexed keeps
-    /// the place it has).
+    /// the place it has, or takes this one if it had none). A place must be one sled's entry
+    /// named in this process: reads trust it without asking sled.
     pub fn insert_at(&self, digest: &Digest, used: u32, place: Option<u64>) -> bool {
         let place = place.unwrap_or(NO_PLACE);
         let (shard, mixed) = self.locate(&digest.hash);
@@ -369,6 +397,9 @@ impl Index {
             let slot = &mut table.slots[pos];
             if slot.size == digest.size {
                 slot.used.fetch_max(used, Ordering::Relaxed);
+                if slot.place == NO_PLACE {
+                    slot.place = place;
+                }
                 return false;
             }
             slot.size = digest.size;

@@ -91,8 +91,10 @@ impl Inner {
         for (id, len) in ids {
             let alive = live.get(&id).copied().unwrap_or(0);
             if alive == 0 {
-                self.segments.remove(id)?;
+                // Counted before the result: a failed removal may already have taken the
+                // segment out of reads.
                 removed.push(id);
+                self.segments.remove(id)?;
                 done.segments_removed += 1;
                 done.bytes_freed += len;
             } else if alive * 100 < len * LIVE_PERCENT || force.contains(&id) {
@@ -142,8 +144,8 @@ impl Inner {
                 }
             }
             done.records_moved += self.move_small(moved)?;
-            self.segments.remove(id)?;
             removed.push(id);
+            self.segments.remove(id)?;
             done.segments_removed += 1;
             done.bytes_freed += len;
         }

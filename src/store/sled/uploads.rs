@@ -95,77 +95,80 @@ impl Inner {
                 Err(e) => out[k] = Some(Err(e)),
             }
         }
-        let records: Vec<(&[u8; HASH_LEN], &[u8])> = admitted
-            .iter()
-            .map(|&k| (&blobs[which[k]].0.hash, &blobs[which[k]].1[..]))
-            .collect();
-        let appended = self.segments.append_many(&records).map_err(Error::from);
-        // As in `try_put_small`: records durable before any entry names them.
-        let ready = match appended {
-            Ok(appended) => self.commit.durable().await.map(|()| appended),
-            Err(e) => Err(e),
-        };
-        match ready {
-            Err(e) => {
-                for &k in &admitted {
-                    out[k] = Some(Err(e.again()));
-                }
-            }
-            Ok(appended) => {
-                let now = self.clock.now();
-                let mut entered = Vec::with_capacity(admitted.len());
-                for (&k, record) in admitted.iter().zip(&appended) {
-                    let digest = &blobs[which[k]].0;
-                    let entry = encode_entry(
-                        Location::Segment {
-                            place: record.place,
-                        },
-                        digest.size,
-                        now,
-                    );
-                    let swapped = {
-                        let _stripe = self.stripe(digest);
-                        self.cas.compare_and_swap(
-                            digest.hash,
-                            None as Option<&[u8]>,
-                            Some(entry.clone()),
-                        )
-                    };
-                    match swapped {
-                        // Not ours: a concurrent writer stored it first (see `try_put_small`).
-                        Ok(swapped) => entered.push((k, entry, record.place, swapped.is_ok())),
-                        Err(e) => out[k] = Some(Err(e.into())),
+        // Nothing to write (all refused): no commit round to wait for.
+        if !admitted.is_empty() {
+            let records: Vec<(&[u8; HASH_LEN], &[u8])> = admitted
+                .iter()
+                .map(|&k| (&blobs[which[k]].0.hash, &blobs[which[k]].1[..]))
+                .collect();
+            let appended = self.segments.append_many(&records).map_err(Error::from);
+            // As in `try_put_small`: records durable before any entry names them.
+            let ready = match appended {
+                Ok(appended) => self.commit.durable().await.map(|()| appended),
+                Err(e) => Err(e),
+            };
+            match ready {
+                Err(e) => {
+                    for &k in &admitted {
+                        out[k] = Some(Err(e.again()));
                     }
                 }
-                let durable = self.commit.durable().await;
-                for (k, entry, place, ours) in entered {
-                    let digest = &blobs[which[k]].0;
-                    out[k] = Some(match &durable {
-                        Err(e) => {
-                            if ours {
-                                let _stripe = self.stripe(digest);
-                                let _ = self.cas.compare_and_swap(
-                                    digest.hash,
-                                    Some(entry),
-                                    None as Option<&[u8]>,
-                                );
-                            }
-                            Err(e.again())
+                Ok(appended) => {
+                    let now = self.clock.now();
+                    let mut entered = Vec::with_capacity(admitted.len());
+                    for (&k, record) in admitted.iter().zip(&appended) {
+                        let digest = &blobs[which[k]].0;
+                        let entry = encode_entry(
+                            Location::Segment {
+                                place: record.place,
+                            },
+                            digest.size,
+                            now,
+                        );
+                        let swapped = {
+                            let _stripe = self.stripe(digest);
+                            self.cas.compare_and_swap(
+                                digest.hash,
+                                None as Option<&[u8]>,
+                                Some(entry.clone()),
+                            )
+                        };
+                        match swapped {
+                            // Not ours: a concurrent writer stored it first (see `try_put_small`).
+                            Ok(swapped) => entered.push((k, entry, record.place, swapped.is_ok())),
+                            Err(e) => out[k] = Some(Err(e.into())),
                         }
-                        Ok(()) => {
-                            let stored = if ours {
-                                Ok(())
-                            } else {
-                                self.still_stored(digest)
-                            };
-                            if stored.is_ok() {
-                                self.added(digest, ours.then_some(place));
+                    }
+                    let durable = self.commit.durable().await;
+                    for (k, entry, place, ours) in entered {
+                        let digest = &blobs[which[k]].0;
+                        out[k] = Some(match &durable {
+                            Err(e) => {
+                                if ours {
+                                    let _stripe = self.stripe(digest);
+                                    let _ = self.cas.compare_and_swap(
+                                        digest.hash,
+                                        Some(entry),
+                                        None as Option<&[u8]>,
+                                    );
+                                }
+                                Err(e.again())
                             }
-                            stored
-                        }
-                    });
+                            Ok(()) => {
+                                let stored = if ours {
+                                    Ok(())
+                                } else {
+                                    self.still_stored(digest)
+                                };
+                                if stored.is_ok() {
+                                    self.added(digest, ours.then_some(place));
+                                }
+                                stored
+                            }
+                        });
+                    }
+                    drop(appended);
                 }
-                drop(appended);
             }
         }
         out.into_iter()
