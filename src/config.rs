@@ -237,10 +237,13 @@ impl Default for WatchConfig {
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct StorageConfig {
-    /// Where blobs and action results live: `"sled"` (the default: durable, in `data_dir`) or
+    /// Where blobs and action results live: `"sled"` (the default: durable, in `data_dir`),
     /// `"memory"` (everything in RAM, bounded by `max_size` and gone at exit: for ephemeral CI
-    /// runners and tests).
+    /// runners and tests) or `"s3"` (an S3-compatible bucket, `[storage.s3]`, that any number
+    /// of hoard nodes may share).
     pub backend: Backend,
+    /// The bucket of `backend = "s3"`.
+    pub s3: S3Config,
     /// Blobs up to this size are appended to segment files; larger ones are files of their
     /// own. Default 64 KiB.
     pub inline_threshold: ByteSize,
@@ -277,6 +280,103 @@ pub enum Backend {
     #[default]
     Sled,
     Memory,
+    S3,
+}
+
+/// `[storage.s3]`: the bucket of the object-store backend. Credentials come from
+/// `credentials_file` if set, otherwise from the standard AWS chain (`AWS_ACCESS_KEY_ID` and
+/// `AWS_SECRET_ACCESS_KEY`, web identity, ECS or EC2 instance metadata).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct S3Config {
+    /// The bucket (required with `backend = "s3"`; it must exist).
+    pub bucket: String,
+    /// Keys are under this prefix, so several caches (or other data) can share a bucket.
+    /// Default none.
+    pub prefix: String,
+    /// The S3 API endpoint for a self-hosted S3-compatible server (MinIO, Ceph, Garage...),
+    /// e.g. `"https://s3.internal:9000"`. Default: AWS, from `region`.
+    pub endpoint: Option<String>,
+    /// Default `"us-east-1"` (or `AWS_REGION` / `AWS_DEFAULT_REGION` when set).
+    pub region: Option<String>,
+    /// Address the bucket as `endpoint/bucket/key` instead of `bucket.endpoint/key`; most
+    /// self-hosted servers need it. Default true when `endpoint` is set, false for AWS.
+    pub path_style: Option<bool>,
+    /// Allow an `http://` endpoint (no TLS). Default false.
+    pub allow_http: bool,
+    /// An AWS shared-credentials file (`[default]` with `aws_access_key_id`,
+    /// `aws_secret_access_key`, optionally `aws_session_token`). Default: the standard chain.
+    pub credentials_file: Option<PathBuf>,
+    /// The profile of `credentials_file` to read. Default `"default"`.
+    pub profile: String,
+    /// How long one request to the bucket may take before it is retried (or the call fails
+    /// with DEADLINE_EXCEEDED / UNAVAILABLE). Default 30s.
+    pub request_timeout: HumanDuration,
+    /// Retries of a failed request (5xx, timeouts, connection errors), with exponential
+    /// backoff from 100 ms, all within `retry_timeout`. Default 3.
+    pub max_retries: usize,
+    /// Longest time spent retrying one request. Default 10s.
+    pub retry_timeout: HumanDuration,
+    /// Blobs this node has seen in the bucket are remembered (positive answers only, never
+    /// "missing"), so FindMissingBlobs asks the bucket only about the rest. At most this many
+    /// are remembered. Default 1000000 (~100 MiB); 0 turns the cache off.
+    pub existence_cache_entries: usize,
+    /// ...each for at most this long: a blob deleted from the bucket behind hoard's back (a
+    /// lifecycle rule, by hand) is still claimed by a node that saw it within this period.
+    /// Default 10m.
+    pub existence_cache_age: HumanDuration,
+}
+
+impl Default for S3Config {
+    fn default() -> Self {
+        S3Config {
+            bucket: String::new(),
+            prefix: String::new(),
+            endpoint: None,
+            region: None,
+            path_style: None,
+            allow_http: false,
+            credentials_file: None,
+            profile: "default".into(),
+            request_timeout: HumanDuration(Duration::from_secs(30)),
+            max_retries: 3,
+            retry_timeout: HumanDuration(Duration::from_secs(10)),
+            existence_cache_entries: 1_000_000,
+            existence_cache_age: HumanDuration(Duration::from_secs(600)),
+        }
+    }
+}
+
+impl S3Config {
+    fn check(&self) -> Result<(), String> {
+        if self.bucket.is_empty() {
+            return Err("storage.backend = \"s3\" needs storage.s3.bucket".into());
+        }
+        if self.prefix.starts_with('/') || self.prefix.contains("//") {
+            return Err(format!(
+                "storage.s3.prefix ({:?}) must not start with '/' or contain '//'",
+                self.prefix
+            ));
+        }
+        if let Some(endpoint) = &self.endpoint {
+            let plain = endpoint.starts_with("http://");
+            if !plain && !endpoint.starts_with("https://") {
+                return Err(format!(
+                    "storage.s3.endpoint ({endpoint}) must start with https:// or http://"
+                ));
+            }
+            if plain && !self.allow_http {
+                return Err(format!(
+                    "storage.s3.endpoint ({endpoint}) is plain http: set storage.s3.allow_http = \
+                     true to send credentials and data without TLS"
+                ));
+            }
+        }
+        if self.request_timeout.0 < Duration::from_secs(1) {
+            return Err("storage.s3.request_timeout must be at least 1s".into());
+        }
+        Ok(())
+    }
 }
 
 /// Policy per instance name (namespace). The first rule whose pattern matches wins; names no
@@ -437,6 +537,7 @@ impl Default for StorageConfig {
     fn default() -> Self {
         StorageConfig {
             backend: Backend::Sled,
+            s3: S3Config::default(),
             inline_threshold: ByteSize(64 << 10),
             sled_cache_capacity: ByteSize(32 << 20),
             segment_size: ByteSize(crate::store::segments::DEFAULT_SEGMENT_SIZE),
@@ -542,6 +643,9 @@ impl Config {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
         }
         self.asset.fetch.check()?;
+        if self.storage.backend == Backend::S3 {
+            self.storage.s3.check()?;
+        }
         if self.asset.max_hold.0 < Duration::from_secs(60) {
             return Err("asset.max_hold must be at least 1m".into());
         }
@@ -743,6 +847,31 @@ mod tests {
         assert!("3 parsecs".parse::<ByteSize>().is_err());
         assert!("".parse::<ByteSize>().is_err());
         assert!("99999999999TiB".parse::<ByteSize>().is_err());
+    }
+
+    #[test]
+    fn the_s3_backend_needs_a_bucket_and_says_so_of_plain_http() {
+        let e = Config::parse("[storage]\nbackend = \"s3\"\n").unwrap_err();
+        assert!(e.contains("needs storage.s3.bucket"), "{e}");
+        let e = Config::parse(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nendpoint = \"http://minio:9000\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("allow_http"), "{e}");
+        let c = Config::parse(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\nprefix = \"team/cache\"\n\
+             endpoint = \"http://minio:9000\"\nallow_http = true\nexistence_cache_age = \"1m\"\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, Backend::S3);
+        assert_eq!(c.storage.s3.prefix, "team/cache");
+        assert_eq!(c.storage.s3.existence_cache_age.0, Duration::from_secs(60));
+        assert!(
+            Config::parse("[storage.s3]\nbukket = \"b\"\n").is_err(),
+            "unknown keys"
+        );
+        // The bucket is only asked for when it is the backend.
+        assert!(Config::parse("[storage]\nbackend = \"sled\"\n").is_ok());
     }
 
     #[test]

@@ -467,10 +467,10 @@ async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration
 }
 
 /// Where downloads from origin are spooled (as unnamed files): beside the data for a durable
-/// store, the system's temporary directory for the memory backend.
+/// store, the system's temporary directory for the memory and s3 backends.
 fn spool_dir(config: &Config) -> std::path::PathBuf {
     match config.storage.backend {
         crate::config::Backend::Sled => config.data_dir.clone(),
-        crate::config::Backend::Memory => std::env::temp_dir(),
+        crate::config::Backend::Memory | crate::config::Backend::S3 => std::env::temp_dir(),
     }
 }

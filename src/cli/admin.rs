@@ -233,6 +233,13 @@ async fn on_data_dir(config: &Config, operation: Operation) -> Result<Report, St
             operation.name()
         ));
     }
+    if config.storage.backend == crate::config::Backend::S3 {
+        return Err(format!(
+            "the config says storage.backend = \"s3\": the data is in the bucket, not the data \
+             dir; ask a running server instead: hoard {} --server URL",
+            operation.name()
+        ));
+    }
     // SledStore::open creates what is missing: a mistyped path must not become a new, empty cache.
     if !dir.join("sled").is_dir() {
         return Err(format!(

@@ -8,11 +8,13 @@
 //!   `crate::namespace`.
 //! - [`Housekeeping`]: stats, gc, verify, upkeep, flush: never on a request path.
 //!
-//! Backends: `sled` (the default, durable) and `memory` (ephemeral). Decorators wrap a [`Cas`]
+//! Backends: `sled` (the default, durable), `memory` (ephemeral) and `bucket` (an
+//! S3-compatible object store that several nodes share). Decorators wrap a [`Cas`]
 //! and live one per file (`counting.rs`). [`open`] builds the tree from the config, so the server
 //! never names a backend. A store verifies every CAS write (hash and size, exactly once) before
 //! the blob becomes visible, and always holds the empty blob.
 
+pub mod bucket;
 pub mod chunk_sums;
 pub mod clock;
 pub mod counting;
@@ -250,6 +252,14 @@ pub fn open(config: &Config) -> Result<Opened> {
         }
         Backend::Memory => {
             let store = memory::MemoryStore::from_config(config)?;
+            Ok(Opened {
+                stores: Stores::of(Arc::new(store)),
+                events: Arc::new(EventLog::temporary(&config.watch)?),
+            })
+        }
+        Backend::S3 => {
+            let store = bucket::BucketStore::from_config(config)?;
+            // Not yet in the bucket: each node has its own event log, gone at exit.
             Ok(Opened {
                 stores: Stores::of(Arc::new(store)),
                 events: Arc::new(EventLog::temporary(&config.watch)?),

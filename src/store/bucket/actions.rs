@@ -1,0 +1,408 @@
+//! Action results and namespace records as objects: `ac/ns.<namespace>/<hash>-<size>` holds a
+//! record (last use u32 BE, epoch u64 BE, the result's bytes), `namespaces/ns.<namespace>` a
+//! namespace record as JSON. The namespace is one path segment (object_store percent-encodes
+//! its `/`), so one namespace's results are one listing prefix and never a child namespace's.
+//!
+//! Conditional updates use the object's ETag: a renewal (`replace`) is a PUT with `If-Match`,
+//! so it never overwrites a newer result written through another node. A namespace record is
+//! merged with what the bucket holds (the higher epoch and last use win) and written with
+//! `If-Match` / `If-None-Match`, retried on a conflict, so no node lowers an epoch another
+//! node raised.
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::{StreamExt, TryStreamExt};
+use object_store::path::Path;
+use object_store::{ObjectStore, ObjectStoreExt, PutMode, PutOptions, UpdateVersion};
+
+use super::{blob_name, bucket_error, parse_blob_name, BucketStore, Inner, PARALLEL};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::store::{ActionRecord, ActionStore, DeadRecord, NamespaceInfo};
+
+/// Bytes before the result in a record object.
+const HEADER: usize = 12;
+/// Tries of a conditional namespace write that keeps losing to other nodes.
+const CONFLICT_TRIES: usize = 8;
+
+fn encode(record: &ActionRecord) -> Bytes {
+    let mut v = Vec::with_capacity(HEADER + record.result.len());
+    v.extend_from_slice(&record.last_used.to_be_bytes());
+    v.extend_from_slice(&record.epoch.to_be_bytes());
+    v.extend_from_slice(&record.result);
+    Bytes::from(v)
+}
+
+fn decode(value: &Bytes) -> Option<ActionRecord> {
+    Some(ActionRecord {
+        last_used: u32::from_be_bytes(value.get(0..4)?.try_into().ok()?),
+        epoch: u64::from_be_bytes(value.get(4..HEADER)?.try_into().ok()?),
+        result: value.slice(HEADER..),
+    })
+}
+
+/// The path segment of a namespace (the empty instance name is a namespace too).
+fn segment(namespace: &str) -> String {
+    format!("ns.{namespace}")
+}
+
+fn namespace_of(segment: &str) -> Option<&str> {
+    segment.strip_prefix("ns.")
+}
+
+impl Inner {
+    fn results_of(&self, namespace: &str) -> Path {
+        self.root.clone().join("ac").join(segment(namespace))
+    }
+
+    fn result_path(&self, namespace: &str, action: &Digest) -> Path {
+        self.results_of(namespace).join(blob_name(action))
+    }
+
+    fn namespace_path(&self, namespace: &str) -> Path {
+        self.root
+            .clone()
+            .join("namespaces")
+            .join(segment(namespace))
+    }
+
+    /// The record under `path` and its ETag; `None` if there is none (or it is unreadable,
+    /// which is a miss too: the next update replaces it).
+    async fn record_at(&self, path: &Path) -> Result<Option<(ActionRecord, Option<String>)>> {
+        let got = match self.bucket.get(path).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(bucket_error("reading an action result", e)),
+        };
+        let etag = got.meta.e_tag.clone();
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| bucket_error("reading an action result", e))?;
+        Ok(decode(&bytes).map(|r| (r, etag)))
+    }
+
+    /// Deletes one result; false if there was none.
+    async fn remove_result(&self, path: &Path) -> Result<bool> {
+        match self.bucket.head(path).await {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Ok(false),
+            Err(e) => return Err(bucket_error("removing action results", e)),
+        }
+        self.bucket
+            .delete(path)
+            .await
+            .map_err(|e| bucket_error("removing action results", e))?;
+        Ok(true)
+    }
+
+    /// Deletes the objects under `prefix`; how many there were.
+    async fn delete_all(&self, prefix: &Path) -> Result<u64> {
+        let listed: Vec<_> = self
+            .bucket
+            .list(Some(prefix))
+            .map_ok(|meta| meta.location)
+            .try_collect()
+            .await
+            .map_err(|e| bucket_error("listing action results", e))?;
+        let count = listed.len() as u64;
+        let paths = futures::stream::iter(listed.into_iter().map(Ok)).boxed();
+        self.bucket
+            .delete_stream(paths)
+            .try_collect::<Vec<_>>()
+            .await
+            .map_err(|e| bucket_error("deleting action results", e))?;
+        Ok(count)
+    }
+}
+
+/// `a`'s fields raised to `b`'s where `b` is further along: the later epoch (with its reason)
+/// and the later last use.
+fn merged(mut a: NamespaceInfo, b: &NamespaceInfo) -> NamespaceInfo {
+    if b.epoch > a.epoch {
+        a.epoch = b.epoch;
+        a.invalidated_at = b.invalidated_at;
+        a.reason = b.reason.clone();
+    }
+    a.last_used = a.last_used.max(b.last_used);
+    a
+}
+
+#[async_trait]
+impl ActionStore for BucketStore {
+    async fn get(&self, namespace: &str, action: &Digest) -> Result<Option<ActionRecord>> {
+        let path = self.inner.result_path(namespace, action);
+        Ok(self.inner.record_at(&path).await?.map(|(r, _)| r))
+    }
+
+    async fn put(&self, namespace: &str, action: &Digest, record: ActionRecord) -> Result<()> {
+        let path = self.inner.result_path(namespace, action);
+        self.inner
+            .bucket
+            .put(&path, encode(&record).into())
+            .await
+            .map_err(|e| bucket_error(format!("storing the result of action {action}"), e))?;
+        Ok(())
+    }
+
+    async fn replace(
+        &self,
+        namespace: &str,
+        action: &Digest,
+        seen: &ActionRecord,
+        new: Option<ActionRecord>,
+    ) -> Result<bool> {
+        let path = self.inner.result_path(namespace, action);
+        let Some((now, etag)) = self.inner.record_at(&path).await? else {
+            return Ok(false);
+        };
+        if now != *seen {
+            return Ok(false);
+        }
+        match new {
+            Some(new) => {
+                let mode = match etag {
+                    Some(e_tag) => PutMode::Update(UpdateVersion {
+                        e_tag: Some(e_tag),
+                        version: None,
+                    }),
+                    None => return Ok(false),
+                };
+                let options = PutOptions {
+                    mode,
+                    ..Default::default()
+                };
+                match self
+                    .inner
+                    .bucket
+                    .put_opts(&path, encode(&new).into(), options)
+                    .await
+                {
+                    Ok(_) => Ok(true),
+                    Err(object_store::Error::Precondition { .. })
+                    | Err(object_store::Error::NotFound { .. }) => Ok(false),
+                    Err(e) => Err(bucket_error("renewing an action result", e)),
+                }
+            }
+            // S3 has no conditional delete everywhere: a result written between the read and
+            // this delete is lost, which costs one cache miss, never a wrong hit.
+            None => match self.inner.bucket.delete(&path).await {
+                Ok(()) => Ok(true),
+                Err(object_store::Error::NotFound { .. }) => Ok(false),
+                Err(e) => Err(bucket_error("dropping an action result", e)),
+            },
+        }
+    }
+
+    async fn remove(&self, namespace: &str, actions: &[Digest]) -> Result<u64> {
+        let removals: Vec<_> = actions
+            .iter()
+            .map(|a| {
+                let (inner, path) = (self.inner.clone(), self.inner.result_path(namespace, a));
+                async move { inner.remove_result(&path).await }
+            })
+            .collect();
+        let removed: Vec<bool> = futures::stream::iter(removals)
+            .buffered(PARALLEL)
+            .try_collect()
+            .await?;
+        Ok(removed.into_iter().filter(|r| *r).count() as u64)
+    }
+
+    async fn remove_namespace(&self, namespace: &str) -> Result<u64> {
+        let removed = self
+            .inner
+            .delete_all(&self.inner.results_of(namespace))
+            .await?;
+        match self
+            .inner
+            .bucket
+            .delete(&self.inner.namespace_path(namespace))
+            .await
+        {
+            Ok(()) | Err(object_store::Error::NotFound { .. }) => Ok(removed),
+            Err(e) => Err(bucket_error("removing a namespace record", e)),
+        }
+    }
+
+    /// Reads every record (a listing, then a GET each): fine for a sweep every few minutes of
+    /// a cache's results, and what keeps `ac_ttl` and invalidation reclaiming space.
+    async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
+        let inner = &self.inner;
+        let listed: Vec<_> = inner
+            .bucket
+            .list(Some(&inner.root.clone().join("ac")))
+            .try_collect()
+            .await
+            .map_err(|e| bucket_error("sweep: listing action results", e))?;
+        let mut removed = 0;
+        for chunk in listed.chunks(PARALLEL) {
+            let records: Vec<_> = futures::future::try_join_all(chunk.iter().map(|meta| async {
+                let record = inner.record_at(&meta.location).await?;
+                Ok::<_, Error>((meta.location.clone(), record))
+            }))
+            .await?;
+            for (path, record) in records {
+                let parts: Vec<_> = path.parts().collect();
+                let namespace = parts
+                    .len()
+                    .checked_sub(2)
+                    .and_then(|i| namespace_of(parts[i].as_ref()).map(str::to_string));
+                let name_ok = path.filename().and_then(parse_blob_name).is_some();
+                let is_dead = match (&namespace, &record) {
+                    (Some(ns), Some((r, _))) if name_ok => dead(ns, r),
+                    // Not a record of ours (or unreadable): nothing can ever read it.
+                    _ => true,
+                };
+                if is_dead {
+                    match inner.bucket.delete(&path).await {
+                        Ok(()) => removed += 1,
+                        Err(object_store::Error::NotFound { .. }) => {}
+                        Err(e) => return Err(bucket_error("sweep: deleting a result", e)),
+                    }
+                }
+            }
+        }
+        Ok(removed)
+    }
+
+    async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>> {
+        let inner = &self.inner;
+        let listed: Vec<_> = inner
+            .bucket
+            .list(Some(&inner.root.clone().join("namespaces")))
+            .try_collect()
+            .await
+            .map_err(|e| bucket_error("listing namespace records", e))?;
+        let mut records = Vec::with_capacity(listed.len());
+        for meta in listed {
+            let got = match inner.bucket.get(&meta.location).await {
+                Ok(got) => got,
+                Err(object_store::Error::NotFound { .. }) => continue,
+                Err(e) => return Err(bucket_error("reading a namespace record", e)),
+            };
+            let bytes = got
+                .bytes()
+                .await
+                .map_err(|e| bucket_error("reading a namespace record", e))?;
+            match serde_json::from_slice::<NamespaceInfo>(&bytes) {
+                Ok(info) => records.push(info),
+                Err(e) => {
+                    tracing::warn!(path = %meta.location, error = %e, "skipping an unreadable namespace record")
+                }
+            }
+        }
+        Ok(records)
+    }
+
+    /// Every write is durable in the bucket when it returns, so `durable` changes nothing.
+    async fn save_namespaces(&self, records: &[NamespaceInfo], _durable: bool) -> Result<()> {
+        for record in records {
+            self.save_namespace(record).await?;
+        }
+        Ok(())
+    }
+
+    fn clock(&self) -> u64 {
+        self.inner.clock.now() as u64
+    }
+}
+
+impl BucketStore {
+    /// Writes one namespace record merged with the bucket's (see the module doc).
+    async fn save_namespace(&self, record: &NamespaceInfo) -> Result<()> {
+        let path = self.inner.namespace_path(&record.name);
+        for _ in 0..CONFLICT_TRIES {
+            let (value, mode) = match self.inner.bucket.get(&path).await {
+                Ok(got) => {
+                    let etag = got.meta.e_tag.clone();
+                    let bytes = got
+                        .bytes()
+                        .await
+                        .map_err(|e| bucket_error("reading a namespace record", e))?;
+                    let theirs = serde_json::from_slice::<NamespaceInfo>(&bytes).ok();
+                    let value = match &theirs {
+                        Some(theirs) => merged(record.clone(), theirs),
+                        None => record.clone(),
+                    };
+                    if theirs.as_ref() == Some(&value) {
+                        return Ok(());
+                    }
+                    let mode = match etag {
+                        Some(e_tag) => PutMode::Update(UpdateVersion {
+                            e_tag: Some(e_tag),
+                            version: None,
+                        }),
+                        None => PutMode::Overwrite,
+                    };
+                    (value, mode)
+                }
+                Err(object_store::Error::NotFound { .. }) => (record.clone(), PutMode::Create),
+                Err(e) => return Err(bucket_error("reading a namespace record", e)),
+            };
+            let json = serde_json::to_vec(&value)
+                .map_err(|e| Error::internal("encoding a namespace record", e))?;
+            let options = PutOptions {
+                mode,
+                ..Default::default()
+            };
+            match self
+                .inner
+                .bucket
+                .put_opts(&path, Bytes::from(json).into(), options)
+                .await
+            {
+                Ok(_) => return Ok(()),
+                // Another node wrote it meanwhile: merge with that and try again.
+                Err(object_store::Error::Precondition { .. })
+                | Err(object_store::Error::AlreadyExists { .. }) => continue,
+                Err(e) => return Err(bucket_error("saving a namespace record", e)),
+            }
+        }
+        Err(Error::Aborted(format!(
+            "saving namespace {:?}: other nodes kept writing it; try again",
+            record.name
+        )))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{decode, encode, merged};
+    use crate::store::{ActionRecord, NamespaceInfo};
+    use bytes::Bytes;
+
+    #[test]
+    fn records_round_trip() {
+        let r = ActionRecord {
+            last_used: 7,
+            epoch: 3,
+            result: Bytes::from_static(b"result"),
+        };
+        assert_eq!(decode(&encode(&r)), Some(r));
+        assert_eq!(decode(&Bytes::from_static(b"short")), None);
+    }
+
+    #[test]
+    fn a_merge_keeps_the_later_epoch_and_last_use() {
+        let ours = NamespaceInfo {
+            name: "ci".into(),
+            epoch: 2,
+            last_used: 100,
+            invalidated_at: Some(50),
+            reason: Some("ours".into()),
+        };
+        let theirs = NamespaceInfo {
+            epoch: 3,
+            last_used: 90,
+            invalidated_at: Some(60),
+            reason: Some("theirs".into()),
+            ..ours.clone()
+        };
+        let m = merged(ours.clone(), &theirs);
+        assert_eq!((m.epoch, m.last_used), (3, 100));
+        assert_eq!(m.reason.as_deref(), Some("theirs"));
+        let m = merged(theirs, &ours);
+        assert_eq!((m.epoch, m.last_used), (3, 100));
+    }
+}

@@ -1,0 +1,753 @@
+//! The object-store backend (`storage.backend = "s3"`): blobs, action results and namespace
+//! records as objects in an S3-compatible bucket, which any number of hoard nodes may share.
+//!
+//! The bucket is the source of truth; a node keeps no state of its own that another node needs,
+//! so a load balancer may send any call to any node. Layout, under `storage.s3.prefix`:
+//! - `cas/<first two hex digits>/<hash>-<size>`: a blob's bytes. The shard keeps one listing
+//!   page to one prefix, and the name alone says what the bytes must hash to.
+//! - `ac/ns.<namespace>/<hash>-<size>`: an action record (`actions.rs`).
+//! - `namespaces/ns.<namespace>`: a namespace record, JSON (`actions.rs`).
+//!
+//! Promises, as for the other backends: a blob becomes visible only whole and verified (a
+//! streamed upload goes to a multipart upload that is completed only once the bytes hash to
+//! the digest, `upload.rs`; nothing is visible before that), and a whole read is checked
+//! against the digest before its last chunk is sent. A ranged read is checked for length
+//! only. There is no eviction: what the bucket keeps is its lifecycle rules' business
+//! (README, "Scaling out").
+//!
+//! FindMissingBlobs asks the bucket (HEAD) only about digests this node has not seen there
+//! within `storage.s3.existence_cache_age`. Only positive answers are remembered: a blob
+//! uploaded through another node is found on the next call.
+
+mod actions;
+mod upload;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Bytes, BytesMut};
+use futures::{StreamExt, TryStreamExt};
+use object_store::aws::AmazonS3Builder;
+use object_store::path::Path;
+use object_store::{
+    BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+};
+use parking_lot::Mutex;
+use sha2::{Digest as _, Sha256};
+
+use super::clock::Clock;
+use super::{BlobStream, Cas, GcReport, Housekeeping, StoreStats, Upload, VerifyReport};
+use crate::config::{Config, S3Config};
+use crate::digest::{verify, Digest};
+use crate::error::{Error, Result};
+
+/// Requests to the bucket one FindMissingBlobs (or verify) call has in flight at once.
+const PARALLEL: usize = 32;
+/// How often the background task lists the bucket for `stats` (never on a request path).
+const COUNT_EVERY: Duration = Duration::from_secs(600);
+
+/// A bucket-backed store; cheap to clone (clones share everything).
+#[derive(Clone)]
+pub struct BucketStore {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    bucket: Arc<dyn ObjectStore>,
+    /// `storage.s3.prefix` as a path (empty for none).
+    root: Path,
+    /// For messages: `s3://bucket/prefix`.
+    name: String,
+    seen: Existence,
+    clock: Clock,
+    /// What the last listing counted, for `stats`.
+    counted: Mutex<Counted>,
+}
+
+#[derive(Clone, Copy, Default)]
+struct Counted {
+    blobs: u64,
+    blob_bytes: u64,
+    action_results: u64,
+    action_result_bytes: u64,
+}
+
+impl BucketStore {
+    pub fn from_config(config: &Config) -> Result<Self> {
+        let s3 = &config.storage.s3;
+        let bucket = build_s3(s3)?;
+        Ok(Self::with_bucket(Arc::new(bucket), s3))
+    }
+
+    /// A store over any object store (the S3 client of `from_config`, or another in tests).
+    pub fn with_bucket(bucket: Arc<dyn ObjectStore>, s3: &S3Config) -> Self {
+        let root = Path::from(s3.prefix.as_str());
+        let name = match s3.prefix.as_str() {
+            "" => format!("s3://{}", s3.bucket),
+            prefix => format!("s3://{}/{prefix}", s3.bucket),
+        };
+        BucketStore {
+            inner: Arc::new(Inner {
+                bucket,
+                root,
+                name,
+                seen: Existence::new(s3.existence_cache_entries, s3.existence_cache_age.0),
+                clock: Clock::default(),
+                counted: Mutex::new(Counted::default()),
+            }),
+        }
+    }
+}
+
+/// The S3 client `[storage.s3]` describes: credentials from `credentials_file` or the standard
+/// chain, bounded retries with backoff, a timeout per request.
+fn build_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3> {
+    // reqwest's rustls has no crypto provider of its own in this build: ring, as everywhere.
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    // Client options first: `with_allow_http` writes into them, a later
+    // `with_client_options` would reset it.
+    let mut builder = AmazonS3Builder::from_env()
+        .with_client_options(
+            ClientOptions::new()
+                .with_timeout(s3.request_timeout.0)
+                .with_connect_timeout(Duration::from_secs(5)),
+        )
+        .with_bucket_name(&s3.bucket)
+        .with_allow_http(s3.allow_http)
+        .with_retry(RetryConfig {
+            backoff: BackoffConfig {
+                init_backoff: Duration::from_millis(100),
+                max_backoff: Duration::from_secs(2),
+                base: 2.0,
+            },
+            max_retries: s3.max_retries,
+            retry_timeout: s3.retry_timeout.0,
+        });
+    if let Some(region) = &s3.region {
+        builder = builder.with_region(region);
+    }
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_endpoint(endpoint);
+    }
+    let path_style = s3.path_style.unwrap_or(s3.endpoint.is_some());
+    builder = builder.with_virtual_hosted_style_request(!path_style);
+    if let Some(file) = &s3.credentials_file {
+        let keys = read_credentials(file, &s3.profile)?;
+        builder = builder
+            .with_access_key_id(keys.key_id)
+            .with_secret_access_key(keys.secret);
+        if let Some(token) = keys.token {
+            builder = builder.with_token(token);
+        }
+    }
+    builder.build().map_err(|e| {
+        Error::InvalidArgument(format!(
+            "storage.s3: cannot set up the client for bucket {}: {e}",
+            s3.bucket
+        ))
+    })
+}
+
+struct Credentials {
+    key_id: String,
+    secret: String,
+    token: Option<String>,
+}
+
+/// The keys of `profile` in an AWS shared-credentials file (INI: `[profile]`, `key = value`).
+fn read_credentials(file: &std::path::Path, profile: &str) -> Result<Credentials> {
+    let text = std::fs::read_to_string(file).map_err(|e| {
+        Error::InvalidArgument(format!(
+            "storage.s3.credentials_file {}: {e}",
+            file.display()
+        ))
+    })?;
+    let (mut section, mut keys) = (String::new(), HashMap::new());
+    for line in text.lines().map(str::trim) {
+        if line.is_empty() || line.starts_with('#') || line.starts_with(';') {
+            continue;
+        }
+        if let Some(name) = line.strip_prefix('[').and_then(|l| l.strip_suffix(']')) {
+            section = name.trim().to_string();
+        } else if let (true, Some((k, v))) = (section == profile, line.split_once('=')) {
+            keys.insert(k.trim().to_string(), v.trim().to_string());
+        }
+    }
+    let mut take = |k: &str| keys.remove(k).filter(|v| !v.is_empty());
+    match (take("aws_access_key_id"), take("aws_secret_access_key")) {
+        (Some(key_id), Some(secret)) => Ok(Credentials {
+            key_id,
+            secret,
+            token: take("aws_session_token"),
+        }),
+        _ => Err(Error::InvalidArgument(format!(
+            "storage.s3.credentials_file {}: profile [{profile}] needs aws_access_key_id and \
+             aws_secret_access_key",
+            file.display()
+        ))),
+    }
+}
+
+/// A failed request to the bucket as a client should hear it: the bucket is away or slow
+/// (UNAVAILABLE, which Bazel treats as "build locally"), or refuses hoard's credentials.
+fn bucket_error(what: impl std::fmt::Display, e: object_store::Error) -> Error {
+    match e {
+        object_store::Error::PermissionDenied { .. }
+        | object_store::Error::Unauthenticated { .. } => Error::Unavailable(format!(
+            "{what}: the object store refused hoard's credentials ({e}); check \
+                 [storage.s3] and the bucket's policy"
+        )),
+        e => Error::Unavailable(format!("{what}: the object store did not answer: {e}")),
+    }
+}
+
+fn blob_name(digest: &Digest) -> String {
+    format!("{}-{}", hex::encode(digest.hash), digest.size)
+}
+
+impl Inner {
+    fn blob_path(&self, digest: &Digest) -> Path {
+        let hash = hex::encode(digest.hash);
+        self.root
+            .clone()
+            .join("cas")
+            .join(&hash[..2])
+            .join(format!("{hash}-{}", digest.size))
+    }
+
+    /// Whether the bucket holds the blob, from the existence cache or a HEAD.
+    async fn exists(&self, digest: &Digest) -> Result<bool> {
+        if digest.is_empty_blob() || self.seen.contains(digest) {
+            return Ok(true);
+        }
+        match self.bucket.head(&self.blob_path(digest)).await {
+            Ok(meta) if meta.size == digest.size => {
+                self.seen.insert(*digest);
+                Ok(true)
+            }
+            // Another size under the same name: not this blob (and never served as one).
+            Ok(_) => Ok(false),
+            Err(object_store::Error::NotFound { .. }) => Ok(false),
+            Err(e) => Err(bucket_error(format!("looking for blob {digest}"), e)),
+        }
+    }
+
+    /// Stores verified bytes, unless the bucket has them already.
+    async fn put_verified(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        if self.exists(digest).await? {
+            return Ok(());
+        }
+        self.bucket
+            .put(&self.blob_path(digest), data.into())
+            .await
+            .map_err(|e| bucket_error(format!("storing blob {digest}"), e))?;
+        self.seen.insert(*digest);
+        Ok(())
+    }
+
+    /// A damaged object is deleted, so the next upload stores it afresh.
+    async fn drop_damaged(&self, digest: &Digest, why: &str) {
+        tracing::warn!(%digest, why, "blob in the object store is damaged; deleting it");
+        self.seen.remove(digest);
+        let _ = self.bucket.delete(&self.blob_path(digest)).await;
+    }
+}
+
+#[async_trait]
+impl Cas for BucketStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let lookups: Vec<_> = digests
+            .iter()
+            .map(|d| {
+                let (inner, d) = (self.inner.clone(), *d);
+                async move { inner.exists(&d).await }
+            })
+            .collect();
+        let found: Vec<bool> = futures::stream::iter(lookups)
+            .buffered(PARALLEL)
+            .try_collect()
+            .await?;
+        Ok(digests
+            .iter()
+            .zip(found)
+            .filter(|(_, found)| !found)
+            .map(|(d, _)| *d)
+            .collect())
+    }
+
+    /// The bucket has no last use to move: what it keeps is up to its lifecycle rules.
+    async fn retain(&self, digests: &[Digest], _until: u64) -> Result<Vec<Digest>> {
+        self.find_missing(digests).await
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+        chunk_size: usize,
+    ) -> Result<Option<BlobStream>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(futures::stream::empty().boxed()));
+        }
+        let end = match limit {
+            Some(l) => digest.size.min(offset.saturating_add(l)),
+            None => digest.size,
+        };
+        if offset >= end {
+            // Nothing to send, but the blob must exist for the read to succeed.
+            return Ok(self
+                .inner
+                .exists(digest)
+                .await?
+                .then(|| futures::stream::empty().boxed()));
+        }
+        let options = GetOptions {
+            range: Some(GetRange::Bounded(offset..end)),
+            ..Default::default()
+        };
+        let got = match self
+            .inner
+            .bucket
+            .get_opts(&self.inner.blob_path(digest), options)
+            .await
+        {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.inner.seen.remove(digest);
+                return Ok(None);
+            }
+            Err(e) => return Err(bucket_error(format!("reading blob {digest}"), e)),
+        };
+        if got.meta.size != digest.size {
+            self.inner
+                .drop_damaged(digest, "object has the wrong size")
+                .await;
+            return Ok(None);
+        }
+        self.inner.seen.insert(*digest);
+        let whole = offset == 0 && end == digest.size;
+        let inner = self.inner.clone();
+        Ok(Some(
+            checked_chunks(
+                inner,
+                *digest,
+                got.into_stream(),
+                whole,
+                end - offset,
+                chunk_size,
+            )
+            .boxed(),
+        ))
+    }
+
+    async fn begin_upload(
+        &self,
+        upload_id: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Box<dyn Upload>> {
+        if offset > 0 {
+            return Err(Error::InvalidArgument(format!(
+                "write_offset {offset} for upload {upload_id} of {digest}: the s3 backend does \
+                 not resume uploads yet, so the write must start at offset 0"
+            )));
+        }
+        Ok(Box::new(upload::BucketUpload::new(
+            self.inner.clone(),
+            *digest,
+        )))
+    }
+
+    async fn upload_progress(&self, _upload_id: &str, _digest: &Digest) -> Result<Option<u64>> {
+        Ok(None)
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        if digest.is_empty_blob() {
+            return Ok(Some(Bytes::new()));
+        }
+        let got = match self.inner.bucket.get(&self.inner.blob_path(digest)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => {
+                self.inner.seen.remove(digest);
+                return Ok(None);
+            }
+            Err(e) => return Err(bucket_error(format!("reading blob {digest}"), e)),
+        };
+        let data = got
+            .bytes()
+            .await
+            .map_err(|e| bucket_error(format!("reading blob {digest}"), e))?;
+        if verify(*digest, &data).is_err() {
+            self.inner
+                .drop_damaged(digest, "object does not match its digest")
+                .await;
+            return Ok(None);
+        }
+        self.inner.seen.insert(*digest);
+        Ok(Some(data))
+    }
+
+    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        verify(*digest, &data)?;
+        if digest.is_empty_blob() {
+            return Ok(());
+        }
+        self.inner.put_verified(digest, data).await
+    }
+}
+
+/// State of [`checked_chunks`].
+struct Reading {
+    inner: Arc<Inner>,
+    digest: Digest,
+    body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    /// Hashing a whole read; `None` for a ranged one (checked for length only).
+    hasher: Option<Sha256>,
+    pending: BytesMut,
+    received: u64,
+    len: u64,
+    step: usize,
+    done: bool,
+}
+
+/// The object's `len` bytes re-cut into pieces of at most `chunk_size`. A whole read is hashed
+/// on the way and its last piece held back until the hash matches; a mismatch (or a wrong
+/// length) deletes the object and ends the stream with NOT_FOUND, so the client uploads it
+/// again instead of building with wrong bytes.
+fn checked_chunks(
+    inner: Arc<Inner>,
+    digest: Digest,
+    body: futures::stream::BoxStream<'static, object_store::Result<Bytes>>,
+    whole: bool,
+    len: u64,
+    chunk_size: usize,
+) -> impl futures::Stream<Item = Result<Bytes>> + Send {
+    let state = Reading {
+        inner,
+        digest,
+        body,
+        hasher: whole.then(Sha256::new),
+        pending: BytesMut::new(),
+        received: 0,
+        len,
+        step: chunk_size.max(1),
+        done: false,
+    };
+    futures::stream::unfold(state, |mut r| async move {
+        if r.done {
+            return None;
+        }
+        loop {
+            // A whole read keeps more than a piece back, so what is left at the end is one
+            // piece at most, sent only once the hash is known.
+            let ready = match r.hasher {
+                Some(_) => r.pending.len() > r.step,
+                None => r.pending.len() >= r.step,
+            };
+            if ready {
+                let piece = r.pending.split_to(r.step).freeze();
+                return Some((Ok(piece), r));
+            }
+            let why = match r.body.next().await {
+                Some(Ok(bytes)) => {
+                    r.received += bytes.len() as u64;
+                    if r.received > r.len {
+                        "object is longer than its digest says"
+                    } else {
+                        if let Some(h) = r.hasher.as_mut() {
+                            h.update(&bytes);
+                        }
+                        r.pending.extend_from_slice(&bytes);
+                        continue;
+                    }
+                }
+                Some(Err(e)) => {
+                    r.done = true;
+                    let e = bucket_error(format!("reading blob {}", r.digest), e);
+                    return Some((Err(e), r));
+                }
+                None if r.received != r.len => "object is shorter than its digest says",
+                None => {
+                    let good = r
+                        .hasher
+                        .take()
+                        .is_none_or(|h| h.finalize()[..] == r.digest.hash[..]);
+                    if good {
+                        r.done = true;
+                        if r.pending.is_empty() {
+                            return None;
+                        }
+                        let rest = r.pending.split().freeze();
+                        return Some((Ok(rest), r));
+                    }
+                    "object does not match its digest"
+                }
+            };
+            r.done = true;
+            r.inner.drop_damaged(&r.digest, why).await;
+            let e = damaged(&r.digest);
+            return Some((Err(e), r));
+        }
+    })
+}
+
+fn damaged(digest: &Digest) -> Error {
+    Error::NotFound(format!(
+        "blob {digest} was damaged in the object store and has been removed; upload it again"
+    ))
+}
+
+#[async_trait]
+impl Housekeeping for BucketStore {
+    async fn stats(&self) -> Result<StoreStats> {
+        let c = *self.inner.counted.lock();
+        Ok(StoreStats {
+            blobs: c.blobs,
+            blob_bytes: c.blob_bytes,
+            action_results: c.action_results,
+            action_result_bytes: c.action_result_bytes,
+            used_bytes: c.blob_bytes + c.action_result_bytes,
+            ..StoreStats::default()
+        })
+    }
+
+    async fn gc(&self, _target: Option<u64>) -> Result<GcReport> {
+        Err(Error::FailedPrecondition(format!(
+            "gc: the s3 backend does not evict; {} keeps what its lifecycle rules keep \
+             (README, \"Scaling out\")",
+            self.inner.name
+        )))
+    }
+
+    async fn verify(&self) -> Result<VerifyReport> {
+        let inner = &self.inner;
+        let listed: Vec<_> = inner
+            .bucket
+            .list(Some(&inner.root.clone().join("cas")))
+            .try_collect()
+            .await
+            .map_err(|e| bucket_error("verify: listing the blobs", e))?;
+        let mut report = VerifyReport::default();
+        let checks = futures::stream::iter(listed.into_iter().map(|meta| async move {
+            let name = meta.location.filename().unwrap_or_default().to_string();
+            let digest = parse_blob_name(&name);
+            let ok = match &digest {
+                Some(d) => match inner.bucket.get(&meta.location).await {
+                    Ok(got) => match got.bytes().await {
+                        Ok(data) => verify(*d, &data).is_ok(),
+                        Err(e) => return Err(bucket_error(format!("verify: reading {name}"), e)),
+                    },
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(bucket_error(format!("verify: reading {name}"), e)),
+                },
+                None => false,
+            };
+            if !ok {
+                inner
+                    .bucket
+                    .delete(&meta.location)
+                    .await
+                    .map_err(|e| bucket_error(format!("verify: deleting damaged {name}"), e))?;
+                if let Some(d) = &digest {
+                    inner.seen.remove(d);
+                }
+            }
+            Ok(Some((name, meta.size, ok)))
+        }))
+        .buffer_unordered(PARALLEL / 4);
+        let results: Vec<_> = checks.try_collect().await?;
+        for (name, size, ok) in results.into_iter().flatten() {
+            report.checked_blobs += 1;
+            report.checked_bytes += size;
+            if !ok {
+                report.corrupt.push(name);
+            }
+        }
+        Ok(report)
+    }
+
+    /// Counts what the bucket holds for `stats`, now and every [`COUNT_EVERY`].
+    async fn maintain(&self) {
+        loop {
+            match self.count().await {
+                Ok(c) => *self.inner.counted.lock() = c,
+                Err(e) => tracing::warn!(error = %e, "cannot list the object store for stats"),
+            }
+            tokio::time::sleep(COUNT_EVERY).await;
+        }
+    }
+
+    /// Unfinished multipart uploads are the bucket's to expire (an
+    /// `AbortIncompleteMultipartUpload` lifecycle rule, README).
+    async fn remove_abandoned_uploads(&self, _max_age: Duration) -> Result<usize> {
+        Ok(0)
+    }
+
+    fn write_refusal(&self) -> Option<String> {
+        None
+    }
+
+    /// Every acknowledged write is in the bucket already.
+    async fn flush(&self) -> Result<()> {
+        Ok(())
+    }
+}
+
+impl BucketStore {
+    async fn count(&self) -> Result<Counted> {
+        let inner = &self.inner;
+        let mut c = Counted::default();
+        let mut blobs = inner.bucket.list(Some(&inner.root.clone().join("cas")));
+        while let Some(meta) = blobs.next().await {
+            let meta = meta.map_err(|e| bucket_error("listing the blobs", e))?;
+            c.blobs += 1;
+            c.blob_bytes += meta.size;
+        }
+        let mut results = inner.bucket.list(Some(&inner.root.clone().join("ac")));
+        while let Some(meta) = results.next().await {
+            let meta = meta.map_err(|e| bucket_error("listing the action results", e))?;
+            c.action_results += 1;
+            c.action_result_bytes += meta.size;
+        }
+        Ok(c)
+    }
+}
+
+/// `<hash>-<size>` back into a digest.
+fn parse_blob_name(name: &str) -> Option<Digest> {
+    let (hash, size) = name.split_once('-')?;
+    let hash: [u8; 32] = hex::decode(hash).ok()?.try_into().ok()?;
+    Some(Digest {
+        hash,
+        size: size.parse().ok()?,
+    })
+}
+
+/// Blobs this node has seen in the bucket, each for at most `max_age`, at most `capacity` of
+/// them. Only positive answers: a blob can vanish from the bucket (lifecycle rules, a delete
+/// by hand), and a node may claim it for at most `max_age` after; a "missing" is never kept,
+/// so an upload through another node is found at once.
+struct Existence {
+    map: Mutex<HashMap<Digest, Instant>>,
+    capacity: usize,
+    max_age: Duration,
+    /// Lookups answered from the map, for the cost figures in BENCHMARKS.md.
+    hits: AtomicU64,
+}
+
+impl Existence {
+    fn new(capacity: usize, max_age: Duration) -> Self {
+        Existence {
+            map: Mutex::new(HashMap::new()),
+            capacity,
+            max_age,
+            hits: AtomicU64::new(0),
+        }
+    }
+
+    fn contains(&self, digest: &Digest) -> bool {
+        let mut map = self.map.lock();
+        match map.get(digest) {
+            Some(at) if at.elapsed() < self.max_age => {
+                self.hits.fetch_add(1, Relaxed);
+                true
+            }
+            Some(_) => {
+                map.remove(digest);
+                false
+            }
+            None => false,
+        }
+    }
+
+    fn insert(&self, digest: Digest) {
+        if self.capacity == 0 || self.max_age.is_zero() {
+            return;
+        }
+        let mut map = self.map.lock();
+        if map.len() >= self.capacity && !map.contains_key(&digest) {
+            // Full: the expired go first; if none had, the older half of what is left.
+            let max_age = self.max_age;
+            map.retain(|_, at| at.elapsed() < max_age);
+            if map.len() >= self.capacity {
+                let mut ages: Vec<Instant> = map.values().copied().collect();
+                let mid = ages.len() / 2;
+                let (_, cut, _) = ages.select_nth_unstable(mid);
+                let cut = *cut;
+                map.retain(|_, at| *at > cut);
+            }
+        }
+        map.insert(digest, Instant::now());
+    }
+
+    fn remove(&self, digest: &Digest) {
+        self.map.lock().remove(digest);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{parse_blob_name, read_credentials, Existence};
+    use crate::digest::Digest;
+    use std::time::Duration;
+
+    #[test]
+    fn existence_is_bounded_in_size_and_age() {
+        let seen = Existence::new(100, Duration::from_secs(60));
+        let digests: Vec<Digest> = (0..250u32).map(|i| Digest::of(&i.to_le_bytes())).collect();
+        for d in &digests {
+            seen.insert(*d);
+            assert!(seen.map.lock().len() <= 100);
+        }
+        // The newest is always kept.
+        assert!(seen.contains(&digests[249]));
+        let aged = Existence::new(100, Duration::from_millis(20));
+        aged.insert(digests[0]);
+        assert!(aged.contains(&digests[0]));
+        std::thread::sleep(Duration::from_millis(30));
+        assert!(!aged.contains(&digests[0]), "an old answer is asked again");
+        let off = Existence::new(0, Duration::from_secs(60));
+        off.insert(digests[0]);
+        assert!(!off.contains(&digests[0]));
+    }
+
+    #[test]
+    fn blob_names_round_trip() {
+        let d = Digest::of(b"hello");
+        let name = super::blob_name(&d);
+        assert_eq!(parse_blob_name(&name), Some(d));
+        assert_eq!(parse_blob_name("zz-5"), None);
+        assert_eq!(parse_blob_name("nohyphen"), None);
+    }
+
+    #[test]
+    fn credentials_come_from_the_named_profile() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("credentials");
+        std::fs::write(
+            &file,
+            "[other]\naws_access_key_id = A\naws_secret_access_key = B\n\n# comment\n\
+             [ci]\naws_access_key_id=KEY\naws_secret_access_key = SECRET\naws_session_token = T\n",
+        )
+        .unwrap();
+        let keys = read_credentials(&file, "ci").unwrap();
+        assert_eq!(
+            (
+                keys.key_id.as_str(),
+                keys.secret.as_str(),
+                keys.token.as_deref()
+            ),
+            ("KEY", "SECRET", Some("T"))
+        );
+        let e = read_credentials(&file, "default")
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(e.contains("profile [default] needs"), "{e}");
+    }
+}

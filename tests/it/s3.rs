@@ -1,0 +1,387 @@
+//! The s3 backend against a real S3-compatible server on loopback: s3s-fs (S3 over a directory,
+//! SigV4 checked), started inside the test. Several hoard nodes share one bucket.
+
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::Duration;
+
+use hoard::config::{Backend, Config, HumanDuration};
+use hoard::proto::admin::InvalidateRequest;
+use hoard::proto::reapi;
+use hyper_util::rt::{TokioExecutor, TokioIo};
+use hyper_util::server::conn::auto::Builder as ConnBuilder;
+
+use crate::common::{
+    batch_put, blob, digest_of, download, lookup_result, missing, read_name, update_result, upload,
+    write_blob, write_name, TestServer,
+};
+
+const KEY_ID: &str = "hoard-test-key";
+const SECRET: &str = "hoard-test-secret-0123456789";
+const BUCKET: &str = "cache";
+
+/// An s3s-fs server over a temporary directory, holding the bucket `cache`.
+struct S3 {
+    root: tempfile::TempDir,
+    addr: SocketAddr,
+    credentials: PathBuf,
+    accept: tokio::task::JoinHandle<()>,
+    /// While set, every request gets 503 Service Unavailable (an outage).
+    down: Arc<AtomicBool>,
+}
+
+impl S3 {
+    async fn start() -> Self {
+        let root = tempfile::tempdir().expect("temp dir");
+        std::fs::create_dir(root.path().join(BUCKET)).expect("bucket dir");
+        let fs = s3s_fs::FileSystem::new(root.path()).expect("s3s-fs");
+        let mut builder = s3s::service::S3ServiceBuilder::new(fs);
+        builder.set_auth(s3s::auth::SimpleAuth::from_single(KEY_ID, SECRET));
+        let s3s = builder.build();
+        let down = Arc::new(AtomicBool::new(false));
+        let switch = down.clone();
+        let service = hyper::service::service_fn(move |req| {
+            let (s3s, down) = (s3s.clone(), switch.load(Ordering::SeqCst));
+            async move {
+                if down {
+                    let mut unavailable = hyper::Response::new(s3s::Body::empty());
+                    *unavailable.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                    return Ok(unavailable);
+                }
+                hyper::service::Service::call(&s3s, req).await
+            }
+        });
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        let accept = tokio::spawn(async move {
+            let http = ConnBuilder::new(TokioExecutor::new());
+            while let Ok((sock, _)) = listener.accept().await {
+                let conn = http
+                    .serve_connection(TokioIo::new(sock), service.clone())
+                    .into_owned();
+                tokio::spawn(async move {
+                    let _ = conn.await;
+                });
+            }
+        });
+        let credentials = root.path().join("credentials");
+        std::fs::write(
+            &credentials,
+            format!("[default]\naws_access_key_id = {KEY_ID}\naws_secret_access_key = {SECRET}\n"),
+        )
+        .expect("credentials file");
+        S3 {
+            root,
+            addr,
+            credentials,
+            accept,
+            down,
+        }
+    }
+
+    /// A node's config on this bucket under `prefix`.
+    fn config(&self, prefix: &str, data_dir: &Path) -> Config {
+        let mut config = Config {
+            data_dir: data_dir.to_path_buf(),
+            ..Config::default()
+        };
+        let s3 = &mut config.storage.s3;
+        config.storage.backend = Backend::S3;
+        s3.bucket = BUCKET.into();
+        s3.prefix = prefix.into();
+        s3.endpoint = Some(format!("http://{}", self.addr));
+        s3.allow_http = true;
+        s3.credentials_file = Some(self.credentials.clone());
+        s3.max_retries = 1;
+        s3.retry_timeout = HumanDuration(Duration::from_secs(2));
+        config
+    }
+
+    /// Where s3s-fs keeps the object `key` of the bucket.
+    fn object(&self, key: &str) -> PathBuf {
+        self.root.path().join(BUCKET).join(key)
+    }
+
+    /// Every object key in the bucket under `prefix`.
+    fn keys(&self, prefix: &str) -> Vec<String> {
+        let base = self.root.path().join(BUCKET);
+        let mut out = Vec::new();
+        let mut dirs = vec![base.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else {
+                continue;
+            };
+            for e in entries.flatten() {
+                let p = e.path();
+                if p.is_dir() {
+                    dirs.push(p);
+                } else {
+                    let key = p
+                        .strip_prefix(&base)
+                        .unwrap()
+                        .to_string_lossy()
+                        .into_owned();
+                    if key.starts_with(prefix) && !key.contains(".s3s") && !key.contains(".tmp") {
+                        out.push(key);
+                    }
+                }
+            }
+        }
+        out.sort();
+        out
+    }
+}
+
+impl Drop for S3 {
+    fn drop(&mut self) {
+        self.accept.abort();
+    }
+}
+
+fn blob_key(prefix: &str, d: &reapi::Digest) -> String {
+    format!("{prefix}/cas/{}/{}-{}", &d.hash[..2], d.hash, d.size_bytes)
+}
+
+async fn node(
+    s3: &S3,
+    prefix: &str,
+    edit: impl FnOnce(&mut Config),
+) -> (TestServer, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = s3.config(prefix, dir.path());
+    edit(&mut config);
+    (TestServer::start_config(config).await, dir)
+}
+
+fn result_with(outputs: &[&reapi::Digest]) -> reapi::ActionResult {
+    reapi::ActionResult {
+        output_files: outputs
+            .iter()
+            .enumerate()
+            .map(|(i, d)| reapi::OutputFile {
+                path: format!("out/{i}"),
+                digest: Some((*d).clone()),
+                ..Default::default()
+            })
+            .collect(),
+        exit_code: 0,
+        ..Default::default()
+    }
+}
+
+#[tokio::test]
+async fn nodes_on_one_bucket_serve_each_others_blobs_and_results() {
+    let s3 = S3::start().await;
+    let (a, _da) = node(&s3, "team", |_| {}).await;
+    let (b, _db) = node(&s3, "team", |_| {}).await;
+
+    let small: Vec<Vec<u8>> = (0..20).map(|i| blob(100 + i * 37, i as u64)).collect();
+    let refs: Vec<&[u8]> = small.iter().map(|b| b.as_slice()).collect();
+    batch_put(&a, "", &refs).await;
+    let digests: Vec<_> = small.iter().map(|b| digest_of(b)).collect();
+    assert!(
+        missing(&b, &digests).await.is_empty(),
+        "node b sees node a's blobs"
+    );
+    let absent = digest_of(b"never stored");
+    assert_eq!(
+        missing(&b, std::slice::from_ref(&absent)).await,
+        vec![absent.clone()]
+    );
+    let read = b
+        .cas()
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            digests: digests.clone(),
+            ..Default::default()
+        })
+        .await
+        .expect("BatchReadBlobs")
+        .into_inner();
+    for (r, want) in read.responses.iter().zip(&small) {
+        assert_eq!(r.status.as_ref().map(|s| s.code), Some(0));
+        assert_eq!(&r.data[..], &want[..]);
+    }
+    // The layout the README documents: a hash-prefix shard under the prefix.
+    assert!(s3.object(&blob_key("team", &digests[0])).exists());
+
+    // A large blob: a multipart upload through a, read back whole and in part through b.
+    let large = blob(20 << 20, 7);
+    let d = upload(&a, "", &large).await;
+    assert_eq!(
+        download(&b, &read_name("", &d), 0, 0).await.expect("read"),
+        large
+    );
+    assert_eq!(
+        download(&b, &read_name("", &d), 5 << 20, 1000)
+            .await
+            .expect("ranged read"),
+        &large[5 << 20..(5 << 20) + 1000]
+    );
+
+    // An action result written through a is served by b, its outputs checked.
+    let action = digest_of(b"action 1");
+    let result = result_with(&[&digests[0], &d]);
+    update_result(&a, "ci/main", &action, &result)
+        .await
+        .expect("update");
+    let got = lookup_result(&b, "ci/main", &action)
+        .await
+        .expect("b has the result");
+    assert_eq!(got.output_files, result.output_files);
+    assert!(lookup_result(&b, "ci/other", &action).await.is_none());
+}
+
+#[tokio::test]
+async fn refused_uploads_store_nothing_in_the_bucket() {
+    let s3 = S3::start().await;
+    let (a, _d) = node(&s3, "p", |_| {}).await;
+    // A streamed upload big enough for a multipart upload, with a byte changed.
+    let good = blob(12 << 20, 3);
+    let d = digest_of(&good);
+    let mut bad = good.clone();
+    bad[9 << 20] ^= 1;
+    let err = write_blob(&a, &write_name("", "u1", &d), &bad, 0, 1 << 20)
+        .await
+        .expect_err("a wrong upload is refused");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    // A batch blob whose bytes do not match.
+    let resp = a
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(digest_of(b"the right bytes")),
+                data: b"other bytes".to_vec().into(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("BatchUpdateBlobs")
+        .into_inner();
+    assert_eq!(
+        resp.responses[0].status.as_ref().map(|s| s.code),
+        Some(tonic::Code::InvalidArgument as i32)
+    );
+    assert_eq!(s3.keys("p/cas"), Vec::<String>::new(), "nothing stored");
+    assert_eq!(missing(&a, std::slice::from_ref(&d)).await, vec![d]);
+}
+
+#[tokio::test]
+async fn a_blob_lost_or_damaged_in_the_bucket_is_a_miss_never_a_dangling_hit() {
+    let s3 = S3::start().await;
+    let (a, _da) = node(&s3, "x", |_| {}).await;
+    let out = blob(5000, 1);
+    batch_put(&a, "", &[&out]).await;
+    let d = digest_of(&out);
+    let action = digest_of(b"action");
+    update_result(&a, "", &action, &result_with(&[&d]))
+        .await
+        .expect("update");
+    assert!(lookup_result(&a, "", &action).await.is_some());
+    // Deleted behind hoard's back (a lifecycle rule, a hand): a node that has not seen it
+    // lately finds the result incomplete and answers a miss.
+    std::fs::remove_file(s3.object(&blob_key("x", &d))).expect("delete the object");
+    let (b, _db) = node(&s3, "x", |_| {}).await;
+    assert!(
+        lookup_result(&b, "", &action).await.is_none(),
+        "no dangling hit"
+    );
+    assert_eq!(missing(&b, std::slice::from_ref(&d)).await, vec![d]);
+
+    // Damaged in place: the read fails with NOT_FOUND and the object is deleted, so the next
+    // upload stores it again.
+    let other = blob(3000, 2);
+    batch_put(&a, "", &[&other]).await;
+    let od = digest_of(&other);
+    let path = s3.object(&blob_key("x", &od));
+    let mut bytes = std::fs::read(&path).expect("object");
+    bytes[100] ^= 0xff;
+    std::fs::write(&path, bytes).expect("damage");
+    let err = download(&b, &read_name("", &od), 0, 0)
+        .await
+        .expect_err("damaged");
+    assert_eq!(err.code(), tonic::Code::NotFound, "{err:?}");
+    assert!(!path.exists(), "the damaged object is deleted");
+    batch_put(&b, "", &[&other]).await;
+    assert_eq!(
+        download(&a, &read_name("", &od), 0, 0).await.expect("read"),
+        other
+    );
+}
+
+#[tokio::test]
+async fn namespace_epochs_live_in_the_bucket() {
+    let s3 = S3::start().await;
+    let (a, _da) = node(&s3, "n", |_| {}).await;
+    let out = blob(700, 5);
+    batch_put(&a, "", &[&out]).await;
+    let action = digest_of(b"an action");
+    update_result(&a, "ci/main", &action, &result_with(&[&digest_of(&out)]))
+        .await
+        .expect("update");
+    a.admin()
+        .invalidate(InvalidateRequest {
+            namespace: Some("ci/main".into()),
+            reason: "toolchain bump".into(),
+            ..Default::default()
+        })
+        .await
+        .expect("invalidate");
+    assert!(lookup_result(&a, "ci/main", &action).await.is_none());
+    // A node started afterwards reads the epoch from the bucket.
+    let (c, _dc) = node(&s3, "n", |_| {}).await;
+    assert!(lookup_result(&c, "ci/main", &action).await.is_none());
+    update_result(&c, "ci/main", &action, &result_with(&[&digest_of(&out)]))
+        .await
+        .expect("update after the invalidation");
+    assert!(lookup_result(&c, "ci/main", &action).await.is_some());
+}
+
+#[tokio::test]
+async fn an_outage_of_the_bucket_answers_unavailable_with_a_message_and_passes() {
+    let s3 = S3::start().await;
+    let (a, _d) = node(&s3, "o", |_| {}).await;
+    let stored = blob(2000, 9);
+    batch_put(&a, "", &[&stored]).await;
+    s3.down.store(true, Ordering::SeqCst);
+    let started = std::time::Instant::now();
+    let err = a
+        .cas()
+        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: vec![digest_of(b"not seen by this node")],
+            ..Default::default()
+        })
+        .await
+        .expect_err("the bucket is down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    assert!(err.message().contains("object store"), "{err:?}");
+    assert!(
+        started.elapsed() < Duration::from_secs(15),
+        "bounded retries"
+    );
+    let err = a
+        .ac()
+        .get_action_result(reapi::GetActionResultRequest {
+            action_digest: Some(digest_of(b"y")),
+            ..Default::default()
+        })
+        .await
+        .expect_err("the bucket is down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = write_blob(&a, &write_name("", "u", &digest_of(b"new")), b"new", 0, 64)
+        .await
+        .expect_err("the bucket is down");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    // Back: the same node serves again, no restart.
+    s3.down.store(false, Ordering::SeqCst);
+    assert_eq!(
+        download(&a, &read_name("", &digest_of(&stored)), 0, 0)
+            .await
+            .expect("read after the outage"),
+        stored
+    );
+}
