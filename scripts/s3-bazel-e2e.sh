@@ -1,0 +1,143 @@
+#!/usr/bin/env bash
+# End-to-end check of the s3 backend with a second S3 implementation and a real client: two
+# hoard nodes on one bucket of moto's S3 server (PyPI `moto[server]`, not the s3s-fs the
+# integration tests embed), and Debian's Bazel 4.2.3.
+#
+# Usage: scripts/s3-bazel-e2e.sh HOARD_BINARY
+#
+#   1. moto's server on a free loopback port, a bucket made with one PUT;
+#   2. two hoard nodes, both `storage.backend = "s3"` on that bucket and one prefix;
+#   3. a genrule workspace (ten small outputs, one of 12 MB: a multipart upload, and one rule
+#      over all of them) is built through node 1, cold;
+#   4. `bazel clean --expunge`, then the same build through node 2: every action must be a
+#      remote cache hit, and the outputs byte-identical to the first build's;
+#   5. the bucket holds the blobs under the documented layout (`prefix/cas/<2 hex>/...`).
+#
+# Environment: MOTO_VENV=DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/hoard-e2e/moto-venv),
+# MOTO_VERSION (default 5.2.5), KEEP_TMP=1 keeps the temporary directory.
+# Needs: python3 with venv and pip reaching PyPI (first run only), Debian's bazel-bootstrap
+# (scripts/bazel-e2e.sh installs it).
+
+set -uo pipefail
+
+PASSED=0
+FAILED=0
+info() { echo "s3-bazel-e2e: $*"; }
+pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
+fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
+die() { echo "s3-bazel-e2e: error: $*" >&2; exit 2; }
+
+[ $# -eq 1 ] || { echo "usage: $0 HOARD_BINARY" >&2; exit 2; }
+HOARD=$1
+case "$HOARD" in /*) ;; *) HOARD="$PWD/$HOARD" ;; esac
+[ -x "$HOARD" ] || die "hoard binary '$HOARD' does not exist or is not executable"
+command -v bazel >/dev/null 2>&1 || die "bazel is not installed (scripts/bazel-e2e.sh installs Debian's bazel-bootstrap)"
+
+VENV=${MOTO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hoard-e2e/moto-venv}
+MOTO_VERSION=${MOTO_VERSION:-5.2.5}
+if [ ! -x "$VENV/bin/moto_server" ]; then
+  info "installing moto[server]==$MOTO_VERSION into $VENV"
+  python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
+  "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" ||
+    die "pip install moto[server]==$MOTO_VERSION failed"
+fi
+
+TMP=$(mktemp -d "${TMPDIR:-/tmp}/hoard-s3-e2e.XXXXXX") || die "mktemp failed"
+PIDS=()
+BAZEL=(bazel --nohome_rc --noworkspace_rc --output_user_root="$TMP/bazel-root" --max_idle_secs=300)
+cleanup() {
+  (cd "$TMP/ws" 2>/dev/null && "${BAZEL[@]}" shutdown >/dev/null 2>&1) || true
+  for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
+  for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
+  if [ "${KEEP_TMP:-0}" = 1 ]; then echo "s3-bazel-e2e: keeping $TMP" >&2; else rm -rf "$TMP"; fi
+}
+trap cleanup EXIT
+
+free_port() {
+  python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1]); s.close()'
+}
+wait_port() {
+  for _ in $(seq 300); do (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; sleep 0.1; done
+  return 1
+}
+
+# 1. moto and a bucket.
+S3_PORT=$(free_port)
+"$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$TMP/moto.log" 2>&1 &
+PIDS+=($!)
+wait_port "$S3_PORT" || die "moto did not start (see $TMP/moto.log)"
+python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$S3_PORT/e2e-cache', method='PUT'))" ||
+  die "cannot create the bucket"
+info "moto $MOTO_VERSION on 127.0.0.1:$S3_PORT, bucket e2e-cache"
+
+# 2. two nodes on it.
+cat >"$TMP/hoard.toml" <<EOF
+[storage]
+backend = "s3"
+[storage.s3]
+bucket = "e2e-cache"
+prefix = "ci"
+endpoint = "http://127.0.0.1:$S3_PORT"
+allow_http = true
+EOF
+PORTS=()
+for n in 1 2; do
+  port=$(free_port)
+  AWS_ACCESS_KEY_ID=e2e AWS_SECRET_ACCESS_KEY=e2e \
+    "$HOARD" serve --config "$TMP/hoard.toml" --listen "127.0.0.1:$port" --data-dir "$TMP/node$n" \
+    >"$TMP/node$n.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$port" || { tail -n 20 "$TMP/node$n.log"; die "node $n did not start"; }
+  PORTS+=("$port")
+done
+info "nodes on ports ${PORTS[*]}"
+
+# 3. the workspace, built cold through node 1.
+mkdir -p "$TMP/ws/lib"
+: >"$TMP/ws/WORKSPACE"
+cat >"$TMP/ws/lib/BUILD" <<'EOF'
+[genrule(name = "g%d" % i, outs = ["g%d.txt" % i], cmd = "echo step %d > $@; date +%%N >> $@" % i) for i in range(1, 11)]
+genrule(name = "big", outs = ["big.bin"], cmd = "head -c 12000000 /dev/urandom > $@")
+genrule(name = "sum", srcs = [":g%d" % i for i in range(1, 11)] + [":big"], outs = ["sum.txt"], cmd = "sha256sum $(SRCS) > $@")
+EOF
+FLAGS=(--experimental_repository_disable_download --repository_cache= --noshow_progress --color=no --curses=no)
+build() { (cd "$TMP/ws" && "${BAZEL[@]}" build "${FLAGS[@]}" --remote_cache="grpc://127.0.0.1:$1" //lib:all) >"$TMP/build-$1.log" 2>&1; }
+if build "${PORTS[0]}"; then
+  pass "cold build through node 1"
+else
+  tail -n 20 "$TMP/build-${PORTS[0]}.log"; fail "cold build through node 1"
+fi
+cp "$TMP/ws/bazel-bin/lib/sum.txt" "$TMP/sum-1.txt" 2>/dev/null
+sha256sum "$TMP/ws/bazel-bin/lib/big.bin" 2>/dev/null | cut -c1-64 >"$TMP/big-1.txt"
+
+# 4. a clean build through node 2 gets everything from the cache.
+(cd "$TMP/ws" && "${BAZEL[@]}" clean --expunge) >/dev/null 2>&1
+if build "${PORTS[1]}"; then
+  pass "clean build through node 2"
+else
+  tail -n 20 "$TMP/build-${PORTS[1]}.log"; fail "clean build through node 2"
+fi
+hits=$(grep -o '[0-9]* remote cache hit' "$TMP/build-${PORTS[1]}.log" | head -n1 | cut -d' ' -f1)
+if [ "${hits:-0}" = 12 ]; then
+  pass "node 2 served all 12 actions node 1 stored (12 remote cache hits)"
+else
+  grep 'processes' "$TMP/build-${PORTS[1]}.log"; fail "expected 12 remote cache hits, got '${hits:-none}'"
+fi
+if cmp -s "$TMP/ws/bazel-bin/lib/sum.txt" "$TMP/sum-1.txt" &&
+  [ "$(sha256sum "$TMP/ws/bazel-bin/lib/big.bin" | cut -c1-64)" = "$(cat "$TMP/big-1.txt")" ]; then
+  pass "outputs (the 12 MB one included) are byte-identical to the first build's"
+else
+  fail "outputs differ from the first build's"
+fi
+
+# 5. the layout in the bucket (moto lists it like S3: ListObjectsV2).
+big=$(cat "$TMP/big-1.txt")
+listing=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$S3_PORT/e2e-cache?list-type=2&prefix=ci/cas/${big:0:2}/').read().decode())")
+if echo "$listing" | grep -q "ci/cas/${big:0:2}/$big-12000000"; then
+  pass "the 12 MB blob is at ci/cas/${big:0:2}/<hash>-12000000"
+else
+  fail "the 12 MB blob is not where the README says"
+fi
+
+info "$PASSED passed, $FAILED failed"
+[ "$FAILED" -eq 0 ]
