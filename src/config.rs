@@ -325,6 +325,9 @@ pub struct S3Config {
     /// lifecycle rule, by hand) is still claimed by a node that saw it within this period.
     /// Default 10m.
     pub existence_cache_age: HumanDuration,
+    /// How often a node re-reads the namespace records, so an invalidation made through
+    /// another node is honoured here within this time. Default 2s (at least 100ms).
+    pub epoch_refresh: HumanDuration,
 }
 
 impl Default for S3Config {
@@ -343,6 +346,7 @@ impl Default for S3Config {
             retry_timeout: HumanDuration(Duration::from_secs(10)),
             existence_cache_entries: 1_000_000,
             existence_cache_age: HumanDuration(Duration::from_secs(600)),
+            epoch_refresh: HumanDuration(Duration::from_secs(2)),
         }
     }
 }
@@ -374,6 +378,9 @@ impl S3Config {
         }
         if self.request_timeout.0 < Duration::from_secs(1) {
             return Err("storage.s3.request_timeout must be at least 1s".into());
+        }
+        if self.epoch_refresh.0 < Duration::from_millis(100) {
+            return Err("storage.s3.epoch_refresh must be at least 100ms".into());
         }
         Ok(())
     }

@@ -474,10 +474,35 @@ impl ActionResults {
             state.invalidated_at = now as u64;
             state.reason = reason.to_string();
         });
-        self.store
-            .save_namespaces(std::slice::from_ref(&info), true)
-            .await?;
-        Ok(info.epoch)
+        // A store shared with other nodes may raise it further (past what they saved).
+        let saved = self.store.bump_namespace(&info).await?;
+        if saved.epoch > info.epoch {
+            self.change_state(namespace, now, |state| {
+                state.epoch = state.epoch.max(saved.epoch);
+            });
+        }
+        Ok(saved.epoch)
+    }
+
+    /// Takes in what other nodes saved of the namespaces (a store shared with them): a higher
+    /// epoch, with its reason, and a later last use. A namespace new to this node is added.
+    pub async fn refresh(&self) -> Result<()> {
+        let records = self.store.namespace_records().await?;
+        let mut states = self.states.write();
+        for info in records {
+            let state = states
+                .entry(info.name.clone())
+                .or_insert_with(|| State::new(info.last_used as u32));
+            if info.epoch > state.epoch {
+                state.epoch = info.epoch;
+                state.invalidated_at = info.invalidated_at.unwrap_or(0);
+                state.reason = info.reason.unwrap_or_default();
+            }
+            state
+                .last_used
+                .fetch_max(info.last_used.min(u32::MAX as u64) as u32, Relaxed);
+        }
+        Ok(())
     }
 
     /// Deletes `namespace`: its results and its record. Returns how many results went.
@@ -548,12 +573,22 @@ impl ActionResults {
     pub async fn upkeep(&self, stop: impl std::future::Future<Output = ()>) {
         let mut persist = tokio::time::interval(PERSIST_EVERY);
         let mut sweep = tokio::time::interval(SWEEP_EVERY);
+        // Only a store other nodes share has anything to re-read.
+        let shared = self.store.epoch_refresh();
+        let mut refresh = tokio::time::interval(shared.unwrap_or(Duration::from_secs(3600)));
+        refresh.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         persist.tick().await;
         sweep.tick().await;
+        refresh.tick().await;
         tokio::pin!(stop);
         loop {
             tokio::select! {
                 _ = &mut stop => return,
+                _ = refresh.tick(), if shared.is_some() => {
+                    if let Err(e) = self.refresh().await {
+                        log_upkeep_failure("re-reading namespace records", &e);
+                    }
+                }
                 _ = persist.tick() => {
                     if let Err(e) = self.persist().await {
                         log_upkeep_failure("saving last uses of namespaces", &e);

@@ -167,6 +167,22 @@ pub trait ActionStore: Send + Sync + 'static {
     /// the next flush (last-use times).
     async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()>;
 
+    /// Makes `info` (a namespace whose epoch was just raised by one) durable and returns what
+    /// was saved. A store other nodes share raises the epoch past whatever another node saved
+    /// meanwhile, so two concurrent invalidations stay two; the default saves it as it is.
+    async fn bump_namespace(&self, info: &NamespaceInfo) -> Result<NamespaceInfo> {
+        self.save_namespaces(std::slice::from_ref(info), true)
+            .await?;
+        Ok(info.clone())
+    }
+
+    /// For a store other nodes share: how often to re-read the namespace records, so an
+    /// invalidation made through another node is honoured here within that time. `None` (the
+    /// default): this process is the only writer.
+    fn epoch_refresh(&self) -> Option<Duration> {
+        None
+    }
+
     /// The store's clock in Unix seconds: the one `last_used` is measured by, so "idle for N"
     /// is judged on the same clock (tests move a store's clock forward).
     fn clock(&self) -> u64 {

@@ -7,7 +7,8 @@
 //! so it never overwrites a newer result written through another node. A namespace record is
 //! merged with what the bucket holds (the higher epoch and last use win) and written with
 //! `If-Match` / `If-None-Match`, retried on a conflict, so no node lowers an epoch another
-//! node raised.
+//! node raised; an invalidation writes an epoch above the bucket's, so two made at once through
+//! two nodes stay two. Nodes re-read the records every `storage.s3.epoch_refresh`.
 
 use async_trait::async_trait;
 use bytes::Bytes;
@@ -298,9 +299,17 @@ impl ActionStore for BucketStore {
     /// Every write is durable in the bucket when it returns, so `durable` changes nothing.
     async fn save_namespaces(&self, records: &[NamespaceInfo], _durable: bool) -> Result<()> {
         for record in records {
-            self.save_namespace(record).await?;
+            self.save_namespace(record, false).await?;
         }
         Ok(())
+    }
+
+    async fn bump_namespace(&self, info: &NamespaceInfo) -> Result<NamespaceInfo> {
+        self.save_namespace(info, true).await
+    }
+
+    fn epoch_refresh(&self) -> Option<std::time::Duration> {
+        Some(self.inner.epoch_refresh)
     }
 
     fn clock(&self) -> u64 {
@@ -309,8 +318,11 @@ impl ActionStore for BucketStore {
 }
 
 impl BucketStore {
-    /// Writes one namespace record merged with the bucket's (see the module doc).
-    async fn save_namespace(&self, record: &NamespaceInfo) -> Result<()> {
+    /// Writes one namespace record merged with the bucket's (see the module doc) and returns
+    /// what was written. `bump`: `record` raised its epoch by one over what this node knew;
+    /// the epoch written is then above the bucket's too, whatever another node wrote meanwhile,
+    /// so two invalidations never collapse into one epoch.
+    async fn save_namespace(&self, record: &NamespaceInfo, bump: bool) -> Result<NamespaceInfo> {
         let path = self.inner.namespace_path(&record.name);
         for _ in 0..CONFLICT_TRIES {
             let (value, mode) = match self.inner.bucket.get(&path).await {
@@ -322,11 +334,16 @@ impl BucketStore {
                         .map_err(|e| bucket_error("reading a namespace record", e))?;
                     let theirs = serde_json::from_slice::<NamespaceInfo>(&bytes).ok();
                     let value = match &theirs {
+                        Some(theirs) if bump && theirs.epoch >= record.epoch => NamespaceInfo {
+                            epoch: theirs.epoch + 1,
+                            last_used: record.last_used.max(theirs.last_used),
+                            ..record.clone()
+                        },
                         Some(theirs) => merged(record.clone(), theirs),
                         None => record.clone(),
                     };
-                    if theirs.as_ref() == Some(&value) {
-                        return Ok(());
+                    if let Some(theirs) = theirs.filter(|t| *t == value) {
+                        return Ok(theirs);
                     }
                     let mode = match etag {
                         Some(e_tag) => PutMode::Update(UpdateVersion {
@@ -352,7 +369,7 @@ impl BucketStore {
                 .put_opts(&path, Bytes::from(json).into(), options)
                 .await
             {
-                Ok(_) => return Ok(()),
+                Ok(_) => return Ok(value),
                 // Another node wrote it meanwhile: merge with that and try again.
                 Err(object_store::Error::Precondition { .. })
                 | Err(object_store::Error::AlreadyExists { .. }) => continue,

@@ -62,6 +62,8 @@ struct Inner {
     /// For messages: `s3://bucket/prefix`.
     name: String,
     seen: Existence,
+    /// `storage.s3.epoch_refresh`.
+    epoch_refresh: Duration,
     clock: Clock,
     /// What the last listing counted, for `stats`.
     counted: Mutex<Counted>,
@@ -95,6 +97,7 @@ impl BucketStore {
                 root,
                 name,
                 seen: Existence::new(s3.existence_cache_entries, s3.existence_cache_age.0),
+                epoch_refresh: s3.epoch_refresh.0,
                 clock: Clock::default(),
                 counted: Mutex::new(Counted::default()),
             }),
