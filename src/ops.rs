@@ -96,21 +96,28 @@ where
             });
         }
         let probe = match (request.method(), request.uri().path()) {
-            (&Method::GET | &Method::HEAD, "/healthz") => Some((StatusCode::OK, "ok\n")),
+            (&Method::GET | &Method::HEAD, "/healthz") => Some((StatusCode::OK, "ok\n".into())),
             (&Method::GET | &Method::HEAD, "/metrics") => Some((
                 StatusCode::NOT_FOUND,
-                "not found: metrics are off (telemetry.metrics = false)\n",
+                "not found: metrics are off (telemetry.metrics = false)\n".into(),
             )),
             (&Method::GET | &Method::HEAD, "/readyz") => Some(match self.health.state() {
-                State::Serving => (StatusCode::OK, "ready\n"),
-                State::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n"),
-                State::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n"),
+                State::Serving => match self.health.degraded() {
+                    None => (StatusCode::OK, "ready\n".into()),
+                    Some(why) => (
+                        StatusCode::SERVICE_UNAVAILABLE,
+                        format!("degraded: {why}\n"),
+                    ),
+                },
+                State::Starting => (StatusCode::SERVICE_UNAVAILABLE, "starting\n".into()),
+                State::Draining => (StatusCode::SERVICE_UNAVAILABLE, "draining\n".into()),
             }),
             // gRPC calls go on (health answers; anything else is UNIMPLEMENTED there).
             _ if is_grpc(&request) => None,
             _ => Some((
                 StatusCode::NOT_FOUND,
-                "not found: the ops port serves /healthz, /readyz, /metrics and grpc.health.v1\n",
+                "not found: the ops port serves /healthz, /readyz, /metrics and grpc.health.v1\n"
+                    .into(),
             )),
         };
         match probe {
@@ -128,8 +135,8 @@ fn is_grpc<B>(request: &Request<B>) -> bool {
         .is_some_and(|v| v.starts_with("application/grpc"))
 }
 
-fn plain(status: StatusCode, text: &'static str) -> Response<tonic::body::Body> {
-    let mut response = Response::new(tonic::body::Body::new(text.to_string()));
+fn plain(status: StatusCode, text: String) -> Response<tonic::body::Body> {
+    let mut response = Response::new(tonic::body::Body::new(text));
     *response.status_mut() = status;
     response.headers_mut().insert(
         http::header::CONTENT_TYPE,

@@ -441,12 +441,13 @@ async fn serve_all(
     result
 }
 
-/// Keeps the `hoard.Writes` health status in step with the store.
+/// Keeps the `hoard.Writes` health status, and `/readyz`'s view of the store, in step with it.
 async fn report_writability(store: Arc<dyn Housekeeping>, health: HealthReporter) {
     let mut ticks = tokio::time::interval(Duration::from_secs(1));
     loop {
         ticks.tick().await;
         health.set_writable(store.write_refusal().is_none());
+        health.set_degraded(store.unavailable());
     }
 }
 

@@ -55,6 +55,8 @@ pub enum State {
 #[derive(Clone)]
 pub struct HealthReporter {
     serving: std::sync::Arc<watch::Sender<Condition>>,
+    /// Why the store cannot serve right now (`Housekeeping::unavailable`), for `/readyz`.
+    degraded: std::sync::Arc<parking_lot::Mutex<Option<String>>>,
 }
 
 /// What health reports are derived from.
@@ -75,7 +77,18 @@ impl HealthReporter {
                 })
                 .0,
             ),
+            degraded: Default::default(),
         }
+    }
+
+    /// Records why the store cannot serve, or `None` once it can again.
+    pub fn set_degraded(&self, why: Option<String>) {
+        *self.degraded.lock() = why;
+    }
+
+    /// Why the store cannot serve right now, if it cannot (for `/readyz`).
+    pub fn degraded(&self) -> Option<String> {
+        self.degraded.lock().clone()
     }
 
     pub fn set(&self, state: State) {

@@ -124,6 +124,10 @@ impl<C: Cas + ?Sized, H: Housekeeping + ?Sized> Housekeeping for Counting<C, H> 
         self.housekeeping.write_refusal()
     }
 
+    fn unavailable(&self) -> Option<String> {
+        self.housekeeping.unavailable()
+    }
+
     async fn flush(&self) -> Result<()> {
         self.housekeeping.flush().await
     }

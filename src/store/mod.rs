@@ -218,6 +218,12 @@ pub trait Housekeeping: Send + Sync + 'static {
     /// retention), if they are. Cheap: readiness probes ask it.
     fn write_refusal(&self) -> Option<String>;
 
+    /// Why the store cannot serve at all right now (its object store does not answer), if it
+    /// cannot: `/readyz` then answers 503 with this. Cheap. The default: always can.
+    fn unavailable(&self) -> Option<String> {
+        None
+    }
+
     /// Makes everything written so far durable (called on shutdown).
     async fn flush(&self) -> Result<()>;
 }

@@ -25,7 +25,7 @@ async fn ops_channel(server: &TestServer) -> Channel {
 }
 
 /// `GET path` over HTTP/1.1 on `addr`: the status code and the body.
-async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
+pub async fn http_get(addr: std::net::SocketAddr, path: &str) -> (u16, String) {
     let mut conn = TcpStream::connect(addr).await.expect("connect");
     let request = format!("GET {path} HTTP/1.1\r\nHost: hoard\r\nConnection: close\r\n\r\n");
     conn.write_all(request.as_bytes()).await.expect("send");

@@ -347,7 +347,23 @@ async fn an_outage_of_the_bucket_answers_unavailable_with_a_message_and_passes()
     let (a, _d) = node(&s3, "o", |_| {}).await;
     let stored = blob(2000, 9);
     batch_put(&a, "", &[&stored]).await;
+    let ops = a.ops_addr();
+    assert_eq!(crate::ops::http_get(ops, "/readyz").await.0, 200);
     s3.down.store(true, Ordering::SeqCst);
+    // The background probe (every 2 s) turns /readyz to 503, saying why.
+    let seen = std::time::Instant::now();
+    loop {
+        let (code, body) = crate::ops::http_get(ops, "/readyz").await;
+        if code == 503 {
+            assert!(body.starts_with("degraded: the object store"), "{body}");
+            break;
+        }
+        assert!(
+            seen.elapsed() < Duration::from_secs(10),
+            "/readyz still {code} {body}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     let started = std::time::Instant::now();
     let err = a
         .cas()
@@ -376,8 +392,16 @@ async fn an_outage_of_the_bucket_answers_unavailable_with_a_message_and_passes()
         .await
         .expect_err("the bucket is down");
     assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
-    // Back: the same node serves again, no restart.
+    // Back: the same node serves again, no restart, and says it is ready.
     s3.down.store(false, Ordering::SeqCst);
+    let back = std::time::Instant::now();
+    while crate::ops::http_get(ops, "/readyz").await.0 != 200 {
+        assert!(
+            back.elapsed() < Duration::from_secs(10),
+            "/readyz stays 503"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
     assert_eq!(
         download(&a, &read_name("", &digest_of(&stored)), 0, 0)
             .await

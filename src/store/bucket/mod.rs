@@ -48,6 +48,8 @@ use crate::error::{Error, Result};
 const PARALLEL: usize = 32;
 /// How often the background task lists the bucket for `stats` (never on a request path).
 const COUNT_EVERY: Duration = Duration::from_secs(600);
+/// How often the background task asks the bucket whether it answers (for `/readyz`).
+const PROBE_EVERY: Duration = Duration::from_secs(2);
 
 /// A bucket-backed store; cheap to clone (clones share everything).
 #[derive(Clone)]
@@ -67,6 +69,8 @@ struct Inner {
     clock: Clock,
     /// What the last listing counted, for `stats`.
     counted: Mutex<Counted>,
+    /// Why the bucket did not answer the last probe, while it does not.
+    down: Mutex<Option<String>>,
 }
 
 #[derive(Clone, Copy, Default)]
@@ -100,6 +104,7 @@ impl BucketStore {
                 epoch_refresh: s3.epoch_refresh.0,
                 clock: Clock::default(),
                 counted: Mutex::new(Counted::default()),
+                down: Mutex::new(None),
             }),
         }
     }
@@ -515,6 +520,7 @@ impl Housekeeping for BucketStore {
             action_results: c.action_results,
             action_result_bytes: c.action_result_bytes,
             used_bytes: c.blob_bytes + c.action_result_bytes,
+            write_refusal: self.unavailable(),
             ..StoreStats::default()
         })
     }
@@ -574,14 +580,31 @@ impl Housekeeping for BucketStore {
         Ok(report)
     }
 
-    /// Counts what the bucket holds for `stats`, now and every [`COUNT_EVERY`].
+    /// Asks the bucket whether it answers every [`PROBE_EVERY`] (for `/readyz` and the
+    /// `hoard.Writes` health status), and counts what it holds for `stats` every
+    /// [`COUNT_EVERY`].
     async fn maintain(&self) {
+        let mut counted_at: Option<Instant> = None;
         loop {
-            match self.count().await {
-                Ok(c) => *self.inner.counted.lock() = c,
-                Err(e) => tracing::warn!(error = %e, "cannot list the object store for stats"),
+            let down = self.probe().await;
+            if down.is_some() != self.inner.down.lock().is_some() {
+                match &down {
+                    Some(why) => tracing::warn!(why, "the object store does not answer"),
+                    None => tracing::info!("the object store answers again"),
+                }
             }
-            tokio::time::sleep(COUNT_EVERY).await;
+            let reachable = down.is_none();
+            *self.inner.down.lock() = down;
+            if reachable && counted_at.is_none_or(|at| at.elapsed() >= COUNT_EVERY) {
+                match self.count().await {
+                    Ok(c) => {
+                        *self.inner.counted.lock() = c;
+                        counted_at = Some(Instant::now());
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot list the object store for stats"),
+                }
+            }
+            tokio::time::sleep(PROBE_EVERY).await;
         }
     }
 
@@ -592,7 +615,11 @@ impl Housekeeping for BucketStore {
     }
 
     fn write_refusal(&self) -> Option<String> {
-        None
+        self.unavailable()
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.inner.down.lock().clone()
     }
 
     /// Every acknowledged write is in the bucket already.
@@ -602,6 +629,18 @@ impl Housekeeping for BucketStore {
 }
 
 impl BucketStore {
+    /// `None` if the bucket answers (a HEAD of a key that need not exist), else why not.
+    async fn probe(&self) -> Option<String> {
+        let key = self.inner.root.clone().join("health-probe");
+        match self.inner.bucket.head(&key).await {
+            Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
+            Err(e) => Some(format!(
+                "the object store {} does not answer: {e}",
+                self.inner.name
+            )),
+        }
+    }
+
     async fn count(&self) -> Result<Counted> {
         let inner = &self.inner;
         let mut c = Counted::default();
