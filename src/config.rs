@@ -309,8 +309,9 @@ pub struct S3Config {
     pub credentials_file: Option<PathBuf>,
     /// The profile of `credentials_file` to read. Default `"default"`.
     pub profile: String,
-    /// How long one request to the bucket may take before it is retried (or the call fails
-    /// with DEADLINE_EXCEEDED / UNAVAILABLE). Default 30s.
+    /// How long the bucket may keep a request waiting for its answer or for the next bytes of
+    /// a body before the request is retried (then the call fails with UNAVAILABLE). A long
+    /// download that keeps moving is never cut off. Default 30s.
     pub request_timeout: HumanDuration,
     /// Retries of a failed request (5xx, timeouts, connection errors), with exponential
     /// backoff from 100 ms, all within `retry_timeout`. Default 3.

@@ -47,8 +47,27 @@ fn segment(namespace: &str) -> String {
     format!("ns.{namespace}")
 }
 
-fn namespace_of(segment: &str) -> Option<&str> {
-    segment.strip_prefix("ns.")
+/// The namespace a key segment names. Keys hold segments percent-encoded (object_store
+/// encodes a namespace's `/` and other characters S3 keys should not carry), so the segment
+/// is decoded first.
+fn namespace_of(segment: &str) -> Option<String> {
+    let raw = segment.as_bytes();
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        if raw[i] == b'%' {
+            let hex = std::str::from_utf8(raw.get(i + 1..i + 3)?).ok()?;
+            out.push(u8::from_str_radix(hex, 16).ok()?);
+            i += 3;
+        } else {
+            out.push(raw[i]);
+            i += 1;
+        }
+    }
+    String::from_utf8(out)
+        .ok()?
+        .strip_prefix("ns.")
+        .map(str::to_string)
 }
 
 impl Inner {
@@ -97,22 +116,19 @@ impl Inner {
         Ok(true)
     }
 
-    /// Deletes the objects under `prefix`; how many there were.
+    /// Deletes the objects under `prefix` as the listing streams in; how many there were.
     async fn delete_all(&self, prefix: &Path) -> Result<u64> {
-        let listed: Vec<_> = self
+        let paths = self
             .bucket
             .list(Some(prefix))
             .map_ok(|meta| meta.location)
-            .try_collect()
-            .await
-            .map_err(|e| bucket_error("listing action results", e))?;
-        let count = listed.len() as u64;
-        let paths = futures::stream::iter(listed.into_iter().map(Ok)).boxed();
-        self.bucket
-            .delete_stream(paths)
-            .try_collect::<Vec<_>>()
-            .await
-            .map_err(|e| bucket_error("deleting action results", e))?;
+            .boxed();
+        let mut deleted = self.bucket.delete_stream(paths);
+        let mut count = 0;
+        while let Some(done) = deleted.next().await {
+            done.map_err(|e| bucket_error("deleting action results", e))?;
+            count += 1;
+        }
         Ok(count)
     }
 }
@@ -230,17 +246,21 @@ impl ActionStore for BucketStore {
     /// a cache's results, and what keeps `ac_ttl` and invalidation reclaiming space.
     async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
         let inner = &self.inner;
-        let listed: Vec<_> = inner
+        // Streamed: a page of the listing at a time, never the whole `ac/` in memory.
+        let mut listing = inner
             .bucket
             .list(Some(&inner.root.clone().join("ac")))
-            .try_collect()
-            .await
-            .map_err(|e| bucket_error("sweep: listing action results", e))?;
+            .chunks(PARALLEL);
         let mut removed = 0;
-        for chunk in listed.chunks(PARALLEL) {
-            let records: Vec<_> = futures::future::try_join_all(chunk.iter().map(|meta| async {
-                let record = inner.record_at(&meta.location).await?;
-                Ok::<_, Error>((meta.location.clone(), record))
+        while let Some(metas) = listing.next().await {
+            let paths = metas
+                .into_iter()
+                .map(|m| m.map(|m| m.location))
+                .collect::<object_store::Result<Vec<_>>>()
+                .map_err(|e| bucket_error("sweep: listing action results", e))?;
+            let records = futures::future::try_join_all(paths.into_iter().map(|path| async {
+                let record = inner.record_at(&path).await?;
+                Ok::<_, Error>((path, record))
             }))
             .await?;
             for (path, record) in records {
@@ -248,7 +268,7 @@ impl ActionStore for BucketStore {
                 let namespace = parts
                     .len()
                     .checked_sub(2)
-                    .and_then(|i| namespace_of(parts[i].as_ref()).map(str::to_string));
+                    .and_then(|i| namespace_of(parts[i].as_ref()));
                 let name_ok = path.filename().and_then(parse_blob_name).is_some();
                 let is_dead = match (&namespace, &record) {
                     (Some(ns), Some((r, _))) if name_ok => dead(ns, r),
@@ -388,6 +408,25 @@ mod tests {
     use super::{decode, encode, merged};
     use crate::store::{ActionRecord, NamespaceInfo};
     use bytes::Bytes;
+
+    #[test]
+    fn a_namespace_survives_its_trip_through_a_key() {
+        for ns in [
+            "",
+            "ci/main",
+            "projects/x/instances/default",
+            "a b+c=d@e~f,g%h",
+        ] {
+            let path = object_store::path::Path::from("ac").join(super::segment(ns));
+            let part = path.parts().last().unwrap();
+            assert_eq!(
+                super::namespace_of(part.as_ref()).as_deref(),
+                Some(ns),
+                "{path}"
+            );
+        }
+        assert_eq!(super::namespace_of("other"), None);
+    }
 
     #[test]
     fn records_round_trip() {

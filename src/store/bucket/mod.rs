@@ -23,7 +23,6 @@ mod actions;
 mod upload;
 
 use std::collections::HashMap;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -119,8 +118,11 @@ fn build_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3> {
     // `with_client_options` would reset it.
     let mut builder = AmazonS3Builder::from_env()
         .with_client_options(
+            // No limit on a whole request: a large blob read as slowly as its client takes it
+            // would be cut off. A bucket that stops sending for request_timeout is.
             ClientOptions::new()
-                .with_timeout(s3.request_timeout.0)
+                .with_timeout_disabled()
+                .with_read_timeout(s3.request_timeout.0)
                 .with_connect_timeout(Duration::from_secs(5)),
         )
         .with_bucket_name(&s3.bucket)
@@ -243,11 +245,11 @@ impl Inner {
         }
     }
 
-    /// Stores verified bytes, unless the bucket has them already.
+    /// Stores verified bytes. Always written, never skipped on the existence cache's word: a
+    /// client uploads a blob because it was told it is missing (another node may have found
+    /// it damaged, a lifecycle rule may have expired it), and a PUT of a small blob costs
+    /// what a HEAD would. Writing it again also renews its age for the bucket's lifecycle.
     async fn put_verified(&self, digest: &Digest, data: Bytes) -> Result<()> {
-        if self.exists(digest).await? {
-            return Ok(());
-        }
         self.bucket
             .put(&self.blob_path(digest), data.into())
             .await
@@ -260,7 +262,9 @@ impl Inner {
     async fn drop_damaged(&self, digest: &Digest, why: &str) {
         tracing::warn!(%digest, why, "blob in the object store is damaged; deleting it");
         self.seen.remove(digest);
-        let _ = self.bucket.delete(&self.blob_path(digest)).await;
+        if let Err(e) = self.bucket.delete(&self.blob_path(digest)).await {
+            tracing::warn!(%digest, error = %e, "cannot delete the damaged blob; every read of it will fail until it is uploaded again");
+        }
     }
 }
 
@@ -386,6 +390,12 @@ impl Cas for BucketStore {
             }
             Err(e) => return Err(bucket_error(format!("reading blob {digest}"), e)),
         };
+        if got.meta.size != digest.size {
+            self.inner
+                .drop_damaged(digest, "object has the wrong size")
+                .await;
+            return Ok(None);
+        }
         let data = got
             .bytes()
             .await
@@ -533,48 +543,66 @@ impl Housekeeping for BucketStore {
         )))
     }
 
+    /// Re-hashes every blob as it streams (never a whole blob in memory), a few at a time,
+    /// and deletes the ones that do not match their name. Objects under `cas/` whose names are
+    /// not `<hash>-<size>` are not ours: they are logged and left alone.
     async fn verify(&self) -> Result<VerifyReport> {
         let inner = &self.inner;
-        let listed: Vec<_> = inner
+        let mut listing = inner
             .bucket
             .list(Some(&inner.root.clone().join("cas")))
-            .try_collect()
-            .await
-            .map_err(|e| bucket_error("verify: listing the blobs", e))?;
+            .chunks(PARALLEL / 4);
         let mut report = VerifyReport::default();
-        let checks = futures::stream::iter(listed.into_iter().map(|meta| async move {
-            let name = meta.location.filename().unwrap_or_default().to_string();
-            let digest = parse_blob_name(&name);
-            let ok = match &digest {
-                Some(d) => match inner.bucket.get(&meta.location).await {
-                    Ok(got) => match got.bytes().await {
-                        Ok(data) => verify(*d, &data).is_ok(),
-                        Err(e) => return Err(bucket_error(format!("verify: reading {name}"), e)),
-                    },
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(bucket_error(format!("verify: reading {name}"), e)),
-                },
-                None => false,
-            };
-            if !ok {
-                inner
-                    .bucket
-                    .delete(&meta.location)
-                    .await
-                    .map_err(|e| bucket_error(format!("verify: deleting damaged {name}"), e))?;
-                if let Some(d) = &digest {
-                    inner.seen.remove(d);
+        while let Some(metas) = listing.next().await {
+            let mut batch = Vec::with_capacity(metas.len());
+            for meta in metas {
+                let meta = meta.map_err(|e| bucket_error("verify: listing the blobs", e))?;
+                let name = meta.location.filename().unwrap_or_default().to_string();
+                match parse_blob_name(&name) {
+                    Some(digest) => batch.push((meta.location, name, digest)),
+                    None => {
+                        tracing::warn!(path = %meta.location, "verify: not a blob of ours; left alone")
+                    }
                 }
             }
-            Ok(Some((name, meta.size, ok)))
-        }))
-        .buffer_unordered(PARALLEL / 4);
-        let results: Vec<_> = checks.try_collect().await?;
-        for (name, size, ok) in results.into_iter().flatten() {
-            report.checked_blobs += 1;
-            report.checked_bytes += size;
-            if !ok {
-                report.corrupt.push(name);
+            let checks = batch.into_iter().map(|(path, name, digest)| async move {
+                let ok = match inner.bucket.get(&path).await {
+                    Ok(got) => {
+                        let mut body = got.into_stream();
+                        let mut hasher = Sha256::new();
+                        let mut len = 0u64;
+                        while let Some(chunk) = body.next().await {
+                            let chunk = chunk
+                                .map_err(|e| bucket_error(format!("verify: reading {name}"), e))?;
+                            len += chunk.len() as u64;
+                            hasher.update(&chunk);
+                        }
+                        len == digest.size && hasher.finalize()[..] == digest.hash[..]
+                    }
+                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
+                    Err(e) => return Err(bucket_error(format!("verify: reading {name}"), e)),
+                };
+                if !ok {
+                    inner
+                        .bucket
+                        .delete(&path)
+                        .await
+                        .map_err(|e| bucket_error(format!("verify: deleting damaged {name}"), e))?;
+                    inner.seen.remove(&digest);
+                }
+                Ok::<_, Error>(Some((name, digest.size, ok)))
+            });
+            for checked in futures::future::try_join_all(checks)
+                .await?
+                .into_iter()
+                .flatten()
+            {
+                let (name, size, ok) = checked;
+                report.checked_blobs += 1;
+                report.checked_bytes += size;
+                if !ok {
+                    report.corrupt.push(name);
+                }
             }
         }
         Ok(report)
@@ -673,34 +701,36 @@ fn parse_blob_name(name: &str) -> Option<Digest> {
 /// Blobs this node has seen in the bucket, each for at most `max_age`, at most `capacity` of
 /// them. Only positive answers: a blob can vanish from the bucket (lifecycle rules, a delete
 /// by hand), and a node may claim it for at most `max_age` after; a "missing" is never kept,
-/// so an upload through another node is found at once.
+/// so an upload through another node is found at once. The oldest sighting goes first when
+/// it is full (a queue in sighting order: O(1) per insert, never a scan under the lock).
 struct Existence {
-    map: Mutex<HashMap<Digest, Instant>>,
+    inner: Mutex<Sightings>,
     capacity: usize,
     max_age: Duration,
-    /// Lookups answered from the map, for the cost figures in BENCHMARKS.md.
-    hits: AtomicU64,
+}
+
+#[derive(Default)]
+struct Sightings {
+    at: HashMap<Digest, Instant>,
+    /// Every sighting in order; one whose time no longer matches `at` was renewed since.
+    order: std::collections::VecDeque<(Digest, Instant)>,
 }
 
 impl Existence {
     fn new(capacity: usize, max_age: Duration) -> Self {
         Existence {
-            map: Mutex::new(HashMap::new()),
+            inner: Mutex::new(Sightings::default()),
             capacity,
             max_age,
-            hits: AtomicU64::new(0),
         }
     }
 
     fn contains(&self, digest: &Digest) -> bool {
-        let mut map = self.map.lock();
-        match map.get(digest) {
-            Some(at) if at.elapsed() < self.max_age => {
-                self.hits.fetch_add(1, Relaxed);
-                true
-            }
+        let mut s = self.inner.lock();
+        match s.at.get(digest) {
+            Some(at) if at.elapsed() < self.max_age => true,
             Some(_) => {
-                map.remove(digest);
+                s.at.remove(digest);
                 false
             }
             None => false,
@@ -711,24 +741,28 @@ impl Existence {
         if self.capacity == 0 || self.max_age.is_zero() {
             return;
         }
-        let mut map = self.map.lock();
-        if map.len() >= self.capacity && !map.contains_key(&digest) {
-            // Full: the expired go first; if none had, the older half of what is left.
-            let max_age = self.max_age;
-            map.retain(|_, at| at.elapsed() < max_age);
-            if map.len() >= self.capacity {
-                let mut ages: Vec<Instant> = map.values().copied().collect();
-                let mid = ages.len() / 2;
-                let (_, cut, _) = ages.select_nth_unstable(mid);
-                let cut = *cut;
-                map.retain(|_, at| *at > cut);
+        let now = Instant::now();
+        let mut s = self.inner.lock();
+        s.at.insert(digest, now);
+        s.order.push_back((digest, now));
+        // Drop sightings past the bound, and renewed ones, from the front.
+        while s.at.len() > self.capacity || s.order.len() > 2 * self.capacity {
+            let Some((old, when)) = s.order.pop_front() else {
+                break;
+            };
+            if s.at.get(&old) == Some(&when) {
+                s.at.remove(&old);
             }
         }
-        map.insert(digest, Instant::now());
     }
 
     fn remove(&self, digest: &Digest) {
-        self.map.lock().remove(digest);
+        self.inner.lock().at.remove(digest);
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.inner.lock().at.len()
     }
 }
 
@@ -744,10 +778,20 @@ mod tests {
         let digests: Vec<Digest> = (0..250u32).map(|i| Digest::of(&i.to_le_bytes())).collect();
         for d in &digests {
             seen.insert(*d);
-            assert!(seen.map.lock().len() <= 100);
+            assert!(seen.len() <= 100);
         }
-        // The newest is always kept.
-        assert!(seen.contains(&digests[249]));
+        // The newest are kept, the oldest went first.
+        assert!(seen.contains(&digests[249]) && seen.contains(&digests[150]));
+        assert!(!seen.contains(&digests[149]) && !seen.contains(&digests[0]));
+        // A renewed sighting outlives its first place in the queue.
+        let renew = Existence::new(3, Duration::from_secs(60));
+        for d in &digests[..3] {
+            renew.insert(*d);
+        }
+        renew.insert(digests[0]);
+        renew.insert(digests[3]);
+        assert!(renew.contains(&digests[0]), "renewed, so not the oldest");
+        assert!(!renew.contains(&digests[1]), "the oldest sighting went");
         let aged = Existence::new(100, Duration::from_millis(20));
         aged.insert(digests[0]);
         assert!(aged.contains(&digests[0]));

@@ -32,6 +32,9 @@ pub(super) struct BucketUpload {
     small: BytesMut,
     /// The multipart upload, once the bytes outgrew one part.
     multipart: Option<WriteMultipart>,
+    /// An append failed: bytes may be missing from the bucket's copy, so nothing more is
+    /// taken and nothing is committed.
+    failed: bool,
 }
 
 impl BucketUpload {
@@ -43,6 +46,7 @@ impl BucketUpload {
             received: 0,
             small: BytesMut::new(),
             multipart: None,
+            failed: false,
         }
     }
 
@@ -65,6 +69,34 @@ impl Upload for BucketUpload {
     }
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
+        if self.failed {
+            return Err(self.broken());
+        }
+        let result = self.try_append(data).await;
+        if result.is_err() {
+            self.failed = true;
+            self.abort();
+        }
+        result
+    }
+
+    async fn commit(mut self: Box<Self>) -> Result<()> {
+        if self.failed {
+            return Err(self.broken());
+        }
+        self.try_commit().await
+    }
+}
+
+impl BucketUpload {
+    fn broken(&self) -> crate::error::Error {
+        crate::error::Error::Aborted(format!(
+            "upload of {} failed part-way; start it again at offset 0",
+            self.digest
+        ))
+    }
+
+    async fn try_append(&mut self, data: Bytes) -> Result<()> {
         // Refuses bytes beyond the declared size.
         self.verifier.update(&data)?;
         self.received += data.len() as u64;
@@ -87,14 +119,13 @@ impl Upload for BucketUpload {
         if let Some(writer) = self.multipart.as_mut() {
             writer.put(data);
             if let Err(e) = writer.wait_for_capacity(IN_FLIGHT).await {
-                self.abort();
                 return Err(bucket_error(format!("uploading blob {}", self.digest), e));
             }
         }
         Ok(())
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<()> {
+    async fn try_commit(mut self: Box<Self>) -> Result<()> {
         let verifier = std::mem::replace(&mut self.verifier, Verifier::new(self.digest));
         if let Err(e) = verifier.finish() {
             self.abort();
