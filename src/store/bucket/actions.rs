@@ -418,7 +418,7 @@ mod tests {
             "a b+c=d@e~f,g%h",
         ] {
             let path = object_store::path::Path::from("ac").join(super::segment(ns));
-            let part = path.parts().last().unwrap();
+            let part = path.parts().next_back().unwrap();
             assert_eq!(
                 super::namespace_of(part.as_ref()).as_deref(),
                 Some(ns),
