@@ -496,3 +496,78 @@ async fn invalidations_through_two_nodes_from_stale_views_are_both_kept() {
     assert!(lookup_result(&c, "ci/main", &action).await.is_none());
     assert!(lookup_result(&b, "ci/main", &action).await.is_none());
 }
+
+#[tokio::test]
+async fn an_upload_broken_off_on_one_node_resumes_on_another() {
+    use hoard::proto::bytestream::QueryWriteStatusRequest;
+    let s3 = S3::start().await;
+    let (a, _da) = node(&s3, "w", |_| {}).await;
+    let (b, _db) = node(&s3, "w", |_| {}).await;
+    let data = blob((20 << 20) + 12345, 11);
+    let d = digest_of(&data);
+    let name = write_name("", "resumed-upload", &d);
+    // 12 MiB through node a, then the stream ends without finish_write.
+    let mut first = crate::common::write_requests(&name, &data[..12 << 20], 0, 1 << 20);
+    if let Some(last) = first.last_mut() {
+        last.finish_write = false;
+    }
+    let broke = a.bytestream().write(futures::stream::iter(first)).await;
+    assert!(broke.is_err(), "an unfinished write is not a success");
+    // Node b knows how far it got: the bytes in saved parts (one 8 MiB part).
+    let status = b
+        .bytestream()
+        .query_write_status(QueryWriteStatusRequest {
+            resource_name: name.clone(),
+        })
+        .await
+        .expect("QueryWriteStatus")
+        .into_inner();
+    assert_eq!(status.committed_size, 8 << 20);
+    assert!(!status.complete);
+    // A resume at the wrong offset is refused, saying where to resume.
+    let err = write_blob(&b, &name, &data, 1 << 20, 1 << 20)
+        .await
+        .expect_err("wrong offset");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert!(
+        err.message().contains("resume at offset 8388608"),
+        "{err:?}"
+    );
+    // The resume through node b completes the blob, readable through node a.
+    let done = write_blob(&b, &name, &data, 8 << 20, 1 << 20)
+        .await
+        .expect("resumed write")
+        .into_inner();
+    assert_eq!(done.committed_size, data.len() as i64);
+    assert_eq!(
+        download(&a, &read_name("", &d), 0, 0).await.expect("read"),
+        data
+    );
+    assert!(
+        s3.keys("w/uploads").is_empty(),
+        "the upload's state is gone"
+    );
+}
+
+#[tokio::test]
+async fn a_resumed_upload_with_wrong_bytes_stores_nothing() {
+    let s3 = S3::start().await;
+    let (a, _da) = node(&s3, "v", |_| {}).await;
+    let (b, _db) = node(&s3, "v", |_| {}).await;
+    let data = blob(17 << 20, 12);
+    let d = digest_of(&data);
+    let name = write_name("", "bad-resume", &d);
+    let mut first = crate::common::write_requests(&name, &data[..9 << 20], 0, 1 << 20);
+    if let Some(last) = first.last_mut() {
+        last.finish_write = false;
+    }
+    let _ = a.bytestream().write(futures::stream::iter(first)).await;
+    let mut bad = data.clone();
+    bad[12 << 20] ^= 1;
+    let err = write_blob(&b, &name, &bad, 8 << 20, 1 << 20)
+        .await
+        .expect_err("wrong bytes");
+    assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
+    assert_eq!(s3.keys("v/cas"), Vec::<String>::new(), "nothing stored");
+    assert!(s3.keys("v/uploads").is_empty(), "and nothing to resume");
+}

@@ -7,6 +7,8 @@
 //!   page to one prefix, and the name alone says what the bytes must hash to.
 //! - `ac/ns.<namespace>/<hash>-<size>`: an action record (`actions.rs`).
 //! - `namespaces/ns.<namespace>`: a namespace record, JSON (`actions.rs`).
+//! - `uploads/<upload id>-<hash>-<size>`: the state of a large upload, so a Write broken off
+//!   on one node resumes on any (`upload.rs`).
 //!
 //! Promises, as for the other backends: a blob becomes visible only whole and verified (a
 //! streamed upload goes to a multipart upload that is completed only once the bytes hash to
@@ -30,6 +32,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
+use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
@@ -58,6 +61,8 @@ pub struct BucketStore {
 
 struct Inner {
     bucket: Arc<dyn ObjectStore>,
+    /// The same bucket's multipart API, for uploads that resume (`upload.rs`).
+    parts: Arc<dyn MultipartStore>,
     /// `storage.s3.prefix` as a path (empty for none).
     root: Path,
     /// For messages: `s3://bucket/prefix`.
@@ -87,8 +92,8 @@ impl BucketStore {
         Ok(Self::with_bucket(Arc::new(bucket), s3))
     }
 
-    /// A store over any object store (the S3 client of `from_config`, or another in tests).
-    pub fn with_bucket(bucket: Arc<dyn ObjectStore>, s3: &S3Config) -> Self {
+    /// A store over any object store with a multipart API (the S3 client of `from_config`).
+    pub fn with_bucket<B: ObjectStore + MultipartStore>(bucket: Arc<B>, s3: &S3Config) -> Self {
         let root = Path::from(s3.prefix.as_str());
         let name = match s3.prefix.as_str() {
             "" => format!("s3://{}", s3.bucket),
@@ -96,7 +101,8 @@ impl BucketStore {
         };
         BucketStore {
             inner: Arc::new(Inner {
-                bucket,
+                bucket: bucket.clone(),
+                parts: bucket,
                 root,
                 name,
                 seen: Existence::new(s3.existence_cache_entries, s3.existence_cache_age.0),
@@ -362,20 +368,13 @@ impl Cas for BucketStore {
         digest: &Digest,
         offset: u64,
     ) -> Result<Box<dyn Upload>> {
-        if offset > 0 {
-            return Err(Error::InvalidArgument(format!(
-                "write_offset {offset} for upload {upload_id} of {digest}: the s3 backend does \
-                 not resume uploads yet, so the write must start at offset 0"
-            )));
-        }
-        Ok(Box::new(upload::BucketUpload::new(
-            self.inner.clone(),
-            *digest,
-        )))
+        let upload =
+            upload::BucketUpload::begin(self.inner.clone(), upload_id, *digest, offset).await?;
+        Ok(Box::new(upload))
     }
 
-    async fn upload_progress(&self, _upload_id: &str, _digest: &Digest) -> Result<Option<u64>> {
-        Ok(None)
+    async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>> {
+        self.inner.upload_progress(upload_id, digest).await
     }
 
     async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
@@ -636,10 +635,39 @@ impl Housekeeping for BucketStore {
         }
     }
 
-    /// Unfinished multipart uploads are the bucket's to expire (an
-    /// `AbortIncompleteMultipartUpload` lifecycle rule, README).
-    async fn remove_abandoned_uploads(&self, _max_age: Duration) -> Result<usize> {
-        Ok(0)
+    /// Uploads whose saved state nobody has moved on for `max_age`: their multipart uploads
+    /// are aborted and their states deleted. (Uploads that never saved a state, because a node
+    /// died before their first part was sent, are the bucket's to expire: an
+    /// `AbortIncompleteMultipartUpload` lifecycle rule, README.)
+    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
+        let inner = &self.inner;
+        let cutoff = chrono_now() - max_age.as_secs() as i64;
+        let mut listing = inner.bucket.list(Some(&inner.root.clone().join("uploads")));
+        let mut removed = 0;
+        while let Some(meta) = listing.next().await {
+            let meta = meta.map_err(|e| bucket_error("listing uploads", e))?;
+            if meta.last_modified.timestamp() > cutoff {
+                continue;
+            }
+            if let Ok(got) = inner.bucket.get(&meta.location).await {
+                if let Ok(bytes) = got.bytes().await {
+                    if let Ok(saved) = serde_json::from_slice::<upload::SavedHead>(&bytes) {
+                        if let Some(digest) = parse_blob_name(&saved.blob) {
+                            let _ = inner
+                                .parts
+                                .abort_multipart(&inner.blob_path(&digest), &saved.multipart)
+                                .await;
+                        }
+                    }
+                }
+            }
+            match inner.bucket.delete(&meta.location).await {
+                Ok(()) => removed += 1,
+                Err(object_store::Error::NotFound { .. }) => {}
+                Err(e) => return Err(bucket_error("deleting an abandoned upload", e)),
+            }
+        }
+        Ok(removed)
     }
 
     fn write_refusal(&self) -> Option<String> {
@@ -686,6 +714,13 @@ impl BucketStore {
         }
         Ok(c)
     }
+}
+
+/// Unix seconds now, to compare with an object's `last_modified`.
+fn chrono_now() -> i64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `<hash>-<size>` back into a digest.

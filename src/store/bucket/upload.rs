@@ -1,64 +1,270 @@
-//! A streamed upload into the bucket. Small blobs are collected and stored with one PUT at
-//! commit; once more than [`PART`] has arrived, the bytes go to a multipart upload of the
-//! blob's own key, a part at a time, and the upload is completed only at commit and only if
-//! the bytes hash to the digest. Until then S3 shows nothing under the key, so a partial or
-//! wrong upload never becomes visible; a dropped one is aborted.
+//! A streamed upload into the bucket, resumable on any node.
 //!
-//! Memory per upload: the part being filled plus [`IN_FLIGHT`] parts being sent, whatever the
-//! blob's size.
+//! Small blobs are collected and stored with one PUT at commit. Once a full [`PART`] has
+//! arrived, the bytes go to a multipart upload of the blob's own key, a part at a time; after
+//! each part, the upload's state (the multipart upload, its parts, the bytes they hold and the
+//! SHA-256 state over them) is saved as `uploads/<upload id>-<hash>-<size>`. A Write that
+//! breaks off resumes from there through any node: QueryWriteStatus reports the bytes in
+//! saved parts, and a Write at that offset picks the state up. The multipart upload is
+//! completed only at commit, and only if all the bytes hash to the digest, so S3 shows
+//! nothing under the blob's key before that.
+//!
+//! Memory per upload: one part being filled, whatever the blob's size (parts are sent one at
+//! a time, while the client's next bytes wait in the transport).
 
 use std::sync::Arc;
 
 use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
-use object_store::{ObjectStoreExt, WriteMultipart};
+use object_store::multipart::PartId;
+use object_store::path::Path;
+use object_store::ObjectStoreExt;
 
-use super::{bucket_error, Inner};
-use crate::digest::{Digest, Verifier};
-use crate::error::Result;
+use super::{blob_name, bucket_error, Inner};
+use crate::digest::{Digest, ResumableSha256};
+use crate::error::{Error, Result};
 use crate::store::Upload;
 
-/// Size of one part of a multipart upload (S3's least, but for the last part, is 5 MiB).
+/// Size of one part of a multipart upload (S3's least, but for the last part, is 5 MiB), and
+/// the step in which uploads can be resumed. A multiple of 64, so the hash state is savable.
 const PART: usize = 8 << 20;
-/// Parts one upload may have on their way to the bucket at once.
-const IN_FLIGHT: usize = 2;
+
+/// What is saved of an upload after each part, for a resume on any node.
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Saved {
+    /// The blob, as `<hash>-<size>`.
+    blob: String,
+    multipart: String,
+    /// The parts' ids, in order.
+    parts: Vec<String>,
+    /// SHA-256 over the bytes of those parts (`hashed` says how many there are).
+    sha256: ResumableSha256,
+}
+
+/// The part of [`Saved`] the sweep of abandoned uploads needs.
+#[derive(serde::Deserialize)]
+pub(super) struct SavedHead {
+    pub blob: String,
+    pub multipart: String,
+}
 
 pub(super) struct BucketUpload {
     inner: Arc<Inner>,
     digest: Digest,
-    verifier: Verifier,
+    /// Where its state is saved.
+    state: Path,
+    /// Over the bytes in parts sent so far.
+    hasher: ResumableSha256,
     received: u64,
-    /// Bytes so far, while they fit in one part.
-    small: BytesMut,
-    /// The multipart upload, once the bytes outgrew one part.
-    multipart: Option<WriteMultipart>,
-    /// An append failed: bytes may be missing from the bucket's copy, so nothing more is
-    /// taken and nothing is committed.
+    /// Bytes after the last part sent (all of them, before the first part).
+    pending: BytesMut,
+    /// The multipart upload and its parts, once the bytes outgrew one part.
+    multipart: Option<(String, Vec<PartId>)>,
+    /// An append failed part-way: the bytes past the last saved part are lost, so nothing
+    /// more is taken and nothing is committed (a resume starts from the saved state).
     failed: bool,
 }
 
-impl BucketUpload {
-    pub(super) fn new(inner: Arc<Inner>, digest: Digest) -> Self {
-        BucketUpload {
-            inner,
-            digest,
-            verifier: Verifier::new(digest),
-            received: 0,
-            small: BytesMut::new(),
-            multipart: None,
-            failed: false,
-        }
+impl Inner {
+    fn upload_state(&self, upload_id: &str, digest: &Digest) -> Path {
+        self.root
+            .clone()
+            .join("uploads")
+            .join(format!("{upload_id}-{}", blob_name(digest)))
     }
 
-    /// Ends a multipart upload that will not be completed, in the background.
-    fn abort(&mut self) {
-        if let Some(writer) = self.multipart.take() {
-            if let Ok(runtime) = tokio::runtime::Handle::try_current() {
-                runtime.spawn(async move {
-                    let _ = writer.abort().await;
-                });
-            }
+    /// The saved state of an upload, if there is one for this blob.
+    async fn saved_upload(&self, upload_id: &str, digest: &Digest) -> Result<Option<Saved>> {
+        let got = match self.bucket.get(&self.upload_state(upload_id, digest)).await {
+            Ok(got) => got,
+            Err(object_store::Error::NotFound { .. }) => return Ok(None),
+            Err(e) => return Err(bucket_error("reading an upload's state", e)),
+        };
+        let bytes = got
+            .bytes()
+            .await
+            .map_err(|e| bucket_error("reading an upload's state", e))?;
+        Ok(serde_json::from_slice::<Saved>(&bytes)
+            .ok()
+            .filter(|s| s.blob == blob_name(digest)))
+    }
+
+    /// Bytes of an unfinished upload that a Write can resume after.
+    pub(super) async fn upload_progress(
+        &self,
+        upload_id: &str,
+        digest: &Digest,
+    ) -> Result<Option<u64>> {
+        Ok(self
+            .saved_upload(upload_id, digest)
+            .await?
+            .map(|s| s.sha256.hashed()))
+    }
+}
+
+impl BucketUpload {
+    /// A new upload (`offset` 0) or the resume of a saved one at exactly its saved bytes.
+    pub(super) async fn begin(
+        inner: Arc<Inner>,
+        upload_id: &str,
+        digest: Digest,
+        offset: u64,
+    ) -> Result<Self> {
+        let state = inner.upload_state(upload_id, &digest);
+        let mut upload = BucketUpload {
+            inner: inner.clone(),
+            digest,
+            state,
+            hasher: ResumableSha256::default(),
+            received: 0,
+            pending: BytesMut::new(),
+            multipart: None,
+            failed: false,
+        };
+        if offset == 0 {
+            return Ok(upload);
         }
+        let Some(saved) = inner.saved_upload(upload_id, &digest).await? else {
+            return Err(Error::InvalidArgument(format!(
+                "write_offset {offset} for upload {upload_id} of {digest}: no bytes of it are \
+                 stored, so the write must start at offset 0"
+            )));
+        };
+        let have = saved.sha256.hashed();
+        if have != offset {
+            return Err(Error::InvalidArgument(format!(
+                "write_offset {offset} for upload {upload_id} of {digest} does not match the \
+                 {have} bytes stored so far; resume at offset {have} or restart at 0"
+            )));
+        }
+        upload.hasher = saved.sha256;
+        upload.received = have;
+        upload.multipart = Some((
+            saved.multipart,
+            saved
+                .parts
+                .into_iter()
+                .map(|content_id| PartId { content_id })
+                .collect(),
+        ));
+        Ok(upload)
+    }
+
+    fn path(&self) -> Path {
+        self.inner.blob_path(&self.digest)
+    }
+
+    /// Sends the first `PART` pending bytes as the next part and saves the state.
+    async fn send_part(&mut self) -> Result<()> {
+        let what = || format!("uploading blob {}", self.digest);
+        if self.multipart.is_none() {
+            let id = self
+                .inner
+                .parts
+                .create_multipart(&self.path())
+                .await
+                .map_err(|e| bucket_error(what(), e))?;
+            self.multipart = Some((id, Vec::new()));
+        }
+        let part = self.pending.split_to(PART).freeze();
+        let Some((id, parts)) = self.multipart.as_ref() else {
+            return Err(Error::internal(what(), "no multipart upload"));
+        };
+        let sent = self
+            .inner
+            .parts
+            .put_part(&self.path(), id, parts.len(), part.clone().into())
+            .await
+            .map_err(|e| bucket_error(what(), e))?;
+        // Whole parts are whole blocks: the state stays savable.
+        if !self.hasher.update_blocks(&part) {
+            return Err(Error::internal(
+                what(),
+                "a part is not whole SHA-256 blocks",
+            ));
+        }
+        let Some((id, parts)) = self.multipart.as_mut() else {
+            return Err(Error::internal(what(), "no multipart upload"));
+        };
+        parts.push(sent);
+        let saved = Saved {
+            blob: blob_name(&self.digest),
+            multipart: id.clone(),
+            parts: parts.iter().map(|p| p.content_id.clone()).collect(),
+            sha256: self.hasher.clone(),
+        };
+        let json = serde_json::to_vec(&saved)
+            .map_err(|e| Error::internal("encoding an upload's state", e))?;
+        self.inner
+            .bucket
+            .put(&self.state, Bytes::from(json).into())
+            .await
+            .map_err(|e| bucket_error("saving an upload's state", e))?;
+        Ok(())
+    }
+
+    async fn try_append(&mut self, data: Bytes) -> Result<()> {
+        let through = self.received + data.len() as u64;
+        if through > self.digest.size {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} received {through} bytes, more than its declared size",
+                self.digest
+            )));
+        }
+        self.received = through;
+        self.pending.extend_from_slice(&data);
+        while self.pending.len() >= PART && self.received < self.digest.size {
+            self.send_part().await?;
+        }
+        Ok(())
+    }
+
+    async fn try_commit(mut self) -> Result<()> {
+        if self.received != self.digest.size {
+            return Err(Error::InvalidArgument(format!(
+                "blob {} received {} bytes, but its digest says {}",
+                self.digest, self.received, self.digest.size
+            )));
+        }
+        let tail = self.pending.split().freeze();
+        let hash = std::mem::take(&mut self.hasher).finish(&tail);
+        if hash != self.digest.hash {
+            self.forget().await;
+            return Err(Error::InvalidArgument(format!(
+                "blob {} does not match its digest: the bytes hash to {}",
+                self.digest,
+                hex::encode(hash)
+            )));
+        }
+        let Some((id, mut parts)) = self.multipart.take() else {
+            return self.inner.put_verified(&self.digest, tail).await;
+        };
+        let what = || format!("storing blob {}", self.digest);
+        if !tail.is_empty() {
+            let sent = self
+                .inner
+                .parts
+                .put_part(&self.path(), &id, parts.len(), tail.into())
+                .await
+                .map_err(|e| bucket_error(what(), e))?;
+            parts.push(sent);
+        }
+        self.inner
+            .parts
+            .complete_multipart(&self.path(), &id, parts)
+            .await
+            .map_err(|e| bucket_error(what(), e))?;
+        self.inner.seen.insert(self.digest);
+        let _ = self.inner.bucket.delete(&self.state).await;
+        Ok(())
+    }
+
+    /// Drops what was sent: the bytes are wrong, and resuming cannot fix them.
+    async fn forget(&mut self) {
+        if let Some((id, _)) = self.multipart.take() {
+            let _ = self.inner.parts.abort_multipart(&self.path(), &id).await;
+        }
+        let _ = self.inner.bucket.delete(&self.state).await;
     }
 }
 
@@ -70,86 +276,25 @@ impl Upload for BucketUpload {
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
         if self.failed {
-            return Err(self.broken());
+            return Err(broken(&self.digest));
         }
         let result = self.try_append(data).await;
         if result.is_err() {
             self.failed = true;
-            self.abort();
         }
         result
     }
 
-    async fn commit(mut self: Box<Self>) -> Result<()> {
+    async fn commit(self: Box<Self>) -> Result<()> {
         if self.failed {
-            return Err(self.broken());
+            return Err(broken(&self.digest));
         }
         self.try_commit().await
     }
 }
 
-impl BucketUpload {
-    fn broken(&self) -> crate::error::Error {
-        crate::error::Error::Aborted(format!(
-            "upload of {} failed part-way; start it again at offset 0",
-            self.digest
-        ))
-    }
-
-    async fn try_append(&mut self, data: Bytes) -> Result<()> {
-        // Refuses bytes beyond the declared size.
-        self.verifier.update(&data)?;
-        self.received += data.len() as u64;
-        if self.multipart.is_none() && self.small.len() + data.len() <= PART {
-            self.small.extend_from_slice(&data);
-            return Ok(());
-        }
-        if self.multipart.is_none() {
-            let path = self.inner.blob_path(&self.digest);
-            let upload = self
-                .inner
-                .bucket
-                .put_multipart(&path)
-                .await
-                .map_err(|e| bucket_error(format!("uploading blob {}", self.digest), e))?;
-            let mut writer = WriteMultipart::new_with_chunk_size(upload, PART);
-            writer.put(self.small.split().freeze());
-            self.multipart = Some(writer);
-        }
-        if let Some(writer) = self.multipart.as_mut() {
-            writer.put(data);
-            if let Err(e) = writer.wait_for_capacity(IN_FLIGHT).await {
-                return Err(bucket_error(format!("uploading blob {}", self.digest), e));
-            }
-        }
-        Ok(())
-    }
-
-    async fn try_commit(mut self: Box<Self>) -> Result<()> {
-        let verifier = std::mem::replace(&mut self.verifier, Verifier::new(self.digest));
-        if let Err(e) = verifier.finish() {
-            self.abort();
-            return Err(e);
-        }
-        match self.multipart.take() {
-            Some(writer) => {
-                writer
-                    .finish()
-                    .await
-                    .map_err(|e| bucket_error(format!("storing blob {}", self.digest), e))?;
-                self.inner.seen.insert(self.digest);
-                Ok(())
-            }
-            None => {
-                let data = self.small.split().freeze();
-                self.inner.put_verified(&self.digest, data).await
-            }
-        }
-    }
-}
-
-impl Drop for BucketUpload {
-    fn drop(&mut self) {
-        self.abort();
-    }
+fn broken(digest: &Digest) -> Error {
+    Error::Aborted(format!(
+        "upload of {digest} failed part-way; ask QueryWriteStatus where to resume"
+    ))
 }
