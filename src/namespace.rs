@@ -469,13 +469,31 @@ impl ActionResults {
     pub async fn bump_epoch(&self, namespace: &str, reason: &str) -> Result<u64> {
         let now = self.now();
         let _saving = self.saving.lock().await;
+        let mut before = None;
         let info = self.change_state(namespace, now, |state| {
+            before = Some((state.epoch, state.invalidated_at, state.reason.clone()));
             state.epoch += 1;
             state.invalidated_at = now as u64;
             state.reason = reason.to_string();
         });
         // A store shared with other nodes may raise it further (past what they saved).
-        let saved = self.store.bump_namespace(&info).await?;
+        let saved = match self.store.bump_namespace(&info).await {
+            Ok(saved) => saved,
+            Err(e) => {
+                // Not saved, so not done: the caller is told it failed, and this node must
+                // not hide results the others (and this one after a restart) still serve.
+                if let Some((epoch, at, why)) = before {
+                    self.change_state(namespace, now, |state| {
+                        if state.epoch == info.epoch {
+                            state.epoch = epoch;
+                            state.invalidated_at = at;
+                            state.reason = why;
+                        }
+                    });
+                }
+                return Err(e);
+            }
+        };
         if saved.epoch > info.epoch {
             self.change_state(namespace, now, |state| {
                 state.epoch = state.epoch.max(saved.epoch);
@@ -715,6 +733,72 @@ mod saving_order {
             }
             self.0.save_namespaces(records, durable).await
         }
+    }
+
+    /// A store whose durable saves (epoch bumps) fail, as a bucket that stopped answering.
+    struct FailingBumps(MemoryStore);
+
+    #[async_trait]
+    impl ActionStore for FailingBumps {
+        async fn get(&self, ns: &str, action: &Digest) -> Result<Option<ActionRecord>> {
+            self.0.get(ns, action).await
+        }
+        async fn put(&self, ns: &str, action: &Digest, record: ActionRecord) -> Result<()> {
+            self.0.put(ns, action, record).await
+        }
+        async fn replace(
+            &self,
+            ns: &str,
+            action: &Digest,
+            seen: &ActionRecord,
+            new: Option<ActionRecord>,
+        ) -> Result<bool> {
+            self.0.replace(ns, action, seen, new).await
+        }
+        async fn remove(&self, ns: &str, actions: &[Digest]) -> Result<u64> {
+            self.0.remove(ns, actions).await
+        }
+        async fn remove_namespace(&self, ns: &str) -> Result<u64> {
+            self.0.remove_namespace(ns).await
+        }
+        async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
+            self.0.sweep(dead).await
+        }
+        async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>> {
+            self.0.namespace_records().await
+        }
+        async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()> {
+            if durable {
+                return Err(Error::Unavailable("the store did not answer".into()));
+            }
+            self.0.save_namespaces(records, durable).await
+        }
+    }
+
+    #[tokio::test]
+    async fn a_bump_that_could_not_be_saved_changes_nothing() {
+        let config = crate::config::Config::default();
+        let store = Arc::new(FailingBumps(
+            MemoryStore::from_config(&config).expect("memory store"),
+        ));
+        let policy = Arc::new(Policy::new(&config.namespaces));
+        let results = ActionResults::open(store.clone(), policy).await.unwrap();
+        let action = Digest::of(b"action");
+        results
+            .put("ci/main", &action, Bytes::from_static(b"r"), "t", "ci/main")
+            .await
+            .unwrap();
+        assert!(results.bump_epoch("ci/main", "test").await.is_err());
+        assert_eq!(
+            results.epoch("ci/main"),
+            0,
+            "the failed invalidation is not applied"
+        );
+        assert!(results.get("ci/main", &action).await.unwrap().is_some());
+        results.dirty.store(true, Relaxed);
+        results.persist().await.unwrap();
+        let saved = store.namespace_records().await.unwrap();
+        assert_eq!(saved.iter().map(|r| r.epoch).collect::<Vec<_>>(), [0]);
     }
 
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -50,8 +50,10 @@ use crate::error::{Error, Result};
 const PARALLEL: usize = 32;
 /// How often the background task lists the bucket for `stats` (never on a request path).
 const COUNT_EVERY: Duration = Duration::from_secs(600);
-/// How often the background task asks the bucket whether it answers (for `/readyz`).
+/// How often the background task asks the bucket whether it answers (for `/readyz`)...
 const PROBE_EVERY: Duration = Duration::from_secs(2);
+/// ...and how many failures in a row make it "down".
+const PROBES_TO_FAIL: u32 = 2;
 
 /// A bucket-backed store; cheap to clone (clones share everything).
 #[derive(Clone)]
@@ -608,27 +610,46 @@ impl Housekeeping for BucketStore {
     }
 
     /// Asks the bucket whether it answers every [`PROBE_EVERY`] (for `/readyz` and the
-    /// `hoard.Writes` health status), and counts what it holds for `stats` every
-    /// [`COUNT_EVERY`].
+    /// `hoard.Writes` health status; [`PROBES_TO_FAIL`] failures in a row before it counts as
+    /// down, so one lost request does not drain every node), and, in a task of its own, counts
+    /// what it holds for `stats` every [`COUNT_EVERY`].
     async fn maintain(&self) {
-        let mut counted_at: Option<Instant> = None;
-        loop {
-            let down = self.probe().await;
-            if down.is_some() != self.inner.down.lock().is_some() {
-                match &down {
-                    Some(why) => tracing::warn!(why, "the object store does not answer"),
-                    None => tracing::info!("the object store answers again"),
-                }
-            }
-            let reachable = down.is_none();
-            *self.inner.down.lock() = down;
-            if reachable && counted_at.is_none_or(|at| at.elapsed() >= COUNT_EVERY) {
-                match self.count().await {
-                    Ok(c) => {
-                        *self.inner.counted.lock() = c;
-                        counted_at = Some(Instant::now());
-                    }
+        let counter = self.clone();
+        let counting = tokio::spawn(async move {
+            loop {
+                match counter.count().await {
+                    Ok(c) => *counter.inner.counted.lock() = c,
                     Err(e) => tracing::warn!(error = %e, "cannot list the object store for stats"),
+                }
+                tokio::time::sleep(COUNT_EVERY).await;
+            }
+        });
+        // Ends the counting task when the server aborts this one.
+        struct AbortOnDrop(tokio::task::JoinHandle<()>);
+        impl Drop for AbortOnDrop {
+            fn drop(&mut self) {
+                self.0.abort();
+            }
+        }
+        let _counting = AbortOnDrop(counting);
+        let mut failures = 0;
+        loop {
+            match self.probe().await {
+                None => {
+                    failures = 0;
+                    if self.inner.down.lock().take().is_some() {
+                        tracing::info!("the object store answers again");
+                    }
+                }
+                Some(why) => {
+                    failures += 1;
+                    if failures >= PROBES_TO_FAIL {
+                        let mut down = self.inner.down.lock();
+                        if down.is_none() {
+                            tracing::warn!(why, "the object store does not answer");
+                        }
+                        *down = Some(why);
+                    }
                 }
             }
             tokio::time::sleep(PROBE_EVERY).await;
@@ -689,7 +710,10 @@ impl BucketStore {
     async fn probe(&self) -> Option<String> {
         let key = self.inner.root.clone().join("health-probe");
         match self.inner.bucket.head(&key).await {
-            Ok(_) | Err(object_store::Error::NotFound { .. }) => None,
+            // Without s3:ListBucket, S3 answers a missing key with 403: it answered.
+            Ok(_)
+            | Err(object_store::Error::NotFound { .. })
+            | Err(object_store::Error::PermissionDenied { .. }) => None,
             Err(e) => Some(format!(
                 "the object store {} does not answer: {e}",
                 self.inner.name

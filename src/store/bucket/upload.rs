@@ -28,6 +28,15 @@ use crate::store::Upload;
 /// Size of one part of a multipart upload (S3's least, but for the last part, is 5 MiB), and
 /// the step in which uploads can be resumed. A multiple of 64, so the hash state is savable.
 const PART: usize = 8 << 20;
+/// S3 takes at most 10,000 parts: blobs above 9,000 parts of [`PART`] get larger parts.
+const MAX_PARTS: u64 = 9_000;
+
+/// The part size of a blob of `size` bytes: [`PART`], or whole MiB enough to stay within
+/// [`MAX_PARTS`]. Follows from the size alone, so every node resuming an upload agrees.
+fn part_size(size: u64) -> usize {
+    let mib = 1u64 << 20;
+    (size.div_ceil(MAX_PARTS).div_ceil(mib) * mib).max(PART as u64) as usize
+}
 
 /// What is saved of an upload after each part, for a resume on any node.
 #[derive(serde::Serialize, serde::Deserialize)]
@@ -75,7 +84,15 @@ impl Inner {
 
     /// The saved state of an upload, if there is one for this blob.
     async fn saved_upload(&self, upload_id: &str, digest: &Digest) -> Result<Option<Saved>> {
-        let got = match self.bucket.get(&self.upload_state(upload_id, digest)).await {
+        Ok(self
+            .saved_state(&self.upload_state(upload_id, digest))
+            .await?
+            .filter(|s| s.blob == blob_name(digest)))
+    }
+
+    /// The state saved at `path`, if any (and readable).
+    async fn saved_state(&self, path: &Path) -> Result<Option<Saved>> {
+        let got = match self.bucket.get(path).await {
             Ok(got) => got,
             Err(object_store::Error::NotFound { .. }) => return Ok(None),
             Err(e) => return Err(bucket_error("reading an upload's state", e)),
@@ -84,9 +101,7 @@ impl Inner {
             .bytes()
             .await
             .map_err(|e| bucket_error("reading an upload's state", e))?;
-        Ok(serde_json::from_slice::<Saved>(&bytes)
-            .ok()
-            .filter(|s| s.blob == blob_name(digest)))
+        Ok(serde_json::from_slice::<Saved>(&bytes).ok())
     }
 
     /// Bytes of an unfinished upload that a Write can resume after.
@@ -158,6 +173,15 @@ impl BucketUpload {
     async fn send_part(&mut self) -> Result<()> {
         let what = || format!("uploading blob {}", self.digest);
         if self.multipart.is_none() {
+            // A new upload under an id that has a saved state (a client restarting at 0): the
+            // old multipart upload would otherwise be left to the lifecycle rule.
+            if let Ok(Some(old)) = self.inner.saved_state(&self.state).await {
+                let _ = self
+                    .inner
+                    .parts
+                    .abort_multipart(&self.path(), &old.multipart)
+                    .await;
+            }
             let id = self
                 .inner
                 .parts
@@ -166,7 +190,7 @@ impl BucketUpload {
                 .map_err(|e| bucket_error(what(), e))?;
             self.multipart = Some((id, Vec::new()));
         }
-        let part = self.pending.split_to(PART).freeze();
+        let part = self.pending.split_to(part_size(self.digest.size)).freeze();
         let Some((id, parts)) = self.multipart.as_ref() else {
             return Err(Error::internal(what(), "no multipart upload"));
         };
@@ -174,8 +198,12 @@ impl BucketUpload {
             .inner
             .parts
             .put_part(&self.path(), id, parts.len(), part.clone().into())
-            .await
-            .map_err(|e| bucket_error(what(), e))?;
+            .await;
+        let sent = match sent {
+            Ok(sent) => sent,
+            Err(object_store::Error::NotFound { .. }) => return Err(self.gone().await),
+            Err(e) => return Err(bucket_error(what(), e)),
+        };
         // Whole parts are whole blocks: the state stays savable.
         if !self.hasher.update_blocks(&part) {
             return Err(Error::internal(
@@ -213,7 +241,8 @@ impl BucketUpload {
         }
         self.received = through;
         self.pending.extend_from_slice(&data);
-        while self.pending.len() >= PART && self.received < self.digest.size {
+        while self.pending.len() >= part_size(self.digest.size) && self.received < self.digest.size
+        {
             self.send_part().await?;
         }
         Ok(())
@@ -245,18 +274,39 @@ impl BucketUpload {
                 .inner
                 .parts
                 .put_part(&self.path(), &id, parts.len(), tail.into())
-                .await
-                .map_err(|e| bucket_error(what(), e))?;
-            parts.push(sent);
+                .await;
+            match sent {
+                Ok(sent) => parts.push(sent),
+                Err(object_store::Error::NotFound { .. }) => return Err(self.gone().await),
+                Err(e) => return Err(bucket_error(what(), e)),
+            }
         }
-        self.inner
+        match self
+            .inner
             .parts
             .complete_multipart(&self.path(), &id, parts)
             .await
-            .map_err(|e| bucket_error(what(), e))?;
+        {
+            Ok(_) => {}
+            Err(object_store::Error::NotFound { .. }) => return Err(self.gone().await),
+            Err(e) => return Err(bucket_error(what(), e)),
+        }
         self.inner.seen.insert(self.digest);
         let _ = self.inner.bucket.delete(&self.state).await;
         Ok(())
+    }
+
+    /// The multipart upload is gone from the bucket (a lifecycle rule aborted it, or another
+    /// stream on this upload id completed or dropped it): its state goes too, and the client
+    /// is told to start again (ABORTED, which clients retry: QueryWriteStatus then says 0).
+    async fn gone(&mut self) -> Error {
+        self.multipart = None;
+        let _ = self.inner.bucket.delete(&self.state).await;
+        Error::Aborted(format!(
+            "the bucket no longer has the upload of {} (expired, or finished by another \
+             stream); start it again at offset 0",
+            self.digest
+        ))
     }
 
     /// Drops what was sent: the bytes are wrong, and resuming cannot fix them.
@@ -297,4 +347,20 @@ fn broken(digest: &Digest) -> Error {
     Error::Aborted(format!(
         "upload of {digest} failed part-way; ask QueryWriteStatus where to resume"
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{part_size, MAX_PARTS, PART};
+
+    #[test]
+    fn every_blob_fits_in_s3s_part_limit() {
+        assert_eq!(part_size(1 << 20), PART);
+        assert_eq!(part_size(70 << 30), PART, "8 MiB parts up to ~70 GiB");
+        for size in [80u64 << 30, 1 << 40, 5 << 40] {
+            let part = part_size(size) as u64;
+            assert!(size.div_ceil(part) <= MAX_PARTS, "{size}");
+            assert_eq!(part % (1 << 20), 0, "whole MiB, so whole SHA-256 blocks");
+        }
+    }
 }
