@@ -320,7 +320,7 @@ pub struct S3Config {
     pub retry_timeout: HumanDuration,
     /// Blobs this node has seen in the bucket are remembered (positive answers only, never
     /// "missing"), so FindMissingBlobs asks the bucket only about the rest. At most this many
-    /// are remembered. Default 1000000 (~100 MiB); 0 turns the cache off.
+    /// are remembered. Default 1000000 (~150–250 MiB at that count); 0 turns the cache off.
     pub existence_cache_entries: usize,
     /// ...each for at most this long: a blob deleted from the bucket behind hoard's back (a
     /// lifecycle rule, by hand) is still claimed by a node that saw it within this period.

@@ -696,50 +696,19 @@ mod saving_order {
 
     /// A memory store whose non-durable saves (last uses, first sights) take a while, as a
     /// disk's would: time for an epoch bump to come in between.
-    struct SlowSaves(MemoryStore);
+    /// A memory store whose namespace saves misbehave in one way.
+    struct OddSaves(MemoryStore, Odd);
 
-    #[async_trait]
-    impl ActionStore for SlowSaves {
-        async fn get(&self, ns: &str, action: &Digest) -> Result<Option<ActionRecord>> {
-            self.0.get(ns, action).await
-        }
-        async fn put(&self, ns: &str, action: &Digest, record: ActionRecord) -> Result<()> {
-            self.0.put(ns, action, record).await
-        }
-        async fn replace(
-            &self,
-            ns: &str,
-            action: &Digest,
-            seen: &ActionRecord,
-            new: Option<ActionRecord>,
-        ) -> Result<bool> {
-            self.0.replace(ns, action, seen, new).await
-        }
-        async fn remove(&self, ns: &str, actions: &[Digest]) -> Result<u64> {
-            self.0.remove(ns, actions).await
-        }
-        async fn remove_namespace(&self, ns: &str) -> Result<u64> {
-            self.0.remove_namespace(ns).await
-        }
-        async fn sweep(&self, dead: &DeadRecord<'_>) -> Result<u64> {
-            self.0.sweep(dead).await
-        }
-        async fn namespace_records(&self) -> Result<Vec<NamespaceInfo>> {
-            self.0.namespace_records().await
-        }
-        async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()> {
-            if !durable {
-                tokio::time::sleep(Duration::from_millis(50)).await;
-            }
-            self.0.save_namespaces(records, durable).await
-        }
+    #[derive(Clone, Copy)]
+    enum Odd {
+        /// Saves of last uses (not durable) take 50 ms.
+        SlowPersists,
+        /// Durable saves (epoch bumps) fail, as a bucket that stopped answering.
+        FailingBumps,
     }
 
-    /// A store whose durable saves (epoch bumps) fail, as a bucket that stopped answering.
-    struct FailingBumps(MemoryStore);
-
     #[async_trait]
-    impl ActionStore for FailingBumps {
+    impl ActionStore for OddSaves {
         async fn get(&self, ns: &str, action: &Digest) -> Result<Option<ActionRecord>> {
             self.0.get(ns, action).await
         }
@@ -768,8 +737,12 @@ mod saving_order {
             self.0.namespace_records().await
         }
         async fn save_namespaces(&self, records: &[NamespaceInfo], durable: bool) -> Result<()> {
-            if durable {
-                return Err(Error::Unavailable("the store did not answer".into()));
+            match (self.1, durable) {
+                (Odd::SlowPersists, false) => tokio::time::sleep(Duration::from_millis(50)).await,
+                (Odd::FailingBumps, true) => {
+                    return Err(Error::Unavailable("the store did not answer".into()))
+                }
+                _ => {}
             }
             self.0.save_namespaces(records, durable).await
         }
@@ -778,8 +751,9 @@ mod saving_order {
     #[tokio::test]
     async fn a_bump_that_could_not_be_saved_changes_nothing() {
         let config = crate::config::Config::default();
-        let store = Arc::new(FailingBumps(
+        let store = Arc::new(OddSaves(
             MemoryStore::from_config(&config).expect("memory store"),
+            Odd::FailingBumps,
         ));
         let policy = Arc::new(Policy::new(&config.namespaces));
         let results = ActionResults::open(store.clone(), policy).await.unwrap();
@@ -804,8 +778,9 @@ mod saving_order {
     #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
     async fn a_slow_persist_never_writes_an_older_epoch_over_a_bump() {
         let config = crate::config::Config::default();
-        let store = Arc::new(SlowSaves(
+        let store = Arc::new(OddSaves(
             MemoryStore::from_config(&config).expect("memory store"),
+            Odd::SlowPersists,
         ));
         let policy = Arc::new(Policy::new(&config.namespaces));
         let results = Arc::new(ActionResults::open(store.clone(), policy).await.unwrap());

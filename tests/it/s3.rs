@@ -173,6 +173,37 @@ fn result_with(outputs: &[&reapi::Digest]) -> reapi::ActionResult {
     }
 }
 
+/// Invalidates the whole namespace `ns` through `server`.
+async fn invalidate(server: &TestServer, ns: &str, why: &str) {
+    server
+        .admin()
+        .invalidate(InvalidateRequest {
+            namespace: Some(ns.into()),
+            reason: why.into(),
+            ..Default::default()
+        })
+        .await
+        .expect("invalidate");
+}
+
+/// Writes the first `upto` bytes of `data` to `name` through `server` in 1 MiB messages, and
+/// ends the stream without finish_write; the Write's answer.
+async fn write_broken_off(
+    server: &TestServer,
+    name: &str,
+    data: &[u8],
+    upto: usize,
+) -> Result<tonic::Response<hoard::proto::bytestream::WriteResponse>, tonic::Status> {
+    let mut requests = crate::common::write_requests(name, &data[..upto], 0, 1 << 20);
+    if let Some(last) = requests.last_mut() {
+        last.finish_write = false;
+    }
+    server
+        .bytestream()
+        .write(futures::stream::iter(requests))
+        .await
+}
+
 #[tokio::test]
 async fn nodes_on_one_bucket_serve_each_others_blobs_and_results() {
     let s3 = S3::start().await;
@@ -328,14 +359,7 @@ async fn namespace_epochs_live_in_the_bucket() {
     update_result(&a, "ci/main", &action, &result_with(&[&digest_of(&out)]))
         .await
         .expect("update");
-    a.admin()
-        .invalidate(InvalidateRequest {
-            namespace: Some("ci/main".into()),
-            reason: "toolchain bump".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("invalidate");
+    invalidate(&a, "ci/main", "toolchain bump").await;
     assert!(lookup_result(&a, "ci/main", &action).await.is_none());
     // A node started afterwards reads the epoch from the bucket.
     let (c, _dc) = node(&s3, "n", |_| {}).await;
@@ -429,14 +453,7 @@ async fn an_invalidation_through_one_node_is_honoured_by_the_others_within_the_r
         .await
         .expect("update");
     assert!(lookup_result(&b, "ci/main", &action).await.is_some());
-    a.admin()
-        .invalidate(InvalidateRequest {
-            namespace: Some("ci/main".into()),
-            reason: "toolchain bump".into(),
-            ..Default::default()
-        })
-        .await
-        .expect("invalidate");
+    invalidate(&a, "ci/main", "toolchain bump").await;
     let started = std::time::Instant::now();
     while lookup_result(&b, "ci/main", &action).await.is_some() {
         assert!(
@@ -461,15 +478,7 @@ async fn invalidations_through_two_nodes_from_stale_views_are_both_kept() {
     batch_put(&a, "", &[&out]).await;
     let action = digest_of(b"between the two");
     for (server, why) in [(&a, "from a"), (&b, "from b")] {
-        server
-            .admin()
-            .invalidate(InvalidateRequest {
-                namespace: Some("ci/main".into()),
-                reason: why.into(),
-                ..Default::default()
-            })
-            .await
-            .expect("invalidate");
+        invalidate(server, "ci/main", why).await;
         if why == "from a" {
             // A result stored after the first invalidation, under its epoch...
             update_result(&a, "ci/main", &action, &result_with(&[&digest_of(&out)]))
@@ -507,11 +516,7 @@ async fn an_upload_broken_off_on_one_node_resumes_on_another() {
     let d = digest_of(&data);
     let name = write_name("", "resumed-upload", &d);
     // 12 MiB through node a, then the stream ends without finish_write.
-    let mut first = crate::common::write_requests(&name, &data[..12 << 20], 0, 1 << 20);
-    if let Some(last) = first.last_mut() {
-        last.finish_write = false;
-    }
-    let broke = a.bytestream().write(futures::stream::iter(first)).await;
+    let broke = write_broken_off(&a, &name, &data, 12 << 20).await;
     assert!(broke.is_err(), "an unfinished write is not a success");
     // Node b knows how far it got: the bytes in saved parts (one 8 MiB part).
     let status = b
@@ -557,11 +562,7 @@ async fn a_resumed_upload_with_wrong_bytes_stores_nothing() {
     let data = blob(17 << 20, 12);
     let d = digest_of(&data);
     let name = write_name("", "bad-resume", &d);
-    let mut first = crate::common::write_requests(&name, &data[..9 << 20], 0, 1 << 20);
-    if let Some(last) = first.last_mut() {
-        last.finish_write = false;
-    }
-    let _ = a.bytestream().write(futures::stream::iter(first)).await;
+    let _ = write_broken_off(&a, &name, &data, 9 << 20).await;
     let mut bad = data.clone();
     bad[12 << 20] ^= 1;
     let err = write_blob(&b, &name, &bad, 8 << 20, 1 << 20)

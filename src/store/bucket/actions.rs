@@ -89,17 +89,20 @@ impl Inner {
     /// The record under `path` and its ETag; `None` if there is none (or it is unreadable,
     /// which is a miss too: the next update replaces it).
     async fn record_at(&self, path: &Path) -> Result<Option<(ActionRecord, Option<String>)>> {
-        let got = match self.bucket.get(path).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(bucket_error("reading an action result", e)),
+        let got = self.fetch_bytes(path, "reading an action result").await?;
+        Ok(got.and_then(|(bytes, etag)| decode(&bytes).map(|r| (r, etag))))
+    }
+
+    /// A PUT under a condition (`mode`); the caller judges a refused condition.
+    async fn put_with(&self, path: &Path, bytes: Bytes, mode: PutMode) -> object_store::Result<()> {
+        let options = PutOptions {
+            mode,
+            ..Default::default()
         };
-        let etag = got.meta.e_tag.clone();
-        let bytes = got
-            .bytes()
+        self.bucket
+            .put_opts(path, bytes.into(), options)
             .await
-            .map_err(|e| bucket_error("reading an action result", e))?;
-        Ok(decode(&bytes).map(|r| (r, etag)))
+            .map(drop)
     }
 
     /// Deletes one result; false if there was none.
@@ -131,6 +134,16 @@ impl Inner {
         }
         Ok(count)
     }
+}
+
+/// A write that lands only if the object still has `etag` (S3's `If-Match`).
+fn if_match(etag: Option<String>) -> Option<PutMode> {
+    etag.map(|e_tag| {
+        PutMode::Update(UpdateVersion {
+            e_tag: Some(e_tag),
+            version: None,
+        })
+    })
 }
 
 /// `a`'s fields raised to `b`'s where `b` is further along: the later epoch (with its reason)
@@ -178,23 +191,10 @@ impl ActionStore for BucketStore {
         }
         match new {
             Some(new) => {
-                let mode = match etag {
-                    Some(e_tag) => PutMode::Update(UpdateVersion {
-                        e_tag: Some(e_tag),
-                        version: None,
-                    }),
-                    None => return Ok(false),
+                let Some(mode) = if_match(etag) else {
+                    return Ok(false);
                 };
-                let options = PutOptions {
-                    mode,
-                    ..Default::default()
-                };
-                match self
-                    .inner
-                    .bucket
-                    .put_opts(&path, encode(&new).into(), options)
-                    .await
-                {
+                match self.inner.put_with(&path, encode(&new), mode).await {
                     Ok(_) => Ok(true),
                     Err(object_store::Error::Precondition { .. })
                     | Err(object_store::Error::NotFound { .. }) => Ok(false),
@@ -297,15 +297,10 @@ impl ActionStore for BucketStore {
             .map_err(|e| bucket_error("listing namespace records", e))?;
         let mut records = Vec::with_capacity(listed.len());
         for meta in listed {
-            let got = match inner.bucket.get(&meta.location).await {
-                Ok(got) => got,
-                Err(object_store::Error::NotFound { .. }) => continue,
-                Err(e) => return Err(bucket_error("reading a namespace record", e)),
+            let what = "reading a namespace record";
+            let Some((bytes, _)) = inner.fetch_bytes(&meta.location, what).await? else {
+                continue;
             };
-            let bytes = got
-                .bytes()
-                .await
-                .map_err(|e| bucket_error("reading a namespace record", e))?;
             match serde_json::from_slice::<NamespaceInfo>(&bytes) {
                 Ok(info) => records.push(info),
                 Err(e) => {
@@ -345,13 +340,9 @@ impl BucketStore {
     async fn save_namespace(&self, record: &NamespaceInfo, bump: bool) -> Result<NamespaceInfo> {
         let path = self.inner.namespace_path(&record.name);
         for _ in 0..CONFLICT_TRIES {
-            let (value, mode) = match self.inner.bucket.get(&path).await {
-                Ok(got) => {
-                    let etag = got.meta.e_tag.clone();
-                    let bytes = got
-                        .bytes()
-                        .await
-                        .map_err(|e| bucket_error("reading a namespace record", e))?;
+            let what = "reading a namespace record";
+            let (value, mode) = match self.inner.fetch_bytes(&path, what).await? {
+                Some((bytes, etag)) => {
                     let theirs = serde_json::from_slice::<NamespaceInfo>(&bytes).ok();
                     let value = match &theirs {
                         Some(theirs) if bump && theirs.epoch >= record.epoch => NamespaceInfo {
@@ -365,30 +356,13 @@ impl BucketStore {
                     if let Some(theirs) = theirs.filter(|t| *t == value) {
                         return Ok(theirs);
                     }
-                    let mode = match etag {
-                        Some(e_tag) => PutMode::Update(UpdateVersion {
-                            e_tag: Some(e_tag),
-                            version: None,
-                        }),
-                        None => PutMode::Overwrite,
-                    };
-                    (value, mode)
+                    (value, if_match(etag).unwrap_or(PutMode::Overwrite))
                 }
-                Err(object_store::Error::NotFound { .. }) => (record.clone(), PutMode::Create),
-                Err(e) => return Err(bucket_error("reading a namespace record", e)),
+                None => (record.clone(), PutMode::Create),
             };
             let json = serde_json::to_vec(&value)
                 .map_err(|e| Error::internal("encoding a namespace record", e))?;
-            let options = PutOptions {
-                mode,
-                ..Default::default()
-            };
-            match self
-                .inner
-                .bucket
-                .put_opts(&path, Bytes::from(json).into(), options)
-                .await
-            {
+            match self.inner.put_with(&path, Bytes::from(json), mode).await {
                 Ok(_) => return Ok(value),
                 // Another node wrote it meanwhile: merge with that and try again.
                 Err(object_store::Error::Precondition { .. })

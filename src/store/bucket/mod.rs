@@ -228,12 +228,61 @@ fn blob_name(digest: &Digest) -> String {
 
 impl Inner {
     fn blob_path(&self, digest: &Digest) -> Path {
-        let hash = hex::encode(digest.hash);
-        self.root
-            .clone()
-            .join("cas")
-            .join(&hash[..2])
-            .join(format!("{hash}-{}", digest.size))
+        let name = blob_name(digest);
+        self.root.clone().join("cas").join(&name[..2]).join(name)
+    }
+
+    /// The object at `path`, or `None` if the bucket has none; any other failure is `what`
+    /// failing, as [`bucket_error`] says it.
+    async fn fetch(
+        &self,
+        path: &Path,
+        options: GetOptions,
+        what: &str,
+    ) -> Result<Option<object_store::GetResult>> {
+        match self.bucket.get_opts(path, options).await {
+            Ok(got) => Ok(Some(got)),
+            Err(object_store::Error::NotFound { .. }) => Ok(None),
+            Err(e) => Err(bucket_error(what, e)),
+        }
+    }
+
+    /// [`Inner::fetch`] of a whole small object (a record, a state): its bytes and ETag.
+    async fn fetch_bytes(
+        &self,
+        path: &Path,
+        what: &str,
+    ) -> Result<Option<(Bytes, Option<String>)>> {
+        let Some(got) = self.fetch(path, GetOptions::default(), what).await? else {
+            return Ok(None);
+        };
+        let etag = got.meta.e_tag.clone();
+        let bytes = got.bytes().await.map_err(|e| bucket_error(what, e))?;
+        Ok(Some((bytes, etag)))
+    }
+
+    /// A blob's object (`range` of it, or all), `None` if the bucket has none or one of
+    /// another size (deleted as damaged). Either way the existence cache learns the answer.
+    async fn blob_object(
+        &self,
+        digest: &Digest,
+        range: Option<GetRange>,
+    ) -> Result<Option<object_store::GetResult>> {
+        let options = GetOptions {
+            range,
+            ..Default::default()
+        };
+        let what = format!("reading blob {digest}");
+        let Some(got) = self.fetch(&self.blob_path(digest), options, &what).await? else {
+            self.seen.remove(digest);
+            return Ok(None);
+        };
+        if got.meta.size != digest.size {
+            self.drop_damaged(digest, "object has the wrong size").await;
+            return Ok(None);
+        }
+        self.seen.insert(*digest);
+        Ok(Some(got))
     }
 
     /// Whether the bucket holds the blob, from the existence cache or a HEAD.
@@ -325,30 +374,10 @@ impl Cas for BucketStore {
                 .await?
                 .then(|| futures::stream::empty().boxed()));
         }
-        let options = GetOptions {
-            range: Some(GetRange::Bounded(offset..end)),
-            ..Default::default()
-        };
-        let got = match self
-            .inner
-            .bucket
-            .get_opts(&self.inner.blob_path(digest), options)
-            .await
-        {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => {
-                self.inner.seen.remove(digest);
-                return Ok(None);
-            }
-            Err(e) => return Err(bucket_error(format!("reading blob {digest}"), e)),
-        };
-        if got.meta.size != digest.size {
-            self.inner
-                .drop_damaged(digest, "object has the wrong size")
-                .await;
+        let range = Some(GetRange::Bounded(offset..end));
+        let Some(got) = self.inner.blob_object(digest, range).await? else {
             return Ok(None);
-        }
-        self.inner.seen.insert(*digest);
+        };
         let whole = offset == 0 && end == digest.size;
         let inner = self.inner.clone();
         Ok(Some(
@@ -383,20 +412,9 @@ impl Cas for BucketStore {
         if digest.is_empty_blob() {
             return Ok(Some(Bytes::new()));
         }
-        let got = match self.inner.bucket.get(&self.inner.blob_path(digest)).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => {
-                self.inner.seen.remove(digest);
-                return Ok(None);
-            }
-            Err(e) => return Err(bucket_error(format!("reading blob {digest}"), e)),
-        };
-        if got.meta.size != digest.size {
-            self.inner
-                .drop_damaged(digest, "object has the wrong size")
-                .await;
+        let Some(got) = self.inner.blob_object(digest, None).await? else {
             return Ok(None);
-        }
+        };
         let data = got
             .bytes()
             .await
@@ -407,7 +425,6 @@ impl Cas for BucketStore {
                 .await;
             return Ok(None);
         }
-        self.inner.seen.insert(*digest);
         Ok(Some(data))
     }
 
@@ -566,33 +583,29 @@ impl Housekeeping for BucketStore {
                     }
                 }
             }
-            let checks = batch.into_iter().map(|(path, name, digest)| async move {
-                let ok = match inner.bucket.get(&path).await {
-                    Ok(got) => {
-                        let mut body = got.into_stream();
-                        let mut hasher = Sha256::new();
-                        let mut len = 0u64;
-                        while let Some(chunk) = body.next().await {
-                            let chunk = chunk
-                                .map_err(|e| bucket_error(format!("verify: reading {name}"), e))?;
-                            len += chunk.len() as u64;
-                            hasher.update(&chunk);
-                        }
-                        len == digest.size && hasher.finalize()[..] == digest.hash[..]
+            let checks =
+                batch.into_iter().map(|(path, name, digest)| async move {
+                    let what = format!("verify: reading {name}");
+                    let Some(got) = inner.fetch(&path, GetOptions::default(), &what).await? else {
+                        return Ok(None);
+                    };
+                    let mut body = got.into_stream();
+                    let mut hasher = Sha256::new();
+                    let mut len = 0u64;
+                    while let Some(chunk) = body.next().await {
+                        let chunk = chunk.map_err(|e| bucket_error(&what, e))?;
+                        len += chunk.len() as u64;
+                        hasher.update(&chunk);
                     }
-                    Err(object_store::Error::NotFound { .. }) => return Ok(None),
-                    Err(e) => return Err(bucket_error(format!("verify: reading {name}"), e)),
-                };
-                if !ok {
-                    inner
-                        .bucket
-                        .delete(&path)
-                        .await
-                        .map_err(|e| bucket_error(format!("verify: deleting damaged {name}"), e))?;
-                    inner.seen.remove(&digest);
-                }
-                Ok::<_, Error>(Some((name, digest.size, ok)))
-            });
+                    let ok = len == digest.size && hasher.finalize()[..] == digest.hash[..];
+                    if !ok {
+                        inner.bucket.delete(&path).await.map_err(|e| {
+                            bucket_error(format!("verify: deleting damaged {name}"), e)
+                        })?;
+                        inner.seen.remove(&digest);
+                    }
+                    Ok::<_, Error>(Some((name, digest.size, ok)))
+                });
             for checked in futures::future::try_join_all(checks)
                 .await?
                 .into_iter()
@@ -662,7 +675,7 @@ impl Housekeeping for BucketStore {
     /// `AbortIncompleteMultipartUpload` lifecycle rule, README.)
     async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
         let inner = &self.inner;
-        let cutoff = chrono_now() - max_age.as_secs() as i64;
+        let cutoff = i64::from(inner.clock.now()) - max_age.as_secs() as i64;
         let mut listing = inner.bucket.list(Some(&inner.root.clone().join("uploads")));
         let mut removed = 0;
         while let Some(meta) = listing.next().await {
@@ -670,17 +683,14 @@ impl Housekeeping for BucketStore {
             if meta.last_modified.timestamp() > cutoff {
                 continue;
             }
-            if let Ok(got) = inner.bucket.get(&meta.location).await {
-                if let Ok(bytes) = got.bytes().await {
-                    if let Ok(saved) = serde_json::from_slice::<upload::SavedHead>(&bytes) {
-                        if let Some(digest) = parse_blob_name(&saved.blob) {
-                            let _ = inner
-                                .parts
-                                .abort_multipart(&inner.blob_path(&digest), &saved.multipart)
-                                .await;
-                        }
-                    }
-                }
+            // Its multipart upload is aborted if the state says which (else the lifecycle
+            // rule's); the state goes either way.
+            let saved = inner.saved_state(&meta.location).await.ok().flatten();
+            if let Some((saved, digest)) =
+                saved.and_then(|s| parse_blob_name(&s.blob).map(|d| (s, d)))
+            {
+                let path = inner.blob_path(&digest);
+                let _ = inner.parts.abort_multipart(&path, &saved.multipart).await;
             }
             match inner.bucket.delete(&meta.location).await {
                 Ok(()) => removed += 1,
@@ -738,13 +748,6 @@ impl BucketStore {
         }
         Ok(c)
     }
-}
-
-/// Unix seconds now, to compare with an object's `last_modified`.
-fn chrono_now() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs() as i64)
 }
 
 /// `<hash>-<size>` back into a digest.

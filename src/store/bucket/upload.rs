@@ -40,21 +40,14 @@ fn part_size(size: u64) -> usize {
 
 /// What is saved of an upload after each part, for a resume on any node.
 #[derive(serde::Serialize, serde::Deserialize)]
-struct Saved {
+pub(super) struct Saved {
     /// The blob, as `<hash>-<size>`.
-    blob: String,
-    multipart: String,
+    pub(super) blob: String,
+    pub(super) multipart: String,
     /// The parts' ids, in order.
     parts: Vec<String>,
     /// SHA-256 over the bytes of those parts (`hashed` says how many there are).
     sha256: ResumableSha256,
-}
-
-/// The part of [`Saved`] the sweep of abandoned uploads needs.
-#[derive(serde::Deserialize)]
-pub(super) struct SavedHead {
-    pub blob: String,
-    pub multipart: String,
 }
 
 pub(super) struct BucketUpload {
@@ -64,7 +57,6 @@ pub(super) struct BucketUpload {
     state: Path,
     /// Over the bytes in parts sent so far.
     hasher: ResumableSha256,
-    received: u64,
     /// Bytes after the last part sent (all of them, before the first part).
     pending: BytesMut,
     /// The multipart upload and its parts, once the bytes outgrew one part.
@@ -91,17 +83,12 @@ impl Inner {
     }
 
     /// The state saved at `path`, if any (and readable).
-    async fn saved_state(&self, path: &Path) -> Result<Option<Saved>> {
-        let got = match self.bucket.get(path).await {
-            Ok(got) => got,
-            Err(object_store::Error::NotFound { .. }) => return Ok(None),
-            Err(e) => return Err(bucket_error("reading an upload's state", e)),
-        };
-        let bytes = got
-            .bytes()
-            .await
-            .map_err(|e| bucket_error("reading an upload's state", e))?;
-        Ok(serde_json::from_slice::<Saved>(&bytes).ok())
+    pub(super) async fn saved_state(&self, path: &Path) -> Result<Option<Saved>> {
+        let what = "reading an upload's state";
+        Ok(self
+            .fetch_bytes(path, what)
+            .await?
+            .and_then(|(bytes, _)| serde_json::from_slice::<Saved>(&bytes).ok()))
     }
 
     /// Bytes of an unfinished upload that a Write can resume after.
@@ -131,7 +118,6 @@ impl BucketUpload {
             digest,
             state,
             hasher: ResumableSha256::default(),
-            received: 0,
             pending: BytesMut::new(),
             multipart: None,
             failed: false,
@@ -153,7 +139,6 @@ impl BucketUpload {
             )));
         }
         upload.hasher = saved.sha256;
-        upload.received = have;
         upload.multipart = Some((
             saved.multipart,
             saved
@@ -163,6 +148,11 @@ impl BucketUpload {
                 .collect(),
         ));
         Ok(upload)
+    }
+
+    /// Bytes received so far: those in parts sent (hashed) and those pending.
+    fn received(&self) -> u64 {
+        self.hasher.hashed() + self.pending.len() as u64
     }
 
     fn path(&self) -> Path {
@@ -232,16 +222,16 @@ impl BucketUpload {
     }
 
     async fn try_append(&mut self, data: Bytes) -> Result<()> {
-        let through = self.received + data.len() as u64;
+        let through = self.received() + data.len() as u64;
         if through > self.digest.size {
             return Err(Error::InvalidArgument(format!(
                 "blob {} received {through} bytes, more than its declared size",
                 self.digest
             )));
         }
-        self.received = through;
         self.pending.extend_from_slice(&data);
-        while self.pending.len() >= part_size(self.digest.size) && self.received < self.digest.size
+        while self.pending.len() >= part_size(self.digest.size)
+            && self.received() < self.digest.size
         {
             self.send_part().await?;
         }
@@ -249,10 +239,12 @@ impl BucketUpload {
     }
 
     async fn try_commit(mut self) -> Result<()> {
-        if self.received != self.digest.size {
+        if self.received() != self.digest.size {
             return Err(Error::InvalidArgument(format!(
                 "blob {} received {} bytes, but its digest says {}",
-                self.digest, self.received, self.digest.size
+                self.digest,
+                self.received(),
+                self.digest.size
             )));
         }
         let tail = self.pending.split().freeze();
@@ -321,7 +313,7 @@ impl BucketUpload {
 #[async_trait]
 impl Upload for BucketUpload {
     fn committed(&self) -> u64 {
-        self.received
+        self.received()
     }
 
     async fn append(&mut self, data: Bytes) -> Result<()> {
