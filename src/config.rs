@@ -327,7 +327,8 @@ pub struct S3Config {
     /// Default 10m.
     pub existence_cache_age: HumanDuration,
     /// How often a node re-reads the namespace records, so an invalidation made through
-    /// another node is honoured here within this time. Default 2s (at least 100ms).
+    /// another node is honoured here within this time, and reads the watch events other nodes
+    /// recorded. Default 2s (at least 100ms).
     pub epoch_refresh: HumanDuration,
 }
 

@@ -126,12 +126,6 @@ impl Invalidation {
                 }
             }
         }
-        let last = done
-            .iter()
-            .flat_map(|d| d.event_sequences.last())
-            .max()
-            .copied();
-        self.settle(last).await;
         Ok(done)
     }
 
@@ -185,20 +179,13 @@ impl Invalidation {
                     "namespace dropped"
                 );
                 let change = format!("namespace {name:?} was dropped");
-                one.event_sequence =
-                    self.announce(Event::namespace_dropped(name, reason, caller), &change)?;
+                one.event_sequence = self
+                    .announce_one(Event::namespace_dropped(name, reason, caller), &change)
+                    .await?;
                 self.metrics.invalidation(Invalidated::Dropped);
             }
             pruned.push(one);
         }
-        self.settle(
-            pruned
-                .iter()
-                .map(|p| p.event_sequence)
-                .max()
-                .filter(|&s| s > 0),
-        )
-        .await;
         Ok(pruned)
     }
 
@@ -225,13 +212,11 @@ impl Invalidation {
             "{} actions of namespace {name:?} were invalidated",
             actions.len()
         );
-        let event_sequences = actions
+        let events = actions
             .iter()
-            .map(|a| {
-                let event = Event::action_invalidated(name, *a, reason, caller);
-                self.announce(event, &change)
-            })
-            .collect::<Result<Vec<u64>>>()?;
+            .map(|a| Event::action_invalidated(name, *a, reason, caller))
+            .collect();
+        let event_sequences = self.announce(events, &change).await?;
         Ok(InvalidatedNamespace {
             name: name.to_string(),
             epoch: 0,
@@ -258,10 +243,12 @@ impl Invalidation {
             "namespace invalidated"
         );
         let change = format!("namespace {name:?} was invalidated (epoch {epoch})");
-        let seq = self.announce(
-            Event::namespace_invalidated(name, epoch, reason, caller),
-            &change,
-        )?;
+        let seq = self
+            .announce_one(
+                Event::namespace_invalidated(name, epoch, reason, caller),
+                &change,
+            )
+            .await?;
         Ok(InvalidatedNamespace {
             name: name.to_string(),
             epoch,
@@ -270,23 +257,25 @@ impl Invalidation {
         })
     }
 
-    /// Publishes an event for a change the store has already made durable.
-    fn announce(&self, event: Event, change: &str) -> Result<u64> {
-        self.events.publish(event).map_err(|e| {
-            Error::internal(
+    /// Publishes the events of a change the store has already made durable, and returns
+    /// their sequences once they survive a crash (the reply names them).
+    async fn announce(&self, events: Vec<Event>, change: &str) -> Result<Vec<u64>> {
+        self.events.announce(events).await.map_err(|e| match e {
+            Error::Unavailable(why) => Error::Unavailable(format!(
+                "{change}, but its watch event is not recorded yet: {why}"
+            )),
+            e => Error::internal(
                 format!("{change}, but its watch event could not be recorded"),
                 e,
-            )
+            ),
         })
     }
 
-    /// Waits until the events up to `last` can be sent to watchers, so the sequences in the reply
-    /// survive a crash. Only a shutdown stops this; the store's final flush then persists them.
-    async fn settle(&self, last: Option<u64>) {
-        if let Some(last) = last {
-            if let Err(e) = self.events.wait_durable(last).await {
-                tracing::warn!(error = %e, last, "invalidation events recorded, not yet fsynced");
-            }
-        }
+    async fn announce_one(&self, event: Event, change: &str) -> Result<u64> {
+        let sequences = self.announce(vec![event], change).await?;
+        sequences
+            .first()
+            .copied()
+            .ok_or_else(|| Error::internal(change.to_string(), "no sequence for its event"))
     }
 }

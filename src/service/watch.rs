@@ -75,7 +75,7 @@ impl watch_server::Watch for WatchService {
             Start::After(r.start_after)
         };
         let subscription = Subscription::new(r.namespace_pattern, start, &r.kinds)?;
-        let watcher = self.events.watch(subscription).map_err(status)?;
+        let watcher = self.events.watch(subscription).await.map_err(status)?;
         let start_after = watcher.start_after();
         // The guard lives as long as the stream: counted open until it is dropped.
         let open = self.metrics.watcher();

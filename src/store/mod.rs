@@ -281,13 +281,27 @@ pub fn open(config: &Config) -> Result<Opened> {
         }
         Backend::S3 => {
             let store = bucket::BucketStore::from_config(config)?;
-            // Not yet in the bucket: each node has its own event log, gone at exit.
+            // The event log lives in the bucket too, so every node numbers events alike.
+            let s3 = &config.storage.s3;
+            let events = EventLog::shared(
+                Arc::new(store.events()),
+                &config.watch,
+                s3.epoch_refresh.0,
+                watch_delete_grace(s3),
+            )?;
             Ok(Opened {
                 stores: Stores::of(Arc::new(store)),
-                events: Arc::new(EventLog::temporary(&config.watch)?),
+                events: Arc::new(events),
             })
         }
     }
+}
+
+/// How long a bucket's watch block outlives its retention: far longer than any request of a
+/// node (its retries included) between reading the log and recording a block, so no node
+/// takes a deleted block's name again.
+pub fn watch_delete_grace(s3: &crate::config::S3Config) -> Duration {
+    Duration::from_secs(60).max(s3.retry_timeout.0 * 4)
 }
 
 /// What the store knows of one namespace.

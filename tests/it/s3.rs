@@ -14,8 +14,8 @@ use hyper_util::rt::{TokioExecutor, TokioIo};
 use hyper_util::server::conn::auto::Builder as ConnBuilder;
 
 use crate::common::{
-    batch_put, blob, digest_of, download, lookup_result, missing, read_name, update_result, upload,
-    write_blob, write_name, TestServer,
+    batch_put, blob, digest_of, download, lookup_result, missing, read_name, take, update_result,
+    upload, write_blob, write_name, TestServer,
 };
 
 const KEY_ID: &str = "hoard-test-key";
@@ -571,4 +571,89 @@ async fn a_resumed_upload_with_wrong_bytes_stores_nothing() {
     assert_eq!(err.code(), tonic::Code::InvalidArgument, "{err:?}");
     assert_eq!(s3.keys("v/cas"), Vec::<String>::new(), "nothing stored");
     assert!(s3.keys("v/uploads").is_empty(), "and nothing to resume");
+}
+
+/// Every kind of event, after `start_after`, on `server`.
+async fn watch_all(
+    server: &TestServer,
+    start_after: u64,
+) -> tonic::Streaming<hoard::proto::watch::Event> {
+    use hoard::proto::watch::{watch_client::WatchClient, EventKind, WatchRequest};
+    let request = WatchRequest {
+        start_after,
+        kinds: [
+            EventKind::ActionInvalidated,
+            EventKind::NamespaceInvalidated,
+            EventKind::NamespaceDropped,
+            EventKind::ActionResultStored,
+        ]
+        .iter()
+        .map(|k| *k as i32)
+        .collect(),
+        ..Default::default()
+    };
+    WatchClient::new(server.channel())
+        .watch(request)
+        .await
+        .expect("watch")
+        .into_inner()
+}
+
+/// The watch log lives in the bucket: a watcher on one node sees what was done through every
+/// node, with the same sequences a watcher on another node sees, and resumes on a third.
+#[tokio::test]
+async fn watchers_on_every_node_see_every_node_s_events_alike_and_resume_anywhere() {
+    use hoard::proto::watch::EventKind;
+    let s3 = S3::start().await;
+    let fast =
+        |c: &mut Config| c.storage.s3.epoch_refresh = HumanDuration(Duration::from_millis(200));
+    let (a, _da) = node(&s3, "w", fast).await;
+    let (b, _db) = node(&s3, "w", fast).await;
+    let (c, _dc) = node(&s3, "w", fast).await;
+    let mut on_a = watch_all(&a, 0).await;
+    let mut on_c = watch_all(&c, 0).await;
+    let out = blob(700, 9);
+    batch_put(&b, "", &[&out]).await;
+    let action = digest_of(b"watched action");
+    update_result(&b, "ci/main", &action, &result_with(&[&digest_of(&out)]))
+        .await
+        .expect("update");
+    invalidate(&c, "ci/main", "through c").await;
+    invalidate(&a, "ci/main", "through a").await;
+    let seen_a = take(&mut on_a, 3).await;
+    let seen_c = take(&mut on_c, 3).await;
+    assert_eq!(seen_a, seen_c, "one log, one order, on every node");
+    let sequences: Vec<u64> = seen_a.iter().map(|e| e.sequence).collect();
+    assert_eq!(sequences, [1, 2, 3]);
+    let stored = seen_a
+        .iter()
+        .find(|e| e.kind() == EventKind::ActionResultStored)
+        .expect("b's stored result is seen on a");
+    assert_eq!(stored.namespace, "ci/main");
+    let reasons: Vec<&str> = seen_a
+        .iter()
+        .filter(|e| e.kind() == EventKind::NamespaceInvalidated)
+        .map(|e| e.reason.as_str())
+        .collect();
+    assert_eq!(
+        reasons,
+        ["through c", "through a"],
+        "in the order they were made"
+    );
+    // A watcher that stopped after the first event on a resumes on b, even for events b has
+    // not read yet (made through a a moment ago).
+    invalidate(&a, "ci/other", "fresh").await;
+    let mut on_b = watch_all(&b, seen_a[0].sequence).await;
+    let rest: Vec<u64> = take(&mut on_b, 3)
+        .await
+        .iter()
+        .map(|e| e.sequence)
+        .collect();
+    assert_eq!(rest, [2, 3, 4]);
+    // A node started afterwards has the whole log.
+    let (d, _dd) = node(&s3, "w", fast).await;
+    let mut on_d = watch_all(&d, 0).await;
+    let all = take(&mut on_d, 4).await;
+    assert_eq!(&all[..3], &seen_a[..]);
+    assert!(s3.keys("w/events/").len() >= 3, "{:?}", s3.keys("w/"));
 }

@@ -9,6 +9,8 @@
 //! - `namespaces/ns.<namespace>`: a namespace record, JSON (`actions.rs`).
 //! - `uploads/<upload id>-<hash>-<size>`: the state of a large upload, so a Write broken off
 //!   on one node resumes on any (`upload.rs`).
+//! - `events/<first sequence>`: a block of the watch event log all nodes share (`events.rs`,
+//!   `crate::watch`).
 //!
 //! Promises, as for the other backends: a blob becomes visible only whole and verified (a
 //! streamed upload goes to a multipart upload that is completed only once the bytes hash to
@@ -22,6 +24,7 @@
 //! uploaded through another node is found on the next call.
 
 mod actions;
+mod events;
 mod upload;
 
 use std::collections::HashMap;

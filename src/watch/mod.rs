@@ -11,7 +11,15 @@
 //! so a busy cache's stores never push invalidations out of the log, and watchers that do not ask
 //! for stores never read them. Keys are sequences (u64 big-endian), values encoded [`Event`]s.
 //!
+//! With a store that several nodes share (the bucket backend), the log is shared too
+//! (`shared.rs`): events are recorded as blocks in the object store, which numbers them for
+//! every node, and each node's trees become a mirror of the shared log that its watchers read.
+//!
 //! This module knows sled trees only; it does not know gRPC (the service maps [`WatchError`]).
+
+mod shared;
+
+pub use shared::SharedLog;
 
 use std::collections::VecDeque;
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -145,6 +153,8 @@ struct Shared {
     /// When `durable` advanced to what, over the last `lag_grace` plus the sample just before:
     /// answers "what was durable `lag_grace` ago". A few hundred entries at most (one per fsync).
     advances: Mutex<VecDeque<(Instant, u64)>>,
+    /// Set when the log is shared: the trees mirror it, and events are recorded through this.
+    feed: Option<Arc<shared::Feed>>,
 }
 
 impl Shared {
@@ -157,6 +167,65 @@ impl Shared {
             now.checked_sub(self.lag_grace).unwrap_or(now),
         );
         advances.front().map_or(0, |a| a.1)
+    }
+
+    /// Makes `durable` visible to watchers (it only ever rises).
+    fn advance(&self, durable: u64) {
+        self.record_advance(durable);
+        self.head.send_if_modified(|h| {
+            let advanced = durable > h.durable;
+            h.durable = h.durable.max(durable);
+            advanced
+        });
+    }
+
+    /// Puts events already numbered and made durable elsewhere (the shared log) into the
+    /// trees, in sequence order, past everything there, then makes them visible.
+    fn insert_recorded(&self, events: &[Event]) -> Result<()> {
+        let Some(last) = events.last().map(|e| e.sequence) else {
+            return Ok(());
+        };
+        {
+            let mut w = self.writer.lock();
+            for event in events {
+                let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
+                let Some(index) = class_of(kind) else {
+                    continue;
+                };
+                if event.sequence < w.next {
+                    continue;
+                }
+                let class = &self.classes[index];
+                class
+                    .tree
+                    .insert(event.sequence.to_be_bytes(), event.encode_to_vec())?;
+                w.next = event.sequence + 1;
+                w.counts[index] += 1;
+                if w.counts[index] > self.retained {
+                    let excess = w.counts[index] - self.retained;
+                    w.counts[index] -= trim(class, &self.meta, index, excess)?;
+                }
+            }
+            w.next = w.next.max(last + 1);
+        }
+        self.advance(last);
+        Ok(())
+    }
+
+    /// Records that the events of `class` up to `through` are gone (deleted from the shared
+    /// log before this node read them): watchers that would need them are told so.
+    fn mark_trimmed(&self, class: usize, through: u64) -> Result<()> {
+        let c = &self.classes[class];
+        if through > c.trimmed_through.load(Ordering::SeqCst) {
+            self.meta.insert(TREES[class], &through.to_be_bytes()[..])?;
+            c.trimmed_through.fetch_max(through, Ordering::SeqCst);
+        }
+        Ok(())
+    }
+
+    /// The largest sequence of `class` deleted so far.
+    fn trimmed_through(&self, class: usize) -> u64 {
+        self.classes[class].trimmed_through.load(Ordering::SeqCst)
     }
 
     fn record_advance(&self, durable: u64) {
@@ -275,6 +344,15 @@ impl EventLog {
         config: &WatchConfig,
         lag_grace: Duration,
     ) -> Result<EventLog> {
+        Self::open_with(tree, config, lag_grace, None)
+    }
+
+    fn open_with(
+        tree: impl Fn(&str) -> Result<sled::Tree>,
+        config: &WatchConfig,
+        lag_grace: Duration,
+        feed: Option<Arc<shared::Feed>>,
+    ) -> Result<EventLog> {
         let meta = tree(META_TREE)?;
         let open_class = |name: &str| -> Result<(Class, u64, u64)> {
             let t = tree(name)?;
@@ -324,9 +402,13 @@ impl EventLog {
             max_lag: config.max_lag,
             lag_grace,
             advances: Mutex::new(VecDeque::from([(Instant::now(), newest)])),
+            feed: feed.clone(),
         });
         // A weak reference: dropping the log releases its trees (and the database) at once.
-        let syncer = tokio::spawn(sync_loop(Arc::downgrade(&shared), shared.wake.clone()));
+        let syncer = match feed {
+            Some(feed) => tokio::spawn(shared::run(Arc::downgrade(&shared), feed)),
+            None => tokio::spawn(sync_loop(Arc::downgrade(&shared), shared.wake.clone())),
+        };
         Ok(EventLog {
             shared,
             syncer: Mutex::new(Some(syncer)),
@@ -340,14 +422,69 @@ impl EventLog {
         EventLog::open(|name| Ok(db.open_tree(name)?), config)
     }
 
-    /// Appends `event` and returns its sequence number. Returns once the event is in the log;
-    /// watchers receive it after the next fsync (a background task batches those, so callers on
-    /// a request path do not wait for the disk). Use [`EventLog::wait_durable`] to wait.
+    /// A log shared by every node on `log` (the bucket), mirrored in a temporary database. It
+    /// reads what other nodes recorded every `refresh`, and deletes blocks retention dropped
+    /// `delete_grace` after dropping them. Needs a Tokio runtime.
+    pub fn shared(
+        log: Arc<dyn SharedLog>,
+        config: &WatchConfig,
+        refresh: Duration,
+        delete_grace: Duration,
+    ) -> Result<EventLog> {
+        let db = sled::Config::new().temporary(true).open()?;
+        let feed = Arc::new(shared::Feed::new(log, refresh, delete_grace));
+        EventLog::open_with(
+            |name| Ok(db.open_tree(name)?),
+            config,
+            LAG_GRACE,
+            Some(feed),
+        )
+    }
+
+    /// Publishes `event` without waiting: watchers receive it once it is durable (after the
+    /// next fsync, or once the shared log holds it; a background task batches those, so
+    /// callers on a request path do not wait). For events whose sequence the caller needs,
+    /// [`EventLog::announce`].
     ///
     /// Build events with [`Event::action_invalidated`], [`Event::namespace_invalidated`],
     /// [`Event::namespace_dropped`] or [`Event::action_result_stored`].
-    pub fn publish(&self, mut event: Event) -> Result<u64> {
+    pub fn publish(&self, event: Event) -> Result<()> {
+        match &self.shared.feed {
+            Some(feed) => feed.enqueue(event, None),
+            None => self.append(event).map(drop),
+        }
+    }
+
+    /// Publishes `events` in order and returns their sequences once watchers can see them (so
+    /// they survive a crash). If the log closes first (shutdown), a local log's sequences are
+    /// returned all the same (its final flush persists them); a shared log's events that are
+    /// not yet recorded give an error.
+    pub async fn announce(&self, events: Vec<Event>) -> Result<Vec<u64>> {
+        if let Some(feed) = &self.shared.feed {
+            return feed.announce(events).await;
+        }
+        let sequences = events
+            .into_iter()
+            .map(|e| self.append(e))
+            .collect::<Result<Vec<u64>>>()?;
+        if let Some(&last) = sequences.last() {
+            if let Err(e) = self.wait_durable(last).await {
+                tracing::warn!(error = %e, last, "watch events recorded, not yet fsynced");
+            }
+        }
+        Ok(sequences)
+    }
+
+    /// Appends `event` to a local log and returns its sequence number at once; watchers get
+    /// it after the next fsync.
+    fn append(&self, mut event: Event) -> Result<u64> {
         let s = &*self.shared;
+        if s.feed.is_some() {
+            return Err(Error::internal(
+                "publishing a watch event",
+                "a shared log numbers events when it records them",
+            ));
+        }
         let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
         let Some(class_index) = class_of(kind) else {
             return Err(Error::internal(
@@ -403,6 +540,9 @@ impl EventLog {
         self.shared.head.send_modify(|h| h.closed = true);
         // The syncer finishes a sync in progress, then sees `closed` and ends.
         self.shared.wake.notify_one();
+        if let Some(feed) = &self.shared.feed {
+            feed.notify();
+        }
     }
 
     /// Closes the log and waits until its syncer has ended, so that the database is no longer
@@ -416,8 +556,29 @@ impl EventLog {
     }
 
     /// Starts a watcher. Fails at once with OUT_OF_RANGE if events after the start point are no
-    /// longer all retained, or if the start point is beyond the newest event.
-    pub fn watch(&self, sub: Subscription) -> Result<Watcher, WatchError> {
+    /// longer all retained, or if the start point is beyond the newest event. With a shared log,
+    /// a start point beyond what this node has read first waits for one read of the shared log
+    /// (a client resuming here with a sequence another node sent it).
+    pub async fn watch(&self, sub: Subscription) -> Result<Watcher, WatchError> {
+        if let Some(feed) = &self.shared.feed {
+            if !feed.loaded().await {
+                return Err(WatchError::from(Error::Unavailable(
+                    "this node has not read the shared watch event log yet (is the object store \
+                     reachable?); try again shortly"
+                        .into(),
+                )));
+            }
+            if let Start::After(n) = sub.start {
+                let next = self.shared.writer.lock().next;
+                if n >= next {
+                    feed.catch_up().await;
+                }
+            }
+        }
+        self.watch_now(sub)
+    }
+
+    fn watch_now(&self, sub: Subscription) -> Result<Watcher, WatchError> {
         let s = &self.shared;
         let head = *s.head.borrow();
         if head.closed {
@@ -549,14 +710,7 @@ async fn sync_loop(shared: Weak<Shared>, wake: Arc<Notify>) {
         }
         // Flushing any tree flushes the whole database: events and the writes before them.
         match shared.meta.flush_async().await {
-            Ok(_) => {
-                shared.record_advance(target);
-                shared.head.send_if_modified(|h| {
-                    let advanced = target > h.durable;
-                    h.durable = h.durable.max(target);
-                    advanced
-                });
-            }
+            Ok(_) => shared.advance(target),
             Err(e) => {
                 tracing::warn!(error = %e, "fsync of the watch event log failed; retrying");
                 tokio::time::sleep(Duration::from_millis(200)).await;
@@ -759,14 +913,14 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(1000, 1000));
         let w = log
-            .watch(sub(Start::After(0), &[EventKind::ActionResultStored]))
+            .watch_now(sub(Start::After(0), &[EventKind::ActionResultStored]))
             .unwrap();
         assert_eq!(w.start_after(), 0);
         let mut stream = Box::pin(w.into_stream());
         let mut seqs = Vec::new();
         for i in 0..200 {
             seqs.push(
-                log.publish(Event::action_result_stored("ns", action(i), "t"))
+                log.append(Event::action_result_stored("ns", action(i), "t"))
                     .unwrap(),
             );
         }
@@ -783,23 +937,23 @@ mod tests {
     async fn filters_by_kind_and_namespace() {
         let db = temp_db();
         let log = open(&db, &config(100, 1000));
-        let default_kinds = log.watch(sub(Start::After(0), &[])).unwrap();
+        let default_kinds = log.watch_now(sub(Start::After(0), &[])).unwrap();
         let ci = log
-            .watch(Subscription {
+            .watch_now(Subscription {
                 namespace_pattern: "ci/*".into(),
                 start: Start::After(0),
                 kinds: vec![EventKind::ActionResultStored, EventKind::NamespaceDropped],
             })
             .unwrap();
-        log.publish(Event::action_result_stored("ci/main", action(1), "t"))
+        log.append(Event::action_result_stored("ci/main", action(1), "t"))
             .unwrap();
-        log.publish(Event::namespace_dropped("dev", "gone", "t"))
+        log.append(Event::namespace_dropped("dev", "gone", "t"))
             .unwrap();
-        log.publish(Event::action_invalidated("ci/x", action(2), "flaky", "t"))
+        log.append(Event::action_invalidated("ci/x", action(2), "flaky", "t"))
             .unwrap();
-        log.publish(Event::namespace_dropped("ci/branches/old", "", "t"))
+        log.append(Event::namespace_dropped("ci/branches/old", "", "t"))
             .unwrap();
-        log.publish(Event::namespace_invalidated("ci/main", 7, "", "t"))
+        log.append(Event::namespace_invalidated("ci/main", 7, "", "t"))
             .unwrap();
         let mut all = Box::pin(default_kinds.into_stream());
         let got: Vec<u64> = take(&mut all, 4).await.iter().map(|e| e.sequence).collect();
@@ -814,16 +968,20 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(1000, 1000));
         for i in 0..100 {
-            log.publish(Event::action_invalidated("a", action(i), "", "t"))
+            log.append(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(100).await.unwrap();
-        let mut first = Box::pin(log.watch(sub(Start::After(0), &[])).unwrap().into_stream());
+        let mut first = Box::pin(
+            log.watch_now(sub(Start::After(0), &[]))
+                .unwrap()
+                .into_stream(),
+        );
         let seen = take(&mut first, 37).await;
         drop(first);
         let last = seen.last().unwrap().sequence;
         let mut second = Box::pin(
-            log.watch(sub(Start::After(last), &[]))
+            log.watch_now(sub(Start::After(last), &[]))
                 .unwrap()
                 .into_stream(),
         );
@@ -839,7 +997,7 @@ mod tests {
             let db = sled::open(dir.path()).unwrap();
             let log = open(&db, &config(10, 100));
             for i in 0..25 {
-                log.publish(Event::action_invalidated("a", action(i), "", "t"))
+                log.append(Event::action_invalidated("a", action(i), "", "t"))
                     .unwrap();
             }
             log.wait_durable(25).await.unwrap();
@@ -853,14 +1011,14 @@ mod tests {
         let log = open(&db, &config(10, 100));
         assert_eq!(log.durable(), 25);
         assert_eq!(
-            log.publish(Event::namespace_dropped("a", "", "t")).unwrap(),
+            log.append(Event::namespace_dropped("a", "", "t")).unwrap(),
             26,
             "no sequence is reused"
         );
         // Retention survived the restart: 15 was deleted, 16 is still there.
-        let err = log.watch(sub(Start::After(14), &[])).err().unwrap();
+        let err = log.watch_now(sub(Start::After(14), &[])).err().unwrap();
         assert_eq!(err.oldest_available, Some(17));
-        assert!(log.watch(sub(Start::After(16), &[])).is_ok());
+        assert!(log.watch_now(sub(Start::After(16), &[])).is_ok());
     }
 
     #[tokio::test]
@@ -868,11 +1026,11 @@ mod tests {
         let db = temp_db();
         let log = open(&db, &config(10, 1000));
         for i in 0..30 {
-            log.publish(Event::action_invalidated("a", action(i), "", "t"))
+            log.append(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(30).await.unwrap();
-        let err = log.watch(sub(Start::After(5), &[])).err().unwrap();
+        let err = log.watch_now(sub(Start::After(5), &[])).err().unwrap();
         assert_eq!(err.error.code(), tonic::Code::OutOfRange);
         assert_eq!(err.oldest_available, Some(21));
         assert!(err
@@ -880,38 +1038,45 @@ mod tests {
             .to_string()
             .contains("oldest still available is 21"));
         // Exactly at the edge is fine, and 0 means "the oldest retained".
-        let w = log.watch(sub(Start::After(20), &[])).unwrap();
+        let w = log.watch_now(sub(Start::After(20), &[])).unwrap();
         assert_eq!(w.start_after(), 20);
-        let w = log.watch(sub(Start::After(0), &[])).unwrap();
+        let w = log.watch_now(sub(Start::After(0), &[])).unwrap();
         assert_eq!(w.start_after(), 20);
         let mut s = Box::pin(w.into_stream());
         assert_eq!(take(&mut s, 1).await[0].sequence, 21);
         // Beyond the newest: the client's log came from elsewhere.
-        let err = log.watch(sub(Start::After(31), &[])).err().unwrap();
+        let err = log.watch_now(sub(Start::After(31), &[])).err().unwrap();
         assert_eq!(err.error.code(), tonic::Code::OutOfRange);
         // From now.
-        assert_eq!(log.watch(sub(Start::Now, &[])).unwrap().start_after(), 30);
+        assert_eq!(
+            log.watch_now(sub(Start::Now, &[])).unwrap().start_after(),
+            30
+        );
     }
 
     #[tokio::test]
     async fn action_results_stored_do_not_push_invalidations_out() {
         let db = temp_db();
         let log = open(&db, &config(5, 1000));
-        log.publish(Event::namespace_dropped("a", "", "t")).unwrap();
+        log.append(Event::namespace_dropped("a", "", "t")).unwrap();
         for i in 0..50 {
-            log.publish(Event::action_result_stored("a", action(i), "t"))
+            log.append(Event::action_result_stored("a", action(i), "t"))
                 .unwrap();
         }
         log.wait_durable(51).await.unwrap();
-        let mut s = Box::pin(log.watch(sub(Start::After(0), &[])).unwrap().into_stream());
+        let mut s = Box::pin(
+            log.watch_now(sub(Start::After(0), &[]))
+                .unwrap()
+                .into_stream(),
+        );
         assert_eq!(take(&mut s, 1).await[0].sequence, 1);
         // Stored results keep their own newest 5: 47..=51.
         let w = log
-            .watch(sub(Start::After(0), &[EventKind::ActionResultStored]))
+            .watch_now(sub(Start::After(0), &[EventKind::ActionResultStored]))
             .unwrap();
         assert_eq!(w.start_after(), 46);
         assert!(log
-            .watch(sub(Start::After(1), &[EventKind::ActionResultStored]))
+            .watch_now(sub(Start::After(1), &[EventKind::ActionResultStored]))
             .is_err());
     }
 
@@ -919,11 +1084,15 @@ mod tests {
     async fn a_watcher_overtaken_by_retention_mid_stream_is_told_so() {
         let db = temp_db();
         let log = open(&db, &config(10, 1000));
-        let mut s = Box::pin(log.watch(sub(Start::After(0), &[])).unwrap().into_stream());
-        log.publish(Event::namespace_dropped("a", "", "t")).unwrap();
+        let mut s = Box::pin(
+            log.watch_now(sub(Start::After(0), &[]))
+                .unwrap()
+                .into_stream(),
+        );
+        log.append(Event::namespace_dropped("a", "", "t")).unwrap();
         assert_eq!(take(&mut s, 1).await[0].sequence, 1);
         for i in 0..100 {
-            log.publish(Event::action_invalidated("a", action(i), "", "t"))
+            log.append(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(101).await.unwrap();
@@ -947,15 +1116,15 @@ mod tests {
             Duration::ZERO,
         )
         .unwrap();
-        let mut s = Box::pin(log.watch(sub(Start::Now, &[])).unwrap().into_stream());
+        let mut s = Box::pin(log.watch_now(sub(Start::Now, &[])).unwrap().into_stream());
         for i in 0..10 {
-            log.publish(Event::action_invalidated("a", action(i), "", "t"))
+            log.append(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         let first = take(&mut s, 10).await;
         // Stop reading while writers go on: publishing never waits for the watcher.
         for i in 10..200 {
-            log.publish(Event::action_invalidated("a", action(i), "", "t"))
+            log.append(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(200).await.unwrap();
@@ -964,7 +1133,11 @@ mod tests {
         assert_eq!(err.resume_after, Some(10));
         assert_eq!(first.last().unwrap().sequence, 10);
         // Resuming 190 behind (more than max_lag) works: it gains ground, so it is not cut off.
-        let mut s = Box::pin(log.watch(sub(Start::After(10), &[])).unwrap().into_stream());
+        let mut s = Box::pin(
+            log.watch_now(sub(Start::After(10), &[]))
+                .unwrap()
+                .into_stream(),
+        );
         let rest = take(&mut s, 190).await;
         assert_eq!(
             rest.iter().map(|e| e.sequence).collect::<Vec<_>>(),
@@ -979,13 +1152,13 @@ mod tests {
         let log =
             EventLog::open_with_grace(|name| Ok(db.open_tree(name)?), &config(10_000, 10), grace)
                 .unwrap();
-        let mut s = Box::pin(log.watch(sub(Start::Now, &[])).unwrap().into_stream());
+        let mut s = Box::pin(log.watch_now(sub(Start::Now, &[])).unwrap().into_stream());
         // The watcher waits, caught up, for longer than the grace period...
         let mut first = s.next();
         assert!(tokio::time::timeout(grace * 3, &mut first).await.is_err());
         // ...then 500 events become visible in one step, 50 times the lag limit: it reads on.
         for i in 0..500 {
-            log.publish(Event::action_invalidated("a", action(i), "", "t"))
+            log.append(Event::action_invalidated("a", action(i), "", "t"))
                 .unwrap();
         }
         log.wait_durable(500).await.unwrap();
@@ -1004,12 +1177,12 @@ mod tests {
             )
             .unwrap(),
         );
-        let mut s = Box::pin(log.watch(sub(Start::Now, &[])).unwrap().into_stream());
+        let mut s = Box::pin(log.watch_now(sub(Start::Now, &[])).unwrap().into_stream());
         let writer = {
             let log = log.clone();
             tokio::spawn(async move {
                 for i in 0..300 {
-                    log.publish(Event::action_invalidated("a", action(i), "", "t"))
+                    log.append(Event::action_invalidated("a", action(i), "", "t"))
                         .unwrap();
                     tokio::time::sleep(Duration::from_millis(1)).await;
                 }
@@ -1039,15 +1212,19 @@ mod tests {
     async fn closing_ends_watchers_with_their_resume_point() {
         let db = temp_db();
         let log = open(&db, &config(100, 100));
-        let mut s = Box::pin(log.watch(sub(Start::After(0), &[])).unwrap().into_stream());
-        log.publish(Event::namespace_dropped("a", "", "t")).unwrap();
+        let mut s = Box::pin(
+            log.watch_now(sub(Start::After(0), &[]))
+                .unwrap()
+                .into_stream(),
+        );
+        log.append(Event::namespace_dropped("a", "", "t")).unwrap();
         take(&mut s, 1).await;
         log.close();
         let err = s.next().await.unwrap().err().unwrap();
         assert_eq!(err.error.code(), tonic::Code::Unavailable);
         assert_eq!(err.resume_after, Some(1));
         assert!(s.next().await.is_none());
-        assert!(log.watch(sub(Start::After(1), &[])).is_err());
+        assert!(log.watch_now(sub(Start::After(1), &[])).is_err());
     }
 
     #[test]

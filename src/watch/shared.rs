@@ -1,0 +1,487 @@
+//! The event log that several nodes share through their object store.
+//!
+//! Events are recorded as *blocks*: objects named by the sequence of their first event, each
+//! holding a run of consecutive events of one class. A node records a block only with a
+//! conditional create (S3's `If-None-Match: *`) at the sequence after the newest block it has
+//! read, so two nodes can never number two events alike: the loser of a race reads the
+//! winner's block and tries again after it. Blocks begin where the one before ended, so the
+//! chain is gapless except where retention deleted blocks.
+//!
+//! Every node reads the whole chain once at start and then every `refresh` (and at once after
+//! recording), into the local trees of `mod.rs`, which its watchers read as for a local log.
+//! So a watcher on any node sees every node's events, in one order, and can resume on any node
+//! with the same `start_after`.
+//!
+//! Retention works per class, as for a local log, on each node's mirror; a block of a class
+//! retention has passed is deleted `delete_grace` later (by every node that read it; deleting
+//! is idempotent). The grace keeps a block's key from being taken again by a node whose view
+//! is older than that: a node re-reads the chain before recording whenever its last read is a
+//! quarter of the grace old.
+
+use std::collections::VecDeque;
+use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
+
+use async_trait::async_trait;
+use bytes::{Buf, BufMut, Bytes, BytesMut};
+use futures::StreamExt;
+use parking_lot::Mutex;
+use prost::Message;
+use tokio::sync::{oneshot, watch, Notify};
+
+use super::{class_of, now_unix_ms, Event, EventKind, Shared, INVALIDATIONS, STORED, TREES};
+use crate::error::{Error, Result};
+
+/// Events in one block at most (a few hundred KiB).
+const MAX_BLOCK: usize = 1000;
+/// Events waiting to be recorded at most; beyond, publishing fails (the store is unreachable
+/// for long, and the events would otherwise pile up in memory).
+const MAX_PENDING: usize = 100_000;
+/// How long [`Feed::announce`] waits for its events to be recorded.
+const ANNOUNCE_WAIT: Duration = Duration::from_secs(30);
+/// How long a watcher's start waits for this node's first (or next) read of the chain.
+const CATCH_UP_WAIT: Duration = Duration::from_secs(30);
+/// Blocks read at once.
+const PARALLEL_READS: usize = 16;
+/// How long shutdown waits for the events still waiting to be recorded.
+const FINAL_ROUND: Duration = Duration::from_secs(5);
+/// Pause after a failed read or write of the shared log.
+const RETRY_PAUSE: Duration = Duration::from_secs(1);
+/// Starts every block: the format, then the writing node's id and its count of blocks, so a
+/// node tells its own block (a create whose reply was lost) from another's.
+const MAGIC: &[u8; 8] = b"HOARDEV1";
+
+/// Where the shared log's blocks live (the bucket, `store/bucket/events.rs`). Blocks are opaque
+/// bytes to it, named by their first sequence.
+#[async_trait]
+pub trait SharedLog: Send + Sync + 'static {
+    /// The first sequences of the blocks that begin after `after`, in increasing order.
+    async fn list_after(&self, after: u64) -> Result<Vec<u64>>;
+    /// The block that begins at `first`; `None` if there is none (retention deleted it).
+    async fn read(&self, first: u64) -> Result<Option<Bytes>>;
+    /// Creates the block that begins at `first` unless one exists; false if one does.
+    async fn create(&self, first: u64, block: Bytes) -> Result<bool>;
+    /// Deletes the block that begins at `first`; one already gone is no error.
+    async fn delete(&self, first: u64) -> Result<()>;
+}
+
+/// An event waiting to be recorded, and who waits for its sequence.
+struct Pending {
+    event: Event,
+    done: Option<oneshot::Sender<u64>>,
+}
+
+/// A block this node has read or written, for retention.
+struct Block {
+    first: u64,
+    last: u64,
+    class: usize,
+    /// When retention passed every event in it (deleted `delete_grace` later).
+    dropped_at: Option<Instant>,
+}
+
+/// The shared side of an [`super::EventLog`]: what waits to be recorded, and the chain's store.
+pub(super) struct Feed {
+    log: Arc<dyn SharedLog>,
+    pending: Mutex<VecDeque<Pending>>,
+    /// Wakes the loop: something to record, a watcher to catch up, or shutdown.
+    wake: Notify,
+    refresh: Duration,
+    delete_grace: Duration,
+    /// Reads of the chain completed (the first, at start, reads it all).
+    reads: watch::Sender<u64>,
+    writer_id: u64,
+}
+
+impl Feed {
+    pub(super) fn new(log: Arc<dyn SharedLog>, refresh: Duration, delete_grace: Duration) -> Self {
+        Feed {
+            log,
+            pending: Mutex::new(VecDeque::new()),
+            wake: Notify::new(),
+            refresh,
+            delete_grace,
+            reads: watch::channel(0).0,
+            writer_id: uuid::Uuid::new_v4().as_u64_pair().0,
+        }
+    }
+
+    /// Queues `event` to be recorded; `done` learns its sequence.
+    pub(super) fn enqueue(&self, event: Event, done: Option<oneshot::Sender<u64>>) -> Result<()> {
+        let kind = EventKind::try_from(event.kind).unwrap_or(EventKind::Unspecified);
+        if class_of(kind).is_none() {
+            return Err(Error::internal(
+                "publishing a watch event",
+                format!("event kind {} is not publishable", event.kind),
+            ));
+        }
+        let mut pending = self.pending.lock();
+        if pending.len() >= MAX_PENDING {
+            return Err(Error::Unavailable(format!(
+                "{MAX_PENDING} watch events wait to be recorded in the object store, which does \
+                 not take them; try again once it answers"
+            )));
+        }
+        pending.push_back(Pending { event, done });
+        drop(pending);
+        self.wake.notify_one();
+        Ok(())
+    }
+
+    /// Queues `events` in order and waits (up to [`ANNOUNCE_WAIT`]) until the shared log holds
+    /// them all; their sequences.
+    pub(super) async fn announce(&self, events: Vec<Event>) -> Result<Vec<u64>> {
+        let mut waits = Vec::with_capacity(events.len());
+        for event in events {
+            let (tx, rx) = oneshot::channel();
+            self.enqueue(event, Some(tx))?;
+            waits.push(rx);
+        }
+        let all = futures::future::join_all(waits);
+        match tokio::time::timeout(ANNOUNCE_WAIT, all).await {
+            Ok(done) => done
+                .into_iter()
+                .map(|r| {
+                    r.map_err(|_| {
+                        Error::Unavailable(
+                            "the server is shutting down before the watch event was recorded in \
+                             the object store"
+                                .into(),
+                        )
+                    })
+                })
+                .collect(),
+            Err(_) => Err(Error::Unavailable(format!(
+                "the object store has not taken the watch event within {ANNOUNCE_WAIT:?}; it \
+                 stays queued on this node and is recorded once the store answers"
+            ))),
+        }
+    }
+
+    /// Waits until a read of the chain that began after this call has completed (bounded).
+    pub(super) async fn catch_up(&self) {
+        let mut reads = self.reads.subscribe();
+        // A read in progress may have listed before the caller's event existed: wait for the
+        // one after it (the first read, at start, counts whole).
+        let now = *reads.borrow_and_update();
+        let target = if now == 0 { 1 } else { now + 2 };
+        self.wake.notify_one();
+        let _ = tokio::time::timeout(CATCH_UP_WAIT, reads.wait_for(|n| *n >= target)).await;
+    }
+
+    /// Waits until the chain has been read once (bounded); false if it has not.
+    pub(super) async fn loaded(&self) -> bool {
+        let mut reads = self.reads.subscribe();
+        tokio::time::timeout(CATCH_UP_WAIT, reads.wait_for(|n| *n >= 1))
+            .await
+            .is_ok_and(|r| r.is_ok())
+    }
+
+    pub(super) fn notify(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Reads the whole chain into the trees (start). A class's events before its oldest block
+    /// are gone: everything up to the last gap before that block counts as deleted for it
+    /// (retention deletes a class's blocks oldest first, so gaps after it are other classes').
+    async fn load(&self, s: &Shared, blocks: &mut VecDeque<Block>) -> Result<()> {
+        let firsts = self.log.list_after(0).await?;
+        let reads = firsts.into_iter().map(|first| {
+            let log = self.log.clone();
+            async move { log.read(first).await.map(|b| (first, b)) }
+        });
+        let mut read = futures::stream::iter(reads).buffered(PARALLEL_READS);
+        let mut next = 1u64;
+        let mut gaps_end: Vec<u64> = Vec::new();
+        let mut oldest = [None::<u64>; 2];
+        while let Some(got) = read.next().await {
+            let (first, body) = got?;
+            let Some(body) = body else { continue };
+            let events = match decode(first, &body) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(error = %e, first, "skipping a malformed watch block");
+                    continue;
+                }
+            };
+            if first > next {
+                gaps_end.push(first - 1);
+            }
+            let (class, last) = summary(&events);
+            oldest[class].get_or_insert(first);
+            s.insert_recorded(&events)?;
+            blocks.push_back(Block {
+                first,
+                last,
+                class,
+                dropped_at: None,
+            });
+            next = last + 1;
+        }
+        for class in [INVALIDATIONS, STORED] {
+            let before = oldest[class].unwrap_or(u64::MAX);
+            if let Some(&through) = gaps_end.iter().rev().find(|&&end| end < before) {
+                s.mark_trimmed(class, through)?;
+            }
+        }
+        tracing::info!(
+            blocks = blocks.len(),
+            newest = next - 1,
+            "read the shared watch event log"
+        );
+        Ok(())
+    }
+
+    /// Reads the blocks other nodes recorded since the last read. A gap (blocks deleted before
+    /// this node read them) counts as deleted for both classes: watchers that would need it
+    /// are told, never silently skipped past it.
+    async fn tail(&self, s: &Shared, blocks: &mut VecDeque<Block>) -> Result<()> {
+        let after = s.writer.lock().next - 1;
+        for first in self.log.list_after(after).await? {
+            let Some(body) = self.log.read(first).await? else {
+                continue;
+            };
+            let events = match decode(first, &body) {
+                Ok(events) => events,
+                Err(e) => {
+                    tracing::error!(error = %e, first, "skipping a malformed watch block");
+                    vec![]
+                }
+            };
+            let next = s.writer.lock().next;
+            if first > next {
+                tracing::warn!(
+                    from = next,
+                    through = first - 1,
+                    "watch events were deleted from the shared log before this node read them"
+                );
+                s.mark_trimmed(INVALIDATIONS, first - 1)?;
+                s.mark_trimmed(STORED, first - 1)?;
+            }
+            if events.is_empty() {
+                continue;
+            }
+            let (class, last) = summary(&events);
+            s.insert_recorded(&events)?;
+            blocks.push_back(Block {
+                first,
+                last,
+                class,
+                dropped_at: None,
+            });
+        }
+        Ok(())
+    }
+
+    /// One round: read what is new, record what waits, delete what retention passed.
+    async fn round(&self, s: &Shared, blocks: &mut VecDeque<Block>) -> Result<()> {
+        self.tail(s, blocks).await?;
+        let mut read_at = Instant::now();
+        self.reads.send_modify(|n| *n += 1);
+        loop {
+            if read_at.elapsed() > self.delete_grace / 4 {
+                self.tail(s, blocks).await?;
+                read_at = Instant::now();
+            }
+            let Some((first, events, bytes)) = self.next_block(s) else {
+                break;
+            };
+            let ours = self.log.create(first, bytes.clone()).await?
+                || self.log.read(first).await?.as_ref() == Some(&bytes);
+            if !ours {
+                // Another node took this sequence: read its block, then try after it.
+                self.tail(s, blocks).await?;
+                read_at = Instant::now();
+                continue;
+            }
+            let waiting: Vec<Pending> = {
+                let mut pending = self.pending.lock();
+                pending.drain(..events.len()).collect()
+            };
+            s.insert_recorded(&events)?;
+            for (p, e) in waiting.into_iter().zip(&events) {
+                if let Some(done) = p.done {
+                    let _ = done.send(e.sequence);
+                }
+            }
+            let (class, last) = summary(&events);
+            blocks.push_back(Block {
+                first,
+                last,
+                class,
+                dropped_at: None,
+            });
+        }
+        self.delete_dropped(s, blocks).await;
+        Ok(())
+    }
+
+    /// The oldest waiting events of one class (at most [`MAX_BLOCK`]), numbered from the next
+    /// sequence, and their block.
+    fn next_block(&self, s: &Shared) -> Option<(u64, Vec<Event>, Bytes)> {
+        let first = s.writer.lock().next;
+        let pending = self.pending.lock();
+        let class = class_of(pending.front()?.event.kind());
+        let events: Vec<Event> = pending
+            .iter()
+            .take(MAX_BLOCK)
+            .take_while(|p| class_of(p.event.kind()) == class)
+            .zip(first..)
+            .map(|(p, sequence)| {
+                let mut event = p.event.clone();
+                event.sequence = sequence;
+                if event.time_unix_ms == 0 {
+                    event.time_unix_ms = now_unix_ms();
+                }
+                event
+            })
+            .collect();
+        drop(pending);
+        let count = self.reads.borrow().to_be_bytes();
+        let bytes = encode(self.writer_id, &count, &events);
+        Some((first, events, bytes))
+    }
+
+    /// Deletes the blocks whose events retention passed on this node `delete_grace` ago.
+    async fn delete_dropped(&self, s: &Shared, blocks: &mut VecDeque<Block>) {
+        let now = Instant::now();
+        for block in blocks.iter_mut() {
+            if block.dropped_at.is_none() && block.last <= s.trimmed_through(block.class) {
+                block.dropped_at = Some(now);
+            }
+        }
+        let mut kept = VecDeque::with_capacity(blocks.len());
+        for block in blocks.drain(..) {
+            let due = block
+                .dropped_at
+                .is_some_and(|at| now.duration_since(at) >= self.delete_grace);
+            if !due {
+                kept.push_back(block);
+                continue;
+            }
+            if let Err(e) = self.log.delete(block.first).await {
+                tracing::warn!(error = %e, first = block.first, "deleting an old watch block");
+                kept.push_back(block);
+            }
+        }
+        *blocks = kept;
+    }
+
+    /// Ends every wait for a sequence (shutdown): the events are not recorded.
+    fn fail_all(&self) {
+        self.pending.lock().clear();
+    }
+}
+
+/// The shared log's loop: read the whole chain, then a round every `refresh` or when woken.
+pub(super) async fn run(shared: Weak<Shared>, feed: Arc<Feed>) {
+    let mut blocks = VecDeque::new();
+    loop {
+        let Some(s) = shared.upgrade() else { return };
+        if s.head.borrow().closed {
+            feed.fail_all();
+            return;
+        }
+        match feed.load(&s, &mut blocks).await {
+            Ok(()) => break,
+            Err(e) => {
+                tracing::warn!(error = %e, "reading the shared watch event log; retrying");
+                blocks.clear();
+            }
+        }
+        drop(s);
+        tokio::time::sleep(RETRY_PAUSE).await;
+    }
+    feed.reads.send_modify(|n| *n += 1);
+    loop {
+        tokio::select! {
+            _ = feed.wake.notified() => {}
+            _ = tokio::time::sleep(feed.refresh) => {}
+        }
+        let Some(s) = shared.upgrade() else { return };
+        if s.head.borrow().closed {
+            // Shutdown: what waits is recorded if the store takes it soon, else lost.
+            if !feed.pending.lock().is_empty() {
+                let last = tokio::time::timeout(FINAL_ROUND, feed.round(&s, &mut blocks));
+                if !matches!(last.await, Ok(Ok(()))) {
+                    tracing::warn!(
+                        events = feed.pending.lock().len(),
+                        "watch events not recorded in the object store before shutdown"
+                    );
+                }
+            }
+            feed.fail_all();
+            return;
+        }
+        if let Err(e) = feed.round(&s, &mut blocks).await {
+            tracing::warn!(error = %e, "the shared watch event log; retrying");
+            drop(s);
+            tokio::time::sleep(RETRY_PAUSE).await;
+            feed.wake.notify_one();
+        }
+    }
+}
+
+/// A block's class and last sequence (its events are of one class, checked by [`decode`]).
+fn summary(events: &[Event]) -> (usize, u64) {
+    let class = events
+        .first()
+        .and_then(|e| class_of(e.kind()))
+        .unwrap_or(INVALIDATIONS);
+    (class, events.last().map_or(0, |e| e.sequence))
+}
+
+fn encode(writer_id: u64, count: &[u8; 8], events: &[Event]) -> Bytes {
+    let mut out = BytesMut::with_capacity(24 + events.len() * 128);
+    out.put_slice(MAGIC);
+    out.put_u64(writer_id);
+    out.put_slice(count);
+    for event in events {
+        // Encoding into a BytesMut grows it as needed; it cannot fail.
+        let _ = event.encode_length_delimited(&mut out);
+    }
+    out.freeze()
+}
+
+/// The events of the block that begins at `first`: at least one, consecutive from `first`,
+/// all of one class.
+fn decode(first: u64, block: &[u8]) -> Result<Vec<Event>> {
+    let bad = |why: String| {
+        Error::internal(
+            format!("reading watch block {first} of the shared log"),
+            why,
+        )
+    };
+    if block.len() < 24 || &block[..8] != MAGIC {
+        return Err(bad("not a hoard watch block".into()));
+    }
+    let mut rest = &block[24..];
+    let mut events = Vec::new();
+    let mut class: Option<usize> = None;
+    while rest.has_remaining() {
+        let event = Event::decode_length_delimited(&mut rest).map_err(|e| bad(e.to_string()))?;
+        let expected = first + events.len() as u64;
+        if event.sequence != expected {
+            return Err(bad(format!(
+                "event {} where {expected} was due",
+                event.sequence
+            )));
+        }
+        let Some(this) = class_of(event.kind()) else {
+            return Err(bad(format!("event {} has no known kind", event.sequence)));
+        };
+        if class.is_some_and(|c| c != this) {
+            return Err(bad(format!(
+                "event {} is not of the block's class ({})",
+                event.sequence,
+                TREES[class.unwrap_or(INVALIDATIONS)]
+            )));
+        }
+        class = Some(this);
+        events.push(event);
+    }
+    if events.is_empty() {
+        return Err(bad("no events".into()));
+    }
+    Ok(events)
+}
