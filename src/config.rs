@@ -240,10 +240,13 @@ pub struct StorageConfig {
     /// Where blobs and action results live: `"sled"` (the default: durable, in `data_dir`),
     /// `"memory"` (everything in RAM, bounded by `max_size` and gone at exit: for ephemeral CI
     /// runners and tests) or `"s3"` (an S3-compatible bucket, `[storage.s3]`, that any number
-    /// of hoard nodes may share).
+    /// of hoard nodes may share), or `"tiered"` (that bucket with a local fast tier in front,
+    /// `[storage.tiered]`).
     pub backend: Backend,
-    /// The bucket of `backend = "s3"`.
+    /// The bucket of `backend = "s3"` and `"tiered"`.
     pub s3: S3Config,
+    /// The fast tier of `backend = "tiered"`.
+    pub tiered: TieredConfig,
     /// Blobs up to this size are appended to segment files; larger ones are files of their
     /// own. Default 64 KiB.
     pub inline_threshold: ByteSize,
@@ -281,6 +284,37 @@ pub enum Backend {
     Sled,
     Memory,
     S3,
+    Tiered,
+}
+
+/// `[storage.tiered]`: the local fast tier in front of the bucket of `backend = "tiered"`.
+/// The fast tier is bounded by `storage.max_size` (with its watermarks and `min_retention`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct TieredConfig {
+    /// `"sled"` (in `data_dir`, survives restarts; the default) or `"memory"`.
+    pub fast: FastTier,
+    /// Acknowledge a blob once the fast tier holds it, and upload it to the bucket in the
+    /// background from a queue that survives restarts. Needs `fast = "sled"`. Default false:
+    /// a write is acknowledged once the bucket holds it.
+    pub write_behind: bool,
+}
+
+impl Default for TieredConfig {
+    fn default() -> Self {
+        TieredConfig {
+            fast: FastTier::Sled,
+            write_behind: false,
+        }
+    }
+}
+
+/// The fast tier's backend (`storage.tiered.fast`).
+#[derive(Clone, Copy, Debug, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum FastTier {
+    Sled,
+    Memory,
 }
 
 /// `[storage.s3]`: the bucket of the object-store backend. Credentials come from
@@ -356,7 +390,7 @@ impl Default for S3Config {
 impl S3Config {
     fn check(&self) -> Result<(), String> {
         if self.bucket.is_empty() {
-            return Err("storage.backend = \"s3\" needs storage.s3.bucket".into());
+            return Err("storage.backend = \"s3\" (and \"tiered\") needs storage.s3.bucket".into());
         }
         if self.prefix.starts_with('/') || self.prefix.contains("//") {
             return Err(format!(
@@ -547,6 +581,7 @@ impl Default for StorageConfig {
         StorageConfig {
             backend: Backend::Sled,
             s3: S3Config::default(),
+            tiered: TieredConfig::default(),
             inline_threshold: ByteSize(64 << 10),
             sled_cache_capacity: ByteSize(32 << 20),
             segment_size: ByteSize(crate::store::segments::DEFAULT_SEGMENT_SIZE),
@@ -652,8 +687,19 @@ impl Config {
             return Err("storage.abandoned_upload_age must be at least 1m".into());
         }
         self.asset.fetch.check()?;
-        if self.storage.backend == Backend::S3 {
+        if matches!(self.storage.backend, Backend::S3 | Backend::Tiered) {
             self.storage.s3.check()?;
+        }
+        let tiered = &self.storage.tiered;
+        if self.storage.backend == Backend::Tiered
+            && tiered.write_behind
+            && tiered.fast != FastTier::Sled
+        {
+            return Err(
+                "storage.tiered.write_behind needs fast = \"sled\": the queue of blobs not yet \
+                 in the bucket must survive a restart"
+                    .into(),
+            );
         }
         if self.asset.max_hold.0 < Duration::from_secs(60) {
             return Err("asset.max_hold must be at least 1m".into());

@@ -633,7 +633,7 @@ impl Drop for WatcherGuard {
 /// absent while it is `None`). Counters since the server started are counters here too.
 fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
     type Read = fn(&StoreStats) -> Option<u64>;
-    let gauges: [(&'static str, &'static str, Read); 7] = [
+    let gauges: [(&'static str, &'static str, Read); 8] = [
         (
             "hoard_stored_blobs",
             "CAS blobs stored (the empty blob not counted)",
@@ -668,6 +668,11 @@ fn store_instruments(meter: &Meter, stats: &Arc<Mutex<Option<StoreStats>>>) {
             "hoard_youngest_evicted_age_seconds",
             "how long the most recently used evicted blob had been idle (absent until one is)",
             |s| s.youngest_evicted_age_secs,
+        ),
+        (
+            "hoard_write_behind_queue",
+            "blobs acknowledged and not yet uploaded to the bucket (tiered, write-behind only)",
+            |s| s.write_behind_queue,
         ),
     ];
     for (name, help, read) in gauges {

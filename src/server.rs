@@ -468,10 +468,11 @@ async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration
 }
 
 /// Where downloads from origin are spooled (as unnamed files): beside the data for a durable
-/// store, the system's temporary directory for the memory and s3 backends.
+/// store (or fast tier), the system's temporary directory otherwise.
 fn spool_dir(config: &Config) -> std::path::PathBuf {
-    match config.storage.backend {
-        crate::config::Backend::Sled => config.data_dir.clone(),
-        crate::config::Backend::Memory | crate::config::Backend::S3 => std::env::temp_dir(),
+    use crate::config::{Backend, FastTier};
+    match (config.storage.backend, config.storage.tiered.fast) {
+        (Backend::Sled, _) | (Backend::Tiered, FastTier::Sled) => config.data_dir.clone(),
+        _ => std::env::temp_dir(),
     }
 }

@@ -226,9 +226,11 @@ fn describe_status(uri: &str, operation: Operation, status: &tonic::Status) -> S
 
 async fn on_data_dir(config: &Config, operation: Operation) -> Result<Report, String> {
     let dir = &config.data_dir;
-    if config.storage.backend == crate::config::Backend::Memory {
+    let tiered_in_memory = config.storage.backend == crate::config::Backend::Tiered
+        && config.storage.tiered.fast == crate::config::FastTier::Memory;
+    if config.storage.backend == crate::config::Backend::Memory || tiered_in_memory {
         return Err(format!(
-            "the config says storage.backend = \"memory\": nothing is kept on disk; ask the \
+            "the config keeps blobs in memory (storage.backend or storage.tiered.fast = \"memory\"): nothing is kept on disk; ask the \
              running server instead: hoard {} --server URL",
             operation.name()
         ));
@@ -380,6 +382,15 @@ fn render_stats(s: &StoreStats) -> String {
         None => format!("accepted ({refused})"),
     };
     line("writes", writes);
+    if let Some(queued) = s.write_behind_queue {
+        line(
+            "write-behind",
+            format!(
+                "{} blobs acknowledged, not yet in the bucket",
+                count(queued)
+            ),
+        );
+    }
     if s.cleanup_pending {
         line(
             "crash clean-up",

@@ -454,6 +454,7 @@ impl From<StoreStats> for StatsResponse {
             refused_database_failed: s.refused_database_failed,
             write_refusal: s.write_refusal,
             cleanup_pending: s.cleanup_pending,
+            write_behind_queue: s.write_behind_queue,
             // The server's own figures (50+) are added by Stats, not kept by the store.
             ..Default::default()
         }
@@ -491,6 +492,7 @@ impl From<StatsResponse> for StoreStats {
             refused_database_failed: s.refused_database_failed,
             write_refusal: s.write_refusal,
             cleanup_pending: s.cleanup_pending,
+            write_behind_queue: s.write_behind_queue,
             ..Default::default()
         }
     }

@@ -24,6 +24,7 @@ pub mod memory;
 pub mod refused;
 pub mod segments;
 pub mod sled;
+pub mod tiered;
 
 use std::pin::Pin;
 use std::sync::Arc;
@@ -33,7 +34,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{Stream, StreamExt};
 
-use crate::config::{Backend, Config};
+use crate::config::{Backend, Config, FastTier};
 use crate::digest::Digest;
 use crate::error::Result;
 use crate::watch::EventLog;
@@ -281,20 +282,61 @@ pub fn open(config: &Config) -> Result<Opened> {
         }
         Backend::S3 => {
             let store = bucket::BucketStore::from_config(config)?;
-            // The event log lives in the bucket too, so every node numbers events alike.
-            let s3 = &config.storage.s3;
-            let events = EventLog::shared(
-                Arc::new(store.events()),
-                &config.watch,
-                s3.epoch_refresh.0,
-                watch_delete_grace(s3),
-            )?;
             Ok(Opened {
+                events: Arc::new(shared_events(&store, config)?),
                 stores: Stores::of(Arc::new(store)),
-                events: Arc::new(events),
+            })
+        }
+        Backend::Tiered => {
+            let bucket = bucket::BucketStore::from_config(config)?;
+            let tiered = &config.storage.tiered;
+            let (fast, queue) = match tiered.fast {
+                FastTier::Sled => {
+                    let sled = Arc::new(sled::SledStore::from_config(config)?);
+                    let queue = match tiered.write_behind {
+                        true => Some(sled.tree("write-behind")?),
+                        false => None,
+                    };
+                    let fast = tiered::FastTier {
+                        cas: sled.clone(),
+                        housekeeping: sled,
+                    };
+                    (fast, queue)
+                }
+                FastTier::Memory => {
+                    let memory = Arc::new(memory::MemoryStore::from_config(config)?);
+                    let fast = tiered::FastTier {
+                        cas: memory.clone(),
+                        housekeeping: memory,
+                    };
+                    (fast, None)
+                }
+            };
+            let events = Arc::new(shared_events(&bucket, config)?);
+            let store = Arc::new(tiered::TieredStore::new(fast, bucket.clone(), queue)?);
+            let counted = Arc::new(counting::Counting::new(store.clone(), store));
+            Ok(Opened {
+                stores: Stores {
+                    cas: counted.clone(),
+                    // Action results are shared and mutable: always the bucket's.
+                    actions: Arc::new(bucket),
+                    housekeeping: counted,
+                },
+                events,
             })
         }
     }
+}
+
+/// The watch event log in the bucket, so every node numbers events alike.
+fn shared_events(bucket: &bucket::BucketStore, config: &Config) -> Result<EventLog> {
+    let s3 = &config.storage.s3;
+    EventLog::shared(
+        Arc::new(bucket.events()),
+        &config.watch,
+        s3.epoch_refresh.0,
+        watch_delete_grace(s3),
+    )
 }
 
 /// How long a bucket's watch block outlives its retention: far longer than any request of a
@@ -365,6 +407,10 @@ pub struct StoreStats {
     pub write_refusal: Option<String>,
     /// Whether the cleanup pass that follows an unclean shutdown has yet to finish.
     pub cleanup_pending: bool,
+    /// Blobs acknowledged and not yet uploaded to the bucket (tiered backend with
+    /// write-behind; absent otherwise).
+    #[serde(default)]
+    pub write_behind_queue: Option<u64>,
 }
 
 /// What one `gc` pass did.

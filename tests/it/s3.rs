@@ -657,3 +657,270 @@ async fn watchers_on_every_node_see_every_node_s_events_alike_and_resume_anywher
     assert_eq!(&all[..3], &seen_a[..]);
     assert!(s3.keys("w/events/").len() >= 3, "{:?}", s3.keys("w/"));
 }
+
+/// A tiered node on the bucket: a sled fast tier in `dir`.
+fn tiered_config(s3: &S3, prefix: &str, dir: &Path, write_behind: bool) -> Config {
+    let mut config = s3.config(prefix, dir);
+    config.storage.backend = Backend::Tiered;
+    config.storage.tiered.write_behind = write_behind;
+    config
+}
+
+async fn stats(server: &TestServer) -> hoard::proto::admin::StatsResponse {
+    server
+        .admin()
+        .stats(hoard::proto::admin::StatsRequest::default())
+        .await
+        .expect("stats")
+        .into_inner()
+}
+
+#[tokio::test]
+async fn a_tiered_node_fills_its_fast_tier_from_the_bucket_and_serves_it_through_an_outage() {
+    let s3 = S3::start().await;
+    let (a, _da) = node(&s3, "t", |_| {}).await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let b = TestServer::start_config(tiered_config(&s3, "t", dir.path(), false)).await;
+    let small = blob(3000, 1);
+    let large = blob(3 << 20, 2);
+    batch_put(&a, "", &[&small]).await;
+    let large_d = upload(&a, "", &large).await;
+    assert_eq!(stats(&b).await.blobs, 0, "b's fast tier starts empty");
+    // Read through b: from the bucket, and into b's fast tier.
+    for (data, d) in [(&small, digest_of(&small)), (&large, large_d.clone())] {
+        assert_eq!(
+            &download(&b, &read_name("", &d), 0, 0).await.expect("read"),
+            data
+        );
+    }
+    assert_eq!(stats(&b).await.blobs, 2, "both reads filled the fast tier");
+    // A write through b is in the bucket before it is acknowledged, and in b's fast tier.
+    let written = blob(5000, 3);
+    batch_put(&b, "", &[&written]).await;
+    assert!(s3.object(&blob_key("t", &digest_of(&written))).exists());
+    assert_eq!(stats(&b).await.blobs, 3);
+    // The bucket goes away: what b holds is still served; the rest answers UNAVAILABLE.
+    s3.down.store(true, Ordering::SeqCst);
+    for (data, d) in [(&small, digest_of(&small)), (&large, large_d)] {
+        assert_eq!(
+            &download(&b, &read_name("", &d), 0, 0)
+                .await
+                .expect("fast hit"),
+            data
+        );
+    }
+    let err = download(&b, &read_name("", &digest_of(b"never stored")), 0, 0)
+        .await
+        .expect_err("a miss needs the bucket");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    let err = write_blob(&b, &write_name("", "u", &digest_of(b"new")), b"new", 0, 64)
+        .await
+        .expect_err("write-through needs the bucket");
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{err:?}");
+    s3.down.store(false, Ordering::SeqCst);
+    assert_eq!(stats(&b).await.write_behind_queue, None);
+}
+
+/// The fast tier never claims a blob the bucket lost: with the bucket's word too old to
+/// trust, GetActionResult on the very node whose fast tier holds the output misses.
+#[tokio::test]
+async fn the_fast_tier_never_claims_a_blob_the_bucket_lost() {
+    let s3 = S3::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let mut config = tiered_config(&s3, "l", dir.path(), false);
+    config.storage.s3.existence_cache_age = HumanDuration(Duration::from_millis(300));
+    let a = TestServer::start_config(config).await;
+    let out = blob(4000, 7);
+    batch_put(&a, "", &[&out]).await;
+    let d = digest_of(&out);
+    let action = digest_of(b"tiered action");
+    update_result(&a, "", &action, &result_with(&[&d]))
+        .await
+        .expect("update");
+    assert!(lookup_result(&a, "", &action).await.is_some());
+    std::fs::remove_file(s3.object(&blob_key("l", &d))).expect("delete the object");
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    assert_eq!(
+        stats(&a).await.blobs,
+        1,
+        "the fast tier still has the bytes"
+    );
+    assert!(
+        lookup_result(&a, "", &action).await.is_none(),
+        "a miss, never a hit with an output no other node can serve"
+    );
+    assert_eq!(missing(&a, std::slice::from_ref(&d)).await, vec![d.clone()]);
+    // The client uploads it again: whole everywhere.
+    batch_put(&a, "", &[&out]).await;
+    assert!(s3.object(&blob_key("l", &d)).exists());
+    assert!(lookup_result(&a, "", &action).await.is_some());
+}
+
+/// Write-behind: acknowledged while the bucket is down, queued durably (across a restart),
+/// counted in stats and metrics, uploaded once the bucket is back; queued blobs count as
+/// present on their node, which can serve them.
+#[tokio::test]
+async fn write_behind_acknowledges_first_and_uploads_after_an_outage_and_a_restart() {
+    let s3 = S3::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let a = TestServer::start_config(tiered_config(&s3, "b", dir.path(), true)).await;
+    assert_eq!(stats(&a).await.write_behind_queue, Some(0), "serving");
+    s3.down.store(true, Ordering::SeqCst);
+    let blobs: Vec<Vec<u8>> = (0..5).map(|i| blob(2000 + i, 40 + i as u64)).collect();
+    let refs: Vec<&[u8]> = blobs.iter().map(|b| b.as_slice()).collect();
+    batch_put(&a, "", &refs).await;
+    let big = blob(2 << 20, 50);
+    let big_d = upload(&a, "", &big).await;
+    let mut digests: Vec<reapi::Digest> = blobs.iter().map(|b| digest_of(b)).collect();
+    digests.push(big_d.clone());
+    assert_eq!(stats(&a).await.write_behind_queue, Some(6));
+    assert_eq!(
+        missing(&a, &digests).await,
+        vec![],
+        "queued blobs are present here"
+    );
+    assert_eq!(
+        download(&a, &read_name("", &big_d), 0, 0)
+            .await
+            .expect("served"),
+        big
+    );
+    let (_, metrics) = crate::ops::http_get(a.ops_addr(), "/metrics").await;
+    assert!(metrics.contains("hoard_write_behind_queue 6"), "{metrics}");
+    assert!(s3.keys("b/cas").is_empty(), "nothing reached the bucket");
+    // Restart while queued; the queue is still there.
+    let _ = a.stop().await;
+    s3.down.store(false, Ordering::SeqCst);
+    let a = TestServer::start_config(tiered_config(&s3, "b", dir.path(), true)).await;
+    let started = std::time::Instant::now();
+    while stats(&a).await.write_behind_queue != Some(0) {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the queue does not drain"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Every acknowledged blob is readable through another node.
+    let (other, _do) = node(&s3, "b", |_| {}).await;
+    assert_eq!(missing(&other, &digests).await, vec![]);
+    assert_eq!(
+        download(&other, &read_name("", &big_d), 0, 0)
+            .await
+            .expect("read through another node"),
+        big
+    );
+}
+
+/// SIGKILL a tiered write-behind node during a write storm, first with the bucket down (so
+/// acknowledged blobs exist only in the queue), then with it up (the queue draining while
+/// writes go on). After each restart the queue drains, and every acknowledged blob is read
+/// back byte for byte through another node.
+#[tokio::test]
+async fn sigkill_of_a_write_behind_node_loses_no_acknowledged_blob() {
+    use crate::crash::Process;
+    use std::collections::HashMap;
+    let s3 = S3::start().await;
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config_file = dir.path().join("hoard.toml");
+    std::fs::write(
+        &config_file,
+        format!(
+            "[storage]\nbackend = \"tiered\"\n[storage.tiered]\nwrite_behind = true\n\
+             [storage.s3]\nbucket = \"{BUCKET}\"\nprefix = \"k\"\nendpoint = \"http://{}\"\n\
+             allow_http = true\ncredentials_file = \"{}\"\nmax_retries = 1\nretry_timeout = \"2s\"\n",
+            s3.addr,
+            s3.credentials.display()
+        ),
+    )
+    .expect("config file");
+    let data_dir = dir.path().join("data");
+    let start = || {
+        let mut command = Process::command(&data_dir);
+        command.arg("--config").arg(&config_file);
+        Process::start_command(command)
+    };
+    let acked: Arc<parking_lot::Mutex<HashMap<String, Vec<u8>>>> = Default::default();
+    for (cycle, bucket_down) in [(0u64, true), (1, false)] {
+        let server = start().await;
+        // Serving (the namespace records are read at start) before the bucket goes away.
+        hoard::proto::admin::admin_client::AdminClient::new(server.channel.clone())
+            .stats(hoard::proto::admin::StatsRequest::default())
+            .await
+            .expect("stats");
+        s3.down.store(bucket_down, Ordering::SeqCst);
+        let storms: Vec<_> = (0..3)
+            .map(|task| {
+                let (channel, acked) = (server.channel.clone(), acked.clone());
+                tokio::spawn(async move {
+                    let mut cas = reapi::content_addressable_storage_client::ContentAddressableStorageClient::new(channel);
+                    for i in 0u64.. {
+                        let data = blob(1000 + (i as usize % 7) * 3000, cycle << 40 | task << 32 | i);
+                        let d = digest_of(&data);
+                        let request = reapi::BatchUpdateBlobsRequest {
+                            requests: vec![reapi::batch_update_blobs_request::Request {
+                                digest: Some(d.clone()),
+                                data: data.clone().into(),
+                                ..Default::default()
+                            }],
+                            ..Default::default()
+                        };
+                        if let Ok(reply) = cas.batch_update_blobs(request).await {
+                            if reply.into_inner().responses.iter().all(|r| {
+                                r.status.as_ref().is_none_or(|s| s.code == 0)
+                            }) {
+                                acked.lock().insert(d.hash.clone(), data);
+                            }
+                        }
+                    }
+                })
+            })
+            .collect();
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        server.kill9();
+        for storm in storms {
+            storm.abort();
+        }
+        s3.down.store(false, Ordering::SeqCst);
+        let server = start().await;
+        let admin = hoard::proto::admin::admin_client::AdminClient::new(server.channel.clone());
+        let started = std::time::Instant::now();
+        loop {
+            let stats = admin
+                .clone()
+                .stats(hoard::proto::admin::StatsRequest::default())
+                .await
+                .expect("stats")
+                .into_inner();
+            if stats.write_behind_queue == Some(0) {
+                break;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(60),
+                "the queue does not drain: {stats:?}"
+            );
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        server.terminate().await;
+    }
+    let acked = acked.lock().clone();
+    assert!(
+        acked.len() > 20,
+        "the storm stored only {} blobs",
+        acked.len()
+    );
+    let (other, _do) = node(&s3, "k", |_| {}).await;
+    let other = &other;
+    let checks = futures::stream::iter(acked.values().map(|data| async move {
+        let d = digest_of(data);
+        let got = download(other, &read_name("", &d), 0, 0)
+            .await
+            .unwrap_or_else(|e| panic!("acknowledged blob {} lost: {e}", d.hash));
+        assert!(got == *data, "blob {} differs", d.hash);
+    }));
+    use futures::StreamExt as _;
+    checks.buffer_unordered(16).collect::<Vec<()>>().await;
+    eprintln!(
+        "write-behind crash test: {} acknowledged blobs, all in the bucket",
+        acked.len()
+    );
+}

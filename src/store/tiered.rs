@@ -1,0 +1,597 @@
+//! The tiered backend (`storage.backend = "tiered"`): a local fast tier (sled or memory, with
+//! its own `max_size` and LRU) in front of the bucket that every node shares.
+//!
+//! Only blobs are tiered. Action results and namespace records are mutable and shared, so
+//! they are always read from and written to the bucket (`server.rs` gets the bucket's
+//! `ActionStore`), and an invalidation through any node is seen by all.
+//!
+//! The rules, which ARCHITECTURE.md lists as invariants:
+//! - Reads try the fast tier, then the bucket; a whole read from the bucket backfills the fast
+//!   tier as it streams (verified there like any write, so a bad read stores nothing).
+//! - Write-through (the default): a write is acknowledged once the bucket holds it; the fast
+//!   tier gets a copy too (a refusal there loses nothing: it is a cache).
+//! - Write-behind: a write is acknowledged once the fast tier holds it *and* a durable queue
+//!   entry names it (both in one sled commit); a background task uploads it to the bucket and
+//!   then drops the entry. A queued blob is pinned in the fast tier (retained) until uploaded.
+//! - FindMissingBlobs (and so the action cache's completeness check) never takes the fast
+//!   tier's word: a blob is present only if the bucket holds it (under the s3 backend's
+//!   existence cache), or it waits in this node's queue. So a blob the bucket lost is missing
+//!   here even while the fast tier still has its bytes, and a client uploads it again.
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use bytes::Bytes;
+use futures::StreamExt;
+use parking_lot::Mutex;
+use tokio::sync::Notify;
+
+use super::bucket::BucketStore;
+use super::{BlobStream, Cas, GcReport, Housekeeping, StoreStats, Upload, VerifyReport};
+use crate::digest::Digest;
+use crate::error::Result;
+
+/// Blobs the uploader takes from the queue per pass, and uploads at once.
+const UPLOAD_BATCH: usize = 64;
+const PARALLEL_UPLOADS: usize = 16;
+/// Pause after the bucket failed an upload, doubling up to [`MAX_PAUSE`].
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+const MAX_PAUSE: Duration = Duration::from_secs(30);
+/// A queued blob is retained in the fast tier this far ahead, renewed every [`PIN_RENEW`].
+const PIN_AHEAD: u64 = 2 * 3600;
+const PIN_RENEW: Duration = Duration::from_secs(1800);
+/// Chunk size of uploads from the queue.
+const CHUNK: usize = 1 << 20;
+
+/// The fast tier's faces (any backend; its action store is not used).
+#[derive(Clone)]
+pub struct FastTier {
+    pub cas: Arc<dyn Cas>,
+    pub housekeeping: Arc<dyn Housekeeping>,
+}
+
+/// A fast tier in front of a bucket.
+pub struct TieredStore {
+    fast: FastTier,
+    bucket: BucketStore,
+    queue: Option<Arc<Queue>>,
+}
+
+/// The write-behind queue: digests acknowledged and not yet in the bucket. The tree is in the
+/// fast tier's sled database, so an entry is made durable by the same commit as its blob.
+struct Queue {
+    tree: sled::Tree,
+    /// The entries whose blob the fast tier holds: what FindMissingBlobs claims and the
+    /// uploader takes. An entry joins only once its write is done, so the uploader never
+    /// mistakes a write in progress for a failed one.
+    queued: Mutex<HashSet<Digest>>,
+    wake: Notify,
+}
+
+fn queue_key(digest: &Digest) -> [u8; 40] {
+    let mut key = [0u8; 40];
+    key[..32].copy_from_slice(&digest.hash);
+    key[32..].copy_from_slice(&digest.size.to_be_bytes());
+    key
+}
+
+impl Queue {
+    fn open(tree: sled::Tree) -> Result<Self> {
+        let mut queued = HashSet::new();
+        for item in tree.iter().keys() {
+            let key = item?;
+            if key.len() == 40 {
+                let mut hash = [0u8; 32];
+                hash.copy_from_slice(&key[..32]);
+                let mut size = [0u8; 8];
+                size.copy_from_slice(&key[32..]);
+                queued.insert(Digest {
+                    hash,
+                    size: u64::from_be_bytes(size),
+                });
+            }
+        }
+        if !queued.is_empty() {
+            tracing::info!(
+                blobs = queued.len(),
+                "blobs wait to be uploaded to the bucket (write-behind)"
+            );
+        }
+        Ok(Queue {
+            tree,
+            queued: Mutex::new(queued),
+            wake: Notify::new(),
+        })
+    }
+
+    /// Adds entries before their write, durable with the fast tier's commit of it; the ones
+    /// not queued already, for [`Queue::confirm`] or [`Queue::take_back`].
+    fn prepare(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let fresh: Vec<Digest> = {
+            let queued = self.queued.lock();
+            digests
+                .iter()
+                .filter(|d| !queued.contains(d))
+                .copied()
+                .collect()
+        };
+        for d in &fresh {
+            self.tree.insert(queue_key(d), &[][..])?;
+        }
+        Ok(fresh)
+    }
+
+    /// The writes of these entries are done and acknowledged: claim and upload them.
+    fn confirm(&self, digests: &[Digest]) {
+        self.queued.lock().extend(digests.iter().copied());
+        self.wake.notify_one();
+    }
+
+    /// Undoes [`Queue::prepare`] for writes that failed (an entry another, acknowledged
+    /// write confirmed meanwhile stays).
+    fn take_back(&self, added: &[Digest], failed: impl Fn(&Digest) -> bool) {
+        for d in added.iter().filter(|d| failed(d)) {
+            if self.contains(d) {
+                continue;
+            }
+            if let Err(e) = self.tree.remove(queue_key(d)) {
+                tracing::warn!(digest = %d, error = %e, "dropping the entry of a failed write");
+            }
+        }
+    }
+
+    fn remove(&self, digest: &Digest) -> Result<()> {
+        self.tree.remove(queue_key(digest))?;
+        self.queued.lock().remove(digest);
+        Ok(())
+    }
+
+    fn contains(&self, digest: &Digest) -> bool {
+        self.queued.lock().contains(digest)
+    }
+
+    fn len(&self) -> usize {
+        self.queued.lock().len()
+    }
+
+    fn some(&self, n: usize) -> Vec<Digest> {
+        self.queued.lock().iter().take(n).copied().collect()
+    }
+}
+
+impl TieredStore {
+    /// `queue`: the sled tree of the write-behind queue, if writes are acknowledged before the
+    /// bucket holds them.
+    pub fn new(fast: FastTier, bucket: BucketStore, queue: Option<sled::Tree>) -> Result<Self> {
+        let queue = match queue {
+            Some(tree) => Some(Arc::new(Queue::open(tree)?)),
+            None => None,
+        };
+        Ok(TieredStore {
+            fast,
+            bucket,
+            queue,
+        })
+    }
+
+    /// The bucket, whose action store the server uses.
+    pub fn bucket(&self) -> &BucketStore {
+        &self.bucket
+    }
+
+    /// Blobs acknowledged and not yet in the bucket (0 without write-behind).
+    pub fn queued(&self) -> usize {
+        self.queue.as_ref().map_or(0, |q| q.len())
+    }
+
+    async fn pin(&self, digests: &[Digest]) {
+        pin(&*self.fast.cas, digests).await
+    }
+
+    /// Uploads what the queue holds, for as long as the server runs.
+    async fn upload_queued(&self, queue: &Queue) {
+        let mut pause = FIRST_PAUSE;
+        let mut pinned_at = std::time::Instant::now();
+        loop {
+            if pinned_at.elapsed() >= PIN_RENEW {
+                let all: Vec<Digest> = queue.queued.lock().iter().copied().collect();
+                self.pin(&all).await;
+                pinned_at = std::time::Instant::now();
+            }
+            let batch = queue.some(UPLOAD_BATCH);
+            if batch.is_empty() {
+                let _ = tokio::time::timeout(PIN_RENEW, queue.wake.notified()).await;
+                continue;
+            }
+            let uploads = futures::stream::iter(batch)
+                .map(|digest| async move { (digest, self.upload_one(&digest).await) })
+                .buffer_unordered(PARALLEL_UPLOADS);
+            let results: Vec<(Digest, Result<()>)> = uploads.collect().await;
+            let mut failed = false;
+            for (digest, result) in results {
+                match result {
+                    Ok(()) => {
+                        if let Err(e) = queue.remove(&digest) {
+                            tracing::warn!(%digest, error = %e, "dropping a write-behind entry");
+                        }
+                    }
+                    Err(e) => {
+                        if !failed {
+                            tracing::warn!(%digest, error = %e, "uploading queued blobs; retrying");
+                        }
+                        failed = true;
+                    }
+                }
+            }
+            if failed {
+                tokio::time::sleep(pause).await;
+                pause = (pause * 2).min(MAX_PAUSE);
+            } else {
+                pause = FIRST_PAUSE;
+            }
+        }
+    }
+
+    /// Copies one queued blob from the fast tier to the bucket. A blob the fast tier does not
+    /// have was never acknowledged (its write failed after the entry was added): nothing to do.
+    async fn upload_one(&self, digest: &Digest) -> Result<()> {
+        let Some(mut chunks) = self.fast.cas.read(digest, 0, None, CHUNK).await? else {
+            tracing::debug!(%digest, "queued blob not in the fast tier: its write had failed");
+            return Ok(());
+        };
+        let id = format!("write-behind-{}", uuid::Uuid::new_v4());
+        let mut upload = self.bucket.begin_upload(&id, digest, 0).await?;
+        while let Some(chunk) = chunks.next().await {
+            upload.append(chunk?).await?;
+        }
+        upload.commit().await
+    }
+
+    /// Stores a whole blob in the fast tier, as a cache fill: a refusal is only logged.
+    async fn fill(&self, digest: &Digest, data: Bytes) {
+        if let Err(e) = self.fast.cas.put(digest, data).await {
+            tracing::debug!(%digest, error = %e, "not cached in the fast tier");
+        }
+    }
+}
+
+/// Pins queued blobs in the fast tier until well past the next renewal, so eviction spares
+/// them until they are in the bucket.
+async fn pin(fast: &dyn Cas, digests: &[Digest]) {
+    let until = now_secs() + PIN_AHEAD;
+    if let Err(e) = fast.retain(digests, until).await {
+        tracing::warn!(error = %e, "pinning queued blobs in the fast tier");
+    }
+}
+
+fn now_secs() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[async_trait]
+impl Cas for TieredStore {
+    async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        let asked: Vec<Digest> = match &self.queue {
+            Some(q) => digests.iter().filter(|d| !q.contains(d)).copied().collect(),
+            None => digests.to_vec(),
+        };
+        self.bucket.find_missing(&asked).await
+    }
+
+    async fn retain(&self, digests: &[Digest], until: u64) -> Result<Vec<Digest>> {
+        let _ = self.fast.cas.retain(digests, until).await;
+        self.find_missing(digests).await
+    }
+
+    async fn read(
+        &self,
+        digest: &Digest,
+        offset: u64,
+        limit: Option<u64>,
+        chunk_size: usize,
+    ) -> Result<Option<BlobStream>> {
+        match self.fast.cas.read(digest, offset, limit, chunk_size).await {
+            Ok(Some(stream)) => return Ok(Some(stream)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "fast tier read failed; asking the bucket")
+            }
+        }
+        let Some(stream) = self.bucket.read(digest, offset, limit, chunk_size).await? else {
+            return Ok(None);
+        };
+        let whole = offset == 0 && limit.is_none_or(|l| l >= digest.size);
+        if !whole {
+            return Ok(Some(stream));
+        }
+        let id = format!("backfill-{}", uuid::Uuid::new_v4());
+        match self.fast.cas.begin_upload(&id, digest, 0).await {
+            Ok(upload) => Ok(Some(backfilled(stream, upload))),
+            Err(e) => {
+                tracing::debug!(%digest, error = %e, "not cached in the fast tier");
+                Ok(Some(stream))
+            }
+        }
+    }
+
+    async fn begin_upload(
+        &self,
+        upload_id: &str,
+        digest: &Digest,
+        offset: u64,
+    ) -> Result<Box<dyn Upload>> {
+        if let Some(queue) = &self.queue {
+            let fast = self
+                .fast
+                .cas
+                .begin_upload(upload_id, digest, offset)
+                .await?;
+            return Ok(Box::new(BehindUpload {
+                fast,
+                tier: self.fast.cas.clone(),
+                digest: *digest,
+                queue: queue.clone(),
+            }));
+        }
+        let slow = self.bucket.begin_upload(upload_id, digest, offset).await?;
+        // A resumed upload's first bytes are in the bucket only: the fast tier gets the blob
+        // at its first read instead.
+        let fast = match offset {
+            0 => self.fast.cas.begin_upload(upload_id, digest, 0).await.ok(),
+            _ => None,
+        };
+        Ok(Box::new(ThroughUpload { slow, fast }))
+    }
+
+    async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>> {
+        match &self.queue {
+            Some(_) => self.fast.cas.upload_progress(upload_id, digest).await,
+            None => self.bucket.upload_progress(upload_id, digest).await,
+        }
+    }
+
+    async fn get(&self, digest: &Digest) -> Result<Option<Bytes>> {
+        match self.fast.cas.get(digest).await {
+            Ok(Some(bytes)) => return Ok(Some(bytes)),
+            Ok(None) => {}
+            Err(e) => {
+                tracing::warn!(%digest, error = %e, "fast tier read failed; asking the bucket")
+            }
+        }
+        let Some(bytes) = self.bucket.get(digest).await? else {
+            return Ok(None);
+        };
+        self.fill(digest, bytes.clone()).await;
+        Ok(Some(bytes))
+    }
+
+    async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
+        if let Some(queue) = &self.queue {
+            let one = std::slice::from_ref(digest);
+            let added = queue.prepare(one)?;
+            if let Err(e) = self.fast.cas.put(digest, data).await {
+                queue.take_back(&added, |_| true);
+                return Err(e);
+            }
+            self.pin(one).await;
+            queue.confirm(one);
+            return Ok(());
+        }
+        self.bucket.put(digest, data.clone()).await?;
+        self.fill(digest, data).await;
+        Ok(())
+    }
+
+    async fn put_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
+        let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
+        if let Some(queue) = &self.queue {
+            let added = match queue.prepare(&digests) {
+                Ok(added) => added,
+                Err(e) => return digests.iter().map(|_| Err(e.again())).collect(),
+            };
+            let results = self.fast.cas.put_many(blobs).await;
+            let stored: HashSet<Digest> = digests
+                .iter()
+                .zip(&results)
+                .filter(|(_, r)| r.is_ok())
+                .map(|(d, _)| *d)
+                .collect();
+            queue.take_back(&added, |d| !stored.contains(d));
+            let stored: Vec<Digest> = stored.into_iter().collect();
+            self.pin(&stored).await;
+            queue.confirm(&stored);
+            return results;
+        }
+        let results = self.bucket.put_many(blobs.clone()).await;
+        let stored: Vec<(Digest, Bytes)> = blobs
+            .into_iter()
+            .zip(&results)
+            .filter(|(_, r)| r.is_ok())
+            .map(|(b, _)| b)
+            .collect();
+        for (i, r) in self.fast.cas.put_many(stored).await.iter().enumerate() {
+            if let Err(e) = r {
+                tracing::debug!(blob = i, error = %e, "not cached in the fast tier");
+            }
+        }
+        results
+    }
+}
+
+/// A bucket read that also fills the fast tier: each chunk is appended to `upload` as it
+/// passes, committed (verified) at the end. A failed append or an unfinished read stores
+/// nothing; the client's read goes on either way.
+fn backfilled(stream: BlobStream, upload: Box<dyn Upload>) -> BlobStream {
+    let state = (stream, Some(upload));
+    Box::pin(futures::stream::unfold(
+        state,
+        |(mut stream, mut upload)| async move {
+            match stream.next().await {
+                Some(Ok(chunk)) => {
+                    if let Some(u) = upload.as_mut() {
+                        if u.append(chunk.clone()).await.is_err() {
+                            upload = None;
+                        }
+                    }
+                    Some((Ok(chunk), (stream, upload)))
+                }
+                Some(Err(e)) => Some((Err(e), (stream, None))),
+                None => {
+                    if let Some(u) = upload.take() {
+                        if let Err(e) = u.commit().await {
+                            tracing::debug!(error = %e, "backfill of the fast tier not stored");
+                        }
+                    }
+                    None
+                }
+            }
+        },
+    ))
+}
+
+/// Write-through: every byte to the bucket (which decides), a copy to the fast tier.
+struct ThroughUpload {
+    slow: Box<dyn Upload>,
+    fast: Option<Box<dyn Upload>>,
+}
+
+#[async_trait]
+impl Upload for ThroughUpload {
+    fn committed(&self) -> u64 {
+        self.slow.committed()
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<()> {
+        self.slow.append(data.clone()).await?;
+        if let Some(fast) = self.fast.as_mut() {
+            if fast.append(data).await.is_err() {
+                self.fast = None;
+            }
+        }
+        Ok(())
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let ThroughUpload { slow, fast } = *self;
+        slow.commit().await?;
+        if let Some(fast) = fast {
+            if let Err(e) = fast.commit().await {
+                tracing::debug!(error = %e, "not cached in the fast tier");
+            }
+        }
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        self.slow.stop().await;
+        if let Some(fast) = self.fast.as_mut() {
+            fast.stop().await;
+        }
+    }
+}
+
+/// Write-behind: the fast tier decides; the queue entry is added before the commit that makes
+/// the blob durable, so it is durable with it.
+struct BehindUpload {
+    fast: Box<dyn Upload>,
+    /// The fast tier, to pin the blob in.
+    tier: Arc<dyn Cas>,
+    digest: Digest,
+    queue: Arc<Queue>,
+}
+
+#[async_trait]
+impl Upload for BehindUpload {
+    fn committed(&self) -> u64 {
+        self.fast.committed()
+    }
+
+    async fn append(&mut self, data: Bytes) -> Result<()> {
+        self.fast.append(data).await
+    }
+
+    async fn commit(self: Box<Self>) -> Result<()> {
+        let BehindUpload {
+            fast,
+            tier,
+            digest,
+            queue,
+        } = *self;
+        let one = std::slice::from_ref(&digest);
+        let added = queue.prepare(one)?;
+        if let Err(e) = fast.commit().await {
+            queue.take_back(&added, |_| true);
+            return Err(e);
+        }
+        pin(&*tier, one).await;
+        queue.confirm(one);
+        Ok(())
+    }
+
+    async fn stop(&mut self) {
+        self.fast.stop().await;
+    }
+}
+
+#[async_trait]
+impl Housekeeping for TieredStore {
+    /// The fast tier's figures (the bucket is counted by the s3 backend alone), and the queue.
+    async fn stats(&self) -> Result<StoreStats> {
+        let mut stats = self.fast.housekeeping.stats().await?;
+        stats.write_behind_queue = self.queue.as_ref().map(|q| q.len() as u64);
+        stats.write_refusal = self.write_refusal();
+        Ok(stats)
+    }
+
+    async fn gc(&self, target: Option<u64>) -> Result<GcReport> {
+        self.fast.housekeeping.gc(target).await
+    }
+
+    async fn verify(&self) -> Result<VerifyReport> {
+        self.fast.housekeeping.verify().await
+    }
+
+    async fn maintain(&self) {
+        let uploads = async {
+            match &self.queue {
+                Some(queue) => self.upload_queued(queue).await,
+                None => futures::future::pending().await,
+            }
+        };
+        tokio::join!(
+            self.fast.housekeeping.maintain(),
+            self.bucket.maintain(),
+            uploads
+        );
+    }
+
+    async fn remove_abandoned_uploads(&self, max_age: Duration) -> Result<usize> {
+        let fast = self
+            .fast
+            .housekeeping
+            .remove_abandoned_uploads(max_age)
+            .await?;
+        let slow = self.bucket.remove_abandoned_uploads(max_age).await?;
+        Ok(fast + slow)
+    }
+
+    /// Write-through: the bucket decides. Write-behind: the fast tier does.
+    fn write_refusal(&self) -> Option<String> {
+        match &self.queue {
+            Some(_) => self.fast.housekeeping.write_refusal(),
+            None => self.bucket.write_refusal(),
+        }
+    }
+
+    fn unavailable(&self) -> Option<String> {
+        self.bucket.unavailable()
+    }
+
+    async fn flush(&self) -> Result<()> {
+        self.fast.housekeeping.flush().await
+    }
+}
