@@ -905,6 +905,27 @@ mod tests {
     }
 
     #[test]
+    fn the_tiered_backend_needs_a_bucket_and_a_durable_fast_tier_for_write_behind() {
+        let e = Config::parse("[storage]\nbackend = \"tiered\"\n").unwrap_err();
+        assert!(e.contains("needs storage.s3.bucket"), "{e}");
+        let e = Config::parse(
+            "[storage]\nbackend = \"tiered\"\n[storage.s3]\nbucket = \"b\"\n\
+             [storage.tiered]\nfast = \"memory\"\nwrite_behind = true\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("write_behind needs fast = \"sled\""), "{e}");
+        let c = Config::parse(
+            "[storage]\nbackend = \"tiered\"\n[storage.s3]\nbucket = \"b\"\n\
+             [storage.tiered]\nwrite_behind = true\n",
+        )
+        .unwrap();
+        assert_eq!(c.storage.backend, Backend::Tiered);
+        assert_eq!(c.storage.tiered.fast, FastTier::Sled);
+        assert!(c.storage.tiered.write_behind);
+        assert!(Config::parse("[storage.tiered]\nfast = \"disk\"\n").is_err());
+    }
+
+    #[test]
     fn the_s3_backend_needs_a_bucket_and_says_so_of_plain_http() {
         let e = Config::parse("[storage]\nbackend = \"s3\"\n").unwrap_err();
         assert!(e.contains("needs storage.s3.bucket"), "{e}");
