@@ -1,17 +1,21 @@
 #!/usr/bin/env bash
-# End-to-end check of the s3 backend with a second S3 implementation and a real client: two
+# End-to-end check of the s3 backend with a second S3 implementation and a real client: three
 # hoard nodes on one bucket of moto's S3 server (PyPI `moto[server]`, not the s3s-fs the
 # integration tests embed), and Debian's Bazel 4.2.3.
 #
 # Usage: scripts/s3-bazel-e2e.sh HOARD_BINARY
 #
 #   1. moto's server on a free loopback port, a bucket made with one PUT;
-#   2. two hoard nodes, both `storage.backend = "s3"` on that bucket and one prefix;
+#   2. three hoard nodes, all `storage.backend = "s3"` on that bucket and one prefix;
 #   3. a genrule workspace (ten small outputs, one of 12 MB: a multipart upload, and one rule
 #      over all of them) is built through node 1, cold;
 #   4. `bazel clean --expunge`, then the same build through node 2: every action must be a
 #      remote cache hit, and the outputs byte-identical to the first build's;
-#   5. the bucket holds the blobs under the documented layout (`prefix/cas/<2 hex>/...`).
+#   5. the bucket holds the blobs under the documented layout (`prefix/cas/<2 hex>/...`);
+#   6. an invalidation through node 3 is seen by `hoard watch` on node 1 and honoured by node 2
+#      within the refresh (its clean build gets no remote cache hit);
+#   7. two invalidations at once through nodes 1 and 3 are both kept (the epoch rises by two,
+#      as node 2 reports).
 #
 # Environment: MOTO_VENV=DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/hoard-e2e/moto-venv),
 # MOTO_VERSION (default 5.2.5), KEEP_TMP=1 keeps the temporary directory.
@@ -79,9 +83,10 @@ bucket = "e2e-cache"
 prefix = "ci"
 endpoint = "http://127.0.0.1:$S3_PORT"
 allow_http = true
+epoch_refresh = "500ms"
 EOF
 PORTS=()
-for n in 1 2; do
+for n in 1 2 3; do
   port=$(free_port)
   AWS_ACCESS_KEY_ID=e2e AWS_SECRET_ACCESS_KEY=e2e \
     "$HOARD" serve --config "$TMP/hoard.toml" --listen "127.0.0.1:$port" --data-dir "$TMP/node$n" \
@@ -137,6 +142,55 @@ if echo "$listing" | grep -q "ci/cas/${big:0:2}/$big-12000000"; then
   pass "the 12 MB blob is at ci/cas/${big:0:2}/<hash>-12000000"
 else
   fail "the 12 MB blob is not where the README says"
+fi
+
+# 6. an invalidation through node 3: seen on node 1's watch stream, honoured by node 2.
+"$HOARD" watch --server "http://127.0.0.1:${PORTS[0]}" --from-now >"$TMP/watch-1.jsonl" 2>"$TMP/watch-1.err" &
+PIDS+=($!)
+sleep 1
+"$HOARD" invalidate --server "http://127.0.0.1:${PORTS[2]}" --namespace "" --reason "toolchain bump via node 3" \
+  >"$TMP/invalidate-3.log" 2>&1 || { cat "$TMP/invalidate-3.log"; fail "invalidation through node 3"; }
+seen=0
+for _ in $(seq 50); do
+  grep -q "toolchain bump via node 3" "$TMP/watch-1.jsonl" 2>/dev/null && { seen=1; break; }
+  sleep 0.1
+done
+if [ "$seen" = 1 ]; then
+  pass "a watcher on node 1 saw the invalidation made through node 3"
+else
+  cat "$TMP/watch-1.err"; fail "node 1's watcher did not see node 3's invalidation within 5 s"
+fi
+sleep 1 # past node 2's refresh (500 ms)
+(cd "$TMP/ws" && "${BAZEL[@]}" clean --expunge) >/dev/null 2>&1
+if build "${PORTS[1]}"; then
+  pass "build through node 2 after the invalidation"
+else
+  tail -n 20 "$TMP/build-${PORTS[1]}.log"; fail "build through node 2 after the invalidation"
+fi
+hits=$(grep -o '[0-9]* remote cache hit' "$TMP/build-${PORTS[1]}.log" | head -n1 | cut -d' ' -f1)
+if [ "${hits:-0}" = 0 ]; then
+  pass "node 2 honoured node 3's invalidation (no remote cache hit)"
+else
+  fail "node 2 still served $hits invalidated results"
+fi
+
+# 7. two invalidations at once, through nodes 1 and 3: both kept.
+epoch() {
+  "$HOARD" namespaces --server "http://127.0.0.1:$1" --json |
+    python3 -c 'import json, sys; print(next((int(n.get("epoch", 0)) for n in json.load(sys.stdin).get("namespaces", []) if n.get("name", "") == ""), 0))'
+}
+before=$(epoch "${PORTS[1]}")
+"$HOARD" invalidate --server "http://127.0.0.1:${PORTS[0]}" --namespace "" --reason "at once, 1" >/dev/null 2>&1 &
+one=$!
+"$HOARD" invalidate --server "http://127.0.0.1:${PORTS[2]}" --namespace "" --reason "at once, 3" >/dev/null 2>&1 &
+three=$!
+wait "$one" && wait "$three" || fail "a concurrent invalidation failed"
+sleep 1
+after=$(epoch "${PORTS[1]}")
+if [ "$after" = $((before + 2)) ]; then
+  pass "two concurrent invalidations through two nodes are both kept (epoch $before -> $after on node 2)"
+else
+  fail "concurrent invalidations: epoch $before -> $after on node 2, expected +2"
 fi
 
 info "$PASSED passed, $FAILED failed"
