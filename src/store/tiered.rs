@@ -123,6 +123,13 @@ impl Queue {
         Ok(fresh)
     }
 
+    /// Makes the entries durable even when their write needed no commit (the fast tier had
+    /// the blob already).
+    async fn persist(&self) -> Result<()> {
+        self.tree.flush_async().await?;
+        Ok(())
+    }
+
     /// The writes of these entries are done and acknowledged: claim and upload them.
     fn confirm(&self, digests: &[Digest]) {
         self.queued.lock().extend(digests.iter().copied());
@@ -378,6 +385,7 @@ impl Cas for TieredStore {
                 return Err(e);
             }
             self.pin(one).await;
+            queue.persist().await?;
             queue.confirm(one);
             return Ok(());
         }
@@ -403,6 +411,9 @@ impl Cas for TieredStore {
             queue.take_back(&added, |d| !stored.contains(d));
             let stored: Vec<Digest> = stored.into_iter().collect();
             self.pin(&stored).await;
+            if let Err(e) = queue.persist().await {
+                return digests.iter().map(|_| Err(e.again())).collect();
+            }
             queue.confirm(&stored);
             return results;
         }
@@ -528,6 +539,7 @@ impl Upload for BehindUpload {
             return Err(e);
         }
         pin(&*tier, one).await;
+        queue.persist().await?;
         queue.confirm(one);
         Ok(())
     }

@@ -570,8 +570,12 @@ impl EventLog {
             }
             if let Start::After(n) = sub.start {
                 let next = self.shared.writer.lock().next;
-                if n >= next {
-                    feed.catch_up().await;
+                if n >= next && !feed.catch_up().await {
+                    return Err(WatchError::from(Error::Unavailable(format!(
+                        "start_after {n} is beyond what this node has read of the shared watch \
+                         event log, and it cannot read further now (is the object store \
+                         reachable?); try again shortly"
+                    ))));
                 }
             }
         }

@@ -158,15 +158,18 @@ impl Feed {
         }
     }
 
-    /// Waits until a read of the chain that began after this call has completed (bounded).
-    pub(super) async fn catch_up(&self) {
+    /// Waits until a read of the chain that began after this call has completed (bounded);
+    /// false if none did in time.
+    pub(super) async fn catch_up(&self) -> bool {
         let mut reads = self.reads.subscribe();
         // A read in progress may have listed before the caller's event existed: wait for the
         // one after it (the first read, at start, counts whole).
         let now = *reads.borrow_and_update();
         let target = if now == 0 { 1 } else { now + 2 };
         self.wake.notify_one();
-        let _ = tokio::time::timeout(CATCH_UP_WAIT, reads.wait_for(|n| *n >= target)).await;
+        tokio::time::timeout(CATCH_UP_WAIT, reads.wait_for(|n| *n >= target))
+            .await
+            .is_ok_and(|r| r.is_ok())
     }
 
     /// Waits until the chain has been read once (bounded); false if it has not.
@@ -289,8 +292,15 @@ impl Feed {
             let ours = self.log.create(first, bytes.clone()).await?
                 || self.log.read(first).await?.as_ref() == Some(&bytes);
             if !ours {
-                // Another node took this sequence: read its block, then try after it.
+                // Another node took this sequence: read its block, then try after it. A block
+                // this node cannot read gains nothing: fail the round, so the loop pauses.
                 self.tail(s, blocks).await?;
+                if s.writer.lock().next <= first {
+                    return Err(Error::internal(
+                        "recording watch events",
+                        format!("block {first} of the shared log is taken and cannot be read"),
+                    ));
+                }
                 read_at = Instant::now();
                 continue;
             }
