@@ -193,7 +193,7 @@ impl TieredStore {
         self.queue.as_ref().map_or(0, |q| q.len())
     }
 
-    async fn pin(&self, digests: &[Digest]) {
+    async fn pin(&self, digests: &[Digest]) -> Result<()> {
         pin(&*self.fast.cas, digests).await
     }
 
@@ -204,7 +204,9 @@ impl TieredStore {
         loop {
             if pinned_at.elapsed() >= PIN_RENEW {
                 let all: Vec<Digest> = queue.queued.lock().iter().copied().collect();
-                self.pin(&all).await;
+                if let Err(e) = self.pin(&all).await {
+                    tracing::warn!(error = %e, "renewing the pins of queued blobs");
+                }
                 pinned_at = std::time::Instant::now();
             }
             let batch = queue.some(UPLOAD_BATCH);
@@ -245,7 +247,7 @@ impl TieredStore {
     /// have was never acknowledged (its write failed after the entry was added): nothing to do.
     async fn upload_one(&self, digest: &Digest) -> Result<()> {
         let Some(mut chunks) = self.fast.cas.read(digest, 0, None, CHUNK).await? else {
-            tracing::debug!(%digest, "queued blob not in the fast tier: its write had failed");
+            tracing::warn!(%digest, "a queued blob is not in the fast tier: dropping its entry");
             return Ok(());
         };
         let id = format!("write-behind-{}", uuid::Uuid::new_v4());
@@ -266,11 +268,8 @@ impl TieredStore {
 
 /// Pins queued blobs in the fast tier until well past the next renewal, so eviction spares
 /// them until they are in the bucket.
-async fn pin(fast: &dyn Cas, digests: &[Digest]) {
-    let until = now_secs() + PIN_AHEAD;
-    if let Err(e) = fast.retain(digests, until).await {
-        tracing::warn!(error = %e, "pinning queued blobs in the fast tier");
-    }
+async fn pin(fast: &dyn Cas, digests: &[Digest]) -> Result<()> {
+    fast.retain(digests, now_secs() + PIN_AHEAD).await.map(drop)
 }
 
 fn now_secs() -> u64 {
@@ -384,7 +383,7 @@ impl Cas for TieredStore {
                 queue.take_back(&added, |_| true);
                 return Err(e);
             }
-            self.pin(one).await;
+            self.pin(one).await?;
             queue.persist().await?;
             queue.confirm(one);
             return Ok(());
@@ -410,8 +409,7 @@ impl Cas for TieredStore {
                 .collect();
             queue.take_back(&added, |d| !stored.contains(d));
             let stored: Vec<Digest> = stored.into_iter().collect();
-            self.pin(&stored).await;
-            if let Err(e) = queue.persist().await {
+            if let Err(e) = self.pin(&stored).await.and(queue.persist().await) {
                 return digests.iter().map(|_| Err(e.again())).collect();
             }
             queue.confirm(&stored);
@@ -538,7 +536,7 @@ impl Upload for BehindUpload {
             queue.take_back(&added, |_| true);
             return Err(e);
         }
-        pin(&*tier, one).await;
+        pin(&*tier, one).await?;
         queue.persist().await?;
         queue.confirm(one);
         Ok(())
