@@ -107,6 +107,8 @@ genrule(name = "sum", srcs = [":g%d" % i for i in range(1, 11)] + [":big"], outs
 EOF
 FLAGS=(--experimental_repository_disable_download --repository_cache= --noshow_progress --color=no --curses=no)
 build() { (cd "$TMP/ws" && "${BAZEL[@]}" build "${FLAGS[@]}" --remote_cache="grpc://127.0.0.1:$1" //lib:all) >"$TMP/build-$1.log" 2>&1; }
+# The remote cache hits the last build through port $1 reported (empty: none).
+hits_of() { grep -o '[0-9]* remote cache hit' "$TMP/build-$1.log" | head -n1 | cut -d' ' -f1; }
 if build "${PORTS[0]}"; then
   pass "cold build through node 1"
 else
@@ -122,7 +124,7 @@ if build "${PORTS[1]}"; then
 else
   tail -n 20 "$TMP/build-${PORTS[1]}.log"; fail "clean build through node 2"
 fi
-hits=$(grep -o '[0-9]* remote cache hit' "$TMP/build-${PORTS[1]}.log" | head -n1 | cut -d' ' -f1)
+hits=$(hits_of "${PORTS[1]}")
 if [ "${hits:-0}" = 12 ]; then
   pass "node 2 served all 12 actions node 1 stored (12 remote cache hits)"
 else
@@ -167,7 +169,7 @@ if build "${PORTS[1]}"; then
 else
   tail -n 20 "$TMP/build-${PORTS[1]}.log"; fail "build through node 2 after the invalidation"
 fi
-hits=$(grep -o '[0-9]* remote cache hit' "$TMP/build-${PORTS[1]}.log" | head -n1 | cut -d' ' -f1)
+hits=$(hits_of "${PORTS[1]}")
 if [ "${hits:-0}" = 0 ]; then
   pass "node 2 honoured node 3's invalidation (no remote cache hit)"
 else

@@ -342,7 +342,7 @@ fn shared_events(bucket: &bucket::BucketStore, config: &Config) -> Result<EventL
 /// How long a bucket's watch block outlives its retention: far longer than any request of a
 /// node (its retries included) between reading the log and recording a block, so no node
 /// takes a deleted block's name again.
-pub fn watch_delete_grace(s3: &crate::config::S3Config) -> Duration {
+fn watch_delete_grace(s3: &crate::config::S3Config) -> Duration {
     Duration::from_secs(60).max(s3.retry_timeout.0 * 4)
 }
 

@@ -183,16 +183,6 @@ impl TieredStore {
         })
     }
 
-    /// The bucket, whose action store the server uses.
-    pub fn bucket(&self) -> &BucketStore {
-        &self.bucket
-    }
-
-    /// Blobs acknowledged and not yet in the bucket (0 without write-behind).
-    pub fn queued(&self) -> usize {
-        self.queue.as_ref().map_or(0, |q| q.len())
-    }
-
     async fn pin(&self, digests: &[Digest]) -> Result<()> {
         pin(&*self.fast.cas, digests).await
     }
@@ -281,9 +271,16 @@ fn now_secs() -> u64 {
 #[async_trait]
 impl Cas for TieredStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let asked: Vec<Digest> = match &self.queue {
-            Some(q) => digests.iter().filter(|d| !q.contains(d)).copied().collect(),
-            None => digests.to_vec(),
+        let Some(queue) = &self.queue else {
+            return self.bucket.find_missing(digests).await;
+        };
+        let asked: Vec<Digest> = {
+            let queued = queue.queued.lock();
+            digests
+                .iter()
+                .filter(|d| !queued.contains(d))
+                .copied()
+                .collect()
         };
         self.bucket.find_missing(&asked).await
     }

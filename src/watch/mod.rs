@@ -529,7 +529,8 @@ impl EventLog {
     }
 
     /// The newest sequence watchers can see.
-    pub fn durable(&self) -> u64 {
+    #[cfg(test)]
+    fn durable(&self) -> u64 {
         self.shared.head.borrow().durable
     }
 
@@ -864,7 +865,7 @@ impl Watcher {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use futures::StreamExt;
 
     use super::*;
@@ -897,7 +898,7 @@ mod tests {
     }
 
     /// Reads `n` events from a stream, failing on an error or a 5 s stall.
-    async fn take(
+    pub(crate) async fn take(
         stream: &mut (impl Stream<Item = Result<Event, WatchError>> + Unpin),
         n: usize,
     ) -> Vec<Event> {

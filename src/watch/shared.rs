@@ -19,6 +19,7 @@
 //! quarter of the grace old.
 
 use std::collections::VecDeque;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -91,6 +92,8 @@ pub(super) struct Feed {
     /// Reads of the chain completed (the first, at start, reads it all).
     reads: watch::Sender<u64>,
     writer_id: u64,
+    /// Blocks this node has built, for their headers.
+    built: AtomicU64,
 }
 
 impl Feed {
@@ -103,6 +106,7 @@ impl Feed {
             delete_grace,
             reads: watch::channel(0).0,
             writer_id: uuid::Uuid::new_v4().as_u64_pair().0,
+            built: AtomicU64::new(0),
         }
     }
 
@@ -210,15 +214,8 @@ impl Feed {
             if first > next {
                 gaps_end.push(first - 1);
             }
-            let (class, last) = summary(&events);
+            let (class, last) = take_in(s, blocks, first, &events)?;
             oldest[class].get_or_insert(first);
-            s.insert_recorded(&events)?;
-            blocks.push_back(Block {
-                first,
-                last,
-                class,
-                dropped_at: None,
-            });
             next = last + 1;
         }
         for class in [INVALIDATIONS, STORED] {
@@ -261,17 +258,9 @@ impl Feed {
                 s.mark_trimmed(INVALIDATIONS, first - 1)?;
                 s.mark_trimmed(STORED, first - 1)?;
             }
-            if events.is_empty() {
-                continue;
+            if !events.is_empty() {
+                take_in(s, blocks, first, &events)?;
             }
-            let (class, last) = summary(&events);
-            s.insert_recorded(&events)?;
-            blocks.push_back(Block {
-                first,
-                last,
-                class,
-                dropped_at: None,
-            });
         }
         Ok(())
     }
@@ -308,19 +297,12 @@ impl Feed {
                 let mut pending = self.pending.lock();
                 pending.drain(..events.len()).collect()
             };
-            s.insert_recorded(&events)?;
+            take_in(s, blocks, first, &events)?;
             for (p, e) in waiting.into_iter().zip(&events) {
                 if let Some(done) = p.done {
                     let _ = done.send(e.sequence);
                 }
             }
-            let (class, last) = summary(&events);
-            blocks.push_back(Block {
-                first,
-                last,
-                class,
-                dropped_at: None,
-            });
         }
         self.delete_dropped(s, blocks).await;
         Ok(())
@@ -347,8 +329,8 @@ impl Feed {
             })
             .collect();
         drop(pending);
-        let count = self.reads.borrow().to_be_bytes();
-        let bytes = encode(self.writer_id, &count, &events);
+        let count = self.built.fetch_add(1, Ordering::Relaxed);
+        let bytes = encode(self.writer_id, count, &events);
         Some((first, events, bytes))
     }
 
@@ -432,20 +414,34 @@ pub(super) async fn run(shared: Weak<Shared>, feed: Arc<Feed>) {
     }
 }
 
-/// A block's class and last sequence (its events are of one class, checked by [`decode`]).
-fn summary(events: &[Event]) -> (usize, u64) {
+/// Puts a block's events (non-empty, one class: checked by [`decode`] or built so) into the
+/// trees and remembers the block for retention; its class and last sequence.
+fn take_in(
+    s: &Shared,
+    blocks: &mut VecDeque<Block>,
+    first: u64,
+    events: &[Event],
+) -> Result<(usize, u64)> {
     let class = events
         .first()
         .and_then(|e| class_of(e.kind()))
         .unwrap_or(INVALIDATIONS);
-    (class, events.last().map_or(0, |e| e.sequence))
+    let last = events.last().map_or(first, |e| e.sequence);
+    s.insert_recorded(events)?;
+    blocks.push_back(Block {
+        first,
+        last,
+        class,
+        dropped_at: None,
+    });
+    Ok((class, last))
 }
 
-fn encode(writer_id: u64, count: &[u8; 8], events: &[Event]) -> Bytes {
+fn encode(writer_id: u64, count: u64, events: &[Event]) -> Bytes {
     let mut out = BytesMut::with_capacity(24 + events.len() * 128);
     out.put_slice(MAGIC);
     out.put_u64(writer_id);
-    out.put_slice(count);
+    out.put_u64(count);
     for event in events {
         // Encoding into a BytesMut grows it as needed; it cannot fail.
         let _ = event.encode_length_delimited(&mut out);

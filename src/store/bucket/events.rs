@@ -100,13 +100,13 @@ mod tests {
     use std::sync::Arc;
     use std::time::Duration;
 
-    use futures::{Stream, StreamExt};
     use object_store::memory::InMemory;
 
     use super::*;
     use crate::config::{S3Config, WatchConfig};
     use crate::digest::Digest;
-    use crate::watch::{Event, EventKind, EventLog, Start, Subscription, WatchError};
+    use crate::watch::tests::take;
+    use crate::watch::{Event, EventKind, EventLog, Start, Subscription};
 
     /// Nodes' logs on one in-memory object store (whose conditional creates are atomic, as
     /// S3's are).
@@ -151,21 +151,6 @@ mod tests {
                 EventKind::ActionResultStored,
             ],
         }
-    }
-
-    async fn take(
-        stream: &mut (impl Stream<Item = Result<Event, WatchError>> + Unpin),
-        n: usize,
-    ) -> Vec<Event> {
-        let mut out = Vec::new();
-        while out.len() < n {
-            let next = tokio::time::timeout(Duration::from_secs(10), stream.next())
-                .await
-                .unwrap_or_else(|_| panic!("stalled after {} of {n} events", out.len()))
-                .expect("stream open");
-            out.push(next.expect("event"));
-        }
-        out
     }
 
     /// Publishes 20 stored results and announces 20 invalidations of namespace `node`,
