@@ -18,7 +18,7 @@
 //!   existence cache), or it waits in this node's queue. So a blob the bucket lost is missing
 //!   here even while the fast tier still has its bytes, and a client uploads it again.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -63,11 +63,18 @@ pub struct TieredStore {
 /// fast tier's sled database, so an entry is made durable by the same commit as its blob.
 struct Queue {
     tree: sled::Tree,
+    state: Mutex<QueueState>,
+    wake: Notify,
+}
+
+struct QueueState {
     /// The entries whose blob the fast tier holds: what FindMissingBlobs claims and the
     /// uploader takes. An entry joins only once its write is done, so the uploader never
     /// mistakes a write in progress for a failed one.
-    queued: Mutex<HashSet<Digest>>,
-    wake: Notify,
+    queued: HashSet<Digest>,
+    /// Writes in progress per digest, so a failed one does not drop the entry that a
+    /// concurrent write of the same blob still counts on.
+    writing: HashMap<Digest, u32>,
 }
 
 fn queue_key(digest: &Digest) -> [u8; 40] {
@@ -101,26 +108,30 @@ impl Queue {
         }
         Ok(Queue {
             tree,
-            queued: Mutex::new(queued),
+            state: Mutex::new(QueueState {
+                queued,
+                writing: HashMap::new(),
+            }),
             wake: Notify::new(),
         })
     }
 
-    /// Adds entries before their write, durable with the fast tier's commit of it; the ones
-    /// not queued already, for [`Queue::confirm`] or [`Queue::take_back`].
-    fn prepare(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
-        let fresh: Vec<Digest> = {
-            let queued = self.queued.lock();
-            digests
-                .iter()
-                .filter(|d| !queued.contains(d))
-                .copied()
-                .collect()
-        };
-        for d in &fresh {
-            self.tree.insert(queue_key(d), &[][..])?;
+    /// Adds entries before their writes, durable with the fast tier's commit of them. Every
+    /// call is ended by one [`Queue::finish`] with the same digests.
+    fn prepare(&self, digests: &[Digest]) -> Result<()> {
+        let mut state = self.state.lock();
+        for (i, d) in digests.iter().enumerate() {
+            let fresh = !state.queued.contains(d) && !state.writing.contains_key(d);
+            if fresh {
+                if let Err(e) = self.tree.insert(queue_key(d), &[][..]) {
+                    drop(state);
+                    self.finish(&digests[..i], |_| false);
+                    return Err(e.into());
+                }
+            }
+            *state.writing.entry(*d).or_default() += 1;
         }
-        Ok(fresh)
+        Ok(())
     }
 
     /// Makes the entries durable even when their write needed no commit (the fast tier had
@@ -130,41 +141,58 @@ impl Queue {
         Ok(())
     }
 
-    /// The writes of these entries are done and acknowledged: claim and upload them.
-    fn confirm(&self, digests: &[Digest]) {
-        self.queued.lock().extend(digests.iter().copied());
-        self.wake.notify_one();
-    }
-
-    /// Undoes [`Queue::prepare`] for writes that failed (an entry another, acknowledged
-    /// write confirmed meanwhile stays).
-    fn take_back(&self, added: &[Digest], failed: impl Fn(&Digest) -> bool) {
-        for d in added.iter().filter(|d| failed(d)) {
-            if self.contains(d) {
-                continue;
+    /// Ends the writes of [`Queue::prepare`]: the acknowledged ones (`done`) are claimed and
+    /// uploaded; the entry of a failed one is dropped unless another write or a queued blob
+    /// needs it.
+    fn finish(&self, digests: &[Digest], done: impl Fn(&Digest) -> bool) {
+        let mut state = self.state.lock();
+        let mut claimed = false;
+        for d in digests {
+            let left = match state.writing.get_mut(d) {
+                Some(n) => {
+                    *n = n.saturating_sub(1);
+                    *n
+                }
+                None => 0,
+            };
+            if left == 0 {
+                state.writing.remove(d);
             }
-            if let Err(e) = self.tree.remove(queue_key(d)) {
-                tracing::warn!(digest = %d, error = %e, "dropping the entry of a failed write");
+            if done(d) {
+                claimed |= state.queued.insert(*d);
+            } else if left == 0 && !state.queued.contains(d) {
+                if let Err(e) = self.tree.remove(queue_key(d)) {
+                    tracing::warn!(digest = %d, error = %e, "dropping the entry of a failed write");
+                }
             }
+        }
+        drop(state);
+        if claimed {
+            self.wake.notify_one();
         }
     }
 
+    /// The bucket holds the blob now.
     fn remove(&self, digest: &Digest) -> Result<()> {
-        self.tree.remove(queue_key(digest))?;
-        self.queued.lock().remove(digest);
+        let mut state = self.state.lock();
+        state.queued.remove(digest);
+        // A write of it in progress keeps its entry (it will be confirmed and uploaded again).
+        if !state.writing.contains_key(digest) {
+            self.tree.remove(queue_key(digest))?;
+        }
         Ok(())
     }
 
-    fn contains(&self, digest: &Digest) -> bool {
-        self.queued.lock().contains(digest)
-    }
-
     fn len(&self) -> usize {
-        self.queued.lock().len()
+        self.state.lock().queued.len()
     }
 
     fn some(&self, n: usize) -> Vec<Digest> {
-        self.queued.lock().iter().take(n).copied().collect()
+        self.state.lock().queued.iter().take(n).copied().collect()
+    }
+
+    fn all(&self) -> Vec<Digest> {
+        self.state.lock().queued.iter().copied().collect()
     }
 }
 
@@ -193,7 +221,7 @@ impl TieredStore {
         let mut pinned_at = std::time::Instant::now();
         loop {
             if pinned_at.elapsed() >= PIN_RENEW {
-                let all: Vec<Digest> = queue.queued.lock().iter().copied().collect();
+                let all = queue.all();
                 if let Err(e) = self.pin(&all).await {
                     tracing::warn!(error = %e, "renewing the pins of queued blobs");
                 }
@@ -275,10 +303,10 @@ impl Cas for TieredStore {
             return self.bucket.find_missing(digests).await;
         };
         let asked: Vec<Digest> = {
-            let queued = queue.queued.lock();
+            let state = queue.state.lock();
             digests
                 .iter()
-                .filter(|d| !queued.contains(d))
+                .filter(|d| !state.queued.contains(d))
                 .copied()
                 .collect()
         };
@@ -375,15 +403,14 @@ impl Cas for TieredStore {
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
         if let Some(queue) = &self.queue {
             let one = std::slice::from_ref(digest);
-            let added = queue.prepare(one)?;
-            if let Err(e) = self.fast.cas.put(digest, data).await {
-                queue.take_back(&added, |_| true);
-                return Err(e);
-            }
-            self.pin(one).await?;
-            queue.persist().await?;
-            queue.confirm(one);
-            return Ok(());
+            queue.prepare(one)?;
+            let stored = self.fast.cas.put(digest, data).await;
+            let durable = match stored {
+                Ok(()) => self.pin(one).await.and(queue.persist().await),
+                Err(e) => Err(e),
+            };
+            queue.finish(one, |_| durable.is_ok());
+            return durable;
         }
         self.bucket.put(digest, data.clone()).await?;
         self.fill(digest, data).await;
@@ -393,10 +420,9 @@ impl Cas for TieredStore {
     async fn put_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
         let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
         if let Some(queue) = &self.queue {
-            let added = match queue.prepare(&digests) {
-                Ok(added) => added,
-                Err(e) => return digests.iter().map(|_| Err(e.again())).collect(),
-            };
+            if let Err(e) = queue.prepare(&digests) {
+                return digests.iter().map(|_| Err(e.again())).collect();
+            }
             let results = self.fast.cas.put_many(blobs).await;
             let stored: HashSet<Digest> = digests
                 .iter()
@@ -404,12 +430,12 @@ impl Cas for TieredStore {
                 .filter(|(_, r)| r.is_ok())
                 .map(|(d, _)| *d)
                 .collect();
-            queue.take_back(&added, |d| !stored.contains(d));
-            let stored: Vec<Digest> = stored.into_iter().collect();
-            if let Err(e) = self.pin(&stored).await.and(queue.persist().await) {
+            let pinned: Vec<Digest> = stored.iter().copied().collect();
+            if let Err(e) = self.pin(&pinned).await.and(queue.persist().await) {
+                queue.finish(&digests, |_| false);
                 return digests.iter().map(|_| Err(e.again())).collect();
             }
-            queue.confirm(&stored);
+            queue.finish(&digests, |d| stored.contains(d));
             return results;
         }
         let results = self.bucket.put_many(blobs.clone()).await;
@@ -528,15 +554,13 @@ impl Upload for BehindUpload {
             queue,
         } = *self;
         let one = std::slice::from_ref(&digest);
-        let added = queue.prepare(one)?;
-        if let Err(e) = fast.commit().await {
-            queue.take_back(&added, |_| true);
-            return Err(e);
-        }
-        pin(&*tier, one).await?;
-        queue.persist().await?;
-        queue.confirm(one);
-        Ok(())
+        queue.prepare(one)?;
+        let durable = match fast.commit().await {
+            Ok(()) => pin(&*tier, one).await.and(queue.persist().await),
+            Err(e) => Err(e),
+        };
+        queue.finish(one, |_| durable.is_ok());
+        durable
     }
 
     async fn stop(&mut self) {
@@ -600,5 +624,96 @@ impl Housekeeping for TieredStore {
 
     async fn flush(&self) -> Result<()> {
         self.fast.housekeeping.flush().await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn queue() -> Queue {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .expect("temporary sled");
+        Queue::open(db.open_tree("write-behind").expect("tree")).expect("queue")
+    }
+
+    fn digest(n: u8) -> Digest {
+        Digest {
+            hash: [n; 32],
+            size: u64::from(n),
+        }
+    }
+
+    fn on_disk(q: &Queue, d: &Digest) -> bool {
+        q.tree.contains_key(queue_key(d)).expect("read tree")
+    }
+
+    #[test]
+    fn a_failed_write_keeps_the_entry_a_concurrent_write_of_the_blob_needs() {
+        let q = queue();
+        let d = [digest(1)];
+        q.prepare(&d).expect("first write");
+        q.prepare(&d).expect("second write");
+        q.finish(&d, |_| false);
+        assert!(
+            on_disk(&q, &d[0]),
+            "the failed write dropped the other's entry"
+        );
+        q.finish(&d, |_| true);
+        assert!(on_disk(&q, &d[0]));
+        assert_eq!(q.all(), d.to_vec());
+    }
+
+    #[test]
+    fn a_failed_write_alone_leaves_no_entry_and_a_queued_blob_keeps_its_own() {
+        let q = queue();
+        let (a, b) = (digest(1), digest(2));
+        q.prepare(&[a]).expect("write a");
+        q.finish(&[a], |_| false);
+        assert!(!on_disk(&q, &a));
+        assert!(q.all().is_empty());
+
+        q.prepare(&[b]).expect("write b");
+        q.finish(&[b], |_| true);
+        q.prepare(&[b]).expect("write b again");
+        q.finish(&[b], |_| false);
+        assert!(
+            on_disk(&q, &b),
+            "a failed rewrite dropped a queued blob's entry"
+        );
+        assert_eq!(q.all(), vec![b]);
+    }
+
+    #[test]
+    fn an_upload_during_a_rewrite_keeps_the_rewrites_entry() {
+        let q = queue();
+        let d = [digest(3)];
+        q.prepare(&d).expect("write");
+        q.finish(&d, |_| true);
+        q.prepare(&d).expect("rewrite");
+        q.remove(&d[0]).expect("uploaded");
+        assert!(on_disk(&q, &d[0]));
+        q.finish(&d, |_| true);
+        assert_eq!(q.all(), d.to_vec(), "the rewrite is uploaded again");
+        q.remove(&d[0]).expect("uploaded again");
+        assert!(!on_disk(&q, &d[0]));
+        assert!(q.all().is_empty());
+    }
+
+    #[test]
+    fn the_queue_survives_reopening() {
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .expect("temporary sled");
+        let tree = db.open_tree("write-behind").expect("tree");
+        let q = Queue::open(tree.clone()).expect("queue");
+        q.prepare(&[digest(4), digest(5)]).expect("writes");
+        q.finish(&[digest(4), digest(5)], |d| d.size == 4);
+        drop(q);
+        let again = Queue::open(tree).expect("reopen");
+        assert_eq!(again.all(), vec![digest(4)]);
     }
 }
