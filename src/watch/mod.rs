@@ -131,6 +131,10 @@ struct Class {
     /// class after it. Raised before the deletion, so a reader that checks it after reading
     /// notices any hole it read across.
     trimmed_through: AtomicU64,
+    /// Largest sequence of this class that this node's retention deleted (not counting
+    /// events other nodes deleted from a shared log): what a shared log's blocks may be
+    /// deleted by.
+    retired_through: AtomicU64,
 }
 
 /// Publisher state, changed only under its mutex so sequences are inserted in order.
@@ -223,9 +227,9 @@ impl Shared {
         Ok(())
     }
 
-    /// The largest sequence of `class` deleted so far.
-    fn trimmed_through(&self, class: usize) -> u64 {
-        self.classes[class].trimmed_through.load(Ordering::SeqCst)
+    /// The largest sequence of `class` this node's retention deleted.
+    fn retired_through(&self, class: usize) -> u64 {
+        self.classes[class].retired_through.load(Ordering::SeqCst)
     }
 
     fn record_advance(&self, durable: u64) {
@@ -368,6 +372,7 @@ impl EventLog {
             let class = Class {
                 tree: t,
                 trimmed_through: AtomicU64::new(trimmed),
+                retired_through: AtomicU64::new(trimmed),
             };
             Ok((class, last, count))
         };
@@ -690,6 +695,7 @@ fn trim(class: &Class, meta: &sled::Tree, index: usize, excess: u64) -> Result<u
     // Recorded before deleting: a crash in between over-states what was trimmed, never hides it.
     meta.insert(TREES[index], &through.to_be_bytes()[..])?;
     class.trimmed_through.store(through, Ordering::SeqCst);
+    class.retired_through.store(through, Ordering::SeqCst);
     let mut batch = sled::Batch::default();
     for k in &keys {
         batch.remove(k);

@@ -205,7 +205,7 @@ impl Feed {
             let (first, body) = got?;
             let Some(body) = body else { continue };
             let events = match decode(first, &body) {
-                Ok(events) => events,
+                Ok((_, events)) => events,
                 Err(e) => {
                     tracing::error!(error = %e, first, "skipping a malformed watch block");
                     continue;
@@ -241,11 +241,11 @@ impl Feed {
             let Some(body) = self.log.read(first).await? else {
                 continue;
             };
-            let events = match decode(first, &body) {
-                Ok(events) => events,
+            let (writer, events) = match decode(first, &body) {
+                Ok(block) => block,
                 Err(e) => {
                     tracing::error!(error = %e, first, "skipping a malformed watch block");
-                    vec![]
+                    (0, vec![])
                 }
             };
             let next = s.writer.lock().next;
@@ -260,9 +260,29 @@ impl Feed {
             }
             if !events.is_empty() {
                 take_in(s, blocks, first, &events)?;
+                if writer == self.writer_id {
+                    // This node's own block, whose create answered with an error (or was
+                    // refused because a retry of it had already landed): its events are the
+                    // oldest waiting ones, recorded now.
+                    self.settle(&events);
+                }
             }
         }
         Ok(())
+    }
+
+    /// The oldest waiting events are recorded as `events`: their waiters learn the sequences.
+    fn settle(&self, events: &[Event]) {
+        let waiting: Vec<Pending> = {
+            let mut pending = self.pending.lock();
+            let n = events.len().min(pending.len());
+            pending.drain(..n).collect()
+        };
+        for (p, e) in waiting.into_iter().zip(events) {
+            if let Some(done) = p.done {
+                let _ = done.send(e.sequence);
+            }
+        }
     }
 
     /// One round: read what is new, record what waits, delete what retention passed.
@@ -278,11 +298,12 @@ impl Feed {
             let Some((first, events, bytes)) = self.next_block(s) else {
                 break;
             };
-            let ours = self.log.create(first, bytes.clone()).await?
-                || self.log.read(first).await?.as_ref() == Some(&bytes);
-            if !ours {
-                // Another node took this sequence: read its block, then try after it. A block
-                // this node cannot read gains nothing: fail the round, so the loop pauses.
+            // A create whose answer is lost fails the round; the next round's read of the
+            // chain finds the block if it landed and recognises it as this node's.
+            if !self.log.create(first, bytes).await? {
+                // Another node took this sequence (or a retry of this create landed first):
+                // read its block, then try after it. A block this node cannot read gains
+                // nothing: fail the round, so the loop pauses.
                 self.tail(s, blocks).await?;
                 if s.writer.lock().next <= first {
                     return Err(Error::internal(
@@ -293,16 +314,8 @@ impl Feed {
                 read_at = Instant::now();
                 continue;
             }
-            let waiting: Vec<Pending> = {
-                let mut pending = self.pending.lock();
-                pending.drain(..events.len()).collect()
-            };
             take_in(s, blocks, first, &events)?;
-            for (p, e) in waiting.into_iter().zip(&events) {
-                if let Some(done) = p.done {
-                    let _ = done.send(e.sequence);
-                }
-            }
+            self.settle(&events);
         }
         self.delete_dropped(s, blocks).await;
         Ok(())
@@ -338,7 +351,7 @@ impl Feed {
     async fn delete_dropped(&self, s: &Shared, blocks: &mut VecDeque<Block>) {
         let now = Instant::now();
         for block in blocks.iter_mut() {
-            if block.dropped_at.is_none() && block.last <= s.trimmed_through(block.class) {
+            if block.dropped_at.is_none() && block.last <= s.retired_through(block.class) {
                 block.dropped_at = Some(now);
             }
         }
@@ -449,9 +462,9 @@ fn encode(writer_id: u64, count: u64, events: &[Event]) -> Bytes {
     out.freeze()
 }
 
-/// The events of the block that begins at `first`: at least one, consecutive from `first`,
-/// all of one class.
-fn decode(first: u64, block: &[u8]) -> Result<Vec<Event>> {
+/// The writing node's id and the events of the block that begins at `first`: at least one,
+/// consecutive from `first`, all of one class.
+fn decode(first: u64, block: &[u8]) -> Result<(u64, Vec<Event>)> {
     let bad = |why: String| {
         Error::internal(
             format!("reading watch block {first} of the shared log"),
@@ -461,6 +474,7 @@ fn decode(first: u64, block: &[u8]) -> Result<Vec<Event>> {
     if block.len() < 24 || &block[..8] != MAGIC {
         return Err(bad("not a hoard watch block".into()));
     }
+    let writer = u64::from_be_bytes(block[8..16].try_into().unwrap_or_default());
     let mut rest = &block[24..];
     let mut events = Vec::new();
     let mut class: Option<usize> = None;
@@ -489,5 +503,132 @@ fn decode(first: u64, block: &[u8]) -> Result<Vec<Event>> {
     if events.is_empty() {
         return Err(bad("no events".into()));
     }
-    Ok(events)
+    Ok((writer, events))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+    use std::sync::atomic::AtomicBool;
+
+    use super::*;
+    use crate::config::WatchConfig;
+    use crate::watch::tests::take;
+    use crate::watch::{EventLog, Start, Subscription};
+
+    /// A shared log in memory that can lose the answer to a create that landed.
+    #[derive(Default)]
+    struct Lossy {
+        blocks: Mutex<BTreeMap<u64, Bytes>>,
+        lose_next_answer: AtomicBool,
+    }
+
+    #[async_trait]
+    impl SharedLog for Lossy {
+        async fn list_after(&self, after: u64) -> Result<Vec<u64>> {
+            Ok(self
+                .blocks
+                .lock()
+                .range(after + 1..)
+                .map(|(k, _)| *k)
+                .collect())
+        }
+        async fn read(&self, first: u64) -> Result<Option<Bytes>> {
+            Ok(self.blocks.lock().get(&first).cloned())
+        }
+        async fn create(&self, first: u64, block: Bytes) -> Result<bool> {
+            let created = {
+                let mut blocks = self.blocks.lock();
+                if blocks.contains_key(&first) {
+                    false
+                } else {
+                    blocks.insert(first, block);
+                    true
+                }
+            };
+            if created && self.lose_next_answer.swap(false, Ordering::SeqCst) {
+                return Err(Error::Unavailable("the answer was lost".into()));
+            }
+            Ok(created)
+        }
+        async fn delete(&self, first: u64) -> Result<()> {
+            self.blocks.lock().remove(&first);
+            Ok(())
+        }
+    }
+
+    fn node(log: &Arc<Lossy>, retained: u64, refresh: Duration) -> EventLog {
+        let config = WatchConfig {
+            retained_events: retained,
+            max_lag: 1_000_000,
+        };
+        EventLog::shared(log.clone(), &config, refresh, Duration::ZERO).expect("log")
+    }
+
+    fn invalidation(epoch: u64) -> Event {
+        Event::namespace_invalidated("ns", epoch, "why", "t")
+    }
+
+    /// Every invalidation from the start.
+    fn everything() -> Subscription {
+        Subscription {
+            namespace_pattern: String::new(),
+            start: Start::After(0),
+            kinds: vec![],
+        }
+    }
+
+    fn sequences(events: &[Event]) -> Vec<u64> {
+        events.iter().map(|e| e.sequence).collect()
+    }
+
+    #[tokio::test]
+    async fn a_create_whose_answer_is_lost_records_its_events_once() {
+        let log = Arc::new(Lossy::default());
+        let a = node(&log, 1000, Duration::from_millis(50));
+        log.lose_next_answer.store(true, Ordering::SeqCst);
+        assert_eq!(a.announce(vec![invalidation(1)]).await.expect("first"), [1]);
+        assert_eq!(
+            a.announce(vec![invalidation(2)]).await.expect("second"),
+            [2]
+        );
+        assert_eq!(log.list_after(0).await.expect("list"), [1, 2]);
+        let mut watcher = Box::pin(a.watch(everything()).await.expect("watch").into_stream());
+        let seen = take(&mut watcher, 2).await;
+        assert_eq!(sequences(&seen), [1, 2]);
+        assert_eq!(seen.iter().map(|e| e.epoch).collect::<Vec<_>>(), [1, 2]);
+    }
+
+    #[tokio::test]
+    async fn a_gap_another_nodes_retention_left_does_not_delete_blocks_this_one_keeps() {
+        let log = Arc::new(Lossy::default());
+        let a = node(&log, 3, Duration::from_millis(50));
+        a.announce(vec![invalidation(1)])
+            .await
+            .expect("invalidation");
+        // b reads block 1 at start, then only when woken.
+        let b = node(&log, 3, Duration::from_secs(3600));
+        assert!(b.watch(everything()).await.is_ok(), "b has read the log");
+        for i in 0..11 {
+            let stored = Event::action_result_stored("ns", crate::digest::Digest::of(&[i]), "t");
+            a.announce(vec![stored]).await.expect("stored result");
+        }
+        // a's retention deleted the older stored results' blocks, which b never read.
+        assert_eq!(log.list_after(0).await.expect("list"), [1, 10, 11, 12]);
+        b.announce(vec![invalidation(2)]).await.expect("through b");
+        b.announce(vec![invalidation(3)])
+            .await
+            .expect("again through b");
+        let left = log.list_after(0).await.expect("list");
+        assert_eq!(
+            left.first(),
+            Some(&1),
+            "b deleted an invalidation that retention keeps: {left:?}"
+        );
+        // A watcher on a fresh node still gets every invalidation.
+        let c = node(&log, 3, Duration::from_millis(50));
+        let mut watcher = Box::pin(c.watch(everything()).await.expect("watch").into_stream());
+        let seen = take(&mut watcher, 3).await;
+        assert_eq!(sequences(&seen), [1, 13, 14]);
+    }
 }
