@@ -1,11 +1,13 @@
 #!/usr/bin/env bash
-# End-to-end check of the s3 backend with a second S3 implementation and a real client: three
-# hoard nodes on one bucket of moto's S3 server (PyPI `moto[server]`, not the s3s-fs the
-# integration tests embed), and Debian's Bazel 4.2.3.
+# End-to-end check of the object-store backend with a second implementation and a real client:
+# three hoard nodes on one bucket of moto's S3 server (PyPI `moto[server]`, not the s3s-fs the
+# integration tests embed), or with BUCKET_SERVER=azurite on one container of Azurite, Microsoft's
+# Azure Blob Storage emulator (npm `azurite`; `storage.s3.provider = "azure"`), and Debian's
+# Bazel 4.2.3.
 #
-# Usage: scripts/s3-bazel-e2e.sh HOARD_BINARY
+# Usage: [BUCKET_SERVER=moto|azurite] scripts/s3-bazel-e2e.sh HOARD_BINARY
 #
-#   1. moto's server on a free loopback port, a bucket made with one PUT;
+#   1. the bucket server on a free loopback port, a bucket (container) made by another client;
 #   2. three hoard nodes, all `storage.backend = "s3"` on that bucket and one prefix;
 #   3. a genrule workspace (ten small outputs, one of 12 MB: a multipart upload, and one rule
 #      over all of them) is built through node 1, cold;
@@ -18,15 +20,18 @@
 #      as node 2 reports).
 #
 # Environment: MOTO_VENV=DIR (default ${XDG_CACHE_HOME:-$HOME/.cache}/hoard-e2e/moto-venv),
-# MOTO_VERSION (default 5.2.5), KEEP_TMP=1 keeps the temporary directory.
-# Needs: python3 with venv and pip reaching PyPI (first run only), Debian's bazel-bootstrap
+# MOTO_VERSION (default 5.2.5), AZURITE_DIR=DIR (default .../hoard-e2e/azurite), AZURITE_VERSION
+# (default 3.35.0), KEEP_TMP=1 keeps the temporary directory.
+# Needs: python3 with venv and pip reaching PyPI, or node and npm reaching npm's registry (first
+# run only; Debian's nodejs and npm are installed as root when missing), Debian's bazel-bootstrap
 # (scripts/bazel-e2e.sh installs it).
 
 set -uo pipefail
 
 PASSED=0
 FAILED=0
-info() { echo "s3-bazel-e2e: $*"; }
+SERVER=${BUCKET_SERVER:-moto}
+info() { echo "s3-bazel-e2e ($SERVER): $*"; }
 pass() { PASSED=$((PASSED + 1)); echo "PASS: $*"; }
 fail() { FAILED=$((FAILED + 1)); echo "FAIL: $*"; }
 die() { echo "s3-bazel-e2e: error: $*" >&2; exit 2; }
@@ -37,14 +42,41 @@ case "$HOARD" in /*) ;; *) HOARD="$PWD/$HOARD" ;; esac
 [ -x "$HOARD" ] || die "hoard binary '$HOARD' does not exist or is not executable"
 command -v bazel >/dev/null 2>&1 || die "bazel is not installed (scripts/bazel-e2e.sh installs Debian's bazel-bootstrap)"
 
-VENV=${MOTO_VENV:-${XDG_CACHE_HOME:-$HOME/.cache}/hoard-e2e/moto-venv}
-MOTO_VERSION=${MOTO_VERSION:-5.2.5}
-if [ ! -x "$VENV/bin/moto_server" ]; then
-  info "installing moto[server]==$MOTO_VERSION into $VENV"
-  python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
-  "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" ||
-    die "pip install moto[server]==$MOTO_VERSION failed"
-fi
+CACHE=${XDG_CACHE_HOME:-$HOME/.cache}/hoard-e2e
+case "$SERVER" in
+moto)
+  VENV=${MOTO_VENV:-$CACHE/moto-venv}
+  MOTO_VERSION=${MOTO_VERSION:-5.2.5}
+  if [ ! -x "$VENV/bin/moto_server" ]; then
+    info "installing moto[server]==$MOTO_VERSION into $VENV"
+    python3 -m venv "$VENV" || die "python3 -m venv $VENV failed"
+    "$VENV/bin/pip" install -q --disable-pip-version-check "moto[server]==$MOTO_VERSION" ||
+      die "pip install moto[server]==$MOTO_VERSION failed"
+  fi
+  ;;
+azurite)
+  AZURITE_DIR=${AZURITE_DIR:-$CACHE/azurite}
+  AZURITE_VERSION=${AZURITE_VERSION:-3.35.0}
+  if ! command -v npm >/dev/null 2>&1; then
+    [ "$(id -u)" -eq 0 ] || die "npm is not installed (and we are not root to apt-get install it)"
+    info "installing Debian's nodejs and npm"
+    { DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y nodejs npm >/dev/null 2>&1 ||
+      { apt-get -o DPkg::Lock::Timeout=900 update >/dev/null 2>&1 &&
+        DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=900 install -y nodejs npm >/dev/null; }; } ||
+      die "apt-get install nodejs npm failed"
+  fi
+  if [ ! -x "$AZURITE_DIR/node_modules/.bin/azurite-blob" ] ||
+    [ ! -d "$AZURITE_DIR/node_modules/@azure/storage-blob" ]; then
+    info "installing azurite@$AZURITE_VERSION and @azure/storage-blob into $AZURITE_DIR"
+    mkdir -p "$AZURITE_DIR" &&
+      npm install --silent --no-audit --no-fund --prefix "$AZURITE_DIR" \
+        "azurite@$AZURITE_VERSION" "@azure/storage-blob@12.32.0" >/dev/null ||
+      die "npm install azurite@$AZURITE_VERSION failed"
+  fi
+  container() { NODE_PATH="$AZURITE_DIR/node_modules" node "$(dirname "$0")/azurite-container.js" "$S3_PORT" "$@"; }
+  ;;
+*) die "BUCKET_SERVER must be moto or azurite, not '$SERVER'" ;;
+esac
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/hoard-s3-e2e.XXXXXX") || die "mktemp failed"
 PIDS=()
@@ -65,25 +97,44 @@ wait_port() {
   return 1
 }
 
-# 1. moto and a bucket.
+# 1. the bucket server and a bucket.
 S3_PORT=$(free_port)
-"$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$TMP/moto.log" 2>&1 &
-PIDS+=($!)
-wait_port "$S3_PORT" || die "moto did not start (see $TMP/moto.log)"
-python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$S3_PORT/e2e-cache', method='PUT'))" ||
-  die "cannot create the bucket"
-info "moto $MOTO_VERSION on 127.0.0.1:$S3_PORT, bucket e2e-cache"
+if [ "$SERVER" = moto ]; then
+  "$VENV/bin/moto_server" -H 127.0.0.1 -p "$S3_PORT" >"$TMP/moto.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$S3_PORT" || die "moto did not start (see $TMP/moto.log)"
+  python3 -c "import urllib.request as u; u.urlopen(u.Request('http://127.0.0.1:$S3_PORT/e2e-cache', method='PUT'))" ||
+    die "cannot create the bucket"
+  info "moto $MOTO_VERSION on 127.0.0.1:$S3_PORT, bucket e2e-cache"
+else
+  "$AZURITE_DIR/node_modules/.bin/azurite-blob" --blobHost 127.0.0.1 --blobPort "$S3_PORT" \
+    --location "$TMP/azurite" --disableTelemetry --skipApiVersionCheck >"$TMP/azurite.log" 2>&1 &
+  PIDS+=($!)
+  wait_port "$S3_PORT" || die "azurite did not start (see $TMP/azurite.log)"
+  container create e2e-cache || die "cannot create the container"
+  info "azurite $AZURITE_VERSION on 127.0.0.1:$S3_PORT, container e2e-cache"
+fi
 
-# 2. two nodes on it.
+# 2. three nodes on it.
+if [ "$SERVER" = moto ]; then
+  PROVIDER='endpoint = "http://127.0.0.1:'"$S3_PORT"'"'
+else
+  # As for a real account: its endpoint, name and key (Azurite's published development key).
+  PROVIDER='provider = "azure"
+endpoint = "http://127.0.0.1:'"$S3_PORT"'/devstoreaccount1"
+[storage.s3.options]
+azure_storage_account_name = "devstoreaccount1"
+azure_storage_account_key = "Eby8vdM02xNOcqFlqUwJPLlmEtlCDXJ1OUzFT50uSRZ6IFsuFq2UVErCz4I6tq/K1SZFPTOtr/KBHBeksoGMGw=="'
+fi
 cat >"$TMP/hoard.toml" <<EOF
 [storage]
 backend = "s3"
 [storage.s3]
 bucket = "e2e-cache"
 prefix = "ci"
-endpoint = "http://127.0.0.1:$S3_PORT"
 allow_http = true
 epoch_refresh = "500ms"
+$PROVIDER
 EOF
 PORTS=()
 for n in 1 2 3; do
@@ -137,9 +188,14 @@ else
   fail "outputs differ from the first build's"
 fi
 
-# 5. the layout in the bucket (moto lists it like S3: ListObjectsV2).
+# 5. the layout in the bucket (moto lists it like S3: ListObjectsV2; Azurite through
+# Microsoft's client).
 big=$(cat "$TMP/big-1.txt")
-listing=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$S3_PORT/e2e-cache?list-type=2&prefix=ci/cas/${big:0:2}/').read().decode())")
+if [ "$SERVER" = moto ]; then
+  listing=$(python3 -c "import urllib.request as u; print(u.urlopen('http://127.0.0.1:$S3_PORT/e2e-cache?list-type=2&prefix=ci/cas/${big:0:2}/').read().decode())")
+else
+  listing=$(container list e2e-cache "ci/cas/${big:0:2}/")
+fi
 if echo "$listing" | grep -q "ci/cas/${big:0:2}/$big-12000000"; then
   pass "the 12 MB blob is at ci/cas/${big:0:2}/<hash>-12000000"
 else

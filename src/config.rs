@@ -317,14 +317,34 @@ pub enum FastTier {
     Memory,
 }
 
-/// `[storage.s3]`: the bucket of the object-store backend. Credentials come from
-/// `credentials_file` if set, otherwise from the standard AWS chain (`AWS_ACCESS_KEY_ID` and
-/// `AWS_SECRET_ACCESS_KEY`, web identity, ECS or EC2 instance metadata).
+/// Which object store `[storage.s3]` names (`storage.s3.provider`).
+#[derive(Clone, Copy, Debug, Default, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Provider {
+    /// AWS S3 and S3-compatible servers (MinIO, Ceph, Garage...).
+    #[default]
+    S3,
+    /// Google Cloud Storage.
+    Gcs,
+    /// Azure Blob Storage (`bucket` is the container).
+    Azure,
+}
+
+/// `[storage.s3]`: the bucket of the object-store backend. With the S3 provider, credentials
+/// come from `credentials_file` if set, otherwise from the standard AWS chain
+/// (`AWS_ACCESS_KEY_ID` and `AWS_SECRET_ACCESS_KEY`, web identity, ECS or EC2 instance
+/// metadata); GCS and Azure read theirs from their own variables or `options`.
 #[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct S3Config {
-    /// The bucket (required with `backend = "s3"`; it must exist).
+    /// `"s3"` (the default), `"gcs"` or `"azure"`.
+    pub provider: Provider,
+    /// The bucket (required with `backend = "s3"`; it must exist); Azure's container.
     pub bucket: String,
+    /// Settings handed to the provider's client as they are, by the `object_store` crate's
+    /// key names (`google_service_account`, `azure_storage_account_name`,
+    /// `aws_server_side_encryption`...): what the fields here do not cover. Default none.
+    pub options: std::collections::BTreeMap<String, String>,
     /// Keys are under this prefix, so several caches (or other data) can share a bucket.
     /// Default none.
     pub prefix: String,
@@ -369,7 +389,9 @@ pub struct S3Config {
 impl Default for S3Config {
     fn default() -> Self {
         S3Config {
+            provider: Provider::S3,
             bucket: String::new(),
+            options: Default::default(),
             prefix: String::new(),
             endpoint: None,
             region: None,
@@ -397,6 +419,39 @@ impl S3Config {
                 "storage.s3.prefix ({:?}) must not start with '/' or contain '//'",
                 self.prefix
             ));
+        }
+        if self.provider != Provider::S3 {
+            let s3_only = [
+                ("region", self.region.is_some()),
+                ("path_style", self.path_style.is_some()),
+                ("credentials_file", self.credentials_file.is_some()),
+            ];
+            if let Some((name, _)) = s3_only.iter().find(|(_, set)| *set) {
+                return Err(format!(
+                    "storage.s3.{name} is for provider = \"s3\" only; give {:?} its settings in \
+                     storage.s3.options",
+                    self.provider
+                ));
+            }
+        }
+        for key in self.options.keys() {
+            let known = match self.provider {
+                Provider::S3 => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
+                Provider::Gcs => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
+                Provider::Azure => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
+            };
+            if !known {
+                return Err(format!(
+                    "storage.s3.options: {key:?} is not a setting of the {:?} client (see the \
+                     object_store crate's {} for the names)",
+                    self.provider,
+                    match self.provider {
+                        Provider::S3 => "AmazonS3ConfigKey",
+                        Provider::Gcs => "GoogleConfigKey",
+                        Provider::Azure => "AzureConfigKey",
+                    }
+                ));
+            }
         }
         if let Some(endpoint) = &self.endpoint {
             let plain = endpoint.starts_with("http://");
@@ -948,6 +1003,48 @@ mod tests {
         );
         // The bucket is only asked for when it is the backend.
         assert!(Config::parse("[storage]\nbackend = \"sled\"\n").is_ok());
+    }
+
+    #[test]
+    fn gcs_and_azure_take_their_settings_through_options_and_refuse_s3_ones() {
+        let gcs = Config::parse(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nprovider = \"gcs\"\nbucket = \"b\"\n\
+             [storage.s3.options]\ngoogle_service_account = \"/etc/hoard/sa.json\"\n",
+        )
+        .unwrap();
+        assert_eq!(gcs.storage.s3.provider, Provider::Gcs);
+        assert_eq!(
+            gcs.storage
+                .s3
+                .options
+                .get("google_service_account")
+                .map(String::as_str),
+            Some("/etc/hoard/sa.json")
+        );
+        let azure = "[storage]\nbackend = \"s3\"\n[storage.s3]\nprovider = \"azure\"\n\
+                     bucket = \"cache\"\n";
+        let ok = format!("{azure}[storage.s3.options]\nazure_storage_account_name = \"acct\"\n");
+        assert!(Config::parse(&ok).is_ok());
+        let e = Config::parse(&format!("{azure}region = \"eu-west-1\"\n")).unwrap_err();
+        assert!(
+            e.contains("storage.s3.region is for provider = \"s3\" only"),
+            "{e}"
+        );
+        let e = Config::parse(&format!(
+            "{azure}[storage.s3.options]\ngoogle_bucket = \"x\"\n"
+        ))
+        .unwrap_err();
+        assert!(
+            e.contains("\"google_bucket\" is not a setting of the Azure client"),
+            "{e}"
+        );
+        let e = Config::parse(
+            "[storage]\nbackend = \"s3\"\n[storage.s3]\nbucket = \"b\"\n\
+             [storage.s3.options]\naws_no_such_thing = \"1\"\n",
+        )
+        .unwrap_err();
+        assert!(e.contains("AmazonS3ConfigKey"), "{e}");
+        assert!(Config::parse("[storage.s3]\nprovider = \"ftp\"\n").is_err());
     }
 
     #[test]

@@ -537,14 +537,12 @@ mod tests {
             Ok(self.blocks.lock().get(&first).cloned())
         }
         async fn create(&self, first: u64, block: Bytes) -> Result<bool> {
-            let created = {
-                let mut blocks = self.blocks.lock();
-                if blocks.contains_key(&first) {
-                    false
-                } else {
-                    blocks.insert(first, block);
+            let created = match self.blocks.lock().entry(first) {
+                std::collections::btree_map::Entry::Vacant(e) => {
+                    e.insert(block);
                     true
                 }
+                std::collections::btree_map::Entry::Occupied(_) => false,
             };
             if created && self.lose_next_answer.swap(false, Ordering::SeqCst) {
                 return Err(Error::Unavailable("the answer was lost".into()));

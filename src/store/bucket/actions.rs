@@ -88,7 +88,7 @@ impl Inner {
 
     /// The record under `path` and its ETag; `None` if there is none (or it is unreadable,
     /// which is a miss too: the next update replaces it).
-    async fn record_at(&self, path: &Path) -> Result<Option<(ActionRecord, Option<String>)>> {
+    async fn record_at(&self, path: &Path) -> Result<Option<(ActionRecord, UpdateVersion)>> {
         let got = self.fetch_bytes(path, "reading an action result").await?;
         Ok(got.and_then(|(bytes, etag)| decode(&bytes).map(|r| (r, etag))))
     }
@@ -136,14 +136,10 @@ impl Inner {
     }
 }
 
-/// A write that lands only if the object still has `etag` (S3's `If-Match`).
-fn if_match(etag: Option<String>) -> Option<PutMode> {
-    etag.map(|e_tag| {
-        PutMode::Update(UpdateVersion {
-            e_tag: Some(e_tag),
-            version: None,
-        })
-    })
+/// A write that lands only if the object is still at `version` (S3's and Azure's `If-Match`
+/// on the ETag, GCS's generation match); `None` if the store named no version.
+fn if_match(version: UpdateVersion) -> Option<PutMode> {
+    (version.e_tag.is_some() || version.version.is_some()).then_some(PutMode::Update(version))
 }
 
 /// `a`'s fields raised to `b`'s where `b` is further along: the later epoch (with its reason)

@@ -35,17 +35,20 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use futures::{StreamExt, TryStreamExt};
 use object_store::aws::AmazonS3Builder;
+use object_store::azure::MicrosoftAzureBuilder;
+use object_store::gcp::GoogleCloudStorageBuilder;
 use object_store::multipart::MultipartStore;
 use object_store::path::Path;
 use object_store::{
     BackoffConfig, ClientOptions, GetOptions, GetRange, ObjectStore, ObjectStoreExt, RetryConfig,
+    UpdateVersion,
 };
 use parking_lot::Mutex;
 use sha2::{Digest as _, Sha256};
 
 use super::clock::Clock;
 use super::{BlobStream, Cas, GcReport, Housekeeping, StoreStats, Upload, VerifyReport};
-use crate::config::{Config, S3Config};
+use crate::config::{Config, Provider, S3Config};
 use crate::digest::{verify, Digest};
 use crate::error::{Error, Result};
 
@@ -93,16 +96,26 @@ struct Counted {
 impl BucketStore {
     pub fn from_config(config: &Config) -> Result<Self> {
         let s3 = &config.storage.s3;
-        let bucket = build_s3(s3)?;
-        Ok(Self::with_bucket(Arc::new(bucket), s3))
+        // reqwest's rustls has no crypto provider of its own in this build: ring, as everywhere.
+        let _ = rustls::crypto::ring::default_provider().install_default();
+        Ok(match s3.provider {
+            Provider::S3 => Self::with_bucket(Arc::new(build_s3(s3)?), s3),
+            Provider::Gcs => Self::with_bucket(Arc::new(build_gcs(s3)?), s3),
+            Provider::Azure => Self::with_bucket(Arc::new(build_azure(s3)?), s3),
+        })
     }
 
     /// A store over any object store with a multipart API (the S3 client of `from_config`).
     pub fn with_bucket<B: ObjectStore + MultipartStore>(bucket: Arc<B>, s3: &S3Config) -> Self {
         let root = Path::from(s3.prefix.as_str());
+        let scheme = match s3.provider {
+            Provider::S3 => "s3",
+            Provider::Gcs => "gs",
+            Provider::Azure => "az",
+        };
         let name = match s3.prefix.as_str() {
-            "" => format!("s3://{}", s3.bucket),
-            prefix => format!("s3://{}/{prefix}", s3.bucket),
+            "" => format!("{scheme}://{}", s3.bucket),
+            prefix => format!("{scheme}://{}/{prefix}", s3.bucket),
         };
         BucketStore {
             inner: Arc::new(Inner {
@@ -120,33 +133,89 @@ impl BucketStore {
     }
 }
 
+/// Every provider's timeouts: no limit on a whole request (a large blob read as slowly as its
+/// client takes it would be cut off); a bucket that stops sending for `request_timeout` is.
+/// Set before `allow_http`, which writes into these options.
+fn client_options(s3: &S3Config) -> ClientOptions {
+    ClientOptions::new()
+        .with_timeout_disabled()
+        .with_read_timeout(s3.request_timeout.0)
+        .with_connect_timeout(Duration::from_secs(5))
+        .with_allow_http(s3.allow_http)
+}
+
+/// Every provider's retries: bounded, with backoff.
+fn retry_config(s3: &S3Config) -> RetryConfig {
+    RetryConfig {
+        backoff: BackoffConfig {
+            init_backoff: Duration::from_millis(100),
+            max_backoff: Duration::from_secs(2),
+            base: 2.0,
+        },
+        max_retries: s3.max_retries,
+        retry_timeout: s3.retry_timeout.0,
+    }
+}
+
+fn client_error(s3: &S3Config, e: object_store::Error) -> Error {
+    Error::InvalidArgument(format!(
+        "storage.s3: cannot set up the {:?} client for bucket {}: {e}",
+        s3.provider, s3.bucket
+    ))
+}
+
+/// A key of `storage.s3.options` as the provider's client names it (checked with the config).
+fn option_key<K: std::str::FromStr>(s3: &S3Config, key: &str) -> Result<K> {
+    key.parse().map_err(|_| {
+        Error::InvalidArgument(format!(
+            "storage.s3.options: {key:?} is not a setting of the {:?} client",
+            s3.provider
+        ))
+    })
+}
+
+/// The GCS client: credentials from `GOOGLE_SERVICE_ACCOUNT`/`GOOGLE_APPLICATION_CREDENTIALS`
+/// (or `options`), else the metadata server; `endpoint` for an emulator.
+fn build_gcs(s3: &S3Config) -> Result<object_store::gcp::GoogleCloudStorage> {
+    let mut builder = GoogleCloudStorageBuilder::from_env()
+        .with_client_options(client_options(s3))
+        .with_bucket_name(&s3.bucket)
+        .with_retry(retry_config(s3));
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_base_url(endpoint);
+    }
+    for (key, value) in &s3.options {
+        builder = builder.with_config(option_key(s3, key)?, value);
+    }
+    builder.build().map_err(|e| client_error(s3, e))
+}
+
+/// The Azure Blob Storage client, for the container `bucket`: account and key (or SAS, or
+/// a managed identity) from `AZURE_STORAGE_*` (or `options`); `endpoint` for Azurite or a
+/// sovereign cloud.
+fn build_azure(s3: &S3Config) -> Result<object_store::azure::MicrosoftAzure> {
+    let mut builder = MicrosoftAzureBuilder::from_env()
+        .with_client_options(client_options(s3))
+        .with_container_name(&s3.bucket)
+        .with_allow_http(s3.allow_http)
+        .with_retry(retry_config(s3));
+    if let Some(endpoint) = &s3.endpoint {
+        builder = builder.with_endpoint(endpoint.clone());
+    }
+    for (key, value) in &s3.options {
+        builder = builder.with_config(option_key(s3, key)?, value);
+    }
+    builder.build().map_err(|e| client_error(s3, e))
+}
+
 /// The S3 client `[storage.s3]` describes: credentials from `credentials_file` or the standard
 /// chain, bounded retries with backoff, a timeout per request.
 fn build_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3> {
-    // reqwest's rustls has no crypto provider of its own in this build: ring, as everywhere.
-    let _ = rustls::crypto::ring::default_provider().install_default();
-    // Client options first: `with_allow_http` writes into them, a later
-    // `with_client_options` would reset it.
     let mut builder = AmazonS3Builder::from_env()
-        .with_client_options(
-            // No limit on a whole request: a large blob read as slowly as its client takes it
-            // would be cut off. A bucket that stops sending for request_timeout is.
-            ClientOptions::new()
-                .with_timeout_disabled()
-                .with_read_timeout(s3.request_timeout.0)
-                .with_connect_timeout(Duration::from_secs(5)),
-        )
+        .with_client_options(client_options(s3))
         .with_bucket_name(&s3.bucket)
         .with_allow_http(s3.allow_http)
-        .with_retry(RetryConfig {
-            backoff: BackoffConfig {
-                init_backoff: Duration::from_millis(100),
-                max_backoff: Duration::from_secs(2),
-                base: 2.0,
-            },
-            max_retries: s3.max_retries,
-            retry_timeout: s3.retry_timeout.0,
-        });
+        .with_retry(retry_config(s3));
     if let Some(region) = &s3.region {
         builder = builder.with_region(region);
     }
@@ -164,12 +233,10 @@ fn build_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3> {
             builder = builder.with_token(token);
         }
     }
-    builder.build().map_err(|e| {
-        Error::InvalidArgument(format!(
-            "storage.s3: cannot set up the client for bucket {}: {e}",
-            s3.bucket
-        ))
-    })
+    for (key, value) in &s3.options {
+        builder = builder.with_config(option_key(s3, key)?, value);
+    }
+    builder.build().map_err(|e| client_error(s3, e))
 }
 
 struct Credentials {
@@ -250,18 +317,18 @@ impl Inner {
         }
     }
 
-    /// [`Inner::fetch`] of a whole small object (a record, a state): its bytes and ETag.
-    async fn fetch_bytes(
-        &self,
-        path: &Path,
-        what: &str,
-    ) -> Result<Option<(Bytes, Option<String>)>> {
+    /// [`Inner::fetch`] of a whole small object (a record, a state): its bytes and version
+    /// (ETag, and GCS's generation), for a conditional write over it.
+    async fn fetch_bytes(&self, path: &Path, what: &str) -> Result<Option<(Bytes, UpdateVersion)>> {
         let Some(got) = self.fetch(path, GetOptions::default(), what).await? else {
             return Ok(None);
         };
-        let etag = got.meta.e_tag.clone();
+        let version = UpdateVersion {
+            e_tag: got.meta.e_tag.clone(),
+            version: got.meta.version.clone(),
+        };
         let bytes = got.bytes().await.map_err(|e| bucket_error(what, e))?;
-        Ok(Some((bytes, etag)))
+        Ok(Some((bytes, version)))
     }
 
     /// A blob's object (`range` of it, or all), `None` if the bucket has none or one of
