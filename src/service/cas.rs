@@ -168,9 +168,10 @@ impl ContentAddressableStorage for CasService {
         // Sizes come from the client: add without overflowing.
         let total = digests.iter().fold(0u64, |t, d| t.saturating_add(d.size));
         check_batch_size(total, &self.limits, "BatchReadBlobs request")?;
+        let got = self.store.get_many(&digests).await;
         let mut responses = Vec::with_capacity(digests.len());
-        for d in digests {
-            let (data, status) = match self.store.get(&d).await {
+        for (d, got) in digests.into_iter().zip(got) {
+            let (data, status) = match got {
                 Ok(Some(data)) => (data, ok_rpc_status()),
                 Ok(None) => (
                     Default::default(),

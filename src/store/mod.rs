@@ -44,6 +44,8 @@ pub type BlobStream = Pin<Box<dyn Stream<Item = Result<Bytes>> + Send>>;
 
 /// Chunk size of the provided [`Cas::get`].
 const GET_CHUNK: usize = 1 << 20;
+/// Blobs [`Cas::get_many`] reads at once.
+const PARALLEL_GETS: usize = 32;
 
 /// The content-addressable store, as the request path sees it. Object safe, so decorators and
 /// backends stack.
@@ -91,6 +93,17 @@ pub trait Cas: Send + Sync + 'static {
             whole.extend_from_slice(&chunk?);
         }
         Ok(Some(whole.freeze()))
+    }
+
+    /// Whole blobs, for one batch read: one result per digest, in order. Up to
+    /// [`PARALLEL_GETS`] at once, so a backend with a round trip per blob (a bucket) takes
+    /// about one round trip per that many, not one per blob.
+    async fn get_many(&self, digests: &[Digest]) -> Vec<Result<Option<Bytes>>> {
+        futures::stream::iter(digests.iter().copied())
+            .map(|digest| async move { self.get(&digest).await })
+            .buffered(PARALLEL_GETS)
+            .collect()
+            .await
     }
 
     /// Stores a whole blob after checking that `data` matches `digest`.

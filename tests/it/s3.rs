@@ -60,6 +60,8 @@ impl S3 {
         let accept = tokio::spawn(async move {
             let http = ConnBuilder::new(TokioExecutor::new());
             while let Ok((sock, _)) = listener.accept().await {
+                // Else a response written in two pieces waits for the delayed ACK (~40 ms).
+                let _ = sock.set_nodelay(true);
                 let conn = http
                     .serve_connection(TokioIo::new(sock), service.clone())
                     .into_owned();
