@@ -17,7 +17,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let [root, port, key_id, secret] = args.as_slice() else {
         return Err("usage: s3_bucket ROOT PORT KEY_ID SECRET".into());
     };
-    let fs = s3s_fs::FileSystem::new(root)?;
+    let fs = s3s_fs::FileSystem::new(root).map_err(|e| format!("s3s-fs over {root}: {e:?}"))?;
     let mut builder = s3s::service::S3ServiceBuilder::new(fs);
     builder.set_auth(s3s::auth::SimpleAuth::from_single(
         key_id.as_str(),
