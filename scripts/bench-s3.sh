@@ -126,7 +126,7 @@ for line in open(sys.argv[1]):
     row = json.loads(line)
     r, server = row["report"], row["report"]["server"]
     t = r["total"]
-    if t["bytes"] > 0 and t["ops_per_sec"] < 20:
+    if r["workload"] in ("write-large", "read-large"):
         gib = t["bytes"] / 2**30
         hoard = f'{server["cpu_secs"] / gib:.2f} s/GiB'
         bucket = f'{row["bucket_cpu"] / gib:.2f} s/GiB'
