@@ -27,9 +27,37 @@ struct S3 {
     root: tempfile::TempDir,
     addr: SocketAddr,
     credentials: PathBuf,
-    accept: tokio::task::JoinHandle<()>,
+    /// Accepts connections and owns them: aborting it closes every one ([`S3::vanish`]).
+    accept: parking_lot::Mutex<tokio::task::JoinHandle<()>>,
+    handler: Handler,
     /// While set, every request gets 503 Service Unavailable (an outage).
     down: Arc<AtomicBool>,
+    /// While set, requests get no answer at all (a bucket that hangs).
+    slow: Arc<AtomicBool>,
+}
+
+type Handler = Arc<dyn Fn(hyper::Request<hyper::body::Incoming>) -> ServiceFuture + Send + Sync>;
+type ServiceFuture = std::pin::Pin<
+    Box<dyn std::future::Future<Output = Result<s3s::HttpResponse, s3s::HttpError>> + Send>,
+>;
+
+/// Serves `handler` on `listener`; the connections are the task's, so aborting it closes them.
+fn serve(listener: tokio::net::TcpListener, handler: Handler) -> tokio::task::JoinHandle<()> {
+    let service = hyper::service::service_fn(move |req| handler(req));
+    tokio::spawn(async move {
+        let http = ConnBuilder::new(TokioExecutor::new());
+        let mut conns = tokio::task::JoinSet::new();
+        while let Ok((sock, _)) = listener.accept().await {
+            // Else a response written in two pieces waits for the delayed ACK (~40 ms).
+            let _ = sock.set_nodelay(true);
+            let conn = http
+                .serve_connection(TokioIo::new(sock), service.clone())
+                .into_owned();
+            conns.spawn(async move {
+                let _ = conn.await;
+            });
+        }
+    })
 }
 
 impl S3 {
@@ -41,35 +69,28 @@ impl S3 {
         builder.set_auth(s3s::auth::SimpleAuth::from_single(KEY_ID, SECRET));
         let s3s = builder.build();
         let down = Arc::new(AtomicBool::new(false));
-        let switch = down.clone();
-        let service = hyper::service::service_fn(move |req| {
-            let (s3s, down) = (s3s.clone(), switch.load(Ordering::SeqCst));
-            async move {
+        let slow = Arc::new(AtomicBool::new(false));
+        let (down_now, slow_now) = (down.clone(), slow.clone());
+        let handler: Handler = Arc::new(move |req| {
+            let s3s = s3s.clone();
+            let down = down_now.load(Ordering::SeqCst);
+            let slow = slow_now.load(Ordering::SeqCst);
+            Box::pin(async move {
+                if slow {
+                    tokio::time::sleep(Duration::from_secs(3600)).await;
+                }
                 if down {
                     let mut unavailable = hyper::Response::new(s3s::Body::empty());
                     *unavailable.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
                     return Ok(unavailable);
                 }
                 hyper::service::Service::call(&s3s, req).await
-            }
+            })
         });
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");
         let addr = listener.local_addr().expect("addr");
-        let accept = tokio::spawn(async move {
-            let http = ConnBuilder::new(TokioExecutor::new());
-            while let Ok((sock, _)) = listener.accept().await {
-                // Else a response written in two pieces waits for the delayed ACK (~40 ms).
-                let _ = sock.set_nodelay(true);
-                let conn = http
-                    .serve_connection(TokioIo::new(sock), service.clone())
-                    .into_owned();
-                tokio::spawn(async move {
-                    let _ = conn.await;
-                });
-            }
-        });
         let credentials = root.path().join("credentials");
         std::fs::write(
             &credentials,
@@ -80,9 +101,24 @@ impl S3 {
             root,
             addr,
             credentials,
-            accept,
+            accept: parking_lot::Mutex::new(serve(listener, handler.clone())),
+            handler,
             down,
+            slow,
         }
+    }
+
+    /// The server goes away: open connections are closed, new ones refused.
+    fn vanish(&self) {
+        self.accept.lock().abort();
+    }
+
+    /// Back on the same address after [`S3::vanish`].
+    async fn reappear(&self) {
+        let listener = tokio::net::TcpListener::bind(self.addr)
+            .await
+            .expect("bind the old address again");
+        *self.accept.lock() = serve(listener, self.handler.clone());
     }
 
     /// A node's config on this bucket under `prefix`.
@@ -140,7 +176,7 @@ impl S3 {
 
 impl Drop for S3 {
     fn drop(&mut self) {
-        self.accept.abort();
+        self.accept.lock().abort();
     }
 }
 
@@ -439,6 +475,93 @@ async fn an_outage_of_the_bucket_answers_unavailable_with_a_message_and_passes()
             .expect("read after the outage"),
         stored
     );
+}
+
+/// Every bucket call of `node` fails with UNAVAILABLE naming the object store, within the
+/// bounded timeouts and retries; `how` says which fault.
+async fn every_call_fails_quickly(node: &TestServer, how: &str) {
+    let started = std::time::Instant::now();
+    let err = node
+        .cas()
+        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: vec![digest_of(format!("not seen: {how}").as_bytes())],
+            ..Default::default()
+        })
+        .await
+        .expect_err(how);
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{how}: {err:?}");
+    assert!(err.message().contains("object store"), "{how}: {err:?}");
+    let err = node
+        .ac()
+        .get_action_result(reapi::GetActionResultRequest {
+            action_digest: Some(digest_of(how.as_bytes())),
+            ..Default::default()
+        })
+        .await
+        .expect_err(how);
+    assert_eq!(err.code(), tonic::Code::Unavailable, "{how}: {err:?}");
+    let data = format!("written while {how}");
+    let codes: Vec<i32> = node
+        .cas()
+        .batch_update_blobs(reapi::BatchUpdateBlobsRequest {
+            requests: vec![reapi::batch_update_blobs_request::Request {
+                digest: Some(digest_of(data.as_bytes())),
+                data: data.clone().into_bytes().into(),
+                compressor: 0,
+            }],
+            ..Default::default()
+        })
+        .await
+        .expect("a batch answers per blob")
+        .into_inner()
+        .responses
+        .iter()
+        .map(|r| r.status.as_ref().map_or(0, |s| s.code))
+        .collect();
+    assert_eq!(codes, [tonic::Code::Unavailable as i32], "{how}");
+    // Two tries of at most request_timeout (1 s) each, backoff, within retry_timeout (2 s).
+    assert!(
+        started.elapsed() < Duration::from_secs(12),
+        "{how}: {:?} for three calls",
+        started.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn a_bucket_that_hangs_or_vanishes_answers_unavailable_in_bounded_time_and_then_serves() {
+    let s3 = S3::start().await;
+    let (a, _d) = node(&s3, "h", |c| {
+        c.storage.s3.request_timeout = HumanDuration(Duration::from_secs(1));
+    })
+    .await;
+    let stored = blob(3000, 4);
+    batch_put(&a, "", &[&stored]).await;
+
+    s3.slow.store(true, Ordering::SeqCst);
+    every_call_fails_quickly(&a, "the bucket does not answer").await;
+    s3.slow.store(false, Ordering::SeqCst);
+    assert_eq!(
+        download(&a, &read_name("", &digest_of(&stored)), 0, 0)
+            .await
+            .expect("read once the bucket answers again"),
+        stored
+    );
+
+    s3.vanish();
+    every_call_fails_quickly(&a, "the bucket is gone").await;
+    s3.reappear().await;
+    assert_eq!(
+        download(&a, &read_name("", &digest_of(&stored)), 0, 0)
+            .await
+            .expect("read once the bucket is back"),
+        stored
+    );
+    // Nothing a refused write sent is in the bucket.
+    for how in ["the bucket does not answer", "the bucket is gone"] {
+        let data = format!("written while {how}");
+        let key = blob_key("h", &digest_of(data.as_bytes()));
+        assert!(!s3.object(&key).exists(), "{key} stored by a failed write");
+    }
 }
 
 #[tokio::test]
