@@ -348,8 +348,9 @@ pub struct S3Config {
     /// Keys are under this prefix, so several caches (or other data) can share a bucket.
     /// Default none.
     pub prefix: String,
-    /// The S3 API endpoint for a self-hosted S3-compatible server (MinIO, Ceph, Garage...),
-    /// e.g. `"https://s3.internal:9000"`. Default: AWS, from `region`.
+    /// Where the provider's API is: a self-hosted S3-compatible server (MinIO, Ceph,
+    /// Garage...), e.g. `"https://s3.internal:9000"`; Azure's account URL; an emulator's base
+    /// URL for GCS. Default: the provider's (for AWS, from `region`).
     pub endpoint: Option<String>,
     /// Default `"us-east-1"` (or `AWS_REGION` / `AWS_DEFAULT_REGION` when set).
     pub region: Option<String>,

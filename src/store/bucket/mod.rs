@@ -133,9 +133,10 @@ impl BucketStore {
     }
 }
 
-/// Every provider's timeouts: no limit on a whole request (a large blob read as slowly as its
-/// client takes it would be cut off); a bucket that stops sending for `request_timeout` is.
-/// Set before `allow_http`, which writes into these options.
+/// Every provider's HTTP settings: no limit on a whole request (a large blob read as slowly as
+/// its client takes it would be cut off); a bucket that stops sending for `request_timeout`
+/// is; `allow_http`. A builder's own `with_allow_http` would write into these, so it is not
+/// called.
 fn client_options(s3: &S3Config) -> ClientOptions {
     ClientOptions::new()
         .with_timeout_disabled()
@@ -157,19 +158,27 @@ fn retry_config(s3: &S3Config) -> RetryConfig {
     }
 }
 
-fn client_error(s3: &S3Config, e: object_store::Error) -> Error {
-    Error::InvalidArgument(format!(
-        "storage.s3: cannot set up the {:?} client for bucket {}: {e}",
-        s3.provider, s3.bucket
-    ))
-}
-
-/// A key of `storage.s3.options` as the provider's client names it (checked with the config).
-fn option_key<K: std::str::FromStr>(s3: &S3Config, key: &str) -> Result<K> {
-    key.parse().map_err(|_| {
+/// Hands `storage.s3.options` to a provider's builder, each key as its client names it
+/// (`K`, checked with the config already), then builds the client.
+fn finish_client<B, K: std::str::FromStr, C>(
+    s3: &S3Config,
+    mut builder: B,
+    set: impl Fn(B, K, &String) -> B,
+    build: impl FnOnce(B) -> object_store::Result<C>,
+) -> Result<C> {
+    for (key, value) in &s3.options {
+        let key = key.parse().map_err(|_| {
+            Error::InvalidArgument(format!(
+                "storage.s3.options: {key:?} is not a setting of the {:?} client",
+                s3.provider
+            ))
+        })?;
+        builder = set(builder, key, value);
+    }
+    build(builder).map_err(|e| {
         Error::InvalidArgument(format!(
-            "storage.s3.options: {key:?} is not a setting of the {:?} client",
-            s3.provider
+            "storage.s3: cannot set up the {:?} client for bucket {}: {e}",
+            s3.provider, s3.bucket
         ))
     })
 }
@@ -184,10 +193,7 @@ fn build_gcs(s3: &S3Config) -> Result<object_store::gcp::GoogleCloudStorage> {
     if let Some(endpoint) = &s3.endpoint {
         builder = builder.with_base_url(endpoint);
     }
-    for (key, value) in &s3.options {
-        builder = builder.with_config(option_key(s3, key)?, value);
-    }
-    builder.build().map_err(|e| client_error(s3, e))
+    finish_client(s3, builder, |b, k, v| b.with_config(k, v), |b| b.build())
 }
 
 /// The Azure Blob Storage client, for the container `bucket`: account and key (or SAS, or
@@ -197,15 +203,11 @@ fn build_azure(s3: &S3Config) -> Result<object_store::azure::MicrosoftAzure> {
     let mut builder = MicrosoftAzureBuilder::from_env()
         .with_client_options(client_options(s3))
         .with_container_name(&s3.bucket)
-        .with_allow_http(s3.allow_http)
         .with_retry(retry_config(s3));
     if let Some(endpoint) = &s3.endpoint {
         builder = builder.with_endpoint(endpoint.clone());
     }
-    for (key, value) in &s3.options {
-        builder = builder.with_config(option_key(s3, key)?, value);
-    }
-    builder.build().map_err(|e| client_error(s3, e))
+    finish_client(s3, builder, |b, k, v| b.with_config(k, v), |b| b.build())
 }
 
 /// The S3 client `[storage.s3]` describes: credentials from `credentials_file` or the standard
@@ -214,7 +216,6 @@ fn build_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3> {
     let mut builder = AmazonS3Builder::from_env()
         .with_client_options(client_options(s3))
         .with_bucket_name(&s3.bucket)
-        .with_allow_http(s3.allow_http)
         .with_retry(retry_config(s3));
     if let Some(region) = &s3.region {
         builder = builder.with_region(region);
@@ -233,10 +234,7 @@ fn build_s3(s3: &S3Config) -> Result<object_store::aws::AmazonS3> {
             builder = builder.with_token(token);
         }
     }
-    for (key, value) in &s3.options {
-        builder = builder.with_config(option_key(s3, key)?, value);
-    }
-    builder.build().map_err(|e| client_error(s3, e))
+    finish_client(s3, builder, |b, k, v| b.with_config(k, v), |b| b.build())
 }
 
 struct Credentials {
