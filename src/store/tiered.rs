@@ -84,6 +84,29 @@ fn queue_key(digest: &Digest) -> [u8; 40] {
     key
 }
 
+/// Writes between [`Queue::prepare`] and their end.
+struct Writing<'a> {
+    queue: &'a Queue,
+    digests: &'a [Digest],
+    open: bool,
+}
+
+impl Writing<'_> {
+    /// The writes are done: `done` says which were acknowledged.
+    fn finish(mut self, done: impl Fn(&Digest) -> bool) {
+        self.open = false;
+        self.queue.finish(self.digests, done);
+    }
+}
+
+impl Drop for Writing<'_> {
+    fn drop(&mut self) {
+        if self.open {
+            self.queue.finish(self.digests, |_| false);
+        }
+    }
+}
+
 impl Queue {
     fn open(tree: sled::Tree) -> Result<Self> {
         let mut queued = HashSet::new();
@@ -116,9 +139,10 @@ impl Queue {
         })
     }
 
-    /// Adds entries before their writes, durable with the fast tier's commit of them. Every
-    /// call is ended by one [`Queue::finish`] with the same digests.
-    fn prepare(&self, digests: &[Digest]) -> Result<()> {
+    /// Adds entries before their writes, durable with the fast tier's commit of them; the
+    /// writes are ended by [`Writing::finish`], or as failed if dropped before (a request
+    /// cancelled mid-write), so no count outlives its write.
+    fn prepare<'a>(&'a self, digests: &'a [Digest]) -> Result<Writing<'a>> {
         let mut state = self.state.lock();
         for (i, d) in digests.iter().enumerate() {
             let fresh = !state.queued.contains(d) && !state.writing.contains_key(d);
@@ -131,7 +155,11 @@ impl Queue {
             }
             *state.writing.entry(*d).or_default() += 1;
         }
-        Ok(())
+        Ok(Writing {
+            queue: self,
+            digests,
+            open: true,
+        })
     }
 
     /// Makes the entries durable even when their write needed no commit (the fast tier had
@@ -141,7 +169,7 @@ impl Queue {
         Ok(())
     }
 
-    /// Ends the writes of [`Queue::prepare`]: the acknowledged ones (`done`) are claimed and
+    /// Ends writes of [`Queue::prepare`]: the acknowledged ones (`done`) are claimed and
     /// uploaded; the entry of a failed one is dropped unless another write or a queued blob
     /// needs it.
     fn finish(&self, digests: &[Digest], done: impl Fn(&Digest) -> bool) {
@@ -403,13 +431,13 @@ impl Cas for TieredStore {
     async fn put(&self, digest: &Digest, data: Bytes) -> Result<()> {
         if let Some(queue) = &self.queue {
             let one = std::slice::from_ref(digest);
-            queue.prepare(one)?;
+            let writing = queue.prepare(one)?;
             let stored = self.fast.cas.put(digest, data).await;
             let durable = match stored {
                 Ok(()) => self.pin(one).await.and(queue.persist().await),
                 Err(e) => Err(e),
             };
-            queue.finish(one, |_| durable.is_ok());
+            writing.finish(|_| durable.is_ok());
             return durable;
         }
         self.bucket.put(digest, data.clone()).await?;
@@ -420,9 +448,10 @@ impl Cas for TieredStore {
     async fn put_many(&self, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
         let digests: Vec<Digest> = blobs.iter().map(|(d, _)| *d).collect();
         if let Some(queue) = &self.queue {
-            if let Err(e) = queue.prepare(&digests) {
-                return digests.iter().map(|_| Err(e.again())).collect();
-            }
+            let writing = match queue.prepare(&digests) {
+                Ok(writing) => writing,
+                Err(e) => return digests.iter().map(|_| Err(e.again())).collect(),
+            };
             let results = self.fast.cas.put_many(blobs).await;
             let stored: HashSet<Digest> = digests
                 .iter()
@@ -432,10 +461,10 @@ impl Cas for TieredStore {
                 .collect();
             let pinned: Vec<Digest> = stored.iter().copied().collect();
             if let Err(e) = self.pin(&pinned).await.and(queue.persist().await) {
-                queue.finish(&digests, |_| false);
+                writing.finish(|_| false);
                 return digests.iter().map(|_| Err(e.again())).collect();
             }
-            queue.finish(&digests, |d| stored.contains(d));
+            writing.finish(|d| stored.contains(d));
             return results;
         }
         let results = self.bucket.put_many(blobs.clone()).await;
@@ -554,12 +583,12 @@ impl Upload for BehindUpload {
             queue,
         } = *self;
         let one = std::slice::from_ref(&digest);
-        queue.prepare(one)?;
+        let writing = queue.prepare(one)?;
         let durable = match fast.commit().await {
             Ok(()) => pin(&*tier, one).await.and(queue.persist().await),
             Err(e) => Err(e),
         };
-        queue.finish(one, |_| durable.is_ok());
+        writing.finish(|_| durable.is_ok());
         durable
     }
 
@@ -654,14 +683,14 @@ mod tests {
     fn a_failed_write_keeps_the_entry_a_concurrent_write_of_the_blob_needs() {
         let q = queue();
         let d = [digest(1)];
-        q.prepare(&d).expect("first write");
-        q.prepare(&d).expect("second write");
-        q.finish(&d, |_| false);
+        let first = q.prepare(&d).expect("first write");
+        let second = q.prepare(&d).expect("second write");
+        first.finish(|_| false);
         assert!(
             on_disk(&q, &d[0]),
             "the failed write dropped the other's entry"
         );
-        q.finish(&d, |_| true);
+        second.finish(|_| true);
         assert!(on_disk(&q, &d[0]));
         assert_eq!(q.all(), d.to_vec());
     }
@@ -670,15 +699,12 @@ mod tests {
     fn a_failed_write_alone_leaves_no_entry_and_a_queued_blob_keeps_its_own() {
         let q = queue();
         let (a, b) = (digest(1), digest(2));
-        q.prepare(&[a]).expect("write a");
-        q.finish(&[a], |_| false);
+        q.prepare(&[a]).expect("write a").finish(|_| false);
         assert!(!on_disk(&q, &a));
         assert!(q.all().is_empty());
 
-        q.prepare(&[b]).expect("write b");
-        q.finish(&[b], |_| true);
-        q.prepare(&[b]).expect("write b again");
-        q.finish(&[b], |_| false);
+        q.prepare(&[b]).expect("write b").finish(|_| true);
+        q.prepare(&[b]).expect("write b again").finish(|_| false);
         assert!(
             on_disk(&q, &b),
             "a failed rewrite dropped a queued blob's entry"
@@ -690,16 +716,29 @@ mod tests {
     fn an_upload_during_a_rewrite_keeps_the_rewrites_entry() {
         let q = queue();
         let d = [digest(3)];
-        q.prepare(&d).expect("write");
-        q.finish(&d, |_| true);
-        q.prepare(&d).expect("rewrite");
+        q.prepare(&d).expect("write").finish(|_| true);
+        let rewrite = q.prepare(&d).expect("rewrite");
         q.remove(&d[0]).expect("uploaded");
         assert!(on_disk(&q, &d[0]));
-        q.finish(&d, |_| true);
+        rewrite.finish(|_| true);
         assert_eq!(q.all(), d.to_vec(), "the rewrite is uploaded again");
         q.remove(&d[0]).expect("uploaded again");
         assert!(!on_disk(&q, &d[0]));
         assert!(q.all().is_empty());
+    }
+
+    #[test]
+    fn a_write_dropped_midway_ends_as_failed() {
+        let q = queue();
+        let d = [digest(6)];
+        drop(q.prepare(&d).expect("write, then its request is cancelled"));
+        assert!(!on_disk(&q, &d[0]));
+        q.prepare(&d).expect("written again").finish(|_| true);
+        q.remove(&d[0]).expect("uploaded");
+        assert!(
+            !on_disk(&q, &d[0]),
+            "a count left by the dropped write kept the entry"
+        );
     }
 
     #[test]
@@ -710,8 +749,8 @@ mod tests {
             .expect("temporary sled");
         let tree = db.open_tree("write-behind").expect("tree");
         let q = Queue::open(tree.clone()).expect("queue");
-        q.prepare(&[digest(4), digest(5)]).expect("writes");
-        q.finish(&[digest(4), digest(5)], |d| d.size == 4);
+        let both = [digest(4), digest(5)];
+        q.prepare(&both).expect("writes").finish(|d| d.size == 4);
         drop(q);
         let again = Queue::open(tree).expect("reopen");
         assert_eq!(again.all(), vec![digest(4)]);
