@@ -693,9 +693,11 @@ fn trim(class: &Class, meta: &sled::Tree, index: usize, excess: u64) -> Result<u
     };
     let through = seq_of(last)?;
     // Recorded before deleting: a crash in between over-states what was trimmed, never hides it.
-    meta.insert(TREES[index], &through.to_be_bytes()[..])?;
-    class.trimmed_through.store(through, Ordering::SeqCst);
-    class.retired_through.store(through, Ordering::SeqCst);
+    // Only ever raised: a gap marked further on (a shared log's) must stay marked.
+    let marked = through.max(class.trimmed_through.load(Ordering::SeqCst));
+    meta.insert(TREES[index], &marked.to_be_bytes()[..])?;
+    class.trimmed_through.fetch_max(through, Ordering::SeqCst);
+    class.retired_through.fetch_max(through, Ordering::SeqCst);
     let mut batch = sled::Batch::default();
     for k in &keys {
         batch.remove(k);

@@ -629,4 +629,34 @@ mod tests {
         let seen = take(&mut watcher, 3).await;
         assert_eq!(sequences(&seen), [1, 13, 14]);
     }
+
+    #[tokio::test]
+    async fn retention_after_a_gap_keeps_the_gap_marked_for_watchers() {
+        let log = Arc::new(Lossy::default());
+        let a = node(&log, 3, Duration::from_millis(50));
+        a.announce(vec![invalidation(1)])
+            .await
+            .expect("invalidation");
+        let b = node(&log, 3, Duration::from_secs(3600));
+        assert!(b.watch(everything()).await.is_ok(), "b has read the log");
+        for i in 0..11 {
+            let stored = Event::action_result_stored("ns", crate::digest::Digest::of(&[i]), "t");
+            a.announce(vec![stored]).await.expect("stored result");
+        }
+        // b finds the gap 2..9, then its own retention trims invalidation 1.
+        for epoch in 2..5 {
+            b.announce(vec![invalidation(epoch)])
+                .await
+                .expect("through b");
+        }
+        let gone = b
+            .watch(Subscription {
+                start: Start::After(1),
+                ..everything()
+            })
+            .await
+            .err()
+            .expect("events after 1 are partly gone");
+        assert_eq!(gone.error.code(), tonic::Code::OutOfRange);
+    }
 }
