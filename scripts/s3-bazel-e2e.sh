@@ -242,7 +242,10 @@ before=$(epoch "${PORTS[1]}")
 one=$!
 "$HOARD" invalidate --server "http://127.0.0.1:${PORTS[2]}" --namespace "" --reason "at once, 3" >/dev/null 2>&1 &
 three=$!
-wait "$one" && wait "$three" || fail "a concurrent invalidation failed"
+# Both waited for, so the epoch is read only after both ended.
+wait "$one"; one_rc=$?
+wait "$three"; three_rc=$?
+[ "$one_rc" = 0 ] && [ "$three_rc" = 0 ] || fail "a concurrent invalidation failed (exit $one_rc, $three_rc)"
 sleep 1
 after=$(epoch "${PORTS[1]}")
 if [ "$after" = $((before + 2)) ]; then
