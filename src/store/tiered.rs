@@ -11,12 +11,14 @@
 //! - Write-through (the default): a write is acknowledged once the bucket holds it; the fast
 //!   tier gets a copy too (a refusal there loses nothing: it is a cache).
 //! - Write-behind: a write is acknowledged once the fast tier holds it *and* a durable queue
-//!   entry names it (both in one sled commit); a background task uploads it to the bucket and
-//!   then drops the entry. A queued blob is pinned in the fast tier (retained) until uploaded.
+//!   entry names it (the entry is written before the blob's commit and made durable by it, or
+//!   earlier by another write's flush); a background task uploads it to the bucket and then
+//!   drops the entry. A queued blob is pinned in the fast tier (retained) until uploaded.
 //! - FindMissingBlobs (and so the action cache's completeness check) never takes the fast
 //!   tier's word: a blob is present only if the bucket holds it (under the s3 backend's
-//!   existence cache), or it waits in this node's queue. So a blob the bucket lost is missing
-//!   here even while the fast tier still has its bytes, and a client uploads it again.
+//!   existence cache), or it waits in this node's queue and the fast tier holds it (an entry
+//!   made durable early by a crash has no blob). So a blob the bucket lost is missing here
+//!   even while the fast tier still has its bytes, and a client uploads it again.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -330,14 +332,15 @@ impl Cas for TieredStore {
         let Some(queue) = &self.queue else {
             return self.bucket.find_missing(digests).await;
         };
-        let asked: Vec<Digest> = {
+        let (queued, mut asked): (Vec<Digest>, Vec<Digest>) = {
             let state = queue.state.lock();
-            digests
-                .iter()
-                .filter(|d| !state.queued.contains(d))
-                .copied()
-                .collect()
+            digests.iter().partition(|d| state.queued.contains(d))
         };
+        // A queue entry counts only while the fast tier holds its blob: after a crash an entry
+        // can be on disk without the blob its write never committed.
+        if !queued.is_empty() {
+            asked.extend(self.fast.cas.find_missing(&queued).await?);
+        }
         self.bucket.find_missing(&asked).await
     }
 
@@ -739,6 +742,32 @@ mod tests {
             !on_disk(&q, &d[0]),
             "a count left by the dropped write kept the entry"
         );
+    }
+
+    #[tokio::test]
+    async fn a_queue_entry_whose_blob_never_landed_is_not_claimed() {
+        // After a crash: the entry reached the disk (another write's flush), the blob did not.
+        let db = sled::Config::new()
+            .temporary(true)
+            .open()
+            .expect("temporary sled");
+        let tree = db.open_tree("write-behind").expect("tree");
+        let lost = Digest::of(b"never committed");
+        tree.insert(queue_key(&lost), &[][..]).expect("entry");
+        let fast = Arc::new(
+            crate::store::memory::MemoryStore::from_config(&crate::config::Config::default())
+                .expect("memory tier"),
+        );
+        let bucket = BucketStore::with_bucket(
+            Arc::new(object_store::memory::InMemory::new()),
+            &crate::config::S3Config::default(),
+        );
+        let tier = FastTier {
+            cas: fast.clone(),
+            housekeeping: fast,
+        };
+        let store = TieredStore::new(tier, bucket, Some(tree)).expect("tiered");
+        assert_eq!(store.find_missing(&[lost]).await.expect("asked"), [lost]);
     }
 
     #[test]
