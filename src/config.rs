@@ -411,6 +411,71 @@ impl Default for S3Config {
 }
 
 impl S3Config {
+    /// A key of `options`: one the provider's client knows, and not one a field here sets (or
+    /// that would break what hoard relies on), which would override it unchecked.
+    fn check_option(&self, key: &str) -> Result<(), String> {
+        use object_store::aws::AmazonS3ConfigKey as S3;
+        use object_store::azure::AzureConfigKey as Az;
+        use object_store::gcp::GoogleConfigKey as Gcs;
+        use object_store::ClientConfigKey as Client;
+        let client = |c: &Client| match c {
+            Client::AllowHttp => Some("storage.s3.allow_http"),
+            Client::ConnectTimeout | Client::ReadTimeout | Client::Timeout => {
+                Some("storage.s3.request_timeout")
+            }
+            _ => None,
+        };
+        let (known, field) = match self.provider {
+            Provider::S3 => match S3::from_str(key) {
+                Ok(S3::Bucket) => (true, Some("storage.s3.bucket")),
+                Ok(S3::Endpoint | S3::S3Endpoint) => (true, Some("storage.s3.endpoint")),
+                Ok(S3::Region | S3::DefaultRegion) => (true, Some("storage.s3.region")),
+                Ok(S3::VirtualHostedStyleRequest) => (true, Some("storage.s3.path_style")),
+                Ok(S3::ConditionalPut) => (true, Some("nothing: hoard needs conditional writes")),
+                Ok(S3::Client(c)) => (true, client(&c)),
+                Ok(_) => (true, None),
+                Err(_) => (false, None),
+            },
+            Provider::Gcs => match Gcs::from_str(key) {
+                Ok(Gcs::Bucket) => (true, Some("storage.s3.bucket")),
+                Ok(Gcs::BaseUrl) => (true, Some("storage.s3.endpoint")),
+                Ok(Gcs::Client(c)) => (true, client(&c)),
+                Ok(_) => (true, None),
+                Err(_) => (false, None),
+            },
+            Provider::Azure => match Az::from_str(key) {
+                Ok(Az::ContainerName) => (true, Some("storage.s3.bucket")),
+                Ok(Az::Endpoint) => (true, Some("storage.s3.endpoint")),
+                // The emulator flag makes the client ignore the endpoint.
+                Ok(Az::UseEmulator) if self.endpoint.is_some() => {
+                    (true, Some("storage.s3.endpoint (leave one of the two out)"))
+                }
+                Ok(Az::Client(c)) => (true, client(&c)),
+                Ok(_) => (true, None),
+                Err(_) => (false, None),
+            },
+        };
+        if !known {
+            return Err(format!(
+                "storage.s3.options: {key:?} is not a setting of the {:?} client (see the \
+                 object_store crate's {} for the names)",
+                self.provider,
+                match self.provider {
+                    Provider::S3 => "AmazonS3ConfigKey",
+                    Provider::Gcs => "GoogleConfigKey",
+                    Provider::Azure => "AzureConfigKey",
+                }
+            ));
+        }
+        match field {
+            Some(field) => Err(format!(
+                "storage.s3.options: {key:?} is set by {field}, not here (hoard checks and \
+                 relies on that setting)"
+            )),
+            None => Ok(()),
+        }
+    }
+
     fn check(&self) -> Result<(), String> {
         if self.bucket.is_empty() {
             return Err("storage.backend = \"s3\" (and \"tiered\") needs storage.s3.bucket".into());
@@ -436,23 +501,7 @@ impl S3Config {
             }
         }
         for key in self.options.keys() {
-            let known = match self.provider {
-                Provider::S3 => object_store::aws::AmazonS3ConfigKey::from_str(key).is_ok(),
-                Provider::Gcs => object_store::gcp::GoogleConfigKey::from_str(key).is_ok(),
-                Provider::Azure => object_store::azure::AzureConfigKey::from_str(key).is_ok(),
-            };
-            if !known {
-                return Err(format!(
-                    "storage.s3.options: {key:?} is not a setting of the {:?} client (see the \
-                     object_store crate's {} for the names)",
-                    self.provider,
-                    match self.provider {
-                        Provider::S3 => "AmazonS3ConfigKey",
-                        Provider::Gcs => "GoogleConfigKey",
-                        Provider::Azure => "AzureConfigKey",
-                    }
-                ));
-            }
+            self.check_option(key)?;
         }
         if let Some(endpoint) = &self.endpoint {
             let plain = endpoint.starts_with("http://");
@@ -1046,6 +1095,34 @@ mod tests {
         .unwrap_err();
         assert!(e.contains("AmazonS3ConfigKey"), "{e}");
         assert!(Config::parse("[storage.s3]\nprovider = \"ftp\"\n").is_err());
+    }
+
+    #[test]
+    fn options_may_not_override_what_the_fields_set_and_hoard_checks() {
+        let with = |provider: &str, extra: &str, option: &str| {
+            Config::parse(&format!(
+                "[storage]\nbackend = \"s3\"\n[storage.s3]\nprovider = \"{provider}\"\n\
+                 bucket = \"b\"\n{extra}[storage.s3.options]\n{option} = \"x\"\n"
+            ))
+        };
+        for (provider, option, field) in [
+            ("s3", "aws_endpoint", "storage.s3.endpoint"),
+            ("s3", "aws_bucket", "storage.s3.bucket"),
+            ("s3", "aws_conditional_put", "conditional writes"),
+            ("s3", "timeout", "storage.s3.request_timeout"),
+            ("gcs", "google_base_url", "storage.s3.endpoint"),
+            ("azure", "azure_container_name", "storage.s3.bucket"),
+            ("azure", "allow_http", "storage.s3.allow_http"),
+        ] {
+            let e = with(provider, "", option).unwrap_err();
+            assert!(e.contains(field), "{provider} {option}: {e}");
+        }
+        let emulator =
+            "endpoint = \"http://127.0.0.1:10000/devstoreaccount1\"\nallow_http = true\n";
+        let e = with("azure", emulator, "azure_storage_use_emulator").unwrap_err();
+        assert!(e.contains("storage.s3.endpoint"), "{e}");
+        assert!(with("azure", "", "azure_storage_use_emulator").is_ok());
+        assert!(with("s3", "", "aws_unsigned_payload").is_ok());
     }
 
     #[test]
