@@ -204,16 +204,19 @@ impl Feed {
         while let Some(got) = read.next().await {
             let (first, body) = got?;
             let Some(body) = body else { continue };
+            if first > next {
+                gaps_end.push(first - 1);
+            }
             let events = match decode(first, &body) {
                 Ok((_, events)) => events,
                 Err(e) => {
                     tracing::error!(error = %e, first, "skipping a malformed watch block");
+                    skip_unreadable(s, first)?;
+                    gaps_end.push(first);
+                    next = first + 1;
                     continue;
                 }
             };
-            if first > next {
-                gaps_end.push(first - 1);
-            }
             let (class, last) = take_in(s, blocks, first, &events)?;
             oldest[class].get_or_insert(first);
             next = last + 1;
@@ -241,13 +244,6 @@ impl Feed {
             let Some(body) = self.log.read(first).await? else {
                 continue;
             };
-            let (writer, events) = match decode(first, &body) {
-                Ok(block) => block,
-                Err(e) => {
-                    tracing::error!(error = %e, first, "skipping a malformed watch block");
-                    (0, vec![])
-                }
-            };
             let next = s.writer.lock().next;
             if first > next {
                 tracing::warn!(
@@ -258,15 +254,22 @@ impl Feed {
                 s.mark_trimmed(INVALIDATIONS, first - 1)?;
                 s.mark_trimmed(STORED, first - 1)?;
             }
-            if !events.is_empty() {
-                take_in(s, blocks, first, &events)?;
-                if writer == self.writer_id {
-                    // This node's own block, whose create answered with an error (or was
-                    // refused because a retry of it had already landed): its events are the
-                    // oldest waiting ones, recorded now.
-                    self.settle(&events);
+            let (writer, events) = match decode(first, &body) {
+                Ok(block) => block,
+                Err(e) => {
+                    tracing::error!(error = %e, first, "skipping a malformed watch block");
+                    skip_unreadable(s, first)?;
+                    continue;
                 }
+            };
+            let took = take_in(s, blocks, first, &events);
+            if writer == self.writer_id {
+                // This node's own block, whose create answered with an error (or was refused
+                // because a retry of it had already landed): its events are the oldest
+                // waiting ones, recorded now (whatever became of the local copy).
+                self.settle(&events);
             }
+            took?;
         }
         Ok(())
     }
@@ -314,8 +317,10 @@ impl Feed {
                 read_at = Instant::now();
                 continue;
             }
-            take_in(s, blocks, first, &events)?;
+            // Recorded in the shared log: the waiters learn so even if the local copy failed.
+            let took = take_in(s, blocks, first, &events);
             self.settle(&events);
+            took?;
         }
         self.delete_dropped(s, blocks).await;
         Ok(())
@@ -425,6 +430,18 @@ pub(super) async fn run(shared: Weak<Shared>, feed: Arc<Feed>) {
             feed.wake.notify_one();
         }
     }
+}
+
+/// A block this node cannot decode counts as one deleted event at `first`, of either class:
+/// watchers that would need it are told (OUT_OF_RANGE), and recording goes on after it
+/// instead of retrying its taken name forever. Events it held past `first` show as the gap
+/// before the next block.
+fn skip_unreadable(s: &Shared, first: u64) -> Result<()> {
+    s.mark_trimmed(INVALIDATIONS, first)?;
+    s.mark_trimmed(STORED, first)?;
+    let mut w = s.writer.lock();
+    w.next = w.next.max(first + 1);
+    Ok(())
 }
 
 /// Puts a block's events (non-empty, one class: checked by [`decode`] or built so) into the
@@ -628,6 +645,32 @@ mod tests {
         let mut watcher = Box::pin(c.watch(everything()).await.expect("watch").into_stream());
         let seen = take(&mut watcher, 3).await;
         assert_eq!(sequences(&seen), [1, 13, 14]);
+    }
+
+    #[tokio::test]
+    async fn an_unreadable_newest_block_is_skipped_and_recording_goes_on() {
+        let log = Arc::new(Lossy::default());
+        let a = node(&log, 1000, Duration::from_millis(50));
+        assert_eq!(a.announce(vec![invalidation(1)]).await.expect("first"), [1]);
+        log.create(2, Bytes::from_static(b"not a watch block"))
+            .await
+            .expect("garbage");
+        assert_eq!(
+            a.announce(vec![invalidation(2)]).await.expect("after it"),
+            [3]
+        );
+        let gone = a
+            .watch(Subscription {
+                start: Start::After(1),
+                ..everything()
+            })
+            .await
+            .err()
+            .expect("event 2 is unreadable");
+        assert_eq!(gone.error.code(), tonic::Code::OutOfRange);
+        // A node started now reads past it too.
+        let b = node(&log, 1000, Duration::from_millis(50));
+        assert_eq!(b.announce(vec![invalidation(3)]).await.expect("on b"), [4]);
     }
 
     #[tokio::test]
