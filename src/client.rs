@@ -227,6 +227,29 @@ impl Server {
         })
     }
 
+    /// Gives up a connection attempt after `timeout` instead of [`CONNECT_TIMEOUT`].
+    pub fn with_connect_timeout(mut self, timeout: Duration) -> Self {
+        self.endpoint = self.endpoint.connect_timeout(timeout);
+        self
+    }
+
+    /// HTTP/2 pings every `interval` (also while idle), the connection dropped when one is not
+    /// answered within `timeout`: for a long-lived stream that must notice a peer that vanished.
+    pub fn with_keepalive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.endpoint = self
+            .endpoint
+            .http2_keep_alive_interval(interval)
+            .keep_alive_timeout(timeout)
+            .keep_alive_while_idle(true);
+        self
+    }
+
+    /// A channel that connects on first use and reconnects after a failure, for a server
+    /// that must start and keep running while this one is away (a replica's upstream).
+    pub fn connect_lazy(&self) -> Connection {
+        InterceptedService::new(self.endpoint.connect_lazy(), self.credentials.clone())
+    }
+
     /// The URI connections go to, e.g. `http://127.0.0.1:9092` or `https://cache:9092`.
     pub fn uri(&self) -> &str {
         &self.uri

@@ -42,6 +42,92 @@ pub struct Config {
     /// Access control (`[auth]`: tokens, client certificates, grants); see `auth.rs`.
     /// Without it every caller may do everything, as on a trusted network.
     pub auth: Option<crate::auth::AuthConfig>,
+    /// A central cache (hoard or any REAPI server) this one is a regional replica of
+    /// (`[upstream]`, `src/upstream/`): misses and writes go there, hits are served here, and
+    /// its watch events are relayed to this server's watchers.
+    pub upstream: Option<UpstreamConfig>,
+}
+
+/// `[upstream]`: the cache this server is a replica of. The local store (`storage.backend`
+/// `"sled"` or `"memory"`) holds what was read or written through here.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct UpstreamConfig {
+    /// `grpc://host:port` (plaintext) or `grpcs://host:port` (TLS).
+    pub endpoint: String,
+    /// Prepended (with a `/`) to the instance name of every call forwarded upstream, so a
+    /// region's instances can live under their own names there. CAS calls go upstream under
+    /// the prefix itself (content is the same under every name). Default: none.
+    #[serde(default)]
+    pub instance_prefix: String,
+    /// A file holding the bearer token this server presents upstream (its own identity; a
+    /// client's token is never forwarded). Read at start. Default: none.
+    #[serde(default)]
+    pub token_file: Option<PathBuf>,
+    /// For `grpcs://`: PEM CA certificates to trust instead of the system's roots.
+    #[serde(default)]
+    pub tls_ca: Option<PathBuf>,
+    /// For an upstream that requires client certificates: PEM certificate and key.
+    #[serde(default)]
+    pub tls_client_cert: Option<PathBuf>,
+    #[serde(default)]
+    pub tls_client_key: Option<PathBuf>,
+    /// Acknowledge a blob once the local store holds it durably, and upload it upstream from
+    /// a queue that survives restarts (its depth is `hoard_write_behind_queue`). Needs
+    /// `storage.backend = "sled"`. Default false: a write is acknowledged once the upstream
+    /// holds it.
+    #[serde(default)]
+    pub write_behind: bool,
+    /// While the upstream's watch stream is down, local copies of action results are served
+    /// for at most this long after it was last known current; then lookups go upstream (and
+    /// fail with UNAVAILABLE if it cannot answer). Default 30s.
+    #[serde(default = "default_ac_max_staleness")]
+    pub ac_max_staleness: HumanDuration,
+    /// Deadline of each unary call to the upstream; a streamed transfer may take longer but
+    /// must make progress within it. Default 10s.
+    #[serde(default = "default_upstream_timeout")]
+    pub timeout: HumanDuration,
+}
+
+fn default_ac_max_staleness() -> HumanDuration {
+    HumanDuration(Duration::from_secs(30))
+}
+
+fn default_upstream_timeout() -> HumanDuration {
+    HumanDuration(Duration::from_secs(10))
+}
+
+impl UpstreamConfig {
+    fn check(&self, backend: Backend) -> Result<(), String> {
+        crate::client::endpoint_uri(&self.endpoint)
+            .map_err(|e| format!("upstream.endpoint: {e}"))?;
+        if !matches!(backend, Backend::Sled | Backend::Memory) {
+            return Err(
+                "[upstream] needs storage.backend = \"sled\" or \"memory\" (the local copy); a \
+                 bucket backend is already shared by every node"
+                    .into(),
+            );
+        }
+        if self.write_behind && backend != Backend::Sled {
+            return Err(
+                "upstream.write_behind needs storage.backend = \"sled\": the queue of \
+                        blobs not yet upstream must survive a restart"
+                    .into(),
+            );
+        }
+        let prefix = self.instance_prefix.trim_matches('/');
+        if !prefix.is_empty() {
+            crate::instance_name::validate(prefix)
+                .map_err(|e| format!("upstream.instance_prefix: {e}"))?;
+        }
+        if self.ac_max_staleness.0 < Duration::from_secs(1) {
+            return Err("upstream.ac_max_staleness must be at least 1s".into());
+        }
+        if self.timeout.0 < Duration::from_secs(1) {
+            return Err("upstream.timeout must be at least 1s".into());
+        }
+        Ok(())
+    }
 }
 
 /// TLS on the gRPC port. The ops port stays plaintext (Kubernetes probes cannot do TLS).
@@ -677,6 +763,7 @@ impl Default for Config {
             log_format: LogFormat::default(),
             tls: None,
             auth: None,
+            upstream: None,
         }
     }
 }
@@ -814,6 +901,9 @@ impl Config {
         }
         self.namespaces.check()?;
         self.telemetry.check()?;
+        if let Some(upstream) = &self.upstream {
+            upstream.check(self.storage.backend)?;
+        }
         if let Some(auth) = &self.auth {
             auth.check()?;
         }

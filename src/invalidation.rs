@@ -38,6 +38,8 @@ pub struct Invalidation {
     serial: Mutex<()>,
     /// Each change counted (`hoard_invalidations_total`).
     metrics: Arc<Metrics>,
+    /// On a replica, the upstream: changes are made there (and relayed back), never here.
+    replica_of: Option<String>,
 }
 
 impl Invalidation {
@@ -47,6 +49,23 @@ impl Invalidation {
             events,
             serial: Mutex::new(()),
             metrics,
+            replica_of: None,
+        }
+    }
+
+    /// On a replica: refuses every change, naming the upstream to make it at.
+    pub fn on_replica_of(mut self, upstream: &str) -> Self {
+        self.replica_of = Some(upstream.to_string());
+        self
+    }
+
+    fn refuse_on_replica(&self) -> Result<()> {
+        match &self.replica_of {
+            Some(upstream) => Err(crate::error::Error::FailedPrecondition(format!(
+                "this server is a replica of {upstream}: invalidate and prune there; the \
+                 change reaches this replica through its watch relay"
+            ))),
+            None => Ok(()),
         }
     }
 
@@ -73,6 +92,7 @@ impl Invalidation {
         caller: &str,
         peer: &str,
     ) -> Result<Vec<InvalidatedNamespace>> {
+        self.refuse_on_replica()?;
         let _serial = self.serial.lock().await;
         let mut done = Vec::new();
         match target {
@@ -140,6 +160,7 @@ impl Invalidation {
         caller: &str,
         peer: &str,
     ) -> Result<Vec<PrunedNamespace>> {
+        self.refuse_on_replica()?;
         let _serial = self.serial.lock().await;
         let now = self.clock();
         // A namespace used between this listing and its drop is dropped all the same; its

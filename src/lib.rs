@@ -40,4 +40,5 @@ pub mod store;
 pub mod telemetry;
 pub mod throttle;
 pub mod tls;
+pub mod upstream;
 pub mod watch;

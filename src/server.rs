@@ -101,8 +101,11 @@ pub async fn run_with_ops(
             .map_err(|e| Error::internal("opening the store", e))??;
         serve_all(
             listener,
-            opened.stores,
-            opened.events,
+            Served {
+                stores: opened.stores,
+                events: opened.events,
+                replica: opened.replica,
+            },
             config,
             tls,
             Reporting { health, metrics },
@@ -143,8 +146,11 @@ pub async fn serve(
     let metrics = Metrics::new(config)?;
     let served = serve_all(
         listener,
-        stores.into(),
-        events,
+        Served {
+            stores: stores.into(),
+            events,
+            replica: None,
+        },
         config,
         tls,
         Reporting { health, metrics },
@@ -203,17 +209,29 @@ struct Reporting {
     metrics: Arc<Metrics>,
 }
 
+/// What the server serves: the store tree, its watch log, and on a replica the upstream's
+/// action results.
+struct Served {
+    stores: Stores,
+    events: Arc<EventLog>,
+    replica: Option<Arc<crate::upstream::ActionCopies>>,
+}
+
 /// The server itself, reporting its state through `reporting`.
 async fn serve_all(
     listener: TcpListener,
-    stores: Stores,
-    events: Arc<EventLog>,
+    served: Served,
     config: &Config,
     tls: Option<Arc<Tls>>,
     reporting: Reporting,
     shutdown: impl Future<Output = ()> + Send,
 ) -> Result<()> {
     let Reporting { health, metrics } = reporting;
+    let Served {
+        stores,
+        events,
+        replica,
+    } = served;
     let limits = Limits::from(&config.limits);
     let policy = Arc::new(Policy::new(&config.namespaces));
     let results = Arc::new(ActionResults::open(stores.actions.clone(), policy.clone()).await?);
@@ -224,11 +242,11 @@ async fn serve_all(
         config.asset.max_hold.0,
         crate::origin::Origin::new(&config.asset.fetch, spool_dir(config))?,
     ));
-    let invalidation = Arc::new(Invalidation::new(
-        results.clone(),
-        events.clone(),
-        metrics.clone(),
-    ));
+    let mut invalidation = Invalidation::new(results.clone(), events.clone(), metrics.clone());
+    if let Some(copies) = &replica {
+        invalidation = invalidation.on_replica_of(copies.upstream().uri());
+    }
+    let invalidation = Arc::new(invalidation);
     let housekeeping = stores.housekeeping.clone();
     metrics.watch_store(housekeeping.clone(), results.clone());
     let max_message = config.limits.max_message_size.0 as usize;
@@ -316,15 +334,19 @@ async fn serve_all(
                 metrics.clone()
             )
         )))
-        .add_service(sized!(ActionCacheServer::new(
-            ActionCacheService::new(
+        .add_service(sized!(ActionCacheServer::new({
+            let service = ActionCacheService::new(
                 stores.cas.clone(),
                 results.clone(),
                 limits.clone(),
-                metrics.clone()
-            )
-            .with_events(events.clone())
-        )))
+                metrics.clone(),
+            );
+            match &replica {
+                // The upstream announces what is stored; the relay brings its events here.
+                Some(copies) => service.with_replica(copies.clone()),
+                None => service.with_events(events.clone()),
+            }
+        })))
         .add_service({
             // Read is served by ByteStreamRoutes itself (no encode copy), the rest by tonic.
             let bytestream = Arc::new(
@@ -387,10 +409,14 @@ async fn serve_all(
         }
     });
     let readiness = tokio::spawn(report_writability(housekeeping.clone(), health.clone()));
+    let relay = replica
+        .clone()
+        .map(|copies| tokio::spawn(crate::upstream::relay(copies, events.clone())));
     tracing::info!(
         listen = %addr,
         data_dir = %config.data_dir.display(),
         transport = tls_mode,
+        upstream = replica.as_ref().map(|c| c.upstream().uri()),
         "hoard is serving"
     );
     let (began_tx, began_rx) = tokio::sync::oneshot::channel();
@@ -431,6 +457,9 @@ async fn serve_all(
     let _ = stop_namespace_upkeep.send(());
     let _ = namespace_upkeep.await;
     readiness.abort();
+    if let Some(relay) = relay {
+        relay.abort();
+    }
     // The log's syncer holds the database: wait for it to end, so a restart can reopen it.
     events.shutdown().await;
     if let Err(e) = results.persist().await {

@@ -204,6 +204,7 @@ mod tests {
             time_unix_ms: 1,
             epoch: 0,
             caller: "ci-bot".into(),
+            upstream_sequence: 0,
         };
         let line = event_json(&event).unwrap();
         assert!(!line.contains('\n'));
@@ -225,10 +226,11 @@ mod tests {
             time_unix_ms: 2,
             epoch: 4,
             caller: "anonymous".into(),
+            upstream_sequence: 3,
         };
         assert_eq!(
             event_json(&event).unwrap(),
-            r#"{"action_digest":null,"caller":"anonymous","epoch":4,"kind":"NAMESPACE_INVALIDATED","namespace":"ci/main","reason":"r","sequence":9,"time_unix_ms":2}"#
+            r#"{"action_digest":null,"caller":"anonymous","epoch":4,"kind":"NAMESPACE_INVALIDATED","namespace":"ci/main","reason":"r","sequence":9,"time_unix_ms":2,"upstream_sequence":3}"#
         );
         let unknown = Event { kind: 99, ..event };
         assert!(event_json(&unknown)

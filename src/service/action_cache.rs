@@ -24,6 +24,7 @@ use crate::proto::reapi::{
 };
 use crate::store::Cas;
 use crate::telemetry;
+use crate::upstream::ActionCopies;
 use crate::watch::{Event, EventLog};
 
 pub struct ActionCacheService {
@@ -36,6 +37,8 @@ pub struct ActionCacheService {
     events: Option<Arc<EventLog>>,
     /// AC lookups and hits per namespace.
     metrics: Arc<Metrics>,
+    /// On a replica: results come from the upstream (and its local copies), not `results`.
+    replica: Option<Arc<ActionCopies>>,
 }
 
 impl ActionCacheService {
@@ -51,7 +54,14 @@ impl ActionCacheService {
             limits,
             events: None,
             metrics,
+            replica: None,
         }
+    }
+
+    /// Serves results through the upstream of a replica (`[upstream]`).
+    pub fn with_replica(mut self, copies: Arc<ActionCopies>) -> Self {
+        self.replica = Some(copies);
+        self
     }
 
     /// Publishes an ACTION_RESULT_STORED event for every result stored.
@@ -72,6 +82,16 @@ impl ActionCacheService {
         };
         let result = ActionResult::decode(bytes.as_ref())
             .map_err(|e| Error::internal(format!("stored action result of {action}"), e))?;
+        self.complete(ns, action, result).await
+    }
+
+    /// `result` if every blob it references is in the CAS, else why not.
+    async fn complete(
+        &self,
+        ns: &str,
+        action: &Digest,
+        result: ActionResult,
+    ) -> Result<Result<ActionResult, Option<String>>> {
         let needed = match self.referenced_blobs(&result).await? {
             Ok(needed) => needed,
             Err(why) => {
@@ -172,6 +192,9 @@ impl ActionCache for ActionCacheService {
         digest::check_function(r.digest_function)?;
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
         telemetry::record_digest(&action);
+        if let Some(copies) = &self.replica {
+            return self.get_through_upstream(copies, &r, &action).await;
+        }
         // The first namespace in the chain with a servable result wins; an incomplete one (its
         // outputs evicted) does not hide a complete one further down the chain.
         // Namespaces further down the chain count only where the caller may read them too.
@@ -183,7 +206,7 @@ impl ActionCache for ActionCacheService {
                 Ok(mut result) => {
                     self.inline(&mut result, &r).await?;
                     self.metrics.ac_lookup(&r.instance_name, true);
-                    return Ok(Response::new(result));
+                    return Ok(with_namespace(Response::new(result), ns));
                 }
                 Err(Some(why)) => why_not.push(format!("in {ns:?}: {why}")),
                 Err(None) => {}
@@ -223,7 +246,11 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         };
-        caller.require_through(Access::Write, target, &r.instance_name)?;
+        if self.replica.is_none() {
+            caller.require_through(Access::Write, target, &r.instance_name)?;
+        } else {
+            caller.require(Access::Write, &r.instance_name)?;
+        }
         let result = r
             .action_result
             .ok_or_else(|| Error::InvalidArgument("action_result is missing".into()))?;
@@ -242,6 +269,12 @@ impl ActionCache for ActionCacheService {
             ))
             .into());
         }
+        if let Some(copies) = &self.replica {
+            // The upstream's policy decides where it goes; its watch event comes back through
+            // the relay.
+            let stored = copies.update(&r.instance_name, &action, result).await?;
+            return Ok(Response::new(stored));
+        }
         // Recorded with the result: who wrote it and through which instance (provenance).
         self.results
             .put(target, &action, encoded, caller.name(), &r.instance_name)
@@ -252,6 +285,62 @@ impl ActionCache for ActionCacheService {
         }
         Ok(Response::new(result))
     }
+}
+
+impl ActionCacheService {
+    /// GetActionResult on a replica: the local copy or the upstream's answer, served only if
+    /// complete here (its blobs locally or upstream), named by the namespace it came from.
+    async fn get_through_upstream(
+        &self,
+        copies: &ActionCopies,
+        r: &GetActionResultRequest,
+        action: &Digest,
+    ) -> Result<Response<ActionResult>, Status> {
+        let Some(found) = copies.get(&r.instance_name, action).await? else {
+            self.metrics.ac_lookup(&r.instance_name, false);
+            return Err(Error::NotFound(format!(
+                "no action result for action {action} in instance {:?} (upstream {})",
+                r.instance_name,
+                copies.upstream().uri()
+            ))
+            .into());
+        };
+        match self
+            .complete(&r.instance_name, action, found.result)
+            .await?
+        {
+            Ok(mut result) => {
+                self.inline(&mut result, r).await?;
+                self.metrics.ac_lookup(&r.instance_name, true);
+                Ok(with_namespace(
+                    Response::new(result),
+                    &found.source_namespace,
+                ))
+            }
+            Err(why) => {
+                self.metrics.ac_lookup(&r.instance_name, false);
+                Err(Error::NotFound(format!(
+                    "the action result for action {action} in instance {:?} cannot be served: {}",
+                    r.instance_name,
+                    why.unwrap_or_default()
+                ))
+                .into())
+            }
+        }
+    }
+}
+
+/// Names the namespace a hit came from (`hoard-namespace`), so a replica in front of this
+/// server can tell which of its copies an invalidation of that namespace makes stale.
+fn with_namespace(mut response: Response<ActionResult>, namespace: &str) -> Response<ActionResult> {
+    if !namespace.is_empty() {
+        if let Ok(value) = namespace.parse() {
+            response
+                .metadata_mut()
+                .insert(crate::upstream::NAMESPACE_HEADER, value);
+        }
+    }
+    response
 }
 
 /// The blobs an action result names directly: (stdout, stderr and output files; output directory

@@ -18,6 +18,7 @@ pub mod bucket;
 pub mod chunk_sums;
 pub mod clock;
 pub mod counting;
+pub mod existence;
 pub mod files;
 pub mod index;
 pub mod memory;
@@ -272,10 +273,16 @@ impl<B: Cas + ActionStore + Housekeeping> From<Arc<B>> for Stores {
 pub struct Opened {
     pub stores: Stores,
     pub events: Arc<EventLog>,
+    /// With `[upstream]`: the replica's action results (the CAS in `stores` is already the
+    /// upstream behind the local store).
+    pub replica: Option<Arc<crate::upstream::ActionCopies>>,
 }
 
 /// Builds the store tree `config.storage.backend` names. Blocking (sled opens its files).
 pub fn open(config: &Config) -> Result<Opened> {
+    if let Some(upstream) = &config.upstream {
+        return open_replica(config, upstream);
+    }
     match config.storage.backend {
         Backend::Sled => {
             let store = sled::SledStore::from_config(config)?;
@@ -284,6 +291,7 @@ pub fn open(config: &Config) -> Result<Opened> {
             Ok(Opened {
                 stores: Stores::of(Arc::new(store)),
                 events,
+                replica: None,
             })
         }
         Backend::Memory => {
@@ -291,6 +299,7 @@ pub fn open(config: &Config) -> Result<Opened> {
             Ok(Opened {
                 stores: Stores::of(Arc::new(store)),
                 events: Arc::new(EventLog::temporary(&config.watch)?),
+                replica: None,
             })
         }
         Backend::S3 => {
@@ -298,6 +307,7 @@ pub fn open(config: &Config) -> Result<Opened> {
             Ok(Opened {
                 events: Arc::new(shared_events(&store, config)?),
                 stores: Stores::of(Arc::new(store)),
+                replica: None,
             })
         }
         Backend::Tiered => {
@@ -326,7 +336,11 @@ pub fn open(config: &Config) -> Result<Opened> {
                 }
             };
             let events = Arc::new(shared_events(&bucket, config)?);
-            let store = Arc::new(tiered::TieredStore::new(fast, bucket.clone(), queue)?);
+            let store = Arc::new(tiered::TieredStore::new(
+                fast,
+                Arc::new(bucket.clone()),
+                queue,
+            )?);
             let counted = Arc::new(counting::Counting::new(store.clone(), store));
             Ok(Opened {
                 stores: Stores {
@@ -336,9 +350,55 @@ pub fn open(config: &Config) -> Result<Opened> {
                     housekeeping: counted,
                 },
                 events,
+                replica: None,
             })
         }
     }
+}
+
+/// A replica (`[upstream]`): the local backend (sled or memory) as the fast tier in front of
+/// the upstream's CAS, its action store holding copies of the upstream's results, and its own
+/// watch log, which the relay fills.
+fn open_replica(config: &Config, upstream: &crate::config::UpstreamConfig) -> Result<Opened> {
+    let remote = crate::upstream::Upstream::new(upstream)?;
+    let slow = Arc::new(crate::upstream::UpstreamCas::new(remote.clone()));
+    let (fast, actions, queue, events): (_, Arc<dyn ActionStore>, _, _) =
+        match config.storage.backend {
+            Backend::Memory => {
+                let memory = Arc::new(memory::MemoryStore::from_config(config)?);
+                let fast = tiered::FastTier {
+                    cas: memory.clone(),
+                    housekeeping: memory.clone(),
+                };
+                let events = EventLog::temporary(&config.watch)?;
+                (fast, memory, None, events)
+            }
+            _ => {
+                let sled = Arc::new(sled::SledStore::from_config(config)?);
+                let queue = match upstream.write_behind {
+                    true => Some(sled.tree("write-behind")?),
+                    false => None,
+                };
+                let events = EventLog::open(|name| sled.tree(name), &config.watch)?;
+                let fast = tiered::FastTier {
+                    cas: sled.clone(),
+                    housekeeping: sled.clone(),
+                };
+                (fast, sled, queue, events)
+            }
+        };
+    let store = Arc::new(tiered::TieredStore::new(fast, slow, queue)?.trusting_fast_tier());
+    let counted = Arc::new(counting::Counting::new(store.clone(), store));
+    let copies = Arc::new(crate::upstream::ActionCopies::new(remote, actions.clone()));
+    Ok(Opened {
+        stores: Stores {
+            cas: counted.clone(),
+            actions,
+            housekeeping: counted,
+        },
+        events: Arc::new(events),
+        replica: Some(copies),
+    })
 }
 
 /// The watch event log in the bucket, so every node numbers events alike.

@@ -19,6 +19,11 @@
 //!   existence cache), or it waits in this node's queue and the fast tier holds it (an entry
 //!   made durable early by a crash has no blob). So a blob the bucket lost is missing here
 //!   even while the fast tier still has its bytes, and a client uploads it again.
+//!
+//! A replica (`[upstream]`, `crate::upstream`) is the same store with its upstream as the
+//! slow tier ([`SlowTier`]; "bucket" below means whichever it is). There the fast tier's word
+//! is taken ([`TieredStore::trusting_fast_tier`]): its blobs all came from the upstream or went
+//! to it, and local hits must not wait for a round trip across regions.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -30,7 +35,6 @@ use futures::StreamExt;
 use parking_lot::Mutex;
 use tokio::sync::Notify;
 
-use super::bucket::BucketStore;
 use super::{BlobStream, Cas, GcReport, Housekeeping, StoreStats, Upload, VerifyReport};
 use crate::digest::Digest;
 use crate::error::Result;
@@ -54,11 +58,19 @@ pub struct FastTier {
     pub housekeeping: Arc<dyn Housekeeping>,
 }
 
-/// A fast tier in front of a bucket.
+/// What a fast tier sits in front of: the shared bucket (`BucketStore`), or the upstream of a
+/// replica (`crate::upstream::UpstreamCas`).
+pub trait SlowTier: Cas + Housekeeping {}
+impl<T: Cas + Housekeeping> SlowTier for T {}
+
+/// A fast tier in front of a slow one.
 pub struct TieredStore {
     fast: FastTier,
-    bucket: BucketStore,
+    slow: Arc<dyn SlowTier>,
     queue: Option<Arc<Queue>>,
+    /// A blob the fast tier holds counts as present (a replica: everything local came from
+    /// the upstream or went to it). False for a bucket, which is the only truth.
+    trust_fast: bool,
 }
 
 /// The write-behind queue: digests acknowledged and not yet in the bucket. The tree is in the
@@ -128,7 +140,7 @@ impl Queue {
         if !queued.is_empty() {
             tracing::info!(
                 blobs = queued.len(),
-                "blobs wait to be uploaded to the bucket (write-behind)"
+                "blobs wait to be uploaded to the slow tier (write-behind)"
             );
         }
         Ok(Queue {
@@ -229,16 +241,24 @@ impl Queue {
 impl TieredStore {
     /// `queue`: the sled tree of the write-behind queue, if writes are acknowledged before the
     /// bucket holds them.
-    pub fn new(fast: FastTier, bucket: BucketStore, queue: Option<sled::Tree>) -> Result<Self> {
+    pub fn new(fast: FastTier, slow: Arc<dyn SlowTier>, queue: Option<sled::Tree>) -> Result<Self> {
         let queue = match queue {
             Some(tree) => Some(Arc::new(Queue::open(tree)?)),
             None => None,
         };
         Ok(TieredStore {
             fast,
-            bucket,
+            slow,
             queue,
+            trust_fast: false,
         })
+    }
+
+    /// Counts a blob the fast tier holds as present, asking the slow tier only about the rest:
+    /// for a replica, whose local blobs all came from its upstream or went to it.
+    pub fn trusting_fast_tier(mut self) -> Self {
+        self.trust_fast = true;
+        self
     }
 
     async fn pin(&self, digests: &[Digest]) -> Result<()> {
@@ -299,7 +319,7 @@ impl TieredStore {
             return Ok(());
         };
         let id = format!("write-behind-{}", uuid::Uuid::new_v4());
-        let mut upload = self.bucket.begin_upload(&id, digest, 0).await?;
+        let mut upload = self.slow.begin_upload(&id, digest, 0).await?;
         while let Some(chunk) = chunks.next().await {
             upload.append(chunk?).await?;
         }
@@ -329,8 +349,15 @@ fn now_secs() -> u64 {
 #[async_trait]
 impl Cas for TieredStore {
     async fn find_missing(&self, digests: &[Digest]) -> Result<Vec<Digest>> {
+        if self.trust_fast {
+            let rest = self.fast.cas.find_missing(digests).await?;
+            if rest.is_empty() {
+                return Ok(rest);
+            }
+            return self.slow.find_missing(&rest).await;
+        }
         let Some(queue) = &self.queue else {
-            return self.bucket.find_missing(digests).await;
+            return self.slow.find_missing(digests).await;
         };
         let (queued, mut asked): (Vec<Digest>, Vec<Digest>) = {
             let state = queue.state.lock();
@@ -341,7 +368,7 @@ impl Cas for TieredStore {
         if !queued.is_empty() {
             asked.extend(self.fast.cas.find_missing(&queued).await?);
         }
-        self.bucket.find_missing(&asked).await
+        self.slow.find_missing(&asked).await
     }
 
     async fn retain(&self, digests: &[Digest], until: u64) -> Result<Vec<Digest>> {
@@ -363,7 +390,7 @@ impl Cas for TieredStore {
                 tracing::warn!(%digest, error = %e, "fast tier read failed; asking the bucket")
             }
         }
-        let Some(stream) = self.bucket.read(digest, offset, limit, chunk_size).await? else {
+        let Some(stream) = self.slow.read(digest, offset, limit, chunk_size).await? else {
             return Ok(None);
         };
         let whole = offset == 0 && limit.is_none_or(|l| l >= digest.size);
@@ -399,7 +426,7 @@ impl Cas for TieredStore {
                 queue: queue.clone(),
             }));
         }
-        let slow = self.bucket.begin_upload(upload_id, digest, offset).await?;
+        let slow = self.slow.begin_upload(upload_id, digest, offset).await?;
         // A resumed upload's first bytes are in the bucket only: the fast tier gets the blob
         // at its first read instead.
         let fast = match offset {
@@ -412,7 +439,7 @@ impl Cas for TieredStore {
     async fn upload_progress(&self, upload_id: &str, digest: &Digest) -> Result<Option<u64>> {
         match &self.queue {
             Some(_) => self.fast.cas.upload_progress(upload_id, digest).await,
-            None => self.bucket.upload_progress(upload_id, digest).await,
+            None => self.slow.upload_progress(upload_id, digest).await,
         }
     }
 
@@ -424,7 +451,7 @@ impl Cas for TieredStore {
                 tracing::warn!(%digest, error = %e, "fast tier read failed; asking the bucket")
             }
         }
-        let Some(bytes) = self.bucket.get(digest).await? else {
+        let Some(bytes) = self.slow.get(digest).await? else {
             return Ok(None);
         };
         self.fill(digest, bytes.clone()).await;
@@ -443,7 +470,7 @@ impl Cas for TieredStore {
             writing.finish(|_| durable.is_ok());
             return durable;
         }
-        self.bucket.put(digest, data.clone()).await?;
+        self.slow.put(digest, data.clone()).await?;
         self.fill(digest, data).await;
         Ok(())
     }
@@ -470,7 +497,7 @@ impl Cas for TieredStore {
             writing.finish(|d| stored.contains(d));
             return results;
         }
-        let results = self.bucket.put_many(blobs.clone()).await;
+        let results = self.slow.put_many(blobs.clone()).await;
         let stored: Vec<(Digest, Bytes)> = blobs
             .into_iter()
             .zip(&results)
@@ -627,7 +654,7 @@ impl Housekeeping for TieredStore {
         };
         tokio::join!(
             self.fast.housekeeping.maintain(),
-            self.bucket.maintain(),
+            self.slow.maintain(),
             uploads
         );
     }
@@ -638,7 +665,7 @@ impl Housekeeping for TieredStore {
             .housekeeping
             .remove_abandoned_uploads(max_age)
             .await?;
-        let slow = self.bucket.remove_abandoned_uploads(max_age).await?;
+        let slow = self.slow.remove_abandoned_uploads(max_age).await?;
         Ok(fast + slow)
     }
 
@@ -646,12 +673,12 @@ impl Housekeeping for TieredStore {
     fn write_refusal(&self) -> Option<String> {
         match &self.queue {
             Some(_) => self.fast.housekeeping.write_refusal(),
-            None => self.bucket.write_refusal(),
+            None => self.slow.write_refusal(),
         }
     }
 
     fn unavailable(&self) -> Option<String> {
-        self.bucket.unavailable()
+        self.slow.unavailable()
     }
 
     async fn flush(&self) -> Result<()> {
@@ -662,6 +689,7 @@ impl Housekeeping for TieredStore {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::store::bucket::BucketStore;
 
     fn queue() -> Queue {
         let db = sled::Config::new()
@@ -766,7 +794,7 @@ mod tests {
             cas: fast.clone(),
             housekeeping: fast,
         };
-        let store = TieredStore::new(tier, bucket, Some(tree)).expect("tiered");
+        let store = TieredStore::new(tier, Arc::new(bucket), Some(tree)).expect("tiered");
         assert_eq!(store.find_missing(&[lost]).await.expect("asked"), [lost]);
     }
 

@@ -42,6 +42,9 @@ pub use crate::proto::watch::{Event, EventKind};
 const TREES: [&str; 2] = ["events", "events-stored"];
 /// Per class, the largest sequence retention has deleted (u64 BE), under key `TREES[class]`.
 const META_TREE: &str = "events-meta";
+/// On a replica: the upstream sequence relayed through (u64 BE), under this key of
+/// `META_TREE`, for when no relayed event says it (a resync, a stream that started idle).
+const RELAYED_KEY: &str = "relayed-through";
 const INVALIDATIONS: usize = 0;
 const STORED: usize = 1;
 /// Events read from the log per step of a watcher: small, so memory per watcher stays small.
@@ -319,6 +322,13 @@ impl From<Error> for WatchError {
     }
 }
 
+/// The relay mark: the upstream position, and the newest local sequence when it was set.
+fn relayed_mark(upstream_position: u64, local: u64) -> Vec<u8> {
+    let mut mark = upstream_position.to_be_bytes().to_vec();
+    mark.extend_from_slice(&local.to_be_bytes());
+    mark
+}
+
 fn seq_of(key: &[u8]) -> Result<u64> {
     let bytes: [u8; 8] = key
         .try_into()
@@ -387,8 +397,11 @@ impl EventLog {
             }
         }
         // Retention keeps each class's newest event, so the newest sequence is never deleted
-        // and numbering never restarts.
-        let newest = last0.max(last1);
+        // and numbering never restarts; a gap (`relay_gap`) is past every event, in the marks.
+        let newest = last0
+            .max(last1)
+            .max(classes[0].trimmed_through.load(Ordering::SeqCst))
+            .max(classes[1].trimmed_through.load(Ordering::SeqCst));
         let shared = Arc::new(Shared {
             classes,
             meta,
@@ -518,6 +531,75 @@ impl EventLog {
         };
         s.wake.notify_one();
         Ok(seq)
+    }
+
+    /// On a replica: appends an event read from the upstream's log, keeping its upstream
+    /// sequence in `upstream_sequence` (so [`EventLog::relayed_through`] is durable with it)
+    /// and its time and cause; it gets the next sequence here.
+    pub fn relay(&self, mut event: Event) -> Result<u64> {
+        event.upstream_sequence = event.sequence;
+        self.append(event)
+    }
+
+    /// On a replica: the upstream sequence this log has relayed through (0: none yet): the
+    /// newest relayed event's, or the mark a resync or a fresh start left if that came later
+    /// (an upstream whose log was replaced numbers from 1 again).
+    pub fn relayed_through(&self) -> Result<u64> {
+        let s = &*self.shared;
+        let (mut through, mut at) = match s.meta.get(RELAYED_KEY)? {
+            Some(v) if v.len() == 16 => (seq_of(&v[..8])?, seq_of(&v[8..])?),
+            _ => (0, 0),
+        };
+        for class in &s.classes {
+            if let Some((key, value)) = class.tree.last()? {
+                let seq = seq_of(&key)?;
+                if seq > at {
+                    let event = Event::decode(value.as_ref())
+                        .map_err(|e| Error::internal("decoding the newest watch event", e))?;
+                    (through, at) = (event.upstream_sequence, seq);
+                }
+            }
+        }
+        Ok(through)
+    }
+
+    /// On a replica whose upstream could not give it every event (its log had moved on):
+    /// takes one sequence for the gap and marks everything through it as gone, so each watcher
+    /// of this log is told to resync (OUT_OF_RANGE) rather than miss events silently; and
+    /// records that the upstream's log is relayed from `upstream_position` on. Durable on
+    /// return.
+    pub async fn relay_gap(&self, upstream_position: u64) -> Result<u64> {
+        let s = &*self.shared;
+        let seq = {
+            let mut w = s.writer.lock();
+            let seq = w.next;
+            w.next += 1;
+            for (index, class) in s.classes.iter().enumerate() {
+                s.meta.insert(TREES[index], &seq.to_be_bytes()[..])?;
+                class.trimmed_through.fetch_max(seq, Ordering::SeqCst);
+                class.retired_through.fetch_max(seq, Ordering::SeqCst);
+            }
+            s.meta
+                .insert(RELAYED_KEY, relayed_mark(upstream_position, seq))?;
+            seq
+        };
+        s.meta.flush_async().await?;
+        s.wake.notify_one();
+        Ok(seq)
+    }
+
+    /// On a replica: records that the upstream's log is relayed from `upstream_position` on
+    /// (a stream that started at the upstream's newest event). Durable on return, so a crash
+    /// before the first event cannot make the next start skip events unnoticed.
+    pub async fn relay_from(&self, upstream_position: u64) -> Result<()> {
+        let s = &*self.shared;
+        {
+            let w = s.writer.lock();
+            s.meta
+                .insert(RELAYED_KEY, relayed_mark(upstream_position, w.next - 1))?;
+        }
+        s.meta.flush_async().await?;
+        Ok(())
     }
 
     /// Waits until every event up to `sequence` is durable and visible to watchers.

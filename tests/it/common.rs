@@ -62,19 +62,37 @@ impl TestServer {
 
     /// A server on `config.data_dir` (which the caller keeps alive).
     pub async fn start_config(config: Config) -> Self {
-        Self::start_inner(config, None).await
+        Self::start_inner(config, None, None).await
+    }
+
+    /// A server on `config.data_dir` listening on `addr` (a restart on the address a replica
+    /// or client already points to).
+    pub async fn start_config_at(config: Config, addr: std::net::SocketAddr) -> Self {
+        let listener = poll_until(Duration::from_secs(10), || async move {
+            tokio::net::TcpListener::bind(addr).await
+        })
+        .await
+        .unwrap_or_else(|e| panic!("bind {addr}: {e}"));
+        Self::start_inner(config, None, Some(listener)).await
     }
 
     /// A server over a store the test opened itself (to move its clock, say); `config` gives
     /// the limits and the data dir it reports.
     pub async fn start_store(store: impl Into<hoard::store::Stores>, config: Config) -> Self {
-        Self::start_inner(config, Some(store.into())).await
+        Self::start_inner(config, Some(store.into()), None).await
     }
 
-    async fn start_inner(config: Config, store: Option<hoard::store::Stores>) -> Self {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
-            .await
-            .expect("bind 127.0.0.1:0");
+    async fn start_inner(
+        config: Config,
+        store: Option<hoard::store::Stores>,
+        listener: Option<tokio::net::TcpListener>,
+    ) -> Self {
+        let listener = match listener {
+            Some(listener) => listener,
+            None => tokio::net::TcpListener::bind("127.0.0.1:0")
+                .await
+                .expect("bind 127.0.0.1:0"),
+        };
         let addr = listener.local_addr().expect("local addr");
         let ops_listener = match store {
             Some(_) => None,

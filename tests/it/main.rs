@@ -25,6 +25,7 @@ mod ops;
 mod otlp;
 mod provenance;
 mod refused;
+mod replica;
 mod s3;
 mod segments;
 mod tls;

@@ -1,0 +1,259 @@
+//! A regional replica (`[upstream]`): this server in front of a central cache (hoard, or any
+//! REAPI server), serving local hits at local latency and sending misses and writes there.
+//!
+//! - `cas.rs`: [`UpstreamCas`], the upstream as the slow tier of a `TieredStore` (read-through
+//!   with backfill, write-through or the durable write-behind queue, FindMissingBlobs from local
+//!   plus upstream with a positive-only memory).
+//! - `actions.rs`: [`ActionCopies`], action results: misses forwarded, local copies kept and
+//!   dropped when the upstream's watch events say they may be stale.
+//! - `relay.rs`: the upstream's watch stream, applied to the copies and relayed to this server's
+//!   watchers in upstream order, resuming from a durably recorded position.
+//!
+//! This file owns the connection: the channel with this server's own credentials (a client's
+//! token is never forwarded), the instance-name rewrite, and the upstream's reachability (a
+//! probe every second; while it fails, calls that need the upstream fail at once with
+//! UNAVAILABLE, and `/readyz` says "degraded").
+
+mod actions;
+mod cas;
+mod relay;
+
+pub use actions::{ActionCopies, NAMESPACE_HEADER};
+pub use cas::UpstreamCas;
+pub use relay::relay;
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use parking_lot::Mutex;
+use tonic::{Code, Request, Status};
+
+use crate::client::{ConnectOptions, Connection, Server};
+use crate::config::UpstreamConfig;
+use crate::error::{Error, Result};
+use crate::proto::reapi::capabilities_client::CapabilitiesClient;
+use crate::proto::reapi::GetCapabilitiesRequest;
+
+/// How often reachability is probed (so recovery is noticed within about this).
+const PROBE_EVERY: Duration = Duration::from_secs(1);
+/// Largest total blob size of one BatchUpdateBlobs call upstream when its capabilities do not
+/// say (gRPC's default message limit is 4 MiB; room is left for the framing).
+const DEFAULT_BATCH: u64 = 3 << 20;
+
+/// The connection to the upstream and what is known about it.
+pub struct Upstream {
+    uri: String,
+    conn: Connection,
+    prefix: String,
+    timeout: Duration,
+    ac_max_staleness: Duration,
+    /// Why the upstream cannot be used right now, and since when; `None` while it answers.
+    down: Mutex<Option<(Instant, String)>>,
+    /// Largest total blob size of one BatchUpdateBlobs call, from its capabilities.
+    batch_limit: std::sync::atomic::AtomicU64,
+    /// The relay's view: whether its watch stream is open, and when it was last known
+    /// current (`None` before it ever was).
+    relay_open: AtomicBool,
+    relay_current_at: Mutex<Option<Instant>>,
+}
+
+impl Upstream {
+    /// Reads the credentials and prepares the channel; connects on first use, so a replica
+    /// starts (and serves local hits) while its upstream is away.
+    pub fn new(config: &UpstreamConfig) -> Result<Arc<Upstream>> {
+        let token = match &config.token_file {
+            Some(path) => Some(
+                std::fs::read_to_string(path)
+                    .map_err(|e| {
+                        Error::FailedPrecondition(format!(
+                            "upstream.token_file {}: cannot read: {e}",
+                            path.display()
+                        ))
+                    })?
+                    .trim()
+                    .to_string(),
+            ),
+            None => None,
+        };
+        let options = ConnectOptions {
+            tls_ca: config.tls_ca.clone(),
+            tls_client_cert: config.tls_client_cert.clone(),
+            tls_client_key: config.tls_client_key.clone(),
+            token,
+        };
+        let server = Server::parse_with(&config.endpoint, &options)
+            .map_err(|e| Error::FailedPrecondition(format!("upstream: {e}")))?
+            .with_connect_timeout(config.timeout.0)
+            .with_keepalive(Duration::from_secs(10), Duration::from_secs(5));
+        Ok(Arc::new(Upstream {
+            uri: server.uri().to_string(),
+            conn: server.connect_lazy(),
+            prefix: config.instance_prefix.trim_matches('/').to_string(),
+            timeout: config.timeout.0,
+            ac_max_staleness: config.ac_max_staleness.0,
+            down: Mutex::new(None),
+            batch_limit: std::sync::atomic::AtomicU64::new(DEFAULT_BATCH),
+            relay_open: AtomicBool::new(false),
+            relay_current_at: Mutex::new(None),
+        }))
+    }
+
+    /// The upstream's address, for messages.
+    pub fn uri(&self) -> &str {
+        &self.uri
+    }
+
+    /// The instance name a client's `instance` becomes upstream.
+    pub fn instance(&self, instance: &str) -> String {
+        match (self.prefix.is_empty(), instance.is_empty()) {
+            (true, _) => instance.to_string(),
+            (false, true) => self.prefix.clone(),
+            (false, false) => format!("{}/{instance}", self.prefix),
+        }
+    }
+
+    /// The instance name CAS calls use upstream: content is the same under every name.
+    fn cas_instance(&self) -> &str {
+        &self.prefix
+    }
+
+    fn channel(&self) -> Connection {
+        self.conn.clone()
+    }
+
+    /// `message` with the unary deadline.
+    fn request<T>(&self, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request.set_timeout(self.timeout);
+        request
+    }
+
+    /// Fails at once while the upstream is known to be unreachable, so a miss is answered
+    /// quickly and the client (Bazel) falls back to running the action itself.
+    fn check(&self) -> Result<()> {
+        match &*self.down.lock() {
+            None => Ok(()),
+            Some((since, why)) => Err(Error::Unavailable(format!(
+                "upstream {} is unreachable (for {}s: {why}); this replica serves only what it \
+                 holds until it is back",
+                self.uri,
+                since.elapsed().as_secs()
+            ))),
+        }
+    }
+
+    /// The error a failed upstream call becomes; a transport failure or a timeout also marks
+    /// the upstream unreachable until the next probe gets through.
+    fn failed(&self, what: &str, status: Status) -> Error {
+        let text = crate::client::status_text(&status);
+        if unreachable(&status) {
+            self.mark_down(&text);
+            return Error::Unavailable(format!("upstream {} {what}: {text}", self.uri));
+        }
+        Error::Stream(Status::new(
+            status.code(),
+            format!("upstream {} {what}: {text}", self.uri),
+        ))
+    }
+
+    fn mark_down(&self, why: &str) {
+        let mut down = self.down.lock();
+        if down.is_none() {
+            tracing::warn!(upstream = %self.uri, why, "upstream unreachable");
+            *down = Some((Instant::now(), why.to_string()));
+        }
+    }
+
+    fn mark_up(&self) {
+        let mut down = self.down.lock();
+        if let Some((since, _)) = down.take() {
+            tracing::info!(
+                upstream = %self.uri,
+                after_secs = since.elapsed().as_secs(),
+                "upstream reachable again"
+            );
+        }
+    }
+
+    /// Why the replica is degraded (upstream unreachable), for `/readyz` and health.
+    pub fn unavailable(&self) -> Option<String> {
+        self.down.lock().as_ref().map(|(since, why)| {
+            format!(
+                "upstream {} unreachable for {}s ({why}): serving local hits only",
+                self.uri,
+                since.elapsed().as_secs()
+            )
+        })
+    }
+
+    /// Largest total blob size of one BatchUpdateBlobs call upstream.
+    fn batch_limit(&self) -> u64 {
+        self.batch_limit.load(Ordering::Relaxed)
+    }
+
+    /// Probes the upstream every [`PROBE_EVERY`] with GetCapabilities (every REAPI server has
+    /// it), for as long as the server runs; learns its batch limit on the way.
+    pub async fn probe(self: Arc<Self>) {
+        let mut ticks = tokio::time::interval(PROBE_EVERY);
+        ticks.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            ticks.tick().await;
+            let mut client = CapabilitiesClient::new(self.channel());
+            let mut request = Request::new(GetCapabilitiesRequest {
+                instance_name: self.cas_instance().to_string(),
+            });
+            request.set_timeout(self.timeout.min(Duration::from_secs(2)));
+            match client.get_capabilities(request).await {
+                Ok(reply) => {
+                    let limit = reply
+                        .into_inner()
+                        .cache_capabilities
+                        .map(|c| c.max_batch_total_size_bytes)
+                        .filter(|&n| n > 0)
+                        .map_or(DEFAULT_BATCH, |n| (n as u64).min(DEFAULT_BATCH));
+                    self.batch_limit.store(limit, Ordering::Relaxed);
+                    self.mark_up();
+                }
+                Err(status) if unreachable(&status) => {
+                    self.mark_down(&crate::client::status_text(&status))
+                }
+                Err(status) => {
+                    // It answers, but refuses us: everything else would fail the same way.
+                    self.mark_down(&format!(
+                        "it refuses this replica's calls: {:?}: {}",
+                        status.code(),
+                        crate::client::status_text(&status)
+                    ))
+                }
+            }
+        }
+    }
+
+    /// Whether local copies of action results may be served without asking the upstream:
+    /// while the watch relay is open, or within `ac_max_staleness` of when it last was.
+    fn copies_fresh(&self) -> bool {
+        if self.relay_open.load(Ordering::SeqCst) {
+            return true;
+        }
+        self.relay_current_at
+            .lock()
+            .is_some_and(|at| at.elapsed() < self.ac_max_staleness)
+    }
+
+    fn set_relay_open(&self, open: bool) {
+        *self.relay_current_at.lock() = Some(Instant::now());
+        self.relay_open.store(open, Ordering::SeqCst);
+    }
+}
+
+/// A failure that says the upstream could not be reached (rather than an answer from it).
+fn unreachable(status: &Status) -> bool {
+    match status.code() {
+        Code::DeadlineExceeded | Code::Cancelled => true,
+        Code::Unavailable | Code::Unknown | Code::Internal => {
+            std::error::Error::source(status).is_some()
+        }
+        _ => false,
+    }
+}

@@ -1,0 +1,171 @@
+//! The watch relay: the upstream's event stream, applied to the replica's action-result copies
+//! and appended to the replica's own log, in upstream order.
+//!
+//! Where to resume is durable with the events themselves (each relayed event carries its
+//! upstream sequence; `EventLog::relayed_through`), so after a restart of either side the
+//! stream resumes with `start_after` and nothing is lost or repeated. An event is applied to the
+//! copies before it is appended, so a watcher that sees it and then asks this replica gets the
+//! new answer. If the upstream no longer holds the events after that position (OUT_OF_RANGE),
+//! the relay starts over from the upstream's newest event, drops every copy, and marks a gap in
+//! the local log, which tells this server's watchers to resync.
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use tonic::Code;
+
+use super::ActionCopies;
+use crate::digest::Digest;
+use crate::error::Result;
+use crate::proto::watch::watch_client::WatchClient;
+use crate::proto::watch::{Event, EventKind, WatchRequest};
+use crate::service::watch::START_AFTER_HEADER;
+use crate::watch::EventLog;
+
+const FIRST_PAUSE: Duration = Duration::from_millis(200);
+const MAX_PAUSE: Duration = Duration::from_secs(5);
+
+/// Relays for as long as the server runs.
+pub async fn relay(copies: Arc<ActionCopies>, events: Arc<EventLog>) {
+    let upstream = copies.upstream().clone();
+    let mut pause = FIRST_PAUSE;
+    let mut resync = false;
+    loop {
+        if upstream.check().is_err() {
+            // The probe notices its return within a second.
+            tokio::time::sleep(FIRST_PAUSE).await;
+            continue;
+        }
+        let ended = relay_once(&copies, &events, resync).await;
+        upstream.set_relay_open(false);
+        match ended {
+            Ok(()) => {
+                resync = false;
+                pause = FIRST_PAUSE;
+            }
+            Err(status) if status.code() == Code::OutOfRange => {
+                tracing::warn!(
+                    upstream = %upstream.uri(),
+                    error = %status.message(),
+                    "the upstream's watch log no longer holds what this replica needs: dropping \
+                     local action-result copies and telling watchers to resync"
+                );
+                resync = true;
+                pause = FIRST_PAUSE;
+                continue;
+            }
+            Err(status) => {
+                tracing::info!(
+                    upstream = %upstream.uri(),
+                    code = ?status.code(),
+                    error = %crate::client::status_text(&status),
+                    "upstream watch stream ended; resuming"
+                );
+                if status.code() != Code::Unavailable {
+                    // Not an outage the probe sees (refused, internal): do not spin.
+                    pause = (pause * 2).min(MAX_PAUSE);
+                }
+            }
+        }
+        tokio::time::sleep(pause).await;
+    }
+}
+
+/// One stream, until it ends. `Ok` if the upstream closed it cleanly.
+async fn relay_once(
+    copies: &ActionCopies,
+    events: &EventLog,
+    resync: bool,
+) -> std::result::Result<(), tonic::Status> {
+    let upstream = copies.upstream();
+    let position = events
+        .relayed_through()
+        .map_err(|e| tonic::Status::internal(e.to_string()))?;
+    let fresh = resync || position == 0;
+    let request = WatchRequest {
+        namespace_pattern: String::new(),
+        start_after: if fresh { 0 } else { position },
+        from_now: fresh,
+        kinds: vec![
+            EventKind::ActionInvalidated as i32,
+            EventKind::NamespaceInvalidated as i32,
+            EventKind::NamespaceDropped as i32,
+            EventKind::ActionResultStored as i32,
+        ],
+    };
+    // The call's start is bounded; the stream itself lives on (keepalive notices a dead link).
+    let opened = tokio::time::timeout(
+        upstream.timeout,
+        WatchClient::new(upstream.channel()).watch(request),
+    )
+    .await
+    .map_err(|_| tonic::Status::unavailable("no answer to Watch within the deadline"))??;
+    if fresh {
+        let start: u64 = opened
+            .metadata()
+            .get(START_AFTER_HEADER)
+            .and_then(|v| v.to_str().ok())
+            .and_then(|v| v.parse().ok())
+            .ok_or_else(|| {
+                tonic::Status::internal(format!(
+                    "the upstream's Watch answer has no {START_AFTER_HEADER} header (is it hoard?)"
+                ))
+            })?;
+        // Everything before `start` is unknown here: no copy can be trusted.
+        local(copies.drop_all().await)?;
+        if resync {
+            local(events.relay_gap(start).await)?;
+        } else {
+            local(events.relay_from(start).await)?;
+        }
+        tracing::info!(upstream = %upstream.uri(), start, resync, "relaying the upstream's watch events");
+    } else {
+        tracing::info!(upstream = %upstream.uri(), after = position, "resuming the upstream's watch events");
+    }
+    upstream.set_relay_open(true);
+    let mut stream = opened.into_inner();
+    while let Some(event) = stream.message().await? {
+        if let Err(e) = apply(copies, &event).await {
+            // A copy that could not be dropped must not be served.
+            tracing::warn!(error = %e, "applying an upstream event failed: dropping every copy");
+            local(copies.drop_all().await)?;
+        }
+        local(events.relay(strip_prefix(upstream, event)).map(drop))?;
+    }
+    Ok(())
+}
+
+fn local<T>(r: Result<T>) -> std::result::Result<T, tonic::Status> {
+    r.map_err(|e| tonic::Status::internal(format!("relaying to the local log: {e}")))
+}
+
+/// Drops the copies `event` may have made stale.
+async fn apply(copies: &ActionCopies, event: &Event) -> Result<()> {
+    match event.kind() {
+        EventKind::ActionInvalidated | EventKind::ActionResultStored => {
+            let action = Digest::from_proto(event.action_digest.as_ref(), "event action_digest")?;
+            copies.drop_action(&action).await
+        }
+        EventKind::NamespaceInvalidated | EventKind::NamespaceDropped => {
+            copies.drop_namespace(&event.namespace).await.map(drop)
+        }
+        EventKind::Unspecified => Ok(()),
+    }
+}
+
+/// The event as this replica's clients name things: without `upstream.instance_prefix`.
+fn strip_prefix(upstream: &super::Upstream, mut event: Event) -> Event {
+    let prefix = upstream.cas_instance();
+    if !prefix.is_empty() {
+        if event.namespace == prefix {
+            event.namespace.clear();
+        } else if let Some(rest) = event
+            .namespace
+            .strip_prefix(prefix)
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            event.namespace = rest.to_string();
+        }
+    }
+    event
+}
