@@ -241,9 +241,13 @@ impl Upstream {
             .is_some_and(|at| at.elapsed() < self.ac_max_staleness)
     }
 
+    /// The relay is current (`true`: open and caught up) or no longer is. The staleness bound
+    /// counts from the last moment it was.
     fn set_relay_open(&self, open: bool) {
-        *self.relay_current_at.lock() = Some(Instant::now());
-        self.relay_open.store(open, Ordering::SeqCst);
+        let was = self.relay_open.swap(open, Ordering::SeqCst);
+        if open || was {
+            *self.relay_current_at.lock() = Some(Instant::now());
+        }
     }
 }
 

@@ -5,7 +5,9 @@
 //! upstream sequence; `EventLog::relayed_through`), so after a restart of either side the
 //! stream resumes with `start_after` and nothing is lost or repeated. An event is applied to the
 //! copies before it is appended, so a watcher that sees it and then asks this replica gets the
-//! new answer. If the upstream no longer holds the events after that position (OUT_OF_RANGE),
+//! new answer. After a reconnect, copies are vouched for again only once the relay has applied
+//! the upstream's newest event as of the reconnect (`ActionCopies` forwards lookups until then).
+//! If the upstream no longer holds the events after that position (OUT_OF_RANGE),
 //! the relay starts over from the upstream's newest event, drops every copy, and marks a gap in
 //! the local log, which tells this server's watchers to resync.
 
@@ -82,35 +84,15 @@ async fn relay_once(
         .relayed_through()
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
     let fresh = resync || position == 0;
-    let request = WatchRequest {
-        namespace_pattern: String::new(),
-        start_after: if fresh { 0 } else { position },
-        from_now: fresh,
-        kinds: vec![
-            EventKind::ActionInvalidated as i32,
-            EventKind::NamespaceInvalidated as i32,
-            EventKind::NamespaceDropped as i32,
-            EventKind::ActionResultStored as i32,
-        ],
+    // Resuming: copies are vouched for only once the events up to the upstream's newest at
+    // this moment are applied (after a long pause, catching up takes a moment).
+    let caught_up_at = match fresh {
+        true => 0,
+        false => start_after(&open(upstream, 0, true).await?)?,
     };
-    // The call's start is bounded; the stream itself lives on (keepalive notices a dead link).
-    let opened = tokio::time::timeout(
-        upstream.timeout,
-        WatchClient::new(upstream.channel()).watch(request),
-    )
-    .await
-    .map_err(|_| tonic::Status::unavailable("no answer to Watch within the deadline"))??;
+    let opened = open(upstream, position, fresh).await?;
     if fresh {
-        let start: u64 = opened
-            .metadata()
-            .get(START_AFTER_HEADER)
-            .and_then(|v| v.to_str().ok())
-            .and_then(|v| v.parse().ok())
-            .ok_or_else(|| {
-                tonic::Status::internal(format!(
-                    "the upstream's Watch answer has no {START_AFTER_HEADER} header (is it hoard?)"
-                ))
-            })?;
+        let start = start_after(&opened)?;
         // Everything before `start` is unknown here: no copy can be trusted.
         local(copies.drop_all().await)?;
         if resync {
@@ -122,7 +104,8 @@ async fn relay_once(
     } else {
         tracing::info!(upstream = %upstream.uri(), after = position, "resuming the upstream's watch events");
     }
-    upstream.set_relay_open(true);
+    let mut current = position >= caught_up_at;
+    upstream.set_relay_open(current);
     let mut stream = opened.into_inner();
     while let Some(event) = stream.message().await? {
         if let Err(e) = apply(copies, &event).await {
@@ -130,9 +113,57 @@ async fn relay_once(
             tracing::warn!(error = %e, "applying an upstream event failed: dropping every copy");
             local(copies.drop_all().await)?;
         }
+        let sequence = event.sequence;
         local(events.relay(strip_prefix(upstream, event)).map(drop))?;
+        if !current && sequence >= caught_up_at {
+            current = true;
+            upstream.set_relay_open(true);
+        }
     }
     Ok(())
+}
+
+/// Opens the upstream's watch stream of every kind and namespace, after `position` or (with
+/// `from_now`) after its newest event. The call's start is bounded by the deadline; the stream
+/// itself lives on (HTTP/2 keepalive notices a dead link).
+async fn open(
+    upstream: &super::Upstream,
+    position: u64,
+    from_now: bool,
+) -> std::result::Result<tonic::Response<tonic::Streaming<Event>>, tonic::Status> {
+    let request = WatchRequest {
+        namespace_pattern: String::new(),
+        start_after: if from_now { 0 } else { position },
+        from_now,
+        kinds: vec![
+            EventKind::ActionInvalidated as i32,
+            EventKind::NamespaceInvalidated as i32,
+            EventKind::NamespaceDropped as i32,
+            EventKind::ActionResultStored as i32,
+        ],
+    };
+    tokio::time::timeout(
+        upstream.timeout,
+        WatchClient::new(upstream.channel()).watch(request),
+    )
+    .await
+    .map_err(|_| tonic::Status::unavailable("no answer to Watch within the deadline"))?
+}
+
+/// Where the stream `opened` starts, as the upstream says.
+fn start_after(
+    opened: &tonic::Response<tonic::Streaming<Event>>,
+) -> std::result::Result<u64, tonic::Status> {
+    opened
+        .metadata()
+        .get(START_AFTER_HEADER)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| {
+            tonic::Status::internal(format!(
+                "the upstream's Watch answer has no {START_AFTER_HEADER} header (is it hoard?)"
+            ))
+        })
 }
 
 fn local<T>(r: Result<T>) -> std::result::Result<T, tonic::Status> {
