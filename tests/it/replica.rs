@@ -727,3 +727,97 @@ async fn queued_writes_survive_a_sigkill_and_reach_the_upstream_once_it_is_back(
     assert_eq!(queue, 0);
     replica.terminate().await;
 }
+
+/// A centre that admits only the token `replica-eu` (read everything, write everything).
+async fn centre_with_auth() -> TestServer {
+    TestServer::start_with(|c| {
+        c.auth = Some(hoard::auth::AuthConfig {
+            anonymous: hoard::auth::Access::None,
+            tokens: vec![hoard::auth::TokenConfig {
+                name: "replica-eu".into(),
+                hash: hoard::auth::hash_token("replica-eu-secret-0123456789"),
+                grants: vec!["read:**".parse().unwrap(), "write:**".parse().unwrap()],
+            }],
+            client_certs: Vec::new(),
+        });
+    })
+    .await
+}
+
+#[tokio::test]
+async fn the_replica_calls_the_upstream_as_itself_and_never_with_its_clients_token() {
+    let centre = centre_with_auth().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("upstream.token");
+    std::fs::write(&token, "replica-eu-secret-0123456789\n").unwrap();
+    let (_rtmp, replica) =
+        replica_of(&centre, &format!("token_file = \"{}\"\n", token.display())).await;
+    // The relay starts from the centre's newest event: let it connect first.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let out_d = upload(&replica, "", &blob(100, 20)).await;
+    // The client presents a token of its own; the replica (no [auth]) lets it in, and the
+    // centre must see the replica's identity only.
+    let mut request = tonic::Request::new(reapi::UpdateActionResultRequest {
+        instance_name: "ci/main".into(),
+        action_digest: Some(action(1)),
+        action_result: Some(result_with(&out_d, 0)),
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("authorization", "Bearer some-client-token".parse().unwrap());
+    replica
+        .ac()
+        .update_action_result(request)
+        .await
+        .expect("update through the replica");
+    let events = WatchClient::new(replica.channel())
+        .watch(WatchRequest {
+            kinds: vec![EventKind::ActionResultStored as i32],
+            ..Default::default()
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut events = events;
+    let stored = take(&mut events, 1).await;
+    assert_eq!(stored[0].caller, "replica-eu", "{:?}", stored[0]);
+    assert!(lookup_result(&replica, "ci/main", &action(1))
+        .await
+        .is_some());
+}
+
+#[tokio::test]
+async fn a_replica_whose_token_the_upstream_refuses_says_so_in_readyz_and_answers_unavailable() {
+    let centre = centre_with_auth().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let token = tmp.path().join("upstream.token");
+    std::fs::write(&token, "not-the-right-token").unwrap();
+    let (_rtmp, replica) =
+        replica_of(&centre, &format!("token_file = \"{}\"\n", token.display())).await;
+    let body = eventually(Duration::from_secs(5), || async {
+        match http_get(replica.ops_addr(), "/readyz").await {
+            (503, body) if body.contains("refuses") => Ok(body),
+            other => Err(other),
+        }
+    })
+    .await;
+    assert!(
+        body.contains("refuses") && body.contains("Unauthenticated"),
+        "{body}"
+    );
+    let refused = replica
+        .cas()
+        .find_missing_blobs(reapi::FindMissingBlobsRequest {
+            blob_digests: vec![digest_of(b"x")],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
+    assert!(
+        refused.message().contains("refuses"),
+        "{}",
+        refused.message()
+    );
+}

@@ -755,3 +755,41 @@ async fn an_unlisted_certificate_is_unauthenticated_when_anonymous_gets_nothing(
     assert!(e.message().contains("not listed"), "{e:?}");
     server.stop().await;
 }
+
+/// A replica (`[upstream]`) reaches an mTLS upstream with the CA and client certificate of its
+/// config, and its clients speak plaintext to it.
+#[tokio::test]
+async fn a_replica_reaches_an_mtls_upstream_with_its_own_certificate() {
+    let ca = Ca::new("test CA");
+    let clients = Ca::new("client CA");
+    let (centre, certs) = tls_server(&ca, Some(&clients), |_| {}).await;
+    let pair = clients.client("replica-eu");
+    let dir = certs.path();
+    let upstream = format!(
+        "[upstream]\nendpoint = \"grpcs://{}\"\ntls_ca = \"{}\"\ntls_client_cert = \"{}\"\n\
+         tls_client_key = \"{}\"\n",
+        centre.addr(),
+        write(dir, "ca.pem", &ca.pem).display(),
+        write(dir, "replica.pem", &pair.cert).display(),
+        write(dir, "replica.key", &pair.key).display(),
+    );
+    let parsed = Config::parse(&upstream).expect("replica config");
+    let replica = TestServer::start_with(|c| c.upstream = parsed.upstream).await;
+    round_trip(replica.channel(), 3)
+        .await
+        .expect("through the replica");
+    // The blob is at the centre.
+    let data = blob(1000, 3);
+    let channel = connect(centre.addr(), &ca, Some(&clients.client("checker")))
+        .await
+        .expect("mTLS connect");
+    let read = ContentAddressableStorageClient::new(channel)
+        .batch_read_blobs(reapi::BatchReadBlobsRequest {
+            digests: vec![digest_of(&data)],
+            ..Default::default()
+        })
+        .await
+        .expect("read at the centre")
+        .into_inner();
+    assert_eq!(read.responses[0].data, data);
+}
