@@ -54,9 +54,17 @@ cleanup() {
     ws=$TMP/ws$ns
     [ -d "$ws" ] && (cd "$ws" && ip netns exec "${!ns}" bazel --output_user_root="$TMP/bazel-$ns" shutdown >/dev/null 2>&1) || true
   done
+  # Everything started in the namespaces (servers, proxies, watchers), whatever its parent.
+  for ns in "$C" "$A" "$B"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill 2>/dev/null || true
+  done
   for pid in "${PIDS[@]}"; do kill "$pid" 2>/dev/null || true; done
   for pid in "${PIDS[@]}"; do wait "$pid" 2>/dev/null || true; done
-  for ns in "$C" "$A" "$B"; do ip netns del "$ns" 2>/dev/null || true; done
+  sleep 0.5
+  for ns in "$C" "$A" "$B"; do
+    ip netns pids "$ns" 2>/dev/null | xargs -r kill -9 2>/dev/null || true
+    ip netns del "$ns" 2>/dev/null || true
+  done
   if [ "${KEEP_TMP:-0}" = 1 ]; then echo "topology: keeping $TMP" >&2; else rm -rf "$TMP"; fi
 }
 trap cleanup EXIT
@@ -86,9 +94,9 @@ wait_port() { # wait_port NS HOST PORT
   return 1
 }
 if in_ns "$C" tc qdisc add dev "hc-a$ID" root netem delay 20ms 2>/dev/null; then
-  in_ns "$A" tc qdisc add dev "ha$ID" root netem delay 20ms
-  in_ns "$C" tc qdisc add dev "hc-b$ID" root netem delay 40ms
-  in_ns "$B" tc qdisc add dev "hb$ID" root netem delay 40ms
+  { in_ns "$A" tc qdisc add dev "ha$ID" root netem delay 20ms &&
+    in_ns "$C" tc qdisc add dev "hc-b$ID" root netem delay 40ms &&
+    in_ns "$B" tc qdisc add dev "hb$ID" root netem delay 40ms; } || die "tc netem on the links failed"
   LINK="tc netem on the veth pairs"
   CENTRE_LISTEN=0.0.0.0:9092
   CENTRE_A=10.71.1.1:9092
@@ -131,7 +139,7 @@ per=$((RULES / 10))
 for p in $(seq 0 9); do
   mkdir -p "$TMP/wsA/p$p"
   {
-    echo "genrule(name = \"r0\", outs = [\"r0.txt\"], cmd = \"echo p$p r0 > \$@; head -c 20000 /dev/zero | tr '\\\\\\\\0' x >> \$@\")"
+    echo "genrule(name = \"r0\", outs = [\"r0.txt\"], cmd = \"echo p$p r0 > \$@; printf '%20000s' '' | tr ' ' x >> \$@\")"
     for i in $(seq 1 $((per - 1))); do
       echo "genrule(name = \"r$i\", srcs = [\":r$((i - 1))\"], outs = [\"r$i.txt\"], cmd = \"sha256sum \$(SRCS) > \$@; echo p$p r$i >> \$@\")"
     done
@@ -251,9 +259,17 @@ done
 in_ns "$C" "$HOARD" invalidate --server grpc://127.0.0.1:9092 --namespace ci/main --reason "toolchain bump" >/dev/null 2>&1 ||
   fail "invalidating ci/main at the centre"
 for _ in $(seq 50); do grep -q "toolchain bump" "$TMP/watch-B.log" && break; sleep 0.1; done
-build B b-after-invalidation 127.0.0.1:9092
-if [ "$HITS" = 0 ]; then pass "after the centre invalidated ci/main, region B's build got no stale hit"
-else fail "region B's build after the invalidation got $HITS remote cache hits"; fi
+ran() { grep -o '[0-9]* processes' "$TMP/build-$1.log" | head -n1 | cut -d' ' -f1; }
+if ! grep -q "toolchain bump" "$TMP/watch-B.log"; then
+  fail "region B's watcher did not see the invalidation of ci/main within 5 s"
+elif ! build B b-after-invalidation 127.0.0.1:9092; then
+  tail -n 20 "$TMP/build-b-after-invalidation.log"; fail "region B's build after the invalidation"
+elif [ "$HITS" = 0 ] && [ "$(ran b-after-invalidation)" -gt "$RULES" ]; then
+  pass "after the centre invalidated ci/main, region B's build got no stale hit (all $RULES actions ran)"
+else
+  grep processes "$TMP/build-b-after-invalidation.log"
+  fail "region B's build after the invalidation: $HITS remote cache hits"
+fi
 
 {
   echo "Link: $LINK. $RULES genrule actions, Bazel 4.2.3, --jobs=16, clean build (\`clean --expunge\`) each time; median of $REPEATS."

@@ -323,9 +323,13 @@ async fn serve_all(
                     metrics.clone(),
                 )),
         )
-        .add_service(sized!(CapabilitiesServer::new(
-            CapabilitiesService::new(limits.clone()).with_policy(policy.clone())
-        )))
+        .add_service(sized!(CapabilitiesServer::new({
+            let service = CapabilitiesService::new(limits.clone()).with_policy(policy.clone());
+            match &replica {
+                Some(copies) => service.with_upstream(copies.upstream().clone()),
+                None => service,
+            }
+        })))
         .add_service(sized!(ContentAddressableStorageServer::new(
             CasService::new(
                 stores.cas.clone(),

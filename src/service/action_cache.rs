@@ -193,7 +193,9 @@ impl ActionCache for ActionCacheService {
         let action = Digest::from_proto(r.action_digest.as_ref(), "action_digest")?;
         telemetry::record_digest(&action);
         if let Some(copies) = &self.replica {
-            return self.get_through_upstream(copies, &r, &action).await;
+            return self
+                .get_through_upstream(copies, &caller, &r, &action)
+                .await;
         }
         // The first namespace in the chain with a servable result wins; an incomplete one (its
         // outputs evicted) does not hide a complete one further down the chain.
@@ -272,7 +274,14 @@ impl ActionCache for ActionCacheService {
         if let Some(copies) = &self.replica {
             // The upstream's policy decides where it goes; its watch event comes back through
             // the relay.
-            let stored = copies.update(&r.instance_name, &action, result).await?;
+            // What it references, for pushing upstream whatever the upstream lacks.
+            let needed = match self.referenced_blobs(&result).await? {
+                Ok(needed) => needed,
+                Err(_) => direct_digests(&result)?.0,
+            };
+            let stored = copies
+                .update(&r.instance_name, &action, result, &needed)
+                .await?;
             return Ok(Response::new(stored));
         }
         // Recorded with the result: who wrote it and through which instance (provenance).
@@ -293,6 +302,7 @@ impl ActionCacheService {
     async fn get_through_upstream(
         &self,
         copies: &ActionCopies,
+        caller: &Caller,
         r: &GetActionResultRequest,
         action: &Digest,
     ) -> Result<Response<ActionResult>, Status> {
@@ -305,10 +315,27 @@ impl ActionCacheService {
             ))
             .into());
         };
-        match self
-            .complete(&r.instance_name, action, found.result)
-            .await?
+        // Found further down the upstream's read chain: only for a caller who may read there
+        // too, as the upstream itself would decide for that caller.
+        if !found.source_namespace.is_empty() && !caller.may(Access::Read, &found.source_namespace)
         {
+            self.metrics.ac_lookup(&r.instance_name, false);
+            return Err(Error::NotFound(format!(
+                "no action result for action {action} in instance {:?} that this caller may read",
+                r.instance_name
+            ))
+            .into());
+        }
+        // The upstream just checked that its blobs are there (and every one of them is
+        // readable through here); a local copy is checked like any result.
+        let complete = match found.forwarded {
+            true => Ok(found.result),
+            false => {
+                self.complete(&r.instance_name, action, found.result)
+                    .await?
+            }
+        };
+        match complete {
             Ok(mut result) => {
                 self.inline(&mut result, r).await?;
                 self.metrics.ac_lookup(&r.instance_name, true);

@@ -20,6 +20,8 @@ pub struct CapabilitiesService {
     limits: Limits,
     /// Says per instance whether action results may be updated.
     policy: Arc<Policy>,
+    /// On a replica: its upstream, whose freshness the answer carries for a replica in front.
+    upstream: Option<Arc<crate::upstream::Upstream>>,
 }
 
 impl CapabilitiesService {
@@ -27,11 +29,18 @@ impl CapabilitiesService {
         CapabilitiesService {
             limits,
             policy: Arc::new(Policy::default()),
+            upstream: None,
         }
     }
 
     pub fn with_policy(mut self, policy: Arc<Policy>) -> Self {
         self.policy = policy;
+        self
+    }
+
+    /// On a replica: answers carry `hoard-upstream-current` (see `crate::upstream`).
+    pub fn with_upstream(mut self, upstream: Arc<crate::upstream::Upstream>) -> Self {
+        self.upstream = Some(upstream);
         self
     }
 
@@ -84,6 +93,14 @@ impl Capabilities for CapabilitiesService {
         let caller = Caller::of(&request);
         let instance = &request.get_ref().instance_name;
         instance_name::validate(instance)?;
-        Ok(Response::new(self.capabilities(instance, &caller)))
+        let mut response = Response::new(self.capabilities(instance, &caller));
+        if let Some(upstream) = &self.upstream {
+            let current = if upstream.current() { "1" } else { "0" };
+            response.metadata_mut().insert(
+                crate::upstream::CURRENT_HEADER,
+                tonic::metadata::MetadataValue::from_static(current),
+            );
+        }
+        Ok(response)
     }
 }

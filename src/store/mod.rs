@@ -128,6 +128,22 @@ pub trait Cas: Send + Sync + 'static {
     }
 }
 
+/// Copies one blob from `from` to `to`, streamed in 1 MiB chunks (verified by `to` as any
+/// write); `false` if `from` does not hold it. For a tiered store's queue and a replica pushing
+/// what its upstream lacks.
+pub async fn copy_blob(from: &dyn Cas, to: &dyn Cas, digest: &Digest) -> Result<bool> {
+    let Some(mut chunks) = from.read(digest, 0, None, GET_CHUNK).await? else {
+        return Ok(false);
+    };
+    let id = format!("copy-{}", uuid::Uuid::new_v4());
+    let mut upload = to.begin_upload(&id, digest, 0).await?;
+    while let Some(chunk) = chunks.next().await {
+        upload.append(chunk?).await?;
+    }
+    upload.commit().await?;
+    Ok(true)
+}
+
 /// An action result as an [`ActionStore`] keeps it: opaque bytes and what the namespace policy
 /// judges it by.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -362,7 +378,7 @@ pub fn open(config: &Config) -> Result<Opened> {
 fn open_replica(config: &Config, upstream: &crate::config::UpstreamConfig) -> Result<Opened> {
     let remote = crate::upstream::Upstream::new(upstream)?;
     let slow = Arc::new(crate::upstream::UpstreamCas::new(remote.clone()));
-    let (fast, actions, queue, events): (_, Arc<dyn ActionStore>, _, _) =
+    let (fast, actions, queue, events): (tiered::FastTier, Arc<dyn ActionStore>, _, _) =
         match config.storage.backend {
             Backend::Memory => {
                 let memory = Arc::new(memory::MemoryStore::from_config(config)?);
@@ -387,9 +403,15 @@ fn open_replica(config: &Config, upstream: &crate::config::UpstreamConfig) -> Re
                 (fast, sled, queue, events)
             }
         };
-    let store = Arc::new(tiered::TieredStore::new(fast, slow, queue)?.trusting_fast_tier());
+    let local_cas = fast.cas.clone();
+    let store = Arc::new(tiered::TieredStore::new(fast, slow.clone(), queue)?.trusting_fast_tier());
     let counted = Arc::new(counting::Counting::new(store.clone(), store));
-    let copies = Arc::new(crate::upstream::ActionCopies::new(remote, actions.clone()));
+    let copies = Arc::new(crate::upstream::ActionCopies::new(
+        remote,
+        actions.clone(),
+        slow,
+        local_cas,
+    ));
     Ok(Opened {
         stores: Stores {
             cas: counted.clone(),

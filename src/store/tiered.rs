@@ -48,8 +48,6 @@ const MAX_PAUSE: Duration = Duration::from_secs(30);
 /// A queued blob is retained in the fast tier this far ahead, renewed every [`PIN_RENEW`].
 const PIN_AHEAD: u64 = 2 * 3600;
 const PIN_RENEW: Duration = Duration::from_secs(1800);
-/// Chunk size of uploads from the queue.
-const CHUNK: usize = 1 << 20;
 
 /// The fast tier's faces (any backend; its action store is not used).
 #[derive(Clone)]
@@ -314,16 +312,10 @@ impl TieredStore {
     /// Copies one queued blob from the fast tier to the bucket. A blob the fast tier does not
     /// have was never acknowledged (its write failed after the entry was added): nothing to do.
     async fn upload_one(&self, digest: &Digest) -> Result<()> {
-        let Some(mut chunks) = self.fast.cas.read(digest, 0, None, CHUNK).await? else {
+        if !super::copy_blob(&*self.fast.cas, &*self.slow, digest).await? {
             tracing::warn!(%digest, "a queued blob is not in the fast tier: dropping its entry");
-            return Ok(());
-        };
-        let id = format!("write-behind-{}", uuid::Uuid::new_v4());
-        let mut upload = self.slow.begin_upload(&id, digest, 0).await?;
-        while let Some(chunk) = chunks.next().await {
-            upload.append(chunk?).await?;
         }
-        upload.commit().await
+        Ok(())
     }
 
     /// Stores a whole blob in the fast tier, as a cache fill: a refusal is only logged.
@@ -387,7 +379,7 @@ impl Cas for TieredStore {
             Ok(Some(stream)) => return Ok(Some(stream)),
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(%digest, error = %e, "fast tier read failed; asking the bucket")
+                tracing::warn!(%digest, error = %e, "fast tier read failed; asking the slow tier")
             }
         }
         let Some(stream) = self.slow.read(digest, offset, limit, chunk_size).await? else {
@@ -448,7 +440,7 @@ impl Cas for TieredStore {
             Ok(Some(bytes)) => return Ok(Some(bytes)),
             Ok(None) => {}
             Err(e) => {
-                tracing::warn!(%digest, error = %e, "fast tier read failed; asking the bucket")
+                tracing::warn!(%digest, error = %e, "fast tier read failed; asking the slow tier")
             }
         }
         let Some(bytes) = self.slow.get(digest).await? else {

@@ -9,8 +9,16 @@
 //!
 //! A lookup that started before a drop must not store its (possibly older) answer after it:
 //! each drop bumps a counter (one of [`DROP_SLOTS`] per action hash, one for whole
-//! namespaces); a lookup reads them before asking, stores its copy, and takes it back if either
-//! moved meanwhile.
+//! namespaces); a lookup reads them before asking, and stores its copy only if neither moved,
+//! checking again after the write (a namespace sweep may have passed the record) and taking
+//! it back if one did. The read-modify-write of an action's record, and the drops of one
+//! action, hold that action's stripe lock, so two lookups cannot write back each other's
+//! stale entries.
+//!
+//! Updates are forwarded after pushing upstream any blob the result references that the
+//! upstream lacks and this replica holds: FindMissingBlobs here trusts local blobs, so a client
+//! may not have uploaded a blob the upstream has since evicted (or a queued write-behind blob
+//! not yet uploaded), and a result naming it would be a miss for everyone.
 //!
 //! Copies live in the local store's action records under one namespace, [`NAMESPACE`], one
 //! record per action holding a copy per instance name it was asked under.
@@ -22,13 +30,13 @@ use bytes::Bytes;
 use prost::Message;
 use tonic::Code;
 
-use super::Upstream;
+use super::{Upstream, UpstreamCas};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
 use crate::proto::hoard::store::v1::{ReplicaCopies, ReplicaCopy};
 use crate::proto::reapi::action_cache_client::ActionCacheClient;
 use crate::proto::reapi::{ActionResult, GetActionResultRequest, UpdateActionResultRequest};
-use crate::store::{ActionRecord, ActionStore};
+use crate::store::{ActionRecord, ActionStore, Cas};
 
 /// The local namespace copies are kept under (not an instance name a client can use: the
 /// replica's action cache never reads local namespaces by instance).
@@ -36,21 +44,28 @@ pub const NAMESPACE: &str = "hoard.replica-copies";
 /// The response header a hoard server names the namespace a hit came from in.
 pub const NAMESPACE_HEADER: &str = "hoard-namespace";
 const DROP_SLOTS: usize = 4096;
+const LOCK_STRIPES: usize = 256;
 
 /// A result as the replica answers it.
 pub struct Found {
     pub result: ActionResult,
-    /// Where upstream it was found (for this server's own `hoard-namespace` header, so a
-    /// replica in front of this one can follow invalidations too); empty if unknown.
+    /// Where upstream it was found, named as this replica's clients name it (for this
+    /// server's own `hoard-namespace` header and read checks); empty if unknown.
     pub source_namespace: String,
+    /// Just answered by the upstream (which checked that its blobs are there).
+    pub forwarded: bool,
 }
 
 /// The replica's action results: upstream calls and local copies.
 pub struct ActionCopies {
     upstream: Arc<Upstream>,
     store: Arc<dyn ActionStore>,
+    /// The upstream's CAS, and the local one (the fast tier), for pushing what an update needs.
+    upstream_cas: Arc<UpstreamCas>,
+    local_cas: Arc<dyn Cas>,
     drops: Vec<AtomicU64>,
     namespace_drops: AtomicU64,
+    locks: Vec<tokio::sync::Mutex<()>>,
 }
 
 /// The drop counters a lookup saw before it asked upstream.
@@ -58,13 +73,27 @@ pub struct ActionCopies {
 struct Mark(u64, u64);
 
 impl ActionCopies {
-    pub fn new(upstream: Arc<Upstream>, store: Arc<dyn ActionStore>) -> Self {
+    pub fn new(
+        upstream: Arc<Upstream>,
+        store: Arc<dyn ActionStore>,
+        upstream_cas: Arc<UpstreamCas>,
+        local_cas: Arc<dyn Cas>,
+    ) -> Self {
         ActionCopies {
             upstream,
             store,
+            upstream_cas,
+            local_cas,
             drops: (0..DROP_SLOTS).map(|_| AtomicU64::new(0)).collect(),
             namespace_drops: AtomicU64::new(0),
+            locks: (0..LOCK_STRIPES)
+                .map(|_| tokio::sync::Mutex::new(()))
+                .collect(),
         }
+    }
+
+    fn lock(&self, action: &Digest) -> &tokio::sync::Mutex<()> {
+        &self.locks[action.hash[2] as usize % LOCK_STRIPES]
     }
 
     fn slot(&self, action: &Digest) -> &AtomicU64 {
@@ -107,7 +136,8 @@ impl ActionCopies {
                     .map_err(|e| Error::internal(format!("local copy of action {action}"), e))?;
                 return Ok(Some(Found {
                     result,
-                    source_namespace: copy.source_namespace.clone(),
+                    source_namespace: self.upstream.local_namespace(&copy.source_namespace),
+                    forwarded: false,
                 }));
             }
         }
@@ -150,7 +180,8 @@ impl ActionCopies {
         }
         Ok(Some(Found {
             result,
-            source_namespace,
+            source_namespace: self.upstream.local_namespace(&source_namespace),
+            forwarded: true,
         }))
     }
 
@@ -163,6 +194,10 @@ impl ActionCopies {
         source_namespace: &str,
         mark: Mark,
     ) -> Result<()> {
+        let _locked = self.lock(action).lock().await;
+        if self.mark(action) != mark {
+            return Ok(());
+        }
         let mut copies = self
             .copies(action)
             .await?
@@ -197,8 +232,14 @@ impl ActionCopies {
         instance: &str,
         action: &Digest,
         result: ActionResult,
+        needed: &[Digest],
     ) -> Result<ActionResult> {
         self.upstream.check()?;
+        for digest in self.upstream_cas.find_missing(needed).await? {
+            if !crate::store::copy_blob(&*self.local_cas, &*self.upstream_cas, &digest).await? {
+                tracing::debug!(%action, %digest, "an updated result names a blob nobody holds");
+            }
+        }
         let request = UpdateActionResultRequest {
             instance_name: self.upstream.instance(instance),
             action_digest: Some(action.to_proto()),
@@ -218,20 +259,21 @@ impl ActionCopies {
 
     /// Drops every copy of `action` (a result was stored or invalidated for it upstream).
     pub async fn drop_action(&self, action: &Digest) -> Result<()> {
+        let _locked = self.lock(action).lock().await;
         self.slot(action).fetch_add(1, Ordering::SeqCst);
         self.store.remove(NAMESPACE, &[*action]).await.map(drop)
     }
 
-    /// Drops every copy that came from `namespace`, or from a namespace nobody named.
-    pub async fn drop_namespace(&self, namespace: &str) -> Result<u64> {
+    /// Drops every copy that came from one of `namespaces` (upstream names), or from a
+    /// namespace nobody named: one pass over the copies for a whole burst of events.
+    pub async fn drop_namespaces(&self, namespaces: &[String]) -> Result<u64> {
         self.namespace_drops.fetch_add(1, Ordering::SeqCst);
         let stale = |ns: &str, record: &ActionRecord| {
             ns == NAMESPACE
                 && ReplicaCopies::decode(record.result.as_ref()).map_or(true, |copies| {
-                    copies
-                        .copies
-                        .iter()
-                        .any(|c| c.source_namespace.is_empty() || c.source_namespace == namespace)
+                    copies.copies.iter().any(|c| {
+                        c.source_namespace.is_empty() || namespaces.contains(&c.source_namespace)
+                    })
                 })
         };
         self.store.sweep(&stale).await

@@ -452,13 +452,21 @@ impl UpstreamUpload {
     /// The call's outcome, once the request stream is closed or the upstream ended it.
     async fn outcome(&mut self) -> Result<WriteResponse> {
         self.tx = None;
-        let Some(call) = self.call.take() else {
+        let Some(mut call) = self.call.take() else {
             return Err(Error::internal("upstream upload", "already finished"));
         };
-        match call.await {
-            Ok(Ok(reply)) => Ok(reply),
-            Ok(Err(status)) => Err(self.upstream.failed("Write", status)),
-            Err(e) => Err(Error::internal("upstream upload task", e)),
+        // An upstream that is there but stuck must not hold the client's Write forever.
+        match tokio::time::timeout(self.upstream.timeout, &mut call).await {
+            Ok(Ok(Ok(reply))) => Ok(reply),
+            Ok(Ok(Err(status))) => Err(self.upstream.failed("Write", status)),
+            Ok(Err(e)) => Err(Error::internal("upstream upload task", e)),
+            Err(_) => {
+                call.abort();
+                Err(Error::Unavailable(format!(
+                    "upstream {} did not answer an upload of {} within {:?}",
+                    self.upstream.uri, self.digest, self.upstream.timeout
+                )))
+            }
         }
     }
 

@@ -22,7 +22,7 @@ pub use actions::{ActionCopies, NAMESPACE_HEADER};
 pub use cas::UpstreamCas;
 pub use relay::relay;
 
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -52,11 +52,29 @@ pub struct Upstream {
     down: Mutex<Option<(Instant, String)>>,
     /// Largest total blob size of one BatchUpdateBlobs call, from its capabilities.
     batch_limit: std::sync::atomic::AtomicU64,
-    /// The relay's view: whether its watch stream is open, and when it was last known
-    /// current (`None` before it ever was).
-    relay_open: AtomicBool,
-    relay_current_at: Mutex<Option<Instant>>,
+    /// Whether local copies of action results can be vouched for, and since when not.
+    freshness: Mutex<Freshness>,
 }
+
+/// What vouching for local copies takes: the relay open and caught up, the upstream reachable,
+/// and (in a chain) the upstream's own relay current.
+struct Freshness {
+    relay_open: bool,
+    reachable: bool,
+    chain_current: bool,
+    /// The last moment all three held (`None` before they ever did).
+    current_at: Option<Instant>,
+}
+
+impl Freshness {
+    fn current(&self) -> bool {
+        self.relay_open && self.reachable && self.chain_current
+    }
+}
+
+/// On a replica's GetCapabilities answers: "0" while its own copies cannot be vouched for (its
+/// relay is down), so a replica in front of it stops vouching for its own within the bound.
+pub const CURRENT_HEADER: &str = "hoard-upstream-current";
 
 impl Upstream {
     /// Reads the credentials and prepares the channel; connects on first use, so a replica
@@ -94,8 +112,12 @@ impl Upstream {
             ac_max_staleness: config.ac_max_staleness.0,
             down: Mutex::new(None),
             batch_limit: std::sync::atomic::AtomicU64::new(DEFAULT_BATCH),
-            relay_open: AtomicBool::new(false),
-            relay_current_at: Mutex::new(None),
+            freshness: Mutex::new(Freshness {
+                relay_open: false,
+                reachable: true,
+                chain_current: true,
+                current_at: None,
+            }),
         }))
     }
 
@@ -110,6 +132,24 @@ impl Upstream {
             (true, _) => instance.to_string(),
             (false, true) => self.prefix.clone(),
             (false, false) => format!("{}/{instance}", self.prefix),
+        }
+    }
+
+    /// An upstream namespace as this replica's clients name it: without `instance_prefix`
+    /// (a namespace outside the prefix keeps its name).
+    pub fn local_namespace(&self, namespace: &str) -> String {
+        if self.prefix.is_empty() {
+            return namespace.to_string();
+        }
+        if namespace == self.prefix {
+            return String::new();
+        }
+        match namespace
+            .strip_prefix(&self.prefix)
+            .and_then(|r| r.strip_prefix('/'))
+        {
+            Some(rest) => rest.to_string(),
+            None => namespace.to_string(),
         }
     }
 
@@ -151,6 +191,14 @@ impl Upstream {
             self.mark_down(&text);
             return Error::Unavailable(format!("upstream {} {what}: {text}", self.uri));
         }
+        if status.code() == Code::Unauthenticated {
+            // The replica's own credentials, not the client's: the client can do nothing.
+            return Error::Unavailable(format!(
+                "upstream {} refuses this replica's credentials ({what}): {text}; see \
+                 upstream.token_file",
+                self.uri
+            ));
+        }
         Error::Stream(Status::new(
             status.code(),
             format!("upstream {} {what}: {text}", self.uri),
@@ -158,6 +206,7 @@ impl Upstream {
     }
 
     fn mark_down(&self, why: &str) {
+        self.fresh(|f| f.reachable = false);
         let mut down = self.down.lock();
         if down.is_none() {
             tracing::warn!(upstream = %self.uri, why, "upstream unreachable");
@@ -166,6 +215,7 @@ impl Upstream {
     }
 
     fn mark_up(&self) {
+        self.fresh(|f| f.reachable = true);
         let mut down = self.down.lock();
         if let Some((since, _)) = down.take() {
             tracing::info!(
@@ -206,6 +256,11 @@ impl Upstream {
             request.set_timeout(self.timeout.min(Duration::from_secs(2)));
             match client.get_capabilities(request).await {
                 Ok(reply) => {
+                    let chain_current = reply
+                        .metadata()
+                        .get(CURRENT_HEADER)
+                        .is_none_or(|v| v.as_bytes() != b"0");
+                    self.fresh(|f| f.chain_current = chain_current);
                     let limit = reply
                         .into_inner()
                         .cache_capabilities
@@ -231,22 +286,32 @@ impl Upstream {
     }
 
     /// Whether local copies of action results may be served without asking the upstream:
-    /// while the watch relay is open, or within `ac_max_staleness` of when it last was.
+    /// while they can be vouched for, or within `ac_max_staleness` of the last moment they
+    /// could (the relay's stream dropped, the upstream unreachable, or its own upstream).
     fn copies_fresh(&self) -> bool {
-        if self.relay_open.load(Ordering::SeqCst) {
-            return true;
-        }
-        self.relay_current_at
-            .lock()
-            .is_some_and(|at| at.elapsed() < self.ac_max_staleness)
+        let f = self.freshness.lock();
+        f.current()
+            || f.current_at
+                .is_some_and(|at| at.elapsed() < self.ac_max_staleness)
     }
 
-    /// The relay is current (`true`: open and caught up) or no longer is. The staleness bound
-    /// counts from the last moment it was.
+    /// Whether this replica's copies can be vouched for right now (for [`CURRENT_HEADER`]).
+    pub fn current(&self) -> bool {
+        self.freshness.lock().current()
+    }
+
+    /// The relay is open and caught up (`true`), or no longer is.
     fn set_relay_open(&self, open: bool) {
-        let was = self.relay_open.swap(open, Ordering::SeqCst);
-        if open || was {
-            *self.relay_current_at.lock() = Some(Instant::now());
+        self.fresh(|f| f.relay_open = open);
+    }
+
+    /// Changes what freshness depends on; the moment it stops being current is remembered.
+    fn fresh(&self, change: impl FnOnce(&mut Freshness)) {
+        let mut f = self.freshness.lock();
+        let was = f.current();
+        change(&mut f);
+        if was || f.current() {
+            f.current_at = Some(Instant::now());
         }
     }
 }

@@ -14,6 +14,7 @@
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures::FutureExt;
 use tonic::Code;
 
 use super::ActionCopies;
@@ -25,6 +26,8 @@ use crate::service::watch::START_AFTER_HEADER;
 use crate::watch::EventLog;
 
 const FIRST_PAUSE: Duration = Duration::from_millis(200);
+/// Events applied together at most.
+const BATCH: usize = 256;
 const MAX_PAUSE: Duration = Duration::from_secs(5);
 
 /// Relays for as long as the server runs.
@@ -83,7 +86,9 @@ async fn relay_once(
     let position = events
         .relayed_through()
         .map_err(|e| tonic::Status::internal(e.to_string()))?;
-    let fresh = resync || position == 0;
+    // Never relayed anything nor marked where to start: a first start.
+    let fresh = resync || position.is_none();
+    let position = position.unwrap_or(0);
     // Resuming: copies are vouched for only once the events up to the upstream's newest at
     // this moment are applied (after a long pause, catching up takes a moment).
     let caught_up_at = match fresh {
@@ -107,17 +112,29 @@ async fn relay_once(
     let mut current = position >= caught_up_at;
     upstream.set_relay_open(current);
     let mut stream = opened.into_inner();
-    while let Some(event) = stream.message().await? {
-        if let Err(e) = apply(copies, &event).await {
+    while let Some(first) = stream.message().await? {
+        // What has already arrived goes as one batch (a burst of namespace invalidations is
+        // then one pass over the copies, not one each).
+        let mut batch = vec![first];
+        while batch.len() < BATCH {
+            match stream.message().now_or_never() {
+                Some(Ok(Some(event))) => batch.push(event),
+                Some(Ok(None)) | None => break,
+                Some(Err(status)) => return Err(status),
+            }
+        }
+        if let Err(e) = apply(copies, &batch).await {
             // A copy that could not be dropped must not be served.
-            tracing::warn!(error = %e, "applying an upstream event failed: dropping every copy");
+            tracing::warn!(error = %e, "applying upstream events failed: dropping every copy");
             local(copies.drop_all().await)?;
         }
-        let sequence = event.sequence;
-        local(events.relay(strip_prefix(upstream, event)).map(drop))?;
-        if !current && sequence >= caught_up_at {
-            current = true;
-            upstream.set_relay_open(true);
+        for event in batch {
+            let sequence = event.sequence;
+            local(events.relay(strip_prefix(upstream, event)).map(drop))?;
+            if !current && sequence >= caught_up_at {
+                current = true;
+                upstream.set_relay_open(true);
+            }
         }
     }
     Ok(())
@@ -170,33 +187,33 @@ fn local<T>(r: Result<T>) -> std::result::Result<T, tonic::Status> {
     r.map_err(|e| tonic::Status::internal(format!("relaying to the local log: {e}")))
 }
 
-/// Drops the copies `event` may have made stale.
-async fn apply(copies: &ActionCopies, event: &Event) -> Result<()> {
-    match event.kind() {
-        EventKind::ActionInvalidated | EventKind::ActionResultStored => {
-            let action = Digest::from_proto(event.action_digest.as_ref(), "event action_digest")?;
-            copies.drop_action(&action).await
+/// Drops the copies `events` may have made stale: each action's at once, the namespaces' in
+/// one pass over the copies for the whole batch.
+async fn apply(copies: &ActionCopies, events: &[Event]) -> Result<()> {
+    let mut namespaces: Vec<String> = Vec::new();
+    for event in events {
+        match event.kind() {
+            EventKind::ActionInvalidated | EventKind::ActionResultStored => {
+                let action =
+                    Digest::from_proto(event.action_digest.as_ref(), "event action_digest")?;
+                copies.drop_action(&action).await?;
+            }
+            EventKind::NamespaceInvalidated | EventKind::NamespaceDropped => {
+                if !namespaces.contains(&event.namespace) {
+                    namespaces.push(event.namespace.clone());
+                }
+            }
+            EventKind::Unspecified => {}
         }
-        EventKind::NamespaceInvalidated | EventKind::NamespaceDropped => {
-            copies.drop_namespace(&event.namespace).await.map(drop)
-        }
-        EventKind::Unspecified => Ok(()),
     }
+    if !namespaces.is_empty() {
+        copies.drop_namespaces(&namespaces).await?;
+    }
+    Ok(())
 }
 
 /// The event as this replica's clients name things: without `upstream.instance_prefix`.
 fn strip_prefix(upstream: &super::Upstream, mut event: Event) -> Event {
-    let prefix = upstream.cas_instance();
-    if !prefix.is_empty() {
-        if event.namespace == prefix {
-            event.namespace.clear();
-        } else if let Some(rest) = event
-            .namespace
-            .strip_prefix(prefix)
-            .and_then(|r| r.strip_prefix('/'))
-        {
-            event.namespace = rest.to_string();
-        }
-    }
+    event.namespace = upstream.local_namespace(&event.namespace);
     event
 }

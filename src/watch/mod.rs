@@ -541,14 +541,15 @@ impl EventLog {
         self.append(event)
     }
 
-    /// On a replica: the upstream sequence this log has relayed through (0: none yet): the
-    /// newest relayed event's, or the mark a resync or a fresh start left if that came later
-    /// (an upstream whose log was replaced numbers from 1 again).
-    pub fn relayed_through(&self) -> Result<u64> {
+    /// On a replica: the upstream sequence this log has relayed through (`None`: it never
+    /// relayed or marked anything, a first start): the newest relayed event's, or the mark a
+    /// resync or a fresh start left if that came later (an upstream whose log was replaced
+    /// numbers from 1 again).
+    pub fn relayed_through(&self) -> Result<Option<u64>> {
         let s = &*self.shared;
         let (mut through, mut at) = match s.meta.get(RELAYED_KEY)? {
-            Some(v) if v.len() == 16 => (seq_of(&v[..8])?, seq_of(&v[8..])?),
-            _ => (0, 0),
+            Some(v) if v.len() == 16 => (Some(seq_of(&v[..8])?), seq_of(&v[8..])?),
+            _ => (None, 0),
         };
         for class in &s.classes {
             if let Some((key, value)) = class.tree.last()? {
@@ -556,7 +557,9 @@ impl EventLog {
                 if seq > at {
                     let event = Event::decode(value.as_ref())
                         .map_err(|e| Error::internal("decoding the newest watch event", e))?;
-                    (through, at) = (event.upstream_sequence, seq);
+                    if event.upstream_sequence > 0 {
+                        (through, at) = (Some(event.upstream_sequence), seq);
+                    }
                 }
             }
         }

@@ -14,8 +14,8 @@ use tonic::transport::Channel;
 use tonic::Code;
 
 use crate::common::{
-    batch_put, blob, digest_of, download, eventually, lookup_result, missing, read_name, take,
-    temp_config, update_result, upload, write_name, TestServer,
+    batch_put, blob, digest_of, download, eventually, lookup_result, missing, read_name, stats,
+    take, temp_config, update_result, upload, write_name, TestServer,
 };
 use crate::ops::http_get;
 
@@ -51,6 +51,26 @@ async fn read_all(server: &TestServer, d: &reapi::Digest) -> Vec<u8> {
     download(server, &read_name("", d), 0, 0)
         .await
         .expect("read")
+}
+
+/// Waits until a lookup of `action` in `instance` through `replica` is a hit from its local
+/// copy: the centre sees no lookup for it.
+async fn served_locally(
+    centre: &TestServer,
+    replica: &TestServer,
+    instance: &str,
+    action: &reapi::Digest,
+) {
+    eventually(Duration::from_secs(5), || async {
+        let before = stats(centre).await.ac_lookups;
+        let hit = lookup_result(replica, instance, action).await.is_some();
+        let after = stats(centre).await.ac_lookups;
+        match hit && after == before {
+            true => Ok(()),
+            false => Err(format!("hit {hit}, centre lookups {before} -> {after}")),
+        }
+    })
+    .await;
 }
 
 async fn invalidate(server: &TestServer, request: InvalidateRequest) {
@@ -567,32 +587,43 @@ async fn during_an_upstream_outage_local_hits_are_served_and_misses_fail_fast() 
 }
 
 #[tokio::test]
-async fn a_replica_of_a_replica_reads_writes_and_relays() {
-    let centre = TestServer::start().await;
-    let (_t1, continent) = replica_of(&centre, "").await;
-    let (_t2, region) = replica_of(&continent, "").await;
+async fn a_replica_of_a_replica_reads_writes_relays_and_keeps_the_staleness_bound() {
+    let (_ctmp, centre_config) = temp_config();
+    let centre = TestServer::start_config(centre_config).await;
+    // The continent files its clients' instances under "eu" at the centre.
+    let (_t1, continent) = replica_of(
+        &centre,
+        "instance_prefix = \"eu\"\nac_max_staleness = \"2s\"\n",
+    )
+    .await;
+    let (_t2, region) = replica_of(&continent, "ac_max_staleness = \"2s\"\n").await;
+    let mut stream = watch(region.channel(), 0).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
     let data = blob(2 << 20, 12);
     let d = upload(&region, "", &data).await;
     assert_eq!(read_all(&centre, &d).await, data);
     update_result(&region, "ci/main", &action(1), &result_with(&d, 0))
         .await
         .unwrap();
-    assert!(lookup_result(&centre, "ci/main", &action(1))
+    assert!(lookup_result(&centre, "eu/ci/main", &action(1))
         .await
         .is_some());
-    assert!(lookup_result(&region, "ci/main", &action(1))
-        .await
-        .is_some());
+    served_locally(&centre, &region, "ci/main", &action(1)).await;
 
-    let mut stream = watch(region.channel(), 0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    one_event(&centre, 1).await;
+    // A namespace invalidation at the centre reaches the region two hops away, named as the
+    // region's clients name it.
+    invalidate(
+        &centre,
+        InvalidateRequest {
+            namespace: Some("eu/ci/main".into()),
+            reason: "toolchain".into(),
+            ..Default::default()
+        },
+    )
+    .await;
     let events = take(&mut stream, 1).await;
-    let invalidated: Vec<&Event> = events
-        .iter()
-        .filter(|e| e.kind() == EventKind::ActionInvalidated)
-        .collect();
-    assert_eq!(invalidated[0].reason, "event 1");
+    assert_eq!(events[0].kind(), EventKind::NamespaceInvalidated);
+    assert_eq!(events[0].namespace, "ci/main");
     eventually(Duration::from_secs(3), || async {
         match lookup_result(&region, "ci/main", &action(1)).await {
             None => Ok(()),
@@ -600,6 +631,33 @@ async fn a_replica_of_a_replica_reads_writes_and_relays() {
         }
     })
     .await;
+
+    // With the centre gone, the continent cannot vouch for its copies, and so neither can the
+    // region: past the bound a lookup is UNAVAILABLE, not a stale hit.
+    update_result(&region, "ci/main", &action(2), &result_with(&d, 0))
+        .await
+        .unwrap();
+    served_locally(&centre, &region, "ci/main", &action(2)).await;
+    centre.stop().await;
+    assert!(lookup_result(&region, "ci/main", &action(2))
+        .await
+        .is_some());
+    let refused = eventually(Duration::from_secs(10), || async {
+        match region
+            .ac()
+            .get_action_result(reapi::GetActionResultRequest {
+                instance_name: "ci/main".into(),
+                action_digest: Some(action(2)),
+                ..Default::default()
+            })
+            .await
+        {
+            Err(status) => Ok(status),
+            Ok(_) => Err("still served"),
+        }
+    })
+    .await;
+    assert_eq!(refused.code(), Code::Unavailable, "{refused:?}");
 }
 
 #[tokio::test]
