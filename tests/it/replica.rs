@@ -73,6 +73,29 @@ async fn served_locally(
     .await;
 }
 
+/// Waits until `replica` vouches for its copies (its relay is open and caught up), as its
+/// GetCapabilities answers say.
+async fn relay_current(replica: &TestServer) {
+    relay_current_over(replica.channel()).await
+}
+
+async fn relay_current_over(channel: Channel) {
+    eventually(Duration::from_secs(10), || {
+        let channel = channel.clone();
+        async move {
+            let reply = reapi::capabilities_client::CapabilitiesClient::new(channel)
+                .get_capabilities(reapi::GetCapabilitiesRequest::default())
+                .await
+                .map_err(|e| e.to_string())?;
+            match reply.metadata().get("hoard-upstream-current") {
+                Some(v) if v == "1" => Ok(()),
+                other => Err(format!("{other:?}")),
+            }
+        }
+    })
+    .await
+}
+
 async fn invalidate(server: &TestServer, request: InvalidateRequest) {
     server
         .admin()
@@ -153,7 +176,7 @@ async fn writes_go_through_to_the_upstream_before_they_are_acknowledged() {
         Some(result)
     );
 
-    // A blob that does not match its digest is refused upstream and stored nowhere.
+    // A blob that does not match its digest is refused and stored nowhere.
     let bad = reapi::Digest {
         hash: digest_of(b"something else").hash,
         size_bytes: a.len() as i64,
@@ -381,8 +404,7 @@ async fn the_watch_relay_loses_and_repeats_nothing_across_restarts_of_either_sid
     let (replica_tmp, replica_config) = replica_config(&centre.url(), "");
     let replica = TestServer::start_config(replica_config.clone()).await;
     let mut stream = watch(replica.channel(), 0).await;
-    // Wait until the relay is open: events after this are all relayed.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay_current(&replica).await;
     for n in 1..=5 {
         one_event(&centre, n).await;
     }
@@ -433,7 +455,7 @@ async fn when_the_upstream_log_moved_on_the_replica_drops_its_copies_and_tells_w
         .unwrap();
     let (_rtmp, replica_config) = replica_config(&centre.url(), "");
     let replica = TestServer::start_config(replica_config.clone()).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay_current(&replica).await;
     one_event(&centre, 100).await;
     let mut stream = watch(replica.channel(), 0).await;
     let first = take(&mut stream, 1).await;
@@ -598,7 +620,7 @@ async fn a_replica_of_a_replica_reads_writes_relays_and_keeps_the_staleness_boun
     .await;
     let (_t2, region) = replica_of(&continent, "ac_max_staleness = \"2s\"\n").await;
     let mut stream = watch(region.channel(), 0).await;
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay_current(&region).await;
     let data = blob(2 << 20, 12);
     let d = upload(&region, "", &data).await;
     assert_eq!(read_all(&centre, &d).await, data);
@@ -811,7 +833,7 @@ async fn the_replica_calls_the_upstream_as_itself_and_never_with_its_clients_tok
     let (_rtmp, replica) =
         replica_of(&centre, &format!("token_file = \"{}\"\n", token.display())).await;
     // The relay starts from the centre's newest event: let it connect first.
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    relay_current(&replica).await;
     let out_d = upload(&replica, "", &blob(100, 20)).await;
     // The client presents a token of its own; the replica (no [auth]) lets it in, and the
     // centre must see the replica's identity only.
@@ -878,4 +900,46 @@ async fn a_replica_whose_token_the_upstream_refuses_says_so_in_readyz_and_answer
         "{}",
         refused.message()
     );
+}
+
+#[tokio::test]
+async fn the_watch_relay_resumes_exactly_after_a_sigkill_of_the_replica() {
+    let centre = TestServer::start().await;
+    let tmp = tempfile::tempdir().unwrap();
+    let config = tmp.path().join("replica.toml");
+    std::fs::write(
+        &config,
+        format!("[upstream]\nendpoint = \"{}\"\n", centre.url()),
+    )
+    .unwrap();
+    let data = tmp.path().join("replica-data");
+    let start = || {
+        let mut command = crate::crash::Process::command(&data);
+        command.arg("--config").arg(&config);
+        crate::crash::Process::start_command(command)
+    };
+    let replica = start().await;
+    relay_current_over(replica.channel.clone()).await;
+    let mut stream = watch(replica.channel.clone(), 0).await;
+    for n in 1..=5 {
+        one_event(&centre, n).await;
+    }
+    let mut seen = take(&mut stream, 5).await;
+    drop(stream);
+    replica.kill9();
+    for n in 6..=9 {
+        one_event(&centre, n).await;
+    }
+    let replica = start().await;
+    let mut stream = watch(replica.channel.clone(), seen.last().unwrap().sequence).await;
+    seen.extend(take(&mut stream, 4).await);
+    let reasons: Vec<String> = seen.iter().map(|e| e.reason.clone()).collect();
+    let expected: Vec<String> = (1..=9).map(|n| format!("event {n}")).collect();
+    assert_eq!(
+        reasons, expected,
+        "every centre event once, in order, across the SIGKILL"
+    );
+    let more = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
+    assert!(more.is_err(), "an extra event: {more:?}");
+    replica.terminate().await;
 }
