@@ -818,9 +818,17 @@ impl Config {
             let line = e
                 .span()
                 .map(|s| text[..s.start.min(text.len())].lines().count().max(1));
+            // toml's message may span lines itself ("invalid string\nexpected ..."): one line.
+            let message = e
+                .message()
+                .trim()
+                .lines()
+                .map(str::trim)
+                .collect::<Vec<_>>()
+                .join(", ");
             match line {
-                Some(n) => format!("line {n}: {}", e.message().trim()),
-                None => e.message().trim().to_string(),
+                Some(n) => format!("line {n}: {message}"),
+                None => message,
             }
         })?;
         config.check()?;

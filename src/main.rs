@@ -59,6 +59,9 @@ enum Command {
     /// outputs are not checked), without renewing the result's last use. Exit status: 0 found,
     /// 1 no visible result, 2 could not run.
     Provenance(hoard::cli::provenance::ProvenanceArgs),
+    /// Check a config file as `hoard serve --config FILE` would (every rule, and the files it
+    /// names), print the effective settings; exit 0 if a server could start with it, else 1.
+    CheckConfig(hoard::cli::check_config::CheckConfigArgs),
     /// A live view of a running server, redrawn every 2 s: calls/s, errors, p50/p99 latency,
     /// used vs max size, evictions, AC and CAS hit rates per namespace (q quits).
     Top(hoard::cli::top::TopArgs),
@@ -85,6 +88,7 @@ fn main() -> ExitCode {
         Command::Token(command) => return hoard::cli::token::main(command),
         Command::Provenance(args) => return hoard::cli::provenance::main(args),
         Command::Top(args) => return hoard::cli::top::main(args),
+        Command::CheckConfig(args) => return hoard::cli::check_config::main(args),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -113,6 +117,13 @@ fn serve(
     }
     if let Some(format) = log_format {
         config.log_format = format;
+    }
+    // Creating it would fail with only "File exists".
+    if config.data_dir.exists() && !config.data_dir.is_dir() {
+        return Err(format!(
+            "data_dir {} exists and is not a directory",
+            config.data_dir.display()
+        ));
     }
     hoard::connections::raise_open_file_limit();
     let runtime = tokio::runtime::Builder::new_multi_thread()

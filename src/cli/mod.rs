@@ -2,6 +2,7 @@
 //! dispatches to them.
 
 pub mod admin;
+pub mod check_config;
 pub mod invalidate;
 pub mod provenance;
 pub mod token;

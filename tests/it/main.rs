@@ -8,6 +8,7 @@ mod auth;
 mod bytestream;
 mod capabilities;
 mod cas;
+mod check_config;
 mod common;
 mod compression;
 mod crash;
