@@ -621,6 +621,19 @@ pub struct NamespacesConfig {
     pub default: NamespacePolicy,
     #[serde(rename = "rule")]
     pub rules: Vec<NamespaceRule>,
+    /// Namespaces unused this long are dropped with their action results, by a background
+    /// task (the scheduled form of `hoard prune-namespaces`): stale branch caches go by
+    /// themselves. Default "0s": never. At least "1m" when set.
+    pub prune_idle_after: HumanDuration,
+    /// Patterns (`*` as in rules) of namespaces `prune_idle_after` never drops, e.g.
+    /// `["ci/main", "release/*"]`. Default none.
+    pub protected: Vec<String>,
+}
+
+impl Default for HumanDuration {
+    fn default() -> Self {
+        HumanDuration(Duration::ZERO)
+    }
 }
 
 /// Settings of the namespaces no rule matches.
@@ -670,6 +683,14 @@ impl NamespacesConfig {
         for r in &self.rules {
             crate::instance_name::validate_pattern(&r.pattern)
                 .map_err(|e| format!("namespaces.rule: {e}"))?;
+        }
+        for p in &self.protected {
+            crate::instance_name::validate_pattern(p)
+                .map_err(|e| format!("namespaces.protected {p:?}: {e}"))?;
+        }
+        let idle = self.prune_idle_after.0;
+        if !idle.is_zero() && idle < Duration::from_secs(60) {
+            return Err("namespaces.prune_idle_after must be 0s (off) or at least 1m".into());
         }
         let policies = std::iter::once((
             "namespaces.default".to_string(),

@@ -160,6 +160,39 @@ impl Invalidation {
         caller: &str,
         peer: &str,
     ) -> Result<Vec<PrunedNamespace>> {
+        self.prune_unless(pattern, idle_secs, reason, dry_run, caller, peer, &|_| {
+            false
+        })
+        .await
+    }
+
+    /// The scheduled prune (`namespaces.prune_idle_after`): every namespace idle for
+    /// `idle_secs`, except those a `protected` pattern matches.
+    pub async fn prune_idle(
+        &self,
+        idle_secs: u64,
+        protected: &[String],
+    ) -> Result<Vec<PrunedNamespace>> {
+        let reason = format!(
+            "idle for {} (namespaces.prune_idle_after)",
+            crate::service::admin::idle_text(idle_secs)
+        );
+        let keep = |name: &str| protected.iter().any(|p| glob_match(p, name));
+        self.prune_unless("", idle_secs, &reason, false, "hoard", "schedule", &keep)
+            .await
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    async fn prune_unless(
+        &self,
+        pattern: &str,
+        idle_secs: u64,
+        reason: &str,
+        dry_run: bool,
+        caller: &str,
+        peer: &str,
+        keep: &(dyn Fn(&str) -> bool + Sync),
+    ) -> Result<Vec<PrunedNamespace>> {
         self.refuse_on_replica()?;
         let _serial = self.serial.lock().await;
         let now = self.clock();
@@ -168,7 +201,7 @@ impl Invalidation {
         let idle: Vec<NamespaceInfo> = self
             .matching(pattern)
             .into_iter()
-            .filter(|ns| now.saturating_sub(ns.last_used) >= idle_secs)
+            .filter(|ns| now.saturating_sub(ns.last_used) >= idle_secs && !keep(&ns.name))
             .collect();
         tracing::info!(
             idle_seconds = idle_secs,

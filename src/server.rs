@@ -367,7 +367,7 @@ async fn serve_all(
             crate::service::admin::AdminService::new(
                 housekeeping.clone(),
                 results.clone(),
-                invalidation
+                invalidation.clone()
             )
             .with_metrics(metrics.clone())
         )))
@@ -416,6 +416,15 @@ async fn serve_all(
     let relay = replica
         .clone()
         .map(|copies| tokio::spawn(crate::upstream::relay(copies, events.clone())));
+    // A replica's namespaces are pruned at its upstream (and the drops relayed).
+    let idle = config.namespaces.prune_idle_after.0;
+    let pruning = (!idle.is_zero() && replica.is_none()).then(|| {
+        tokio::spawn(prune_idle_namespaces(
+            invalidation.clone(),
+            idle,
+            config.namespaces.protected.clone(),
+        ))
+    });
     tracing::info!(
         listen = %addr,
         data_dir = %config.data_dir.display(),
@@ -464,6 +473,9 @@ async fn serve_all(
     if let Some(relay) = relay {
         relay.abort();
     }
+    if let Some(pruning) = pruning {
+        pruning.abort();
+    }
     // The log's syncer holds the database: wait for it to end, so a restart can reopen it.
     events.shutdown().await;
     if let Err(e) = results.persist().await {
@@ -481,6 +493,25 @@ async fn report_writability(store: Arc<dyn Housekeeping>, health: HealthReporter
         ticks.tick().await;
         health.set_writable(store.write_refusal().is_none());
         health.set_degraded(store.unavailable());
+    }
+}
+
+/// Drops namespaces idle for `idle` (but not `protected` ones), checking every sixteenth of
+/// `idle` (at most hourly), so one is dropped at most that much later than its time.
+async fn prune_idle_namespaces(
+    invalidation: Arc<Invalidation>,
+    idle: Duration,
+    protected: Vec<String>,
+) {
+    let period = (idle / 16).clamp(Duration::from_secs(1), Duration::from_secs(3600));
+    let mut ticks = tokio::time::interval_at(tokio::time::Instant::now() + period, period);
+    loop {
+        ticks.tick().await;
+        match invalidation.prune_idle(idle.as_secs(), &protected).await {
+            Ok(pruned) if pruned.is_empty() => {}
+            Ok(pruned) => tracing::info!(dropped = pruned.len(), ?idle, "pruned idle namespaces"),
+            Err(e) => tracing::warn!(error = %e, "pruning idle namespaces failed"),
+        }
     }
 }
 

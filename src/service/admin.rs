@@ -147,7 +147,7 @@ fn peer<T>(request: &Request<T>) -> String {
 }
 
 /// `1209600` as `14d`, for the default prune reason: the largest unit that divides it exactly.
-fn idle_text(secs: u64) -> String {
+pub(crate) fn idle_text(secs: u64) -> String {
     match secs {
         s if s.is_multiple_of(86_400) => format!("{}d", s / 86_400),
         s if s.is_multiple_of(3600) => format!("{}h", s / 3600),

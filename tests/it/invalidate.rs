@@ -619,3 +619,49 @@ async fn cli_invalidates_lists_and_prunes_a_running_server() {
     let out = hoard(&["namespaces", "--server", "127.0.0.1:1"]).await;
     assert!(failure(&out).contains("cannot connect"), "{out:?}");
 }
+
+#[tokio::test]
+async fn idle_namespaces_are_pruned_on_a_schedule_and_protected_ones_stay() {
+    let (server, store, _tmp) = start_with_clock(|c| {
+        c.namespaces.prune_idle_after = hoard::config::HumanDuration(Duration::from_secs(60));
+        c.namespaces.protected = vec!["ci/main".into(), "release/*".into()];
+    })
+    .await;
+    let a = action(1);
+    for ns in [
+        "ci/main",
+        "release/1.0",
+        "ci/branches/gone",
+        "ci/branches/busy",
+    ] {
+        put(&server, ns, &a).await;
+    }
+    let mut stream = WatchClient::connect(server.url())
+        .await
+        .unwrap()
+        .watch(WatchRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    store.advance_clock(2 * 60 * Duration::from_secs(1));
+    put(&server, "ci/branches/busy", &a).await; // used now: not idle
+                                                // The task checks every 60s / 16: within a few seconds the idle branch is gone.
+    let dropped = take(&mut stream, 1).await;
+    assert_eq!(dropped[0].kind(), EventKind::NamespaceDropped);
+    assert_eq!(dropped[0].namespace, "ci/branches/gone");
+    assert!(
+        dropped[0].reason.contains("prune_idle_after"),
+        "{:?}",
+        dropped[0]
+    );
+    assert_eq!(lookup_result(&server, "ci/branches/gone", &a).await, None);
+    for kept in ["ci/main", "release/1.0", "ci/branches/busy"] {
+        assert!(lookup_result(&server, kept, &a).await.is_some(), "{kept}");
+    }
+    let left: Vec<String> = list(&server, "")
+        .await
+        .into_iter()
+        .map(|n| n.name)
+        .collect();
+    assert!(!left.contains(&"ci/branches/gone".to_string()), "{left:?}");
+}
