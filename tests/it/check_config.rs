@@ -60,3 +60,40 @@ async fn a_config_a_server_would_refuse_fails_and_says_why() {
     let e = refused("listen = \n").await;
     assert!(e.contains("line 1"), "{e}");
 }
+
+/// deploy/systemd/hoard.service passes `systemd-analyze verify` (with this build's binary in
+/// place of /usr/local/bin/hoard), where systemd-analyze exists; under CI it must.
+#[tokio::test]
+async fn the_systemd_unit_verifies() {
+    let Ok(found) = std::process::Command::new("systemd-analyze")
+        .arg("--version")
+        .output()
+    else {
+        assert!(std::env::var_os("CI").is_none(), "CI needs systemd-analyze");
+        eprintln!("SKIPPED: no systemd-analyze");
+        return;
+    };
+    assert!(found.status.success());
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let unit = std::fs::read_to_string(root.join("deploy/systemd/hoard.service")).unwrap();
+    assert!(unit.contains("ProtectSystem=strict") && unit.contains("NoNewPrivileges=true"));
+    let tmp = tempfile::tempdir().unwrap();
+    let path = tmp.path().join("hoard.service");
+    std::fs::write(
+        &path,
+        unit.replace("/usr/local/bin/hoard", env!("CARGO_BIN_EXE_hoard")),
+    )
+    .unwrap();
+    let out = std::process::Command::new("systemd-analyze")
+        .arg("verify")
+        .arg(&path)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    // Only what concerns our unit (the host's own units may have complaints of their own).
+    let ours: Vec<&str> = stderr
+        .lines()
+        .filter(|l| l.contains("hoard.service"))
+        .collect();
+    assert!(out.status.success() && ours.is_empty(), "{stderr}");
+}
