@@ -121,7 +121,7 @@ fn serve(
     // Creating it would fail with only "File exists".
     if config.data_dir.exists() && !config.data_dir.is_dir() {
         return Err(format!(
-            "data_dir {} exists and is not a directory",
+            "data dir {} (data_dir, --data-dir) exists and is not a directory",
             config.data_dir.display()
         ));
     }

@@ -27,7 +27,12 @@ pub struct WatchArgs {
     #[command(flatten)]
     pub connect: client::ConnectOptions,
     /// Instance names to watch; `*` matches any run of characters, including `/` [default: all].
-    #[arg(long, value_name = "PATTERN", default_value = "")]
+    #[arg(
+        long,
+        value_name = "PATTERN",
+        default_value = "",
+        hide_default_value = true
+    )]
     pub namespace: String,
     /// The last sequence already handled: print the events after it. 0 starts with the oldest
     /// event the server still has.
