@@ -256,7 +256,6 @@ impl Cas for UpstreamCas {
             verifier: whole.then(|| Verifier::new(*digest)),
             held: None,
             upstream: self.upstream.clone(),
-            idle: self.upstream.timeout,
             chunk_size,
             done: false,
         };
@@ -340,7 +339,6 @@ struct ReadState {
     /// The message read ahead (the first, or the one held back until the next is seen).
     held: Option<Bytes>,
     upstream: Arc<Upstream>,
-    idle: Duration,
     chunk_size: usize,
     done: bool,
 }
@@ -350,12 +348,13 @@ impl ReadState {
     /// failure (the link is gone), not a wait forever.
     async fn next_message(&mut self) -> Result<Option<Bytes>> {
         loop {
-            let next = tokio::time::timeout(self.idle, self.stream.next())
+            let idle = self.upstream.timeout;
+            let next = tokio::time::timeout(idle, self.stream.next())
                 .await
                 .map_err(|_| {
                     Error::Unavailable(format!(
                         "upstream {} sent nothing for {:?} during a read",
-                        self.upstream.uri, self.idle
+                        self.upstream.uri, idle
                     ))
                 })?;
             match next {

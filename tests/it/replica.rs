@@ -96,6 +96,47 @@ async fn relay_current_over(channel: Channel) {
     .await
 }
 
+/// Waits (up to 3 s) until `action` in `instance` is a miss at `server`; `why` describes a hit.
+async fn no_longer_served(server: &TestServer, instance: &str, action: &reapi::Digest, why: &str) {
+    eventually(Duration::from_secs(3), || async {
+        match lookup_result(server, instance, action).await {
+            None => Ok(()),
+            Some(_) => Err(why.to_string()),
+        }
+    })
+    .await;
+}
+
+/// The status a GetActionResult at `server` fails with (a hit fails the test).
+async fn lookup_error(
+    server: &TestServer,
+    instance: &str,
+    action: &reapi::Digest,
+) -> tonic::Status {
+    server
+        .ac()
+        .get_action_result(reapi::GetActionResultRequest {
+            instance_name: instance.into(),
+            action_digest: Some(action.clone()),
+            ..Default::default()
+        })
+        .await
+        .unwrap_err()
+}
+
+/// Invalidates the whole of `namespace` at `server`.
+async fn invalidate_namespace(server: &TestServer, namespace: &str, reason: &str) {
+    invalidate(
+        server,
+        InvalidateRequest {
+            namespace: Some(namespace.into()),
+            reason: reason.into(),
+            ..Default::default()
+        },
+    )
+    .await;
+}
+
 async fn invalidate(server: &TestServer, request: InvalidateRequest) {
     server
         .admin()
@@ -294,13 +335,7 @@ async fn a_replica_hit_stops_within_the_bound_after_an_invalidation_at_the_centr
         },
     )
     .await;
-    eventually(Duration::from_secs(3), || async {
-        match lookup_result(&replica, "ci/main", &action(1)).await {
-            None => Ok(()),
-            Some(_) => Err("still a hit"),
-        }
-    })
-    .await;
+    no_longer_served(&replica, "ci/main", &action(1), "still a hit").await;
     let action_bound = at.elapsed();
     assert!(lookup_result(&replica, "ci/main", &action(2))
         .await
@@ -319,22 +354,8 @@ async fn a_replica_hit_stops_within_the_bound_after_an_invalidation_at_the_centr
     .await;
 
     // The whole namespace invalidated at the centre.
-    invalidate(
-        &centre,
-        InvalidateRequest {
-            namespace: Some("ci/main".into()),
-            reason: "toolchain".into(),
-            ..Default::default()
-        },
-    )
-    .await;
-    eventually(Duration::from_secs(3), || async {
-        match lookup_result(&replica, "ci/main", &action(3)).await {
-            None => Ok(()),
-            Some(_) => Err("still a hit"),
-        }
-    })
-    .await;
+    invalidate_namespace(&centre, "ci/main", "toolchain").await;
+    no_longer_served(&replica, "ci/main", &action(3), "still a hit").await;
     eprintln!("action invalidation reached the replica's lookups in {action_bound:?}");
 }
 
@@ -364,21 +385,13 @@ async fn a_copy_found_through_a_read_chain_follows_the_namespace_it_came_from() 
     assert!(lookup_result(&replica, "ci/branches/x", &action(9))
         .await
         .is_some());
-    invalidate(
-        &centre,
-        InvalidateRequest {
-            namespace: Some("ci/main".into()),
-            reason: "test".into(),
-            ..Default::default()
-        },
+    invalidate_namespace(&centre, "ci/main", "test").await;
+    no_longer_served(
+        &replica,
+        "ci/branches/x",
+        &action(9),
+        "the branch's copy from ci/main is still served",
     )
-    .await;
-    eventually(Duration::from_secs(3), || async {
-        match lookup_result(&replica, "ci/branches/x", &action(9)).await {
-            None => Ok(()),
-            Some(_) => Err("the branch's copy from ci/main is still served"),
-        }
-    })
     .await;
 }
 
@@ -555,15 +568,7 @@ async fn during_an_upstream_outage_local_hits_are_served_and_misses_fail_fast() 
         .await
         .unwrap_err();
     assert_eq!(miss.code(), Code::Unavailable, "{miss:?}");
-    let lookup = replica
-        .ac()
-        .get_action_result(reapi::GetActionResultRequest {
-            instance_name: "ci/main".into(),
-            action_digest: Some(action(2)),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let lookup = lookup_error(&replica, "ci/main", &action(2)).await;
     assert_eq!(lookup.code(), Code::Unavailable, "{lookup:?}");
     let write = update_result(&replica, "ci/main", &action(3), &result_with(&out_d, 0))
         .await
@@ -576,15 +581,7 @@ async fn during_an_upstream_outage_local_hits_are_served_and_misses_fail_fast() 
     );
     // Past the staleness bound, the local copy is no longer served.
     tokio::time::sleep(Duration::from_secs(3)).await;
-    let stale = replica
-        .ac()
-        .get_action_result(reapi::GetActionResultRequest {
-            instance_name: "ci/main".into(),
-            action_digest: Some(action(1)),
-            ..Default::default()
-        })
-        .await
-        .unwrap_err();
+    let stale = lookup_error(&replica, "ci/main", &action(1)).await;
     assert_eq!(stale.code(), Code::Unavailable, "{stale:?}");
 
     // The centre comes back: everything resumes without a restart of the replica.
@@ -634,25 +631,11 @@ async fn a_replica_of_a_replica_reads_writes_relays_and_keeps_the_staleness_boun
 
     // A namespace invalidation at the centre reaches the region two hops away, named as the
     // region's clients name it.
-    invalidate(
-        &centre,
-        InvalidateRequest {
-            namespace: Some("eu/ci/main".into()),
-            reason: "toolchain".into(),
-            ..Default::default()
-        },
-    )
-    .await;
+    invalidate_namespace(&centre, "eu/ci/main", "toolchain").await;
     let events = take(&mut stream, 1).await;
     assert_eq!(events[0].kind(), EventKind::NamespaceInvalidated);
     assert_eq!(events[0].namespace, "ci/main");
-    eventually(Duration::from_secs(3), || async {
-        match lookup_result(&region, "ci/main", &action(1)).await {
-            None => Ok(()),
-            Some(_) => Err("still a hit two hops away"),
-        }
-    })
-    .await;
+    no_longer_served(&region, "ci/main", &action(1), "still a hit two hops away").await;
 
     // With the centre gone, the continent cannot vouch for its copies, and so neither can the
     // region: past the bound a lookup is UNAVAILABLE, not a stale hit.
