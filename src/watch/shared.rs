@@ -614,20 +614,27 @@ mod tests {
         assert_eq!(seen.iter().map(|e| e.epoch).collect::<Vec<_>>(), [1, 2]);
     }
 
-    #[tokio::test]
-    async fn a_gap_another_nodes_retention_left_does_not_delete_blocks_this_one_keeps() {
+    /// Retention 3 on two nodes: `a` records invalidation 1 and then 11 stored results, so its
+    /// retention deletes blocks `b` never read (`b` read block 1 at start, then only when woken).
+    /// Both stay alive for the test (`a` deletes its retired blocks a grace later).
+    async fn gap_left_by_another_node() -> (Arc<Lossy>, EventLog, EventLog) {
         let log = Arc::new(Lossy::default());
         let a = node(&log, 3, Duration::from_millis(50));
         a.announce(vec![invalidation(1)])
             .await
             .expect("invalidation");
-        // b reads block 1 at start, then only when woken.
         let b = node(&log, 3, Duration::from_secs(3600));
         assert!(b.watch(everything()).await.is_ok(), "b has read the log");
         for i in 0..11 {
             let stored = Event::action_result_stored("ns", crate::digest::Digest::of(&[i]), "t");
             a.announce(vec![stored]).await.expect("stored result");
         }
+        (log, a, b)
+    }
+
+    #[tokio::test]
+    async fn a_gap_another_nodes_retention_left_does_not_delete_blocks_this_one_keeps() {
+        let (log, _a, b) = gap_left_by_another_node().await;
         // a's retention deleted the older stored results' blocks, which b never read.
         assert_eq!(log.list_after(0).await.expect("list"), [1, 10, 11, 12]);
         b.announce(vec![invalidation(2)]).await.expect("through b");
@@ -675,17 +682,7 @@ mod tests {
 
     #[tokio::test]
     async fn retention_after_a_gap_keeps_the_gap_marked_for_watchers() {
-        let log = Arc::new(Lossy::default());
-        let a = node(&log, 3, Duration::from_millis(50));
-        a.announce(vec![invalidation(1)])
-            .await
-            .expect("invalidation");
-        let b = node(&log, 3, Duration::from_secs(3600));
-        assert!(b.watch(everything()).await.is_ok(), "b has read the log");
-        for i in 0..11 {
-            let stored = Event::action_result_stored("ns", crate::digest::Digest::of(&[i]), "t");
-            a.announce(vec![stored]).await.expect("stored result");
-        }
+        let (_log, _a, b) = gap_left_by_another_node().await;
         // b finds the gap 2..9, then its own retention trims invalidation 1.
         for epoch in 2..5 {
             b.announce(vec![invalidation(epoch)])
