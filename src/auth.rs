@@ -650,7 +650,8 @@ fn cert_name(subject: &str) -> String {
     format!("{CERT_PREFIX}{}", subject.escape_debug())
 }
 
-fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
+/// Whether two hashes are equal, in time that does not depend on where they differ.
+pub fn constant_time_eq(a: &[u8; 32], b: &[u8; 32]) -> bool {
     let mut diff = 0u8;
     for (x, y) in a.iter().zip(b) {
         diff |= x ^ y;

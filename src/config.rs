@@ -46,6 +46,9 @@ pub struct Config {
     /// (`[upstream]`, `src/upstream/`): misses and writes go there, hits are served here, and
     /// its watch events are relayed to this server's watchers.
     pub upstream: Option<UpstreamConfig>,
+    /// VCS webhooks (`[hooks]`, `src/hooks/`): pushes and ref deletions from GitHub, GitLab or
+    /// `hoard hook git`, mapped by `[[hooks.rule]]` to invalidations and prunes.
+    pub hooks: crate::hooks::HooksConfig,
 }
 
 /// `[upstream]`: the cache this server is a replica of. The local store (`storage.backend`
@@ -785,6 +788,7 @@ impl Default for Config {
             tls: None,
             auth: None,
             upstream: None,
+            hooks: Default::default(),
         }
     }
 }
@@ -936,6 +940,7 @@ impl Config {
         if let Some(auth) = &self.auth {
             auth.check()?;
         }
+        self.hooks.check()?;
         if l.max_metadata_size.0 < 1024 {
             return Err("limits.max_metadata_size must be at least 1KiB".into());
         }

@@ -182,6 +182,21 @@ impl Invalidation {
             .await
     }
 
+    /// Drops every namespace matching `pattern`, however recently used, except those a
+    /// `protected` pattern matches (a deleted branch's namespace, from a webhook).
+    pub async fn prune_except(
+        &self,
+        pattern: &str,
+        reason: &str,
+        caller: &str,
+        peer: &str,
+        protected: &[String],
+    ) -> Result<Vec<PrunedNamespace>> {
+        let keep = |name: &str| protected.iter().any(|p| glob_match(p, name));
+        self.prune_unless(pattern, 0, reason, false, caller, peer, &keep)
+            .await
+    }
+
     #[allow(clippy::too_many_arguments)]
     async fn prune_unless(
         &self,

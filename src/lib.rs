@@ -25,6 +25,7 @@ pub mod config;
 pub mod connections;
 pub mod digest;
 pub mod error;
+pub mod hooks;
 pub mod instance_name;
 pub mod invalidation;
 pub mod layers;

@@ -62,6 +62,10 @@ enum Command {
     /// Check a config file as `hoard serve --config FILE` would (every rule, and the files it
     /// names), print the effective settings; exit 0 if a server could start with it, else 1.
     CheckConfig(hoard::cli::check_config::CheckConfigArgs),
+    /// `hoard hook git`: a git server's post-receive hook, sending pushes to /hooks/git (see
+    /// README "VCS webhooks").
+    #[command(subcommand)]
+    Hook(hoard::cli::hook::HookCommand),
     /// A live view of a running server, redrawn every 2 s: calls/s, errors, p50/p99 latency,
     /// used vs max size, evictions, AC and CAS hit rates per namespace (q quits).
     Top(hoard::cli::top::TopArgs),
@@ -89,6 +93,7 @@ fn main() -> ExitCode {
         Command::Provenance(args) => return hoard::cli::provenance::main(args),
         Command::Top(args) => return hoard::cli::top::main(args),
         Command::CheckConfig(args) => return hoard::cli::check_config::main(args),
+        Command::Hook(command) => return hoard::cli::hook::main(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -287,7 +287,20 @@ async fn serve_all(
                 .max_encoding_message_size(max_message)
         };
     }
+    let hooks = match config.hooks.enabled() {
+        true => Some(Arc::new(crate::hooks::Hooks::new(
+            &config.hooks,
+            config.namespaces.protected.clone(),
+            invalidation.clone(),
+            stores.actions.clone(),
+            auth.clone(),
+        )?)),
+        false => None,
+    };
     let router = tonic::transport::Server::builder()
+        // HTTP/1.1 only for webhooks (forges deliver over it); HooksLayer answers every other
+        // HTTP/1 request, so gRPC still goes over HTTP/2 alone.
+        .accept_http1(true)
         // Large windows let a client stream big blobs without waiting for WINDOW_UPDATEs on
         // every few dozen KiB; they also bound what one stream or connection can buffer here.
         .initial_stream_window_size(STREAM_WINDOW)
@@ -309,6 +322,7 @@ async fn serve_all(
         // The serving stack, outermost first.
         .layer(
             tower::ServiceBuilder::new()
+                .layer(crate::hooks::HooksLayer::new(hooks))
                 .layer(crate::layers::MetricsLayer::new(metrics.clone()))
                 .layer(tower::util::MapResponseLayer::new(
                     crate::layers::oversize_is_resource_exhausted,

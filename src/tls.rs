@@ -106,7 +106,8 @@ fn load(files: &TlsConfig) -> Result<(ServerConfig, String), String> {
         ),
     })?;
     // gRPC is HTTP/2 only; clients that offer ALPN (Bazel, grpc-java, tonic) ask for h2.
-    config.alpn_protocols = vec![b"h2".to_vec()];
+    // HTTP/1.1 is for webhooks (forges deliver over it; `hooks/http.rs`).
+    config.alpn_protocols = vec![b"h2".to_vec(), b"http/1.1".to_vec()];
     Ok((config, summary))
 }
 
@@ -279,7 +280,10 @@ mod tests {
         write_pair(dir.path());
         let tls = Tls::load(&files(dir.path())).unwrap();
         assert!(!tls.mutual());
-        assert_eq!(tls.acceptor().config().alpn_protocols, vec![b"h2".to_vec()]);
+        assert_eq!(
+            tls.acceptor().config().alpn_protocols,
+            vec![b"h2".to_vec(), b"http/1.1".to_vec()]
+        );
     }
 
     #[test]

@@ -1,7 +1,7 @@
 //! `hoard check-config FILE`: everything a start would refuse about a config, found without
 //! starting: the parse and every cross-field rule (`Config::check`), then what needs the
 //! files it names (the TLS certificate, key and client CA; the upstream's token, CA and client
-//! certificate) and the data dir (a regular file there cannot become one). Prints the
+//! certificate; the webhook secrets) and the data dir (a regular file there cannot become one). Prints the
 //! effective settings (the file over the defaults) and exits 0, or prints one error and
 //! exits 1.
 
@@ -48,6 +48,15 @@ pub fn check(file: &Path) -> Result<Config, String> {
         runtime
             .block_on(async { crate::upstream::Upstream::new(upstream).map(drop) })
             .map_err(|e| e.to_string())?;
+    }
+    let hooks = &config.hooks;
+    for (file, key) in [
+        (&hooks.github_secret_file, "hooks.github_secret_file"),
+        (&hooks.gitlab_token_file, "hooks.gitlab_token_file"),
+    ] {
+        if let Some(file) = file {
+            crate::hooks::read_secret(file, key)?;
+        }
     }
     if config.data_dir.exists() && !config.data_dir.is_dir() {
         return Err(format!(

@@ -3,6 +3,7 @@
 
 pub mod admin;
 pub mod check_config;
+pub mod hook;
 pub mod invalidate;
 pub mod provenance;
 pub mod token;

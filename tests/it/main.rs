@@ -15,6 +15,7 @@ mod crash;
 mod eviction;
 mod faults;
 mod health;
+mod hooks;
 mod integrity;
 mod invalidate;
 mod lifecycle;
