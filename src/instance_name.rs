@@ -64,6 +64,11 @@ impl Kind {
     }
 }
 
+/// The first segment of the namespaces hoard keeps its own records under
+/// (`hoard.hook-deliveries`, `hoard.replica-copies`): no client may name them, so no
+/// invalidation or prune can reach them.
+pub const RESERVED_PREFIX: &str = "hoard.";
+
 fn check(text: &str, kind: Kind) -> Result<()> {
     if text.is_empty() {
         return Ok(());
@@ -95,6 +100,14 @@ fn check(text: &str, kind: Kind) -> Result<()> {
             at + 1,
             c as u32,
             describe(c, kind),
+        )));
+    }
+    let first = text.split('/').next().unwrap_or("");
+    if first.starts_with(RESERVED_PREFIX) && !(wildcard && first.contains(WILDCARD)) {
+        return Err(Error::InvalidArgument(format!(
+            "{what} {} is invalid: names starting with {RESERVED_PREFIX:?} are reserved for \
+             hoard's own records (webhook deliveries, a replica's copies)",
+            echo(text)
         )));
     }
     for segment in text.split('/') {
@@ -184,6 +197,21 @@ mod tests {
             assert!(validate(n).is_err(), "{n:?}");
         }
         assert!(validate(&"x".repeat(MAX_INSTANCE_NAME_LEN + 1)).is_err());
+    }
+
+    #[test]
+    fn hoards_own_namespaces_cannot_be_named() {
+        for n in ["hoard.hook-deliveries", "hoard.replica-copies/x", "hoard.x"] {
+            assert!(
+                message(validate(n)).contains("reserved for hoard's own records"),
+                "{n}"
+            );
+            assert!(validate_pattern(n).is_err(), "{n}");
+        }
+        assert!(validate("hoard").is_ok());
+        assert!(validate("ci/hoard.x").is_ok());
+        // A pattern may still match them by wildcard; none is ever a known namespace.
+        assert!(validate_pattern("hoa*").is_ok());
     }
 
     /// Every name here looks like (or prints as) an ordinary one; each must be refused, naming

@@ -273,6 +273,15 @@ async fn serve_all(
             );
         }
     }
+    let forges =
+        config.hooks.github_secret_file.is_some() || config.hooks.gitlab_token_file.is_some();
+    if forges && config.tls.as_ref().is_some_and(|t| t.client_ca.is_some()) {
+        tracing::warn!(
+            "[hooks] GitHub/GitLab webhooks cannot reach this port: [tls] client_ca requires a \
+             client certificate, which forges do not present; put a proxy without mTLS in front \
+             of /hooks/ (README, VCS webhooks)"
+        );
+    }
     if !auth.enabled() && !listener_is_loopback(&listener) {
         tracing::warn!(
             "listening on a non-loopback address without an [auth] section: anyone who can \

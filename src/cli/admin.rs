@@ -54,8 +54,9 @@ pub enum AdminCommand {
 /// Which store to ask: a running server, or a stopped data dir.
 #[derive(Debug, Args)]
 pub struct Source {
-    /// A running hoard, http://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS)
-    /// [default: $HOARD_SERVER, else http://127.0.0.1:9092].
+    /// A running hoard, http://HOST:PORT, grpc://HOST:PORT or grpcs://HOST:PORT (TLS);
+    /// HOARD_SERVER counts only without --data-dir and --config [env: HOARD_SERVER=]
+    /// [default: http://127.0.0.1:9092]
     #[arg(long, value_name = "URL", conflicts_with_all = ["data_dir", "config"])]
     pub server: Option<String>,
     #[command(flatten)]

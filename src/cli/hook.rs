@@ -14,7 +14,7 @@ use std::time::Duration;
 use clap::{Args, Subcommand};
 
 use crate::client::ConnectOptions;
-use crate::hooks::{GitPush, GitUpdate, ZERO_SHA};
+use crate::hooks::{is_null, GitPush, GitUpdate};
 
 #[derive(Subcommand)]
 pub enum HookCommand {
@@ -56,25 +56,30 @@ pub fn main(command: HookCommand) -> ExitCode {
 }
 
 fn git(args: GitArgs) -> Result<ExitCode, String> {
-    let mut updates = Vec::new();
+    let mut lines = Vec::new();
     for line in std::io::stdin().lock().lines() {
         let line = line.map_err(|e| format!("reading stdin: {e}"))?;
-        let fields: Vec<&str> = line.split_whitespace().collect();
-        let [before, after, reference] = fields[..] else {
-            if line.trim().is_empty() {
-                continue;
+        let fields: Vec<String> = line.split_whitespace().map(str::to_string).collect();
+        match <[String; 3]>::try_from(fields) {
+            Ok(update) => lines.push(update),
+            Err(fields) if fields.is_empty() => {}
+            Err(_) => {
+                return Err(format!(
+                    "stdin line {line:?} is not `old new ref` (run as git's post-receive hook)"
+                ))
             }
-            return Err(format!(
-                "stdin line {line:?} is not `old new ref` (run as git's post-receive hook)"
-            ));
-        };
-        updates.push(GitUpdate {
-            reference: reference.to_string(),
-            before: before.to_string(),
-            after: after.to_string(),
-            paths: changed_paths(before, after, reference),
-        });
+        }
     }
+    let pushed: Vec<String> = lines.iter().map(|[_, _, r]| r.clone()).collect();
+    let updates = lines
+        .into_iter()
+        .map(|[before, after, reference]| GitUpdate {
+            paths: changed_paths(&before, &after, &reference, &pushed),
+            reference,
+            before,
+            after,
+        })
+        .collect();
     let push = GitPush {
         delivery: uuid::Uuid::new_v4().to_string(),
         repository: args.repository.clone().unwrap_or_else(repository_name),
@@ -96,42 +101,108 @@ fn git(args: GitArgs) -> Result<ExitCode, String> {
 }
 
 /// The paths `after` changed against `before`; for a new ref, those of its commits that no
-/// other ref reaches. `None` when git cannot tell (the server then assumes every `paths` rule
-/// matches).
-fn changed_paths(before: &str, after: &str, reference: &str) -> Option<Vec<String>> {
-    if after == ZERO_SHA {
+/// ref outside this push reaches (in post-receive every pushed ref already points at its new
+/// commit, so they are all left out). Renames count as a delete and an add (both paths);
+/// paths are taken byte for byte (`-z`, no quoting). `None` when git cannot tell (the server
+/// then assumes every `paths` rule matches).
+fn changed_paths(
+    before: &str,
+    after: &str,
+    reference: &str,
+    pushed: &[String],
+) -> Option<Vec<String>> {
+    if is_null(after) {
         return Some(Vec::new());
     }
-    let exclude = format!("--exclude={reference}");
-    let argv: Vec<&str> = if before == ZERO_SHA {
-        vec![
+    let mut command = Command::new("git");
+    command.args(["-c", "core.quotePath=false"]);
+    let negated;
+    if is_null(before) {
+        let refs = git_output(
+            Command::new("git").args(["for-each-ref", "--format=%(refname)"]),
+            reference,
+        )?;
+        negated = String::from_utf8_lossy(&refs)
+            .lines()
+            .filter(|r| !r.is_empty() && !pushed.iter().any(|p| p == r))
+            .map(|r| format!("^{r}\n"))
+            .collect::<String>();
+        command.args([
             "log",
+            "--no-renames",
+            "--no-color",
             "--format=",
             "--name-only",
+            "-z",
             after,
-            "--not",
-            &exclude,
-            "--all",
-        ]
+            "--stdin",
+        ]);
     } else {
-        vec!["diff", "--name-only", before, after]
-    };
-    let out = Command::new("git").args(&argv).output();
-    match out {
-        Ok(out) if out.status.success() => {
-            let mut paths: Vec<String> = String::from_utf8_lossy(&out.stdout)
-                .lines()
-                .filter(|l| !l.is_empty())
-                .map(str::to_string)
-                .collect();
-            paths.sort_unstable();
-            paths.dedup();
-            Some(paths)
+        negated = String::new();
+        command.args([
+            "diff",
+            "--no-renames",
+            "--no-color",
+            "--name-only",
+            "-z",
+            before,
+            after,
+        ]);
+    }
+    command.stdin(std::process::Stdio::piped());
+    let out = {
+        let mut child = match command
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+        {
+            Ok(c) => c,
+            Err(e) => {
+                eprintln!("hoard hook git: cannot run git ({e}); sending {reference} with its paths unknown");
+                return None;
+            }
+        };
+        if let Some(mut stdin) = child.stdin.take() {
+            use std::io::Write;
+            let _ = stdin.write_all(negated.as_bytes());
         }
+        child.wait_with_output()
+    };
+    let out = match out {
+        Ok(out) => out,
+        Err(e) => {
+            eprintln!(
+                "hoard hook git: git failed ({e}); sending {reference} with its paths unknown"
+            );
+            return None;
+        }
+    };
+    if !out.status.success() {
+        eprintln!(
+            "hoard hook git: git failed ({}): {}; sending {reference} with its paths unknown",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+        return None;
+    }
+    let mut paths: Vec<String> = out
+        .stdout
+        .split(|&b| b == 0)
+        .map(|p| String::from_utf8_lossy(p).trim_matches('\n').to_string())
+        .filter(|p| !p.is_empty())
+        .collect();
+    paths.sort_unstable();
+    paths.dedup();
+    Some(paths)
+}
+
+/// The stdout of a git command that must succeed; `None` (said on stderr) if it does not.
+fn git_output(command: &mut Command, reference: &str) -> Option<Vec<u8>> {
+    match command.output() {
+        Ok(out) if out.status.success() => Some(out.stdout),
         Ok(out) => {
             eprintln!(
-                "hoard hook git: git {} failed ({}): {}; sending {reference} with its paths unknown",
-                argv.join(" "),
+                "hoard hook git: git failed ({}): {}; sending {reference} with its paths unknown",
                 out.status,
                 String::from_utf8_lossy(&out.stderr).trim()
             );
@@ -162,7 +233,8 @@ fn http_client(connect: &ConnectOptions) -> Result<reqwest::Client, String> {
     let _ = rustls::crypto::ring::default_provider().install_default();
     let builder = reqwest::Client::builder()
         .connect_timeout(crate::client::CONNECT_TIMEOUT)
-        .timeout(Duration::from_secs(120))
+        // A push waits for this hook: 3 tries of at most 15 s each.
+        .timeout(Duration::from_secs(15))
         .http1_only();
     let read = |flag: &str, path: &std::path::Path| {
         std::fs::read(path).map_err(|e| format!("{flag} {}: cannot read: {e}", path.display()))

@@ -27,6 +27,8 @@ use crate::error::Error;
 
 /// GitHub caps a payload at 25 MB; nothing a rule reads is larger.
 const MAX_BODY: usize = 25 << 20;
+/// How long a body may take to arrive, so a sender trickling bytes cannot hold a turn.
+const BODY_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(30);
 
 /// Answers `/hooks/...` itself, in front of the gRPC stack (a forge sends no gRPC
 /// credentials: each endpoint checks its own); answers other HTTP/1 requests with a hint.
@@ -185,43 +187,26 @@ where
                 .into(),
         ));
     }
-    let body = http_body_util::Limited::new(request.into_body(), MAX_BODY)
-        .collect()
-        .await
-        .map_err(
-            |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
-                Some(_) => Refused(
-                    StatusCode::PAYLOAD_TOO_LARGE,
-                    format!("the body is larger than {} MiB", MAX_BODY >> 20),
-                ),
-                None => Refused(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
-            },
-        )?
-        .to_bytes();
     let text = |name: &str| {
         headers
             .get(name)
             .and_then(|v| v.to_str().ok())
             .map(str::to_string)
     };
-    let (delivery, caller) = match source {
+    // Who is sending is checked before the body is read, wherever the headers tell (all but
+    // GitHub's signature, which covers the body).
+    let caller = match source {
         Source::Github => {
-            let Some(secret) = &hooks.github_secret else {
+            if hooks.github_secret.is_none() {
                 return Err(not_set("GitHub", "hooks.github_secret_file"));
-            };
-            check_github_signature(secret, &headers, &body)?;
-            let event = text("x-github-event").ok_or_else(|| missing("X-GitHub-Event"))?;
-            if event == "ping" {
-                return Ok(serde_json::json!({"pong": true}));
             }
-            let delivery = payload::github(&event, text("x-github-delivery"), &body)?;
-            (ignored(delivery, &event)?, Caller::unrestricted())
+            Caller::unrestricted()
         }
         Source::Gitlab => {
             let Some(token) = &hooks.gitlab_token else {
                 return Err(not_set("GitLab", "hooks.gitlab_token_file"));
             };
-            let sent = text("x-gitlab-token").ok_or_else(|| {
+            let sent = headers.get("x-gitlab-token").ok_or_else(|| {
                 Refused(
                     StatusCode::UNAUTHORIZED,
                     "no X-Gitlab-Token: set the webhook's secret token".into(),
@@ -234,23 +219,83 @@ where
                     "X-Gitlab-Token does not match hooks.gitlab_token_file".into(),
                 ));
             }
-            let event = text("x-gitlab-event").ok_or_else(|| missing("X-Gitlab-Event"))?;
-            // Idempotency-Key stays the same when GitLab retries a delivery.
-            let id = text("idempotency-key").or_else(|| text("x-gitlab-event-uuid"));
-            let delivery = payload::gitlab(&event, id, &body)?;
-            (ignored(delivery, &event)?, Caller::unrestricted())
+            Caller::unrestricted()
         }
         Source::Git => {
             let authorization = headers.get(header::AUTHORIZATION).map(|v| v.as_bytes());
             let caller = hooks
-                .auth
+                .auth()
                 .authenticate(authorization, peer)
                 .map_err(Refused::from)?
                 .from_peer(peer.and_then(|p| p.addr));
-            (payload::git(&body)?, caller)
+            if hooks.auth().enabled() && caller.name() == crate::auth::ANONYMOUS {
+                return Err(Refused(
+                    StatusCode::UNAUTHORIZED,
+                    "hoard hook git needs a token (HOARD_TOKEN) whose grants cover the rules' \
+                     namespaces; anonymous callers may not send deliveries"
+                        .into(),
+                ));
+            }
+            caller
         }
     };
-    Ok(hooks.apply(delivery, &caller, peer_text).await?)
+    let github_event = match source {
+        Source::Github => {
+            let event = text("x-github-event").ok_or_else(|| missing("X-GitHub-Event"))?;
+            if text("x-github-delivery").is_none() {
+                return Err(missing("X-GitHub-Delivery"));
+            }
+            Some(event)
+        }
+        _ => None,
+    };
+    let body = {
+        let _turn = hooks.body_turn().await;
+        let read = http_body_util::Limited::new(request.into_body(), MAX_BODY).collect();
+        match tokio::time::timeout(BODY_TIMEOUT, read).await {
+            Err(_) => {
+                return Err(Refused(
+                    StatusCode::REQUEST_TIMEOUT,
+                    format!("the body did not arrive within {}s", BODY_TIMEOUT.as_secs()),
+                ))
+            }
+            Ok(read) => {
+                read.map_err(
+                    |e| match e.downcast_ref::<http_body_util::LengthLimitError>() {
+                        Some(_) => Refused(
+                            StatusCode::PAYLOAD_TOO_LARGE,
+                            format!("the body is larger than {} MiB", MAX_BODY >> 20),
+                        ),
+                        None => Refused(StatusCode::BAD_REQUEST, format!("reading the body: {e}")),
+                    },
+                )?
+            }
+        }
+        .to_bytes()
+    };
+    let delivery = match source {
+        Source::Github => {
+            if let Some(secret) = &hooks.github_secret {
+                check_github_signature(secret, &headers, &body)?;
+            }
+            let event = github_event.unwrap_or_default();
+            if event == "ping" {
+                return Ok(serde_json::json!({"pong": true}));
+            }
+            let delivery = payload::github(&event, text("x-github-delivery"), &body)?;
+            ignored(delivery, &event)?
+        }
+        Source::Gitlab => {
+            let event = text("x-gitlab-event").ok_or_else(|| missing("X-Gitlab-Event"))?;
+            // Idempotency-Key stays the same when GitLab retries a delivery. (Not
+            // X-Gitlab-Event-UUID: deliveries one request caused share it.) Without it the
+            // body's hash still catches a resend.
+            let delivery = payload::gitlab(&event, text("idempotency-key"), &body)?;
+            ignored(delivery, &event)?
+        }
+        Source::Git => payload::git(&body)?,
+    };
+    Ok(hooks.apply(delivery, &body, &caller, peer_text).await?)
 }
 
 /// An event no rule is about is answered 200, so the forge does not retry it.

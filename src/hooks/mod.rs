@@ -29,12 +29,39 @@ use crate::store::{ActionRecord, ActionStore};
 pub use http::HooksLayer;
 pub use payload::{GitPush, GitUpdate};
 
-/// The namespace delivery ids are remembered under (no client can name it: it is not a valid
-/// instance name's first segment for rules, and the action cache never reads it).
+/// The namespace deliveries are remembered under (`instance_name::RESERVED_PREFIX`: no client
+/// can name it, so no invalidation or prune reaches it).
 pub const DELIVERIES: &str = "hoard.hook-deliveries";
-/// A ref that does not exist: git's and the forges' "before" of a creation, "after" of a
-/// deletion.
+/// A ref that does not exist, as git and the forges write it in a SHA-1 repository: the "before"
+/// of a creation, the "after" of a deletion.
 pub const ZERO_SHA: &str = "0000000000000000000000000000000000000000";
+/// GitHub reports a deleted branch twice, as a `push` with `deleted: true` and as a `delete`
+/// event; the second within this many seconds of the first is its twin and is not applied
+/// again.
+const TWIN_WINDOW_SECS: u64 = 600;
+
+/// Whether a commit id is git's "no commit" (all zeros: 40 in SHA-1 repositories, 64 in
+/// SHA-256 ones).
+pub fn is_null(id: &str) -> bool {
+    !id.is_empty() && id.bytes().all(|b| b == b'0')
+}
+
+/// Text from a delivery (a pusher, a repository, a ref name) as it goes into reasons and
+/// logs: control characters escaped, at most 200 characters.
+fn shown(text: &str) -> String {
+    let mut out: String = text
+        .chars()
+        .take(200)
+        .flat_map(|c| match c.is_control() {
+            true => c.escape_default().collect::<Vec<_>>(),
+            false => vec![c],
+        })
+        .collect();
+    if text.chars().count() > 200 {
+        out.push('…');
+    }
+    out
+}
 
 /// `[hooks]`: webhook secrets and the rules that map ref changes to actions.
 #[derive(Clone, Debug, Default, Deserialize, PartialEq)]
@@ -244,12 +271,13 @@ impl RefChange {
 
     fn commits(&self) -> String {
         let short = |s: &str| s.chars().take(8).collect::<String>();
-        match (self.before.as_str(), self.after.as_str()) {
-            ("" | ZERO_SHA, "" | ZERO_SHA) => String::new(),
-            (before, ZERO_SHA) => format!(" (was {})", short(before)),
-            (_, "") => String::new(),
-            ("" | ZERO_SHA, after) => format!(" at {}", short(after)),
-            (before, after) => format!(" {}..{}", short(before), short(after)),
+        let (before, after) = (self.before.as_str(), self.after.as_str());
+        let absent = |id: &str| id.is_empty() || is_null(id);
+        match (absent(before), absent(after)) {
+            (true, true) => String::new(),
+            (false, true) => format!(" (was {})", short(before)),
+            (true, false) => format!(" at {}", short(after)),
+            (false, false) => format!(" {}..{}", short(before), short(after)),
         }
     }
 }
@@ -283,6 +311,9 @@ pub struct Delivery {
     pub changes: Vec<RefChange>,
 }
 
+/// Webhook bodies read at the same time; more wait for a turn.
+const BODIES_AT_ONCE: usize = 4;
+
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 enum Action {
     Invalidate,
@@ -309,6 +340,8 @@ pub struct Hooks {
     auth: Arc<crate::auth::Authenticator>,
     /// One delivery at a time: a replay racing its original is seen as a replay.
     serial: tokio::sync::Mutex<()>,
+    /// Bodies being read at once (each up to 25 MiB), so a flood cannot fill memory.
+    bodies: tokio::sync::Semaphore,
 }
 
 impl Hooks {
@@ -343,6 +376,7 @@ impl Hooks {
             deliveries,
             auth,
             serial: tokio::sync::Mutex::new(()),
+            bodies: tokio::sync::Semaphore::new(BODIES_AT_ONCE),
         })
     }
 
@@ -388,17 +422,17 @@ impl Hooks {
                 let verb = if change.deleted { "deleted" } else { "pushed" };
                 let by = match delivery.pusher.as_str() {
                     "" => String::new(),
-                    who => format!(" by {who}"),
+                    who => format!(" by {}", shown(who)),
                 };
                 let repo = match delivery.repository.as_str() {
                     "" => String::new(),
-                    r => format!(" in {r}"),
+                    r => format!(" in {}", shown(r)),
                 };
                 let reason = format!(
                     "{} {verb} {} {}{}{repo}{by}{why_paths}: hooks.rule {} ({} {:?})",
                     delivery.source.name(),
                     change.kind.noun(),
-                    change.name,
+                    shown(&change.name),
                     change.commits(),
                     i + 1,
                     match action {
@@ -418,33 +452,56 @@ impl Hooks {
         planned
     }
 
-    fn delivery_key(source: Source, id: &str) -> Digest {
+    /// The key of a record in [`DELIVERIES`]: what it is about, hashed.
+    fn key(parts: &[&str]) -> Digest {
+        let mut hash = Sha256::new();
+        for p in parts {
+            hash.update(p.as_bytes());
+            hash.update([0]);
+        }
         Digest {
-            hash: Sha256::digest(format!("{}:{id}", source.name())).into(),
+            hash: hash.finalize().into(),
             size: 0,
         }
     }
 
+    /// Waits for a turn to read a webhook body.
+    pub async fn body_turn(&self) -> Option<tokio::sync::SemaphorePermit<'_>> {
+        self.bodies.acquire().await.ok()
+    }
+
+    /// Whether `auth` is in force (then `hoard hook git` needs credentials).
+    pub fn auth(&self) -> &crate::auth::Authenticator {
+        &self.auth
+    }
+
     /// Applies what `delivery`'s changes match, on behalf of `caller` (whose grants must cover
     /// every action for `hoard hook git`; a forge's secret is the server's own rules' say-so).
+    ///
+    /// A delivery is remembered by its id and by its body's hash once it has acted: the same
+    /// id again, or the same signed body under another id (a captured delivery replayed), is
+    /// answered from the record and changes nothing.
     pub async fn apply(
         &self,
-        delivery: Delivery,
+        mut delivery: Delivery,
+        body: &[u8],
         caller: &Caller,
         peer: &str,
     ) -> Result<serde_json::Value> {
         let _serial = self.serial.lock().await;
-        let key = delivery
-            .id
-            .as_deref()
-            .map(|id| Self::delivery_key(delivery.source, id));
-        if let Some(key) = &key {
+        let source = delivery.source.name();
+        let body_hash = hex::encode(Sha256::digest(body));
+        let mut keys = vec![Self::key(&[source, "body", &body_hash])];
+        if let Some(id) = &delivery.id {
+            keys.push(Self::key(&[source, "id", id]));
+        }
+        for key in &keys {
             if let Some(seen) = self.deliveries.get(DELIVERIES, key).await? {
                 let mut earlier: serde_json::Value =
                     serde_json::from_slice(&seen.result).unwrap_or(serde_json::Value::Null);
                 tracing::info!(
-                    source = delivery.source.name(),
-                    delivery = delivery.id.as_deref().unwrap_or(""),
+                    source,
+                    delivery = shown(delivery.id.as_deref().unwrap_or("")),
                     peer,
                     "webhook delivery replayed: applied already, nothing done"
                 );
@@ -453,6 +510,30 @@ impl Hooks {
                 }
                 return Ok(earlier);
             }
+        }
+        // GitHub's second report of a deletion (push `deleted: true`, then `delete`, or the
+        // other way round) is dropped here.
+        let now = self.invalidation.clock();
+        let mut twins = Vec::new();
+        let mut twin_keys = Vec::new();
+        if delivery.source == Source::Github {
+            let mut kept = Vec::new();
+            for change in std::mem::take(&mut delivery.changes) {
+                if change.deleted {
+                    let kind = change.kind.noun();
+                    let key =
+                        Self::key(&[source, "deleted", &delivery.repository, kind, &change.name]);
+                    if let Some(r) = self.deliveries.get(DELIVERIES, &key).await? {
+                        if now.saturating_sub(u64::from(r.last_used)) < TWIN_WINDOW_SECS {
+                            twins.push(change.name);
+                            continue;
+                        }
+                    }
+                    twin_keys.push(key);
+                }
+                kept.push(change);
+            }
+            delivery.changes = kept;
         }
         let planned = self.plan(&delivery);
         // Every action checked before any is done: a refused delivery changes nothing.
@@ -491,30 +572,36 @@ impl Hooks {
                 "namespaces": namespaces,
             }));
         }
-        let summary = serde_json::json!({
+        let mut summary = serde_json::json!({
             "delivery": delivery.id,
             "replayed": false,
             "refs": delivery.changes.len(),
             "applied": applied,
         });
+        if !twins.is_empty() {
+            summary["twins"] = serde_json::json!(twins);
+        }
         tracing::info!(
-            source = delivery.source.name(),
-            delivery = delivery.id.as_deref().unwrap_or(""),
+            source,
+            delivery = shown(delivery.id.as_deref().unwrap_or("")),
             refs = delivery.changes.len(),
             actions = planned.len(),
             caller = caller_name,
             peer,
             "webhook delivery applied"
         );
-        if let Some(key) = key {
+        // A delivery that did nothing is not remembered: its replay does nothing either.
+        if !planned.is_empty() {
             let record = ActionRecord {
-                last_used: self.invalidation.clock() as u32,
+                last_used: now as u32,
                 epoch: 0,
                 result: serde_json::to_vec(&summary)
                     .map_err(|e| Error::internal("encoding a delivery's summary", e))?
                     .into(),
             };
-            self.deliveries.put(DELIVERIES, &key, record).await?;
+            for key in keys.iter().chain(&twin_keys) {
+                self.deliveries.put(DELIVERIES, key, record.clone()).await?;
+            }
         }
         Ok(summary)
     }

@@ -4,7 +4,7 @@
 
 use serde::{Deserialize, Serialize};
 
-use super::{Delivery, RefChange, RefKind, Source, ZERO_SHA};
+use super::{is_null, Delivery, RefChange, RefKind, Source};
 use crate::error::{Error, Result};
 
 /// GitHub lists at most this many commits in a push event.
@@ -80,6 +80,9 @@ struct GithubDelete {
     ref_type: String,
     repository: Option<GithubRepository>,
     sender: Option<GithubSender>,
+    /// Only in a `create` event's body, which has a delete's shape otherwise: a signed create
+    /// body resent as a `delete` (the event header is not signed) must not prune.
+    master_branch: Option<serde_json::Value>,
 }
 
 /// A GitHub delivery of `event` (`X-GitHub-Event`); `None` for events no rule is about.
@@ -91,7 +94,7 @@ pub fn github(event: &str, id: Option<String>, body: &[u8]) -> Result<Option<Del
             let Some((kind, name)) = RefChange::of_ref(&push.reference) else {
                 return Ok(Some(empty(Source::Github, id)));
             };
-            let deleted = push.deleted || push.after == ZERO_SHA;
+            let deleted = push.deleted || is_null(&push.after);
             let paths = if push.forced {
                 Err("a forced push")
             } else if push.commits.len() >= GITHUB_MAX_COMMITS {
@@ -116,6 +119,12 @@ pub fn github(event: &str, id: Option<String>, body: &[u8]) -> Result<Option<Del
         }
         "delete" => {
             let delete: GithubDelete = parse(body, "GitHub delete event")?;
+            if delete.master_branch.is_some() {
+                return Err(Error::InvalidArgument(
+                    "the body is a GitHub create event's (it has master_branch), not a delete's"
+                        .into(),
+                ));
+            }
             let kind = match delete.ref_type.as_str() {
                 "branch" => RefKind::Branch,
                 "tag" => RefKind::Tag,
@@ -187,7 +196,7 @@ pub fn gitlab(event: &str, id: Option<String>, body: &[u8]) -> Result<Option<Del
         changes: vec![RefChange {
             kind,
             name,
-            deleted: push.after == ZERO_SHA,
+            deleted: is_null(&push.after),
             before: push.before,
             after: push.after,
             paths,
@@ -234,7 +243,7 @@ pub fn git(body: &[u8]) -> Result<Delivery> {
         let Some((kind, name)) = RefChange::of_ref(&u.reference) else {
             continue;
         };
-        let deleted = u.after == ZERO_SHA;
+        let deleted = is_null(&u.after);
         changes.push(RefChange {
             kind,
             name,
@@ -285,7 +294,10 @@ mod tests {
         let forced = br#"{"ref":"refs/heads/main","forced":true,"commits":[]}"#;
         let d = github("push", None, forced).unwrap().unwrap();
         assert!(d.changes[0].paths.is_err());
-        let gone = format!(r#"{{"ref":"refs/heads/x","after":"{ZERO_SHA}","deleted":true}}"#);
+        let gone = format!(
+            r#"{{"ref":"refs/heads/x","after":"{}","deleted":true}}"#,
+            "0".repeat(64)
+        );
         assert!(
             github("push", None, gone.as_bytes())
                 .unwrap()
@@ -294,6 +306,8 @@ mod tests {
                 .deleted
         );
         assert!(github("pull_request", None, b"{}").unwrap().is_none());
+        let created = br#"{"ref":"x","ref_type":"branch","master_branch":"main"}"#;
+        assert!(github("delete", None, created).is_err());
         assert!(github("push", None, b"{\"before\":1}").is_err());
     }
 

@@ -59,6 +59,16 @@ async fn a_config_a_server_would_refuse_fails_and_says_why() {
     assert!(e.contains("not a directory"), "{e}");
     let e = refused("listen = \n").await;
     assert!(e.contains("line 1"), "{e}");
+    let e = refused("[hooks]\ngithub_secret_file = \"TMP/no-secret\"\n").await;
+    assert!(
+        e.contains("hooks.github_secret_file") && e.contains("cannot read"),
+        "{e}"
+    );
+    let e = refused("[[hooks.rule]]\non = \"delete\"\nprune = \"ci/{tag}\"\n").await;
+    assert!(
+        e.contains("hooks.rule 1") && e.contains("use {branch}"),
+        "{e}"
+    );
 }
 
 /// deploy/systemd/hoard.service passes `systemd-analyze verify` (with this build's binary in

@@ -20,6 +20,7 @@ use crate::common::{digest_of, lookup_result, take, update_result, TestServer};
 const GITHUB_SECRET: &str = "It's a Secret to Everybody";
 const GITLAB_TOKEN: &str = "gitlab-webhook-token";
 const HOOKS_TOKEN: &str = "hooks-admin-token-0123456789";
+const WRITER_TOKEN: &str = "writer-token-0123456789";
 
 fn action() -> reapi::Digest {
     digest_of(b"hooks test action")
@@ -246,12 +247,40 @@ async fn a_github_push_touching_the_toolchain_invalidates_and_others_change_noth
     assert!(!hit(&server, "ci/branches/x").await);
     assert!(hit(&server, "dev/alice").await);
 
-    // Redelivered (GitHub's "Redeliver" keeps the delivery id): applied once.
+    // Redelivered (GitHub's "Redeliver" keeps the delivery id): applied once. The same signed
+    // body under another id (the id header is not signed) is a replay too.
     put(&server, "ci/main").await;
     let (status, reply) = post(&server, "/hooks/github", &headers, &body).await;
     assert_eq!(status, 200, "{reply}");
     assert_eq!(reply["replayed"], true, "{reply}");
+    let (status, reply) = post(
+        &server,
+        "/hooks/github",
+        &github_headers("push", "d-2b", &body),
+        &body,
+    )
+    .await;
+    assert_eq!((status, &reply["replayed"]), (200, &json!(true)), "{reply}");
     assert!(hit(&server, "ci/main").await, "a replay invalidated again");
+    let (status, reply) = post(
+        &server,
+        "/hooks/github",
+        &headers[..1]
+            .iter()
+            .chain(&headers[2..])
+            .cloned()
+            .collect::<Vec<_>>(),
+        &body,
+    )
+    .await;
+    assert_eq!(status, 400, "{reply}");
+    assert!(
+        reply["error"]
+            .as_str()
+            .unwrap()
+            .contains("X-GitHub-Delivery"),
+        "{reply}"
+    );
 
     // ping, on creating the webhook; events no rule is about are answered, not retried.
     let (status, reply) = post(
@@ -311,6 +340,43 @@ async fn a_github_push_touching_the_toolchain_invalidates_and_others_change_noth
         .await;
         assert_eq!(status, 200, "{reply}");
     }
+    // Durable before the reply.
+    assert!(!hit(&server, "ci/branches/x").await);
+    // GitHub's other report of the same deletion, a push with deleted: true, is its twin.
+    put(&server, "ci/branches/x").await;
+    let gone = json!({
+        "ref": "refs/heads/x", "before": "6113728f27ae82c7b1a177c8d03f9e96e0adf246",
+        "after": "0000000000000000000000000000000000000000", "deleted": true, "created": false,
+        "forced": false, "commits": [], "repository": {"full_name": "acme/app"},
+        "pusher": {"name": "bob"},
+    })
+    .to_string();
+    let (status, reply) = post(
+        &server,
+        "/hooks/github",
+        &github_headers("push", "d-8", &gone),
+        &gone,
+    )
+    .await;
+    assert_eq!(status, 200, "{reply}");
+    assert_eq!(reply["twins"], json!(["x"]), "{reply}");
+    assert!(
+        hit(&server, "ci/branches/x").await,
+        "a deletion's twin pruned again"
+    );
+    // A signed create event's body resent as a delete (the event header is not signed).
+    let created = json!({"ref": "x", "ref_type": "branch", "master_branch": "main",
+        "pusher_type": "user", "repository": {"full_name": "acme/app"}})
+    .to_string();
+    let (status, _) = post(
+        &server,
+        "/hooks/github",
+        &github_headers("delete", "d-9", &created),
+        &created,
+    )
+    .await;
+    assert_eq!(status, 400);
+    assert!(hit(&server, "ci/branches/x").await);
     let dropped = take(&mut events, 1).await;
     assert_eq!(dropped[0].kind(), EventKind::NamespaceDropped);
     assert_eq!(dropped[0].namespace, "ci/branches/x");
@@ -319,7 +385,6 @@ async fn a_github_push_touching_the_toolchain_invalidates_and_others_change_noth
         "{:?}",
         dropped[0].reason
     );
-    assert!(!hit(&server, "ci/branches/x").await);
     assert!(
         hit(&server, "ci/branches/keep").await,
         "protected namespaces are never pruned"
@@ -550,11 +615,18 @@ async fn a_real_git_push_through_post_receive_invalidates_and_a_deleted_branch_i
     let server = start(dir.path(), |c| {
         c.auth = Some(AuthConfig {
             anonymous: Access::Write,
-            tokens: vec![TokenConfig {
-                name: "git-hooks".into(),
-                hash: hash_token(HOOKS_TOKEN),
-                grants: vec!["admin:ci/**".parse().unwrap()],
-            }],
+            tokens: vec![
+                TokenConfig {
+                    name: "git-hooks".into(),
+                    hash: hash_token(HOOKS_TOKEN),
+                    grants: vec!["admin:ci/**".parse().unwrap()],
+                },
+                TokenConfig {
+                    name: "writer".into(),
+                    hash: hash_token(WRITER_TOKEN),
+                    grants: vec!["write:**".parse().unwrap()],
+                },
+            ],
             client_certs: vec![],
         });
     })
@@ -598,15 +670,8 @@ async fn a_real_git_push_through_post_receive_invalidates_and_a_deleted_branch_i
         &[],
     );
 
-    // The first push creates main with a README: no rule's paths.
-    let said = commit_and_push(&work, "README.md", "hello\n", Some(HOOKS_TOKEN)).await;
-    assert!(
-        said.contains("remote: hoard: no [[hooks.rule]] matched this push"),
-        "{said}"
-    );
-    assert!(hit(&server, "ci/main").await);
-
-    // Touching .bazelversion: every CI namespace invalidated, by the hook's token.
+    // The first push creates main (the branch HEAD names) with a .bazelversion: every CI
+    // namespace is invalidated, by the hook's token.
     let said = commit_and_push(&work, ".bazelversion", "4.2.3\n", Some(HOOKS_TOKEN)).await;
     assert!(
         said.contains("remote: hoard: hooks.rule 1: invalidated \"ci/**\": 2 namespace(s)"),
@@ -617,7 +682,7 @@ async fn a_real_git_push_through_post_receive_invalidates_and_a_deleted_branch_i
         assert_eq!(e.kind(), EventKind::NamespaceInvalidated);
         assert_eq!(e.caller, "git-hooks");
         assert!(
-            e.reason.starts_with("git pushed branch main "),
+            e.reason.starts_with("git pushed branch main at "),
             "{}",
             e.reason
         );
@@ -633,13 +698,34 @@ async fn a_real_git_push_through_post_receive_invalidates_and_a_deleted_branch_i
 
     // A push that does not touch the toolchain changes nothing.
     put(&server, "ci/main").await;
-    let said = commit_and_push(&work, "README.md", "hello again\n", Some(HOOKS_TOKEN)).await;
-    assert!(said.contains("no [[hooks.rule]] matched"), "{said}");
+    put(&server, "ci/branches/feature").await;
+    let said = commit_and_push(&work, "README.md", "hello\n", Some(HOOKS_TOKEN)).await;
+    assert!(
+        said.contains("remote: hoard: no [[hooks.rule]] matched this push"),
+        "{said}"
+    );
     assert!(hit(&server, "ci/main").await);
 
-    // Without the token (anonymous callers may write, not administer): the push goes through,
-    // the hook is refused with 403 and nothing is invalidated.
+    // Changing .bazelversion again (an update, diffed by git): invalidated again.
+    let said = commit_and_push(&work, ".bazelversion", "4.2.4\n", Some(HOOKS_TOKEN)).await;
+    assert!(said.contains("hooks.rule 1: invalidated"), "{said}");
+    let seen = take(&mut events, 2).await;
+    assert!(
+        seen[0].reason.contains(" changed .bazelversion"),
+        "{}",
+        seen[0].reason
+    );
+    assert!(!hit(&server, "ci/main").await);
+    put(&server, "ci/main").await;
+
+    // Without a token (anonymous callers may write, not administer), or with one that may only
+    // write: the push goes through, the hook is refused, nothing is invalidated.
     let said = commit_and_push(&work, ".bazelversion", "5.0.0\n", None).await;
+    assert!(
+        said.contains("refused the delivery (401 Unauthorized)"),
+        "{said}"
+    );
+    let said = commit_and_push(&work, ".bazelversion", "5.0.1\n", Some(WRITER_TOKEN)).await;
     assert!(
         said.contains("refused the delivery (403 Forbidden)"),
         "{said}"
