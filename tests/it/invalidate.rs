@@ -644,8 +644,9 @@ async fn idle_namespaces_are_pruned_on_a_schedule_and_protected_ones_stay() {
         .unwrap()
         .into_inner();
     store.advance_clock(2 * 60 * Duration::from_secs(1));
-    put(&server, "ci/branches/busy", &a).await; // used now: not idle
-                                                // The task checks every 60s / 16: within a few seconds the idle branch is gone.
+    // Used now: not idle.
+    put(&server, "ci/branches/busy", &a).await;
+    // The task checks every 60s / 16: within a few seconds the idle branch is gone.
     let dropped = take(&mut stream, 1).await;
     assert_eq!(dropped[0].kind(), EventKind::NamespaceDropped);
     assert_eq!(dropped[0].namespace, "ci/branches/gone");

@@ -793,3 +793,65 @@ async fn a_replica_reaches_an_mtls_upstream_with_its_own_certificate() {
         .into_inner();
     assert_eq!(read.responses[0].data, data);
 }
+
+/// Webhooks come over HTTPS with HTTP/1.1 (ALPN `http/1.1` after `h2`): a forge's delivery and
+/// `hoard hook git --tls-ca` both reach the TLS port, and gRPC on it still works.
+#[tokio::test]
+async fn webhooks_reach_the_tls_port_over_http1() {
+    let ca = Ca::new("test CA");
+    let dir = tempfile::tempdir().unwrap();
+    let secret = write(dir.path(), "github-secret", "s3cret\n");
+    let (server, certs) = tls_server(&ca, None, |c| {
+        c.hooks.github_secret_file = Some(secret);
+    })
+    .await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .http1_only()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let key = ring::hmac::Key::new(ring::hmac::HMAC_SHA256, b"s3cret");
+    let signature = hex::encode(ring::hmac::sign(&key, b"{}").as_ref());
+    let reply = client
+        .post(format!(
+            "https://localhost:{}/hooks/github",
+            server.addr().port()
+        ))
+        .header("content-type", "application/json")
+        .header("x-github-event", "ping")
+        .header("x-github-delivery", "tls-1")
+        .header("x-hub-signature-256", format!("sha256={signature}"))
+        .body("{}")
+        .send()
+        .await
+        .expect("POST over TLS");
+    assert_eq!(reply.version(), reqwest::Version::HTTP_11);
+    assert_eq!(reply.status().as_u16(), 200);
+    assert_eq!(reply.text().await.unwrap().trim(), r#"{"pong":true}"#);
+
+    // The CLI with --tls-ca: an empty push (no ref lines) is posted and matches no rule.
+    let ca_file = write(certs.path(), "ca.pem", &ca.pem);
+    let mut hook = hoard_command();
+    hook.args(["hook", "git", "--server"])
+        .arg(format!("grpcs://localhost:{}", server.addr().port()))
+        .arg("--tls-ca")
+        .arg(&ca_file)
+        .env("RUST_LOG", "off")
+        .env_remove("HOARD_SERVER")
+        .env_remove("HOARD_TOKEN")
+        .stdin(std::process::Stdio::null());
+    let out = tokio::task::spawn_blocking(move || hook.output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no [[hooks.rule]] matched"),
+        "{out:?}"
+    );
+    let channel = connect(server.addr(), &ca, None)
+        .await
+        .expect("TLS connect");
+    round_trip(channel, 3).await.expect("gRPC over TLS");
+    server.stop().await;
+}
