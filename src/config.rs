@@ -49,6 +49,11 @@ pub struct Config {
     /// VCS webhooks (`[hooks]`, `src/hooks/`): pushes and ref deletions from GitHub, GitLab or
     /// `hoard hook git`, mapped by `[[hooks.rule]]` to invalidations and prunes.
     pub hooks: crate::hooks::HooksConfig,
+    /// Address of the OCI Distribution API front (`src/oci/`): container build caches,
+    /// skopeo and oras push and pull there, blobs in the CAS. Default: off.
+    pub oci_listen: Option<SocketAddr>,
+    /// `[oci]`: how repositories map to namespaces.
+    pub oci: crate::oci::OciConfig,
 }
 
 /// `[upstream]`: the cache this server is a replica of. The local store (`storage.backend`
@@ -789,6 +794,8 @@ impl Default for Config {
             auth: None,
             upstream: None,
             hooks: Default::default(),
+            oci_listen: None,
+            oci: Default::default(),
         }
     }
 }
@@ -941,6 +948,14 @@ impl Config {
             auth.check()?;
         }
         self.hooks.check()?;
+        self.oci.check()?;
+        if let Some(oci) = self.oci_listen {
+            if oci == self.listen || Some(oci) == self.ops_listen {
+                return Err(format!(
+                    "oci_listen ({oci}) must differ from listen and ops_listen"
+                ));
+            }
+        }
         if l.max_metadata_size.0 < 1024 {
             return Err("limits.max_metadata_size must be at least 1KiB".into());
         }

@@ -31,6 +31,7 @@ pub mod invalidation;
 pub mod layers;
 pub mod metrics;
 pub mod namespace;
+pub mod oci;
 pub mod ops;
 pub mod origin;
 pub mod proto;

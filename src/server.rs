@@ -306,6 +306,34 @@ async fn serve_all(
         )?)),
         false => None,
     };
+    let oci = match config.oci_listen {
+        Some(addr) => {
+            let listener = TcpListener::bind(addr).await.map_err(|e| {
+                Error::Unavailable(format!("cannot listen on oci_listen {addr}: {e}"))
+            })?;
+            let registry = Arc::new(crate::oci::Registry::new(
+                &config.oci,
+                stores.cas.clone(),
+                results.clone(),
+                stores.actions.clone(),
+                auth.clone(),
+                oci_spool(config),
+            )?);
+            let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+            let task = tokio::spawn(crate::oci::serve(
+                listener,
+                registry,
+                config.limits.handshake_timeout.0,
+                tls.clone(),
+                config.limits.max_blob_size.0,
+                async move {
+                    let _ = stopped.await;
+                },
+            ));
+            Some((stop, task))
+        }
+        None => None,
+    };
     let router = tonic::transport::Server::builder()
         // HTTP/1.1 only for webhooks (forges deliver over it); HooksLayer answers every other
         // HTTP/1 request, so gRPC still goes over HTTP/2 alone.
@@ -487,6 +515,10 @@ async fn serve_all(
             Ok(())
         }
     };
+    if let Some((stop, task)) = oci {
+        let _ = stop.send(());
+        let _ = tokio::time::timeout(OPS_GRACE, task).await;
+    }
     sweeper.abort();
     upkeep.abort();
     // Not aborted: a sweep's batch on a blocking thread would outlive the store's flush.
@@ -552,6 +584,13 @@ async fn sweep_abandoned_uploads(store: Arc<dyn Housekeeping>, max_age: Duration
             Err(e) => tracing::warn!(error = %e, "sweeping abandoned uploads failed"),
         }
     }
+}
+
+/// Where OCI uploads are spooled: `data_dir/oci-uploads` for a durable store (emptied at
+/// start: the data dir has one owner), else a temporary directory of this process's own.
+fn oci_spool(config: &Config) -> Option<std::path::PathBuf> {
+    let dir = spool_dir(config);
+    (dir == config.data_dir).then(|| dir.join("oci-uploads"))
 }
 
 /// Where downloads from origin are spooled (as unnamed files): beside the data for a durable

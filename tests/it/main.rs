@@ -23,6 +23,7 @@ mod memory;
 mod metrics;
 mod model;
 mod namespaces;
+mod oci;
 mod ops;
 mod otlp;
 mod provenance;

@@ -1,0 +1,354 @@
+//! An OCI Distribution API front (`oci_listen`): container build caches (BuildKit's and
+//! buildah's registry caches), skopeo and oras push and pull through it, and their blobs live
+//! in the CAS with everything else.
+//!
+//! A repository `cache/app/main` is the namespace `<oci.namespace_prefix>/cache/app/main`: its
+//! tags and manifests are one record there (`Repository`, kept through `ActionResults`, so
+//! read and write grants, invalidation, TTL and pruning apply as to action results). Blobs and
+//! manifests' bytes are CAS blobs; since an OCI digest has no size, the size of every blob
+//! pushed through here is remembered by hash (namespace `hoard.oci-blobs`). Uploads are spooled
+//! (`uploads.rs`) until their digest is known, then stored like any CAS write (verified).
+//! The HTTP side is `http.rs`; manifests are read by `manifest.rs`.
+
+mod http;
+mod manifest;
+mod uploads;
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use ::http::StatusCode;
+use bytes::Bytes;
+use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
+
+use crate::digest::Digest;
+use crate::error::Error;
+use crate::namespace::ActionResults;
+use crate::store::{ActionRecord, ActionStore, Cas};
+
+pub use http::serve;
+
+/// Where the sizes of blobs pushed through the registry are kept, by hash.
+const BLOB_SIZES: &str = "hoard.oci-blobs";
+/// Manifests larger than this are refused (the spec asks registries to take at least 4 MB).
+pub const MAX_MANIFEST: usize = 4 << 20;
+/// A repository name is at most this long (distribution's limit with the host).
+const MAX_NAME: usize = 255;
+
+/// `[oci]`: the registry front's settings (its address is `oci_listen`).
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct OciConfig {
+    /// Repository `R` is the namespace `<namespace_prefix>/R`. Default `"oci"`.
+    pub namespace_prefix: String,
+}
+
+impl Default for OciConfig {
+    fn default() -> Self {
+        OciConfig {
+            namespace_prefix: "oci".into(),
+        }
+    }
+}
+
+impl OciConfig {
+    pub fn check(&self) -> std::result::Result<(), String> {
+        if self.namespace_prefix.contains('*') {
+            return Err("oci.namespace_prefix must be a namespace name, not a pattern".into());
+        }
+        crate::instance_name::validate(&self.namespace_prefix)
+            .map_err(|e| format!("oci.namespace_prefix: {e}"))
+    }
+}
+
+/// A refusal in the registry's terms: an HTTP status, one of the spec's error codes, and
+/// what was wrong.
+#[derive(Debug)]
+pub struct OciError {
+    pub status: StatusCode,
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl OciError {
+    pub fn new(status: StatusCode, code: &'static str, message: impl Into<String>) -> Self {
+        OciError {
+            status,
+            code,
+            message: message.into(),
+        }
+    }
+
+    fn name_unknown(name: &str) -> Self {
+        OciError::new(
+            StatusCode::NOT_FOUND,
+            "NAME_UNKNOWN",
+            format!("repository {name:?} has no tags or manifests"),
+        )
+    }
+}
+
+impl From<Error> for OciError {
+    fn from(e: Error) -> Self {
+        let (status, code) = match e.code() {
+            tonic::Code::InvalidArgument => (StatusCode::BAD_REQUEST, "UNSUPPORTED"),
+            tonic::Code::NotFound => (StatusCode::NOT_FOUND, "BLOB_UNKNOWN"),
+            tonic::Code::Unauthenticated => (StatusCode::UNAUTHORIZED, "UNAUTHORIZED"),
+            tonic::Code::PermissionDenied => (StatusCode::FORBIDDEN, "DENIED"),
+            tonic::Code::ResourceExhausted | tonic::Code::Unavailable => {
+                (StatusCode::SERVICE_UNAVAILABLE, "UNAVAILABLE")
+            }
+            _ => (StatusCode::INTERNAL_SERVER_ERROR, "UNKNOWN"),
+        };
+        OciError::new(status, code, e.to_string())
+    }
+}
+
+pub type OciResult<T> = std::result::Result<T, OciError>;
+
+/// Checks a repository name against the spec's grammar: lowercase components of letters and
+/// digits joined by `.`, `_`, `__` or runs of `-`, separated by `/`. So no `..`, no empty
+/// segment, nothing a path could be made of.
+pub fn validate_name(name: &str) -> OciResult<()> {
+    let invalid = |why: &str| {
+        OciError::new(
+            StatusCode::BAD_REQUEST,
+            "NAME_INVALID",
+            format!(
+                "repository name {} is invalid: {why}",
+                crate::error::echo(name)
+            ),
+        )
+    };
+    if name.is_empty() || name.len() > MAX_NAME {
+        return Err(invalid("it must be 1 to 255 characters"));
+    }
+    for component in name.split('/') {
+        let alnum = |c: u8| c.is_ascii_lowercase() || c.is_ascii_digit();
+        let bytes = component.as_bytes();
+        if bytes.is_empty() || !alnum(bytes[0]) || !alnum(bytes[bytes.len() - 1]) {
+            return Err(invalid(
+                "each /-separated component starts and ends with a lowercase letter or digit",
+            ));
+        }
+        let mut i = 0;
+        while i < bytes.len() {
+            let c = bytes[i];
+            if alnum(c) {
+                i += 1;
+                continue;
+            }
+            // A separator: ".", "_", "__" or a run of "-", between alphanumerics.
+            let run = bytes[i..].iter().take_while(|&&b| b == c).count();
+            let ok = match c {
+                b'.' => run == 1,
+                b'_' => run <= 2,
+                b'-' => true,
+                _ => false,
+            };
+            if !ok {
+                return Err(invalid(
+                    "components are lowercase letters and digits joined by ., _, __ or -",
+                ));
+            }
+            i += run;
+        }
+    }
+    Ok(())
+}
+
+/// A tag: `[a-zA-Z0-9_][a-zA-Z0-9._-]{0,127}`.
+pub fn is_tag(reference: &str) -> bool {
+    let b = reference.as_bytes();
+    !b.is_empty()
+        && b.len() <= 128
+        && (b[0].is_ascii_alphanumeric() || b[0] == b'_')
+        && b.iter()
+            .all(|&c| c.is_ascii_alphanumeric() || matches!(c, b'.' | b'_' | b'-'))
+}
+
+/// `sha256:<64 lowercase hex>` → the hash; other algorithms are refused.
+pub fn parse_digest(text: &str) -> OciResult<[u8; 32]> {
+    let invalid = |why: &str| {
+        OciError::new(
+            StatusCode::BAD_REQUEST,
+            "DIGEST_INVALID",
+            format!("digest {} is invalid: {why}", crate::error::echo(text)),
+        )
+    };
+    let Some((algorithm, hex_part)) = text.split_once(':') else {
+        return Err(invalid("expected sha256:<64 hex digits>"));
+    };
+    if algorithm != "sha256" {
+        return Err(OciError::new(
+            StatusCode::BAD_REQUEST,
+            "UNSUPPORTED",
+            format!("digest algorithm {algorithm:?} is not supported here: only sha256"),
+        ));
+    }
+    if hex_part.len() != 64
+        || !hex_part
+            .bytes()
+            .all(|c| matches!(c, b'0'..=b'9' | b'a'..=b'f'))
+    {
+        return Err(invalid("a sha256 digest is 64 lowercase hex digits"));
+    }
+    let mut hash = [0u8; 32];
+    hex::decode_to_slice(hex_part, &mut hash).map_err(|_| invalid("not hex"))?;
+    Ok(hash)
+}
+
+fn digest_text(hash: &[u8; 32]) -> String {
+    format!("sha256:{}", hex::encode(hash))
+}
+
+/// One repository's tags and manifests, kept as one record in its namespace.
+#[derive(Serialize, Deserialize, Default, Debug, Clone)]
+struct Repository {
+    /// Tag → manifest digest (`sha256:...`).
+    tags: BTreeMap<String, String>,
+    /// Manifest digest → what it is.
+    manifests: BTreeMap<String, StoredManifest>,
+}
+
+#[derive(Serialize, Deserialize, Debug, Clone)]
+struct StoredManifest {
+    media_type: String,
+    size: u64,
+    /// The digests and sizes it references (config, layers, or an index's entries).
+    refs: Vec<(String, u64)>,
+}
+
+/// The registry: the CAS for bytes, the action store (through the namespace policy) for
+/// repositories.
+pub struct Registry {
+    cas: Arc<dyn Cas>,
+    results: Arc<ActionResults>,
+    /// For the blob-size records, which belong to no namespace a client can name.
+    store: Arc<dyn ActionStore>,
+    auth: Arc<crate::auth::Authenticator>,
+    prefix: String,
+    uploads: uploads::Uploads,
+    /// Read-modify-write of a repository record, one at a time per stripe.
+    locks: Vec<tokio::sync::Mutex<()>>,
+}
+
+impl Registry {
+    pub fn new(
+        config: &OciConfig,
+        cas: Arc<dyn Cas>,
+        results: Arc<ActionResults>,
+        store: Arc<dyn ActionStore>,
+        auth: Arc<crate::auth::Authenticator>,
+        spool: Option<std::path::PathBuf>,
+    ) -> crate::error::Result<Self> {
+        Ok(Registry {
+            cas,
+            results,
+            store,
+            auth,
+            prefix: config.namespace_prefix.clone(),
+            uploads: uploads::Uploads::new(spool)?,
+            locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
+        })
+    }
+
+    /// The namespace of repository `name`.
+    pub fn namespace(&self, name: &str) -> String {
+        match self.prefix.as_str() {
+            "" => name.to_string(),
+            prefix => format!("{prefix}/{name}"),
+        }
+    }
+
+    /// The repository whose namespace `namespace` is; `None` outside the prefix.
+    fn repository_of<'a>(&self, namespace: &'a str) -> Option<&'a str> {
+        match self.prefix.as_str() {
+            "" => Some(namespace),
+            prefix => namespace.strip_prefix(prefix)?.strip_prefix('/'),
+        }
+    }
+
+    fn repository_key() -> Digest {
+        Digest {
+            hash: Sha256::digest(b"hoard.oci.repository").into(),
+            size: 0,
+        }
+    }
+
+    fn lock(&self, name: &str) -> &tokio::sync::Mutex<()> {
+        let h = Sha256::digest(name.as_bytes());
+        &self.locks[h[0] as usize % self.locks.len()]
+    }
+
+    async fn repository(&self, name: &str) -> OciResult<Option<Repository>> {
+        let Some(record) = self
+            .results
+            .get_record(&self.namespace(name), &Self::repository_key())
+            .await?
+        else {
+            return Ok(None);
+        };
+        serde_json::from_slice(&record.result)
+            .map(Some)
+            .map_err(|e| {
+                OciError::from(Error::internal(
+                    format!("the record of repository {name:?}"),
+                    e,
+                ))
+            })
+    }
+
+    async fn save(&self, name: &str, repository: &Repository) -> OciResult<()> {
+        let bytes = serde_json::to_vec(repository)
+            .map_err(|e| Error::internal("encoding a repository record", e))?;
+        self.results
+            .put_record(&self.namespace(name), &Self::repository_key(), bytes.into())
+            .await?;
+        Ok(())
+    }
+
+    fn size_key(hash: &[u8; 32]) -> Digest {
+        Digest {
+            hash: *hash,
+            size: 0,
+        }
+    }
+
+    /// The size of a blob pushed through here, if it is still in the CAS.
+    async fn blob(&self, hash: &[u8; 32]) -> OciResult<Option<Digest>> {
+        if *hash == Digest::empty().hash {
+            return Ok(Some(Digest::empty()));
+        }
+        let Some(record) = self.store.get(BLOB_SIZES, &Self::size_key(hash)).await? else {
+            return Ok(None);
+        };
+        let size = std::str::from_utf8(&record.result)
+            .ok()
+            .and_then(|s| s.parse::<u64>().ok());
+        let Some(size) = size else {
+            return Ok(None);
+        };
+        let digest = Digest { hash: *hash, size };
+        // FindMissingBlobs semantics: a hit counts as a use, for eviction.
+        Ok(self
+            .cas
+            .find_missing(&[digest])
+            .await?
+            .is_empty()
+            .then_some(digest))
+    }
+
+    async fn remember_size(&self, digest: &Digest) -> OciResult<()> {
+        let record = ActionRecord {
+            last_used: self.results.clock() as u32,
+            epoch: 0,
+            result: Bytes::from(digest.size.to_string()),
+        };
+        self.store
+            .put(BLOB_SIZES, &Self::size_key(&digest.hash), record)
+            .await?;
+        Ok(())
+    }
+}
