@@ -159,6 +159,10 @@ pub struct Metrics {
     watchers: UpDownCounter<i64>,
     upload_resumes: Counter<u64>,
     upload_resumes_refused: Counter<u64>,
+    oci_requests: Counter<u64>,
+    oci_manifest_lookups: Counter<u64>,
+    oci_manifest_hits: Counter<u64>,
+    oci_bytes: Counter<u64>,
     /// `telemetry.metrics`: when false nothing is recorded (the hot paths return before
     /// building labels) and `/metrics` answers 404.
     enabled: bool,
@@ -280,6 +284,22 @@ impl Metrics {
                 "ByteStream Writes at a non-zero offset that could not resume (offset does not \
                  match what is stored, nothing stored, compressed, another stream writing, or the store \
                  refusing writes)",
+            ),
+            oci_requests: counter(
+                "hoard_oci_requests_total",
+                "OCI registry requests answered, by operation and HTTP status",
+            ),
+            oci_manifest_lookups: counter(
+                "hoard_oci_manifest_lookups_total",
+                "OCI manifest GET/HEAD requests, by repository namespace",
+            ),
+            oci_manifest_hits: counter(
+                "hoard_oci_manifest_hits_total",
+                "OCI manifest GET/HEAD requests answered with a manifest, by repository namespace",
+            ),
+            oci_bytes: counter(
+                "hoard_oci_bytes_total",
+                "OCI blob and manifest bytes, by direction (received: uploads and manifest pushes; sent: blob and manifest bodies)",
             ),
             enabled,
             policy: Policy::new(&config.namespaces),
@@ -496,6 +516,49 @@ impl Metrics {
             self.upload_resumes.add(1, &[]);
         } else {
             self.upload_resumes_refused.add(1, &[]);
+        }
+    }
+
+    /// An OCI registry request answered with `status`; `operation` is a fixed label
+    /// (`oci::http::operation`).
+    pub fn oci_request(&self, operation: &'static str, status: u16) {
+        if !self.enabled {
+            return;
+        }
+        self.oci_requests.add(
+            1,
+            &[
+                KeyValue::new("operation", operation),
+                KeyValue::new("code", i64::from(status)),
+            ],
+        );
+    }
+
+    /// A manifest GET/HEAD in repository namespace `namespace`, found or not (its label capped
+    /// as the action cache's are).
+    pub fn oci_manifest_lookup(&self, namespace: &str, hit: bool) {
+        if !self.enabled {
+            return;
+        }
+        let labels = self.namespace_labels(namespace);
+        self.oci_manifest_lookups.add(1, &labels);
+        if hit {
+            self.oci_manifest_hits.add(1, &labels);
+        }
+    }
+
+    /// Blob and manifest bytes through the registry.
+    pub fn oci_bytes(&self, received: u64, sent: u64) {
+        if !self.enabled {
+            return;
+        }
+        if received > 0 {
+            self.oci_bytes
+                .add(received, &[KeyValue::new("direction", "received")]);
+        }
+        if sent > 0 {
+            self.oci_bytes
+                .add(sent, &[KeyValue::new("direction", "sent")]);
         }
     }
 

@@ -317,6 +317,7 @@ async fn serve_all(
                 results.clone(),
                 stores.actions.clone(),
                 auth.clone(),
+                metrics.clone(),
                 oci_spool(config),
             )?);
             let (stop, stopped) = tokio::sync::oneshot::channel::<()>();

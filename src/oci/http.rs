@@ -95,10 +95,14 @@ async fn handle(
     max_blob: u64,
 ) -> Response<Body> {
     let head = request.method() == Method::HEAD;
+    let operation = operation(request.method(), request.uri().path());
     let mut response = match route(registry, peer, request, max_blob).await {
         Ok(r) => r,
         Err(e) => refusal(e, head),
     };
+    registry
+        .metrics
+        .oci_request(operation, response.status().as_u16());
     response.headers_mut().insert(
         "docker-distribution-api-version",
         HeaderValue::from_static("registry/2.0"),
@@ -128,6 +132,26 @@ fn refusal(e: OciError, head: bool) -> Response<Body> {
 
 fn unauthorized(message: impl Into<String>) -> OciError {
     OciError::new(StatusCode::UNAUTHORIZED, "UNAUTHORIZED", message)
+}
+
+/// The `operation` label of a request (a fixed set, whatever the path).
+pub fn operation(method: &Method, path: &str) -> &'static str {
+    match (target(path), method) {
+        (Some(Target::Base), _) => "base",
+        (Some(Target::Blob(..)), &Method::HEAD) => "blob_head",
+        (Some(Target::Blob(..)), &Method::GET) => "blob_get",
+        (Some(Target::Uploads(..)), &Method::POST) => "upload_start",
+        (Some(Target::Upload(..)), &Method::PATCH) => "upload_chunk",
+        (Some(Target::Upload(..)), &Method::PUT) => "upload_finish",
+        (Some(Target::Upload(..)), &Method::GET) => "upload_status",
+        (Some(Target::Upload(..)), &Method::DELETE) => "upload_cancel",
+        (Some(Target::Manifest(..)), &Method::GET) => "manifest_get",
+        (Some(Target::Manifest(..)), &Method::HEAD) => "manifest_head",
+        (Some(Target::Manifest(..)), &Method::PUT) => "manifest_put",
+        (Some(Target::Manifest(..)), &Method::DELETE) => "manifest_delete",
+        (Some(Target::Tags(..)), _) => "tags_list",
+        _ => "other",
+    }
 }
 
 /// What a request's path names.
@@ -342,7 +366,17 @@ async fn route(
         (Target::Manifest(name, reference), Method::GET | Method::HEAD) => {
             require(registry, &caller, Access::Read, name)?;
             let head = request.method() == Method::HEAD;
-            get_manifest(registry, &caller, name, reference, head).await
+            let found = get_manifest(registry, &caller, name, reference, head).await;
+            match &found {
+                Ok(_) => registry
+                    .metrics
+                    .oci_manifest_lookup(&registry.namespace(name), true),
+                Err(e) if e.status == StatusCode::NOT_FOUND => registry
+                    .metrics
+                    .oci_manifest_lookup(&registry.namespace(name), false),
+                Err(_) => {}
+            }
+            found
         }
         (Target::Manifest(name, reference), Method::PUT) => {
             require(registry, &caller, Access::Write, name)?;
@@ -463,6 +497,9 @@ async fn get_blob(
         None => None,
     };
     let (offset, length) = range.unwrap_or((0, digest.size));
+    if !head {
+        registry.metrics.oci_bytes(0, length);
+    }
     let body = if head {
         empty()
     } else {
@@ -561,7 +598,8 @@ async fn start_upload(
     let session = registry.uploads.get(name, &id)?;
     let mut session = session.lock().await;
     let outcome = async {
-        session.append(request.into_body(), max_blob).await?;
+        let added = session.append(request.into_body(), max_blob).await?;
+        registry.metrics.oci_bytes(added, 0);
         match param(params, "digest") {
             // Monolithic: the whole blob in the POST.
             Some(digest) => {
@@ -664,7 +702,8 @@ async fn patch_upload(
         );
         return Ok(r);
     }
-    session.append(request.into_body(), max_blob).await?;
+    let added = session.append(request.into_body(), max_blob).await?;
+    registry.metrics.oci_bytes(added, 0);
     Ok(upload_state(
         name,
         id,
@@ -687,7 +726,8 @@ async fn finish_upload(
     let outcome = async {
         let hash = parse_digest(digest)?;
         check_chunk(&request, session.written)?;
-        session.append(request.into_body(), max_blob).await?;
+        let added = session.append(request.into_body(), max_blob).await?;
+        registry.metrics.oci_bytes(added, 0);
         let stored = session.finish(hash, registry.cas.as_ref(), id).await?;
         registry.remember_size(&stored).await?;
         Ok(stored)
@@ -826,7 +866,22 @@ async fn get_manifest(
             })
         })
         .collect();
-    registry.cas.find_missing(&refs).await?;
+    // A manifest whose content was evicted is a miss, never a hit a client cannot pull (as an
+    // action result whose outputs are gone).
+    if let Some(gone) = registry.cas.find_missing(&refs).await?.first() {
+        return Err(OciError::new(
+            StatusCode::NOT_FOUND,
+            "MANIFEST_UNKNOWN",
+            format!(
+                "manifest {} of repository {name:?} references {}, which was evicted; push it again",
+                crate::error::echo(reference),
+                digest_text(&gone.hash)
+            ),
+        ));
+    }
+    if !head {
+        registry.metrics.oci_bytes(0, bytes.len() as u64);
+    }
     let mut response = Response::new(if head { empty() } else { full(bytes) });
     set(&mut response, "content-type", &stored.media_type);
     set(&mut response, "docker-content-digest", &digest_text_);
@@ -879,6 +934,7 @@ async fn put_manifest(
             },
         )?
         .to_bytes();
+    registry.metrics.oci_bytes(bytes.len() as u64, 0);
     let refs = manifest::references(&media_type, &bytes)?;
     let missing = registry.cas.find_missing(&refs).await?;
     if let Some(first) = missing.first() {
@@ -919,12 +975,13 @@ async fn put_manifest(
                     .iter()
                     .map(|d| (digest_text(&d.hash), d.size))
                     .collect(),
+                live_at: registry.results.clock(),
             },
         );
         if is_tag(reference) {
             repository.tags.insert(reference.to_string(), text.clone());
         }
-        registry.save(name, &repository).await?;
+        registry.save(name, &mut repository).await?;
     }
     let mut response = status(StatusCode::CREATED);
     set(
@@ -955,7 +1012,7 @@ async fn delete_manifest(
     } else if repository.tags.remove(reference).is_none() {
         return Err(manifest_unknown(name, reference));
     }
-    registry.save(name, &repository).await?;
+    registry.save(name, &mut repository).await?;
     Ok(status(StatusCode::ACCEPTED))
 }
 

@@ -42,18 +42,26 @@ const MAX_NAME: usize = 255;
 pub struct OciConfig {
     /// Repository `R` is the namespace `<namespace_prefix>/R`. Default `"oci"`.
     pub namespace_prefix: String,
+    /// A manifest no tag names (and no tagged index references) is dropped from its
+    /// repository this long after it was last live, at the repository's next change. Default
+    /// "1h"; at least "1m".
+    pub untagged_grace: crate::config::HumanDuration,
 }
 
 impl Default for OciConfig {
     fn default() -> Self {
         OciConfig {
             namespace_prefix: "oci".into(),
+            untagged_grace: crate::config::HumanDuration(std::time::Duration::from_secs(3600)),
         }
     }
 }
 
 impl OciConfig {
     pub fn check(&self) -> std::result::Result<(), String> {
+        if self.untagged_grace.0 < std::time::Duration::from_secs(60) {
+            return Err("oci.untagged_grace must be at least 1m".into());
+        }
         if self.namespace_prefix.contains('*') {
             return Err("oci.namespace_prefix must be a namespace name, not a pattern".into());
         }
@@ -218,6 +226,38 @@ struct StoredManifest {
     size: u64,
     /// The digests and sizes it references (config, layers, or an index's entries).
     refs: Vec<(String, u64)>,
+    /// When it was last pushed, tagged, or referenced by a tagged manifest (store clock).
+    #[serde(default)]
+    live_at: u64,
+}
+
+impl Repository {
+    /// Drops the manifests that have not been live for `grace` seconds: neither tagged nor
+    /// referenced by a tagged manifest (an index's entries). Their blobs are left to eviction:
+    /// the CAS is shared, and an upload waiting for its manifest must not be lost.
+    fn sweep(&mut self, now: u64, grace: u64) -> usize {
+        let mut live: std::collections::HashSet<String> = self.tags.values().cloned().collect();
+        let tagged: Vec<String> = live.iter().cloned().collect();
+        for digest in tagged {
+            if let Some(m) = self.manifests.get(&digest) {
+                for (r, _) in &m.refs {
+                    if self.manifests.contains_key(r) {
+                        live.insert(r.clone());
+                    }
+                }
+            }
+        }
+        let before = self.manifests.len();
+        self.manifests.retain(|digest, m| {
+            if live.contains(digest) {
+                m.live_at = now;
+                true
+            } else {
+                now.saturating_sub(m.live_at) < grace
+            }
+        });
+        before - self.manifests.len()
+    }
 }
 
 /// The registry: the CAS for bytes, the action store (through the namespace policy) for
@@ -228,7 +268,9 @@ pub struct Registry {
     /// For the blob-size records, which belong to no namespace a client can name.
     store: Arc<dyn ActionStore>,
     auth: Arc<crate::auth::Authenticator>,
+    metrics: Arc<crate::metrics::Metrics>,
     prefix: String,
+    untagged_grace: u64,
     uploads: uploads::Uploads,
     /// Read-modify-write of a repository record, one at a time per stripe.
     locks: Vec<tokio::sync::Mutex<()>>,
@@ -241,6 +283,7 @@ impl Registry {
         results: Arc<ActionResults>,
         store: Arc<dyn ActionStore>,
         auth: Arc<crate::auth::Authenticator>,
+        metrics: Arc<crate::metrics::Metrics>,
         spool: Option<std::path::PathBuf>,
     ) -> crate::error::Result<Self> {
         Ok(Registry {
@@ -248,7 +291,9 @@ impl Registry {
             results,
             store,
             auth,
+            metrics,
             prefix: config.namespace_prefix.clone(),
+            untagged_grace: config.untagged_grace.0.as_secs(),
             uploads: uploads::Uploads::new(spool)?,
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
@@ -300,7 +345,16 @@ impl Registry {
             })
     }
 
-    async fn save(&self, name: &str, repository: &Repository) -> OciResult<()> {
+    /// Saves a repository's record after sweeping its untagged manifests.
+    async fn save(&self, name: &str, repository: &mut Repository) -> OciResult<()> {
+        let swept = repository.sweep(self.results.clock(), self.untagged_grace);
+        if swept > 0 {
+            tracing::info!(
+                repository = name,
+                swept,
+                "untagged manifests dropped after oci.untagged_grace"
+            );
+        }
         let bytes = serde_json::to_vec(repository)
             .map_err(|e| Error::internal("encoding a repository record", e))?;
         self.results

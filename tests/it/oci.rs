@@ -351,9 +351,18 @@ async fn blobs_go_up_whole_in_chunks_or_by_mount_and_come_back_with_ranges() {
     assert_eq!(error_code(r).await, "UNSUPPORTED");
 }
 
+/// The value of the `/metrics` series named `name` whose labels include every one of `labels`.
+fn series(metrics: &str, name: &str, labels: &[&str]) -> Option<f64> {
+    metrics
+        .lines()
+        .filter(|l| l.starts_with(&format!("{name}{{")))
+        .find(|l| labels.iter().all(|want| l.contains(want)))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
 #[tokio::test]
 async fn manifests_need_their_blobs_and_tags_list_in_pages() {
-    let (_server, url) = start(|_| {}).await;
+    let (server, url) = start(|_| {}).await;
     let c = client();
     let config = b"{\"architecture\":\"amd64\"}".to_vec();
     let layer = b"a layer's bytes".to_vec();
@@ -528,6 +537,33 @@ async fn manifests_need_their_blobs_and_tags_list_in_pages() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+
+    // Requests by operation and status, manifest hits per repository namespace, bytes.
+    let (_, metrics) = crate::ops::http_get(server.ops_addr(), "/metrics").await;
+    let count = |labels: &[&str]| series(&metrics, "hoard_oci_requests_total", labels);
+    assert_eq!(
+        count(&["operation=\"manifest_put\"", "code=\"201\""]),
+        Some(5.0),
+        "{metrics}"
+    );
+    assert_eq!(
+        count(&["operation=\"manifest_put\"", "code=\"400\""]),
+        Some(5.0)
+    );
+    let ns = "namespace=\"oci/cache/app/main\"";
+    let lookups = series(&metrics, "hoard_oci_manifest_lookups_total", &[ns]);
+    let hits = series(&metrics, "hoard_oci_manifest_hits_total", &[ns]);
+    assert_eq!((lookups, hits), (Some(5.0), Some(4.0)), "{metrics}");
+    let received = series(
+        &metrics,
+        "hoard_oci_bytes_total",
+        &["direction=\"received\""],
+    )
+    .unwrap();
+    assert!(
+        received >= (config.len() + layer.len()) as f64,
+        "{received}"
+    );
 }
 
 /// A request line sent as is (HTTP clients tidy `..` away).
@@ -765,4 +801,140 @@ async fn a_branch_repository_reads_mains_manifests_through_its_read_chain() {
         .await
         .unwrap();
     assert_eq!(r.status(), 404);
+}
+
+#[tokio::test]
+async fn an_untagged_manifest_goes_after_the_grace_and_a_tagged_index_keeps_its_entries() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_server, store, _tmp) = crate::common::start_with_clock(|c| {
+        c.oci_listen = Some(port);
+        c.oci.untagged_grace = hoard::config::HumanDuration(Duration::from_secs(600));
+    })
+    .await;
+    crate::common::poll_until(Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(port).await
+    })
+    .await
+    .expect("the OCI port listens");
+    let url = format!("http://{port}");
+    let c = client();
+    let manifest = |n: u8| {
+        let config = vec![b'0' + n; 3];
+        (
+            config.clone(),
+            image_manifest((&digest(&config), config.len()), &[]),
+        )
+    };
+    let mut digests = Vec::new();
+    for n in 1..=3 {
+        let (config, m) = manifest(n);
+        push_blob(&url, "cache/app", &config).await;
+        digests.push(digest(&m));
+        // 1 and 2 under the same tag, one after the other: 1 becomes untagged. 3 by digest
+        // only, then referenced by a tagged index.
+        let reference = if n == 3 {
+            digest(&m)
+        } else {
+            "buildcache".to_string()
+        };
+        let r = put_manifest(&url, "cache/app", &reference, OCI_MANIFEST, &m).await;
+        assert_eq!(r.status(), 201);
+    }
+    let (_, m3) = manifest(3);
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": digests[2], "size": m3.len()}]})
+    .to_string();
+    let r = put_manifest(&url, "cache/app", "multi", OCI_INDEX, index.as_bytes()).await;
+    assert_eq!(r.status(), 201);
+    let get = |d: String| {
+        let c = c.clone();
+        let url = url.clone();
+        async move {
+            c.get(format!("{url}/v2/cache/app/manifests/{d}"))
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        }
+    };
+    assert_eq!(
+        get(digests[0].clone()).await,
+        200,
+        "within the grace, untagged stays"
+    );
+    store.advance_clock(Duration::from_secs(700));
+    // The sweep runs at the repository's next change.
+    let (config, m) = manifest(4);
+    push_blob(&url, "cache/app", &config).await;
+    let r = put_manifest(&url, "cache/app", "other", OCI_MANIFEST, &m).await;
+    assert_eq!(r.status(), 201);
+    assert_eq!(
+        get(digests[0].clone()).await,
+        404,
+        "untagged past the grace: gone"
+    );
+    assert_eq!(get(digests[1].clone()).await, 200, "tagged");
+    assert_eq!(
+        get(digests[2].clone()).await,
+        200,
+        "an entry of a tagged index"
+    );
+    assert_eq!(get("buildcache".into()).await, 200);
+}
+
+#[tokio::test]
+async fn a_manifest_whose_layer_was_evicted_is_a_miss() {
+    let (_server, url) = start(|c| {
+        c.storage.backend = hoard::config::Backend::Memory;
+        c.storage.max_size = hoard::config::ByteSize(400 << 10);
+        c.storage.min_retention = hoard::config::HumanDuration(Duration::ZERO);
+    })
+    .await;
+    let c = client();
+    let config = b"{}".to_vec();
+    let layer: Vec<u8> = (0..250_000u32).map(|i| (i * 7 % 256) as u8).collect();
+    push_blob(&url, "cache/app", &config).await;
+    push_blob(&url, "cache/app", &layer).await;
+    let manifest = image_manifest(
+        (&digest(&config), config.len()),
+        &[(&digest(&layer), layer.len())],
+    );
+    let r = put_manifest(&url, "cache/app", "t", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 201);
+    let r = c
+        .get(format!("{url}/v2/cache/app/manifests/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    // Last uses are kept to the second: make the next blob clearly newer, then push enough to
+    // evict the layer (the least recently used).
+    tokio::time::sleep(Duration::from_millis(1100)).await;
+    let other: Vec<u8> = (0..250_000u32).map(|i| (i * 13 % 251) as u8).collect();
+    push_blob(&url, "cache/other", &other).await;
+    let r = c
+        .head(format!("{url}/v2/cache/app/blobs/{}", digest(&layer)))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404, "the layer was evicted");
+    let r = c
+        .get(format!("{url}/v2/cache/app/manifests/t"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 404);
+    let body = json_of(r).await;
+    assert_eq!(body["errors"][0]["code"], "MANIFEST_UNKNOWN");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("evicted"),
+        "{body}"
+    );
 }
