@@ -949,6 +949,13 @@ impl Config {
         }
         self.hooks.check()?;
         self.oci.check()?;
+        if self.oci_listen.is_some() && self.upstream.is_some() {
+            return Err(
+                "oci_listen cannot be used on a replica ([upstream]): its repositories would be \
+                 this server's own, not the upstream's; run the registry front at the upstream"
+                    .into(),
+            );
+        }
         if let Some(oci) = self.oci_listen {
             if oci == self.listen || Some(oci) == self.ops_listen {
                 return Err(format!(

@@ -312,6 +312,7 @@ async fn route(
         Target::Base => "",
     };
     validate_name(name)?;
+    registry.check_namespace(name)?;
     if let Target::Manifest(_, reference) = &target {
         check_reference(reference)?;
     }
@@ -328,6 +329,7 @@ async fn route(
         )),
         (Target::Uploads(name), Method::POST) => {
             require(registry, &caller, Access::Write, name)?;
+            registry.check_writable(name)?;
             start_upload(registry, &caller, name, &params, request, max_blob).await
         }
         (Target::Upload(name, id), Method::PATCH) => {
@@ -380,10 +382,12 @@ async fn route(
         }
         (Target::Manifest(name, reference), Method::PUT) => {
             require(registry, &caller, Access::Write, name)?;
+            registry.check_writable(name)?;
             put_manifest(registry, name, reference, request).await
         }
         (Target::Manifest(name, reference), Method::DELETE) => {
             require(registry, &caller, Access::Write, name)?;
+            registry.check_writable(name)?;
             delete_manifest(registry, name, reference).await
         }
         (Target::Tags(name), Method::GET) => {
@@ -667,12 +671,16 @@ fn check_chunk(request: &Request<hyper::body::Incoming>, written: u64) -> OciRes
         .get(header::CONTENT_LENGTH)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.parse::<u64>().ok());
-    if let Some(length) = length {
-        if length != end - start + 1 {
-            return Err(bad(format!(
-                "Content-Range {start}-{end} is {} bytes, but Content-Length is {length}",
-                end - start + 1
-            )));
+    let span = (end - start).checked_add(1);
+    if let (Some(length), Some(span)) = (length, span) {
+        if length != span {
+            return Err(OciError::new(
+                StatusCode::BAD_REQUEST,
+                "BLOB_UPLOAD_INVALID",
+                format!(
+                    "Content-Range {start}-{end} is {span} bytes, but Content-Length is {length}"
+                ),
+            ));
         }
     }
     Ok(())
@@ -702,7 +710,15 @@ async fn patch_upload(
         );
         return Ok(r);
     }
-    let added = session.append(request.into_body(), max_blob).await?;
+    let added = match session.append(request.into_body(), max_blob).await {
+        Ok(added) => added,
+        Err(e) => {
+            // A failed or stalled chunk ends the upload (its bytes may be half in the spool).
+            drop(session);
+            registry.uploads.remove(id).await;
+            return Err(e);
+        }
+    };
     registry.metrics.oci_bytes(added, 0);
     Ok(upload_state(
         name,
@@ -723,9 +739,10 @@ async fn finish_upload(
     let session = registry.uploads.get(name, id)?;
     let mut session = session.lock().await;
     session.check_open(id)?;
+    // A bad ?digest= or an out-of-order range leaves the upload as it was, to go on with.
+    let hash = parse_digest(digest)?;
+    check_chunk(&request, session.written)?;
     let outcome = async {
-        let hash = parse_digest(digest)?;
-        check_chunk(&request, session.written)?;
         let added = session.append(request.into_body(), max_blob).await?;
         registry.metrics.oci_bytes(added, 0);
         let stored = session.finish(hash, registry.cas.as_ref(), id).await?;
@@ -856,8 +873,12 @@ async fn get_manifest(
         .await?
         .ok_or_else(|| manifest_unknown(name, reference))?;
     // What a pulled manifest references counts as used, like a FindMissingBlobs hit.
-    let refs: Vec<Digest> = stored
-        .refs
+    // Nested manifests' content too: an index is a hit only if every image in it is.
+    let content = match registry.repository(name).await? {
+        Some(repository) => repository.content_of(&stored.refs),
+        None => stored.refs.clone(),
+    };
+    let refs: Vec<Digest> = content
         .iter()
         .filter_map(|(d, size)| {
             Some(Digest {
@@ -935,6 +956,11 @@ async fn put_manifest(
         )?
         .to_bytes();
     registry.metrics.oci_bytes(bytes.len() as u64, 0);
+    // No Content-Type, or plain JSON: the body's own mediaType says, as distribution reads it.
+    let media_type = match media_type.as_str() {
+        "" | "application/json" => manifest::declared_type(&bytes).unwrap_or(media_type),
+        _ => media_type,
+    };
     let refs = manifest::references(&media_type, &bytes)?;
     let missing = registry.cas.find_missing(&refs).await?;
     if let Some(first) = missing.first() {
@@ -961,11 +987,26 @@ async fn put_manifest(
             format!("the manifest's digest is {text}, not {reference}"),
         ));
     }
-    registry.cas.put(&digest, bytes).await?;
-    registry.remember_size(&digest).await?;
     {
         let _lock = registry.lock(name).lock().await;
         let mut repository = registry.repository(name).await?.unwrap_or_default();
+        if manifest::is_index(&media_type) {
+            for child in manifest::child_manifests(&bytes) {
+                if !repository.manifests.contains_key(&child) {
+                    return Err(OciError::new(
+                        StatusCode::BAD_REQUEST,
+                        "MANIFEST_BLOB_UNKNOWN",
+                        format!(
+                            "the index names manifest {child}, which repository {name:?} does not hold: push it here first"
+                        ),
+                    ));
+                }
+            }
+        }
+        // Checked before anything is stored: a refused manifest stores nothing.
+        registry.cas.put(&digest, bytes).await?;
+        registry.remember_size(&digest).await?;
+        repository.mark_live(registry.results.clock());
         repository.manifests.insert(
             text.clone(),
             StoredManifest {
@@ -1003,6 +1044,7 @@ async fn delete_manifest(
         .repository(name)
         .await?
         .ok_or_else(|| manifest_unknown(name, reference))?;
+    repository.mark_live(registry.results.clock());
     if reference.contains(':') {
         parse_digest(reference)?;
         if repository.manifests.remove(reference).is_none() {

@@ -31,6 +31,54 @@ struct Body {
     manifests: Vec<Descriptor>,
 }
 
+#[derive(Deserialize)]
+struct Entry {
+    #[serde(rename = "mediaType", default)]
+    media_type: String,
+    digest: String,
+}
+
+#[derive(Deserialize)]
+struct Entries {
+    #[serde(default)]
+    manifests: Vec<Entry>,
+}
+
+/// Whether `media_type` is an index (its entries may be manifests).
+pub fn is_index(media_type: &str) -> bool {
+    media_type == OCI_INDEX || media_type == DOCKER_LIST
+}
+
+/// The entries of an index that are manifests or indexes themselves (by their media type):
+/// those must be in the same repository, to be pulled through it. Other entries (older
+/// BuildKit's layers and cache config) are blobs.
+pub fn child_manifests(bytes: &[u8]) -> Vec<String> {
+    let Ok(entries) = serde_json::from_slice::<Entries>(bytes) else {
+        return Vec::new();
+    };
+    entries
+        .manifests
+        .into_iter()
+        .filter(|e| {
+            matches!(
+                e.media_type.as_str(),
+                OCI_MANIFEST | OCI_INDEX | DOCKER_MANIFEST | DOCKER_LIST
+            )
+        })
+        .map(|e| e.digest)
+        .collect()
+}
+
+/// The `mediaType` a manifest's body declares, if any.
+pub fn declared_type(bytes: &[u8]) -> Option<String> {
+    #[derive(Deserialize)]
+    struct Declared {
+        #[serde(rename = "mediaType")]
+        media_type: Option<String>,
+    }
+    serde_json::from_slice::<Declared>(bytes).ok()?.media_type
+}
+
 fn invalid(why: impl Into<String>) -> OciError {
     OciError::new(StatusCode::BAD_REQUEST, "MANIFEST_INVALID", why)
 }

@@ -155,7 +155,8 @@ pub fn validate_name(name: &str) -> OciResult<()> {
                 b'-' => true,
                 _ => false,
             };
-            if !ok {
+            // After a separator, a letter or digit (not another separator: "a._b" is no name).
+            if !ok || !bytes.get(i + run).is_some_and(|&b| alnum(b)) {
                 return Err(invalid(
                     "components are lowercase letters and digits joined by ., _, __ or -",
                 ));
@@ -232,21 +233,55 @@ struct StoredManifest {
 }
 
 impl Repository {
-    /// Drops the manifests that have not been live for `grace` seconds: neither tagged nor
-    /// referenced by a tagged manifest (an index's entries). Their blobs are left to eviction:
-    /// the CAS is shared, and an upload waiting for its manifest must not be lost.
-    fn sweep(&mut self, now: u64, grace: u64) -> usize {
+    /// The manifests tagged, and everything they reference that is a manifest here, however
+    /// deep (an index of indexes).
+    fn live(&self) -> std::collections::HashSet<String> {
         let mut live: std::collections::HashSet<String> = self.tags.values().cloned().collect();
-        let tagged: Vec<String> = live.iter().cloned().collect();
-        for digest in tagged {
+        let mut todo: Vec<String> = live.iter().cloned().collect();
+        while let Some(digest) = todo.pop() {
             if let Some(m) = self.manifests.get(&digest) {
                 for (r, _) in &m.refs {
-                    if self.manifests.contains_key(r) {
-                        live.insert(r.clone());
+                    if self.manifests.contains_key(r) && live.insert(r.clone()) {
+                        todo.push(r.clone());
                     }
                 }
             }
         }
+        live
+    }
+
+    /// Stamps what is live now, before a change takes a tag away: a manifest untagged by this
+    /// change gets its whole grace from now, not from the repository's previous change.
+    fn mark_live(&mut self, now: u64) {
+        for digest in self.live() {
+            if let Some(m) = self.manifests.get_mut(&digest) {
+                m.live_at = now;
+            }
+        }
+    }
+
+    /// `refs` and, for those that are manifests here, their references too, however deep.
+    fn content_of(&self, refs: &[(String, u64)]) -> Vec<(String, u64)> {
+        let mut seen = std::collections::HashSet::new();
+        let mut out = Vec::new();
+        let mut todo: Vec<(String, u64)> = refs.to_vec();
+        while let Some((digest, size)) = todo.pop() {
+            if !seen.insert(digest.clone()) {
+                continue;
+            }
+            if let Some(m) = self.manifests.get(&digest) {
+                todo.extend(m.refs.iter().cloned());
+            }
+            out.push((digest, size));
+        }
+        out
+    }
+
+    /// Drops the manifests that have not been live for `grace` seconds: neither tagged nor
+    /// referenced by a tagged manifest (an index's entries). Their blobs are left to eviction:
+    /// the CAS is shared, and an upload waiting for its manifest must not be lost.
+    fn sweep(&mut self, now: u64, grace: u64) -> usize {
+        let live = self.live();
         let before = self.manifests.len();
         self.manifests.retain(|digest, m| {
             if live.contains(digest) {
@@ -297,6 +332,40 @@ impl Registry {
             uploads: uploads::Uploads::new(spool)?,
             locks: (0..64).map(|_| tokio::sync::Mutex::new(())).collect(),
         })
+    }
+
+    /// Checks that repository `name`'s namespace is one a client could name (not a reserved
+    /// segment like `blobs`, not too long, not under `hoard.`), so grants, invalidation and
+    /// pruning can reach it.
+    pub fn check_namespace(&self, name: &str) -> OciResult<()> {
+        crate::instance_name::validate(&self.namespace(name)).map_err(|e| {
+            OciError::new(
+                StatusCode::BAD_REQUEST,
+                "NAME_INVALID",
+                format!("repository {name:?} cannot be a namespace: {e}"),
+            )
+        })
+    }
+
+    /// Where writes to repository `name` may go: `write = "none"` refuses them, and a rule
+    /// redirecting writes elsewhere is refused too (push to that repository instead).
+    pub fn check_writable(&self, name: &str) -> OciResult<()> {
+        let namespace = self.namespace(name);
+        match self.results.policy().write_target(&namespace) {
+            Some(target) if target == namespace => Ok(()),
+            Some(target) => Err(OciError::new(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!(
+                    "namespace {namespace:?} writes to {target:?} ([[namespaces.rule]] write): push to that repository"
+                ),
+            )),
+            None => Err(OciError::new(
+                StatusCode::FORBIDDEN,
+                "DENIED",
+                format!("namespace {namespace:?} is read-only (write = \"none\")"),
+            )),
+        }
     }
 
     /// The namespace of repository `name`.
@@ -386,12 +455,16 @@ impl Registry {
         };
         let digest = Digest { hash: *hash, size };
         // FindMissingBlobs semantics: a hit counts as a use, for eviction.
-        Ok(self
-            .cas
-            .find_missing(&[digest])
-            .await?
-            .is_empty()
-            .then_some(digest))
+        if !self.cas.find_missing(&[digest]).await?.is_empty() {
+            return Ok(None);
+        }
+        // The record is swept ac_ttl after its last renewal: renewed on use (once a day at
+        // most), it lasts as long as the blob is used.
+        let now = self.results.clock();
+        if now.saturating_sub(u64::from(record.last_used)) > 86_400 {
+            self.remember_size(&digest).await?;
+        }
+        Ok(Some(digest))
     }
 
     async fn remember_size(&self, digest: &Digest) -> OciResult<()> {

@@ -22,19 +22,24 @@ use crate::store::Cas;
 
 /// A session untouched this long is dropped.
 const IDLE: Duration = Duration::from_secs(3600);
+/// A request body that sends nothing this long ends its upload.
+const BODY_IDLE: Duration = Duration::from_secs(60);
 /// Sessions open at once; past it, new ones are refused (429) until some finish or expire.
 const MAX_SESSIONS: usize = 1024;
+
+/// A session, locked by the request using it.
+type Shared = Arc<tokio::sync::Mutex<Session>>;
 
 /// The open sessions.
 pub struct Uploads {
     dir: PathBuf,
     /// A temporary spool directory, removed with the registry.
     _temporary: Option<tempfile::TempDir>,
-    sessions: parking_lot::Mutex<HashMap<String, Arc<tokio::sync::Mutex<Session>>>>,
+    /// Session id → its repository (checked without the session's lock) and the session.
+    sessions: parking_lot::Mutex<HashMap<String, (String, Shared)>>,
 }
 
 pub struct Session {
-    pub repository: String,
     file: tokio::fs::File,
     path: PathBuf,
     /// Bytes received so far.
@@ -89,7 +94,6 @@ impl Uploads {
             .await
             .map_err(|e| Error::internal("creating an upload's spool file", e))?;
         let session = Session {
-            repository: repository.to_string(),
             file,
             path,
             written: 0,
@@ -97,14 +101,18 @@ impl Uploads {
             touched: Instant::now(),
             closed: false,
         };
-        self.sessions
-            .lock()
-            .insert(id.clone(), Arc::new(tokio::sync::Mutex::new(session)));
+        self.sessions.lock().insert(
+            id.clone(),
+            (
+                repository.to_string(),
+                Arc::new(tokio::sync::Mutex::new(session)),
+            ),
+        );
         Ok(id)
     }
 
     /// The session `id` of `repository`: BLOB_UPLOAD_UNKNOWN (404) if there is none.
-    pub fn get(&self, repository: &str, id: &str) -> OciResult<Arc<tokio::sync::Mutex<Session>>> {
+    pub fn get(&self, repository: &str, id: &str) -> OciResult<Shared> {
         let unknown = || {
             OciError::new(
                 StatusCode::NOT_FOUND,
@@ -115,18 +123,16 @@ impl Uploads {
                 ),
             )
         };
-        let session = self.sessions.lock().get(id).cloned().ok_or_else(unknown)?;
-        match session.try_lock() {
-            Ok(s) if s.repository != repository => return Err(unknown()),
-            _ => {}
+        match self.sessions.lock().get(id) {
+            Some((owner, session)) if owner == repository => Ok(session.clone()),
+            _ => Err(unknown()),
         }
-        Ok(session)
     }
 
     /// Ends session `id` and deletes its file.
     pub async fn remove(&self, id: &str) {
         let session = self.sessions.lock().remove(id);
-        if let Some(session) = session {
+        if let Some((_, session)) = session {
             let mut s = session.lock().await;
             s.closed = true;
             let _ = tokio::fs::remove_file(&s.path).await;
@@ -137,12 +143,13 @@ impl Uploads {
         let mut sessions = self.sessions.lock();
         let old: Vec<String> = sessions
             .iter()
-            .filter(|(_, s)| s.try_lock().is_ok_and(|s| s.touched.elapsed() > IDLE))
+            .filter(|(_, (_, s))| s.try_lock().is_ok_and(|s| s.touched.elapsed() > IDLE))
             .map(|(id, _)| id.clone())
             .collect();
         for id in old {
-            if let Some(s) = sessions.remove(&id) {
-                if let Ok(s) = s.try_lock() {
+            if let Some((_, s)) = sessions.remove(&id) {
+                if let Ok(mut s) = s.try_lock() {
+                    s.closed = true;
                     let _ = std::fs::remove_file(&s.path);
                 }
             }
@@ -171,7 +178,19 @@ impl Session {
     {
         let mut body = body;
         let mut added = 0u64;
-        while let Some(frame) = body.frame().await {
+        loop {
+            let next = tokio::time::timeout(BODY_IDLE, body.frame()).await;
+            let Ok(next) = next else {
+                self.closed = true;
+                return Err(OciError::new(
+                    StatusCode::BAD_REQUEST,
+                    "BLOB_UPLOAD_INVALID",
+                    format!("no bytes for {}s: the upload is ended", BODY_IDLE.as_secs()),
+                ));
+            };
+            let Some(frame) = next else {
+                break;
+            };
             let frame = frame.map_err(|e| {
                 OciError::new(
                     StatusCode::BAD_REQUEST,
@@ -189,10 +208,11 @@ impl Session {
                     format!("the blob is larger than limits.max_blob_size ({max} bytes)"),
                 ));
             }
-            self.file
-                .write_all(&data)
-                .await
-                .map_err(|e| Error::internal("spooling an upload", e))?;
+            if let Err(e) = self.file.write_all(&data).await {
+                // Part of the chunk may be in the file: the session cannot go on.
+                self.closed = true;
+                return Err(Error::internal("spooling an upload", e).into());
+            }
             self.hasher.update(&data);
             self.written += data.len() as u64;
             added += data.len() as u64;

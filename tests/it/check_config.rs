@@ -59,6 +59,9 @@ async fn a_config_a_server_would_refuse_fails_and_says_why() {
     assert!(e.contains("not a directory"), "{e}");
     let e = refused("listen = \n").await;
     assert!(e.contains("line 1"), "{e}");
+    let e =
+        refused("oci_listen = \"127.0.0.1:5001\"\n[upstream]\nendpoint = \"grpc://c:1\"\n").await;
+    assert!(e.contains("oci_listen cannot be used on a replica"), "{e}");
     let e = refused("[hooks]\ngithub_secret_file = \"TMP/no-secret\"\n").await;
     assert!(
         e.contains("hooks.github_secret_file") && e.contains("cannot read"),

@@ -884,6 +884,19 @@ async fn an_untagged_manifest_goes_after_the_grace_and_a_tagged_index_keeps_its_
         "an entry of a tagged index"
     );
     assert_eq!(get("buildcache".into()).await, 200);
+    // A repository idle for longer than the grace: the manifest a push untags gets its whole
+    // grace from that push (a reader may have just resolved the tag to it).
+    store.advance_clock(Duration::from_secs(700));
+    let (config, m5) = manifest(5);
+    push_blob(&url, "cache/app", &config).await;
+    let r = put_manifest(&url, "cache/app", "other", OCI_MANIFEST, &m5).await;
+    assert_eq!(r.status(), 201);
+    let (_, m4) = manifest(4);
+    assert_eq!(
+        get(digest(&m4)).await,
+        200,
+        "untagged just now: within its grace"
+    );
 }
 
 #[tokio::test]
@@ -937,4 +950,76 @@ async fn a_manifest_whose_layer_was_evicted_is_a_miss() {
             .contains("evicted"),
         "{body}"
     );
+}
+
+#[tokio::test]
+async fn read_only_namespaces_refuse_pushes_and_repository_names_must_be_namespaces() {
+    let (_server, url) = start(|c| {
+        c.namespaces.rules = vec![hoard::config::NamespaceRule {
+            pattern: "oci/mirror/*".into(),
+            ac_ttl: None,
+            read: None,
+            write: Some("none".into()),
+        }];
+    })
+    .await;
+    let c = client();
+    let data = b"layer".to_vec();
+    let r = c
+        .post(format!(
+            "{url}/v2/mirror/app/blobs/uploads/?digest={}",
+            digest(&data)
+        ))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    let body = json_of(r).await;
+    assert_eq!(body["errors"][0]["code"], "DENIED");
+    assert!(
+        body["errors"][0]["message"]
+            .as_str()
+            .unwrap()
+            .contains("read-only"),
+        "{body}"
+    );
+    let config = b"{}".to_vec();
+    push_blob(&url, "cache/app", &config).await;
+    let manifest = image_manifest((&digest(&config), config.len()), &[]);
+    let r = put_manifest(&url, "mirror/app", "t", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 403);
+    // A name whose namespace has a segment REAPI reserves.
+    let r = c
+        .get(format!("{url}/v2/cache/uploads/tags/list"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "NAME_INVALID");
+    // An index's manifests must be this repository's.
+    let r = put_manifest(&url, "cache/app", "t", OCI_MANIFEST, &manifest).await;
+    assert_eq!(r.status(), 201);
+    let index = json!({"schemaVersion": 2, "mediaType": OCI_INDEX,
+        "manifests": [{"mediaType": OCI_MANIFEST, "digest": digest(&manifest), "size": manifest.len()}]})
+    .to_string();
+    let r = put_manifest(&url, "cache/other", "multi", OCI_INDEX, index.as_bytes()).await;
+    assert_eq!(r.status(), 400);
+    assert_eq!(error_code(r).await, "MANIFEST_BLOB_UNKNOWN");
+    let r = put_manifest(&url, "cache/app", "multi", OCI_INDEX, index.as_bytes()).await;
+    assert_eq!(r.status(), 201);
+    // No Content-Type: the body's mediaType says.
+    let r = c
+        .put(format!("{url}/v2/cache/app/manifests/plain"))
+        .body(manifest.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+    let r = c
+        .get(format!("{url}/v2/cache/app/manifests/plain"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
 }
