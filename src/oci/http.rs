@@ -800,14 +800,9 @@ fn resolve<'r>(
             .cloned()
             .ok_or_else(|| manifest_unknown(name, reference))?
     } else {
-        return Err(OciError::new(
-            StatusCode::BAD_REQUEST,
-            "MANIFEST_INVALID",
-            format!(
-                "{} is neither a tag nor a digest",
-                crate::error::echo(reference)
-            ),
-        ));
+        return Err(check_reference(reference)
+            .err()
+            .unwrap_or_else(|| manifest_unknown(name, reference)));
     };
     let stored = repository
         .manifests
@@ -918,16 +913,7 @@ async fn put_manifest(
     reference: &str,
     request: Request<hyper::body::Incoming>,
 ) -> OciResult<Response<Body>> {
-    if !reference.contains(':') && !is_tag(reference) {
-        return Err(OciError::new(
-            StatusCode::BAD_REQUEST,
-            "MANIFEST_INVALID",
-            format!(
-                "{} is neither a tag nor a digest",
-                crate::error::echo(reference)
-            ),
-        ));
-    }
+    check_reference(reference)?;
     let media_type = request
         .headers()
         .get(header::CONTENT_TYPE)

@@ -1023,3 +1023,30 @@ async fn read_only_namespaces_refuse_pushes_and_repository_names_must_be_namespa
         .unwrap();
     assert_eq!(header(&r, "content-type"), OCI_MANIFEST);
 }
+
+#[tokio::test]
+async fn the_registry_speaks_h2_as_well_as_http1() {
+    let (_server, url) = start(|_| {}).await;
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let h2 = reqwest::Client::builder()
+        .http2_prior_knowledge()
+        .build()
+        .unwrap();
+    let data = b"over h2".to_vec();
+    let d = digest(&data);
+    let r = h2
+        .post(format!("{url}/v2/cache/h2/blobs/uploads/?digest={d}"))
+        .body(data.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.status(), 201);
+    let r = h2
+        .get(format!("{url}/v2/cache/h2/blobs/{d}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.version(), reqwest::Version::HTTP_2);
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
+}
