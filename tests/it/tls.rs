@@ -855,3 +855,50 @@ async fn webhooks_reach_the_tls_port_over_http1() {
     round_trip(channel, 3).await.expect("gRPC over TLS");
     server.stop().await;
 }
+
+/// The registry front takes the same `[tls]` as the gRPC port: a container client trusting the
+/// CA pushes and pulls over HTTPS.
+#[tokio::test]
+async fn the_registry_front_serves_over_tls() {
+    let ca = Ca::new("test CA");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap();
+    let (_server, _certs) = tls_server(&ca, None, |c| c.oci_listen = Some(port)).await;
+    crate::common::poll_until(std::time::Duration::from_secs(10), || async move {
+        tokio::net::TcpStream::connect(port).await
+    })
+    .await
+    .expect("the OCI port listens");
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    let client = reqwest::Client::builder()
+        .tls_certs_only([reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap()])
+        .build()
+        .unwrap();
+    let url = format!("https://localhost:{}", port.port());
+    let data = b"a layer over TLS".to_vec();
+    let digest = format!(
+        "sha256:{}",
+        hex::encode(<sha2::Sha256 as sha2::Digest>::digest(&data))
+    );
+    let r = client
+        .post(format!("{url}/v2/cache/tls/blobs/uploads/?digest={digest}"))
+        .body(data.clone())
+        .send()
+        .await
+        .expect("POST over TLS");
+    assert_eq!(r.status().as_u16(), 201);
+    let r = client
+        .get(format!("{url}/v2/cache/tls/blobs/{digest}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.bytes().await.unwrap().as_ref(), &data[..]);
+    // Plain HTTP on the TLS port gets nowhere.
+    let plain = reqwest::Client::new()
+        .get(format!("http://127.0.0.1:{}/v2/", port.port()))
+        .send()
+        .await;
+    assert!(plain.map(|r| r.status().as_u16() != 200).unwrap_or(true));
+}
