@@ -111,110 +111,76 @@ fn changed_paths(
     reference: &str,
     pushed: &[String],
 ) -> Option<Vec<String>> {
-    if is_null(after) {
-        return Some(Vec::new());
+    match list_paths(before, after, pushed) {
+        Ok(paths) => Some(paths),
+        Err(why) => {
+            eprintln!("hoard hook git: {why}; sending {reference} with its paths unknown");
+            None
+        }
     }
-    let mut command = Command::new("git");
-    command.args(["-c", "core.quotePath=false"]);
-    let negated;
-    if is_null(before) {
-        let refs = git_output(
-            Command::new("git").args(["for-each-ref", "--format=%(refname)"]),
-            reference,
-        )?;
-        negated = String::from_utf8_lossy(&refs)
+}
+
+fn list_paths(before: &str, after: &str, pushed: &[String]) -> Result<Vec<String>, String> {
+    if is_null(after) {
+        return Ok(Vec::new());
+    }
+    let out = if is_null(before) {
+        let refs = run_git(&["for-each-ref", "--format=%(refname)"], "")?;
+        let negated: String = String::from_utf8_lossy(&refs)
             .lines()
             .filter(|r| !r.is_empty() && !pushed.iter().any(|p| p == r))
             .map(|r| format!("^{r}\n"))
-            .collect::<String>();
-        command.args([
+            .collect();
+        let log = [
             "log",
             "--no-renames",
             "--no-color",
             "--format=",
             "--name-only",
             "-z",
-            after,
-            "--stdin",
-        ]);
+        ];
+        run_git(&[&log[..], &[after, "--stdin"]].concat(), &negated)?
     } else {
-        negated = String::new();
-        command.args([
-            "diff",
-            "--no-renames",
-            "--no-color",
-            "--name-only",
-            "-z",
-            before,
-            after,
-        ]);
-    }
-    command.stdin(std::process::Stdio::piped());
-    let out = {
-        let mut child = match command
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) => {
-                eprintln!("hoard hook git: cannot run git ({e}); sending {reference} with its paths unknown");
-                return None;
-            }
-        };
-        if let Some(mut stdin) = child.stdin.take() {
-            use std::io::Write;
-            let _ = stdin.write_all(negated.as_bytes());
-        }
-        child.wait_with_output()
+        let diff = ["diff", "--no-renames", "--no-color", "--name-only", "-z"];
+        run_git(&[&diff[..], &[before, after]].concat(), "")?
     };
-    let out = match out {
-        Ok(out) => out,
-        Err(e) => {
-            eprintln!(
-                "hoard hook git: git failed ({e}); sending {reference} with its paths unknown"
-            );
-            return None;
-        }
-    };
-    if !out.status.success() {
-        eprintln!(
-            "hoard hook git: git failed ({}): {}; sending {reference} with its paths unknown",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-        return None;
-    }
     let mut paths: Vec<String> = out
-        .stdout
         .split(|&b| b == 0)
         .map(|p| String::from_utf8_lossy(p).trim_matches('\n').to_string())
         .filter(|p| !p.is_empty())
         .collect();
     paths.sort_unstable();
     paths.dedup();
-    Some(paths)
+    Ok(paths)
 }
 
-/// The stdout of a git command that must succeed; `None` (said on stderr) if it does not.
-fn git_output(command: &mut Command, reference: &str) -> Option<Vec<u8>> {
-    match command.output() {
-        Ok(out) if out.status.success() => Some(out.stdout),
-        Ok(out) => {
-            eprintln!(
-                "hoard hook git: git failed ({}): {}; sending {reference} with its paths unknown",
-                out.status,
-                String::from_utf8_lossy(&out.stderr).trim()
-            );
-            None
-        }
-        Err(e) => {
-            eprintln!(
-                "hoard hook git: cannot run git ({e}); sending {reference} with its paths unknown"
-            );
-            None
-        }
+/// The stdout of `git ARGS` (paths unquoted), given `stdin`; why not, if it fails.
+fn run_git(args: &[&str], stdin: &str) -> Result<Vec<u8>, String> {
+    use std::io::Write;
+    use std::process::Stdio;
+    let mut child = Command::new("git")
+        .args(["-c", "core.quotePath=false"])
+        .args(args)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .map_err(|e| format!("cannot run git ({e})"))?;
+    if let Some(mut input) = child.stdin.take() {
+        let _ = input.write_all(stdin.as_bytes());
     }
+    let out = child
+        .wait_with_output()
+        .map_err(|e| format!("git {} failed ({e})", args[0]))?;
+    if !out.status.success() {
+        return Err(format!(
+            "git {} failed ({}): {}",
+            args[0],
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        ));
+    }
+    Ok(out.stdout)
 }
 
 /// The repository directory's name without `.git` (hooks run in the repository).

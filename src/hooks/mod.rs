@@ -470,7 +470,7 @@ impl Hooks {
         self.bodies.acquire().await.ok()
     }
 
-    /// Whether `auth` is in force (then `hoard hook git` needs credentials).
+    /// The server's `[auth]`, which `/hooks/git` deliveries authenticate against.
     pub fn auth(&self) -> &crate::auth::Authenticator {
         &self.auth
     }

@@ -193,47 +193,9 @@ fn target(path: &str) -> Option<Target<'_>> {
 
 /// The query's parameters, percent-decoded.
 fn query(request: &Request<hyper::body::Incoming>) -> Vec<(String, String)> {
-    let decode = |s: &str| {
-        let bytes = s.as_bytes();
-        let mut out = Vec::with_capacity(bytes.len());
-        let mut i = 0;
-        while i < bytes.len() {
-            match bytes[i] {
-                b'%' if i + 2 < bytes.len() => {
-                    let hex = std::str::from_utf8(&bytes[i + 1..i + 3]).ok();
-                    match hex.and_then(|h| u8::from_str_radix(h, 16).ok()) {
-                        Some(b) => {
-                            out.push(b);
-                            i += 3;
-                        }
-                        None => {
-                            out.push(b'%');
-                            i += 1;
-                        }
-                    }
-                }
-                b'+' => {
-                    out.push(b' ');
-                    i += 1;
-                }
-                b => {
-                    out.push(b);
-                    i += 1;
-                }
-            }
-        }
-        String::from_utf8_lossy(&out).into_owned()
-    };
-    request
-        .uri()
-        .query()
-        .unwrap_or("")
-        .split('&')
-        .filter(|p| !p.is_empty())
-        .map(|p| match p.split_once('=') {
-            Some((k, v)) => (decode(k), decode(v)),
-            None => (decode(p), String::new()),
-        })
+    let query = request.uri().query().unwrap_or("");
+    form_urlencoded::parse(query.as_bytes())
+        .map(|(k, v)| (k.into_owned(), v.into_owned()))
         .collect()
 }
 
@@ -349,9 +311,7 @@ async fn route(
         }
         (Target::Upload(name, id), Method::GET) => {
             require(registry, &caller, Access::Write, name)?;
-            let session = registry.uploads.get(name, id)?;
-            let session = session.lock().await;
-            session.check_open(id)?;
+            let session = registry.uploads.open(name, id).await?;
             Ok(upload_state(
                 name,
                 id,
@@ -547,19 +507,24 @@ async fn get_blob(
 
 fn upload_state(name: &str, id: &str, written: u64, code: StatusCode) -> Response<Body> {
     let mut response = status(code);
+    upload_headers(&mut response, name, id, written);
+    response
+}
+
+/// Where an upload stands: its Location, id and the bytes it holds ("0-0" for nothing yet, as
+/// distribution answers).
+fn upload_headers(response: &mut Response<Body>, name: &str, id: &str, written: u64) {
     set(
-        &mut response,
+        response,
         "location",
         &format!("/v2/{name}/blobs/uploads/{id}"),
     );
-    set(&mut response, "docker-upload-uuid", id);
-    // "0-0" for nothing yet, as distribution answers.
+    set(response, "docker-upload-uuid", id);
     set(
-        &mut response,
+        response,
         "range",
         &format!("0-{}", written.saturating_sub(1)),
     );
-    response
 }
 
 fn blob_created(name: &str, digest: &Digest) -> Response<Body> {
@@ -599,8 +564,7 @@ async fn start_upload(
         }
     }
     let id = registry.uploads.start(name).await?;
-    let session = registry.uploads.get(name, &id)?;
-    let mut session = session.lock().await;
+    let mut session = registry.uploads.open(name, &id).await?;
     let outcome = async {
         let added = session.append(request.into_body(), max_blob).await?;
         registry.metrics.oci_bytes(added, 0);
@@ -693,21 +657,10 @@ async fn patch_upload(
     request: Request<hyper::body::Incoming>,
     max_blob: u64,
 ) -> OciResult<Response<Body>> {
-    let session = registry.uploads.get(name, id)?;
-    let mut session = session.lock().await;
-    session.check_open(id)?;
+    let mut session = registry.uploads.open(name, id).await?;
     if let Err(e) = check_chunk(&request, session.written) {
         let mut r = refusal(e, false);
-        set(
-            &mut r,
-            "range",
-            &format!("0-{}", session.written.saturating_sub(1)),
-        );
-        set(
-            &mut r,
-            "location",
-            &format!("/v2/{name}/blobs/uploads/{id}"),
-        );
+        upload_headers(&mut r, name, id, session.written);
         return Ok(r);
     }
     let added = match session.append(request.into_body(), max_blob).await {
@@ -736,9 +689,7 @@ async fn finish_upload(
     request: Request<hyper::body::Incoming>,
     max_blob: u64,
 ) -> OciResult<Response<Body>> {
-    let session = registry.uploads.get(name, id)?;
-    let mut session = session.lock().await;
-    session.check_open(id)?;
+    let mut session = registry.uploads.open(name, id).await?;
     // A bad ?digest= or an out-of-order range leaves the upload as it was, to go on with.
     let hash = parse_digest(digest)?;
     check_chunk(&request, session.written)?;
@@ -819,7 +770,7 @@ async fn find_manifest(
     caller: &Caller,
     name: &str,
     reference: &str,
-) -> OciResult<(String, StoredManifest)> {
+) -> OciResult<(String, StoredManifest, Vec<(String, u64)>)> {
     let namespace = registry.namespace(name);
     let chain: Vec<String> = registry
         .results
@@ -841,7 +792,11 @@ async fn find_manifest(
             continue;
         };
         match resolve(&repository, repository_name, reference) {
-            Ok((digest, stored)) => return Ok((digest, stored.clone())),
+            Ok((digest, stored)) => {
+                // Nested manifests' content too: an index is a hit only if every image in it is.
+                let content = repository.content_of(&stored.refs);
+                return Ok((digest, stored.clone(), content));
+            }
             Err(e) if e.status == StatusCode::NOT_FOUND => continue,
             Err(e) => return Err(e),
         }
@@ -856,7 +811,7 @@ async fn get_manifest(
     reference: &str,
     head: bool,
 ) -> OciResult<Response<Body>> {
-    let (digest_text_, stored) = find_manifest(registry, caller, name, reference).await?;
+    let (digest_text_, stored, content) = find_manifest(registry, caller, name, reference).await?;
     let stored = &stored;
     let digest = Digest {
         hash: parse_digest(&digest_text_)?,
@@ -868,11 +823,6 @@ async fn get_manifest(
         .await?
         .ok_or_else(|| manifest_unknown(name, reference))?;
     // What a pulled manifest references counts as used, like a FindMissingBlobs hit.
-    // Nested manifests' content too: an index is a hit only if every image in it is.
-    let content = match registry.repository(name).await? {
-        Some(repository) => repository.content_of(&stored.refs),
-        None => stored.refs.clone(),
-    };
     let refs: Vec<Digest> = content
         .iter()
         .filter_map(|(d, size)| {

@@ -129,6 +129,17 @@ impl Uploads {
         }
     }
 
+    /// Session `id` of `repository`, locked for this request, if it is still open.
+    pub async fn open(
+        &self,
+        repository: &str,
+        id: &str,
+    ) -> OciResult<tokio::sync::OwnedMutexGuard<Session>> {
+        let session = self.get(repository, id)?.lock_owned().await;
+        session.check_open(id)?;
+        Ok(session)
+    }
+
     /// Ends session `id` and deletes its file.
     pub async fn remove(&self, id: &str) {
         let session = self.sessions.lock().remove(id);
