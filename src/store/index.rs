@@ -3,12 +3,12 @@
 //!
 //! FindMissingBlobs asks about thousands of digests per call and is the hottest call of a warm
 //! build; answering it from sled costs a B-tree walk per digest. This index answers from memory
-//! and is rebuilt at start-up (from its snapshot, or from sled's persistent index). sled stays
-//! the source of truth for what exists: every change to sled's index goes through the store,
-//! which updates this index in the same call.
+//! and is rebuilt at start-up from its checkpoint (see `store/sled/checkpoint.rs`). For small
+//! blobs it is the only index: their records in segment files are the journal behind it. For
+//! file blobs sled's entries are the source of truth, and the store updates both in one call.
 //!
 //! Last use is recorded here only, as seconds in an atomic, so a read never becomes a disk
-//! write; the store persists recently changed times in batches.
+//! write; the checkpoints persist it.
 //!
 //! The table is our own, because memory per blob is what bounds a cache of millions: a general
 //! hash map doubles as it grows, so at a given count it is anywhere from 44% to 87% full, and at
@@ -387,8 +387,8 @@ impl Index {
     }
 
     /// [`Index::insert`] with the blob's place, kept for reads (a blob already indexed keeps
-    /// the place it has, or takes this one if it had none). A place must be one sled's entry
-    /// named in this process: reads trust it without asking sled.
+    /// the place it has, or takes this one if it had none). Reads trust a place: it must name
+    /// a durable record of this blob.
     pub fn insert_at(&self, digest: &Digest, used: u32, place: Option<u64>) -> bool {
         let place = place.unwrap_or(NO_PLACE);
         let (shard, mixed) = self.locate(&digest.hash);
@@ -434,6 +434,50 @@ impl Index {
         }
     }
 
+    /// The blob's place without recording a use: `None` if not indexed (with this size),
+    /// `Some(None)` if indexed without a place.
+    pub fn place(&self, digest: &Digest) -> Option<Option<u64>> {
+        let (shard, mixed) = self.locate(&digest.hash);
+        shard
+            .read()
+            .get(&digest.hash, mixed, self.seed)
+            .filter(|s| s.size == digest.size)
+            .map(|s| place_of(s.place))
+    }
+
+    /// Moves a blob from place `from` to `to`, only if it is still at `from` (compaction: a
+    /// blob evicted, dropped or moved meanwhile stays as it is). Returns whether it moved.
+    pub fn move_place(&self, digest: &Digest, from: u64, to: u64) -> bool {
+        let (shard, mixed) = self.locate(&digest.hash);
+        let mut table = shard.write();
+        match table.find(&digest.hash, mixed, self.seed) {
+            Some(pos) if table.slots[pos].size == digest.size && table.slots[pos].place == from => {
+                table.slots[pos].place = to;
+                true
+            }
+            _ => false,
+        }
+    }
+
+    /// A record found when segments are replayed after a crash: adds the blob if it is not
+    /// indexed (returns true), or moves it to `place` if that is later than the place it has
+    /// (records are appended in order, so the later copy is the one compaction keeps).
+    pub fn replayed(&self, digest: &Digest, used: u32, place: u64) -> bool {
+        let (shard, mixed) = self.locate(&digest.hash);
+        let mut table = shard.write();
+        if let Some(pos) = table.find(&digest.hash, mixed, self.seed) {
+            let slot = &mut table.slots[pos];
+            if slot.size == digest.size {
+                if slot.place == NO_PLACE || slot.place < place {
+                    slot.place = place;
+                }
+                return false;
+            }
+        }
+        drop(table);
+        self.insert_at(digest, used, Some(place))
+    }
+
     /// Raises a blob's last use to `used` (as loaded from disk) if it is indexed.
     pub fn set_used(&self, hash: &[u8; HASH_LEN], used: u32) -> bool {
         let (shard, mixed) = self.locate(hash);
@@ -444,21 +488,6 @@ impl Index {
                 true
             }
             None => false,
-        }
-    }
-
-    /// Calls `f` with every blob used at least `step` seconds after its last persisted use, and
-    /// marks that use persisted (the caller writes it). One shard's lock is held at a time.
-    pub fn take_unpersisted(&self, step: u32, mut f: impl FnMut(&[u8; HASH_LEN], u32)) {
-        let step = step.max(1);
-        for shard in self.shards.iter() {
-            for s in shard.read().iter() {
-                let used = s.used.load(Ordering::Relaxed);
-                if used >= s.persisted.load(Ordering::Relaxed).saturating_add(step) {
-                    s.persisted.store(used, Ordering::Relaxed);
-                    f(&s.hash, used);
-                }
-            }
         }
     }
 
@@ -489,26 +518,63 @@ impl Index {
             .is_some()
     }
 
-    /// Whether any blob with this hash is indexed, whatever its size.
-    pub fn has_hash(&self, hash: &[u8; HASH_LEN]) -> bool {
-        let (shard, mixed) = self.locate(hash);
-        shard.read().find(hash, mixed, self.seed).is_some()
-    }
-
     /// Calls `f` with every blob, one shard at a time (a shard's lock is held while `f` runs on
     /// its blobs, so keep `f` cheap).
     pub fn for_each(&self, mut f: impl FnMut(Candidate)) {
-        for shard in self.shards.iter() {
-            for s in shard.read().iter() {
-                f(Candidate {
-                    used: s.used.load(Ordering::Relaxed),
-                    digest: Digest {
-                        hash: s.hash,
-                        size: s.size,
-                    },
-                    place: place_of(s.place),
-                });
-            }
+        for shard in 0..self.shards.len() {
+            self.for_each_in(shard, &mut f);
+        }
+    }
+
+    /// Whether some blob's last use moved `step` seconds or more past the one last persisted.
+    pub fn uses_moved(&self, step: u32) -> bool {
+        self.shards.iter().any(|shard| {
+            shard.read().iter().any(|s| {
+                s.used.load(Ordering::Relaxed)
+                    >= s.persisted.load(Ordering::Relaxed).saturating_add(step)
+            })
+        })
+    }
+
+    /// [`Index::for_each_in`] for a checkpoint: each blob's last use counts as persisted.
+    pub fn persist_in(&self, shard: usize, mut f: impl FnMut(Candidate)) {
+        let Some(shard) = self.shards.get(shard) else {
+            return;
+        };
+        for s in shard.read().iter() {
+            let used = s.used.load(Ordering::Relaxed);
+            s.persisted.store(used, Ordering::Relaxed);
+            f(Candidate {
+                used,
+                digest: Digest {
+                    hash: s.hash,
+                    size: s.size,
+                },
+                place: place_of(s.place),
+            });
+        }
+    }
+
+    /// Number of shards, for [`Index::for_each_in`].
+    pub fn shards(&self) -> usize {
+        self.shards.len()
+    }
+
+    /// [`Index::for_each`] of one shard, so a long pass can work a shard at a time without
+    /// holding a lock or copying the whole index.
+    pub fn for_each_in(&self, shard: usize, mut f: impl FnMut(Candidate)) {
+        let Some(shard) = self.shards.get(shard) else {
+            return;
+        };
+        for s in shard.read().iter() {
+            f(Candidate {
+                used: s.used.load(Ordering::Relaxed),
+                digest: Digest {
+                    hash: s.hash,
+                    size: s.size,
+                },
+                place: place_of(s.place),
+            });
         }
     }
 

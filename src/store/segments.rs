@@ -24,7 +24,7 @@ use std::sync::Arc;
 use bytes::Bytes;
 use parking_lot::{Mutex, RwLock};
 
-use crate::digest::HASH_LEN;
+use crate::digest::{Digest, HASH_LEN};
 
 /// Bytes of a record before its data.
 pub const HEADER_LEN: u64 = 4 + 4 + HASH_LEN as u64;
@@ -83,6 +83,8 @@ pub struct Segments {
     sync_failed: std::sync::atomic::AtomicBool,
     /// The highest id that existed when the store opened (0: none).
     last_before_open: u32,
+    /// Bytes appended since the store opened (checkpoints are due after enough).
+    appended: AtomicU64,
 }
 
 fn name(id: u32) -> String {
@@ -124,6 +126,7 @@ impl Segments {
             left_dead: AtomicU64::new(0),
             sync_failed: std::sync::atomic::AtomicBool::new(false),
             last_before_open,
+            appended: AtomicU64::new(0),
         })
     }
 
@@ -187,11 +190,68 @@ impl Segments {
                 buf.extend_from_slice(data);
             }
             self.total.fetch_add(buf.len() as u64, Relaxed);
+            self.appended.fetch_add(buf.len() as u64, Relaxed);
             file.write_all_at(&buf, start)?;
             self.unsynced.lock().insert(id, file);
             rest = &rest[taken..];
         }
         Ok(appended)
+    }
+
+    /// The first segment a checkpoint taken now must leave to replay: the active one, or an
+    /// older one a writer has appended to and not yet indexed. Every record before it is
+    /// indexed (or dead) by the time this returns. `closing`: no more writes come, so with
+    /// no writer left even the active segment is indexed.
+    pub fn replay_floor(&self, closing: bool) -> u32 {
+        let active = self.active.lock();
+        let pending = self.pending.lock();
+        match pending.keys().copied().min() {
+            Some(id) => id.min(active.id),
+            None if closing => active.id + 1,
+            None => active.id,
+        }
+    }
+
+    /// Bytes appended since the store opened.
+    pub fn appended(&self) -> u64 {
+        self.appended.load(Relaxed)
+    }
+
+    /// Every segment's id and length, oldest first (the active one included).
+    pub fn all(&self) -> Vec<(u32, u64)> {
+        let files = self.files.read();
+        let mut out: Vec<(u32, u64)> = files
+            .iter()
+            .map(|(id, f)| (*id, f.metadata().map(|m| m.len()).unwrap_or(0)))
+            .collect();
+        out.sort_unstable();
+        out
+    }
+
+    /// Calls `f` with every whole record of segment `id` whose data matches its hash (SHA-256),
+    /// in order, with its place. Bytes that are not such a record (a write a crash cut short,
+    /// or a hole left by a writer killed before its `pwrite` while a later one landed) are
+    /// skipped up to the next record header. Returns the bytes skipped. For the replay after
+    /// a crash: only verified records may become visible.
+    pub fn scan(&self, id: u32, mut f: impl FnMut(Place, Digest)) -> io::Result<u64> {
+        let Some(file) = self.files.read().get(&id).cloned() else {
+            return Ok(0);
+        };
+        let len = file.metadata()?.len();
+        let mut window = Window::new(&file, len);
+        let (mut at, mut skipped) = (0u64, 0u64);
+        while at + HEADER_LEN <= len {
+            if let Some(record) = window.record_at(at)? {
+                f(Place::new(id, at as u32), record);
+                at += HEADER_LEN + record.size;
+                continue;
+            }
+            // Not a record here: look for the next header.
+            let next = window.find_magic(at + 1)?.unwrap_or(len);
+            skipped += next - at;
+            at = next;
+        }
+        Ok(skipped + (len - at.min(len)))
     }
 
     /// Segments with a writer between append and index entry.
@@ -288,6 +348,74 @@ impl Segments {
                 .fetch_sub(len.min(self.total.load(Relaxed)), Relaxed);
         }
         Ok(())
+    }
+}
+
+/// A sliding read buffer over one segment file, for [`Segments::scan`].
+struct Window<'f> {
+    file: &'f File,
+    len: u64,
+    start: u64,
+    buf: Vec<u8>,
+}
+
+/// What a scan reads at once.
+const WINDOW: usize = 4 << 20;
+
+impl<'f> Window<'f> {
+    fn new(file: &'f File, len: u64) -> Self {
+        Window {
+            file,
+            len,
+            start: 0,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Bytes `at..at + n` (fewer at the end of the file).
+    fn bytes(&mut self, at: u64, n: usize) -> io::Result<&[u8]> {
+        let end = (at + n as u64).min(self.len);
+        if at < self.start || end > self.start + self.buf.len() as u64 {
+            let want = (end - at).max(WINDOW as u64).min(self.len - at) as usize;
+            self.buf.resize(want, 0);
+            self.file.read_exact_at(&mut self.buf, at)?;
+            self.start = at;
+        }
+        let from = (at - self.start) as usize;
+        Ok(&self.buf[from..from + (end - at) as usize])
+    }
+
+    /// The record at `at`, if a whole one whose data matches its hash starts there.
+    fn record_at(&mut self, at: u64) -> io::Result<Option<Digest>> {
+        let head = self.bytes(at, HEADER_LEN as usize)?;
+        if head.len() < HEADER_LEN as usize || head[..4] != MAGIC {
+            return Ok(None);
+        }
+        let size = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
+        let mut hash = [0u8; HASH_LEN];
+        hash.copy_from_slice(&head[8..]);
+        if at + HEADER_LEN + size > self.len {
+            return Ok(None);
+        }
+        let digest = Digest { hash, size };
+        let data = self.bytes(at + HEADER_LEN, size as usize)?;
+        Ok(crate::digest::verify(digest, data)
+            .is_ok()
+            .then_some(digest))
+    }
+
+    /// The offset of the next record magic at or after `from`, if any.
+    fn find_magic(&mut self, from: u64) -> io::Result<Option<u64>> {
+        let mut at = from;
+        while at + MAGIC.len() as u64 <= self.len {
+            let chunk = self.bytes(at, WINDOW)?;
+            if let Some(i) = chunk.windows(MAGIC.len()).position(|w| w == MAGIC) {
+                return Ok(Some(at + i as u64));
+            }
+            // The magic may straddle the end of this chunk.
+            at += (chunk.len() - MAGIC.len() + 1) as u64;
+        }
+        Ok(None)
     }
 }
 

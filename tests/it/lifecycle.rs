@@ -154,6 +154,8 @@ fn sigterm_shuts_down_cleanly() {
 #[tokio::test]
 async fn a_data_dir_in_use_is_a_one_line_error() {
     let server = TestServer::start().await;
+    // A call the store answers: it holds the data dir by then.
+    crate::common::stats(&server).await;
     let dir = server.data_dir().to_str().unwrap().to_string();
     let err = serve_fails(&["--listen", "127.0.0.1:0", "--data-dir", &dir]);
     assert!(err.contains("in use by another hoard"), "{err}");

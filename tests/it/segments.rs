@@ -148,7 +148,7 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
         "inline data left"
     );
     let format = db.get("format").unwrap().map(|v| v.to_vec());
-    assert_eq!(format, Some(5u32.to_be_bytes().to_vec()));
+    assert_eq!(format, Some(6u32.to_be_bytes().to_vec()));
     drop(db);
     // And the moved blobs still serve after a restart.
     let (_tmp2, mut config) = temp_config();
@@ -159,6 +159,77 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
     let verify = verified(&server).await;
     assert_eq!((verify.checked_blobs, verify.corrupt.len()), (13, 0));
     server.stop().await;
+}
+
+#[tokio::test]
+async fn a_data_dir_of_format_5_is_upgraded_its_small_blobs_indexed_by_the_checkpoint_not_sled() {
+    // Written by hoard at commit 8eca2b1 (format 5) with `storage.inline_threshold = "64KiB"`:
+    // 13 small blobs in a segment, each with an entry in sled's `cas` tree and last uses in
+    // `atime` (10 of 2 KiB from `hoard-bench batch-update`, 3 outputs of `hoard-bench ac`), one
+    // 100 KiB file blob (`write-large`) and 2 action results; shut down cleanly.
+    let (_tmp, mut config) = temp_config();
+    std::fs::create_dir_all(&config.data_dir).unwrap();
+    let fixture = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/tests/fixtures/format5-data-dir.tar.gz"
+    );
+    let status = std::process::Command::new("tar")
+        .args(["xzf", fixture, "-C"])
+        .arg(&config.data_dir)
+        .status()
+        .expect("tar");
+    assert!(status.success());
+    config.storage.inline_threshold = ByteSize(64 << 10);
+    let data_dir = config.data_dir.clone();
+    let server = TestServer::start_config(config.clone()).await;
+    let stats = crate::common::stats(&server).await;
+    assert_eq!((stats.blobs, stats.action_results), (14, 2), "{stats:?}");
+    let verify = verified(&server).await;
+    assert_eq!(verify.checked_blobs, 14, "{verify:?}");
+    assert!(verify.corrupt.is_empty(), "{verify:?}");
+    assert_eq!(verify.orphans_removed, 0, "{verify:?}");
+    server.stop().await;
+    // sled keeps the file blob's entry only, and no last uses.
+    let db = sled::open(data_dir.join("sled")).unwrap();
+    let format = db.get("format").unwrap().map(|v| v.to_vec());
+    assert_eq!(format, Some(6u32.to_be_bytes().to_vec()));
+    assert_eq!(db.open_tree("cas").unwrap().len(), 1);
+    assert!(!db.tree_names().iter().any(|n| &n[..] == b"atime"));
+    drop(db);
+    assert!(data_dir.join("index.checkpoint").exists());
+    assert!(!data_dir.join("index.snapshot").exists());
+    // After a clean restart, then after a SIGKILL (no checkpoint since the start), every blob
+    // is still there and intact.
+    let config_file = data_dir.with_file_name("hoard.toml");
+    std::fs::write(&config_file, "[storage]\ninline_threshold = \"64KiB\"\n").unwrap();
+    for crash in [false, true, false] {
+        let mut command = crate::crash::Process::command(&data_dir);
+        command.arg("--config").arg(&config_file);
+        let process = crate::crash::Process::start_command(command).await;
+        let mut admin =
+            hoard::proto::admin::admin_client::AdminClient::new(process.channel.clone());
+        let stats = admin
+            .stats(hoard::proto::admin::StatsRequest {})
+            .await
+            .expect("stats")
+            .into_inner();
+        assert_eq!((stats.blobs, stats.action_results), (14, 2), "{stats:?}");
+        let verify = admin
+            .verify(VerifyRequest {})
+            .await
+            .expect("verify")
+            .into_inner();
+        assert_eq!(
+            (verify.checked_blobs, verify.corrupt.len()),
+            (14, 0),
+            "{verify:?}"
+        );
+        if crash {
+            process.kill9();
+        } else {
+            process.terminate().await;
+        }
+    }
 }
 
 #[tokio::test]

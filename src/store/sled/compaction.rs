@@ -2,11 +2,12 @@
 //! deleted; one mostly dead has its live records copied to the active segment, then is
 //! deleted. The same move takes inline blobs of data dirs from before format 5 out of sled.
 //!
-//! A move is: copy the record, make it durable, swap the index entry from the old place to the
-//! new (compare-and-swap under the hash's stripe lock, so a blob evicted or dropped meanwhile
-//! stays gone), make that durable, and only then delete the old segment. A crash at any point
-//! leaves every entry naming a whole, durable record; what it leaves behind is dead records,
-//! which a later pass reclaims.
+//! A move is: copy the record, make it durable, move the in-memory index from the old place to
+//! the new (only if it is still at the old one, under the hash's stripe lock, so a blob evicted
+//! or dropped meanwhile stays gone), and only then delete the old segment. After a crash the
+//! start finds the copy by replaying the segments written since the last checkpoint (the copy
+//! is in one of them), so every blob keeps a whole, durable record; what a crash leaves behind
+//! is dead records, which a later pass reclaims.
 //!
 //! Must not: touch a segment that a writer has appended to but not yet indexed
 //! ([`Segments::busy`]), or the active one.
@@ -15,14 +16,24 @@ use std::collections::{HashMap, HashSet};
 
 use bytes::Bytes;
 
-use super::entry::{decode_entry, relocate, Location};
+use super::entry::{decode_entry, Location};
 use super::Inner;
 use crate::digest::{verify, Digest, HASH_LEN};
 use crate::error::Result;
-use crate::store::segments::{Found, HEADER_LEN};
+use crate::store::segments::{Found, Place, HEADER_LEN};
 
 /// A sealed segment is rewritten once less than this share (per cent) of it is live.
 const LIVE_PERCENT: u64 = 75;
+
+/// Where a blob to move is.
+enum Source {
+    Segment(Place),
+    /// Inline in sled (data dirs from before format 5), with its entry as read.
+    Inline {
+        id: u64,
+        entry: sled::IVec,
+    },
+}
 
 /// What a pass did.
 #[derive(Debug, Default, Clone, Copy)]
@@ -73,17 +84,15 @@ impl Inner {
             return Ok(Compacted::default());
         }
         let mut live: HashMap<u32, u64> = HashMap::new();
-        for entry in self.cas.iter() {
-            let (_, value) = entry?;
-            if let Some((Location::Segment { place }, size)) = decode_entry(&value) {
+        self.index.for_each(|c| {
+            if let Some(place) = c.place.map(Place) {
                 if sealed.contains_key(&place.segment()) {
-                    *live.entry(place.segment()).or_default() += HEADER_LEN + size;
+                    *live.entry(place.segment()).or_default() += HEADER_LEN + c.digest.size;
                 }
             }
-        }
-        // Removals of entries (eviction, drops) must be durable before the segments they
-        // emptied go, or a crash brings back entries naming a deleted segment.
-        self.commit.durable_blocking()?;
+        });
+        // No removal needs to be durable first: after a crash the checkpoint may list blobs of
+        // a deleted segment, and the start forgets them (`recover.rs`).
         let mut done = Compacted::default();
         let mut rewrite = HashSet::new();
         let mut ids: Vec<_> = sealed.iter().map(|(id, len)| (*id, *len)).collect();
@@ -104,22 +113,18 @@ impl Inner {
         if rewrite.is_empty() {
             return Ok(done);
         }
-        // The entries naming the segments to rewrite, grouped by segment.
-        let mut named: HashMap<u32, Vec<([u8; HASH_LEN], sled::IVec)>> = HashMap::new();
-        for entry in self.cas.iter() {
-            let (key, value) = entry?;
-            let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
-                continue;
-            };
-            if let Some((Location::Segment { place }, _)) = decode_entry(&value) {
+        // The blobs placed in the segments to rewrite, grouped by segment.
+        let mut named: HashMap<u32, Vec<(Digest, Place)>> = HashMap::new();
+        self.index.for_each(|c| {
+            if let Some(place) = c.place.map(Place) {
                 if rewrite.contains(&place.segment()) {
                     named
                         .entry(place.segment())
                         .or_default()
-                        .push((hash, value));
+                        .push((c.digest, place));
                 }
             }
-        }
+        });
         let mut order: Vec<u32> = rewrite.into_iter().collect();
         order.sort_unstable();
         for id in order {
@@ -127,14 +132,10 @@ impl Inner {
             let len = sealed.get(&id).copied().unwrap_or(0);
             let entries = named.remove(&id).unwrap_or_default();
             let mut moved = Vec::with_capacity(entries.len());
-            for (hash, old) in entries {
-                let Some((Location::Segment { place }, size)) = decode_entry(&old) else {
-                    continue;
-                };
-                let digest = Digest { hash, size };
-                match self.segments.read(place, &hash, size)? {
+            for (digest, place) in entries {
+                match self.segments.read(place, &digest.hash, digest.size)? {
                     Found::Data(data) if verify(digest, &data).is_ok() => {
-                        moved.push((digest, old, data))
+                        moved.push((digest, Source::Segment(place), data))
                     }
                     _ => self.drop_damaged(
                         &digest,
@@ -152,49 +153,47 @@ impl Inner {
         Ok(done)
     }
 
-    /// Copies small blobs to the active segment and points their entries there; each is
-    /// `(digest, entry it had when read, bytes)`. Returns how many moved (a blob evicted or
-    /// replaced meanwhile is not). Blocking.
-    fn move_small(&self, blobs: Vec<(Digest, sled::IVec, Bytes)>) -> Result<u64> {
+    /// Copies small blobs to the active segment and points the index there; each is
+    /// `(digest, where it was when read, bytes)`. Returns how many moved (a blob evicted,
+    /// dropped or moved meanwhile is not). Blocking.
+    fn move_small(&self, blobs: Vec<(Digest, Source, Bytes)>) -> Result<u64> {
         if blobs.is_empty() {
             return Ok(0);
         }
         let mut appended = Vec::with_capacity(blobs.len());
-        for (digest, old, data) in &blobs {
-            let a = self.segments.append(&digest.hash, data)?;
-            let new = relocate(old, Location::Segment { place: a.place });
-            appended.push((a, new));
+        for (digest, _, data) in &blobs {
+            appended.push(self.segments.append(&digest.hash, data)?);
         }
-        // The copies are durable before any entry names them.
+        // The copies are durable before the index names them.
         self.commit.durable_blocking()?;
         let mut moved = 0;
-        let mut olds = Vec::new();
-        for ((digest, old, _), (held, new)) in blobs.iter().zip(&appended) {
-            let swapped = match new {
-                Some(new) => {
-                    let _stripe = self.stripe(digest);
-                    let swapped = self
-                        .cas
-                        .compare_and_swap(digest.hash, Some(old), Some(new.clone()))?
-                        .is_ok();
-                    // Reads go to the new place from now on (the old one still serves a
-                    // read that took it before, until its segment is deleted).
-                    if swapped {
+        let mut inline = Vec::new();
+        for ((digest, source, _), held) in blobs.iter().zip(&appended) {
+            let _stripe = self.stripe(digest);
+            let swapped = match source {
+                // Reads go to the new place from now on (the old one still serves a read that
+                // took it before, until its segment is deleted).
+                Source::Segment(old) => self.index.move_place(digest, old.0, held.place.0),
+                // An inline blob is indexed without a place while sled has its entry.
+                Source::Inline { id, entry } => {
+                    let ours = self.index.place(digest) == Some(None)
+                        && self
+                            .cas
+                            .compare_and_swap(digest.hash, Some(entry), None as Option<&[u8]>)?
+                            .is_ok();
+                    if ours {
                         self.index.set_place(digest, Some(held.place.0));
+                        inline.push(*id);
                     }
-                    swapped
+                    ours
                 }
-                None => false,
             };
-            if swapped {
-                moved += 1;
-                olds.push(old);
-            }
+            moved += u64::from(swapped);
         }
-        self.commit.durable_blocking()?;
-        // Inline sources: their data goes once no entry names it.
-        for old in olds {
-            if let Some((Location::Inline { id }, _)) = decode_entry(old) {
+        if !inline.is_empty() {
+            // Inline data goes once no durable entry names it.
+            self.commit.durable_blocking()?;
+            for id in inline {
                 self.blobs.remove(id.to_be_bytes())?;
             }
         }
@@ -218,10 +217,26 @@ impl Inner {
                 continue;
             };
             let digest = Digest { hash, size };
-            match self.blobs.get(id.to_be_bytes())? {
-                Some(data) if verify(digest, &data).is_ok() => {
-                    batch.push((digest, value, Bytes::copy_from_slice(&data)))
+            if matches!(self.index.place(&digest), Some(Some(_))) {
+                // Moved already (a crash came between the copy and the entry's removal, and
+                // the start's replay found the copy): only the entry and data are left.
+                let _stripe = self.stripe(&digest);
+                if self
+                    .cas
+                    .compare_and_swap(hash, Some(&value), None as Option<&[u8]>)?
+                    .is_ok()
+                {
+                    self.commit.durable_blocking()?;
+                    self.blobs.remove(id.to_be_bytes())?;
                 }
+                continue;
+            }
+            match self.blobs.get(id.to_be_bytes())? {
+                Some(data) if verify(digest, &data).is_ok() => batch.push((
+                    digest,
+                    Source::Inline { id, entry: value },
+                    Bytes::copy_from_slice(&data),
+                )),
                 _ => self.drop_damaged(
                     &digest,
                     Location::Inline { id },

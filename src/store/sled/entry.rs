@@ -1,10 +1,10 @@
-//! Tree `cas`: the format of an index entry, lookups, rebuilding the in-memory index from it,
+//! Tree `cas`: the format of an index entry (large blobs since format 6; every blob before),
+//! lookups (small blobs from the in-memory index), loading entries into the in-memory index,
 //! and taking out blobs that turned out damaged or unbacked.
 //!
 //! Must not: write blob data or files (`uploads.rs` does; this file only deletes what a damaged
 //! entry names).
 
-use super::usage::{charge, Usage};
 use super::Inner;
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
@@ -57,16 +57,6 @@ pub(super) fn encode_entry(location: Location, size: u64, written_at: u32) -> Ve
     v
 }
 
-/// `entry` with its location replaced (same size, write time and anything after), for a blob
-/// moved to another place.
-pub(super) fn relocate(entry: &[u8], location: Location) -> Option<Vec<u8>> {
-    let (_, size) = decode_entry(entry)?;
-    let mut v = encode_entry(location, size, 0);
-    v.truncate(17);
-    v.extend_from_slice(entry.get(17..)?);
-    Some(v)
-}
-
 /// A file blob's index entry: the common part, then the checksum of every chunk (see
 /// [`chunk_sums`]; entries written before those existed end after `written_at`).
 pub(super) fn encode_file_entry(xxh3: u64, size: u64, written_at: u32, sums: &[u64]) -> Vec<u8> {
@@ -112,41 +102,22 @@ pub(super) fn decode_entry(v: &[u8]) -> Option<(Location, u64)> {
     Some((location, size))
 }
 
-/// Key in tree `atime` (not 32 bytes long, so never a blob's) of the number of blobs at the
-/// last persist, to size the in-memory index before a rebuild.
-pub(super) const BLOB_COUNT: &[u8] = b"blob-count";
+/// Key in tree `atime` of format 5 (not 32 bytes long, so never a blob's) of the number of
+/// blobs at the last persist, to size the in-memory index before a rebuild.
+const BLOB_COUNT: &[u8] = b"blob-count";
 
-/// Rebuilds the in-memory index from sled's index entries and last-use times. Reads keys and
-/// small values only, never blob contents or blob files. Blobs without a recorded last use
-/// (written shortly before a crash) count as used now, so they are not evicted first.
-pub(super) fn load_index(
-    cas: &sled::Tree,
-    atime: &sled::Tree,
-    clock: &Clock,
-    usage: &Usage,
-    inline_threshold: u64,
-) -> Result<Index> {
+/// Builds the in-memory index from a format-4 or format-5 data dir: sled's entries of every
+/// blob (with their segment places) and the last uses of tree `atime`. Reads keys and small
+/// values only, never blob contents. Blobs without a recorded last use count as used when they
+/// were written (or now, for entries from before that was recorded).
+pub(super) fn load_v5_index(cas: &sled::Tree, atime: &sled::Tree, clock: &Clock) -> Result<Index> {
     // The count of the last persist, if any: a close guess of how many entries follow.
     let hint = atime
         .get(BLOB_COUNT)?
         .and_then(|v| <[u8; 8]>::try_from(&v[..]).ok())
         .map_or(0, u64::from_be_bytes);
     let index = Index::with_capacity(hint as usize);
-    let now = clock.now();
-    for entry in cas.iter() {
-        let (key, value) = entry?;
-        let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
-            continue;
-        };
-        if let Some((location, size)) = decode_entry(&value) {
-            let written_at = match entry_written_at(&value) {
-                0 => now,
-                t => t,
-            };
-            index.insert_at(&Digest { hash, size }, written_at, location.place());
-            usage.blob_added(size, charge(size, inline_threshold));
-        }
-    }
+    load_sled_entries(cas, &index, clock, true, |_| None)?;
     for entry in atime.iter() {
         let (key, value) = entry?;
         let (Ok(hash), Ok(used)) = (
@@ -160,6 +131,37 @@ pub(super) fn load_index(
     Ok(index)
 }
 
+/// Adds the blobs sled has entries for to `index`: file and inline blobs, and with
+/// `segments` also segment blobs (format 5; since format 6 their entries are dropped). A blob's
+/// last use is `used(hash)` if known, else when it was written.
+pub(super) fn load_sled_entries(
+    cas: &sled::Tree,
+    index: &Index,
+    clock: &Clock,
+    segments: bool,
+    used: impl Fn(&[u8; HASH_LEN]) -> Option<u32>,
+) -> Result<()> {
+    let now = clock.now();
+    for entry in cas.iter() {
+        let (key, value) = entry?;
+        let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) else {
+            continue;
+        };
+        let Some((location, size)) = decode_entry(&value) else {
+            continue;
+        };
+        if matches!(location, Location::Segment { .. }) && !segments {
+            continue;
+        }
+        let at = used(&hash).unwrap_or(match entry_written_at(&value) {
+            0 => now,
+            t => t,
+        });
+        index.insert_at(&Digest { hash, size }, at, location.place());
+    }
+    Ok(())
+}
+
 impl Inner {
     /// The index entry for `digest`, if a blob with that hash *and size* is stored.
     pub(super) fn lookup(&self, digest: &Digest) -> Result<Option<Location>> {
@@ -167,12 +169,22 @@ impl Inner {
     }
 
     /// Like [`Inner::lookup`], with the raw entry (for what follows the common part: a file
-    /// blob's chunk checksums), so a read decodes one sled get.
+    /// blob's chunk checksums), so a read decodes one sled get. A small blob's place is the
+    /// in-memory index's (the only index of segment blobs); other blobs are sled's entries.
     pub(super) fn lookup_entry(&self, digest: &Digest) -> Result<Option<(Location, sled::IVec)>> {
+        if let Some(Some(place)) = self.index.place(digest) {
+            let location = Location::Segment {
+                place: Place(place),
+            };
+            let entry = encode_entry(location, digest.size, 0);
+            return Ok(Some((location, entry.into())));
+        }
         let Some(v) = self.cas.get(digest.hash)? else {
             return Ok(None);
         };
         match decode_entry(&v) {
+            // A format-5 entry an upgrade has not dropped yet: the index decides.
+            Some((Location::Segment { .. }, _)) => Ok(None),
             Some((location, size)) if size == digest.size => Ok(Some((location, v))),
             Some(_) => Ok(None),
             None => Err(Error::internal(
@@ -221,31 +233,28 @@ impl Inner {
             self.usage
                 .blob_removed(digest.size, self.charge(digest.size));
         }
-        let _ = self.atime.remove(digest.hash);
+        // A segment record is dead once the index forgets it; compaction reclaims it (after a
+        // crash before the next checkpoint it may be indexed again, and found damaged again).
+        if matches!(judged, Location::Segment { .. }) {
+            return;
+        }
         match self.cas.remove(digest.hash) {
-            Ok(Some(entry)) => match decode_entry(&entry) {
-                Some((Location::Inline { id }, _)) => {
+            Ok(Some(entry)) => {
+                if let Some((Location::Inline { id }, _)) = decode_entry(&entry) {
                     if let Err(e) = self.blobs.remove(id.to_be_bytes()) {
                         tracing::error!(%digest, error = %e, "cannot drop inline data");
                     }
                 }
-                // The record is dead now; compaction reclaims it.
-                Some((Location::Segment { .. }, _)) => {}
-                _ => {}
-            },
+            }
             Ok(None) => {}
             Err(e) => tracing::error!(%digest, error = %e, "cannot drop index entry"),
         }
         let _ = std::fs::remove_file(self.files.blob_path(digest));
     }
 
-    /// The in-memory index listed a blob that sled does not have (e.g. removed during a
-    /// shutdown after the index snapshot was taken): drop it, so FindMissingBlobs stops
-    /// promising it.
-    /// After segments `ids` were deleted: blobs the in-memory index still places in them are
-    /// blobs sled has no entry for there (compaction moves every blob sled names), so reads
-    /// could no longer find them. Each is looked up in sled: forgotten if sled lacks it (it
-    /// was never stored, as far as the source of truth knows), else given sled's place.
+    /// After segments `ids` were deleted: blobs the index still places in them are lost
+    /// (compaction moves every live record before it deletes a segment, so these are blobs a
+    /// race left behind), and forgotten, so FindMissingBlobs stops promising them.
     pub(super) fn forget_places_in(&self, ids: &[u32]) {
         if ids.is_empty() {
             return;
@@ -253,26 +262,25 @@ impl Inner {
         let ids: std::collections::HashSet<u32> = ids.iter().copied().collect();
         let mut placed = Vec::new();
         self.index.for_each(|c| {
-            if c.place.is_some_and(|p| ids.contains(&Place(p).segment())) {
-                placed.push(c.digest);
+            if let Some(p) = c.place.filter(|p| ids.contains(&Place(*p).segment())) {
+                placed.push((c.digest, p));
             }
         });
-        for digest in placed {
+        for (digest, place) in placed {
             let _stripe = self.stripe(&digest);
-            match self.lookup(&digest) {
-                Ok(None) => {
-                    if self.index.remove(&digest).is_some() {
-                        tracing::warn!(%digest, "index listed a blob that is not stored; forgetting it");
-                        self.usage
-                            .blob_removed(digest.size, self.charge(digest.size));
-                    }
-                }
-                Ok(Some(location)) => self.index.set_place(&digest, location.place()),
-                Err(_) => self.index.set_place(&digest, None),
+            // Only if it is still there (not moved or stored anew meanwhile).
+            if self.index.place(&digest) == Some(Some(place))
+                && self.index.remove(&digest).is_some()
+            {
+                tracing::warn!(%digest, "index placed a blob in a deleted segment; forgetting it");
+                self.usage
+                    .blob_removed(digest.size, self.charge(digest.size));
             }
         }
     }
 
+    /// The in-memory index listed a blob that its store does not have: drop it, so
+    /// FindMissingBlobs stops promising it.
     pub(super) fn forget_if_unbacked(&self, digest: &Digest, indexed: bool) {
         if !indexed {
             return;

@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use super::entry::{decode_entry, Location};
-use super::upkeep::PERSIST_USE_EVERY;
+use super::upkeep::CHECKPOINT_EVERY;
 use super::{Inner, Options};
 use crate::error::{Error, Result};
 use crate::store::index::Candidate;
@@ -28,9 +28,9 @@ use crate::store::index::Candidate;
 pub(super) struct Eviction {
     /// Blobs used within this many seconds are never evicted.
     pub(super) min_retention: u32,
-    /// After an unclean start: every blob counts as used at this second (the last persist of
-    /// last-use times before the crash, plus its period), since later uses were lost. 0 if the
-    /// start was clean.
+    /// After an unclean start: every blob counts as used at this second (the last checkpoint
+    /// before the crash, plus its period), since later uses were lost. 0 if the start was
+    /// clean.
     used_floor: AtomicU32,
     /// The last eviction could not reach its target without breaking the retention promise.
     pub(super) retention_blocked: AtomicBool,
@@ -52,11 +52,11 @@ impl Eviction {
         }
     }
 
-    /// After an unclean start, last uses after `persisted_at` (the last persist before the
+    /// After an unclean start, last uses after `persisted_at` (the last checkpoint before the
     /// crash) are lost: until `min_retention` has passed since then, no blob is evicted.
     pub(super) fn set_used_floor(&self, persisted_at: Option<u32>, now: u32) {
         let floor = match persisted_at {
-            Some(t) => t.saturating_add(PERSIST_USE_EVERY.as_secs() as u32 + 1),
+            Some(t) => t.saturating_add(CHECKPOINT_EVERY.as_secs() as u32 + 1),
             None => now,
         };
         self.used_floor.store(floor, Relaxed);
@@ -190,7 +190,10 @@ impl Inner {
         e.youngest_evicted_age
             .fetch_min(now.saturating_sub(c.used) as u64, Relaxed);
         self.usage.blob_removed(digest.size, charge);
-        self.atime.remove(digest.hash)?;
+        // A small blob's record is dead now (compaction reclaims it); it has no sled entry.
+        if c.place.is_some() {
+            return Ok(Some(charge));
+        }
         match self
             .cas
             .remove(digest.hash)?
@@ -200,7 +203,6 @@ impl Inner {
             Some((Location::Inline { id }, _)) => {
                 self.blobs.remove(id.to_be_bytes())?;
             }
-            // The record is dead now; compaction reclaims it.
             Some((Location::Segment { .. }, _)) => {}
             Some((Location::File { .. }, _)) => {
                 match std::fs::remove_file(self.files.blob_path(&digest)) {
@@ -233,7 +235,7 @@ mod tests {
         {
             let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
             store.put(&digest, blob.clone()).await.unwrap();
-            store.inner.persist_use(true).unwrap();
+            store.inner.checkpoint(true).unwrap();
             // A use after the last persist, then a crash (no flush, so no clean mark).
             store.advance_clock(Duration::from_secs(30));
             assert!(store.find_missing(&[digest]).await.unwrap().is_empty());
@@ -247,8 +249,8 @@ mod tests {
         assert_eq!(report.evicted_blobs, 0, "{report:?}");
         let err = store.put(&Digest::of(b"x"), Bytes::from_static(b"x")).await;
         assert!(err.is_ok(), "writes below max_size are unaffected: {err:?}");
-        // Past retention from the last persist (plus its period), it may go.
-        store.advance_clock(Duration::from_secs(3600 + 120));
+        // Past retention from the last checkpoint (plus its period), it may go.
+        store.advance_clock(Duration::from_secs(3600 + 360));
         let report = store.gc(Some(0)).await.unwrap();
         assert!(report.evicted_blobs >= 1, "{report:?}");
         assert_eq!(store.find_missing(&[digest]).await.unwrap(), vec![digest]);

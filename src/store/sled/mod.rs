@@ -1,24 +1,23 @@
-//! The embedded default store: sled for the index, small blobs and the action cache; files for
-//! large blobs (see [`super::files`]).
+//! The embedded default store: segment files for small blobs, files for large ones (see
+//! [`super::files`]), sled for the action cache and the entries of large blobs, and the
+//! in-memory index over all of them (persisted by its checkpoint, `checkpoint.rs`).
 //!
 //! sled layout:
-//! - tree `cas`: `hash` (32 bytes) → index entry: 1 byte location (0 inline, 1 file), size (u64
-//!   big-endian), then for inline blobs the id of their data, for files the XXH3-64 of the content
-//!   (both u64 big-endian), the write time (u32), and for files an XXH3-64 per MiB
+//! - tree `cas`: `hash` (32 bytes) → index entry of a large blob: 1 byte location (1 file; 0
+//!   inline for data dirs from before format 5), size (u64 big-endian), the XXH3-64 of the
+//!   content (or the id of inline data), the write time (u32), and an XXH3-64 per MiB
 //!   ([`crate::store::chunk_sums`], checked on every read; entries from before have none).
-//! - tree `blobs`: data id (u64 big-endian) → the bytes of an inline blob. Ids only grow, so new
-//!   blobs are appended at the end of the tree: keyed by hash they landed in random B-tree leaves
-//!   that sled rewrote again and again (7× write amplification measured).
+//! - tree `blobs`: data id (u64 big-endian) → the bytes of an inline blob (format 4; moved
+//!   into segments in the background after an upgrade).
 //!
-//! An inline blob's data is written before its index entry, and a file blob is renamed into place
-//! before its index entry, so the index never names data that is not there. (A crash in between
-//! can leave unreferenced data behind, never a visible partial blob.)
+//! Small blobs have no sled entry (format 6): their records in `segments/` are their durable
+//! entries until a checkpoint lists them, and a start replays the records written since (see
+//! `recover.rs`). A record is durable before the index names it, and a file blob is renamed
+//! into place before its entry is written, so no index ever names data that is not there. (A
+//! crash in between can leave unreferenced data behind, never a visible partial blob.)
 //!
 //! tree `ac`: action records (`action_results.rs`); tree `namespaces`: namespace records
 //! (`namespaces.rs`). What they mean (epochs, TTL) is decided above, in `crate::namespace`.
-//!
-//! tree `atime`: `hash` → last use of a blob (u32 seconds, big-endian), written in batches from
-//! the in-memory index (see `upkeep.rs`), so recording a use never costs a disk write.
 //!
 //! One concern a file; this one holds [`SledStore`], opening it, and the [`Cas`] and
 //! [`Housekeeping`] impls, whose methods only delegate:
@@ -33,16 +32,18 @@
 //! - `verify.rs`: `verify` and the cleanup of orphans after a crash;
 //! - `upkeep.rs`: the background loop, last-use persistence, the clean-shutdown mark, `flush`;
 //! - `group_commit.rs` (acknowledged means durable), `space.rs` (keeping sled off a full disk),
-//!   `namespaces.rs` (namespace records), `snapshot.rs` (the index across a clean restart).
+//!   `namespaces.rs` (namespace records), `checkpoint.rs` (the index on disk), `recover.rs`
+//!   (the index at start, and the upgrade of formats 4 and 5).
 
 mod action_results;
+mod checkpoint;
 mod compaction;
 mod entry;
 mod eviction;
 mod group_commit;
 mod namespaces;
 mod reads;
-mod snapshot;
+mod recover;
 mod space;
 mod upkeep;
 mod uploads;
@@ -128,7 +129,6 @@ struct Inner {
     cas: sled::Tree,
     blobs: sled::Tree,
     ac: sled::Tree,
-    atime: sled::Tree,
     /// Large blobs as files: paths and publishing.
     files: BlobFiles,
     data_dir: PathBuf,
@@ -247,8 +247,7 @@ impl SledStore {
         let cas = db.open_tree("cas")?;
         let blobs = db.open_tree("blobs")?;
         let ac = db.open_tree("ac")?;
-        let atime = db.open_tree("atime")?;
-        upgrade_format(&db, &ac)?;
+        let stored = check_format(&db, &ac)?;
         let namespaces = db.open_tree("namespaces")?;
         // A brand-new data dir has nothing to clean up either.
         let marked = upkeep::take_clean_shutdown_mark(data_dir)?;
@@ -261,28 +260,16 @@ impl SledStore {
         let clock = Clock::default();
         let usage = Usage::new(&options);
         let eviction = Eviction::new(&options);
-        if !clean {
-            let persisted_at = atime
-                .get(upkeep::PERSISTED_AT)?
-                .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
-                .map(u32::from_be_bytes);
-            eviction.set_used_floor(persisted_at, clock.now());
-        }
-        // After a clean shutdown the index comes from its snapshot (one file read); otherwise
-        // from sled's trees. The snapshot goes either way: it describes only that shutdown.
         let threshold = options.inline_threshold;
-        let from_snapshot = if marked {
-            snapshot::read(data_dir, |size| {
-                usage.blob_added(size, charge(size, threshold))
-            })
-        } else {
-            None
+        let (index, lost_uses_after) = match stored {
+            Some(v) if v < FORMAT => recover::upgrade(data_dir, &db, &cas, &segments, &clock)?,
+            _ => recover::recover(data_dir, &db, &cas, &segments, &clock, marked)?,
         };
-        snapshot::remove(data_dir);
-        let index = match from_snapshot {
-            Some(index) => index,
-            None => entry::load_index(&cas, &atime, &clock, &usage, threshold)?,
-        };
+        if !clean {
+            eviction.set_used_floor(lost_uses_after, clock.now());
+        }
+        index.for_each(|c| usage.blob_added(c.digest.size, charge(c.digest.size, threshold)));
+        let indexed = index.len();
         usage.count_action_results(&ac)?;
         usage.settle_max_size(data_dir, true);
         Ok(SledStore {
@@ -291,7 +278,6 @@ impl SledStore {
                 cas,
                 blobs,
                 ac,
-                atime,
                 files,
                 data_dir: data_dir.to_path_buf(),
                 index,
@@ -299,7 +285,7 @@ impl SledStore {
                 usage,
                 counters: Counters::default(),
                 eviction,
-                upkeep: Upkeep::new(!clean),
+                upkeep: Upkeep::new(!clean, indexed),
                 space,
                 namespaces,
                 stripes: (0..STRIPES).map(|_| Mutex::new(())).collect(),
@@ -413,27 +399,32 @@ impl Housekeeping for SledStore {
 /// default tree. 1: action results without a last-use prefix (before eviction existed); 2:
 /// without an epoch (before invalidation existed); 3: the bare `ActionResult` after the header,
 /// not yet wrapped with its provenance (`hoard.store.v1.StoredActionResult`); 4: small blobs
-/// inline in tree `blobs` (still read; moved into segments in the background after an upgrade).
-const FORMAT: u32 = 5;
+/// inline in tree `blobs` (still read; moved into segments in the background after an upgrade);
+/// 5: small blobs in segments, each with an entry in tree `cas`, last uses in tree `atime`
+/// (upgraded at the first start: entries read once into the checkpoint, then dropped).
+const FORMAT: u32 = 6;
 
-/// Brings a data dir written by an older hoard up to [`FORMAT`]. Action results of older formats
-/// lack part of today's record; read as today's they would be served cut or misparsed (a bare
-/// `ActionResult` may well decode as a wrapper), so they are dropped (a cache may forget, never
-/// serve wrong data).
-fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
+/// Key in the default tree while the entries of format 5 are being dropped after an upgrade.
+const DROPPING_V5: &[u8] = b"dropping-format-5-entries";
+
+/// The format a data dir was written in (`None`: a new one, now marked as [`FORMAT`]). Action
+/// results of formats before 4 lack part of today's record; read as today's they would be
+/// served cut or misparsed (a bare `ActionResult` may well decode as a wrapper), so they are
+/// dropped (a cache may forget, never serve wrong data). The blob index of formats 4 and 5 is
+/// upgraded by `recover::upgrade`, which marks the data dir as [`FORMAT`] once it is done.
+fn check_format(db: &sled::Db, ac: &sled::Tree) -> Result<Option<u32>> {
     let stored = db
         .get("format")?
         .and_then(|v| <[u8; 4]>::try_from(&v[..]).ok())
         .map(u32::from_be_bytes);
     match stored {
-        Some(FORMAT) => return Ok(()),
+        Some(FORMAT) => {}
         Some(v) if v > FORMAT => {
             return Err(Error::FailedPrecondition(format!(
                 "the data dir was written by a newer hoard (format {v}, this one reads {FORMAT})"
             )))
         }
-        // Format 4 differs only in where small blobs are, and both places are read.
-        Some(4) => {}
+        Some(4 | 5) => {}
         Some(_) | None if !ac.is_empty() => {
             tracing::warn!(
                 results = ac.len(),
@@ -443,6 +434,8 @@ fn upgrade_format(db: &sled::Db, ac: &sled::Tree) -> Result<()> {
         }
         _ => {}
     }
-    db.insert("format", &FORMAT.to_be_bytes())?;
-    Ok(())
+    if stored.is_none() {
+        db.insert("format", &FORMAT.to_be_bytes())?;
+    }
+    Ok(stored)
 }

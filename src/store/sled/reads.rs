@@ -154,14 +154,12 @@ impl Inner {
         }
     }
 
-    /// A small blob's bytes read at the place the in-memory index keeps for it, without asking
-    /// sled (that lookup was a third of a BatchReadBlobs call's CPU at a million blobs). `None`
-    /// if there is no place, or the record there is gone or not intact: then the caller goes
-    /// through sled's entry, which alone decides whether the blob is damaged. A place is only
-    /// ever a record of this very hash (segments are append-only, never reused), and the bytes
-    /// are checked against the digest, so an outdated place can cost a look, never a wrong blob.
-    /// The index holds only places sled's entries named in this process (never from the
-    /// snapshot), so a blob sled lacks is not served from here but forgotten by the lookup.
+    /// A small blob's bytes read at the place the in-memory index keeps for it. `None` if there
+    /// is no place, or the record there is gone or not intact: then the caller looks the blob
+    /// up again (compaction may have moved it meanwhile), which decides whether it is damaged.
+    /// A place is only ever a record of this very hash (segments are append-only, never
+    /// reused), and the bytes are checked against the digest, so an outdated place can cost a
+    /// look, never a wrong blob.
     fn at_indexed_place(&self, digest: &Digest, place: Option<Option<u64>>) -> Option<Bytes> {
         let place = Place(place.flatten()?);
         match self.segments.read(place, &digest.hash, digest.size) {
@@ -178,11 +176,7 @@ impl Inner {
         // names the new place, and one more look finds it.
         for _ in 0..3 {
             let why = match self.segments.read(place, &digest.hash, digest.size)? {
-                Found::Data(data) if verify(*digest, &data).is_ok() => {
-                    // sled named this place: the next read can skip sled.
-                    self.index.set_place(digest, Some(place.0));
-                    return Ok(Some(data));
-                }
+                Found::Data(data) if verify(*digest, &data).is_ok() => return Ok(Some(data)),
                 Found::Data(_) => "segment record does not match its digest",
                 Found::Damaged(why) => why,
                 Found::Gone => match self.lookup(digest)? {

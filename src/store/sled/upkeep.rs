@@ -1,12 +1,12 @@
 //! Background upkeep and the store's end: the maintenance loop ([`maintain`]: the cleanup pass
-//! after an unclean start, eviction between the watermarks, last-use persistence every minute,
-//! `max_size` and disk-cushion upkeep, segment compaction once enough died, the upgrade's move
-//! of inline blobs), `gc`, and `flush` with the clean-shutdown mark. (Dead
+//! after an unclean start, eviction between the watermarks, the index checkpoint every few
+//! minutes, `max_size` and disk-cushion upkeep, segment compaction once enough died, the
+//! upgrade's move of inline blobs), `gc`, and `flush` with the clean-shutdown mark. (Dead
 //! action results are swept by the namespace policy, `crate::namespace`.)
 //!
-//! - **Last use** lives in the in-memory index (an atomic per blob). Times that changed are
-//!   written to tree `atime` once a minute and on shutdown; a crash loses at most that minute,
-//!   which only makes those blobs look older than they are.
+//! - **Last use** lives in the in-memory index (an atomic per blob) and is persisted by the
+//!   checkpoint ([`super::checkpoint`]); a crash loses the uses since the last one, which only
+//!   makes those blobs look older than they are (and the retention floor covers them).
 //! - **Crash cleanup.** A clean shutdown leaves a mark file; without it, the next start runs
 //!   the cleanup pass ([`super::verify`]) in the background.
 //!
@@ -20,22 +20,22 @@ use std::time::{Duration, Instant, SystemTime};
 
 use parking_lot::Mutex;
 
-use super::{run_blocking, snapshot, Inner};
+use super::{checkpoint, run_blocking, Inner};
 use crate::error::{Error, Result};
 use crate::store::GcReport;
 
 /// Name of the file a clean shutdown leaves in the data dir.
 const CLEAN_MARK: &str = "clean-shutdown";
-/// How often changed last-use times are written to sled.
-pub(super) const PERSIST_USE_EVERY: Duration = Duration::from_secs(60);
-/// Between shutdowns, a last use is written only once it moved this far (seconds): LRU order
-/// needs no finer grain, and every use of every blob must not become a write.
+/// A checkpoint is due this long after the last one, if anything changed since.
+pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(300);
+/// ...or once this many bytes were appended to segments since (they are what a crash start
+/// replays and verifies).
+const CHECKPOINT_AFTER_BYTES: u64 = 512 << 20;
+/// Between checkpoints, a last use counts as a change only once it moved this far (seconds):
+/// LRU order needs no finer grain, and every use of every blob must not become a write.
 const PERSIST_STEP: u32 = 600;
 /// How often the maintenance loop looks at usage when nobody wakes it.
 const TICK: Duration = Duration::from_secs(1);
-
-/// Key in tree `atime` (not 32 bytes long, so never a blob's) of the time of the last persist.
-pub(super) const PERSISTED_AT: &[u8] = b"persisted-at";
 
 /// State of the long passes (eviction, cleanup, verify) and the final flush.
 pub(super) struct Upkeep {
@@ -48,15 +48,35 @@ pub(super) struct Upkeep {
     pub(super) opened_at: SystemTime,
     /// Set by the final flush: long passes stop early instead of holding up the shutdown.
     stopping: AtomicBool,
+    /// What the last checkpoint saw (held while one is written, so two never race).
+    checkpointed: Mutex<Checkpointed>,
+}
+
+/// The state of the store at the last checkpoint, to tell whether another is due.
+struct Checkpointed {
+    at: Instant,
+    appended: u64,
+    blobs: usize,
+    evicted: u64,
+    /// The start changed the index from what the checkpoint on disk says (a replay, or an
+    /// upgrade): the first pass writes one.
+    dirty: bool,
 }
 
 impl Upkeep {
-    pub(super) fn new(unclean: bool) -> Self {
+    pub(super) fn new(unclean: bool, blobs: usize) -> Self {
         Upkeep {
             pass: Mutex::new(()),
             cleanup_pending: AtomicBool::new(unclean),
             opened_at: SystemTime::now(),
             stopping: AtomicBool::new(false),
+            checkpointed: Mutex::new(Checkpointed {
+                at: Instant::now(),
+                appended: 0,
+                blobs,
+                evicted: 0,
+                dirty: unclean,
+            }),
         }
     }
 
@@ -105,27 +125,51 @@ fn mark_clean_shutdown(data_dir: &Path) -> Result<()> {
 }
 
 impl Inner {
-    /// Writes last-use times newer than the ones on disk to tree `atime`: every one at shutdown
-    /// (`all`), otherwise only those that moved by [`PERSIST_STEP`] or more. One insert at a
-    /// time: sled's `apply_batch` takes a process-wide write lock that stalls every other read
-    /// and write (and its memory grows with the batch), measured at 300 ms stalls and GBs of RSS
-    /// after a million blobs were touched. Coarse periodic writes are safe: after a crash,
-    /// nothing is evicted until `min_retention` has passed since the last persist anyway.
-    pub(super) fn persist_use(&self, all: bool) -> Result<()> {
-        let mut changed = Vec::new();
-        let step = if all { 1 } else { PERSIST_STEP };
-        self.index
-            .take_unpersisted(step, |hash, used| changed.push((*hash, used)));
-        for (hash, used) in changed {
-            self.atime.insert(hash, &used.to_be_bytes())?;
+    /// Writes the index checkpoint ([`super::checkpoint`]) if one is due: always when
+    /// `closing` (then no writer is left, so nothing needs replaying after it), else after
+    /// [`CHECKPOINT_EVERY`] if blobs came, went or moved, or last uses moved by
+    /// [`PERSIST_STEP`], or after [`CHECKPOINT_AFTER_BYTES`] of appends.
+    pub(super) fn checkpoint(&self, closing: bool) -> Result<()> {
+        let mut last = self.upkeep.checkpointed.lock();
+        let appended = self.segments.appended();
+        let (len, evicted) = (self.index.len(), self.eviction.evicted_blobs.load(Relaxed));
+        if !closing {
+            let by_bytes = appended.saturating_sub(last.appended) >= CHECKPOINT_AFTER_BYTES;
+            let by_time = last.at.elapsed() >= CHECKPOINT_EVERY;
+            if !(last.dirty || by_bytes || by_time) {
+                return Ok(());
+            }
+            let changed = last.dirty
+                || appended != last.appended
+                || len != last.blobs
+                || evicted != last.evicted
+                || self.index.uses_moved(PERSIST_STEP);
+            if !changed {
+                // Nothing to save: look again a period from now.
+                last.at = Instant::now();
+                return Ok(());
+            }
         }
-        // When last uses were last persisted: after a crash, later ones are known to be lost.
-        self.atime
-            .insert(PERSISTED_AT, &self.clock.now().to_be_bytes())?;
-        self.atime.insert(
-            super::entry::BLOB_COUNT,
-            &(self.index.len() as u64).to_be_bytes(),
-        )?;
+        let started = Instant::now();
+        let header = checkpoint::Header {
+            replay_from: self.segments.replay_floor(closing),
+            taken_at: self.clock.now(),
+        };
+        let bytes = checkpoint::write(&self.data_dir, &self.index, header)
+            .map_err(|e| Error::internal("writing the index checkpoint", e))?;
+        *last = Checkpointed {
+            at: Instant::now(),
+            appended,
+            blobs: len,
+            evicted,
+            dirty: false,
+        };
+        tracing::debug!(
+            bytes,
+            replay_from = header.replay_from,
+            took_ms = started.elapsed().as_millis() as u64,
+            "index checkpoint written"
+        );
         Ok(())
     }
 
@@ -185,14 +229,11 @@ impl Inner {
             }
             return Ok(());
         }
-        self.persist_use(true)?;
         self.db.flush()?;
+        // The checkpoint first: the mark vouches for it. Without it the next start counts as
+        // unclean and replays the segments since the last checkpoint that was written.
+        self.checkpoint(true)?;
         if !self.upkeep.cleanup_pending() {
-            // The snapshot first: the mark vouches for it.
-            if let Err(e) = snapshot::write(&self.data_dir, &self.index) {
-                tracing::warn!(error = %e, "cannot write the index snapshot; the next start reads sled");
-                snapshot::remove(&self.data_dir);
-            }
             mark_clean_shutdown(&self.data_dir)?;
         }
         Ok(())
@@ -242,14 +283,12 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             }
         }
     }
-    let mut last_persist = Instant::now();
     loop {
         tokio::select! {
             _ = tokio::time::sleep(TICK) => {}
             _ = inner.usage.wake.notified() => {}
         }
         let store = inner.clone();
-        let persist = last_persist.elapsed() >= PERSIST_USE_EVERY;
         let result = run_blocking(move || {
             // Keeps sled's cushion, and lifts a write refusal within a tick of space coming back.
             // While the disk cannot take writes, only eviction (which frees space) writes.
@@ -259,18 +298,13 @@ pub(super) async fn maintain(inner: Arc<Inner>) {
             if !writable {
                 return Ok(());
             }
-            if persist {
-                store.persist_use(false)?;
-            }
+            store.checkpoint(false)?;
             if store.compaction_due() {
                 store.compact_logged(&[])?;
             }
             Ok(())
         })
         .await;
-        if persist {
-            last_persist = Instant::now();
-        }
         if let Err(e) = result {
             tracing::warn!(error = %e, "storage upkeep failed; retrying");
         }
@@ -286,51 +320,50 @@ mod tests {
     use crate::store::{Cas as _, Housekeeping as _};
 
     #[tokio::test]
-    async fn a_clean_restart_reads_the_index_snapshot_and_forgets_what_sled_lacks() {
+    async fn restarts_find_every_blob_from_the_checkpoint_and_after_a_crash_from_the_segments() {
         let tmp = tempfile::tempdir().unwrap();
-        let (a, b, c) = (
-            Bytes::from(vec![1u8; 1000]),
-            Bytes::from(vec![2u8; 100_000]),
-            Bytes::from(vec![3u8; 500]),
-        );
-        let (da, db, dc) = (Digest::of(&a), Digest::of(&b), Digest::of(&c));
+        let blobs: Vec<Bytes> = [(1u8, 1000), (2, 100_000), (3, 500), (4, 700), (5, 90_000)]
+            .iter()
+            .map(|&(b, n)| Bytes::from(vec![b; n]))
+            .collect();
+        let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
         {
             let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
-            store.put(&da, a).await.unwrap();
-            store.put(&db, b).await.unwrap();
-            store.put(&dc, c).await.unwrap();
+            for i in 0..3 {
+                store.put(&digests[i], blobs[i].clone()).await.unwrap();
+            }
             store.flush().await.unwrap();
         }
-        assert!(tmp.path().join("index.snapshot").exists());
-        // Behind the snapshot's back, sled loses blob a's index entry.
+        assert!(tmp.path().join("index.checkpoint").exists());
         {
-            let db = sled::open(tmp.path().join("sled")).unwrap();
-            db.open_tree("cas").unwrap().remove(da.hash).unwrap();
-            db.flush().unwrap();
+            // A clean start takes every blob from the checkpoint, small ones with their place,
+            // so their first read needs no lookup.
+            let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
+            let stats = store.stats().await.unwrap();
+            assert_eq!((stats.blobs, stats.blob_bytes), (3, 101_500), "{stats:?}");
+            assert!(!stats.cleanup_pending);
+            assert!(matches!(
+                store.inner.index.touch_place(&digests[2], 0),
+                Some(Some(_))
+            ));
+            for i in 0..3 {
+                assert_eq!(
+                    store.get(&digests[i]).await.unwrap().as_ref(),
+                    Some(&blobs[i])
+                );
+            }
+            // Two more, then a crash: no checkpoint after them, no clean mark.
+            store.put(&digests[3], blobs[3].clone()).await.unwrap();
+            store.put(&digests[4], blobs[4].clone()).await.unwrap();
         }
         let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
-        assert!(
-            !tmp.path().join("index.snapshot").exists(),
-            "a snapshot is read once"
-        );
         let stats = store.stats().await.unwrap();
-        assert_eq!((stats.blobs, stats.blob_bytes), (3, 101_500), "{stats:?}");
-        // The snapshot brings no places, so the first read of a goes through sled, which
-        // lacks it: a is forgotten, though its record is intact in its segment.
-        assert_eq!(store.get(&da).await.unwrap(), None);
-        assert_eq!(store.find_missing(&[da, db, dc]).await.unwrap(), vec![da]);
-        assert_eq!(store.stats().await.unwrap().blob_bytes, 100_500);
-        // c's first read goes through sled too, which names its place: later reads skip sled.
-        assert_eq!(store.inner.index.touch_place(&dc, 0), Some(None));
-        assert_eq!(store.get(&dc).await.unwrap().map(|d| d.len()), Some(500));
-        assert!(matches!(
-            store.inner.index.touch_place(&dc, 0),
-            Some(Some(_))
-        ));
-        assert_eq!(store.get(&dc).await.unwrap().map(|d| d.len()), Some(500));
-        assert_eq!(
-            store.get(&db).await.unwrap().map(|d| d.len()),
-            Some(100_000)
-        );
+        assert!(stats.cleanup_pending);
+        // The small one from the replay of its segment, the file one from sled's entry.
+        assert_eq!((stats.blobs, stats.blob_bytes), (5, 192_200), "{stats:?}");
+        assert!(store.find_missing(&digests).await.unwrap().is_empty());
+        for (d, b) in digests.iter().zip(&blobs) {
+            assert_eq!(store.get(d).await.unwrap().as_ref(), Some(b));
+        }
     }
 }

@@ -14,7 +14,7 @@ use async_trait::async_trait;
 use bytes::{Bytes, BytesMut};
 use xxhash_rust::xxh3::xxh3_64;
 
-use super::entry::{encode_entry, encode_file_entry, Location};
+use super::entry::encode_file_entry;
 use super::usage::Reservation;
 use super::{blocking, run_blocking, Inner};
 use crate::digest::{verify, Digest, Verifier, HASH_LEN};
@@ -37,9 +37,8 @@ impl Inner {
     }
 
     /// Stores the blobs of one batch. The small ones share the work: one append of all their
-    /// records, one commit round before their entries and one after, instead of a write and
-    /// two rounds per blob (each round an fdatasync and a sled flush, with every blob's task
-    /// parked and woken twice). Large ones are stored as by [`Inner::put`], alongside.
+    /// records and one commit round, instead of a write and a round per blob (each round an
+    /// fdatasync, with every blob's task parked and woken). Large ones are stored as by [`Inner::put`], alongside.
     pub(super) async fn put_many(self: &Arc<Self>, blobs: Vec<(Digest, Bytes)>) -> Vec<Result<()>> {
         let bytes: usize = blobs.iter().map(|(_, data)| data.len()).sum();
         let checked: Vec<Result<()>> = if bytes > HASH_ON_WORKER_MAX {
@@ -114,58 +113,13 @@ impl Inner {
                     }
                 }
                 Ok(appended) => {
-                    let now = self.clock.now();
-                    let mut entered = Vec::with_capacity(admitted.len());
+                    // Durable: visible now. If a concurrent writer stored a blob first, its
+                    // copy stays and this record is dead (compaction reclaims it).
                     for (&k, record) in admitted.iter().zip(&appended) {
                         let digest = &blobs[which[k]].0;
-                        let entry = encode_entry(
-                            Location::Segment {
-                                place: record.place,
-                            },
-                            digest.size,
-                            now,
-                        );
-                        let swapped = {
-                            let _stripe = self.stripe(digest);
-                            self.cas.compare_and_swap(
-                                digest.hash,
-                                None as Option<&[u8]>,
-                                Some(entry.clone()),
-                            )
-                        };
-                        match swapped {
-                            // Not ours: a concurrent writer stored it first (see `try_put_small`).
-                            Ok(swapped) => entered.push((k, entry, record.place, swapped.is_ok())),
-                            Err(e) => out[k] = Some(Err(e.into())),
-                        }
-                    }
-                    let durable = self.commit.durable().await;
-                    for (k, entry, place, ours) in entered {
-                        let digest = &blobs[which[k]].0;
-                        out[k] = Some(match &durable {
-                            Err(e) => {
-                                if ours {
-                                    let _stripe = self.stripe(digest);
-                                    let _ = self.cas.compare_and_swap(
-                                        digest.hash,
-                                        Some(entry),
-                                        None as Option<&[u8]>,
-                                    );
-                                }
-                                Err(e.again())
-                            }
-                            Ok(()) => {
-                                let stored = if ours {
-                                    Ok(())
-                                } else {
-                                    self.still_stored(digest)
-                                };
-                                if stored.is_ok() {
-                                    self.added(digest, ours.then_some(place));
-                                }
-                                stored
-                            }
-                        });
+                        let _stripe = self.stripe(digest);
+                        self.added(digest, Some(record.place));
+                        out[k] = Some(Ok(()));
                     }
                     drop(appended);
                 }
@@ -220,37 +174,12 @@ impl Inner {
     async fn try_put_small(&self, digest: &Digest, data: &[u8]) -> Result<()> {
         self.admit(self.charge(digest.size))?;
         let appended = self.segments.append(&digest.hash, data)?;
-        let place = appended.place;
-        // The record must be on disk before an entry naming it can be: sled may flush the
-        // entry at any moment (its own timer, or another write's commit round).
-        self.commit.durable().await?;
-        let entry = encode_entry(Location::Segment { place }, digest.size, self.clock.now());
-        let ours = {
-            let _stripe = self.stripe(digest);
-            let swapped = self.cas.compare_and_swap(
-                digest.hash,
-                None as Option<&[u8]>,
-                Some(entry.clone()),
-            )?;
-            // Else a concurrent writer stored the same blob first; keep theirs (and wait for
-            // it to be durable like our own), and our record is dead.
-            swapped.is_ok()
-        };
         // Visible to FindMissingBlobs (the in-memory index) only once durable: "present" is a
-        // promise too, and clients skip their own upload on it.
-        if let Err(e) = self.commit.durable().await {
-            if ours {
-                let _stripe = self.stripe(digest);
-                let _ = self
-                    .cas
-                    .compare_and_swap(digest.hash, Some(entry), None as Option<&[u8]>);
-            }
-            return Err(e);
-        }
-        if !ours {
-            self.still_stored(digest)?;
-        }
-        self.added(digest, ours.then_some(place));
+        // promise, and clients skip their own upload on it. The record is the blob's only
+        // entry until the next checkpoint lists it (see `checkpoint.rs`).
+        self.commit.durable().await?;
+        let _stripe = self.stripe(digest);
+        self.added(digest, Some(appended.place));
         Ok(())
     }
 

@@ -19,8 +19,8 @@ use crate::error::{Error, Result};
 use crate::store::refused::{Refusal, RefusedWrites};
 use crate::store::StoreStats;
 
-/// What a small blob costs beyond its bytes: its segment record header, plus its index entry and
-/// last-use entry in sled, rounded up.
+/// What a small blob costs beyond its bytes: its segment record header, plus its entry in the
+/// index checkpoint, rounded up.
 const INLINE_OVERHEAD: u64 = 64 + HEADER_LEN;
 
 /// Bytes a blob of `size` counts against `max_size`.

@@ -1,6 +1,6 @@
 //! `verify` (every blob re-hashed with SHA-256, damaged ones dropped) and the removal of
-//! orphans: blob files, segments and inline data that no index entry names, stale temp files and
-//! last-use entries. The orphan pass runs in the background after an unclean start (see
+//! orphans: blob files, segments and inline data that no index entry names, and stale temp
+//! files. The orphan pass runs in the background after an unclean start (see
 //! [`super::upkeep`]); only it and `verify` walk the blob files, start-up reads only the index.
 //!
 //! Must not: run on a cache request path (the admin `verify` and the upkeep loop call it); hold
@@ -13,7 +13,7 @@ use super::Inner;
 use crate::digest::{verify, Digest, HASH_LEN};
 use crate::error::Result;
 use crate::store::files::file_matches;
-use crate::store::segments::Found;
+use crate::store::segments::{Found, Place};
 use crate::store::VerifyReport;
 
 impl Inner {
@@ -89,19 +89,18 @@ impl Inner {
             .filter(|(id, _)| !busy.contains(id))
             .collect();
         let mut named = HashSet::new();
-        let mut live_segments = HashSet::new();
         for entry in self.cas.iter() {
             let (_, value) = entry?;
-            match decode_entry(&value) {
-                Some((Location::Inline { id }, _)) => {
-                    named.insert(id);
-                }
-                Some((Location::Segment { place }, _)) => {
-                    live_segments.insert(place.segment());
-                }
-                _ => {}
+            if let Some((Location::Inline { id }, _)) = decode_entry(&value) {
+                named.insert(id);
             }
         }
+        let mut live_segments = HashSet::new();
+        self.index.for_each(|c| {
+            if let Some(place) = c.place {
+                live_segments.insert(Place(place).segment());
+            }
+        });
         for entry in self.blobs.iter() {
             let (key, value) = entry?;
             let Ok(id) = <[u8; 8]>::try_from(&key[..]).map(u64::from_be_bytes) else {
@@ -112,10 +111,8 @@ impl Inner {
                 bytes += value.len() as u64;
             }
         }
-        // Sealed segments no entry names (busy ones may be about to be named). Empty ones are
-        // the unused active segments of earlier runs, not lost data.
-        // Entry removals durable first (see compaction), then the segments they emptied.
-        self.commit.durable_blocking()?;
+        // Sealed segments the index places no blob in (busy ones may be about to be named).
+        // Empty ones are the unused active segments of earlier runs, not lost data.
         let mut removed = Vec::new();
         for (id, len) in sealed {
             if !live_segments.contains(&id) {
@@ -132,15 +129,6 @@ impl Inner {
             }
         }
         self.forget_places_in(&removed);
-        // Last-use entries of blobs that are gone.
-        for entry in self.atime.iter() {
-            let (key, _) = entry?;
-            if let Ok(hash) = <[u8; HASH_LEN]>::try_from(&key[..]) {
-                if !self.index.has_hash(&hash) {
-                    self.atime.remove(&key)?;
-                }
-            }
-        }
         Ok((pieces, bytes))
     }
 
@@ -149,6 +137,37 @@ impl Inner {
         // No `upkeep` lock while hashing (hours on a big store): eviction and shutdown go on;
         // `drop_damaged` takes the hash's stripe lock.
         let mut report = VerifyReport::default();
+        let judge = |report: &mut VerifyReport, digest: Digest, location, sound: bool| {
+            report.checked_blobs += 1;
+            report.checked_bytes += digest.size;
+            if !sound {
+                self.drop_damaged(
+                    &digest,
+                    location,
+                    "verify: content does not match its digest",
+                );
+                report.corrupt.push(digest.to_string());
+            }
+        };
+        // Small blobs, a shard of the index at a time (no copy of the whole index).
+        let mut placed = Vec::new();
+        for shard in 0..self.index.shards() {
+            self.upkeep.check_stopping()?;
+            placed.clear();
+            self.index.for_each_in(shard, |c| {
+                if let Some(place) = c.place {
+                    placed.push((c.digest, Place(place)));
+                }
+            });
+            for &(digest, place) in &placed {
+                let sound = matches!(
+                    self.segments.read(place, &digest.hash, digest.size)?,
+                    Found::Data(data) if verify(digest, &data).is_ok()
+                );
+                judge(&mut report, digest, Location::Segment { place }, sound);
+            }
+        }
+        // File blobs (and inline ones of older data dirs): sled's entries.
         let mut buf = vec![0u8; 1 << 20];
         for entry in self.cas.iter() {
             self.upkeep.check_stopping()?;
@@ -160,28 +179,17 @@ impl Inner {
             };
             let digest = Digest { hash, size };
             let sound = match location {
+                // Format 5's, not dropped yet: the index decides about segment blobs.
+                Location::Segment { .. } => continue,
                 Location::Inline { id } => self
                     .blobs
                     .get(id.to_be_bytes())?
                     .is_some_and(|data| verify(digest, &data).is_ok()),
-                Location::Segment { place } => matches!(
-                    self.segments.read(place, &hash, size)?,
-                    Found::Data(data) if verify(digest, &data).is_ok()
-                ),
                 Location::File { .. } => {
                     file_matches(&self.files.blob_path(&digest), &digest, &mut buf)
                 }
             };
-            report.checked_blobs += 1;
-            report.checked_bytes += size;
-            if !sound {
-                self.drop_damaged(
-                    &digest,
-                    location,
-                    "verify: content does not match its digest",
-                );
-                report.corrupt.push(digest.to_string());
-            }
+            judge(&mut report, digest, location, sound);
         }
         let (pieces, bytes) = self.remove_orphans()?;
         report.orphans_removed = pieces;
