@@ -104,6 +104,16 @@ fn main() -> ExitCode {
     }
 }
 
+/// Opts the server out of transparent huge pages (a no-op where the kernel has none). The
+/// allocator asks for huge pages on its large regions, and a 2 MiB page touched anywhere is
+/// resident whole: at a million blobs that was a third of the server's memory (301 against
+/// 208 MiB after a fill), for no measurable gain in the index lookups it could speed up
+/// (BENCHMARKS.md, issue 14).
+fn no_transparent_huge_pages() {
+    // Process-wide despite the module's name (PR_SET_THP_DISABLE), and inherited by children.
+    let _ = rustix::thread::disable_transparent_huge_pages(true);
+}
+
 fn serve(
     config_path: Option<PathBuf>,
     listen: Option<SocketAddr>,
@@ -131,6 +141,7 @@ fn serve(
         ));
     }
     hoard::connections::raise_open_file_limit();
+    no_transparent_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         // Every large-blob transfer holds a blocking thread: leave room for all of them.

@@ -22,6 +22,9 @@ use crate::digest::{verify, Digest, HASH_LEN};
 use crate::error::Result;
 use crate::store::segments::{Found, Place, HEADER_LEN};
 
+/// Bytes of records a rewrite copies per append and commit round.
+const MOVE_BATCH: usize = 4 << 20;
+
 /// A sealed segment is rewritten once less than this share (per cent) of it is live.
 const LIVE_PERCENT: u64 = 75;
 
@@ -131,17 +134,24 @@ impl Inner {
             self.upkeep.check_stopping()?;
             let len = sealed.get(&id).copied().unwrap_or(0);
             let entries = named.remove(&id).unwrap_or_default();
-            let mut moved = Vec::with_capacity(entries.len());
+            // A batch at a time, so a pass holds a few MiB of records, not a segment's worth
+            // (twice: the copies and the buffer of their append).
+            let (mut moved, mut batch_bytes) = (Vec::new(), 0);
             for (digest, place) in entries {
                 match self.segments.read(place, &digest.hash, digest.size)? {
                     Found::Data(data) if verify(digest, &data).is_ok() => {
-                        moved.push((digest, Source::Segment(place), data))
+                        batch_bytes += data.len();
+                        moved.push((digest, Source::Segment(place), data));
                     }
                     _ => self.drop_damaged(
                         &digest,
                         Location::Segment { place },
                         "compaction: segment record does not match its digest",
                     ),
+                }
+                if batch_bytes >= MOVE_BATCH {
+                    done.records_moved += self.move_small(std::mem::take(&mut moved))?;
+                    batch_bytes = 0;
                 }
             }
             done.records_moved += self.move_small(moved)?;
