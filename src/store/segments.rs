@@ -199,16 +199,26 @@ impl Segments {
     }
 
     /// The first segment a checkpoint taken now must leave to replay: the active one, or an
-    /// older one a writer has appended to and not yet indexed. Every record before it is
-    /// indexed (or dead) by the time this returns. `closing`: no more writes come, so with
-    /// no writer left even the active segment is indexed.
-    pub fn replay_floor(&self, closing: bool) -> u32 {
+    /// older one a writer has appended to and not yet indexed, so every record before it is
+    /// indexed (or dead) by the time this returns. (Even at shutdown the active segment is
+    /// replayed: a call still running past the drain may append to it.)
+    pub fn replay_floor(&self) -> u32 {
         let active = self.active.lock();
         let pending = self.pending.lock();
-        match pending.keys().copied().min() {
-            Some(id) => id.min(active.id),
-            None if closing => active.id + 1,
-            None => active.id,
+        pending
+            .keys()
+            .copied()
+            .min()
+            .unwrap_or(active.id)
+            .min(active.id)
+    }
+
+    /// Makes segment `id` durable (after a replay: its records may be only in the page cache,
+    /// written by a process killed before its fdatasync).
+    pub fn sync_segment(&self, id: u32) -> io::Result<()> {
+        match self.files.read().get(&id).cloned() {
+            Some(file) => file.sync_data(),
+            None => Ok(()),
         }
     }
 
@@ -217,12 +227,13 @@ impl Segments {
         self.appended.load(Relaxed)
     }
 
-    /// Every segment's id and length, oldest first (the active one included).
+    /// Every segment's id and length, oldest first (the active one included); a length that
+    /// cannot be read is `u64::MAX` (unknown, never judged too short).
     pub fn all(&self) -> Vec<(u32, u64)> {
         let files = self.files.read();
         let mut out: Vec<(u32, u64)> = files
             .iter()
-            .map(|(id, f)| (*id, f.metadata().map(|m| m.len()).unwrap_or(0)))
+            .map(|(id, f)| (*id, f.metadata().map_or(u64::MAX, |m| m.len())))
             .collect();
         out.sort_unstable();
         out
@@ -238,7 +249,7 @@ impl Segments {
             return Ok(0);
         };
         let len = file.metadata()?.len();
-        let mut window = Window::new(&file, len);
+        let mut window = Window::new(&file, len, self.roll_at);
         let (mut at, mut skipped) = (0u64, 0u64);
         while at + HEADER_LEN <= len {
             if let Some(record) = window.record_at(at)? {
@@ -331,7 +342,8 @@ impl Segments {
     }
 
     /// The highest segment id from before this process opened the store: a write cut off by
-    /// a crash can only be in it (or the one before it, if a roll was racing the crash).
+    /// a crash is most likely in it or the one before (a writer held up across several rolls
+    /// can leave one further back; the replay skips it, and compaction reclaims it).
     pub fn last_before_open(&self) -> u32 {
         self.last_before_open
     }
@@ -355,6 +367,9 @@ impl Segments {
 struct Window<'f> {
     file: &'f File,
     len: u64,
+    /// No record is larger (a segment is at least 4 × `storage.inline_threshold`), so a
+    /// damaged header cannot make the scan read a huge one.
+    max_record: u64,
     start: u64,
     buf: Vec<u8>,
 }
@@ -363,10 +378,11 @@ struct Window<'f> {
 const WINDOW: usize = 4 << 20;
 
 impl<'f> Window<'f> {
-    fn new(file: &'f File, len: u64) -> Self {
+    fn new(file: &'f File, len: u64, max_record: u64) -> Self {
         Window {
             file,
             len,
+            max_record,
             start: 0,
             buf: Vec::new(),
         }
@@ -394,7 +410,7 @@ impl<'f> Window<'f> {
         let size = u64::from(u32::from_le_bytes([head[4], head[5], head[6], head[7]]));
         let mut hash = [0u8; HASH_LEN];
         hash.copy_from_slice(&head[8..]);
-        if at + HEADER_LEN + size > self.len {
+        if size > self.max_record || at + HEADER_LEN + size > self.len {
             return Ok(None);
         }
         let digest = Digest { hash, size };

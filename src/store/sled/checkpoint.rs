@@ -8,13 +8,14 @@
 //! checkpoint's `replay_from` on (each record verified before it counts), then forgets entries
 //! whose segment is gone. So a checkpoint never has to be in step with the segments:
 //! - a blob stored after it is found by the replay (its record is in a segment from
-//!   `replay_from` on, since [`Segments::replay_floor`] waits for writers not yet indexed);
+//!   `replay_from` on, since [`crate::store::segments::Segments::replay_floor`] is at or before the segment of every
+//!   writer not yet indexed);
 //! - a blob moved by compaction after it is found at its new place by the replay;
 //! - a blob evicted after it comes back if its record is still there (a cache may keep what it
 //!   meant to drop; its bytes are intact and verified), or is forgotten with its segment.
 //!
-//! File blobs keep their entries in sled (with their chunk sums); the checkpoint gives their
-//! last uses, and after a clean shutdown the start trusts it for them too.
+//! File blobs keep their entries in sled (with their chunk sums), which every start reads; the
+//! checkpoint gives their last uses.
 //!
 //! Layout: `HOARDIX3`, replay_from (u32 LE), taken at (u32 LE, store clock), then per blob hash
 //! (32 bytes), size (u64 LE), last use (u32 LE), place (u64 LE, `u64::MAX` for none), then the
@@ -55,7 +56,19 @@ pub(super) struct Header {
 /// persisted. Returns the bytes written.
 pub(super) fn write(data_dir: &Path, index: &Index, header: Header) -> std::io::Result<u64> {
     let tmp = data_dir.join(format!("{NAME}.tmp"));
-    let file = std::fs::File::create(&tmp)?;
+    let written = write_to(&tmp, index, header);
+    if written.is_err() {
+        // Tens of MB at a million blobs, on a disk that may be full.
+        let _ = std::fs::remove_file(&tmp);
+    }
+    let bytes = written?;
+    std::fs::rename(&tmp, path(data_dir))?;
+    std::fs::File::open(data_dir)?.sync_all()?;
+    Ok(bytes)
+}
+
+fn write_to(tmp: &Path, index: &Index, header: Header) -> std::io::Result<u64> {
+    let file = std::fs::File::create(tmp)?;
     let mut out = BufWriter::with_capacity(1 << 20, file);
     let mut sum = Xxh3::new();
     let mut head = Vec::with_capacity(HEAD);
@@ -83,8 +96,6 @@ pub(super) fn write(data_dir: &Path, index: &Index, header: Header) -> std::io::
     out.write_all(&sum.digest().to_le_bytes())?;
     let file = out.into_inner().map_err(|e| e.into_error())?;
     file.sync_all()?;
-    std::fs::rename(&tmp, path(data_dir))?;
-    std::fs::File::open(data_dir)?.sync_all()?;
     Ok((HEAD + TAIL) as u64 + count * ENTRY as u64)
 }
 

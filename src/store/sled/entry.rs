@@ -5,6 +5,8 @@
 //! Must not: write blob data or files (`uploads.rs` does; this file only deletes what a damaged
 //! entry names).
 
+use std::sync::atomic::Ordering::Relaxed;
+
 use super::Inner;
 use crate::digest::{Digest, HASH_LEN};
 use crate::error::{Error, Result};
@@ -236,6 +238,7 @@ impl Inner {
         // A segment record is dead once the index forgets it; compaction reclaims it (after a
         // crash before the next checkpoint it may be indexed again, and found damaged again).
         if matches!(judged, Location::Segment { .. }) {
+            self.upkeep.checkpoint_soon.store(true, Relaxed);
             return;
         }
         match self.cas.remove(digest.hash) {

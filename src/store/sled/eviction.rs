@@ -19,7 +19,7 @@ use std::sync::atomic::{AtomicBool, AtomicU32, AtomicU64, Ordering::Relaxed};
 use std::time::Instant;
 
 use super::entry::{decode_entry, Location};
-use super::upkeep::CHECKPOINT_EVERY;
+use super::upkeep::{CHECKPOINT_EVERY, PERSIST_STEP};
 use super::{Inner, Options};
 use crate::error::{Error, Result};
 use crate::store::index::Candidate;
@@ -56,7 +56,9 @@ impl Eviction {
     /// crash) are lost: until `min_retention` has passed since then, no blob is evicted.
     pub(super) fn set_used_floor(&self, persisted_at: Option<u32>, now: u32) {
         let floor = match persisted_at {
-            Some(t) => t.saturating_add(CHECKPOINT_EVERY.as_secs() as u32 + 1),
+            // A checkpoint comes a period after a change, and a use counts as one only once it
+            // moved `PERSIST_STEP`: a use this long after the last checkpoint may be lost.
+            Some(t) => t.saturating_add(CHECKPOINT_EVERY.as_secs() as u32 + PERSIST_STEP + 1),
             None => now,
         };
         self.used_floor.store(floor, Relaxed);
@@ -250,7 +252,7 @@ mod tests {
         let err = store.put(&Digest::of(b"x"), Bytes::from_static(b"x")).await;
         assert!(err.is_ok(), "writes below max_size are unaffected: {err:?}");
         // Past retention from the last checkpoint (plus its period), it may go.
-        store.advance_clock(Duration::from_secs(3600 + 360));
+        store.advance_clock(Duration::from_secs(3600 + 960));
         let report = store.gc(Some(0)).await.unwrap();
         assert!(report.evicted_blobs >= 1, "{report:?}");
         assert_eq!(store.find_missing(&[digest]).await.unwrap(), vec![digest]);

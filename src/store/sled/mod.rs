@@ -263,9 +263,11 @@ impl SledStore {
         let threshold = options.inline_threshold;
         let (index, lost_uses_after) = match stored {
             Some(v) if v < FORMAT => recover::upgrade(data_dir, &db, &cas, &segments, &clock)?,
-            _ => recover::recover(data_dir, &db, &cas, &segments, &clock, marked)?,
+            _ => recover::recover(data_dir, &db, &cas, &segments, &clock)?,
         };
-        if !clean {
+        // Uses after the last checkpoint are lost after a crash; all of them if there is no
+        // checkpoint to read (damaged, or a data dir restored without it), clean or not.
+        if !clean || (!fresh && lost_uses_after.is_none()) {
             eviction.set_used_floor(lost_uses_after, clock.now());
         }
         index.for_each(|c| usage.blob_added(c.digest.size, charge(c.digest.size, threshold)));

@@ -22,22 +22,19 @@ use crate::store::segments::{Place, Segments, HEADER_LEN};
 const V5_PERSISTED_AT: &[u8] = b"persisted-at";
 
 /// The index of a format-6 data dir, and when its last uses were last persisted (the
-/// checkpoint's time; `None` if there is none). `clean`: the last shutdown was clean, so the
-/// checkpoint (if intact) is trusted for file blobs too and sled's entries need no walk.
+/// checkpoint's time; `None` if there is none).
 pub(super) fn recover(
     data_dir: &Path,
     db: &sled::Db,
     cas: &sled::Tree,
     segments: &Segments,
     clock: &Clock,
-    clean: bool,
 ) -> Result<(Index, Option<u32>)> {
     if db.contains_key(DROPPING_V5)? {
         drop_v5_entries(db, cas)?;
     }
     let started = Instant::now();
     let found = checkpoint::read(data_dir);
-    let trusted = clean && found.is_some();
     let lost_uses_after = found.as_ref().map(|(h, _)| h.taken_at);
     let (header, index) = found.unwrap_or_else(|| {
         tracing::info!("no index checkpoint: replaying every segment");
@@ -49,9 +46,10 @@ pub(super) fn recover(
             Index::new(),
         )
     });
-    if !trusted {
-        // sled's entries decide which file (and inline) blobs exist; the checkpoint only
-        // knows when each was last used.
+    // sled's entries decide which file (and inline) blobs exist, even after a clean shutdown
+    // (a call still running past the drain may have written one after the checkpoint); the
+    // checkpoint only knows when each was last used.
+    {
         let mut used = HashMap::new();
         index.for_each(|c| {
             if c.place.is_none() {
@@ -64,7 +62,10 @@ pub(super) fn recover(
         let used: HashMap<_, _> = used.into_iter().map(|(d, u)| (d.hash, u)).collect();
         load_sled_entries(cas, &index, clock, false, |hash| used.get(hash).copied())?;
     }
-    let replayed = replay(segments, &index, header.replay_from, clock.now())?;
+    // Blobs new to the index were written (or evicted, and come back) after the checkpoint:
+    // they count as used then, and the retention floor after a crash covers the rest.
+    let used = lost_uses_after.unwrap_or_else(|| clock.now());
+    let replayed = replay(segments, &index, header.replay_from, used)?;
     let forgotten = forget_unbacked(segments, &index);
     tracing::info!(
         blobs = index.len(),
@@ -78,9 +79,11 @@ pub(super) fn recover(
     Ok((index, lost_uses_after))
 }
 
-/// Adds every verified record of the segments from `from` on to `index` (used at `now`, as
-/// they were written shortly before). Returns (records new to the index, bytes skipped).
-fn replay(segments: &Segments, index: &Index, from: u32, now: u32) -> Result<(u64, u64)> {
+/// Adds every verified record of the segments from `from` on to `index` (new ones used at
+/// `used`), and makes those segments durable: a process killed between its `pwrite` and its
+/// fdatasync leaves records only in the page cache. Returns (records new to the index, bytes
+/// skipped).
+fn replay(segments: &Segments, index: &Index, from: u32, used: u32) -> Result<(u64, u64)> {
     let (mut added, mut skipped) = (0, 0);
     for (id, _) in segments.all() {
         if id < from {
@@ -88,10 +91,11 @@ fn replay(segments: &Segments, index: &Index, from: u32, now: u32) -> Result<(u6
         }
         skipped += segments
             .scan(id, |place, digest| {
-                if index.replayed(&digest, now, place.0) {
+                if index.replayed(&digest, used, place.0) {
                     added += 1;
                 }
             })
+            .and_then(|skipped| segments.sync_segment(id).map(|()| skipped))
             .map_err(|e| Error::internal(format!("replaying segment {id}"), e))?;
     }
     if skipped > 0 {
@@ -145,7 +149,7 @@ pub(super) fn upgrade(
     // The checkpoint first: once the format says 6, it (not sled) lists the small blobs. The
     // floor is the active segment, which no record was written to yet.
     let header = Header {
-        replay_from: segments.replay_floor(false),
+        replay_from: segments.replay_floor(),
         taken_at: clock.now(),
     };
     checkpoint::write(data_dir, &index, header)

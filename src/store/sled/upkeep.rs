@@ -33,7 +33,7 @@ pub(super) const CHECKPOINT_EVERY: Duration = Duration::from_secs(300);
 const CHECKPOINT_AFTER_BYTES: u64 = 512 << 20;
 /// Between checkpoints, a last use counts as a change only once it moved this far (seconds):
 /// LRU order needs no finer grain, and every use of every blob must not become a write.
-const PERSIST_STEP: u32 = 600;
+pub(super) const PERSIST_STEP: u32 = 600;
 /// How often the maintenance loop looks at usage when nobody wakes it.
 const TICK: Duration = Duration::from_secs(1);
 
@@ -50,6 +50,8 @@ pub(super) struct Upkeep {
     stopping: AtomicBool,
     /// What the last checkpoint saw (held while one is written, so two never race).
     checkpointed: Mutex<Checkpointed>,
+    /// Set when a blob was dropped as damaged: the next pass writes a checkpoint.
+    pub(super) checkpoint_soon: AtomicBool,
 }
 
 /// The state of the store at the last checkpoint, to tell whether another is due.
@@ -61,6 +63,8 @@ struct Checkpointed {
     /// The start changed the index from what the checkpoint on disk says (a replay, or an
     /// upgrade): the first pass writes one.
     dirty: bool,
+    /// The last write failed.
+    failed: bool,
 }
 
 impl Upkeep {
@@ -76,7 +80,9 @@ impl Upkeep {
                 blobs,
                 evicted: 0,
                 dirty: unclean,
+                failed: false,
             }),
+            checkpoint_soon: AtomicBool::new(false),
         }
     }
 
@@ -136,10 +142,14 @@ impl Inner {
         if !closing {
             let by_bytes = appended.saturating_sub(last.appended) >= CHECKPOINT_AFTER_BYTES;
             let by_time = last.at.elapsed() >= CHECKPOINT_EVERY;
-            if !(last.dirty || by_bytes || by_time) {
+            // A blob dropped as damaged must not be promised again after a crash.
+            let soon = self.upkeep.checkpoint_soon.swap(false, Relaxed);
+            if !(last.dirty || soon || by_bytes || by_time) {
                 return Ok(());
             }
             let changed = last.dirty
+                || soon
+                || last.failed
                 || appended != last.appended
                 || len != last.blobs
                 || evicted != last.evicted
@@ -152,17 +162,25 @@ impl Inner {
         }
         let started = Instant::now();
         let header = checkpoint::Header {
-            replay_from: self.segments.replay_floor(closing),
+            replay_from: self.segments.replay_floor(),
             taken_at: self.clock.now(),
         };
-        let bytes = checkpoint::write(&self.data_dir, &self.index, header)
-            .map_err(|e| Error::internal("writing the index checkpoint", e))?;
+        let bytes = match checkpoint::write(&self.data_dir, &self.index, header) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // The uses it marked saved were not: the next period writes one whatever changed.
+                last.failed = true;
+                last.at = Instant::now();
+                return Err(Error::internal("writing the index checkpoint", e));
+            }
+        };
         *last = Checkpointed {
             at: Instant::now(),
             appended,
             blobs: len,
             evicted,
             dirty: false,
+            failed: false,
         };
         tracing::debug!(
             bytes,
@@ -212,12 +230,12 @@ impl Inner {
         Ok(())
     }
 
-    /// The last write of a shutdown: last uses, sled, the index snapshot and the clean mark.
+    /// The last write of a shutdown: sled, the index checkpoint and the clean mark.
     /// Blocking; long passes were asked to stop first ([`Upkeep::stop`]).
     pub(super) fn final_flush(&self) -> Result<()> {
         let _no_pass_running = self.upkeep.pass.lock();
         // Every acknowledged write is durable already (group commit). On a disk that cannot
-        // take writes, what is left (last uses, the snapshot, the clean mark) is skipped:
+        // take writes, what is left (last uses, the checkpoint, the clean mark) is skipped:
         // the next start then counts as unclean, which keeps the retention promise.
         if !self.space.top_up() {
             tracing::warn!(
@@ -327,12 +345,17 @@ mod tests {
             .map(|&(b, n)| Bytes::from(vec![b; n]))
             .collect();
         let digests: Vec<Digest> = blobs.iter().map(|b| Digest::of(b)).collect();
+        let late_blob = Bytes::from(vec![6u8; 300]);
+        let late = Digest::of(&late_blob);
         {
             let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
             for i in 0..3 {
                 store.put(&digests[i], blobs[i].clone()).await.unwrap();
             }
             store.flush().await.unwrap();
+            // A call still running past the drain writes after the final checkpoint: the
+            // clean start replays the segment it went to.
+            store.put(&late, late_blob.clone()).await.unwrap();
         }
         assert!(tmp.path().join("index.checkpoint").exists());
         {
@@ -340,8 +363,9 @@ mod tests {
             // so their first read needs no lookup.
             let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
             let stats = store.stats().await.unwrap();
-            assert_eq!((stats.blobs, stats.blob_bytes), (3, 101_500), "{stats:?}");
+            assert_eq!((stats.blobs, stats.blob_bytes), (4, 101_800), "{stats:?}");
             assert!(!stats.cleanup_pending);
+            assert_eq!(store.get(&late).await.unwrap().as_ref(), Some(&late_blob));
             assert!(matches!(
                 store.inner.index.touch_place(&digests[2], 0),
                 Some(Some(_))
@@ -360,7 +384,7 @@ mod tests {
         let stats = store.stats().await.unwrap();
         assert!(stats.cleanup_pending);
         // The small one from the replay of its segment, the file one from sled's entry.
-        assert_eq!((stats.blobs, stats.blob_bytes), (5, 192_200), "{stats:?}");
+        assert_eq!((stats.blobs, stats.blob_bytes), (6, 192_500), "{stats:?}");
         assert!(store.find_missing(&digests).await.unwrap().is_empty());
         for (d, b) in digests.iter().zip(&blobs) {
             assert_eq!(store.get(d).await.unwrap().as_ref(), Some(b));
