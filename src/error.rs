@@ -203,6 +203,11 @@ impl From<std::io::Error> for Error {
             }
             _ => {}
         }
+        if e.get_ref()
+            .is_some_and(|inner| inner.is::<crate::store::segments::Closed>())
+        {
+            return Error::Unavailable(e.to_string());
+        }
         Error::internal("I/O error", e)
     }
 }

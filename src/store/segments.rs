@@ -62,7 +62,21 @@ struct Active {
     id: u32,
     file: Arc<File>,
     len: u64,
+    /// [`Segments::close`] was called.
+    closed: bool,
 }
+
+/// The error of an append after [`Segments::close`] (shutdown has begun).
+#[derive(Debug)]
+pub struct Closed;
+
+impl std::fmt::Display for Closed {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("the store is shutting down; retry against the next server")
+    }
+}
+
+impl std::error::Error for Closed {}
 
 /// The segment files of one data dir.
 pub struct Segments {
@@ -119,7 +133,12 @@ impl Segments {
             dir,
             roll_at: roll_at.clamp(1 << 20, 1 << 31),
             files: RwLock::new(files),
-            active: Mutex::new(Active { id, file, len: 0 }),
+            active: Mutex::new(Active {
+                id,
+                file,
+                len: 0,
+                closed: false,
+            }),
             unsynced: Mutex::new(HashMap::new()),
             pending: Mutex::new(HashMap::new()),
             total: AtomicU64::new(total),
@@ -160,11 +179,19 @@ impl Segments {
                 .collect::<io::Result<_>>()?;
             let (id, file, start, taken) = {
                 let mut active = self.active.lock();
+                if active.closed {
+                    return Err(io::Error::other(Closed));
+                }
                 if active.len > 0 && active.len + sizes[0] > self.roll_at {
                     let id = active.id + 1;
                     let file = Arc::new(create(&self.dir, id)?);
                     self.files.write().insert(id, file.clone());
-                    *active = Active { id, file, len: 0 };
+                    *active = Active {
+                        id,
+                        file,
+                        len: 0,
+                        closed: false,
+                    };
                 }
                 // As many as fit before the roll point; at least one (a fresh segment takes any).
                 let mut need = sizes[0];
@@ -200,17 +227,22 @@ impl Segments {
 
     /// The first segment a checkpoint taken now must leave to replay: the active one, or an
     /// older one a writer has appended to and not yet indexed, so every record before it is
-    /// indexed (or dead) by the time this returns. (Even at shutdown the active segment is
-    /// replayed: a call still running past the drain may append to it.)
+    /// indexed (or dead) by the time this returns. Once [`Segments::close`]d with no writer
+    /// left, nothing can be appended any more: then none.
     pub fn replay_floor(&self) -> u32 {
         let active = self.active.lock();
         let pending = self.pending.lock();
-        pending
-            .keys()
-            .copied()
-            .min()
-            .unwrap_or(active.id)
-            .min(active.id)
+        match pending.keys().copied().min() {
+            Some(id) => id.min(active.id),
+            None if active.closed => active.id + 1,
+            None => active.id,
+        }
+    }
+
+    /// Refuses every later append ([`Closed`]): the final checkpoint then needs no replay of
+    /// the active segment (which would bring back the blobs evicted since it was begun).
+    pub fn close(&self) {
+        self.active.lock().closed = true;
     }
 
     /// Makes segment `id` durable (after a replay: its records may be only in the page cache,

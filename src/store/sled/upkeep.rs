@@ -248,8 +248,10 @@ impl Inner {
             return Ok(());
         }
         self.db.flush()?;
-        // The checkpoint first: the mark vouches for it. Without it the next start counts as
-        // unclean and replays the segments since the last checkpoint that was written.
+        // No append after the final checkpoint (a call still running past the drain gets
+        // UNAVAILABLE), so it needs no replay. The checkpoint before the mark: the mark vouches
+        // for it; without it the next start counts as unclean and replays from the last one.
+        self.segments.close();
         self.checkpoint(true)?;
         if !self.upkeep.cleanup_pending() {
             mark_clean_shutdown(&self.data_dir)?;
@@ -353,9 +355,13 @@ mod tests {
                 store.put(&digests[i], blobs[i].clone()).await.unwrap();
             }
             store.flush().await.unwrap();
-            // A call still running past the drain writes after the final checkpoint: the
-            // clean start replays the segment it went to.
-            store.put(&late, late_blob.clone()).await.unwrap();
+            // A call still running past the drain is refused (nothing may follow the final
+            // checkpoint), with UNAVAILABLE, so its client retries elsewhere.
+            let refused = store.put(&late, late_blob.clone()).await;
+            assert!(
+                matches!(refused, Err(crate::error::Error::Unavailable(_))),
+                "{refused:?}"
+            );
         }
         assert!(tmp.path().join("index.checkpoint").exists());
         {
@@ -363,9 +369,9 @@ mod tests {
             // so their first read needs no lookup.
             let store = SledStore::open(tmp.path(), 64 << 10, 16 << 20).unwrap();
             let stats = store.stats().await.unwrap();
-            assert_eq!((stats.blobs, stats.blob_bytes), (4, 101_800), "{stats:?}");
+            assert_eq!((stats.blobs, stats.blob_bytes), (3, 101_500), "{stats:?}");
             assert!(!stats.cleanup_pending);
-            assert_eq!(store.get(&late).await.unwrap().as_ref(), Some(&late_blob));
+            assert_eq!(store.get(&late).await.unwrap(), None);
             assert!(matches!(
                 store.inner.index.touch_place(&digests[2], 0),
                 Some(Some(_))
@@ -384,7 +390,7 @@ mod tests {
         let stats = store.stats().await.unwrap();
         assert!(stats.cleanup_pending);
         // The small one from the replay of its segment, the file one from sled's entry.
-        assert_eq!((stats.blobs, stats.blob_bytes), (6, 192_500), "{stats:?}");
+        assert_eq!((stats.blobs, stats.blob_bytes), (5, 192_200), "{stats:?}");
         assert!(store.find_missing(&digests).await.unwrap().is_empty());
         for (d, b) in digests.iter().zip(&blobs) {
             assert_eq!(store.get(d).await.unwrap().as_ref(), Some(b));
