@@ -71,6 +71,17 @@ impl Slot {
     fn is_free(&self) -> bool {
         self.size == FREE
     }
+
+    fn candidate(&self) -> Candidate {
+        Candidate {
+            used: self.used.load(Ordering::Relaxed),
+            digest: Digest {
+                hash: self.hash,
+                size: self.size,
+            },
+            place: place_of(self.place),
+        }
+    }
 }
 
 /// One shard: slots in Robin Hood order (every blob sits at or after its home slot, wrapping
@@ -542,16 +553,9 @@ impl Index {
             return;
         };
         for s in shard.read().iter() {
-            let used = s.used.load(Ordering::Relaxed);
-            s.persisted.store(used, Ordering::Relaxed);
-            f(Candidate {
-                used,
-                digest: Digest {
-                    hash: s.hash,
-                    size: s.size,
-                },
-                place: place_of(s.place),
-            });
+            let c = s.candidate();
+            s.persisted.store(c.used, Ordering::Relaxed);
+            f(c);
         }
     }
 
@@ -567,14 +571,7 @@ impl Index {
             return;
         };
         for s in shard.read().iter() {
-            f(Candidate {
-                used: s.used.load(Ordering::Relaxed),
-                digest: Digest {
-                    hash: s.hash,
-                    size: s.size,
-                },
-                place: place_of(s.place),
-            });
+            f(s.candidate());
         }
     }
 

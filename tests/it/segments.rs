@@ -24,6 +24,22 @@ pub(crate) fn segment_bytes(data_dir: &Path) -> u64 {
         .unwrap_or(0)
 }
 
+/// Unpacks `tests/fixtures/NAME` (a data dir an older hoard wrote) into `data_dir`.
+fn unpack_fixture(name: &str, data_dir: &Path) {
+    std::fs::create_dir_all(data_dir).unwrap();
+    let fixture = Path::new(env!("CARGO_MANIFEST_DIR"))
+        .join("tests/fixtures")
+        .join(name);
+    let status = std::process::Command::new("tar")
+        .arg("xzf")
+        .arg(&fixture)
+        .arg("-C")
+        .arg(data_dir)
+        .status()
+        .expect("tar");
+    assert!(status.success(), "unpacking {}", fixture.display());
+}
+
 async fn verified(server: &TestServer) -> hoard::proto::admin::VerifyResponse {
     server
         .admin()
@@ -111,17 +127,7 @@ async fn a_data_dir_of_format_4_is_read_then_its_small_blobs_move_into_segments(
     // 2 KiB from `hoard-bench batch-update`, 3 outputs of `hoard-bench ac`) and 2 action
     // results, shut down cleanly.
     let (_tmp, mut config) = temp_config();
-    std::fs::create_dir_all(&config.data_dir).unwrap();
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/format4-data-dir.tar.gz"
-    );
-    let status = std::process::Command::new("tar")
-        .args(["xzf", fixture, "-C"])
-        .arg(&config.data_dir)
-        .status()
-        .expect("tar");
-    assert!(status.success());
+    unpack_fixture("format4-data-dir.tar.gz", &config.data_dir);
     config.storage.min_retention = HumanDuration(HOUR);
     let data_dir = config.data_dir.clone();
     let server = TestServer::start_config(config).await;
@@ -168,17 +174,7 @@ async fn a_data_dir_of_format_5_is_upgraded_its_small_blobs_indexed_by_the_check
     // `atime` (10 of 2 KiB from `hoard-bench batch-update`, 3 outputs of `hoard-bench ac`), one
     // 100 KiB file blob (`write-large`) and 2 action results; shut down cleanly.
     let (_tmp, mut config) = temp_config();
-    std::fs::create_dir_all(&config.data_dir).unwrap();
-    let fixture = concat!(
-        env!("CARGO_MANIFEST_DIR"),
-        "/tests/fixtures/format5-data-dir.tar.gz"
-    );
-    let status = std::process::Command::new("tar")
-        .args(["xzf", fixture, "-C"])
-        .arg(&config.data_dir)
-        .status()
-        .expect("tar");
-    assert!(status.success());
+    unpack_fixture("format5-data-dir.tar.gz", &config.data_dir);
     config.storage.inline_threshold = ByteSize(64 << 10);
     let data_dir = config.data_dir.clone();
     let server = TestServer::start_config(config.clone()).await;
