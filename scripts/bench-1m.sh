@@ -117,6 +117,9 @@ FILL_SECS=$(echo "$FILL" | json 'd["elapsed_secs"]')
 # as when builds touch the whole cache), then action-cache calls for 65 s, across the next
 # once-a-minute persist of last-use times: it writes an atime entry per used blob.
 FILLED_RSS=$(rss_mib)
+# Idle means a few seconds without calls: the allocator hands freed pages back as workers park.
+sleep 5
+SETTLED_RSS=$(rss_mib)
 log "the same blobs again (uses only)"
 AGAIN=$(bench --count "$STEPS" --concurrency "$CONCURRENCY" --connections 2 \
     fill --blobs "$PER_STEP" --large-every "$LARGE_EVERY")
@@ -127,7 +130,7 @@ log "UpdateActionResult/GetActionResult for 65 s (spans one last-use persist pas
 AC=$(bench --duration 65s --concurrency 1 ac 2>/dev/null) || true
 echo "$AC" >"$WORK/ac-after-fill.json"
 echo "$AC" | json '"  ".join("%s: %d calls, p50 %.2f ms, p99 %.2f ms, max %.0f ms" % (k["kind"], k["ok"], k["latency_ms"]["p50"], k["latency_ms"]["p99"], k["latency_ms"]["max"]) for k in d["kinds"])'
-echo "server RSS: $FILLED_RSS MiB after the fill, $(rss_mib) MiB now, peak (VmHWM) $(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$PID/status) MiB"
+echo "server RSS: $FILLED_RSS MiB right after the fill, $SETTLED_RSS MiB 5 s later, $(rss_mib) MiB now, peak (VmHWM) $(awk '/VmHWM/ {printf "%.0f", $2/1024}' /proc/$PID/status) MiB"
 log "idle 10 s"
 sleep 10
 echo
@@ -235,6 +238,6 @@ stop
 echo
 echo "== summary"
 echo "fill: $BLOBS small blobs in ${FILL_SECS%.*} s; $STORED blobs stored, used_bytes $USED"
-echo "idle RSS: $FILLED_RSS MiB after the fill, $IDLE_RSS MiB after every blob was used again, $RESTART_RSS MiB after a restart ($(python3 -c "print('%.0f' % ($RESTART_RSS * 2**20 / $STORED))") B per blob, empty-server baseline included)"
+echo "idle RSS: $FILLED_RSS MiB right after the fill, $SETTLED_RSS MiB 5 s later, $IDLE_RSS MiB after every blob was used again, $RESTART_RSS MiB after a restart ($(python3 -c "print('%.0f' % ($RESTART_RSS * 2**20 / $STORED))") B per blob, empty-server baseline included)"
 echo "restart: clean $CLEAN_START s, after SIGKILL $KILL_START s (+ $CLEANUP ms clean-up in the background)${COLD_START:+, cold page cache $COLD_START s}"
 echo "gc to half: $GC_SECS s"

@@ -1,8 +1,10 @@
 //! The `hoard` command line.
 
+use std::cell::Cell;
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::ExitCode;
+use std::time::{Duration, Instant};
 
 use clap::{Parser, Subcommand};
 
@@ -114,6 +116,34 @@ fn no_transparent_huge_pages() {
     let _ = rustix::thread::disable_transparent_huge_pages(true);
 }
 
+/// How often a worker thread may hand its freed memory back (see [`return_freed_memory`]).
+const RETURN_FREED_EVERY: Duration = Duration::from_millis(100);
+
+/// Run as a worker thread goes idle: frees this thread's empty allocator pages and lets
+/// pages freed a while ago go back to the kernel. mimalloc does both only while the thread
+/// that owns the pages allocates, so a server that goes quiet after a burst (a fill of a
+/// million blobs) kept ~60 MiB of freed memory resident until the next burst (BENCHMARKS.md,
+/// issue 14). At most every [`RETURN_FREED_EVERY`] per thread: a busy worker parks thousands
+/// of times a second, and one pass visits the thread's pages.
+fn return_freed_memory() {
+    thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
+    let now = Instant::now();
+    let due = LAST.with(|last| {
+        let due = last
+            .get()
+            .is_none_or(|at| now.duration_since(at) >= RETURN_FREED_EVERY);
+        if due {
+            last.set(Some(now));
+        }
+        due
+    });
+    if due {
+        // SAFETY: mi_collect has no preconditions; it only walks the calling thread's heap
+        // and the allocator's own arenas.
+        unsafe { libmimalloc_sys::mi_collect(false) };
+    }
+}
+
 fn serve(
     config_path: Option<PathBuf>,
     listen: Option<SocketAddr>,
@@ -144,6 +174,7 @@ fn serve(
     no_transparent_huge_pages();
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
+        .on_thread_park(return_freed_memory)
         // Every large-blob transfer holds a blocking thread: leave room for all of them.
         .max_blocking_threads(hoard::store::sled::MAX_TRANSFERS + 512)
         .build()
