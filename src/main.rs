@@ -122,9 +122,13 @@ const RETURN_FREED_EVERY: Duration = Duration::from_millis(100);
 /// Run as a worker thread goes idle: frees this thread's empty allocator pages and lets
 /// pages freed a while ago go back to the kernel. mimalloc does both only while the thread
 /// that owns the pages allocates, so a server that goes quiet after a burst (a fill of a
-/// million blobs) kept ~60 MiB of freed memory resident until the next burst (BENCHMARKS.md,
-/// issue 14). At most every [`RETURN_FREED_EVERY`] per thread: a busy worker parks thousands
-/// of times a second, and one pass visits the thread's pages.
+/// million blobs) kept ~100 MiB of freed memory resident until the next burst; this gets
+/// ~60 MiB of it back within seconds (BENCHMARKS.md, issue 14). At most every
+/// [`RETURN_FREED_EVERY`] per thread: a busy worker parks thousands of times a second, and one
+/// pass visits the thread's pages. Memory freed in a worker's last 100 ms before it goes
+/// quiet, and the kernel's share of what a pass frees (mimalloc purges a second after the
+/// free), wait for a later park: on an idle server, the sled store's upkeep tick (once a second)
+/// provides it.
 fn return_freed_memory() {
     thread_local!(static LAST: Cell<Option<Instant>> = const { Cell::new(None) });
     let now = Instant::now();

@@ -391,8 +391,8 @@ impl Index {
                 .map(|s| s.read())
                 .collect();
             for group in members.chunks(GROUP) {
-                // Where each probe starts, computed apart from the reads, so the loop of reads
-                // is short and the CPU's window holds all of them.
+                // Where each probe starts, computed apart from the prefetches, so the loop of
+                // prefetches is short and issues all of them at once.
                 let mut at = [(0, 0); GROUP];
                 for (a, &i) in at.iter_mut().zip(group) {
                     let table = shard_of(mixed[i]) - first;
