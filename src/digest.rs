@@ -116,12 +116,17 @@ const HEX_VALUES: [u8; 256] = {
     t
 };
 
-/// Decodes exactly 64 lower-case hex characters. Hot: FindMissingBlobs parses thousands per call.
 /// Parses a 64-character lowercase hex SHA-256 (as in blob file names).
 pub fn parse_hex_hash(text: &str) -> Option<[u8; HASH_LEN]> {
     decode_hex(text.as_bytes())
 }
 
+/// [`parse_hex_hash`] on bytes not known to be text (a field of an undecoded message).
+pub fn parse_hex_hash_bytes(text: &[u8]) -> Option<[u8; HASH_LEN]> {
+    decode_hex(text)
+}
+
+/// Decodes exactly 64 lower-case hex characters. Hot: FindMissingBlobs parses thousands per call.
 fn decode_hex(text: &[u8]) -> Option<[u8; HASH_LEN]> {
     if text.len() != HASH_LEN * 2 {
         return None;

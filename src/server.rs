@@ -27,6 +27,7 @@ use crate::service::bytestream::ByteStreamService;
 use crate::service::bytestream_read::ByteStreamRoutes;
 use crate::service::capabilities::CapabilitiesService;
 use crate::service::cas::CasService;
+use crate::service::cas_routes::CasRoutes;
 use crate::service::health::{HealthReporter, State};
 use crate::service::watch::WatchService;
 use crate::service::Limits;
@@ -382,14 +383,21 @@ async fn serve_all(
                 None => service,
             }
         })))
-        .add_service(sized!(ContentAddressableStorageServer::new(
-            CasService::new(
+        .add_service({
+            // FindMissingBlobs is decoded by CasRoutes itself (no String per digest), the rest
+            // by tonic.
+            let cas = Arc::new(CasService::new(
                 stores.cas.clone(),
                 limits.clone(),
                 policy.clone(),
-                metrics.clone()
+                metrics.clone(),
+            ));
+            CasRoutes::new(
+                cas.clone(),
+                sized!(ContentAddressableStorageServer::from_arc(cas)),
+                max_message,
             )
-        )))
+        })
         .add_service(sized!(ActionCacheServer::new({
             let service = ActionCacheService::new(
                 stores.cas.clone(),

@@ -19,7 +19,7 @@ use std::task::{Context, Poll};
 
 use bytes::{BufMut, Bytes, BytesMut};
 use futures::future::BoxFuture;
-use http_body::{Body as _, Frame};
+use http_body::Frame;
 use prost::Message as _;
 use tonic::body::Body;
 use tonic::metadata::MetadataMap;
@@ -27,6 +27,7 @@ use tonic::server::NamedService;
 use tonic::Status;
 
 use super::bytestream::ByteStreamService;
+use super::unary::{self, trailers, PREFIX};
 use crate::auth::Caller;
 use crate::error::Error;
 use crate::proto::bytestream::byte_stream_server::ByteStreamServer;
@@ -35,8 +36,6 @@ use crate::store::BlobStream;
 
 /// The path of the method served here.
 const READ_PATH: &str = "/google.bytestream.ByteStream/Read";
-/// gRPC's message prefix: compressed flag and length.
-const PREFIX: usize = 5;
 /// Field number of `ReadResponse.data`.
 const DATA_FIELD: u32 = 10;
 
@@ -99,7 +98,10 @@ async fn read(
     max_message: usize,
 ) -> Result<BlobStream, Error> {
     let (parts, body) = request.into_parts();
-    let message = unary_message(body, max_message).await?;
+    let message = unary::one_message(
+        &unary::read_body(body, max_message, "ReadRequest").await?,
+        "ReadRequest",
+    )?;
     let read = ReadRequest::decode(message)
         .map_err(|e| Error::InvalidArgument(format!("undecodable ReadRequest: {e}")))?;
     let request = tonic::Request::from_parts(
@@ -110,52 +112,13 @@ async fn read(
     service.open_read(Caller::of(&request), read).await
 }
 
-/// The one message of a unary request body, without its prefix.
-async fn unary_message(mut body: Body, max_message: usize) -> Result<Bytes, Error> {
-    let mut buf = BytesMut::new();
-    while let Some(frame) = futures::future::poll_fn(|cx| Pin::new(&mut body).poll_frame(cx)).await
-    {
-        let frame = frame.map_err(Error::Stream)?;
-        if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > PREFIX + max_message {
-                return Err(Error::ResourceExhausted(format!(
-                    "ReadRequest is larger than the {max_message} bytes a message may have"
-                )));
-            }
-            buf.extend_from_slice(&data);
-        }
-    }
-    if buf.len() < PREFIX {
-        return Err(Error::InvalidArgument(
-            "Read request carried no ReadRequest message".into(),
-        ));
-    }
-    if buf[0] != 0 {
-        return Err(Error::InvalidArgument(
-            "compressed ReadRequest messages are not accepted (no grpc-encoding is)".into(),
-        ));
-    }
-    let len = u32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]) as usize;
-    if buf.len() != PREFIX + len {
-        return Err(Error::InvalidArgument(
-            "Read request must carry exactly one ReadRequest message".into(),
-        ));
-    }
-    Ok(buf.freeze().split_off(PREFIX))
-}
-
 /// A reply carrying `chunks` as ReadResponse messages.
 fn reply(chunks: BlobStream) -> http::Response<Body> {
-    let mut response = http::Response::new(Body::new(ReadBody {
+    unary::reply(Body::new(ReadBody {
         chunks,
         held: None,
         done: false,
-    }));
-    response.headers_mut().insert(
-        http::header::CONTENT_TYPE,
-        http::HeaderValue::from_static("application/grpc"),
-    );
-    response
+    }))
 }
 
 /// The reply body: per chunk, its message head then its bytes; then the status trailers.
@@ -184,15 +147,6 @@ fn message_head(len: usize) -> Bytes {
     let message_len = (head.len() - PREFIX + len) as u32;
     head[1..PREFIX].copy_from_slice(&message_len.to_be_bytes());
     head.freeze()
-}
-
-/// The trailers that end a reply with `status`.
-fn trailers(status: &Status) -> http::HeaderMap {
-    let mut map = http::HeaderMap::new();
-    if status.add_header(&mut map).is_err() {
-        map.insert("grpc-status", http::HeaderValue::from_static("13"));
-    }
-    map
 }
 
 impl http_body::Body for ReadBody {

@@ -54,6 +54,35 @@ impl CasService {
         }
     }
 
+    /// What FindMissingBlobs checks before it parses the digests (shared with
+    /// [`super::cas_routes`], which parses them itself).
+    pub(crate) fn check_find_missing(
+        &self,
+        caller: &Caller,
+        instance_name: &str,
+        digest_function: i32,
+    ) -> Result<()> {
+        instance_name::validate(instance_name)?;
+        telemetry::record_namespace(instance_name);
+        caller.require(Access::Read, instance_name)?;
+        digest::check_function(digest_function)
+    }
+
+    /// The missing ones among `digests`, in request order (as the store answers), counted.
+    pub(crate) async fn find_missing(
+        &self,
+        instance_name: &str,
+        digests: &[Digest],
+    ) -> Result<Vec<Digest>> {
+        let missing = self.store.find_missing(digests).await?;
+        self.metrics.cas_lookup(
+            instance_name,
+            digests.len(),
+            digests.len().saturating_sub(missing.len()),
+        );
+        Ok(missing)
+    }
+
     fn check_one(&self, r: &reapi::batch_update_blobs_request::Request) -> Result<Digest> {
         let digest = Digest::from_proto(r.digest.as_ref(), "digest")?;
         self.limits.check_blob_size(&digest)?;
@@ -67,6 +96,21 @@ impl CasService {
     }
 }
 
+/// The items of `asked` (one per digest of `digests`, in the same order) whose digest is in
+/// `missing`, a subsequence of `digests` in order (duplicates included), as stores answer.
+pub(crate) fn missing_in_order<'a, T>(
+    asked: impl IntoIterator<Item = T> + 'a,
+    digests: &'a [Digest],
+    missing: Vec<Digest>,
+) -> impl Iterator<Item = T> + 'a {
+    let mut missing = missing.into_iter().peekable();
+    asked
+        .into_iter()
+        .zip(digests.iter())
+        .filter(move |(_, d)| missing.next_if_eq(d).is_some())
+        .map(|(item, _)| item)
+}
+
 type TreeStream = Pin<Box<dyn Stream<Item = Result<GetTreeResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -77,28 +121,12 @@ impl ContentAddressableStorage for CasService {
     ) -> Result<Response<FindMissingBlobsResponse>, Status> {
         let caller = Caller::of(&request);
         let r = request.into_inner();
-        instance_name::validate(&r.instance_name)?;
-        telemetry::record_namespace(&r.instance_name);
-        caller.require(Access::Read, &r.instance_name)?;
-        digest::check_function(r.digest_function)?;
+        self.check_find_missing(&caller, &r.instance_name, r.digest_function)?;
         let digests = parse_digests(&r.blob_digests, "blob_digests")?;
-        let missing = self.store.find_missing(&digests).await?;
-        self.metrics.cas_lookup(
-            &r.instance_name,
-            digests.len(),
-            digests.len().saturating_sub(missing.len()),
-        );
-        // The store answers in request order, so the client's own digest messages can be
-        // handed back for the missing ones instead of formatting new ones.
-        let mut missing_blob_digests = Vec::with_capacity(missing.len());
-        let mut missing = missing.into_iter().peekable();
-        missing_blob_digests.extend(
-            r.blob_digests
-                .into_iter()
-                .zip(digests)
-                .filter(|(_, d)| missing.next_if_eq(d).is_some())
-                .map(|(proto, _)| proto),
-        );
+        let missing = self.find_missing(&r.instance_name, &digests).await?;
+        // The client's own digest messages are handed back for the missing ones instead of
+        // formatting new ones.
+        let missing_blob_digests = missing_in_order(r.blob_digests, &digests, missing).collect();
         Ok(Response::new(FindMissingBlobsResponse {
             missing_blob_digests,
         }))

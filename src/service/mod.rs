@@ -10,7 +10,9 @@ pub mod bytestream;
 pub mod bytestream_read;
 pub mod capabilities;
 pub mod cas;
+pub mod cas_routes;
 pub mod health;
+pub(crate) mod unary;
 pub mod watch;
 
 use crate::config::LimitsConfig;

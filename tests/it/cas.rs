@@ -51,6 +51,115 @@ async fn find_missing_handles_thousands_of_digests() {
     assert_eq!(missing, absent);
 }
 
+/// A request message sent as exactly these bytes (to send encodings prost would not write).
+#[derive(Clone, Debug, Default, PartialEq)]
+struct Raw(Vec<u8>);
+
+impl prost::Message for Raw {
+    fn encode_raw(&self, buf: &mut impl prost::bytes::BufMut) {
+        buf.put_slice(&self.0);
+    }
+    fn merge_field(
+        &mut self,
+        tag: u32,
+        wire_type: prost::encoding::WireType,
+        buf: &mut impl prost::bytes::Buf,
+        ctx: prost::encoding::DecodeContext,
+    ) -> Result<(), prost::DecodeError> {
+        prost::encoding::skip_field(wire_type, tag, buf, ctx)
+    }
+    fn encoded_len(&self) -> usize {
+        self.0.len()
+    }
+    fn clear(&mut self) {
+        self.0.clear();
+    }
+}
+
+async fn raw_find_missing(
+    server: &TestServer,
+    message: Vec<u8>,
+) -> Result<reapi::FindMissingBlobsResponse, tonic::Status> {
+    let mut grpc = tonic::client::Grpc::new(server.channel());
+    grpc.ready().await.expect("channel ready");
+    let path = tonic::codegen::http::uri::PathAndQuery::from_static(
+        "/build.bazel.remote.execution.v2.ContentAddressableStorage/FindMissingBlobs",
+    );
+    let codec = tonic_prost::ProstCodec::<Raw, reapi::FindMissingBlobsResponse>::default();
+    grpc.unary(tonic::Request::new(Raw(message)), path, codec)
+        .await
+        .map(|r| r.into_inner())
+}
+
+/// The server reads the encoding clients send in place; other valid encodings of the same
+/// request (an unknown field, a digest's fields in the other order, a zero size written out)
+/// get the same answer.
+#[tokio::test]
+async fn find_missing_answers_every_encoding_alike() {
+    let server = TestServer::start().await;
+    let stored = blob(100, 41);
+    batch_put(&server, "", &[&stored]).await;
+    let absent = digest_of(&blob(100, 42));
+    let asked = FindMissingBlobsRequest {
+        instance_name: String::new(),
+        blob_digests: vec![digest_of(&stored), absent.clone()],
+        digest_function: 1,
+    };
+    let usual = asked.encode_to_vec();
+    let mut unknown_field = usual.clone();
+    unknown_field.extend_from_slice(&[0x38, 0x01]); // field 7, varint 1
+                                                    // The absent digest with size_bytes before hash.
+    let mut reordered = FindMissingBlobsRequest {
+        blob_digests: vec![digest_of(&stored)],
+        ..asked.clone()
+    }
+    .encode_to_vec();
+    let mut inner = Vec::new();
+    prost::encoding::int64::encode(2, &absent.size_bytes, &mut inner);
+    prost::encoding::string::encode(1, &absent.hash, &mut inner);
+    prost::encoding::encode_key(
+        2,
+        prost::encoding::WireType::LengthDelimited,
+        &mut reordered,
+    );
+    prost::encoding::encode_varint(inner.len() as u64, &mut reordered);
+    reordered.extend_from_slice(&inner);
+    for (what, message) in [
+        ("the usual encoding", usual),
+        ("an unknown field", unknown_field),
+        ("a digest's fields reordered", reordered),
+    ] {
+        let reply = raw_find_missing(&server, message)
+            .await
+            .unwrap_or_else(|e| panic!("{what}: {e}"));
+        assert_eq!(reply.missing_blob_digests, vec![absent.clone()], "{what}");
+    }
+    // The empty blob with its zero size written out is present, as always.
+    let mut empty = Vec::new();
+    prost::encoding::string::encode(1, &EMPTY.to_string(), &mut empty);
+    empty.extend_from_slice(&[0x10, 0x00]);
+    let mut message = Vec::new();
+    prost::encoding::encode_key(2, prost::encoding::WireType::LengthDelimited, &mut message);
+    prost::encoding::encode_varint(empty.len() as u64, &mut message);
+    message.extend_from_slice(&empty);
+    let reply = raw_find_missing(&server, message)
+        .await
+        .expect("empty blob");
+    assert!(reply.missing_blob_digests.is_empty());
+    // Bytes that are no FindMissingBlobsRequest at all: INVALID_ARGUMENT or INTERNAL from the
+    // decoder, as tonic answers any undecodable message.
+    let err = raw_find_missing(&server, vec![0x12, 0x50, 0x0a])
+        .await
+        .expect_err("truncated message");
+    assert!(
+        matches!(
+            err.code(),
+            tonic::Code::Internal | tonic::Code::InvalidArgument
+        ),
+        "{err:?}"
+    );
+}
+
 #[tokio::test]
 async fn find_missing_rejects_malformed_digests_and_digest_functions() {
     let server = TestServer::start().await;

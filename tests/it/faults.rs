@@ -498,6 +498,29 @@ async fn an_oversize_message_is_resource_exhausted() {
         "{}",
         err.message()
     );
+    // FindMissingBlobs (decoded by the server's own reader): 250k digests, 17 MiB.
+    let digests: Vec<_> = (0..250_000u32)
+        .map(|i| digest_of(&i.to_le_bytes()))
+        .collect();
+    let err = server
+        .cas()
+        .find_missing_blobs(FindMissingBlobsRequest {
+            blob_digests: digests,
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(
+        err.code(),
+        tonic::Code::ResourceExhausted,
+        "{}",
+        err.message()
+    );
+    assert!(
+        err.message().contains("FindMissingBlobsRequest"),
+        "{}",
+        err.message()
+    );
     // Streamed: a Write message above the limit.
     let big = vec![2u8; 17 << 20];
     let d = digest_of(&big);
