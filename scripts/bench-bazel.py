@@ -133,34 +133,41 @@ def hist_quantile(cum, q):
     return prev_le
 
 
+# In the order of the summary; "warm-up" (the warm-server phase's first, untimed pair) is left out.
+PHASES = ("cold", "warm", "warm-minimal", "warm-server")
+
+
 def summary(runs, jobs):
     rows = [json.loads(l) for l in open(os.path.join(runs, "runs.jsonl"))]
     def fmt(xs, unit="s", scale=1.0, digits=2):
         xs = [x * scale for x in xs]
         return "%.*f %s (%.*f–%.*f)" % (digits, statistics.median(xs), unit, digits, min(xs), digits, max(xs))
-    print("| backend | phase | runs | wall time, median (min–max) | execution phase | cache checks per run | check median | check p90 | output downloads per run |")
-    print("|---|---|---|---|---|---|---|---|---|")
+    print("| backend | phase | runs | wall time, median (min–max) | execution phase | cache checks per run | check median | check p90 | output downloads per run | CPU: Bazel server | CPU: hoard | machine idle |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|")
     med = {}
     for backend in ("disk", "hoard"):
-        for phase in ("cold", "warm", "warm-minimal"):
+        for phase in PHASES:
             rs = [r for r in rows if r["backend"] == backend and r["phase"] == phase]
             if not rs:
                 continue
             checks = [c for r in rs for c in r["checks_ms"]]
             downloads = [len(r["downloads_ms"]) for r in rs]
             med[backend, phase] = (statistics.median(r["wall_s"] for r in rs), statistics.median(r["exec_s"] for r in rs))
-            print("| %s | %s | %d | %s | %s | %d | %.2f ms | %.2f ms | %d |" % (
+            print("| %s | %s | %d | %s | %s | %d | %.2f ms | %.2f ms | %d | %.2f s | %.2f s | %.0f%% |" % (
                 backend, phase, len(rs), fmt([r["wall_s"] for r in rs]), fmt([r["exec_s"] for r in rs]),
                 statistics.median(len(r["checks_ms"]) for r in rs), quantile(checks, 0.5), quantile(checks, 0.9),
-                statistics.median(downloads)))
+                statistics.median(downloads), statistics.median(r.get("bazel_cpu_s", 0) for r in rs),
+                statistics.median(r.get("hoard_cpu_s", 0) for r in rs), 100 * statistics.median(r.get("idle", 0) for r in rs)))
     print()
-    for phase in ("warm", "warm-minimal"):
+    for phase in PHASES[1:]:
         if ("disk", phase) in med and ("hoard", phase) in med:
             (dw, de), (hw, he) = med["disk", phase], med["hoard", phase]
             print("- %s, hoard/disk: wall %.3fx, execution phase %.3fx (target for warm: <= 1.05x)" % (phase, hw / dw, he / de))
     hist = {}
     for path in sorted(glob.glob(os.path.join(runs, "metrics-*.json"))):
         phase = re.match(r"metrics-(.*)-\d+\.json", os.path.basename(path)).group(1)
+        if phase not in PHASES:
+            continue
         acc = hist.setdefault(phase, {})
         for le, c in json.load(open(path)):
             acc[le] = acc.get(le, 0.0) + c
@@ -177,7 +184,7 @@ def summary(runs, jobs):
     print("Heaviest profile spans, median run of each warm phase (sum of span durations across threads):")
     print()
     for backend in ("disk", "hoard"):
-        for phase in ("warm", "warm-minimal"):
+        for phase in PHASES[1:]:
             rs = sorted((r for r in rows if r["backend"] == backend and r["phase"] == phase), key=lambda r: r["exec_s"])
             if rs:
                 r = rs[len(rs) // 2]

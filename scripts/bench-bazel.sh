@@ -10,12 +10,15 @@
 # (bazel-bootstrap, installed with apt if missing):
 #   cold          empty cache, everything runs and fills it (once per backend);
 #   warm          `bazel clean --expunge` first, so every action comes from the cache;
-#   warm-minimal  the same with --remote_download_minimal (if Bazel accepts it with the disk cache).
+#   warm-minimal  the same with --remote_download_minimal (if Bazel accepts it with the disk cache);
+#   warm-server   a plain `bazel clean` first: outputs gone, the Bazel server and its JIT-compiled
+#                 code kept (after one untimed pair), so what is left is each cache's per-action cost.
 # The warm phases repeat REPEATS times, interleaved (disk, hoard, disk, hoard, ...). Each warm run
 # must be all cache hits (Bazel's "N processes: ... N remote/disk cache hit" line), else the script
 # fails. Figures: wall time of `bazel build`, the execution phase ("Build artifacts" marker to the
 # next one in --profile), and each action's cache check ("check cache hit" spans), cross-checked
-# with hoard's hoard_request_duration_seconds{method="GetActionResult"} from /metrics.
+# with hoard's hoard_request_duration_seconds{method="GetActionResult"} from /metrics; the CPU
+# time of the Bazel server and of hoard over each build (/proc), and how idle the machine was.
 # Bazel 4.2.3 takes --remote_download_minimal with only --disk_cache (if a Bazel refuses it, that
 # phase is skipped for the disk cache and the summary says why), and counts disk cache hits as
 # "remote cache hit" too.
@@ -117,19 +120,38 @@ COMMON=(--jobs="$JOBS" --noshow_progress --color=no --curses=no --experimental_r
 DISK=(--disk_cache="$DISK_CACHE")
 HOARD_FLAGS=(--disk_cache= --remote_cache="grpc://127.0.0.1:$PORT" --remote_timeout=60)
 
-# build BACKEND PHASE N FLAGS...: one `bazel build //...` after `bazel clean --expunge`; its
-# figures appended to runs.jsonl. A warm run that is not all cache hits fails the script.
+# CPU seconds (user + system) a process has used so far, 0 if there is none.
+cpu_s() {
+  local ticks=0
+  if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then ticks=$(sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'); fi
+  python3 -c "print($ticks / $(getconf CLK_TCK))"
+}
+bazel_pid() { cat "$TMP"/bazel-root/*/server/server.pid.txt 2>/dev/null | head -n1 || true; }
+
+# build BACKEND PHASE N FLAGS...: one `bazel build //...` after `bazel clean --expunge` (a plain
+# `bazel clean` for warm-server and its warm-up); its figures appended to runs.jsonl. A warm run
+# that is not all cache hits fails the script.
 build() {
-  local backend=$1 phase=$2 n=$3 tag="$1-$2-$3" t0 t1 line
+  local backend=$1 phase=$2 n=$3 tag="$1-$2-$3" t0 t1 line clean=(--expunge) bp0 bp1 b0 b1 h0 h1 s0 s1
   shift 3
-  (cd "$WS" && "${BAZEL[@]}" clean --expunge --color=no) >"$RUNS/clean-$tag.log" 2>&1 || true
+  case "$phase" in warm-server | warm-up) clean=() ;; esac
+  (cd "$WS" && "${BAZEL[@]}" clean "${clean[@]}" --color=no) >"$RUNS/clean-$tag.log" 2>&1 || true
   if [ "$backend" = hoard ]; then scrape "$RUNS/before-$tag.prom"; fi
+  bp0=$(bazel_pid)
+  b0=$(cpu_s "$bp0")
+  h0=$(cpu_s "$SERVER_PID")
+  s0=$(head -n1 /proc/stat)
   t0=$(date +%s.%N)
   if ! (cd "$WS" && "${BAZEL[@]}" build "${COMMON[@]}" "$@" --profile="$RUNS/$tag.json.gz" //...) >"$RUNS/$tag.log" 2>&1; then
     tail -n 30 "$RUNS/$tag.log" >&2
     die "$tag: bazel build failed (log above)"
   fi
   t1=$(date +%s.%N)
+  s1=$(head -n1 /proc/stat)
+  bp1=$(bazel_pid)
+  b1=$(cpu_s "$bp1")
+  [ "$bp1" = "$bp0" ] || b0=0  # a new server: all its CPU is this build's
+  h1=$(cpu_s "$SERVER_PID")
   if [ "$backend" = hoard ]; then
     scrape "$RUNS/after-$tag.prom"
     python3 "$PY" metrics "$RUNS/before-$tag.prom" "$RUNS/after-$tag.prom" "$RUNS/metrics-$phase-$n.json"
@@ -147,13 +169,20 @@ sys.exit(0 if hits > 0 and hits + parts.pop("internal", 0) == int(total) and not
 EOF
   fi
   python3 "$PY" profile "$RUNS/$tag.json.gz" "$RUNS/$tag.prof.json"
-  python3 - "$RUNS/$tag.prof.json" "$backend" "$phase" "$n" "$t0" "$t1" >>"$RUNS/runs.jsonl" <<'EOF'
+  python3 - "$RUNS/$tag.prof.json" "$backend" "$phase" "$n" "$t0" "$t1" "$b0" "$b1" "$h0" "$h1" "$s0" "$s1" \
+    >>"$RUNS/runs.jsonl" <<'EOF'
 import json, sys
-p = json.load(open(sys.argv[1]))
-p.update(backend=sys.argv[2], phase=sys.argv[3], n=int(sys.argv[4]), wall_s=float(sys.argv[6]) - float(sys.argv[5]))
+a = sys.argv
+p = json.load(open(a[1]))
+# /proc/stat's cpu line: user nice system idle iowait ...; idle is the 4th.
+s0, s1 = ([int(x) for x in line.split()[1:]] for line in (a[11], a[12]))
+ds = [y - x for x, y in zip(s0, s1)]
+p.update(backend=a[2], phase=a[3], n=int(a[4]), wall_s=float(a[6]) - float(a[5]),
+         bazel_cpu_s=float(a[8]) - float(a[7]), hoard_cpu_s=float(a[10]) - float(a[9]),
+         idle=ds[3] / max(sum(ds), 1))
 print(json.dumps(p))
 EOF
-  log "$tag: $(python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); print('wall %.2fs, execution %.2fs, %d checks' % (r['wall_s'], r['exec_s'], len(r['checks_ms'])))" "$RUNS/runs.jsonl"); ${line#INFO: }"
+  log "$tag: $(python3 -c "import json,sys; r=json.loads(open(sys.argv[1]).readlines()[-1]); print('wall %.2fs, execution %.2fs, %d checks, CPU Bazel %.2fs hoard %.2fs, idle %.0f%%' % (r['wall_s'], r['exec_s'], len(r['checks_ms']), r['bazel_cpu_s'], r['hoard_cpu_s'], 100 * r['idle']))" "$RUNS/runs.jsonl"); ${line#INFO: }"
 }
 
 build disk cold 0 "${DISK[@]}"
@@ -175,6 +204,14 @@ for i in $(seq "$REPEATS"); do
   build hoard warm "$i" "${HOARD_FLAGS[@]}"
   if [ "$DISK_MINIMAL" = 1 ]; then build disk warm-minimal "$i" "${DISK[@]}" --remote_download_minimal; fi
   build hoard warm-minimal "$i" "${HOARD_FLAGS[@]}" --remote_download_minimal
+done
+
+# warm-server: one Bazel server for all of it; the first pair only warms its JIT.
+build disk warm-up 0 "${DISK[@]}"
+build hoard warm-up 0 "${HOARD_FLAGS[@]}"
+for i in $(seq "$REPEATS"); do
+  build disk warm-server "$i" "${DISK[@]}"
+  build hoard warm-server "$i" "${HOARD_FLAGS[@]}"
 done
 
 echo "Bazel $BAZEL_VERSION, LIBS=$LIBS ($(grep -c '^' <(ls "$WS"/libs/*/*.cc)) sources), REPEATS=$REPEATS, --jobs=$JOBS, $(nproc) cores, $(date -u +%Y-%m-%d)"
