@@ -123,8 +123,10 @@ HOARD_FLAGS=(--disk_cache= --remote_cache="grpc://127.0.0.1:$PORT" --remote_time
 # CPU seconds (user + system) a process has used so far, 0 if there is none.
 cpu_s() {
   local ticks=0
-  if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then ticks=$(sed 's/.*) //' "/proc/$1/stat" | awk '{print $12 + $13}'); fi
-  python3 -c "print($ticks / $(getconf CLK_TCK))"
+  if [ -n "$1" ] && [ -r "/proc/$1/stat" ]; then
+    ticks=$(sed 's/.*) //' "/proc/$1/stat" 2>/dev/null | awk '{print $12 + $13}') || ticks=0
+  fi
+  python3 -c "print(${ticks:-0} / $(getconf CLK_TCK))"
 }
 bazel_pid() { cat "$TMP"/bazel-root/*/server/server.pid.txt 2>/dev/null | head -n1 || true; }
 

@@ -7,8 +7,10 @@
 //! is parsed straight from the message, and the reply hands back the client's own encoded
 //! digest messages for the missing ones. Only the encoding clients send is read this way (each
 //! digest a 64-character hash, then its size unless zero; no unknown fields); anything else,
-//! and every error, goes to tonic's generated server with the same bytes, so what a call is
-//! answered does not depend on which decoder read it. The checks and the lookup stay in
+//! every error, and any request with a `grpc-encoding`, goes to tonic's generated server with
+//! the same bytes, so what a call is answered does not depend on which decoder read it. (A body
+//! above `limits.max_message_size` is the exception: RESOURCE_EXHAUSTED, as tonic's answer becomes
+//! in `layers.rs`, with a message of its own.) The checks and the lookup stay in
 //! [`CasService`]; every other CAS method goes to the generated server untouched.
 //!
 //! Must not: decide anything about a call itself (the service does).
@@ -81,7 +83,7 @@ impl tower::Service<http::Request<Body>> for CasRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != FIND_MISSING_PATH {
+        if request.uri().path() != FIND_MISSING_PATH || unary::has_encoding(request.headers()) {
             return self.generated.call(request);
         }
         let service = self.service.clone();
@@ -161,24 +163,28 @@ impl Lean {
             spans: Vec::with_capacity(estimate),
         };
         let m = &lean.message[..];
+        // The last instance_name wins, as in protobuf; only that one is made a String.
+        let mut name = 0..0;
         let mut pos = 0;
         while pos < m.len() {
             match varint(m, &mut pos)? {
                 INSTANCE_NAME => {
                     let text = length_delimited(m, &mut pos)?;
-                    lean.instance_name = std::str::from_utf8(text).ok()?.to_owned();
+                    name = pos - text.len()..pos;
                 }
                 BLOB_DIGESTS => {
                     let start = pos;
                     let digest = digest(length_delimited(m, &mut pos)?)?;
                     lean.digests.push(digest);
-                    lean.spans.push((start_of_value(m, start)?, pos as u32));
+                    lean.spans
+                        .push((start_of_value(m, start)?, u32::try_from(pos).ok()?));
                 }
                 // prost reads an int32 from a varint by truncating it, as here.
                 DIGEST_FUNCTION => lean.digest_function = varint(m, &mut pos)? as i32,
                 _ => return None,
             }
         }
+        lean.instance_name = std::str::from_utf8(&m[name]).ok()?.to_owned();
         Some(lean)
     }
 }

@@ -17,6 +17,15 @@ use crate::error::Error;
 /// gRPC's message prefix: compressed flag and length.
 pub(crate) const PREFIX: usize = 5;
 
+/// Whether a request names a `grpc-encoding` other than identity. The generated servers answer
+/// those themselves (UNIMPLEMENTED: this server enables no message compression), before they
+/// read the body; the routes below tonic hand such requests to them untouched.
+pub(crate) fn has_encoding(headers: &http::HeaderMap) -> bool {
+    headers
+        .get("grpc-encoding")
+        .is_some_and(|value| value != "identity")
+}
+
 /// A request body read whole, prefixes included; `what` (the message type) names it in the
 /// error when it is larger than `max_message` allows.
 pub(crate) async fn read_body(
@@ -29,7 +38,7 @@ pub(crate) async fn read_body(
     {
         let frame = frame.map_err(Error::Stream)?;
         if let Ok(data) = frame.into_data() {
-            if buf.len() + data.len() > PREFIX + max_message {
+            if buf.len() + data.len() > PREFIX.saturating_add(max_message) {
                 return Err(Error::ResourceExhausted(format!(
                     "{what} is larger than the {max_message} bytes a message may have"
                 )));

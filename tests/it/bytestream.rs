@@ -84,6 +84,23 @@ async fn missing_blobs_and_malformed_names_get_clear_errors() {
         assert!(err.message().contains("resource name"), "{}", err.message());
     }
 
+    // A grpc-encoding this server does not enable: UNIMPLEMENTED, as tonic answers it.
+    let d = upload(&server, "", b"hello").await;
+    let mut request = tonic::Request::new(hoard::proto::bytestream::ReadRequest {
+        resource_name: read_name("", &d),
+        read_offset: 0,
+        read_limit: 0,
+    });
+    request
+        .metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().unwrap());
+    let err = server
+        .bytestream()
+        .read(request)
+        .await
+        .expect_err("gzip named");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
+
     let data = b"hello".to_vec();
     let d = digest_of(&data);
     for name in [read_name("", &d), write_name("", "bad.id", &d)] {

@@ -146,6 +146,17 @@ async fn find_missing_answers_every_encoding_alike() {
         .await
         .expect("empty blob");
     assert!(reply.missing_blob_digests.is_empty());
+    // A grpc-encoding this server does not enable: UNIMPLEMENTED, as tonic answers it.
+    let mut request = tonic::Request::new(asked.clone());
+    request
+        .metadata_mut()
+        .insert("grpc-encoding", "gzip".parse().unwrap());
+    let err = server
+        .cas()
+        .find_missing_blobs(request)
+        .await
+        .expect_err("gzip named");
+    assert_eq!(err.code(), tonic::Code::Unimplemented, "{err:?}");
     // Bytes that are no FindMissingBlobsRequest at all: INVALID_ARGUMENT or INTERNAL from the
     // decoder, as tonic answers any undecodable message.
     let err = raw_find_missing(&server, vec![0x12, 0x50, 0x0a])
