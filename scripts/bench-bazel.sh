@@ -23,7 +23,8 @@
 # phase is skipped for the disk cache and the summary says why), and counts disk cache hits as
 # "remote cache hit" too.
 #
-# Environment: LIBS (150), REPEATS (10), JOBS (16), SEED (14), KEEP=1 (keep the temp dir).
+# Environment: LIBS (150), REPEATS (10), JOBS (16), SEED (14), KEEP=1 (keep the temp dirs),
+# BAZEL_ROOT_DIR (where Bazel's output root goes; /dev/shm if it is there, else the temp dir).
 # Progress to stderr, the summary (markdown) to stdout. Needs python3, a C++ compiler. A benchmark,
 # not part of scripts/test or CI.
 set -euo pipefail
@@ -53,7 +54,18 @@ WS=$TMP/ws
 RUNS=$TMP/runs
 DISK_CACHE=$TMP/disk-cache
 mkdir -p "$WS" "$RUNS" "$DISK_CACHE" "$TMP/hoard-data"
-BAZEL=(bazel --nohome_rc --noworkspace_rc --output_user_root="$TMP/bazel-root" --max_idle_secs=900)
+# Bazel's own output root (sandboxes and outputs: thousands of files made and deleted per build)
+# goes on tmpfs when there is one with room. On ext4 without a journal, as on this project's
+# machines, every new inode is looked for past the inodes freed in the last minutes
+# (recently_deleted), so a build's time depended on how recently the build before it had deleted
+# its files: the second of two back-to-back cold builds was the slower whichever cache it used
+# (BENCHMARKS.md). The two caches stay on disk, under TMP. BAZEL_ROOT_DIR=DIR puts it elsewhere.
+if [ -z "${BAZEL_ROOT_DIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] &&
+  [ "$(df --output=avail -k /dev/shm 2>/dev/null | tail -n1)" -gt $((4 << 20)) ] 2>/dev/null; then
+  BAZEL_ROOT_DIR=/dev/shm
+fi
+BROOT=$(mktemp -d "${BAZEL_ROOT_DIR:-$TMP}/hoard-bench-bazel-root.XXXXXX")
+BAZEL=(bazel --nohome_rc --noworkspace_rc --output_user_root="$BROOT" --max_idle_secs=900)
 SERVER_PID=""
 cleanup() {
   local rc=$?
@@ -63,7 +75,12 @@ cleanup() {
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true
   fi
-  if [ "${KEEP:-0}" = 1 ]; then log "keeping $TMP"; else chmod -R u+w "$TMP" 2>/dev/null || true; rm -rf "$TMP"; fi
+  if [ "${KEEP:-0}" = 1 ]; then
+    log "keeping $TMP and $BROOT"
+  else
+    chmod -R u+w "$TMP" "$BROOT" 2>/dev/null || true
+    rm -rf "$TMP" "$BROOT"
+  fi
   exit "$rc"
 }
 trap cleanup EXIT
@@ -128,7 +145,7 @@ cpu_s() {
   fi
   python3 -c "print(${ticks:-0} / $(getconf CLK_TCK))"
 }
-bazel_pid() { cat "$TMP"/bazel-root/*/server/server.pid.txt 2>/dev/null | head -n1 || true; }
+bazel_pid() { cat "$BROOT"/*/server/server.pid.txt 2>/dev/null | head -n1 || true; }
 
 # build BACKEND PHASE N FLAGS...: one `bazel build //...` after `bazel clean --expunge` (a plain
 # `bazel clean` for warm-server and its warm-up); its figures appended to runs.jsonl. A warm run
@@ -216,6 +233,6 @@ for i in $(seq "$REPEATS"); do
   build hoard warm-server "$i" "${HOARD_FLAGS[@]}"
 done
 
-echo "Bazel $BAZEL_VERSION, LIBS=$LIBS ($(grep -c '^' <(ls "$WS"/libs/*/*.cc)) sources), REPEATS=$REPEATS, --jobs=$JOBS, $(nproc) cores, $(date -u +%Y-%m-%d)"
+echo "Bazel $BAZEL_VERSION, LIBS=$LIBS ($(grep -c '^' <(ls "$WS"/libs/*/*.cc)) sources), REPEATS=$REPEATS, --jobs=$JOBS, $(nproc) cores, $(date -u +%Y-%m-%d); Bazel's output root on $(df --output=fstype "$BROOT" | tail -n1), the caches on $(df --output=fstype "$TMP" | tail -n1)"
 echo
 python3 "$PY" summary "$RUNS" "$JOBS"
