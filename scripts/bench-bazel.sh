@@ -50,23 +50,9 @@ BAZEL_VERSION=$(dpkg-query -W -f '${Version}' bazel-bootstrap 2>/dev/null || baz
 log "Bazel $BAZEL_VERSION, $(nproc) cores, LIBS=$LIBS REPEATS=$REPEATS JOBS=$JOBS"
 
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/hoard-bench-bazel.XXXXXX")
-WS=$TMP/ws
-RUNS=$TMP/runs
-DISK_CACHE=$TMP/disk-cache
-mkdir -p "$WS" "$RUNS" "$DISK_CACHE" "$TMP/hoard-data"
-# Bazel's own output root (sandboxes and outputs: thousands of files made and deleted per build)
-# goes on tmpfs when there is one with room. On ext4 without a journal, as on this project's
-# machines, every new inode is looked for past the inodes freed in the last minutes
-# (recently_deleted), so a build's time depended on how recently the build before it had deleted
-# its files: the second of two back-to-back cold builds was the slower whichever cache it used
-# (BENCHMARKS.md). The two caches stay on disk, under TMP. BAZEL_ROOT_DIR=DIR puts it elsewhere.
-if [ -z "${BAZEL_ROOT_DIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] &&
-  [ "$(df --output=avail -k /dev/shm 2>/dev/null | tail -n1)" -gt $((4 << 20)) ] 2>/dev/null; then
-  BAZEL_ROOT_DIR=/dev/shm
-fi
-BROOT=$(mktemp -d "${BAZEL_ROOT_DIR:-$TMP}/hoard-bench-bazel-root.XXXXXX")
-BAZEL=(bazel --nohome_rc --noworkspace_rc --output_user_root="$BROOT" --max_idle_secs=900)
+BROOT=""
 SERVER_PID=""
+BAZEL=(true)
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
@@ -76,16 +62,34 @@ cleanup() {
     wait "$SERVER_PID" 2>/dev/null || true
   fi
   if [ "${KEEP:-0}" = 1 ]; then
-    log "keeping $TMP and $BROOT"
+    log "keeping $TMP ${BROOT:+and $BROOT}"
   else
-    chmod -R u+w "$TMP" "$BROOT" 2>/dev/null || true
-    rm -rf "$TMP" "$BROOT"
+    chmod -R u+w "$TMP" ${BROOT:+"$BROOT"} 2>/dev/null || true
+    rm -rf "$TMP" ${BROOT:+"$BROOT"}
   fi
   exit "$rc"
 }
 trap cleanup EXIT
 trap 'exit 130' INT
 trap 'exit 143' TERM
+WS=$TMP/ws
+RUNS=$TMP/runs
+DISK_CACHE=$TMP/disk-cache
+mkdir -p "$WS" "$RUNS" "$DISK_CACHE" "$TMP/hoard-data"
+# Bazel's own output root (sandboxes and outputs: thousands of files made and deleted per build)
+# goes on tmpfs when there is one with room (4 GiB free in it and 8 GiB of memory available: tmpfs
+# is memory). On ext4 without a journal, as on this project's
+# machines, every new inode is looked for past the inodes freed in the last minutes
+# (recently_deleted), so a build's time depended on how recently the build before it had deleted
+# its files: the second of two back-to-back cold builds was the slower whichever cache it used
+# (BENCHMARKS.md). The two caches stay on disk, under TMP. BAZEL_ROOT_DIR=DIR puts it elsewhere.
+if [ -z "${BAZEL_ROOT_DIR:-}" ] && [ -d /dev/shm ] && [ -w /dev/shm ] &&
+  [ "$(df --output=avail -k /dev/shm 2>/dev/null | tail -n1)" -gt $((4 << 20)) ] 2>/dev/null &&
+  [ "$(awk '/^MemAvailable:/ {print $2}' /proc/meminfo 2>/dev/null)" -gt $((8 << 20)) ] 2>/dev/null; then
+  BAZEL_ROOT_DIR=/dev/shm
+fi
+BROOT=$(mktemp -d "${BAZEL_ROOT_DIR:-$TMP}/hoard-bench-bazel-root.XXXXXX")
+BAZEL=(bazel --nohome_rc --noworkspace_rc --output_user_root="$BROOT" --max_idle_secs=900)
 
 # --- hoard ---------------------------------------------------------------------------------
 free_port() { python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'; }

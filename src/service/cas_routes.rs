@@ -163,13 +163,15 @@ impl Lean {
             spans: Vec::with_capacity(estimate),
         };
         let m = &lean.message[..];
-        // The last instance_name wins, as in protobuf; only that one is made a String.
+        // The last instance_name wins, as in protobuf; each must be UTF-8 (prost checks every
+        // one), only the last is made a String.
         let mut name = 0..0;
         let mut pos = 0;
         while pos < m.len() {
             match varint(m, &mut pos)? {
                 INSTANCE_NAME => {
                     let text = length_delimited(m, &mut pos)?;
+                    std::str::from_utf8(text).ok()?;
                     name = pos - text.len()..pos;
                 }
                 BLOB_DIGESTS => {
@@ -357,6 +359,11 @@ mod tests {
             ("an instance name that is not UTF-8", {
                 let mut m = vec![INSTANCE_NAME as u8, 2, 0xff, 0xfe];
                 m.extend_from_slice(&request(&good).encode_to_vec()[9..]);
+                m
+            }),
+            ("an earlier instance name that is not UTF-8", {
+                let mut m = vec![INSTANCE_NAME as u8, 2, 0xff, 0xfe];
+                m.extend_from_slice(&request(&good).encode_to_vec());
                 m
             }),
         ];
