@@ -52,11 +52,10 @@ log "Bazel $BAZEL_VERSION, $(nproc) cores, LIBS=$LIBS REPEATS=$REPEATS JOBS=$JOB
 TMP=$(mktemp -d "${TMPDIR:-/tmp}/hoard-bench-bazel.XXXXXX")
 BROOT=""
 SERVER_PID=""
-BAZEL=(true)
 cleanup() {
   local rc=$?
   trap - EXIT INT TERM
-  (cd "$WS" && "${BAZEL[@]}" shutdown >/dev/null 2>&1) || true
+  if [ -n "$BROOT" ]; then (cd "$WS" && "${BAZEL[@]}" shutdown >/dev/null 2>&1) || true; fi
   if [ -n "$SERVER_PID" ]; then
     kill "$SERVER_PID" 2>/dev/null || true
     wait "$SERVER_PID" 2>/dev/null || true

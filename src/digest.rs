@@ -121,13 +121,9 @@ pub fn parse_hex_hash(text: &str) -> Option<[u8; HASH_LEN]> {
     decode_hex(text.as_bytes())
 }
 
-/// [`parse_hex_hash`] on bytes not known to be text (a field of an undecoded message).
-pub fn parse_hex_hash_bytes(text: &[u8]) -> Option<[u8; HASH_LEN]> {
-    decode_hex(text)
-}
-
-/// Decodes exactly 64 lower-case hex characters. Hot: FindMissingBlobs parses thousands per call.
-fn decode_hex(text: &[u8]) -> Option<[u8; HASH_LEN]> {
+/// Decodes exactly 64 lower-case hex characters, from bytes not known to be text (a field of an
+/// undecoded message). Hot: FindMissingBlobs parses thousands per call.
+pub fn decode_hex(text: &[u8]) -> Option<[u8; HASH_LEN]> {
     if text.len() != HASH_LEN * 2 {
         return None;
     }

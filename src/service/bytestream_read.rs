@@ -77,7 +77,7 @@ impl tower::Service<http::Request<Body>> for ByteStreamRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != READ_PATH || unary::has_encoding(request.headers()) {
+        if !unary::takes(&request, READ_PATH) {
             return self.generated.call(request);
         }
         let service = self.service.clone();

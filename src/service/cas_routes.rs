@@ -16,6 +16,7 @@
 //! Must not: decide anything about a call itself (the service does).
 
 use std::convert::Infallible;
+use std::ops::Range;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
@@ -29,7 +30,7 @@ use tonic::Status;
 use super::cas::{missing_in_order, CasService};
 use super::unary;
 use crate::auth::Caller;
-use crate::digest::{parse_hex_hash_bytes, Digest, HASH_LEN};
+use crate::digest::{decode_hex, Digest, HASH_LEN};
 use crate::error::Error;
 use crate::proto::reapi::content_addressable_storage_server::ContentAddressableStorageServer;
 
@@ -83,7 +84,7 @@ impl tower::Service<http::Request<Body>> for CasRoutes {
     }
 
     fn call(&mut self, request: http::Request<Body>) -> Self::Future {
-        if request.uri().path() != FIND_MISSING_PATH || unary::has_encoding(request.headers()) {
+        if !unary::takes(&request, FIND_MISSING_PATH) {
             return self.generated.call(request);
         }
         let service = self.service.clone();
@@ -128,15 +129,20 @@ async fn find_missing(service: &CasService, caller: Caller, lean: Lean) -> Resul
         .find_missing(&lean.instance_name, &lean.digests)
         .await?;
     let spans = missing_in_order(lean.spans, &lean.digests, missing);
-    // A reply is never larger than its request: each missing digest is sent back as it came.
-    Ok(unary::framed(lean.message.len(), |out| {
-        for (start, end) in spans {
-            let encoded = &lean.message[start as usize..end as usize];
+    Ok(reply(&lean.message, spans))
+}
+
+/// A FindMissingBlobsResponse (prefixed) whose digests are the `spans` of `message`, each a
+/// digest's encoding as the client sent it. Never larger than the request.
+fn reply(message: &[u8], spans: impl Iterator<Item = Range<usize>>) -> Bytes {
+    unary::framed(message.len(), |out| {
+        for span in spans {
+            let encoded = &message[span];
             out.put_u8(MISSING_BLOB_DIGESTS);
             prost::encoding::encode_varint(encoded.len() as u64, out);
             out.extend_from_slice(encoded);
         }
-    }))
+    })
 }
 
 /// A FindMissingBlobsRequest read in place.
@@ -146,7 +152,7 @@ struct Lean {
     digest_function: i32,
     digests: Vec<Digest>,
     /// Where each digest's encoded message lies in `message`.
-    spans: Vec<(u32, u32)>,
+    spans: Vec<Range<usize>>,
 }
 
 impl Lean {
@@ -165,37 +171,26 @@ impl Lean {
         let m = &lean.message[..];
         // The last instance_name wins, as in protobuf; each must be UTF-8 (prost checks every
         // one), only the last is made a String.
-        let mut name = 0..0;
+        let mut name = "";
         let mut pos = 0;
         while pos < m.len() {
             match varint(m, &mut pos)? {
                 INSTANCE_NAME => {
-                    let text = length_delimited(m, &mut pos)?;
-                    std::str::from_utf8(text).ok()?;
-                    name = pos - text.len()..pos;
+                    name = std::str::from_utf8(length_delimited(m, &mut pos)?).ok()?;
                 }
                 BLOB_DIGESTS => {
-                    let start = pos;
-                    let digest = digest(length_delimited(m, &mut pos)?)?;
-                    lean.digests.push(digest);
-                    lean.spans
-                        .push((start_of_value(m, start)?, u32::try_from(pos).ok()?));
+                    let encoded = length_delimited(m, &mut pos)?;
+                    lean.digests.push(digest(encoded)?);
+                    lean.spans.push(pos - encoded.len()..pos);
                 }
                 // prost reads an int32 from a varint by truncating it, as here.
                 DIGEST_FUNCTION => lean.digest_function = varint(m, &mut pos)? as i32,
                 _ => return None,
             }
         }
-        lean.instance_name = std::str::from_utf8(&m[name]).ok()?.to_owned();
+        lean.instance_name = name.to_owned();
         Some(lean)
     }
-}
-
-/// Where the value of the length-delimited field whose length starts at `start` begins.
-fn start_of_value(m: &[u8], start: usize) -> Option<u32> {
-    let mut pos = start;
-    varint(m, &mut pos)?;
-    u32::try_from(pos).ok()
 }
 
 /// A `Digest` message in the usual encoding: the hash, then the size unless it is zero.
@@ -204,7 +199,7 @@ fn digest(m: &[u8]) -> Option<Digest> {
     if m.len() < 2 + HEX || m[0] != HASH || m[1] != HEX as u8 {
         return None;
     }
-    let hash = parse_hex_hash_bytes(&m[2..2 + HEX])?;
+    let hash = decode_hex(&m[2..2 + HEX])?;
     let rest = &m[2 + HEX..];
     let size = match rest.split_first() {
         None => 0,
@@ -284,11 +279,8 @@ mod tests {
         let parsed = super::super::parse_digests(&asked, "blob_digests").unwrap();
         assert_eq!(lean.digests, parsed);
         // Each span is that digest's own encoding.
-        for (d, &(start, end)) in asked.iter().zip(&lean.spans) {
-            assert_eq!(
-                &message[start as usize..end as usize],
-                &d.encode_to_vec()[..]
-            );
+        for (d, span) in asked.iter().zip(&lean.spans) {
+            assert_eq!(&message[span.clone()], &d.encode_to_vec()[..]);
         }
     }
 
@@ -298,15 +290,7 @@ mod tests {
         let message = Bytes::from(request(&asked).encode_to_vec());
         let lean = Lean::decode(message.clone()).unwrap();
         let missing: Vec<reapi::Digest> = asked.iter().step_by(3).cloned().collect();
-        let spans: Vec<_> = lean.spans.iter().step_by(3).copied().collect();
-        let reply = unary::framed(message.len(), |out| {
-            for (start, end) in spans {
-                let encoded = &message[start as usize..end as usize];
-                out.put_u8(MISSING_BLOB_DIGESTS);
-                prost::encoding::encode_varint(encoded.len() as u64, out);
-                out.extend_from_slice(encoded);
-            }
-        });
+        let reply = reply(&message, lean.spans.iter().step_by(3).cloned());
         let expected = FindMissingBlobsResponse {
             missing_blob_digests: missing,
         }

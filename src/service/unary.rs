@@ -17,13 +17,16 @@ use crate::error::Error;
 /// gRPC's message prefix: compressed flag and length.
 pub(crate) const PREFIX: usize = 5;
 
-/// Whether a request names a `grpc-encoding` other than identity. The generated servers answer
-/// those themselves (UNIMPLEMENTED: this server enables no message compression), before they
-/// read the body; the routes below tonic hand such requests to them untouched.
-pub(crate) fn has_encoding(headers: &http::HeaderMap) -> bool {
-    headers
-        .get("grpc-encoding")
-        .is_some_and(|value| value != "identity")
+/// Whether a route below tonic serves `request` itself: it is for `path` and names no
+/// `grpc-encoding` other than identity. The generated servers answer those themselves
+/// (UNIMPLEMENTED: this server enables no message compression) before they read the body, so a
+/// route hands them such requests untouched.
+pub(crate) fn takes<B>(request: &http::Request<B>, path: &str) -> bool {
+    request.uri().path() == path
+        && request
+            .headers()
+            .get("grpc-encoding")
+            .is_none_or(|value| value == "identity")
 }
 
 /// A request body read whole, prefixes included; `what` (the message type) names it in the
